@@ -1,0 +1,40 @@
+# Tiergate developer entry points. Prerequisites: Python 3.11, Go 1.26 (for the local control plane),
+# iproute2 and root for the pod network namespace. Everything else is installed by these targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev,operator,router,train
+
+.PHONY: venv run test lint cluster-build cluster-up cluster-down protos clean
+
+# The virtual environment is rebuilt when the pins change. torch (CUDA build from PyPI, ~5 GB) only comes
+# in through the `train` extra; `make venv EXTRAS=dev,operator` gives a light one.
+$(VENV)/.installed-$(subst ,,$(EXTRAS)): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+venv: $(VENV)/.installed-$(subst ,,$(EXTRAS))
+
+# The main job: bring up the local control plane and print how to use it.
+run: venv
+	$(PY) -m tiergate.devcluster up --foreground
+
+# The whole test suite: lint, types, proto drift, unit tests and cluster tests (builds the control plane
+# binaries on first use; about 16 minutes cold, seconds warm).
+test: venv
+	$(PY) -m tiergate.devcluster build
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/pytest
+
+lint: venv
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+
+cluster-build:
+	$(PYTHON) -m tiergate.devcluster build
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

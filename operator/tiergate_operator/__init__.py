@@ -1,0 +1,1 @@
+"""The Tiergate operator: reconciles RoutingPolicy objects into tiered vLLM ensembles."""

@@ -1,0 +1,1 @@
+"""The Tiergate router: classify prompts, dispatch to tiers, fall back, measure."""

@@ -1,0 +1,1 @@
+"""Tiergate: shared core (policy model, router artifacts, CLI, local control plane)."""

@@ -1,0 +1,240 @@
+"""Build the control-plane binaries from pinned Go module versions, once, into a versioned cache.
+
+Why build from source: this machine kind has no Docker engine (no kind) and no way to download release
+binaries, but it reaches the Go module proxy. A cache entry is a directory named after the component and its
+version; it is created by renaming a finished temporary directory, so an interrupted or failed build never
+leaves an entry that a later run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import versions
+from .errors import BuildError
+
+# Build tags and flags that upstream's release builds use (hack/lib/golang.sh); `notest` drops test-only
+# code, `grpcnotrace` keeps grpc's tracing out of the binaries.
+_K8S_TAGS = "selinux,notest,grpcnotrace"
+
+_KWOK_STAGES = (
+    "node-initialize.yaml",
+    "node-heartbeat-with-lease.yaml",
+    "pod-ready.yaml",
+    "pod-complete.yaml",
+    "pod-delete.yaml",
+)
+
+
+def default_cache_dir() -> Path:
+    """Outside the repository, so a fresh clone (CI) reuses what an earlier run on the machine built."""
+    env = os.environ.get("TIERGATE_CACHE")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate"
+
+
+def _go_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # The toolchain on the machine is the one the versions were verified with; never download another.
+    env.setdefault("GOTOOLCHAIN", "local")
+    env["CGO_ENABLED"] = "0"
+    env.setdefault("GOFLAGS", "-buildvcs=false")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, log: Path) -> None:
+    with log.open("ab") as out:
+        out.write(("$ " + " ".join(cmd) + "\n").encode())
+        out.flush()
+        proc = subprocess.run(cmd, cwd=cwd, env=_go_env(), stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        raise BuildError(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}); log {log}:\n" + "\n".join(tail))
+
+
+def _download_json(module: str, workdir: Path, log: Path) -> dict[str, str]:
+    proc = subprocess.run(
+        ["go", "mod", "download", "-json", module],
+        cwd=workdir,
+        env=_go_env(),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        log.write_text(proc.stdout + proc.stderr)
+        raise BuildError(f"go mod download {module} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    info: dict[str, str] = json.loads(proc.stdout)
+    return info
+
+
+def staging_modules(gomod_text: str) -> list[str]:
+    """Names of the staging modules that k8s.io/kubernetes maps to `./staging/src/...` in its go.mod.
+
+    Those replaces only apply when k8s.io/kubernetes is the main module, so a wrapper module must repeat them,
+    pointing each at its published version.
+    """
+    mods = []
+    for line in gomod_text.splitlines():
+        if "=> ./staging/src/" in line:
+            name = line.split("=>")[0].strip().split()[0]
+            mods.append(name)
+    if not mods:
+        raise BuildError("no staging replaces found in k8s.io/kubernetes go.mod; has the layout changed?")
+    return sorted(set(mods))
+
+
+def _ldflags_k8s() -> str:
+    ver = versions.KUBERNETES
+    major, minor = ver.lstrip("v").split(".")[:2]
+    flags = ["-s", "-w"]
+    # Without a stamped version the server reports v0.0.0-master and Helm's kubeVersion checks misfire.
+    for pkg in ("k8s.io/component-base/version", "k8s.io/client-go/pkg/version"):
+        flags += [f"-X {pkg}.gitVersion={ver}", f"-X {pkg}.gitMajor={major}", f"-X {pkg}.gitMinor={minor}"]
+        flags += [f"-X {pkg}.gitTreeState=clean"]
+    return " ".join(flags)
+
+
+def _write_wrapper(work: Path, module: str, requires: dict[str, str], replaces: dict[str, str],
+                   imports: list[str]) -> None:
+    work.mkdir(parents=True, exist_ok=True)
+    lines = [f"module {module}", "", "go 1.26", "", "require ("]
+    lines += [f"\t{m} {v}" for m, v in requires.items()]
+    lines.append(")")
+    if replaces:
+        lines += ["", "replace ("]
+        lines += [f"\t{m} => {m} {v}" for m, v in replaces.items()]
+        lines.append(")")
+    (work / "go.mod").write_text("\n".join(lines) + "\n")
+    tools = ["//go:build tools", "", "// Package tools pins the commands this wrapper builds.", "package tools", "",
+             "import ("]
+    tools += [f'\t_ "{i}"' for i in imports]
+    tools.append(")")
+    (work / "tools.go").write_text("\n".join(tools) + "\n")
+
+
+def _build_kubernetes(work: Path, out: Path, log: Path) -> None:
+    probe = work / "probe"
+    probe.mkdir(parents=True, exist_ok=True)
+    (probe / "go.mod").write_text("module probe\n\ngo 1.26\n")
+    info = _download_json(f"k8s.io/kubernetes@{versions.KUBERNETES}", probe, log)
+    staging = staging_modules(Path(info["GoMod"]).read_text())
+    cmds = [f"k8s.io/kubernetes/cmd/{b}" for b in ("kube-apiserver", "kube-controller-manager",
+                                                    "kube-scheduler", "kubectl")]
+    wrap = work / "wrapper"
+    _write_wrapper(wrap, "tiergate.local/k8sbuild", {"k8s.io/kubernetes": versions.KUBERNETES},
+                   {m: versions.KUBERNETES_STAGING for m in staging}, cmds)
+    _run(["go", "mod", "tidy"], wrap, log)
+    _run(["go", "build", "-trimpath", "-tags", _K8S_TAGS, "-ldflags", _ldflags_k8s(), "-o", str(out) + "/", *cmds],
+         wrap, log)
+
+
+def _build_etcd(work: Path, out: Path, log: Path) -> None:
+    wrap = work / "wrapper"
+    _write_wrapper(wrap, "tiergate.local/etcdbuild", {"go.etcd.io/etcd/server/v3": versions.ETCD}, {},
+                   ["go.etcd.io/etcd/server/v3"])
+    _run(["go", "mod", "tidy"], wrap, log)
+    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "etcd"), "go.etcd.io/etcd/server/v3"],
+         wrap, log)
+
+
+def _go_install(pkg: str, version: str, work: Path, out: Path, log: Path) -> None:
+    env_out = dict(GOBIN=str(out))
+    with log.open("ab") as f:
+        f.write(f"$ GOBIN={out} go install {pkg}@{version}\n".encode())
+        f.flush()
+        proc = subprocess.run(["go", "install", "-trimpath", "-ldflags", "-s -w", f"{pkg}@{version}"], cwd=work,
+                              env={**_go_env(), **env_out}, stdout=f, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        raise BuildError(f"go install {pkg}@{version} failed; log {log}:\n" + "\n".join(tail))
+
+
+def _build_kwok(work: Path, out: Path, log: Path) -> None:
+    _go_install("sigs.k8s.io/kwok/cmd/kwok", versions.KWOK, work, out, log)
+    # kwok does nothing to pods without stages; the stage files ship in the module, not in the binary.
+    info = _download_json(f"sigs.k8s.io/kwok@{versions.KWOK}", work, log)
+    src = Path(info["Dir"]) / "kustomize" / "stage"
+    stages = out / "stages"
+    stages.mkdir()
+    for name in _KWOK_STAGES:
+        found = list(src.rglob(name))
+        if not found:
+            raise BuildError(f"kwok stage {name} not found under {src}")
+        shutil.copyfile(found[0], stages / name)
+
+
+def _build_helm(work: Path, out: Path, log: Path) -> None:
+    _go_install("helm.sh/helm/v3/cmd/helm", versions.HELM, work, out, log)
+
+
+_BUILDERS = {
+    "kubernetes": _build_kubernetes,
+    "etcd": _build_etcd,
+    "kwok": _build_kwok,
+    "helm": _build_helm,
+}
+
+
+def component_dir(cache: Path, comp: versions.Component) -> Path:
+    return cache / "bin" / comp.key
+
+
+def is_built(cache: Path, comp: versions.Component) -> bool:
+    d = component_dir(cache, comp)
+    return all((d / b).is_file() and os.access(d / b, os.X_OK) for b in comp.binaries)
+
+
+def ensure_component(cache: Path, comp: versions.Component, say: "Say") -> Path:
+    final = component_dir(cache, comp)
+    if is_built(cache, comp):
+        return final
+    if final.exists():
+        # An entry without all its binaries was not produced by this code's atomic rename; don't trust it.
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    logs = cache / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{comp.key}.log"
+    log.write_text("")
+    name = comp.key.split("-v")[0]
+    t0 = time.monotonic()
+    say(f"building {comp.key} (log: {log}) ...")
+    with tempfile.TemporaryDirectory(prefix=f".{comp.key}.", dir=final.parent) as tmp:
+        tmpdir = Path(tmp)
+        out = tmpdir / "out"
+        out.mkdir()
+        _BUILDERS[name](tmpdir / "work", out, log)
+        missing = [b for b in comp.binaries if not (out / b).is_file()]
+        if missing:
+            raise BuildError(f"{comp.key}: build finished without {missing}; log {log}")
+        (out / "BUILD-INFO").write_text(f"{comp.key}\nbuilt {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        os.rename(out, final)
+    say(f"built {comp.key} in {time.monotonic() - t0:.0f}s")
+    return final
+
+
+class Say:
+    def __call__(self, msg: str) -> None:
+        print(f"[devcluster] {msg}", file=sys.stderr, flush=True)
+
+
+def ensure_all(cache: Path | None = None, say: Say | None = None) -> dict[str, Path]:
+    """Build whatever is missing; return the directory holding each binary, by binary name."""
+    cache = cache or default_cache_dir()
+    say = say or Say()
+    paths: dict[str, Path] = {}
+    for comp in versions.COMPONENTS:
+        d = ensure_component(cache, comp, say)
+        for b in comp.binaries:
+            paths[b] = d / b
+        if (d / "stages").is_dir():
+            paths["kwok-stages"] = d / "stages"
+    return paths

@@ -1,0 +1,37 @@
+"""Pinned versions of the control-plane components the test bed builds.
+
+Every version here was built and run on the project's machine kind (Go 1.26, 2 cores); see
+../shared/notes/k8s-control-plane.md. The cache of built binaries is keyed by these strings, so bumping
+one rebuilds exactly that component and nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KUBERNETES = "v1.36.3"
+# The staging modules (k8s.io/api, k8s.io/client-go, ...) are versioned v0.<minor>.<patch> in lockstep
+# with k8s.io/kubernetes v1.<minor>.<patch>.
+KUBERNETES_STAGING = "v0.36.3"
+ETCD = "v3.6.13"
+KWOK = "v0.8.0"
+HELM = "v3.22.0"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One cache entry: a set of binaries built together from one pinned module version."""
+
+    key: str
+    binaries: tuple[str, ...]
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component(
+        f"kubernetes-{KUBERNETES}",
+        ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
+    ),
+    Component(f"etcd-{ETCD}", ("etcd",)),
+    Component(f"kwok-{KWOK}", ("kwok",)),
+    Component(f"helm-{HELM}", ("helm",)),
+)
