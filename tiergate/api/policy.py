@@ -1,0 +1,624 @@
+"""The typed RoutingPolicy model (tiergate.io/v1alpha1), shared by the operator and the router.
+
+The CRD schema in `crd.yaml` is what the API server enforces; this model is what our code reads. A unit test
+walks both and fails when they disagree (field names, types, required fields, bounds, enums, defaults), so a
+policy the API server accepts always loads here and the other way round. Cross-field rules (unique tier names,
+tier references, min <= max, ...) live in both places too: CEL in the CRD, validators here, because the router
+also loads policies from files that never went through an API server.
+
+Python attributes are snake_case; the manifest spelling (camelCase) is the alias, and `to_manifest()` writes it.
+No floats anywhere: prices are integers or quoted decimal strings, shares and thresholds are basis points,
+durations are integer seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+from .errors import FieldError, PolicyParseError, PolicyValidationError
+
+GROUP = "tiergate.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "RoutingPolicy"
+PLURAL = "routingpolicies"
+
+# Child objects are named `<policy>-tier-<tier>`, `<policy>-router`, `<policy>-reward`; Service names are
+# DNS-1035 labels of at most 63 characters, so 36 + len("-tier-") + 20 = 62 always fits.
+MAX_POLICY_NAME = 36
+MAX_TIER_NAME = 20
+MAX_TIERS = 16
+MAX_BEST_OF_N = 16
+BASIS_POINTS = 10_000
+
+DEFAULT_ENGINE_IMAGE = "vllm/vllm-openai:v0.11.0"
+DEFAULT_ENGINE_PORT = 8000
+DEFAULT_ROUTER_IMAGE = "ghcr.io/tiergate/router:0.1.0"
+DEFAULT_REWARD_IMAGE = "vllm/vllm-openai:v0.11.0"
+
+DNS_LABEL_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# Non-negative decimal with at most 9 fractional digits (nano-dollar precision is plenty for prices).
+PRICE_PATTERN = r"^[0-9]+(\.[0-9]{1,9})?$"
+# The Kubernetes resource.Quantity grammar (the same pattern controller-gen emits for Quantity fields).
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+URL_PATTERN = r"^https?://[^\s/$.?#][^\s]*$"
+
+_PRICE_RE = re.compile(PRICE_PATTERN)
+_QUANTITY_RE = re.compile(QUANTITY_PATTERN)
+
+
+# --- scalar types ---------------------------------------------------------------------------------------------
+
+
+def _parse_price(value: object) -> Decimal:
+    # bool is an int subclass and float is exactly what the API forbids: reject both by type, before anything else.
+    if isinstance(value, (bool, float)):
+        raise ValueError(
+            f'prices are integers or quoted decimal strings (e.g. "0.15"), not {type(value).__name__} {value!r}'
+        )
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"price must not be negative, got {value}")
+        return Decimal(value)
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value < 0:
+            raise ValueError(f"price must be a finite non-negative decimal, got {value}")
+        return value
+    if isinstance(value, str):
+        if not _PRICE_RE.fullmatch(value):
+            raise ValueError(f'price {value!r} is not a non-negative decimal such as "0.15" (at most 9 decimals)')
+        return Decimal(value)
+    raise ValueError(f"prices are integers or quoted decimal strings, not {type(value).__name__}")
+
+
+def _dump_price(value: Decimal) -> str | int:
+    return int(value) if value == value.to_integral_value() and "." not in str(value) else str(value)
+
+
+Price = Annotated[
+    Decimal,
+    PlainValidator(_parse_price),
+    PlainSerializer(_dump_price),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+]
+"""Money per million tokens (any currency, consistently). Decimal, so sums and ratios are exact."""
+
+
+def _parse_quantity(value: object) -> str:
+    if isinstance(value, (bool, float)):
+        raise ValueError(f'quantities are integers or quoted strings such as "500m" or "16Gi", not {value!r}')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError(f"quantity must not be negative, got {value}")
+        return str(value)
+    if isinstance(value, str) and _QUANTITY_RE.fullmatch(value):
+        return value
+    raise ValueError(f'{value!r} is not a Kubernetes quantity such as "4", "500m" or "16Gi"')
+
+
+Quantity = Annotated[
+    str,
+    PlainValidator(_parse_quantity),
+    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+]
+"""A Kubernetes resource quantity, kept in its string form (the API server does the arithmetic)."""
+
+DnsLabel = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+TierName = Annotated[str, Field(min_length=1, max_length=MAX_TIER_NAME, pattern=DNS_LABEL_PATTERN)]
+BasisPoints = Annotated[int, Field(ge=0, le=BASIS_POINTS, strict=True)]
+
+
+class _Model(BaseModel):
+    """camelCase aliases on the wire, snake_case in Python; unknown fields are errors (the API server prunes them,
+    a file loaded directly would otherwise silently ignore a typo)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        frozen=True,
+        use_enum_values=False,
+    )
+
+
+# --- placement --------------------------------------------------------------------------------------------------
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(_Model):
+    """core/v1 Toleration, same fields and meaning."""
+
+    key: str | None = None
+    operator: TolerationOperator = TolerationOperator.EQUAL
+    value: str | None = None
+    effect: TaintEffect | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _exists_has_no_value(self) -> Toleration:
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise ValueError("a toleration with operator Exists must not set value")
+        return self
+
+
+class Placement(_Model):
+    """Where pods go. `pool` is shorthand for the nodeSelector `tiergate.io/pool: <pool>`; an explicit nodeSelector
+    entry for the same key wins. Pods that ask for GPUs also tolerate the conventional `nvidia.com/gpu` taint."""
+
+    pool: DnsLabel | None = None
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    # Passed through to the pod unchanged; the pod's own validation applies (kept untyped on purpose: the
+    # affinity API is large and we add nothing to it).
+    affinity: dict[str, Any] | None = None
+
+
+# --- tiers ------------------------------------------------------------------------------------------------------
+
+
+class SecretKeyRef(_Model):
+    name: DnsLabel
+    key: Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class EnvVarSource(_Model):
+    secret_key_ref: SecretKeyRef | None = None
+    config_map_key_ref: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> EnvVarSource:
+        if (self.secret_key_ref is None) == (self.config_map_key_ref is None):
+            raise ValueError("valueFrom needs exactly one of secretKeyRef, configMapKeyRef")
+        return self
+
+
+class EnvVar(_Model):
+    name: Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)]
+    value: str | None = None
+    value_from: EnvVarSource | None = None
+
+    @model_validator(mode="after")
+    def _not_both(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("set value or valueFrom, not both")
+        return self
+
+
+class Engine(_Model):
+    """The model server. vLLM's OpenAI-compatible server by default; `args` are appended to the operator's own
+    (`--model`, `--served-model-name`, `--port`)."""
+
+    image: Annotated[str, Field(min_length=1)] = DEFAULT_ENGINE_IMAGE
+    args: list[str] = Field(default_factory=list)
+    env: list[EnvVar] = Field(default_factory=list)
+    port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_ENGINE_PORT
+
+
+class Resources(_Model):
+    """Per replica. GPUs are whole devices (`nvidia.com/gpu`), requested and limited alike."""
+
+    gpus: Annotated[int, Field(ge=0, le=64, strict=True)] = 0
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class ReplicasManager(StrEnum):
+    """Who owns a tier's replica count. `Autoscaler`: the operator never writes `spec.replicas` (an HPA, KEDA or a
+    person scales the Deployment between min and max); `Operator`: the operator keeps it at `min`."""
+
+    OPERATOR = "Operator"
+    AUTOSCALER = "Autoscaler"
+
+
+class Replicas(_Model):
+    min: Annotated[int, Field(ge=0, le=1000, strict=True)] = 1
+    # Absent means equal to min. Only meaningful with an autoscaler, which scales between the two.
+    max: Annotated[int, Field(ge=0, le=1000, strict=True)] | None = None
+    managed_by: ReplicasManager = ReplicasManager.OPERATOR
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> Replicas:
+        if self.max is not None and self.min > self.max:
+            raise ValueError(f"replicas.min ({self.min}) must not exceed replicas.max ({self.max})")
+        return self
+
+    @property
+    def effective_max(self) -> int:
+        return self.min if self.max is None else self.max
+
+
+class TierPrice(_Model):
+    input_per_million: Price
+    output_per_million: Price
+
+
+class ModelVolume(_Model):
+    """A PersistentVolumeClaim holding model weights, for `model` given as a path on it."""
+
+    claim_name: DnsLabel
+    mount_path: Annotated[str, Field(pattern=r"^/.*")] = "/models"
+    read_only: bool = True
+
+
+class ExternalEndpoint(_Model):
+    """An OpenAI-compatible backend the operator does not deploy (a hosted API or a server elsewhere)."""
+
+    url: Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)]
+    api_key_secret_ref: SecretKeyRef | None = None
+
+
+class Tier(Placement):
+    """One model tier. Tiers are listed cheapest first; the last tier is the strongest."""
+
+    name: TierName
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    # What clients and the router call the model; defaults to the tier name.
+    served_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    engine: Engine = Field(default_factory=Engine)
+    resources: Resources = Field(default_factory=Resources)
+    replicas: Replicas = Field(default_factory=Replicas)
+    price: TierPrice
+    model_volume: ModelVolume | None = None
+    endpoint: ExternalEndpoint | None = None
+
+    @property
+    def external(self) -> bool:
+        return self.endpoint is not None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.name
+
+
+# --- router -----------------------------------------------------------------------------------------------------
+
+
+class ConfigMapKeyRef(_Model):
+    name: DnsLabel
+    key: Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")]
+
+
+class ClassifierRef(_Model):
+    """Where the router finds the artifact `tiergate train` wrote: a ConfigMap key, or a path inside the router
+    container (its image or a volume). Exactly one."""
+
+    config_map: ConfigMapKeyRef | None = None
+    path: Annotated[str, Field(pattern=r"^/.*")] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ClassifierRef:
+        if (self.config_map is None) == (self.path is None):
+            raise ValueError("classifier needs exactly one of configMap, path")
+        return self
+
+
+class Timeouts(_Model):
+    connect_seconds: Annotated[int, Field(ge=1, le=300, strict=True)] = 5
+    # Whole request to a tier, including generation.
+    request_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 120
+
+
+class RouterResources(_Model):
+    cpu: Quantity | None = None
+    memory: Quantity | None = None
+
+
+class Router(Placement):
+    """The router in front of the tiers. The decision knob is either a fixed threshold on the classifier's score
+    (basis points of probability that the strongest tier is needed) or a target share of traffic on the strongest
+    tier; with neither, the threshold calibrated into the artifact applies."""
+
+    replicas: Annotated[int, Field(ge=0, le=100, strict=True)] = 2
+    image: Annotated[str, Field(min_length=1)] = DEFAULT_ROUTER_IMAGE
+    classifier: ClassifierRef | None = None
+    threshold_basis_points: BasisPoints | None = None
+    target_strong_share_basis_points: BasisPoints | None = None
+    # Tier names tried, in order, when the chosen tier fails; defaults to every tier, strongest first.
+    fallback_order: list[TierName] = Field(default_factory=list, max_length=MAX_TIERS)
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+    resources: RouterResources = Field(default_factory=RouterResources)
+    http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    grpc_port: Annotated[int, Field(ge=1, le=65535)] = 50051
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> Router:
+        if self.threshold_basis_points is not None and self.target_strong_share_basis_points is not None:
+            raise ValueError("set at most one of thresholdBasisPoints, targetStrongShareBasisPoints")
+        if len(set(self.fallback_order)) != len(self.fallback_order):
+            raise ValueError("fallbackOrder must not repeat a tier")
+        if self.http_port == self.grpc_port:
+            raise ValueError("httpPort and grpcPort must differ")
+        return self
+
+
+# --- best-of-N and shadow ---------------------------------------------------------------------------------------
+
+
+class RewardModel(Placement):
+    model: Annotated[str, Field(min_length=1, max_length=512)]
+    image: Annotated[str, Field(min_length=1)] = DEFAULT_REWARD_IMAGE
+    gpus: Annotated[int, Field(ge=0, le=64, strict=True)] = 1
+    replicas: Annotated[int, Field(ge=0, le=100, strict=True)] = 1
+    args: list[str] = Field(default_factory=list)
+    port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_ENGINE_PORT
+
+
+class BestOfN(_Model):
+    tier: TierName
+    n: Annotated[int, Field(ge=1, le=MAX_BEST_OF_N, strict=True)]
+    reward_model: RewardModel
+
+
+class Shadow(_Model):
+    baseline_tier: TierName
+    sample_rate_basis_points: BasisPoints
+
+
+# --- spec and object --------------------------------------------------------------------------------------------
+
+
+class RoutingPolicySpec(_Model):
+    tiers: list[Tier] = Field(min_length=1, max_length=MAX_TIERS)
+    router: Router = Field(default_factory=Router)
+    best_of_n: BestOfN | None = Field(default=None, alias="bestOfN")
+    shadow: Shadow | None = None
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> RoutingPolicySpec:
+        names = [t.name for t in self.tiers]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise _At(f"tiers[{i}].name", f"duplicate tier name {n!r}")
+            seen.add(n)
+        for i, f in enumerate(self.router.fallback_order):
+            if f not in seen:
+                raise _At(f"router.fallbackOrder[{i}]", f"names no tier: {f!r} (tiers: {', '.join(names)})")
+        if self.best_of_n is not None and self.best_of_n.tier not in seen:
+            raise _At("bestOfN.tier", f"names no tier: {self.best_of_n.tier!r} (tiers: {', '.join(names)})")
+        if self.shadow is not None and self.shadow.baseline_tier not in seen:
+            raise _At(
+                "shadow.baselineTier", f"names no tier: {self.shadow.baseline_tier!r} (tiers: {', '.join(names)})"
+            )
+        return self
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def strongest(self) -> Tier:
+        return self.tiers[-1]
+
+    def effective_fallback_order(self) -> list[str]:
+        return list(self.router.fallback_order) or [t.name for t in reversed(self.tiers)]
+
+
+class _At(ValueError):
+    """A cross-field error that knows which field (relative to the model raising it) is wrong."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.message = message
+
+
+class ObjectMeta(BaseModel):
+    """The parts of metadata we read. Everything else the API server adds is ignored, not rejected."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=MAX_POLICY_NAME, pattern=DNS_LABEL_PATTERN)]
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# --- status -----------------------------------------------------------------------------------------------------
+
+
+class ConditionStatus(StrEnum):
+    TRUE = "True"
+    FALSE = "False"
+    UNKNOWN = "Unknown"
+
+
+class Condition(BaseModel):
+    """metav1.Condition."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    type: str
+    status: ConditionStatus
+    reason: str
+    message: str = ""
+    observed_generation: int | None = None
+    last_transition_time: str | None = None
+
+
+class TierStatus(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    name: str
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+
+
+class MixEntry(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    tier: str
+    share_basis_points: int
+
+
+class RoutingPolicyStatus(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    tiers: list[TierStatus] = Field(default_factory=list)
+    router_endpoint: str | None = None
+    ready_tiers: str | None = None
+    # Filled by the router's reporting (a later issue): the observed share of requests per tier.
+    observed_mix: list[MixEntry] = Field(default_factory=list)
+
+
+class RoutingPolicy(BaseModel):
+    """A whole RoutingPolicy object as the API server stores it (or as a manifest file holds it)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+
+    api_version: Literal["tiergate.io/v1alpha1"]
+    kind: Literal["RoutingPolicy"]
+    metadata: ObjectMeta
+    spec: RoutingPolicySpec
+    status: RoutingPolicyStatus | None = None
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str | None:
+        return self.metadata.namespace
+
+    def to_manifest(self, *, include_status: bool = False) -> dict[str, Any]:
+        """The manifest form (camelCase, defaults filled in, no nulls): what the router's ConfigMap holds."""
+        exclude = None if include_status else {"status"}
+        out: dict[str, Any] = self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude=exclude)
+        return out
+
+
+# --- loading ----------------------------------------------------------------------------------------------------
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("function-after", "function-plain") or part.startswith(("function-", "constrained-")):
+            continue  # pydantic's validator wrappers, not fields
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+def _field_errors(e: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[FieldError]:
+    out: list[FieldError] = []
+    for err in e.errors(include_url=False):
+        loc = prefix + tuple(err["loc"])
+        msg = err["msg"]
+        ctx = err.get("ctx") or {}
+        cause = ctx.get("error")
+        if isinstance(cause, _At):
+            loc = (*loc, *_split_path(cause.path))
+            msg = cause.message
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        out.append(FieldError(_loc_to_path(loc), msg))
+    return out
+
+
+def _split_path(path: str) -> tuple[str | int, ...]:
+    parts: list[str | int] = []
+    for token in re.findall(r"[^.\[\]]+|\[\d+\]", path):
+        parts.append(int(token[1:-1]) if token.startswith("[") else token)
+    return tuple(parts)
+
+
+def parse_policy(obj: Mapping[str, Any], source: str | None = None) -> RoutingPolicy:
+    """Validate a RoutingPolicy given as a mapping (a parsed manifest or the body the API server sent).
+
+    Raises PolicyValidationError listing every problem with its field path (`spec.tiers[0].replicas`)."""
+    if not isinstance(obj, Mapping):
+        raise PolicyParseError(f"a RoutingPolicy is a mapping, got {type(obj).__name__}")
+    try:
+        return RoutingPolicy.model_validate(dict(obj))
+    except ValidationError as e:
+        raise PolicyValidationError(_field_errors(e), source) from e
+
+
+def parse_spec(spec: Mapping[str, Any]) -> RoutingPolicySpec:
+    """Validate only a spec (what a kopf handler receives as `spec`); paths start with `spec.`."""
+    try:
+        return RoutingPolicySpec.model_validate(dict(spec))
+    except ValidationError as e:
+        raise PolicyValidationError(_field_errors(e, ("spec",))) from e
+
+
+def load_policy(path_or_text: str | Path) -> RoutingPolicy:
+    """Load a RoutingPolicy manifest from a file path or from YAML/JSON text.
+
+    A `Path`, or a string naming an existing file, is read; any other string is parsed as the manifest itself.
+    A multi-document file must hold exactly one RoutingPolicy (other kinds are skipped, so a file that also
+    carries the policy's ConfigMap loads)."""
+    source: str | None = None
+    if isinstance(path_or_text, Path) or ("\n" not in path_or_text and Path(path_or_text).is_file()):
+        path = Path(path_or_text)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise PolicyParseError(f"cannot read {path}: {e}") from e
+    else:
+        text = str(path_or_text)
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as e:
+        raise PolicyParseError(f"not valid YAML{' in ' + source if source else ''}: {e}") from e
+    policies = [d for d in docs if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(docs) == 1 and not policies:
+        return parse_policy(docs[0] if isinstance(docs[0], dict) else {"_": docs[0]}, source)
+    if len(policies) != 1:
+        raise PolicyParseError(
+            f"expected exactly one {KIND} document{' in ' + source if source else ''}, found {len(policies)}"
+        )
+    return parse_policy(policies[0], source)
+
+
+def dump_policy(policy: RoutingPolicy) -> str:
+    """YAML of the manifest form; `load_policy(dump_policy(p)) == p`."""
+    return yaml.safe_dump(policy.to_manifest(), sort_keys=False)
+
+
+def policy_json(policy: RoutingPolicy) -> str:
+    """Canonical JSON (sorted keys): stable bytes for hashing and for the router's ConfigMap."""
+    return json.dumps(policy.to_manifest(), sort_keys=True, separators=(",", ":"))
