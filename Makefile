@@ -4,18 +4,20 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= dev,operator,router,train
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: venv run test lint cluster-build cluster-up cluster-down protos clean
 
 # The virtual environment is rebuilt when the pins change. torch (CUDA build from PyPI, ~5 GB) only comes
 # in through the `train` extra; `make venv EXTRAS=dev,operator` gives a light one.
-$(VENV)/.installed-$(subst ,,$(EXTRAS)): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
-venv: $(VENV)/.installed-$(subst ,,$(EXTRAS))
+venv: $(STAMP)
 
 # The main job: bring up the local control plane and print how to use it.
 run: venv

@@ -44,8 +44,9 @@ def _load(name: str) -> _Command | None:
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tiergate", description="Route each prompt to the cheapest LLM tier that "
-                                     "answers it well.")
+    parser = argparse.ArgumentParser(
+        prog="tiergate", description="Route each prompt to the cheapest LLM tier that answers it well."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen subcommand's module is imported; the others are listed by name and help text.
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -67,8 +68,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(args_list)
     missing = getattr(args, "_missing", None)
     if missing:
-        print(f"tiergate {missing}: this install lacks its dependencies; install tiergate with the matching extra "
-              f"(e.g. pip install 'tiergate[router,train]')", file=sys.stderr)
+        print(
+            f"tiergate {missing}: this install lacks its dependencies; install tiergate with the matching extra "
+            f"(e.g. pip install 'tiergate[router,train]')",
+            file=sys.stderr,
+        )
         return 2
     run = args._run
     code: int = run(args)

@@ -102,8 +102,9 @@ def _ldflags_k8s() -> str:
     return " ".join(flags)
 
 
-def _write_wrapper(work: Path, module: str, requires: dict[str, str], replaces: dict[str, str],
-                   imports: list[str]) -> None:
+def _write_wrapper(
+    work: Path, module: str, requires: dict[str, str], replaces: dict[str, str], imports: list[str]
+) -> None:
     work.mkdir(parents=True, exist_ok=True)
     lines = [f"module {module}", "", "go 1.26", "", "require ("]
     lines += [f"\t{m} {v}" for m, v in requires.items()]
@@ -113,8 +114,14 @@ def _write_wrapper(work: Path, module: str, requires: dict[str, str], replaces: 
         lines += [f"\t{m} => {m} {v}" for m, v in replaces.items()]
         lines.append(")")
     (work / "go.mod").write_text("\n".join(lines) + "\n")
-    tools = ["//go:build tools", "", "// Package tools pins the commands this wrapper builds.", "package tools", "",
-             "import ("]
+    tools = [
+        "//go:build tools",
+        "",
+        "// Package tools pins the commands this wrapper builds.",
+        "package tools",
+        "",
+        "import (",
+    ]
     tools += [f'\t_ "{i}"' for i in imports]
     tools.append(")")
     (work / "tools.go").write_text("\n".join(tools) + "\n")
@@ -126,23 +133,40 @@ def _build_kubernetes(work: Path, out: Path, log: Path) -> None:
     (probe / "go.mod").write_text("module probe\n\ngo 1.26\n")
     info = _download_json(f"k8s.io/kubernetes@{versions.KUBERNETES}", probe, log)
     staging = staging_modules(Path(info["GoMod"]).read_text())
-    cmds = [f"k8s.io/kubernetes/cmd/{b}" for b in ("kube-apiserver", "kube-controller-manager",
-                                                    "kube-scheduler", "kubectl")]
+    cmds = [
+        f"k8s.io/kubernetes/cmd/{b}" for b in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl")
+    ]
     wrap = work / "wrapper"
-    _write_wrapper(wrap, "tiergate.local/k8sbuild", {"k8s.io/kubernetes": versions.KUBERNETES},
-                   {m: versions.KUBERNETES_STAGING for m in staging}, cmds)
+    _write_wrapper(
+        wrap,
+        "tiergate.local/k8sbuild",
+        {"k8s.io/kubernetes": versions.KUBERNETES},
+        {m: versions.KUBERNETES_STAGING for m in staging},
+        cmds,
+    )
     _run(["go", "mod", "tidy"], wrap, log)
-    _run(["go", "build", "-trimpath", "-tags", _K8S_TAGS, "-ldflags", _ldflags_k8s(), "-o", str(out) + "/", *cmds],
-         wrap, log)
+    _run(
+        ["go", "build", "-trimpath", "-tags", _K8S_TAGS, "-ldflags", _ldflags_k8s(), "-o", str(out) + "/", *cmds],
+        wrap,
+        log,
+    )
 
 
 def _build_etcd(work: Path, out: Path, log: Path) -> None:
     wrap = work / "wrapper"
-    _write_wrapper(wrap, "tiergate.local/etcdbuild", {"go.etcd.io/etcd/server/v3": versions.ETCD}, {},
-                   ["go.etcd.io/etcd/server/v3"])
+    _write_wrapper(
+        wrap,
+        "tiergate.local/etcdbuild",
+        {"go.etcd.io/etcd/server/v3": versions.ETCD},
+        {},
+        ["go.etcd.io/etcd/server/v3"],
+    )
     _run(["go", "mod", "tidy"], wrap, log)
-    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "etcd"), "go.etcd.io/etcd/server/v3"],
-         wrap, log)
+    _run(
+        ["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "etcd"), "go.etcd.io/etcd/server/v3"],
+        wrap,
+        log,
+    )
 
 
 def _go_install(pkg: str, version: str, work: Path, out: Path, log: Path) -> None:
@@ -150,8 +174,13 @@ def _go_install(pkg: str, version: str, work: Path, out: Path, log: Path) -> Non
     with log.open("ab") as f:
         f.write(f"$ GOBIN={out} go install {pkg}@{version}\n".encode())
         f.flush()
-        proc = subprocess.run(["go", "install", "-trimpath", "-ldflags", "-s -w", f"{pkg}@{version}"], cwd=work,
-                              env={**_go_env(), **env_out}, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            ["go", "install", "-trimpath", "-ldflags", "-s -w", f"{pkg}@{version}"],
+            cwd=work,
+            env={**_go_env(), **env_out},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if proc.returncode != 0:
         tail = log.read_text(errors="replace").splitlines()[-40:]
         raise BuildError(f"go install {pkg}@{version} failed; log {log}:\n" + "\n".join(tail))
@@ -192,7 +221,7 @@ def is_built(cache: Path, comp: versions.Component) -> bool:
     return all((d / b).is_file() and os.access(d / b, os.X_OK) for b in comp.binaries)
 
 
-def ensure_component(cache: Path, comp: versions.Component, say: "Say") -> Path:
+def ensure_component(cache: Path, comp: versions.Component, say: Say) -> Path:
     final = component_dir(cache, comp)
     if is_built(cache, comp):
         return final

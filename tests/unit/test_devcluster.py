@@ -1,0 +1,198 @@
+"""The control-plane test bed's own logic: build cache safety, start-up failure reporting, node pools."""
+
+from __future__ import annotations
+
+import socket
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tiergate.devcluster import build, netns, nodes, versions
+from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.errors import BuildError, StartError
+
+GOMOD = """module k8s.io/kubernetes
+
+require (
+\tk8s.io/api v0.0.0
+)
+
+replace (
+\tk8s.io/api => ./staging/src/k8s.io/api
+\tk8s.io/client-go => ./staging/src/k8s.io/client-go
+\tgithub.com/x/y => github.com/x/y v1.2.3
+)
+"""
+
+
+def test_staging_modules_are_read_from_replace_lines() -> None:
+    assert build.staging_modules(GOMOD) == ["k8s.io/api", "k8s.io/client-go"]
+
+
+def test_staging_modules_refuses_a_go_mod_without_them() -> None:
+    with pytest.raises(BuildError, match="no staging replaces"):
+        build.staging_modules("module x\n")
+
+
+COMP = versions.Component("fake-v1.0.0", ("alpha", "beta"))
+
+
+def _fake_builder(fail_after_first: bool):
+    def builder(work: Path, out: Path, log: Path) -> None:
+        (out / "alpha").write_text("#!/bin/sh\n")
+        (out / "alpha").chmod(0o755)
+        if fail_after_first:
+            raise BuildError("compiler exploded")
+        (out / "beta").write_text("#!/bin/sh\n")
+        (out / "beta").chmod(0o755)
+
+    return builder
+
+
+def test_failed_build_leaves_nothing_a_later_run_would_trust(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(build._BUILDERS, "fake", _fake_builder(fail_after_first=True))
+    with pytest.raises(BuildError, match="compiler exploded"):
+        build.ensure_component(tmp_path, COMP, lambda _m: None)
+    assert not build.is_built(tmp_path, COMP)
+    # Neither the final entry nor the half-filled temporary directory survives.
+    assert list((tmp_path / "bin").iterdir()) == []
+
+
+def test_build_is_cached_by_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+
+    def counting(work: Path, out: Path, log: Path) -> None:
+        calls.append(1)
+        _fake_builder(False)(work, out, log)
+
+    monkeypatch.setitem(build._BUILDERS, "fake", counting)
+    d1 = build.ensure_component(tmp_path, COMP, lambda _m: None)
+    d2 = build.ensure_component(tmp_path, COMP, lambda _m: None)
+    assert d1 == d2 == tmp_path / "bin" / "fake-v1.0.0"
+    assert len(calls) == 1
+    assert (d1 / "BUILD-INFO").read_text().startswith("fake-v1.0.0")
+
+
+def test_an_incomplete_cache_entry_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(build._BUILDERS, "fake", _fake_builder(False))
+    entry = tmp_path / "bin" / "fake-v1.0.0"
+    entry.mkdir(parents=True)
+    (entry / "alpha").write_text("stale")  # e.g. copied by hand, missing beta and not executable
+    build.ensure_component(tmp_path, COMP, lambda _m: None)
+    assert build.is_built(tmp_path, COMP)
+    assert (entry / "alpha").read_text() == "#!/bin/sh\n"
+
+
+def _script(path: Path, body: str) -> Path:
+    path.write_text(f"#!/bin/sh\n{body}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def _fake_bins(tmp_path: Path, etcd_body: str) -> dict[str, Path]:
+    bins = {
+        name: _script(tmp_path / name, "sleep 600")
+        for name in ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl", "helm", "kwok")
+    }
+    bins["etcd"] = _script(tmp_path / "etcd", etcd_body)
+    return bins
+
+
+def _no_process_running(path: Path) -> bool:
+    out = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout
+    return out.strip() == ""
+
+
+def test_a_component_that_dies_fails_the_start_with_its_log_tail(tmp_path: Path) -> None:
+    bins = _fake_bins(tmp_path, 'echo "etcdmain: listen tcp: address already in use" >&2; exit 3')
+    dc = DevCluster(bins, tmp_path / "work", pod_network=False, ready_timeout=20)
+    with pytest.raises(StartError) as err:
+        dc.start()
+    msg = str(err.value)
+    assert "etcd died during start (exited with 3)" in msg
+    assert "address already in use" in msg
+
+
+def test_a_component_that_never_gets_ready_fails_with_a_timeout_not_a_hang(tmp_path: Path) -> None:
+    bins = _fake_bins(tmp_path, 'echo "waiting for quorum forever"; exec sleep 600')
+    dc = DevCluster(bins, tmp_path / "work", pod_network=False, ready_timeout=1.5)
+    t0 = time.monotonic()
+    with pytest.raises(StartError) as err:
+        dc.start()
+    assert time.monotonic() - t0 < 20
+    assert "etcd did not become ready within 2s (running)" in str(err.value)
+    assert "waiting for quorum forever" in str(err.value)
+    # The failed start stopped what it had started: no stray process.
+    assert _no_process_running(bins["etcd"])
+
+
+def test_gpu_pools_are_tainted_and_advertise_gpus() -> None:
+    by_pool = {p.name: p for p in nodes.POOLS}
+    assert {"cpu", "gpu-small", "gpu-large", "reward"} <= set(by_pool)
+    for pool in nodes.POOLS:
+        m = nodes.node_manifest(pool, 0)
+        capacity = m["status"]["capacity"]  # type: ignore[index]
+        taints = m["spec"]["taints"]  # type: ignore[index]
+        assert m["metadata"]["labels"][nodes.POOL_LABEL] == pool.name  # type: ignore[index]
+        if pool.gpus:
+            assert capacity[nodes.GPU_RESOURCE] == str(pool.gpus)
+            assert taints == [nodes.GPU_TAINT]
+        else:
+            assert nodes.GPU_RESOURCE not in capacity
+            assert taints == []
+
+
+needs_root = pytest.mark.skipif(not netns.available()[0], reason=f"pod network: {netns.available()[1]}")
+
+
+@needs_root
+def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None:
+    # A /24 at the top of the pod range, in a namespace of its own, so this runs beside a live dev cluster.
+    net = netns.create(cidr="198.18.250.0/24", tag="u")
+    try:
+        server = subprocess.Popen(
+            net.cmd(
+                [
+                    sys.executable,
+                    "-c",
+                    (
+                        "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
+                        "s.bind(('198.18.250.7',18080));s.listen();c,_=s.accept();c.sendall(b'pod says hi');c.close()"
+                    ),
+                ]
+            )
+        )
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    with socket.create_connection(("198.18.250.7", 18080), timeout=1) as c:
+                        assert c.recv(100) == b"pod says hi"
+                    break
+                except ConnectionRefusedError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.1)
+        finally:
+            server.kill()
+            server.wait()
+    finally:
+        netns.remove(net.name, net.cidr)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert net.name not in listed
+    routes = subprocess.run(["ip", "route", "show", "exact", net.cidr], capture_output=True, text=True).stdout
+    assert routes.strip() == ""
+
+
+@needs_root
+def test_a_namespace_left_by_a_killed_run_is_reaped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    net = netns.create(owner_pid=child.pid, cidr="198.18.251.0/24", tag="r")
+    child.kill()
+    child.wait()
+    assert net.name in netns.reap_stale()
+    assert net.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

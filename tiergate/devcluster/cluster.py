@@ -1,0 +1,465 @@
+"""Start and stop a real Kubernetes control plane on loopback: etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler, and kwok playing the kubelets of fake CPU and GPU nodes.
+
+Everything listens on 127.0.0.1 on random free ports with TLS and RBAC, so several clusters (or a CI run beside
+a developer's cluster) never collide. Each component logs to its own file; a component that dies or never gets
+ready fails the start with its log tail instead of hanging.
+
+The same class can instead drive a cluster someone else runs (kind on a laptop, a cloud cluster): then only kwok
+is started against it, to register the fake node pools, and the caller's KUBECONFIG is used as is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from . import netns, nodes, pki
+from .errors import StartError
+
+# Generous, because the first start after a cold build on 2 loaded cores is slow; a warm start takes ~9 s.
+READY_TIMEOUT_S = 120.0
+_STOP_GRACE_S = 10.0
+_LOG_TAIL_LINES = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # PR_SET_PDEATHSIG: if the test process is killed outright, its control plane goes with it.
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(1, signal.SIGKILL)
+
+
+def log_tail(path: Path, lines: int = _LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Component:
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def failure(self, what: str) -> StartError:
+        status = "running" if self.alive() else f"exited with {self.proc.returncode}"
+        return StartError(f"{self.name} {what} ({status}); last lines of {self.log}:\n{log_tail(self.log)}")
+
+
+@dataclass
+class ClusterInfo:
+    """What a started cluster exposes to tools and tests; also written to `state.json` for `dev-cluster down`."""
+
+    workdir: Path
+    kubeconfig: Path
+    server: str
+    owner_pid: int = 0
+    pids: dict[str, int] = field(default_factory=dict)
+    pod_netns: str | None = None
+    external: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "workdir": str(self.workdir),
+                "kubeconfig": str(self.kubeconfig),
+                "server": self.server,
+                "owner_pid": self.owner_pid,
+                "pids": self.pids,
+                "pod_netns": self.pod_netns,
+                "external": self.external,
+            },
+            indent=2,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ClusterInfo:
+        d = json.loads(text)
+        return cls(
+            workdir=Path(d["workdir"]),
+            kubeconfig=Path(d["kubeconfig"]),
+            server=d["server"],
+            owner_pid=int(d["owner_pid"]),
+            pids={k: int(v) for k, v in d["pids"].items()},
+            pod_netns=d["pod_netns"],
+            external=bool(d["external"]),
+        )
+
+
+class DevCluster:
+    """One control plane. Use as a context manager, or call start()/stop() (stop is idempotent)."""
+
+    def __init__(
+        self,
+        bins: dict[str, Path],
+        workdir: Path | None = None,
+        *,
+        pod_network: bool = True,
+        external_kubeconfig: Path | None = None,
+        ready_timeout: float = READY_TIMEOUT_S,
+        say: Callable[[str], None] = lambda _m: None,
+    ) -> None:
+        self.bins = bins
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tiergate-cluster-"))
+        self.want_pod_network = pod_network
+        self.external_kubeconfig = external_kubeconfig
+        self.say = say
+        self.ready_timeout = ready_timeout
+        self.components: list[Component] = []
+        self.network: netns.PodNetwork | None = None
+        self.info: ClusterInfo | None = None
+        self._nodes_registered = False
+
+    # -- process plumbing -------------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str]) -> Component:
+        log = self.workdir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out: IO[bytes] = log.open("ab")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=self.workdir,
+                start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
+                preexec_fn=_die_with_parent,
+            )
+        finally:
+            out.close()
+        comp = Component(name, proc, log)
+        self.components.append(comp)
+        return comp
+
+    def _wait(
+        self,
+        comp: Component,
+        check: Callable[[], bool],
+        what: str = "did not become ready",
+        timeout: float | None = None,
+    ) -> None:
+        timeout = self.ready_timeout if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not comp.alive():
+                raise comp.failure("died during start")
+            try:
+                if check():
+                    return
+            except (OSError, urllib.error.URLError, ssl.SSLError, subprocess.SubprocessError):
+                pass
+            time.sleep(0.2)
+        raise comp.failure(f"{what} within {timeout:.0f}s")
+
+    def _https_ok(self, url: str, creds: pki.Pki | None) -> bool:
+        ctx = ssl.create_default_context(cafile=str(creds.ca_crt)) if creds else ssl._create_unverified_context()
+        if creds:
+            ctx.load_cert_chain(str(creds.crt("admin")), str(creds.key("admin")))
+        with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
+            return bool(r.status == 200)
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+    def start(self) -> ClusterInfo:
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> ClusterInfo:
+        t0 = time.monotonic()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if self.external_kubeconfig is not None:
+            kubeconfig = self.external_kubeconfig
+            server = self.kubectl(
+                "config", "view", "--minify", "-o", "jsonpath={.clusters[0].cluster.server}", kubeconfig=kubeconfig
+            ).strip()
+        else:
+            kubeconfig, server = self._start_control_plane()
+        self.info = ClusterInfo(
+            workdir=self.workdir,
+            kubeconfig=kubeconfig,
+            server=server,
+            owner_pid=os.getpid(),
+            external=self.external_kubeconfig is not None,
+        )
+        self._start_kwok(kubeconfig)
+        if self.want_pod_network:
+            self.network = netns.create()
+            self.info.pod_netns = self.network.name
+        self._register_nodes()
+        self.info.pids = {c.name: c.proc.pid for c in self.components}
+        (self.workdir / "state.json").write_text(self.info.to_json())
+        self.say(f"cluster ready in {time.monotonic() - t0:.1f}s; KUBECONFIG={kubeconfig}")
+        return self.info
+
+    def _start_control_plane(self) -> tuple[Path, str]:
+        b = self.bins
+        creds = pki.make_pki(self.workdir / "pki")
+        etcd_port, etcd_peer, api_port, cm_port, sched_port = (free_port() for _ in range(5))
+
+        etcd = self._spawn(
+            "etcd",
+            [
+                str(b["etcd"]),
+                "--name",
+                "tiergate",
+                "--data-dir",
+                str(self.workdir / "etcd"),
+                "--listen-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--advertise-client-urls",
+                f"http://127.0.0.1:{etcd_port}",
+                "--listen-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-advertise-peer-urls",
+                f"http://127.0.0.1:{etcd_peer}",
+                "--initial-cluster",
+                f"tiergate=http://127.0.0.1:{etcd_peer}",
+                # Test data only: durability is not worth the fsync latency on a shared CI disk.
+                "--unsafe-no-fsync",
+                "--log-level",
+                "warn",
+            ],
+        )
+        self._wait(
+            etcd, lambda: urllib.request.urlopen(f"http://127.0.0.1:{etcd_port}/health", timeout=2).status == 200
+        )
+
+        server = f"https://127.0.0.1:{api_port}"
+        api = self._spawn(
+            "kube-apiserver",
+            [
+                str(b["kube-apiserver"]),
+                f"--etcd-servers=http://127.0.0.1:{etcd_port}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={api_port}",
+                # No kubelets run the apiserver's own Endpoints; `none` stops it advertising an unreachable one.
+                "--endpoint-reconciler-type=none",
+                "--authorization-mode=Node,RBAC",
+                f"--client-ca-file={creds.ca_crt}",
+                f"--tls-cert-file={creds.crt('apiserver')}",
+                f"--tls-private-key-file={creds.key('apiserver')}",
+                "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+                f"--service-account-key-file={creds.sa_pub}",
+                f"--service-account-signing-key-file={creds.sa_key}",
+                f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
+                "--allow-privileged=true",
+                "--profiling=false",
+            ],
+        )
+        self._wait(api, lambda: self._https_ok(f"{server}/readyz", creds))
+
+        kubeconfigs = {}
+        for user in pki.CLIENTS:
+            path = self.workdir / f"{user}.kubeconfig"
+            path.write_text(pki.kubeconfig(creds, server, user))
+            kubeconfigs[user] = path
+
+        cm = self._spawn(
+            "kube-controller-manager",
+            [
+                str(b["kube-controller-manager"]),
+                f"--kubeconfig={kubeconfigs['controller-manager']}",
+                f"--authentication-kubeconfig={kubeconfigs['controller-manager']}",
+                f"--authorization-kubeconfig={kubeconfigs['controller-manager']}",
+                "--controllers=*",
+                f"--root-ca-file={creds.ca_crt}",
+                f"--service-account-private-key-file={creds.sa_key}",
+                # Each controller gets its own service account, as in a real cluster, so RBAC is exercised.
+                "--use-service-account-credentials=true",
+                f"--cluster-signing-cert-file={creds.ca_crt}",
+                f"--cluster-signing-key-file={creds.ca_key}",
+                "--leader-elect=false",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={cm_port}",
+            ],
+        )
+        sched_cfg = self.workdir / "scheduler.yaml"
+        sched_cfg.write_text(
+            "apiVersion: kubescheduler.config.k8s.io/v1\nkind: KubeSchedulerConfiguration\n"
+            f"clientConnection:\n  kubeconfig: {kubeconfigs['scheduler']}\nleaderElection:\n  leaderElect: false\n"
+        )
+        sched = self._spawn(
+            "kube-scheduler",
+            [
+                str(b["kube-scheduler"]),
+                f"--config={sched_cfg}",
+                f"--authentication-kubeconfig={kubeconfigs['scheduler']}",
+                f"--authorization-kubeconfig={kubeconfigs['scheduler']}",
+                "--bind-address=127.0.0.1",
+                f"--secure-port={sched_port}",
+            ],
+        )
+        self._wait(cm, lambda: self._https_ok(f"https://127.0.0.1:{cm_port}/healthz", None))
+        self._wait(sched, lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/healthz", None))
+        # The namespace controller and the service-account controllers create `default` ServiceAccounts;
+        # pods can't be created in a namespace before its default ServiceAccount exists.
+        self._wait(
+            cm,
+            lambda: (
+                self.kubectl(
+                    "get", "serviceaccount", "default", "-n", "default", kubeconfig=kubeconfigs["admin"], check=False
+                )
+                != ""
+            ),
+            "did not create the default ServiceAccount",
+        )
+        return kubeconfigs["admin"], server
+
+    def _start_kwok(self, kubeconfig: Path) -> None:
+        stages_dir = self.bins["kwok-stages"]
+        cfg = self.workdir / "kwok-stages.yaml"
+        cfg.write_text("\n---\n".join(p.read_text() for p in sorted(stages_dir.glob("*.yaml"))))
+        kwok = self._spawn(
+            "kwok",
+            [
+                str(self.bins["kwok"]),
+                f"--kubeconfig={kubeconfig}",
+                f"--config={cfg}",
+                "--manage-all-nodes=false",
+                f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION[0]}={nodes.KWOK_ANNOTATION[1]}",
+                f"--cidr={netns.POD_CIDR}",
+                "--node-lease-duration-seconds=40",
+                f"--server-address=127.0.0.1:{free_port()}",
+            ],
+        )
+        self._wait(kwok, lambda: True)  # kwok has no readiness endpoint; nodes turning Ready below proves it
+
+    def _register_nodes(self) -> None:
+        self.kubectl(
+            "apply", "--server-side", "--field-manager=tiergate-devcluster", "-f", "-", input=nodes.all_nodes_json()
+        )
+        self._nodes_registered = True
+        kwok = next(c for c in self.components if c.name == "kwok")
+        names = nodes.node_names()
+
+        def all_ready() -> bool:
+            out = self.kubectl(
+                "get",
+                "nodes",
+                *names,
+                "-o",
+                'jsonpath={range .items[*]}{.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}',
+                check=False,
+            )
+            return out.split() == ["True"] * len(names)
+
+        self._wait(kwok, all_ready, "did not make the fake nodes Ready")
+
+    def stop(self) -> None:
+        """Stop every component (reverse start order) and remove the pod network; safe to call twice."""
+        if self.external_kubeconfig is not None and self._nodes_registered:
+            # On someone else's cluster, leave nothing of ours behind.
+            self.kubectl("delete", "nodes", *nodes.node_names(), "--ignore-not-found", "--wait=false", check=False)
+            self._nodes_registered = False
+        for comp in reversed(self.components):
+            _terminate(comp.proc)
+        self.components.clear()
+        if self.network is not None:
+            netns.remove(self.network.name, self.network.cidr)
+            self.network = None
+
+    def __enter__(self) -> DevCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what tests and tools use -----------------------------------------------------------------------------
+    @property
+    def kubeconfig(self) -> Path:
+        assert self.info is not None, "cluster not started"
+        return self.info.kubeconfig
+
+    @property
+    def bin_dir(self) -> Path:
+        """Directory of the pinned kubectl (helm sits in its own cache entry: use `helm_path`)."""
+        return self.bins["kubectl"].parent
+
+    @property
+    def helm_path(self) -> Path:
+        return self.bins["helm"]
+
+    @property
+    def pod_netns(self) -> str | None:
+        return self.network.name if self.network else None
+
+    def netns_cmd(self, argv: list[str]) -> list[str]:
+        """Prefix a command to run inside the pod network namespace, where it can bind fake pods' IPs."""
+        if self.network is None:
+            raise StartError("this cluster has no pod network namespace (needs root; not made for external clusters)")
+        return self.network.cmd(argv)
+
+    # -- tools ------------------------------------------------------------------------------------------------
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True, kubeconfig: Path | None = None) -> str:
+        """Run the pinned kubectl against this cluster; raises StartError naming the command on failure."""
+        kc = kubeconfig or (self.info.kubeconfig if self.info else self.external_kubeconfig)
+        return run_tool([str(self.bins["kubectl"]), f"--kubeconfig={kc}", *args], input=input, check=check)
+
+    def helm(self, *args: str, check: bool = True) -> str:
+        assert self.info is not None
+        return run_tool(
+            [str(self.bins["helm"]), f"--kubeconfig={self.info.kubeconfig}", *args],
+            check=check,
+            env={
+                "HELM_CACHE_HOME": str(self.workdir / "helm" / "cache"),
+                "HELM_CONFIG_HOME": str(self.workdir / "helm" / "config"),
+                "HELM_DATA_HOME": str(self.workdir / "helm" / "data"),
+            },
+        )
+
+
+def run_tool(argv: list[str], input: str | None = None, check: bool = True, env: dict[str, str] | None = None) -> str:
+    proc = subprocess.run(
+        argv, input=input, capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}
+    )
+    if check and proc.returncode != 0:
+        raise StartError(
+            f"{Path(argv[0]).name} {' '.join(argv[2:])[:200]} failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-2000:]}"
+        )
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=_STOP_GRACE_S)
