@@ -1,0 +1,323 @@
+"""The test bed itself, against the real control plane: scheduling onto GPU pools, CRD validation, garbage
+collection, RBAC, tools, and fake pods that can be reached for real."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tiergate.devcluster import netns, nodes, versions
+from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.errors import StartError
+
+
+def _wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def _deployment(name: str, *, gpus: int = 0, pool: str | None = None, tolerate: bool = False) -> str:
+    container: dict[str, Any] = {"name": "main", "image": "registry.example/tiergate/fake:1"}
+    if gpus:
+        container["resources"] = {"limits": {nodes.GPU_RESOURCE: str(gpus)}}
+    pod_spec: dict[str, Any] = {"containers": [container]}
+    if pool:
+        pod_spec["nodeSelector"] = {nodes.POOL_LABEL: pool}
+    if tolerate:
+        pod_spec["tolerations"] = [{"key": nodes.GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return json.dumps(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": pod_spec},
+            },
+        }
+    )
+
+
+def _pods(cluster: DevCluster, ns: str, app: str) -> list[dict[str, Any]]:
+    out = cluster.kubectl("get", "pods", "-n", ns, "-l", f"app={app}", "-o", "json")
+    items: list[dict[str, Any]] = json.loads(out)["items"]
+    return items
+
+
+def _ready(pod: dict[str, Any]) -> bool:
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in pod.get("status", {}).get("conditions", []))
+
+
+def _pool_of(cluster: DevCluster, node: str) -> str:
+    return cluster.kubectl("get", "node", node, "-o", "jsonpath={.metadata.labels.tiergate\\.io/pool}")
+
+
+def test_gpu_deployment_with_toleration_lands_on_gpu_large_and_is_ready(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=_deployment("big", gpus=1, pool="gpu-large", tolerate=True)
+    )
+    pod = _wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "big") if _ready(p)), None))
+    assert _pool_of(cluster, pod["spec"]["nodeName"]) == "gpu-large"
+    assert pod["status"]["podIP"].startswith("198.18.")
+
+
+def test_gpu_deployment_without_toleration_stays_pending_unschedulable(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("untolerated", gpus=1, pool="gpu-large"))
+
+    def unschedulable() -> dict[str, Any] | None:
+        for p in _pods(cluster, namespace, "untolerated"):
+            for c in p.get("status", {}).get("conditions", []):
+                if c["type"] == "PodScheduled" and c["status"] == "False" and c.get("reason") == "Unschedulable":
+                    return {"pod": p, "cond": c}
+        return None
+
+    found = _wait_for("an Unschedulable condition", unschedulable)
+    assert found["pod"]["status"]["phase"] == "Pending"
+    assert "spec.nodeName" not in json.dumps(found["pod"]["spec"]) or not found["pod"]["spec"].get("nodeName")
+    assert "untolerated taint" in found["cond"]["message"]
+    events = cluster.kubectl(
+        "get",
+        "events",
+        "-n",
+        namespace,
+        "--field-selector",
+        "reason=FailedScheduling",
+        "-o",
+        "jsonpath={.items[*].message}",
+    )
+    assert "untolerated taint" in events
+
+
+def test_cpu_only_deployment_lands_on_the_cpu_pool(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("cpu-only"))
+    pod = _wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "cpu-only") if _ready(p)), None))
+    assert _pool_of(cluster, pod["spec"]["nodeName"]) == "cpu"
+
+
+def test_more_gpus_than_any_node_has_is_unschedulable_by_resources(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl(
+        "apply", "-n", namespace, "-f", "-", input=_deployment("huge", gpus=64, pool="gpu-large", tolerate=True)
+    )
+
+    def message() -> str:
+        for p in _pods(cluster, namespace, "huge"):
+            for c in p.get("status", {}).get("conditions", []):
+                if c["type"] == "PodScheduled" and c.get("reason") == "Unschedulable":
+                    return str(c["message"])
+        return ""
+
+    assert f"Insufficient {nodes.GPU_RESOURCE}" in _wait_for("an Unschedulable condition", message)
+
+
+CRD = """
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata:
+  name: widgets.testbed.tiergate.io
+spec:
+  group: testbed.tiergate.io
+  scope: Namespaced
+  names: {plural: widgets, singular: widget, kind: Widget}
+  versions:
+  - name: v1
+    served: true
+    storage: true
+    schema:
+      openAPIV3Schema:
+        type: object
+        properties:
+          spec:
+            type: object
+            required: [size]
+            properties:
+              size: {type: integer, minimum: 1, maximum: 10}
+              min: {type: integer}
+              max: {type: integer}
+            x-kubernetes-validations:
+            - rule: "!has(self.min) || !has(self.max) || self.min <= self.max"
+              message: "min must not exceed max"
+              fieldPath: ".min"
+"""
+
+
+def test_a_crd_rejects_an_invalid_object_naming_the_field(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-f", "-", input=CRD)
+    _wait_for(
+        "the CRD to be established",
+        lambda: (
+            cluster.kubectl(
+                "get",
+                "crd",
+                "widgets.testbed.tiergate.io",
+                "-o",
+                'jsonpath={.status.conditions[?(@.type=="Established")].status}',
+                check=False,
+            )
+            == "True"
+        ),
+    )
+
+    def widget(spec: str) -> str:
+        return f"apiVersion: testbed.tiergate.io/v1\nkind: Widget\nmetadata: {{name: w}}\nspec: {spec}\n"
+
+    with pytest.raises(StartError) as err:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=widget("{size: 99}"))
+    assert "spec.size" in str(err.value)
+    assert "less than or equal to 10" in str(err.value)
+    with pytest.raises(StartError) as err:
+        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=widget("{size: 2, min: 5, max: 1}"))
+    assert "spec.min" in str(err.value)
+    assert "min must not exceed max" in str(err.value)
+    assert cluster.kubectl("get", "widgets", "-n", namespace, "-o", "name") == ""
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=widget("{size: 2, min: 1, max: 5}"))
+    assert cluster.kubectl("get", "widgets", "-n", namespace, "-o", "name").strip() == "widget.testbed.tiergate.io/w"
+
+
+def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl("create", "configmap", "owner", "-n", namespace)
+    uid = cluster.kubectl("get", "configmap", "owner", "-n", namespace, "-o", "jsonpath={.metadata.uid}")
+    owned = {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": "owned",
+            "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": uid}],
+        },
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(owned))
+    cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
+    _wait_for(
+        "the owned ConfigMap to be collected",
+        lambda: cluster.kubectl("get", "configmap", "owned", "-n", namespace, "--ignore-not-found", "-o", "name") == "",
+    )
+    # And the workload chain: Deployment -> ReplicaSet -> Pod.
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("gc"))
+    _wait_for("a pod", lambda: _pods(cluster, namespace, "gc"))
+    cluster.kubectl("delete", "deployment", "gc", "-n", namespace)
+    _wait_for(
+        "ReplicaSets and pods to be collected",
+        lambda: cluster.kubectl("get", "replicasets,pods", "-n", namespace, "-l", "app=gc", "-o", "name") == "",
+    )
+
+
+def test_a_service_account_without_a_binding_is_forbidden(cluster: DevCluster, namespace: str, tmp_path: Path) -> None:
+    cluster.kubectl("create", "serviceaccount", "nobody", "-n", namespace)
+    token = cluster.kubectl("create", "token", "nobody", "-n", namespace).strip()
+    assert token.count(".") == 2  # a signed JWT from the TokenRequest API
+    ca = cluster.kubectl(
+        "config", "view", "--minify", "--raw", "-o", "jsonpath={.clusters[0].cluster.certificate-authority}"
+    )
+    as_sa = tmp_path / "sa.kubeconfig"
+    server = cluster.info.server if cluster.info else ""
+    as_sa.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{server}", certificate-authority: "{ca}"}}}}]
+users: [{{name: u, user: {{token: "{token}"}}}}]
+contexts: [{{name: x, context: {{cluster: c, user: u, namespace: {namespace}}}}}]
+current-context: x
+""")
+    with pytest.raises(StartError) as err:
+        cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=as_sa)
+    assert "Forbidden" in str(err.value)
+    assert f"system:serviceaccount:{namespace}:nobody" in str(err.value)
+    # The same identity with a RoleBinding may list: the 403 came from RBAC, not from a broken token.
+    cluster.kubectl("create", "role", "pod-reader", "-n", namespace, "--verb=list", "--resource=pods")
+    cluster.kubectl(
+        "create",
+        "rolebinding",
+        "nobody-reads",
+        "-n",
+        namespace,
+        "--role=pod-reader",
+        f"--serviceaccount={namespace}:nobody",
+    )
+    assert _wait_for(
+        "the binding to take effect",
+        lambda: (
+            cluster.kubectl("auth", "can-i", "list", "pods", "-n", namespace, kubeconfig=as_sa, check=False).strip()
+            == "yes"
+        ),
+    )
+    cluster.kubectl("get", "pods", "-n", namespace, kubeconfig=as_sa)
+
+
+def test_kubectl_and_helm_reach_the_cluster(cluster: DevCluster) -> None:
+    version = json.loads(cluster.kubectl("version", "-o", "json"))
+    assert version["serverVersion"]["gitVersion"] == versions.KUBERNETES
+    assert "version.BuildInfo" in cluster.helm("version")
+    assert cluster.helm("list", "--all-namespaces", "--output", "json").strip() == "[]"
+    names = cluster.kubectl("get", "nodes", "-l", nodes.POOL_LABEL, "-o", "jsonpath={.items[*].metadata.name}")
+    assert sorted(names.split()) == sorted(nodes.node_names())
+
+
+def test_python_client_reaches_the_cluster(k8s_api: Any, namespace: str) -> None:
+    from kubernetes import client
+
+    ns = client.CoreV1Api(k8s_api).read_namespace(namespace)
+    assert ns.status.phase == "Active"
+
+
+@pytest.mark.skipif(not netns.available()[0], reason=f"pod network: {netns.available()[1]}")
+def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, namespace: str) -> None:
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("web"))
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web"},
+        "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 8000, "targetPort": 8000}]},
+    }
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(svc))
+
+    def endpoint() -> str:
+        return cluster.kubectl(
+            "get",
+            "endpointslices",
+            "-n",
+            namespace,
+            "-l",
+            "kubernetes.io/service-name=web",
+            "-o",
+            "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)].addresses[0]}",
+        )
+
+    ip = _wait_for("a ready endpoint", endpoint).split()[0]
+    assert ip.startswith("198.18.")
+    code = (
+        "import http.server,sys\n"
+        "class H(http.server.BaseHTTPRequestHandler):\n"
+        "  def do_GET(s):\n"
+        "    b=b'hello from the pod';s.send_response(200);s.send_header('Content-Length',str(len(b)));"
+        "s.end_headers();s.wfile.write(b)\n"
+        "  def log_message(s,*a):pass\n"
+        f"http.server.HTTPServer(('{ip}',8000),H).serve_forever()\n"
+    )
+    server = subprocess.Popen(cluster.netns_cmd([sys.executable, "-c", code]))
+    try:
+
+        def get() -> bytes:
+            try:
+                with socket.create_connection((ip, 8000), timeout=2) as s:
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    return s.recv(4096)
+            except OSError:
+                return b""
+
+        assert b"hello from the pod" in _wait_for("the pod's server", get, timeout=15)
+    finally:
+        server.kill()
+        server.wait()
