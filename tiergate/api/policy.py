@@ -33,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+from pydantic.config import JsonDict
 
 from .errors import FieldError, PolicyParseError, PolicyValidationError
 
@@ -101,7 +102,16 @@ Price = Annotated[
     Decimal,
     PlainValidator(_parse_price),
     PlainSerializer(_dump_price),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "pattern": PRICE_PATTERN,
+            "x-kubernetes-validations": [
+                {"rule": "type(self) == string || self >= 0", "message": "price must not be negative"}
+            ],
+        }
+    ),
 ]
 """Money per million tokens (any currency, consistently). Decimal, so sums and ratios are exact."""
 
@@ -121,7 +131,13 @@ def _parse_quantity(value: object) -> str:
 Quantity = Annotated[
     str,
     PlainValidator(_parse_quantity),
-    WithJsonSchema({"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True}),
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+        }
+    ),
 ]
 """A Kubernetes resource quantity, kept in its string form (the API server does the arithmetic)."""
 
@@ -140,6 +156,8 @@ class _Model(BaseModel):
         extra="forbid",
         frozen=True,
         use_enum_values=False,
+        # Field docstrings become the CRD's descriptions (what `kubectl explain routingpolicy.spec` prints).
+        use_attribute_docstrings=True,
     )
 
 
@@ -160,9 +178,20 @@ class TaintEffect(StrEnum):
 class Toleration(_Model):
     """core/v1 Toleration, same fields and meaning."""
 
-    key: str | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists must not set value",
+                }
+            ]
+        }
+    )
+
+    key: Annotated[str, Field(max_length=316)] | None = None
     operator: TolerationOperator = TolerationOperator.EQUAL
-    value: str | None = None
+    value: Annotated[str, Field(max_length=63)] | None = None
     effect: TaintEffect | None = None
     toleration_seconds: int | None = None
 
@@ -178,11 +207,14 @@ class Placement(_Model):
     entry for the same key wins. Pods that ask for GPUs also tolerate the conventional `nvidia.com/gpu` taint."""
 
     pool: DnsLabel | None = None
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
-    # Passed through to the pod unchanged; the pod's own validation applies (kept untyped on purpose: the
-    # affinity API is large and we add nothing to it).
+    """Node pool: shorthand for the nodeSelector `tiergate.io/pool: <pool>` (e.g. gpu-small, gpu-large, reward, cpu)."""
+    node_selector: dict[str, Annotated[str, Field(max_length=63)]] = Field(default_factory=dict)
+    """Extra node labels the pods require; merged over the pool's label (an entry here wins)."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32)
+    """Added to the pods' tolerations (GPU pods always tolerate `nvidia.com/gpu`)."""
+    # Kept untyped on purpose: the affinity API is large and we add nothing to it; the pod's validation applies.
     affinity: dict[str, Any] | None = None
+    """core/v1 Affinity, passed to the pods unchanged."""
 
 
 # --- tiers ------------------------------------------------------------------------------------------------------
@@ -194,6 +226,17 @@ class SecretKeyRef(_Model):
 
 
 class EnvVarSource(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.secretKeyRef) != has(self.configMapKeyRef)",
+                    "message": "valueFrom needs exactly one of secretKeyRef, configMapKeyRef",
+                }
+            ]
+        }
+    )
+
     secret_key_ref: SecretKeyRef | None = None
     config_map_key_ref: SecretKeyRef | None = None
 
@@ -205,8 +248,16 @@ class EnvVarSource(_Model):
 
 
 class EnvVar(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!(has(self.value) && has(self.valueFrom))", "message": "set value or valueFrom, not both"}
+            ]
+        }
+    )
+
     name: Annotated[str, Field(min_length=1, max_length=256, pattern=ENV_NAME_PATTERN)]
-    value: str | None = None
+    value: Annotated[str, Field(max_length=32768)] | None = None
     value_from: EnvVarSource | None = None
 
     @model_validator(mode="after")
@@ -220,18 +271,29 @@ class Engine(_Model):
     """The model server. vLLM's OpenAI-compatible server by default; `args` are appended to the operator's own
     (`--model`, `--served-model-name`, `--port`)."""
 
-    image: Annotated[str, Field(min_length=1)] = DEFAULT_ENGINE_IMAGE
-    args: list[str] = Field(default_factory=list)
-    env: list[EnvVar] = Field(default_factory=list)
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_ENGINE_IMAGE
+    """Container image of the model server."""
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=128)
+    """Extra command-line arguments for the server, after the ones the operator sets."""
+    env: list[EnvVar] = Field(
+        default_factory=list,
+        max_length=64,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Extra environment variables (e.g. HF_TOKEN from a Secret)."""
     port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_ENGINE_PORT
+    """Port of the OpenAI-compatible HTTP server (health on /health, metrics on /metrics)."""
 
 
 class Resources(_Model):
     """Per replica. GPUs are whole devices (`nvidia.com/gpu`), requested and limited alike."""
 
     gpus: Annotated[int, Field(ge=0, le=64, strict=True)] = 0
+    """Whole GPUs per replica (`nvidia.com/gpu`)."""
     cpu: Quantity | None = None
+    """CPU request per replica (also the limit)."""
     memory: Quantity | None = None
+    """Memory request and limit per replica."""
 
 
 class ReplicasManager(StrEnum):
@@ -243,10 +305,23 @@ class ReplicasManager(StrEnum):
 
 
 class Replicas(_Model):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.max) || self.min <= self.max",
+                    "message": "replicas.min must not exceed replicas.max",
+                }
+            ]
+        }
+    )
+
     min: Annotated[int, Field(ge=0, le=1000, strict=True)] = 1
-    # Absent means equal to min. Only meaningful with an autoscaler, which scales between the two.
+    """Replicas the operator runs (managedBy Operator), or the floor an autoscaler should keep."""
     max: Annotated[int, Field(ge=0, le=1000, strict=True)] | None = None
+    """Ceiling for an autoscaler; absent means equal to min."""
     managed_by: ReplicasManager = ReplicasManager.OPERATOR
+    """Operator: the operator sets the Deployment's replicas to min. Autoscaler: it never writes them."""
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Replicas:
@@ -260,6 +335,8 @@ class Replicas(_Model):
 
 
 class TierPrice(_Model):
+    """Price per million tokens as an integer or a quoted decimal string ("0.15"); never a float."""
+
     input_per_million: Price
     output_per_million: Price
 
@@ -283,15 +360,18 @@ class Tier(Placement):
     """One model tier. Tiers are listed cheapest first; the last tier is the strongest."""
 
     name: TierName
+    """Tier name (DNS label, at most 20 characters); children are named `<policy>-tier-<name>`."""
     model: Annotated[str, Field(min_length=1, max_length=512)]
-    # What clients and the router call the model; defaults to the tier name.
+    """What the engine serves: a model id or a path on modelVolume."""
     served_model_name: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    engine: Engine = Field(default_factory=Engine)
-    resources: Resources = Field(default_factory=Resources)
-    replicas: Replicas = Field(default_factory=Replicas)
+    """Model name clients and the router use; defaults to the tier name."""
+    engine: Engine = Field(default_factory=Engine, json_schema_extra={"default": {}})
+    resources: Resources = Field(default_factory=Resources, json_schema_extra={"default": {}})
+    replicas: Replicas = Field(default_factory=Replicas, json_schema_extra={"default": {}})
     price: TierPrice
     model_volume: ModelVolume | None = None
     endpoint: ExternalEndpoint | None = None
+    """An external OpenAI-compatible backend; when set the operator deploys nothing for this tier."""
 
     @property
     def external(self) -> bool:
@@ -314,6 +394,14 @@ class ClassifierRef(_Model):
     """Where the router finds the artifact `tiergate train` wrote: a ConfigMap key, or a path inside the router
     container (its image or a volume). Exactly one."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "has(self.configMap) != has(self.path)", "message": "set exactly one of configMap, path"}
+            ]
+        }
+    )
+
     config_map: ConfigMapKeyRef | None = None
     path: Annotated[str, Field(pattern=r"^/.*")] | None = None
 
@@ -326,7 +414,7 @@ class ClassifierRef(_Model):
 
 class Timeouts(_Model):
     connect_seconds: Annotated[int, Field(ge=1, le=300, strict=True)] = 5
-    # Whole request to a tier, including generation.
+    """Connecting to a tier."""
     request_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 120
 
 
@@ -340,16 +428,33 @@ class Router(Placement):
     (basis points of probability that the strongest tier is needed) or a target share of traffic on the strongest
     tier; with neither, the threshold calibrated into the artifact applies."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.thresholdBasisPoints) && has(self.targetStrongShareBasisPoints))",
+                    "message": "set at most one of thresholdBasisPoints, targetStrongShareBasisPoints",
+                },
+                {"rule": "self.httpPort != self.grpcPort", "message": "httpPort and grpcPort must differ"},
+            ]
+        }
+    )
+
     replicas: Annotated[int, Field(ge=0, le=100, strict=True)] = 2
-    image: Annotated[str, Field(min_length=1)] = DEFAULT_ROUTER_IMAGE
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_ROUTER_IMAGE
     classifier: ClassifierRef | None = None
     threshold_basis_points: BasisPoints | None = None
+    """Route to the strongest tier when the classifier's score is at least this (0..10000)."""
     target_strong_share_basis_points: BasisPoints | None = None
-    # Tier names tried, in order, when the chosen tier fails; defaults to every tier, strongest first.
-    fallback_order: list[TierName] = Field(default_factory=list, max_length=MAX_TIERS)
-    timeouts: Timeouts = Field(default_factory=Timeouts)
-    resources: RouterResources = Field(default_factory=RouterResources)
+    """Instead of a threshold: the share of traffic (0..10000) the strongest tier should get."""
+    fallback_order: list[TierName] = Field(
+        default_factory=list, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Tiers tried, in order, when the chosen tier fails; defaults to every tier, strongest first."""
+    timeouts: Timeouts = Field(default_factory=Timeouts, json_schema_extra={"default": {}})
+    resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
+    """OpenAI-compatible HTTP port."""
     grpc_port: Annotated[int, Field(ge=1, le=65535)] = 50051
 
     @model_validator(mode="after")
@@ -367,31 +472,73 @@ class Router(Placement):
 
 
 class RewardModel(Placement):
+    """The reward model that scores best-of-N candidates, served by vLLM on its own pool."""
+
     model: Annotated[str, Field(min_length=1, max_length=512)]
-    image: Annotated[str, Field(min_length=1)] = DEFAULT_REWARD_IMAGE
+    image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_REWARD_IMAGE
     gpus: Annotated[int, Field(ge=0, le=64, strict=True)] = 1
     replicas: Annotated[int, Field(ge=0, le=100, strict=True)] = 1
-    args: list[str] = Field(default_factory=list)
+    args: list[Annotated[str, Field(max_length=4096)]] = Field(default_factory=list, max_length=128)
     port: Annotated[int, Field(ge=1, le=65535)] = DEFAULT_ENGINE_PORT
 
 
 class BestOfN(_Model):
+    """Sample up to n answers from one tier and return the one the reward model scores highest."""
+
     tier: TierName
+    """The tier sampled from; must name a tier in spec.tiers."""
     n: Annotated[int, Field(ge=1, le=MAX_BEST_OF_N, strict=True)]
+    """Maximum number of samples per request (1..16)."""
     reward_model: RewardModel
 
 
 class Shadow(_Model):
+    """Send a sample of requests to a baseline tier too, to compare routed answers with it."""
+
     baseline_tier: TierName
+    """Must name a tier in spec.tiers."""
     sample_rate_basis_points: BasisPoints
+    """Share of requests shadowed (0..10000)."""
 
 
 # --- spec and object --------------------------------------------------------------------------------------------
 
 
+def _names_a_tier(field: str, path: str) -> JsonDict:
+    return {
+        "rule": f"!has(self.{path.split('.')[0]}) || self.tiers.exists(t, t.name == self.{path})",
+        "message": f"{field} must name a tier in spec.tiers",
+        "fieldPath": f".{path}",
+        "reason": "FieldValueInvalid",
+    }
+
+
 class RoutingPolicySpec(_Model):
-    tiers: list[Tier] = Field(min_length=1, max_length=MAX_TIERS)
-    router: Router = Field(default_factory=Router)
+    """Desired state: the tiers to serve, the router in front of them, optional best-of-N and shadowing."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _names_a_tier("bestOfN.tier", "bestOfN.tier"),
+                _names_a_tier("shadow.baselineTier", "shadow.baselineTier"),
+                {
+                    "rule": "!has(self.router) || !has(self.router.fallbackOrder) || "
+                    "self.router.fallbackOrder.all(f, self.tiers.exists(t, t.name == f))",
+                    "message": "every entry of router.fallbackOrder must name a tier in spec.tiers",
+                    "fieldPath": ".router.fallbackOrder",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
+
+    tiers: list[Tier] = Field(
+        min_length=1,
+        max_length=MAX_TIERS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Model tiers, cheapest first; names are unique."""
+    router: Router = Field(default_factory=Router, json_schema_extra={"default": {}})
     best_of_n: BestOfN | None = Field(default=None, alias="bestOfN")
     shadow: Shadow | None = None
 
@@ -437,10 +584,20 @@ class _At(ValueError):
         self.message = message
 
 
-class ObjectMeta(BaseModel):
-    """The parts of metadata we read. Everything else the API server adds is ignored, not rejected."""
+class _Observed(BaseModel):
+    """Base of what the API server reports (metadata, status): extra fields it adds are ignored, not errors."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="ignore",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class ObjectMeta(_Observed):
+    """The parts of metadata we read. Everything else the API server adds is ignored, not rejected."""
 
     name: Annotated[str, Field(min_length=1, max_length=MAX_POLICY_NAME, pattern=DNS_LABEL_PATTERN)]
     namespace: str | None = None
@@ -459,51 +616,55 @@ class ConditionStatus(StrEnum):
     UNKNOWN = "Unknown"
 
 
-class Condition(BaseModel):
+class Condition(_Observed):
     """metav1.Condition."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
     type: str
     status: ConditionStatus
     reason: str
     message: str = ""
     observed_generation: int | None = None
-    last_transition_time: str | None = None
+    last_transition_time: Annotated[str, Field(json_schema_extra={"format": "date-time"})] | None = None
 
 
-class TierStatus(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
-
+class TierStatus(_Observed):
     name: str
     desired_replicas: int = 0
     ready_replicas: int = 0
     endpoint: str | None = None
 
 
-class MixEntry(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
-
+class MixEntry(_Observed):
     tier: str
     share_basis_points: int
 
 
-class RoutingPolicyStatus(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
-
+class RoutingPolicyStatus(_Observed):
     observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    tiers: list[TierStatus] = Field(default_factory=list)
+    """The spec generation this status describes."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    """Ready, Progressing and Degraded; reason and message name the child that is not ready and why."""
+    tiers: list[TierStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Per tier: desired and ready replicas and the in-cluster endpoint."""
     router_endpoint: str | None = None
+    """The router's in-cluster URL (OpenAI-compatible HTTP)."""
     ready_tiers: str | None = None
-    # Filled by the router's reporting (a later issue): the observed share of requests per tier.
-    observed_mix: list[MixEntry] = Field(default_factory=list)
+    """Ready tiers over all tiers, e.g. 2/3 (for printing)."""
+    observed_mix: list[MixEntry] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["tier"]},
+    )
+    """Observed share of requests per tier, reported by the router."""
 
 
-class RoutingPolicy(BaseModel):
+class RoutingPolicy(_Observed):
     """A whole RoutingPolicy object as the API server stores it (or as a manifest file holds it)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore", frozen=True)
 
     api_version: Literal["tiergate.io/v1alpha1"]
     kind: Literal["RoutingPolicy"]
