@@ -1,0 +1,202 @@
+"""The router's one typed configuration object, and its conversion from a RoutingPolicy.
+
+The router never works on the policy model directly: `from_policy` narrows a RoutingPolicy (the same schema as the
+CRD spec, read from the file the operator mounts) to what the data plane needs, and the command line builds the
+same object for local mode. Everything else in the router takes a `RouterConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from tiergate_router.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """A Kubernetes Service whose ready pods (found through EndpointSlices) serve a tier."""
+
+    namespace: str
+    name: str
+    port: int
+    # URL path prefix of the OpenAI API on each pod.
+    path: str = "/v1"
+    scheme: str = "http"
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One model tier. Tiers are ordered cheapest first."""
+
+    name: str
+    # Static OpenAI-compatible base URLs, each ending in /v1 (local mode, external endpoints, Service DNS).
+    base_urls: tuple[str, ...] = ()
+    # Discover the pods behind this Service instead of (or in addition to) the static URLs.
+    service: ServiceRef | None = None
+    # The model name the tier's server expects; None asks the server (`GET /v1/models`) on first use.
+    served_model: str | None = None
+    # Dollars per million tokens, used only for the estimated-cost metric.
+    input_price_per_mtok: float = 0.0
+    output_price_per_mtok: float = 0.0
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tiers: tuple[TierConfig, ...]
+    # Score thresholds in basis points between consecutive tiers (len(tiers) - 1 values, ascending): a prompt goes
+    # to the highest tier i whose threshold thresholds_bp[i-1] <= score * 10000. Two tiers: one threshold.
+    thresholds_bp: tuple[int, ...] = (5000,)
+    # Tier names tried, in this order, after the chosen tier fails; empty = the default order (see fallback_chain).
+    fallback_order: tuple[str, ...] = ()
+    # Path of the classifier artifact; None = the shipped default router.
+    classifier_artifact: Path | None = None
+    # Seconds to establish a connection to a backend; a refused/timed-out connect is retried on another endpoint.
+    connect_timeout_s: float = 2.0
+    # Seconds for a whole non-streaming upstream response, or for the first byte of a streaming one.
+    request_timeout_s: float = 120.0
+    # Seconds without data on an established stream before it is abandoned.
+    stream_idle_timeout_s: float = 60.0
+    # Endpoints tried per tier before falling back (connection failures and 5xx are retried; 4xx are not).
+    max_attempts_per_tier: int = 3
+    # Consecutive failures that open an endpoint's breaker, and how long it stays open before one probe.
+    breaker_failures: int = 3
+    breaker_open_s: float = 5.0
+    # A tier counts as saturated when every endpoint has this many requests in flight through this router
+    # (0 = no limit) or reports at least `saturation_waiting` queued requests (vLLM's num_requests_waiting).
+    max_outstanding_per_endpoint: int = 0
+    saturation_waiting: int = 0
+    # Largest request body accepted; a 10 MB prompt is far beyond any served context and is refused with 413.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # The model name clients use for routed requests; tier names also work as model names (forcing that tier).
+    routed_model_name: str = "tiergate"
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+    def replace(self, **changes: Any) -> RouterConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def validate(cfg: RouterConfig) -> None:
+    """Raise ConfigError naming the first field that makes `cfg` unusable."""
+    if not cfg.tiers:
+        raise ConfigError("tiers: at least one tier is required")
+    names = [t.name for t in cfg.tiers]
+    for i, t in enumerate(cfg.tiers):
+        if not t.name:
+            raise ConfigError(f"tiers[{i}].name: must not be empty")
+        if names.count(t.name) > 1:
+            raise ConfigError(f"tiers[{i}].name: duplicate tier name {t.name!r}")
+        if t.name == cfg.routed_model_name:
+            raise ConfigError(f"tiers[{i}].name: {t.name!r} is reserved for routed requests")
+        if not t.base_urls and t.service is None:
+            raise ConfigError(f"tiers[{i}] ({t.name}): needs an endpoint URL or a service to discover")
+        for u in t.base_urls:
+            check_base_url(u, f"tiers[{i}].endpoint")
+        if t.input_price_per_mtok < 0 or t.output_price_per_mtok < 0:
+            raise ConfigError(f"tiers[{i}].price: must not be negative")
+    if len(cfg.thresholds_bp) != len(cfg.tiers) - 1 and len(cfg.tiers) > 1:
+        raise ConfigError(
+            f"thresholds_bp: {len(cfg.tiers)} tiers need {len(cfg.tiers) - 1} threshold(s), "
+            f"got {len(cfg.thresholds_bp)}"
+        )
+    for i, th in enumerate(cfg.thresholds_bp):
+        if not 0 <= th <= 10000:
+            raise ConfigError(f"thresholds_bp[{i}]: {th} is outside 0..10000")
+    if list(cfg.thresholds_bp) != sorted(cfg.thresholds_bp):
+        raise ConfigError("thresholds_bp: must be ascending")
+    for i, n in enumerate(cfg.fallback_order):
+        if n not in names:
+            raise ConfigError(f"fallback_order[{i}]: unknown tier {n!r} (tiers: {', '.join(names)})")
+    for attr in ("connect_timeout_s", "request_timeout_s", "stream_idle_timeout_s", "breaker_open_s"):
+        if getattr(cfg, attr) <= 0:
+            raise ConfigError(f"{attr}: must be positive")
+    if cfg.max_attempts_per_tier < 1 or cfg.breaker_failures < 1:
+        raise ConfigError("max_attempts_per_tier and breaker_failures: must be at least 1")
+    if cfg.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes: must be at least 1024")
+
+
+def check_base_url(url: str, where: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"{where}: {url!r} is not an http(s) URL")
+    if not parsed.path.rstrip("/").endswith("/v1"):
+        raise ConfigError(f"{where}: {url!r} must be an OpenAI-compatible base URL ending in /v1")
+
+
+def parse_tier_flag(value: str) -> tuple[str, str]:
+    """`NAME=BASE_URL` from `tiergate serve --tier` -> (name, url)."""
+    name, sep, url = value.partition("=")
+    if not sep or not name or not url:
+        raise ConfigError(f"--tier {value!r}: expected NAME=BASE_URL, e.g. small=http://127.0.0.1:8001/v1")
+    check_base_url(url, f"--tier {name}")
+    return name, url.rstrip("/")
+
+
+def local_config(
+    tiers: Sequence[tuple[str, str]], *, base: RouterConfig | None = None, threshold_bp: int = 5000
+) -> RouterConfig:
+    """RouterConfig for `tiergate serve --tier NAME=URL ...` (cheapest first); `base` supplies everything else.
+
+    With more than two tiers and no policy, thresholds split the score range evenly (a placeholder knob until a
+    policy sets them; the shipped router is a two-tier router, so its score is the strong-tier probability).
+    """
+    if base is not None:
+        merged = list(base.tiers)
+        for name, url in tiers:
+            idx = next((i for i, t in enumerate(merged) if t.name == name), None)
+            if idx is None:
+                merged.append(TierConfig(name=name, base_urls=(url,)))
+            else:
+                merged[idx] = dataclasses.replace(merged[idx], base_urls=(url,), service=None)
+        n = len(merged)
+        ths = base.thresholds_bp if len(base.thresholds_bp) == n - 1 else _even_thresholds(n, threshold_bp)
+        return base.replace(tiers=tuple(merged), thresholds_bp=ths)
+    n = len(tiers)
+    return RouterConfig(
+        tiers=tuple(TierConfig(name=name, base_urls=(url,)) for name, url in tiers),
+        thresholds_bp=_even_thresholds(n, threshold_bp),
+    )
+
+
+def _even_thresholds(n: int, two_tier_bp: int) -> tuple[int, ...]:
+    if n <= 1:
+        return ()
+    if n == 2:
+        return (two_tier_bp,)
+    return tuple(round(10000 * i / n) for i in range(1, n))
+
+
+def from_policy(policy: Any, *, namespace: str | None = None) -> RouterConfig:
+    """Narrow a typed RoutingPolicy (tiergate.api.policy) to a RouterConfig. Filled in once the model exists."""
+    raise ConfigError("the RoutingPolicy model (tiergate.api.policy) is not available yet")
+
+
+def load_policy_file(path: Path) -> RouterConfig:
+    """Read the policy file the operator mounts (a RoutingPolicy manifest or its spec) into a RouterConfig."""
+    try:
+        from tiergate.api.policy import load_policy
+    except ImportError as e:
+        raise ConfigError(f"{path}: cannot read policies: {e}") from e
+    try:
+        policy = load_policy(path)
+    except Exception as e:  # the model's own validation errors name the field; keep their text
+        raise ConfigError(f"{path}: {e}") from e
+    return from_policy(policy)

@@ -1,0 +1,225 @@
+"""The gRPC front end (tiergate.v1.RouterService) on grpc.aio, with grpc.health.v1 and server reflection.
+
+Messages are converted to the same OpenAI chat body the HTTP API forwards, so both front ends share routing,
+dispatch, fallback and metrics; upstream answers are converted back to messages here, at the edge.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tiergate_router._proto import router_pb2, router_pb2_grpc
+from tiergate_router.decision import choose_tier
+from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
+from tiergate_router.router import Router
+from tiergate_router.validation import parse_chat
+
+SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
+
+
+def request_to_body(
+    req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, *, stream: bool, model: str
+) -> dict[str, Any]:
+    """An OpenAI chat body from a request message (pure; raises BadRequestError naming the field)."""
+    has_messages, has_prompt = len(req.messages) > 0, bool(req.prompt)
+    if has_messages == has_prompt:
+        raise BadRequestError("exactly one of 'messages' and 'prompt' must be set", param="messages")
+    if has_messages:
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    else:
+        messages = [{"role": "user", "content": req.prompt}]
+    body: dict[str, Any] = {"model": model, "messages": messages, "stream": stream}
+    if isinstance(req, router_pb2.GenerateRequest):
+        if req.max_tokens:
+            body["max_tokens"] = req.max_tokens
+        if req.HasField("temperature"):
+            body["temperature"] = req.temperature
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _status(e: BadRequestError) -> grpc.StatusCode:
+    if e.status == 404:
+        return grpc.StatusCode.NOT_FOUND
+    if e.status == 413:
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return grpc.StatusCode.INVALID_ARGUMENT
+
+
+class RouterServicer(router_pb2_grpc.RouterServiceServicer):
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def _prepare(
+        self, req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, context: Any, *, stream: bool
+    ) -> tuple[dict[str, Any], Any]:
+        cfg = self.router.config
+        model = req.tier if isinstance(req, router_pb2.GenerateRequest) and req.tier else cfg.routed_model_name
+        try:
+            body = request_to_body(req, stream=stream, model=model)
+            if req.ByteSize() > cfg.max_body_bytes:
+                raise BadRequestError(f"request exceeds the router's limit of {cfg.max_body_bytes} bytes", status=413)
+            parsed = parse_chat(body)
+            route = await self.router.route(parsed.model, parsed.prompt_text)
+        except BadRequestError as e:
+            self.router.metrics.requests.labels("none", "none", "client_error").inc()
+            await context.abort(_status(e), e.message)
+            raise AssertionError("unreachable") from e
+        return body, route
+
+    async def Classify(self, request: router_pb2.ClassifyRequest, context: Any) -> router_pb2.ClassifyResponse:
+        cfg = self.router.config
+        try:
+            body = request_to_body(request, stream=False, model=cfg.routed_model_name)
+            parsed = parse_chat(body)
+        except BadRequestError as e:
+            await context.abort(_status(e), e.message)
+            raise AssertionError("unreachable") from e
+        route = await self.router.route(parsed.model, parsed.prompt_text)
+        score = route.score if route.score is not None else 1.0
+        tier = route.chain[0] if route.score is None else choose_tier(score, cfg.tier_names, cfg.thresholds_bp)
+        return router_pb2.ClassifyResponse(
+            score=score, tier=tier, threshold_bp=cfg.thresholds_bp[-1] if cfg.thresholds_bp else 0
+        )
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
+        t0 = time.perf_counter()
+        body, route = await self._prepare(request, context, stream=False)
+        m = self.router.metrics
+        tier, outcome = "none", "upstream_error"
+        try:
+            reply = await self.router.dispatcher.complete(route.chain, "/chat/completions", body)
+            tier = reply.tier
+            if reply.status != 200:
+                outcome = "client_error" if reply.status < 500 else "upstream_error"
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT if reply.status < 500 else grpc.StatusCode.UNAVAILABLE,
+                    f"tier {reply.tier} answered HTTP {reply.status}: {reply.body[:500]!r}",
+                )
+            try:
+                obj = json.loads(reply.body)
+                choice = obj["choices"][0]
+                text = choice["message"].get("content") or ""
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"tier {reply.tier} sent an unreadable answer")
+                raise
+            usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
+            self.router.account_usage(reply.tier, usage)
+            outcome = "success"
+            return router_pb2.GenerateResponse(
+                text=text,
+                tier=reply.tier,
+                score=route.score or 0.0,
+                finish_reason=choice.get("finish_reason") or "",
+                usage=router_pb2.Usage(
+                    prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0)
+                ),
+                model=str(obj.get("model", "")),
+                fallback=reply.fallback,
+            )
+        except NoTierAvailableError as e:
+            outcome = "unavailable"
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            raise
+        finally:
+            m.requests.labels(tier, route.decision, outcome).inc()
+            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+
+    async def GenerateStream(
+        self, request: router_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[router_pb2.GenerateChunk]:
+        t0 = time.perf_counter()
+        body, route = await self._prepare(request, context, stream=True)
+        m = self.router.metrics
+        tier, outcome = "none", "upstream_error"
+        try:
+            try:
+                up = await self.router.dispatcher.open_stream(route.chain, "/chat/completions", body)
+            except NoTierAvailableError as e:
+                outcome = "unavailable"
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                raise
+            tier = up.tier
+            score = route.score or 0.0
+            buf = b""
+            first = True
+            try:
+                async for chunk in up.chunks():
+                    buf += chunk
+                    *lines, buf = buf.split(b"\n")
+                    for line in lines:
+                        msg = _sse_to_chunk(line, up.tier, score, up.fallback)
+                        if msg is None:
+                            continue
+                        if first:
+                            m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
+                            first = False
+                        if msg.usage.completion_tokens or msg.usage.prompt_tokens:
+                            self.router.account_usage(
+                                up.tier,
+                                {
+                                    "prompt_tokens": msg.usage.prompt_tokens,
+                                    "completion_tokens": msg.usage.completion_tokens,
+                                },
+                            )
+                        yield msg
+            except UpstreamStreamError as e:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            finally:
+                up.close()
+            outcome = "success"
+        finally:
+            m.requests.labels(tier, route.decision, outcome).inc()
+            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+
+
+def _sse_to_chunk(line: bytes, tier: str, score: float, fallback: bool) -> router_pb2.GenerateChunk | None:
+    line = line.strip()
+    if not line.startswith(b"data:"):
+        return None
+    data = line[5:].strip()
+    if data == b"[DONE]":
+        return None
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    chunk = router_pb2.GenerateChunk(tier=tier, score=score, fallback=fallback)
+    choices = obj.get("choices") or []
+    if choices and isinstance(choices[0], dict):
+        delta = choices[0].get("delta") or {}
+        chunk.delta = (delta.get("content") if isinstance(delta, dict) else None) or ""
+        chunk.finish_reason = choices[0].get("finish_reason") or ""
+    usage = obj.get("usage")
+    if isinstance(usage, dict):
+        chunk.usage.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        chunk.usage.completion_tokens = int(usage.get("completion_tokens") or 0)
+    if not chunk.delta and not chunk.finish_reason and not chunk.HasField("usage"):
+        return None
+    return chunk
+
+
+async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
+    """Start the gRPC server; returns (server, bound port, health servicer)."""
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind gRPC to {host}:{port}")
+    await server.start()
+    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return server, bound, health_servicer

@@ -1,0 +1,224 @@
+"""The OpenAI-compatible HTTP front end (aiohttp): /v1/chat/completions, /v1/completions, /v1/models, /metrics,
+/health, /ready. Handlers only translate: validation is in `validation`, decisions in `router`, sending in
+`dispatch`.
+
+Every response carries `x-tiergate-tier` (the tier that answered, or `none`); routed answers also carry
+`x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback`, and non-streaming JSON answers an extra
+top-level `tiergate` object with the same facts (OpenAI clients ignore unknown fields).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
+from tiergate_router.metrics import CONTENT_TYPE
+from tiergate_router.router import Route, Router, SSEUsageScanner
+from tiergate_router.validation import ParsedRequest, decode_json_object, error_body, parse_chat, parse_completion
+
+log = logging.getLogger(__name__)
+
+ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
+TIER_HEADER = "x-tiergate-tier"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type_: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+) -> web.Response:
+    return web.json_response(
+        error_body(message, type_=type_, param=param, code=code), status=status, headers={TIER_HEADER: "none"}
+    )
+
+
+def _from_bad_request(e: BadRequestError) -> web.Response:
+    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code)
+
+
+@web.middleware
+async def _tier_header_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Last line of defence: no request ever ends in a bare 500 page or an unhandled exception."""
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        # Routing errors from aiohttp itself (404 path, 405 method): OpenAI-style body, same status.
+        return error_response(e.status, e.reason or "request failed", code=str(e.status))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(500, "internal router error", type_="server_error", code="internal_error")
+    if not resp.prepared and TIER_HEADER not in resp.headers:
+        resp.headers[TIER_HEADER] = "none"
+    return resp
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request body, refusing more than `limit` bytes with 413 before reading it all where possible."""
+    too_big = BadRequestError(
+        f"request body exceeds the router's limit of {limit} bytes", status=413, code="request_too_large"
+    )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_big
+    buf = bytearray()
+    async for chunk in request.content.iter_chunked(65536):
+        buf += chunk
+        if len(buf) > limit:
+            raise too_big
+    return bytes(buf)
+
+
+def _route_headers(route: Route, tier: str, fallback: bool) -> dict[str, str]:
+    h = {TIER_HEADER: tier, "x-tiergate-decision": route.decision, "x-tiergate-fallback": str(fallback).lower()}
+    if route.score is not None:
+        h["x-tiergate-score"] = f"{route.score:.4f}"
+    return h
+
+
+class OpenAIHandlers:
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/chat/completions", parse_chat)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._proxy(request, "/completions", parse_completion)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        now = int(time.time())
+        data = [
+            {"id": name, "object": "model", "created": now, "owned_by": "tiergate"}
+            for name in self.router.model_names()
+        ]
+        return web.json_response({"object": "list", "data": data}, headers={TIER_HEADER: "none"})
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        resp = web.Response(body=self.router.metrics.render(), headers={TIER_HEADER: "none"})
+        resp.headers["Content-Type"] = CONTENT_TYPE
+        return resp
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"}, headers={TIER_HEADER: "none"})
+
+    async def ready(self, request: web.Request) -> web.StreamResponse:
+        counts = {name: len(pool.endpoints) for name, pool in self.router.dispatcher.pools.items()}
+        ok = any(counts.values())
+        return web.json_response(
+            {"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers={TIER_HEADER: "none"}
+        )
+
+    async def _proxy(
+        self, request: web.Request, path: str, parse: Callable[[dict[str, Any]], ParsedRequest]
+    ) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        m = self.router.metrics
+        try:
+            raw = await read_body(request, self.router.config.max_body_bytes)
+            parsed = parse(decode_json_object(raw))
+            route = await self.router.route(parsed.model, parsed.prompt_text)
+        except BadRequestError as e:
+            m.requests.labels("none", "none", "client_error").inc()
+            return _from_bad_request(e)
+        tier = "none"
+        outcome = "upstream_error"
+        resp: web.StreamResponse
+        try:
+            if not parsed.stream:
+                resp, tier, outcome = await self._complete(route, path, parsed)
+            else:
+                resp, tier, outcome = await self._stream(request, route, path, parsed, t0)
+            return resp
+        except NoTierAvailableError as e:
+            outcome = "unavailable"
+            return error_response(503, str(e), type_="server_error", code="no_tier_available")
+        except (asyncio.CancelledError, ConnectionResetError):
+            outcome = "cancelled"
+            raise
+        finally:
+            m.requests.labels(tier, route.decision, outcome).inc()
+            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+
+    async def _complete(self, route: Route, path: str, parsed: ParsedRequest) -> tuple[web.Response, str, str]:
+        reply = await self.router.dispatcher.complete(route.chain, path, parsed.body)
+        headers = _route_headers(route, reply.tier, reply.fallback)
+        body = reply.body
+        if reply.status == 200 and reply.content_type.startswith("application/json"):
+            try:
+                obj = json.loads(body)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict):
+                self.router.account_usage(reply.tier, obj.get("usage"))
+                obj["tiergate"] = {
+                    "tier": reply.tier,
+                    "score": route.score,
+                    "decision": route.decision,
+                    "fallback": reply.fallback,
+                }
+                body = json.dumps(obj, ensure_ascii=False).encode()
+        outcome = "success" if reply.status < 400 else "client_error" if reply.status < 500 else "upstream_error"
+        resp = web.Response(body=body, status=reply.status, headers=headers)
+        resp.headers["Content-Type"] = reply.content_type
+        return resp, reply.tier, outcome
+
+    async def _stream(
+        self, request: web.Request, route: Route, path: str, parsed: ParsedRequest, t0: float
+    ) -> tuple[web.StreamResponse, str, str]:
+        up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body)
+        m = self.router.metrics
+        scanner = SSEUsageScanner()
+        try:
+            resp = web.StreamResponse(status=up.status, headers=_route_headers(route, up.tier, up.fallback))
+            resp.headers["Content-Type"] = up.content_type
+            resp.headers["Cache-Control"] = "no-cache"
+            await resp.prepare(request)
+            first = True
+            t_up = time.perf_counter()
+            try:
+                async for chunk in up.chunks():
+                    if first:
+                        m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
+                        first = False
+                    scanner.feed(chunk)
+                    await resp.write(chunk)
+            except UpstreamStreamError as e:
+                # Headers are gone already: end the stream with an error event the client can see.
+                log.warning("%s", e)
+                event = {"error": {"message": str(e), "type": "server_error", "code": "upstream_stream_failed"}}
+                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                await resp.write_eof()
+                return resp, up.tier, "upstream_error"
+            m.upstream_seconds.labels(up.tier).observe(time.perf_counter() - t_up)
+            await resp.write_eof()
+        finally:
+            up.close()
+        self.router.account_usage(up.tier, scanner.usage)
+        return resp, up.tier, "success"
+
+
+def build_app(router: Router) -> web.Application:
+    # client_max_size only bounds aiohttp's own body reads; read_body enforces the router's limit itself so the
+    # client gets an OpenAI-style 413 instead of a plain-text one.
+    app = web.Application(middlewares=[_tier_header_and_errors], client_max_size=router.config.max_body_bytes + 1)
+    app[ROUTER_KEY] = router
+    h = OpenAIHandlers(router)
+    app.router.add_post("/v1/chat/completions", h.chat_completions)
+    app.router.add_post("/v1/completions", h.completions)
+    app.router.add_get("/v1/models", h.models)
+    app.router.add_get("/metrics", h.metrics)
+    app.router.add_get("/health", h.health)
+    app.router.add_get("/ready", h.ready)
+    return app

@@ -1,0 +1,107 @@
+"""Prometheus metrics of one router instance, on a registry of its own (no module-level collectors).
+
+Names follow Prometheus conventions: `tiergate_router_` prefix, base units (seconds, dollars), `_total` for
+counters. Label sets stay small and bounded: tier names come from the policy, `decision` is the tier the
+classifier chose (or `forced` when the client named a tier), `outcome` is one of OUTCOMES.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+OUTCOMES = ("success", "client_error", "upstream_error", "unavailable", "cancelled")
+# Latency buckets from 0.5 ms: classification and router overhead live in the low milliseconds, generation in
+# seconds; one bucket set covers both so that dashboards can compare them.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class RouterMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        p = "tiergate_router"
+        self.requests = Counter(
+            f"{p}_requests",
+            "Client requests by answering tier, classifier decision and outcome",
+            ["tier", "decision", "outcome"],
+            registry=r,
+        )
+        self.score = Histogram(
+            f"{p}_score", "Router score (probability the strong tier is needed)", buckets=SCORE_BUCKETS, registry=r
+        )
+        self.classification_seconds = Histogram(
+            f"{p}_classification_seconds",
+            "Time to classify one prompt, queueing for a batch included",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.classifier_batch_size = Histogram(
+            f"{p}_classifier_batch_size", "Prompts scored per classifier batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.upstream_seconds = Histogram(
+            f"{p}_upstream_seconds",
+            "Time from sending to a tier to its full response (or stream end)",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "Time from the client request to the first streamed token",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.e2e_seconds = Histogram(
+            f"{p}_request_duration_seconds",
+            "End-to-end time of a client request in the router",
+            ["tier"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(f"{p}_tokens", "Tokens reported by tiers", ["tier", "kind"], registry=r)
+        self.cost = Counter(
+            f"{p}_estimated_cost_dollars", "Estimated spend from token counts and tier prices", ["tier"], registry=r
+        )
+        self.fallbacks = Counter(
+            f"{p}_fallbacks", "Requests moved from one tier to the next", ["from_tier", "to_tier", "reason"], registry=r
+        )
+        self.retries = Counter(
+            f"{p}_retries", "Requests retried on another endpoint of the same tier", ["tier", "reason"], registry=r
+        )
+        self.breaker_state = Gauge(
+            f"{p}_circuit_breaker_state",
+            "Circuit breaker per endpoint: 0 closed, 1 half-open, 2 open",
+            ["tier", "endpoint"],
+            registry=r,
+        )
+        self.endpoints = Gauge(f"{p}_endpoints", "Known backend endpoints per tier", ["tier"], registry=r)
+        self.outstanding = Gauge(f"{p}_outstanding_requests", "Requests in flight to each tier", ["tier"], registry=r)
+        self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,146 @@
+"""The router core shared by the HTTP and gRPC front ends: decide a tier for a request, account for the answer.
+
+Front ends stay thin: they validate and translate, then call `Router.route()` and the dispatcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from tiergate_router.classifier import Classifier
+from tiergate_router.config import RouterConfig
+from tiergate_router.decision import choose_tier, fallback_chain
+from tiergate_router.dispatch import Dispatcher
+from tiergate_router.errors import BadRequestError, ClassifierError
+from tiergate_router.metrics import RouterMetrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    # None when the client forced a tier (no classification happened).
+    score: float | None
+    # The tier the classifier chose, or "forced" / "classifier_error".
+    decision: str
+    chain: list[str]
+
+
+class Router:
+    def __init__(self, config: RouterConfig, classifier: Classifier, metrics: RouterMetrics | None = None) -> None:
+        self.metrics = metrics or RouterMetrics()
+        self.classifier = classifier
+        self.dispatcher = Dispatcher(config, self.metrics)
+        self._background: list[asyncio.Task[None]] = []
+
+    @property
+    def config(self) -> RouterConfig:
+        return self.dispatcher.config
+
+    async def start(self, *, scrape_interval_s: float = 1.0) -> None:
+        await self.dispatcher.start()
+        if self.config.saturation_waiting > 0:
+            self._background.append(
+                asyncio.get_running_loop().create_task(self.dispatcher.run_scraper(scrape_interval_s))
+            )
+
+    async def aclose(self) -> None:
+        for t in self._background:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._background.clear()
+        await self.dispatcher.aclose()
+        await self.classifier.aclose()
+
+    def apply_config(self, config: RouterConfig) -> None:
+        """Swap the policy; requests already routed keep their chain and endpoints."""
+        self.dispatcher.apply_config(config)
+
+    def model_names(self) -> list[str]:
+        return [self.config.routed_model_name, *self.config.tier_names]
+
+    def resolve_model(self, model: str) -> str | None:
+        """None = route with the classifier; a tier name = the client forced that tier. Unknown -> 404."""
+        cfg = self.config
+        if model == cfg.routed_model_name:
+            return None
+        for t in cfg.tiers:
+            if model in (t.name, t.served_model):
+                return t.name
+        raise BadRequestError(
+            f"The model '{model}' does not exist; use '{cfg.routed_model_name}' for routed "
+            f"requests or a tier name ({', '.join(cfg.tier_names)})",
+            status=404,
+            param="model",
+            code="model_not_found",
+        )
+
+    async def route(self, model: str, prompt_text: str) -> Route:
+        cfg = self.config
+        forced = self.resolve_model(model)
+        if forced is not None:
+            return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
+        if len(cfg.tiers) == 1:
+            return Route(None, cfg.tiers[0].name, [cfg.tiers[0].name])
+        t0 = time.perf_counter()
+        try:
+            score = (await self.classifier.score([prompt_text]))[0]
+        except ClassifierError as e:
+            # Availability over cost: without a score the strongest tier is the one sure to answer well.
+            log.warning("classification failed, routing to the strongest tier: %s", e)
+            strongest = cfg.tiers[-1].name
+            return Route(None, "classifier_error", fallback_chain(strongest, cfg.tier_names, cfg.fallback_order))
+        self.metrics.classification_seconds.observe(time.perf_counter() - t0)
+        self.metrics.score.observe(score)
+        chosen = choose_tier(score, cfg.tier_names, cfg.thresholds_bp)
+        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order))
+
+    def account_usage(self, tier: str, usage: object) -> None:
+        """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed)."""
+        if not isinstance(usage, dict):
+            return
+        p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if not isinstance(p, int) or not isinstance(c, int) or p < 0 or c < 0:
+            return
+        try:
+            t = self.config.tier(tier)
+        except KeyError:
+            return
+        self.metrics.tokens.labels(tier, "prompt").inc(p)
+        self.metrics.tokens.labels(tier, "completion").inc(c)
+        self.metrics.cost.labels(tier).inc((p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6)
+
+
+class SSEUsageScanner:
+    """Finds the `usage` object in an OpenAI server-sent-event stream fed chunk by chunk (chunks may split
+    lines anywhere), so streamed requests are accounted like non-streamed ones when the backend reports usage."""
+
+    def __init__(self) -> None:
+        self._buf = b""
+        self.usage: dict[str, Any] | None = None
+        self.events = 0
+
+    def feed(self, chunk: bytes) -> None:
+        self._buf += chunk
+        *lines, self._buf = self._buf.split(b"\n")
+        for line in lines:
+            line = line.strip()
+            if not line.startswith(b"data:"):
+                continue
+            self.events += 1
+            data = line[5:].strip()
+            if b'"usage"' not in data or data == b"[DONE]":
+                continue
+            try:
+                obj = json.loads(data)
+            except ValueError:
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("usage"), dict):
+                self.usage = obj["usage"]

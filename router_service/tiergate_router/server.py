@@ -1,0 +1,113 @@
+"""Running a router: the HTTP and gRPC front ends, policy hot reload and endpoint discovery, one lifecycle.
+
+Graceful shutdown: health turns NOT_SERVING, the listeners stop accepting, requests in flight get `grace_s` to
+finish, then background tasks and upstream connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from tiergate_router.classifier import Classifier
+from tiergate_router.config import RouterConfig
+from tiergate_router.http_api import build_app
+from tiergate_router.policy_watch import PolicyWatcher
+from tiergate_router.router import Router
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeOptions:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # None: no gRPC listener; 0: a free port.
+    grpc_port: int | None = None
+    policy_file: Path | None = None
+    policy_loader: Callable[[Path], RouterConfig] | None = None
+    grace_s: float = 10.0
+    # Discover tier pods through EndpointSlices (needs Kubernetes credentials).
+    discovery: bool = False
+
+
+class RouterServer:
+    def __init__(self, config: RouterConfig, classifier: Classifier, options: ServeOptions) -> None:
+        self.options = options
+        self.router = Router(config, classifier)
+        self._runner: web.AppRunner | None = None
+        self._grpc: Any = None
+        self._health: Any = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.http_port = 0
+        self.grpc_port = 0
+        self.watcher: PolicyWatcher | None = None
+        self._discovery: Any = None
+
+    async def start(self) -> None:
+        await self.router.start()
+        # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream
+        # request, which is how the tier (vLLM) learns to abort the generation.
+        self._runner = web.AppRunner(
+            build_app(self.router), handler_cancellation=True, access_log=None, shutdown_timeout=self.options.grace_s
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.options.host, self.options.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        if self.options.grpc_port is not None:
+            from tiergate_router.grpc_api import start_grpc
+
+            self._grpc, self.grpc_port, self._health = await start_grpc(
+                self.router, self.options.host, self.options.grpc_port
+            )
+        loop = asyncio.get_running_loop()
+        if self.options.policy_file is not None and self.options.policy_loader is not None:
+            self.watcher = PolicyWatcher(
+                self.options.policy_file,
+                self.options.policy_loader,
+                self._apply,
+                on_result=lambda r: self.router.metrics.policy_reloads.labels(r).inc(),
+            )
+            self.watcher.prime()
+            self._tasks.append(loop.create_task(self.watcher.run()))
+        if self.options.discovery:
+            from tiergate_router.discovery import EndpointSliceDiscovery
+
+            self._discovery = EndpointSliceDiscovery(self.router.dispatcher.set_discovered)
+            self._discovery.watch(self.router.config)
+        log.info(
+            "router serving OpenAI HTTP on %s:%d%s",
+            self.options.host,
+            self.http_port,
+            f", gRPC on {self.grpc_port}" if self._grpc else "",
+        )
+
+    def _apply(self, config: RouterConfig) -> None:
+        self.router.apply_config(config)
+        if self._discovery is not None:
+            self._discovery.watch(config)
+
+    async def stop(self) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(self.options.grace_s)
+        if self._runner is not None:
+            await self._runner.cleanup()
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._discovery is not None:
+            await self._discovery.aclose()
+        await self.router.aclose()

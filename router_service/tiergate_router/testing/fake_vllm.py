@@ -1,0 +1,345 @@
+"""A fake vLLM OpenAI-compatible server: real HTTP, vLLM's API shapes and metric names, scripted behaviour.
+
+It stands in for a GPU model server (which cannot run here) at the network boundary. Behaviour is configurable
+per instance and changeable while running: latency before the answer, delay between streamed tokens, an HTTP
+error status, dropping the connection without an answer or mid-stream, and a concurrency limit that makes
+requests queue (reported as `vllm:num_requests_waiting`, as vLLM does).
+
+Run standalone (so that a test can SIGKILL it like a crashed pod):
+    python -m tiergate_router.testing.fake_vllm --host 127.0.0.1 --port 8001 --model small-model
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+
+@dataclass
+class Behaviour:
+    latency_s: float = 0.0
+    token_delay_s: float = 0.0
+    tokens: int = 8
+    # Answer every generation request with this HTTP status (vLLM-style error body) instead of a completion.
+    fail_status: int | None = None
+    # Close the connection without sending a response.
+    drop_connection: bool = False
+    # While streaming, close the connection after this many tokens.
+    drop_after_tokens: int | None = None
+    # Requests generating at once; the rest wait in a queue (vLLM's scheduler, much simplified). 0 = no limit.
+    max_running: int = 0
+
+
+@dataclass
+class Stats:
+    requests: list[dict[str, Any]] = field(default_factory=list)
+    completed: int = 0
+    # Requests whose client went away before the answer was complete (vLLM aborts those).
+    aborted: int = 0
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+class FakeVLLM:
+    def __init__(
+        self,
+        model: str = "fake-model",
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        behaviour: Behaviour | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.model = model
+        self.host = host
+        self.port = port
+        self.behaviour = behaviour or Behaviour()
+        self.name = name or f"{model}@{host}"
+        self.stats = Stats()
+        self._runner: web.AppRunner | None = None
+        self._slots: asyncio.Semaphore | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/health", self._health)
+        return app
+
+    async def start(self) -> str:
+        # handler_cancellation: a client that disconnects cancels the handler, which is how vLLM notices aborts.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        return self.base_url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- handlers ---------------------------------------------------------------------------------------------
+
+    async def _health(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="")
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model,
+                        "object": "model",
+                        "created": int(time.time()),
+                        "owned_by": "vllm",
+                        "root": self.model,
+                        "parent": None,
+                        "max_model_len": 2048,
+                    }
+                ],
+            }
+        )
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        s, lbl = self.stats, f'model_name="{self.model}"'
+        text = (
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+            "# TYPE vllm:num_requests_running gauge\n"
+            f"vllm:num_requests_running{{{lbl}}} {float(s.running)}\n"
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            f"vllm:num_requests_waiting{{{lbl}}} {float(s.waiting)}\n"
+            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
+            "# TYPE vllm:prompt_tokens_total counter\n"
+            f"vllm:prompt_tokens_total{{{lbl}}} {float(s.prompt_tokens)}\n"
+            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
+            "# TYPE vllm:generation_tokens_total counter\n"
+            f"vllm:generation_tokens_total{{{lbl}}} {float(s.generation_tokens)}\n"
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    def _error(self, status: int, message: str, type_: str = "BadRequestError") -> web.Response:
+        # vLLM's ErrorResponse shape.
+        return web.json_response(
+            {"object": "error", "message": message, "type": type_, "param": None, "code": status}, status=status
+        )
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return self._error(400, "invalid JSON")
+        if not isinstance(body, dict):
+            return self._error(400, "body must be an object")
+        self.stats.requests.append(body)
+        b = self.behaviour
+        if body.get("model") != self.model:
+            return self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+        if b.drop_connection:
+            assert request.transport is not None
+            request.transport.close()
+            raise asyncio.CancelledError
+        if b.fail_status is not None:
+            return self._error(b.fail_status, f"scripted failure {b.fail_status}", "InternalServerError")
+        prompt = _prompt_text(body, chat)
+        n_prompt = max(1, len(prompt.split()))
+        n_out = int(body.get("max_tokens") or b.tokens)
+        n_out = max(1, min(n_out, b.tokens))
+        try:
+            await self._acquire_slot()
+            try:
+                self.stats.running += 1
+                if b.latency_s:
+                    await asyncio.sleep(b.latency_s)
+                if body.get("stream"):
+                    return await self._stream(request, body, chat, n_prompt, n_out)
+                words = [f"{self.name}-tok{i}" for i in range(n_out)]
+                self.stats.prompt_tokens += n_prompt
+                self.stats.generation_tokens += n_out
+                self.stats.completed += 1
+                return web.json_response(_full_response(self.model, chat, " ".join(words), n_prompt, n_out))
+            finally:
+                self.stats.running -= 1
+                self._release_slot()
+        except asyncio.CancelledError:
+            self.stats.aborted += 1
+            raise
+
+    async def _acquire_slot(self) -> None:
+        if self.behaviour.max_running <= 0:
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.behaviour.max_running)
+        self.stats.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.stats.waiting -= 1
+
+    def _release_slot(self) -> None:
+        if self.behaviour.max_running > 0 and self._slots is not None:
+            self._slots.release()
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], chat: bool, n_prompt: int, n_out: int
+    ) -> web.StreamResponse:
+        b = self.behaviour
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
+            d: dict[str, Any] = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.model,
+                "choices": [choice] if choice else [],
+            }
+            if usage is not None:
+                d["usage"] = usage
+            return f"data: {json.dumps(d)}\n\n".encode()
+
+        if chat:
+            await resp.write(
+                event(
+                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                )
+            )
+        for i in range(n_out):
+            if b.drop_after_tokens is not None and i >= b.drop_after_tokens:
+                assert request.transport is not None
+                request.transport.close()
+                raise asyncio.CancelledError
+            if b.token_delay_s:
+                await asyncio.sleep(b.token_delay_s)
+            text = ("" if i == 0 else " ") + f"{self.name}-tok{i}"
+            choice: dict[str, Any] = (
+                {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+            )
+            await resp.write(event(choice))
+            self.stats.generation_tokens += 1
+        last: dict[str, Any] = (
+            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+            if chat
+            else {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+        )
+        await resp.write(event(last))
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            await resp.write(
+                event({}, {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out})
+            )
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        self.stats.prompt_tokens += n_prompt
+        self.stats.completed += 1
+        return resp
+
+
+def _prompt_text(body: dict[str, Any], chat: bool) -> str:
+    if not chat:
+        p = body.get("prompt")
+        return p if isinstance(p, str) else " ".join(x for x in p if isinstance(x, str)) if isinstance(p, list) else ""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return ""
+    return " ".join(m.get("content", "") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str))
+
+
+def _full_response(model: str, chat: bool, text: str, n_prompt: int, n_out: int) -> dict[str, Any]:
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
+    if chat:
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                }
+            ],
+            "usage": usage,
+        }
+    return {
+        "id": f"cmpl-{uuid.uuid4().hex}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
+        "usage": usage,
+    }
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    fake = FakeVLLM(
+        args.model,
+        host=args.host,
+        port=args.port,
+        name=args.name,
+        behaviour=Behaviour(
+            latency_s=args.latency, token_delay_s=args.token_delay, tokens=args.tokens, max_running=args.max_running
+        ),
+    )
+    await fake.start()
+    print(f"READY {fake.base_url}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await fake.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="fake vLLM OpenAI server for tests and benchmarks")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--name", default=None, help="tag put into generated text (default MODEL@HOST)")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
+    p.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
+    p.add_argument("--tokens", type=int, default=8)
+    p.add_argument("--max-running", type=int, default=0)
+    asyncio.run(_serve(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
