@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -87,6 +88,12 @@ def _route_headers(route: Route, tier: str, fallback: bool) -> dict[str, str]:
     return h
 
 
+@dataclass
+class _Result:
+    tier: str = "none"
+    outcome: str = "upstream_error"
+
+
 class OpenAIHandlers:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -132,27 +139,26 @@ class OpenAIHandlers:
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
-        tier = "none"
-        outcome = "upstream_error"
-        resp: web.StreamResponse
+        # The answering tier is known before the response ends; record it as soon as it is, so that a request
+        # cancelled mid-stream is still counted against the tier that was serving it.
+        res = _Result()
         try:
             if not parsed.stream:
-                resp, tier, outcome = await self._complete(route, path, parsed)
-            else:
-                resp, tier, outcome = await self._stream(request, route, path, parsed, t0)
-            return resp
+                return await self._complete(route, path, parsed, res)
+            return await self._stream(request, route, path, parsed, t0, res)
         except NoTierAvailableError as e:
-            outcome = "unavailable"
+            res.outcome = "unavailable"
             return error_response(503, str(e), type_="server_error", code="no_tier_available")
         except (asyncio.CancelledError, ConnectionResetError):
-            outcome = "cancelled"
+            res.outcome = "cancelled"
             raise
         finally:
-            m.requests.labels(tier, route.decision, outcome).inc()
-            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+            m.requests.labels(res.tier, route.decision, res.outcome).inc()
+            m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
 
-    async def _complete(self, route: Route, path: str, parsed: ParsedRequest) -> tuple[web.Response, str, str]:
+    async def _complete(self, route: Route, path: str, parsed: ParsedRequest, res: _Result) -> web.Response:
         reply = await self.router.dispatcher.complete(route.chain, path, parsed.body)
+        res.tier = reply.tier
         headers = _route_headers(route, reply.tier, reply.fallback)
         body = reply.body
         if reply.status == 200 and reply.content_type.startswith("application/json"):
@@ -169,15 +175,16 @@ class OpenAIHandlers:
                     "fallback": reply.fallback,
                 }
                 body = json.dumps(obj, ensure_ascii=False).encode()
-        outcome = "success" if reply.status < 400 else "client_error" if reply.status < 500 else "upstream_error"
+        res.outcome = "success" if reply.status < 400 else "client_error" if reply.status < 500 else "upstream_error"
         resp = web.Response(body=body, status=reply.status, headers=headers)
         resp.headers["Content-Type"] = reply.content_type
-        return resp, reply.tier, outcome
+        return resp
 
     async def _stream(
-        self, request: web.Request, route: Route, path: str, parsed: ParsedRequest, t0: float
-    ) -> tuple[web.StreamResponse, str, str]:
+        self, request: web.Request, route: Route, path: str, parsed: ParsedRequest, t0: float, res: _Result
+    ) -> web.StreamResponse:
         up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body)
+        res.tier = up.tier
         m = self.router.metrics
         scanner = SSEUsageScanner()
         try:
@@ -200,13 +207,15 @@ class OpenAIHandlers:
                 event = {"error": {"message": str(e), "type": "server_error", "code": "upstream_stream_failed"}}
                 await resp.write(f"data: {json.dumps(event)}\n\n".encode())
                 await resp.write_eof()
-                return resp, up.tier, "upstream_error"
+                res.outcome = "upstream_error"
+                return resp
             m.upstream_seconds.labels(up.tier).observe(time.perf_counter() - t_up)
             await resp.write_eof()
         finally:
             up.close()
         self.router.account_usage(up.tier, scanner.usage)
-        return resp, up.tier, "success"
+        res.outcome = "success"
+        return resp
 
 
 def build_app(router: Router) -> web.Application:

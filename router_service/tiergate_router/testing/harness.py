@@ -47,6 +47,7 @@ class Harness:
         config_overrides: dict[str, Any] | None = None,
         grpc: bool = True,
         classifier_factory: Callable[[], Classifier] | None = None,
+        external: dict[str, list[str]] | None = None,
     ) -> None:
         self.thread = LoopThread()
         self.fakes: dict[str, list[FakeVLLM]] = {}
@@ -55,6 +56,8 @@ class Harness:
         self._overrides = config_overrides or {}
         self._grpc = grpc
         self._classifier_factory = classifier_factory
+        # tier -> base URLs of servers the caller runs (e.g. fake vLLM subprocesses it can SIGKILL)
+        self._external = external or {}
         self.server: RouterServer | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -74,7 +77,7 @@ class Harness:
             tier_cfgs.append(
                 TierConfig(
                     name=name,
-                    base_urls=tuple(f.base_url for f in fakes),
+                    base_urls=tuple(self._external.get(name, [])) + tuple(f.base_url for f in fakes),
                     input_price_per_mtok=1.0 * (len(tier_cfgs) + 1) ** 2,
                     output_price_per_mtok=2.0 * (len(tier_cfgs) + 1) ** 2,
                 )

@@ -1,0 +1,58 @@
+"""Fake vLLM servers in their own processes, so that a test can kill one like a crashed pod (SIGKILL)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Sequence
+
+
+class FakeProcess:
+    def __init__(
+        self,
+        model: str,
+        *,
+        name: str,
+        host: str = "127.0.0.1",
+        latency_s: float = 0.0,
+        extra: Sequence[str] = (),
+        prefix: Sequence[str] = (),
+    ) -> None:
+        argv = [
+            *prefix,
+            sys.executable,
+            "-m",
+            "tiergate_router.testing.fake_vllm",
+            "--host",
+            host,
+            "--port",
+            "0",
+            "--model",
+            model,
+            "--name",
+            name,
+            "--latency",
+            str(latency_s),
+            *extra,
+        ]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line.startswith("READY "):
+            self.proc.kill()
+            err = self.proc.stderr.read() if self.proc.stderr else ""
+            raise RuntimeError(f"fake vLLM did not start: {line!r} {err[-2000:]}")
+        self.base_url = line.split()[1]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.kill()
