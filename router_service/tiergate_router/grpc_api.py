@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -209,10 +210,55 @@ def _sse_to_chunk(line: bytes, tier: str, score: float, fallback: bool) -> route
     return chunk
 
 
+def strict_decoding_handler(servicer: RouterServicer) -> grpc.GenericRpcHandler:
+    """The RouterService handlers, decoding requests in our code rather than grpc's.
+
+    grpc answers an undecodable request with UNKNOWN and logs a traceback; a client sending bad bytes deserves
+    INVALID_ARGUMENT naming the problem, like any other bad input. Method names come from the generated
+    descriptor, so the set of methods cannot drift from the proto.
+    """
+    req_types: dict[str, Any] = {
+        "Classify": router_pb2.ClassifyRequest,
+        "Generate": router_pb2.GenerateRequest,
+        "GenerateStream": router_pb2.GenerateRequest,
+    }
+
+    async def decode(name: str, raw: bytes, context: Any) -> Any:
+        try:
+            return req_types[name].FromString(raw)
+        except DecodeError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"cannot decode {req_types[name].__name__}: {e}")
+
+    async def classify(raw: bytes, context: Any) -> router_pb2.ClassifyResponse:
+        return await servicer.Classify(await decode("Classify", raw, context), context)
+
+    async def generate(raw: bytes, context: Any) -> router_pb2.GenerateResponse:
+        return await servicer.Generate(await decode("Generate", raw, context), context)
+
+    async def generate_stream(raw: bytes, context: Any) -> AsyncIterator[router_pb2.GenerateChunk]:
+        async for chunk in servicer.GenerateStream(await decode("GenerateStream", raw, context), context):
+            yield chunk
+
+    ser = _serialize
+    handlers = {
+        "Classify": grpc.unary_unary_rpc_method_handler(classify, response_serializer=ser),
+        "Generate": grpc.unary_unary_rpc_method_handler(generate, response_serializer=ser),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(generate_stream, response_serializer=ser),
+    }
+    declared = {m.name for m in router_pb2.DESCRIPTOR.services_by_name["RouterService"].methods}
+    assert declared == set(handlers), f"RouterService methods changed: {declared}"
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
+
+
+def _serialize(msg: Any) -> bytes:
+    data: bytes = msg.SerializeToString()
+    return data
+
+
 async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
     """Start the gRPC server; returns (server, bound port, health servicer)."""
     server = grpc.aio.server()
-    router_pb2_grpc.add_RouterServiceServicer_to_server(RouterServicer(router), server)
+    server.add_generic_rpc_handlers((strict_decoding_handler(RouterServicer(router)),))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
