@@ -1,0 +1,599 @@
+"""Pure builders: RoutingPolicy -> the Kubernetes objects it stands for. No I/O, no clients, unit-tested.
+
+Every object carries an owner reference to its policy (garbage collection deletes it with the policy), the
+`app.kubernetes.io/*` labels, and `tiergate.io/policy` (+ `tiergate.io/tier`) labels that the operator uses to
+find its children again (pruning removed tiers, computing status) and the router uses to discover tier pods.
+
+The objects are written as server-side-apply configurations: only fields the operator has an opinion about,
+so fields others own (an autoscaler's replicas, a mutating webhook's sidecar) are left alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from tiergate.api import naming
+from tiergate.api.policy import (
+    API_VERSION,
+    KIND,
+    EnvVar,
+    Placement,
+    ReplicasManager,
+    RewardModel,
+    RoutingPolicy,
+    Tier,
+)
+
+Obj = dict[str, Any]
+
+PART_OF = "tiergate"
+ROUTER_APP = "tiergate-router"
+ENGINE_APP = "vllm"
+ENGINE_CONTAINER = "engine"
+ROUTER_CONTAINER = "router"
+
+# vLLM loads weights before /health answers; a 70B model from a network volume can take many minutes. The startup
+# probe allows 30 minutes (180 x 10 s) so that slow loads are not killed, and liveness takes over afterwards.
+ENGINE_STARTUP_PERIOD_SECONDS = 10
+ENGINE_STARTUP_FAILURES = 180
+# vLLM drains in-flight requests on SIGTERM; generations of a few thousand tokens finish well within a minute.
+ENGINE_TERMINATION_GRACE_SECONDS = 60
+# Tensor-parallel workers exchange tensors through /dev/shm; the container default of 64 MiB is far too small.
+ENGINE_SHM_SIZE = "16Gi"
+ROUTER_UID = 65532  # the conventional "nonroot" user of distroless images
+
+
+class BuildError(ValueError):
+    """The policy cannot be turned into objects (it lacks what the API server would have set)."""
+
+
+# --- metadata ---------------------------------------------------------------------------------------------------
+
+
+def owner_reference(policy: RoutingPolicy) -> Obj:
+    """Controller reference to the policy. blockOwnerDeletion makes foreground deletion of the policy wait for its
+    children, so `kubectl delete --cascade=foreground` returns only when they are gone."""
+    uid = policy.metadata.uid
+    if not uid:
+        raise BuildError(f"RoutingPolicy {policy.name} has no metadata.uid (not read from the API server?)")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": policy.name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _namespace(policy: RoutingPolicy) -> str:
+    if not policy.namespace:
+        raise BuildError(f"RoutingPolicy {policy.name} has no metadata.namespace")
+    return policy.namespace
+
+
+def selector_labels(policy: RoutingPolicy, component: str, tier: str | None = None) -> dict[str, str]:
+    """The immutable part: a Deployment's selector can never change, so it holds only identity, never versions."""
+    labels = {naming.POLICY_LABEL: policy.name, naming.COMPONENT_LABEL: component}
+    if tier is not None:
+        labels[naming.TIER_LABEL] = tier
+    return labels
+
+
+def common_labels(policy: RoutingPolicy, component: str, app: str, tier: str | None = None) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": app,
+        "app.kubernetes.io/instance": policy.name,
+        "app.kubernetes.io/part-of": PART_OF,
+        naming.MANAGED_BY_LABEL: naming.MANAGED_BY,
+        **selector_labels(policy, component, tier),
+    }
+
+
+def _meta(policy: RoutingPolicy, name: str, labels: dict[str, str]) -> Obj:
+    return {
+        "name": name,
+        "namespace": _namespace(policy),
+        "labels": dict(labels),
+        "ownerReferences": [owner_reference(policy)],
+    }
+
+
+# --- pod pieces -------------------------------------------------------------------------------------------------
+
+
+def node_selector(p: Placement) -> dict[str, str]:
+    """The pool label first, then explicit entries (which win, so any tier can override the pool convention)."""
+    out: dict[str, str] = {}
+    if p.pool:
+        out[naming.POOL_LABEL] = p.pool
+    out.update(p.node_selector)
+    return out
+
+
+def tolerations(p: Placement, gpus: int) -> list[Obj]:
+    out: list[Obj] = [t.model_dump(by_alias=True, exclude_none=True, mode="json") for t in p.tolerations]
+    if gpus > 0 and not any(t.get("key") == naming.GPU_TAINT_KEY for t in out):
+        # GPU nodes are tainted so that only GPU workloads land there; ours are GPU workloads.
+        out.append({"key": naming.GPU_TAINT_KEY, "operator": "Exists", "effect": "NoSchedule"})
+    return out
+
+
+def _placement(p: Placement, gpus: int) -> Obj:
+    spec: Obj = {}
+    sel = node_selector(p)
+    if sel:
+        spec["nodeSelector"] = sel
+    tol = tolerations(p, gpus)
+    if tol:
+        spec["tolerations"] = tol
+    if p.affinity:
+        spec["affinity"] = dict(p.affinity)
+    return spec
+
+
+def _env(env: list[EnvVar]) -> list[Obj]:
+    return [e.model_dump(by_alias=True, exclude_none=True, mode="json") for e in env]
+
+
+def _resources(gpus: int, cpu: str | None, memory: str | None) -> Obj:
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if gpus:
+        # Extended resources must have requests == limits; setting both keeps that explicit.
+        requests[naming.GPU_RESOURCE] = limits[naming.GPU_RESOURCE] = str(gpus)
+    if cpu:
+        requests["cpu"] = cpu
+    if memory:
+        # Memory limit = request: an LLM server that outgrows its request is better restarted than OOM-killing
+        # its neighbours.
+        requests["memory"] = limits["memory"] = memory
+    out: Obj = {}
+    if requests:
+        out["requests"] = requests
+    if limits:
+        out["limits"] = limits
+    return out
+
+
+def _container_security(*, read_only_root: bool, run_as_non_root: bool) -> Obj:
+    sc: Obj = {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+        "readOnlyRootFilesystem": read_only_root,
+    }
+    if run_as_non_root:
+        sc["runAsNonRoot"] = True
+        sc["runAsUser"] = ROUTER_UID
+        sc["runAsGroup"] = ROUTER_UID
+    return sc
+
+
+def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> Obj:
+    return {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": timeout,
+    }
+
+
+def _scrape_annotations(port: int) -> dict[str, str]:
+    return {"prometheus.io/scrape": "true", "prometheus.io/port": str(port), "prometheus.io/path": "/metrics"}
+
+
+def _engine_pod(
+    *,
+    image: str,
+    model: str,
+    served_name: str,
+    port: int,
+    extra_args: list[str],
+    env: list[Obj],
+    resources: Obj,
+    placement: Obj,
+    volume_mounts: list[Obj],
+    volumes: list[Obj],
+) -> Obj:
+    """A vLLM OpenAI-server pod. Restricted pod security as far as vLLM allows: no privilege escalation, no
+    capabilities, RuntimeDefault seccomp. Not runAsNonRoot and not a read-only root: the official image runs as
+    root and writes its caches (HF downloads, torch.compile and Triton kernels) under $HOME at start."""
+    container: Obj = {
+        "name": ENGINE_CONTAINER,
+        "image": image,
+        "args": [
+            "--model",
+            model,
+            "--served-model-name",
+            served_name,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(port),
+            *extra_args,
+        ],
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "startupProbe": _http_probe("/health", ENGINE_STARTUP_PERIOD_SECONDS, ENGINE_STARTUP_FAILURES),
+        "readinessProbe": _http_probe("/health", 5, 3),
+        "livenessProbe": _http_probe("/health", 15, 4),
+        "securityContext": _container_security(read_only_root=False, run_as_non_root=False),
+        "volumeMounts": [
+            {"name": "shm", "mountPath": "/dev/shm"},
+            {"name": "cache", "mountPath": "/root/.cache"},
+            *volume_mounts,
+        ],
+    }
+    if env:
+        container["env"] = env
+    if resources:
+        container["resources"] = resources
+    return {
+        "automountServiceAccountToken": False,  # a model server never talks to the API server
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": ENGINE_TERMINATION_GRACE_SECONDS,
+        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        **placement,
+        "containers": [container],
+        "volumes": [
+            {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": ENGINE_SHM_SIZE}},
+            {"name": "cache", "emptyDir": {}},
+            *volumes,
+        ],
+    }
+
+
+def _deployment(
+    policy: RoutingPolicy,
+    name: str,
+    labels: dict[str, str],
+    selector: dict[str, str],
+    replicas: int | None,
+    pod_spec: Obj,
+    pod_annotations: dict[str, str],
+) -> Obj:
+    spec: Obj = {
+        "selector": {"matchLabels": selector},
+        # Keep serving capacity during a rollout: a new replica must be Ready before an old one goes. Costs one
+        # replica's worth of spare GPUs while rolling.
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+        "template": {"metadata": {"labels": dict(labels), "annotations": pod_annotations}, "spec": pod_spec},
+    }
+    if replicas is not None:
+        spec = {"replicas": replicas, **spec}
+    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": _meta(policy, name, labels), "spec": spec}
+
+
+def _service(
+    policy: RoutingPolicy, name: str, labels: dict[str, str], selector: dict[str, str], ports: list[Obj]
+) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(policy, name, labels),
+        "spec": {"type": "ClusterIP", "selector": selector, "ports": ports},
+    }
+
+
+def _pdb(policy: RoutingPolicy, name: str, labels: dict[str, str], selector: dict[str, str]) -> Obj:
+    """maxUnavailable 1 (not minAvailable): a drain can always make progress, even for a one-replica tier."""
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(policy, name, labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    }
+
+
+# --- tiers ------------------------------------------------------------------------------------------------------
+
+
+def tier_replicas(tier: Tier) -> int | None:
+    """None when an autoscaler owns the count: the field is then absent from our apply, so server-side apply never
+    takes it back from the autoscaler."""
+    if tier.replicas.managed_by is ReplicasManager.AUTOSCALER:
+        return None
+    return tier.replicas.min
+
+
+def build_tier_deployment(policy: RoutingPolicy, tier: Tier) -> Obj:
+    if tier.external:
+        raise BuildError(f"tier {tier.name} has an external endpoint; nothing to deploy")
+    name = naming.tier_name(policy.name, tier.name)
+    labels = common_labels(policy, naming.COMPONENT_TIER, ENGINE_APP, tier.name)
+    mounts: list[Obj] = []
+    volumes: list[Obj] = []
+    if tier.model_volume is not None:
+        mv = tier.model_volume
+        mounts.append({"name": "model", "mountPath": mv.mount_path, "readOnly": mv.read_only})
+        volumes.append(
+            {"name": "model", "persistentVolumeClaim": {"claimName": mv.claim_name, "readOnly": mv.read_only}}
+        )
+    pod = _engine_pod(
+        image=tier.engine.image,
+        model=tier.model,
+        served_name=tier.model_name,
+        port=tier.engine.port,
+        extra_args=list(tier.engine.args),
+        env=_env(tier.engine.env),
+        resources=_resources(tier.resources.gpus, tier.resources.cpu, tier.resources.memory),
+        placement=_placement(tier, tier.resources.gpus),
+        volume_mounts=mounts,
+        volumes=volumes,
+    )
+    return _deployment(
+        policy,
+        name,
+        labels,
+        selector_labels(policy, naming.COMPONENT_TIER, tier.name),
+        tier_replicas(tier),
+        pod,
+        _scrape_annotations(tier.engine.port),
+    )
+
+
+def build_tier_service(policy: RoutingPolicy, tier: Tier) -> Obj:
+    return _service(
+        policy,
+        naming.tier_name(policy.name, tier.name),
+        common_labels(policy, naming.COMPONENT_TIER, ENGINE_APP, tier.name),
+        selector_labels(policy, naming.COMPONENT_TIER, tier.name),
+        [{"name": "http", "port": tier.engine.port, "targetPort": "http", "protocol": "TCP"}],
+    )
+
+
+def build_tier_pdb(policy: RoutingPolicy, tier: Tier) -> Obj:
+    return _pdb(
+        policy,
+        naming.tier_name(policy.name, tier.name),
+        common_labels(policy, naming.COMPONENT_TIER, ENGINE_APP, tier.name),
+        selector_labels(policy, naming.COMPONENT_TIER, tier.name),
+    )
+
+
+# --- router -----------------------------------------------------------------------------------------------------
+
+
+def _router_labels(policy: RoutingPolicy) -> dict[str, str]:
+    return common_labels(policy, naming.COMPONENT_ROUTER, ROUTER_APP)
+
+
+def router_policy_document(policy: RoutingPolicy) -> str:
+    """What the router reads: the policy manifest with defaults filled in, minus server-side metadata."""
+    doc = policy.to_manifest()
+    doc["metadata"] = {"name": policy.name, "namespace": _namespace(policy)}
+    if policy.metadata.generation is not None:
+        doc["metadata"]["generation"] = policy.metadata.generation
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def build_router_configmap(policy: RoutingPolicy) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _meta(policy, naming.router_name(policy.name), _router_labels(policy)),
+        "data": {naming.POLICY_FILE_KEY: router_policy_document(policy)},
+    }
+
+
+def build_router_serviceaccount(policy: RoutingPolicy) -> Obj:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _meta(policy, naming.router_name(policy.name), _router_labels(policy)),
+        "automountServiceAccountToken": True,
+    }
+
+
+def build_router_role(policy: RoutingPolicy) -> Obj:
+    """The router finds tier pods through EndpointSlices (per-pod balancing); that is all it may read."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _meta(policy, naming.router_name(policy.name), _router_labels(policy)),
+        "rules": [
+            {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+        ],
+    }
+
+
+def build_router_rolebinding(policy: RoutingPolicy) -> Obj:
+    name = naming.router_name(policy.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _meta(policy, name, _router_labels(policy)),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": _namespace(policy)}],
+    }
+
+
+def router_args(policy: RoutingPolicy) -> list[str]:
+    r = policy.spec.router
+    return ["serve", "--policy", naming.POLICY_FILE, "--http-port", str(r.http_port), "--grpc-port", str(r.grpc_port)]
+
+
+def build_router_deployment(policy: RoutingPolicy) -> Obj:
+    r = policy.spec.router
+    name = naming.router_name(policy.name)
+    labels = _router_labels(policy)
+    mounts: list[Obj] = [
+        {"name": "policy", "mountPath": naming.POLICY_MOUNT_DIR, "readOnly": True},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    volumes: list[Obj] = [
+        {"name": "policy", "configMap": {"name": name}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if r.classifier is not None and r.classifier.config_map is not None:
+        cm = r.classifier.config_map
+        mounts.append({"name": "classifier", "mountPath": naming.CLASSIFIER_MOUNT_DIR, "readOnly": True})
+        volumes.append(
+            {"name": "classifier", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}}
+        )
+    container: Obj = {
+        "name": ROUTER_CONTAINER,
+        "image": r.image,
+        "args": router_args(policy),
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "HF_HUB_OFFLINE", "value": "1"},
+        ],
+        "ports": [
+            {"name": "http", "containerPort": r.http_port, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": r.grpc_port, "protocol": "TCP"},
+        ],
+        # Standard grpc.health.v1 checks, which the kubelet speaks natively.
+        "readinessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": _container_security(read_only_root=True, run_as_non_root=True),
+        "volumeMounts": mounts,
+    }
+    res = _resources(0, r.resources.cpu, r.resources.memory)
+    if res:
+        container["resources"] = res
+    pod: Obj = {
+        "serviceAccountName": name,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": ROUTER_UID,
+            "runAsGroup": ROUTER_UID,
+            "fsGroup": ROUTER_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        **_placement(r, 0),
+        "containers": [container],
+        "volumes": volumes,
+    }
+    return _deployment(
+        policy,
+        name,
+        labels,
+        selector_labels(policy, naming.COMPONENT_ROUTER),
+        r.replicas,
+        pod,
+        _scrape_annotations(r.http_port),
+    )
+
+
+def build_router_service(policy: RoutingPolicy) -> Obj:
+    r = policy.spec.router
+    return _service(
+        policy,
+        naming.router_name(policy.name),
+        _router_labels(policy),
+        selector_labels(policy, naming.COMPONENT_ROUTER),
+        [
+            {"name": "http", "port": r.http_port, "targetPort": "http", "protocol": "TCP"},
+            {"name": "grpc", "port": r.grpc_port, "targetPort": "grpc", "protocol": "TCP", "appProtocol": "grpc"},
+        ],
+    )
+
+
+def build_router_pdb(policy: RoutingPolicy) -> Obj:
+    return _pdb(
+        policy,
+        naming.router_name(policy.name),
+        _router_labels(policy),
+        selector_labels(policy, naming.COMPONENT_ROUTER),
+    )
+
+
+# --- reward model -----------------------------------------------------------------------------------------------
+
+
+def _reward(policy: RoutingPolicy) -> RewardModel:
+    if policy.spec.best_of_n is None:
+        raise BuildError(f"RoutingPolicy {policy.name} has no bestOfN")
+    return policy.spec.best_of_n.reward_model
+
+
+def build_reward_deployment(policy: RoutingPolicy) -> Obj:
+    rm = _reward(policy)
+    name = naming.reward_name(policy.name)
+    labels = common_labels(policy, naming.COMPONENT_REWARD, ENGINE_APP)
+    pod = _engine_pod(
+        image=rm.image,
+        model=rm.model,
+        served_name=rm.model,
+        port=rm.port,
+        # vLLM serves reward models through its pooling runner (`/pooling`, `/classify`).
+        extra_args=["--runner", "pooling", *rm.args],
+        env=[],
+        resources=_resources(rm.gpus, None, None),
+        placement=_placement(rm, rm.gpus),
+        volume_mounts=[],
+        volumes=[],
+    )
+    return _deployment(
+        policy,
+        name,
+        labels,
+        selector_labels(policy, naming.COMPONENT_REWARD),
+        rm.replicas,
+        pod,
+        _scrape_annotations(rm.port),
+    )
+
+
+def build_reward_service(policy: RoutingPolicy) -> Obj:
+    rm = _reward(policy)
+    return _service(
+        policy,
+        naming.reward_name(policy.name),
+        common_labels(policy, naming.COMPONENT_REWARD, ENGINE_APP),
+        selector_labels(policy, naming.COMPONENT_REWARD),
+        [{"name": "http", "port": rm.port, "targetPort": "http", "protocol": "TCP"}],
+    )
+
+
+def build_reward_pdb(policy: RoutingPolicy) -> Obj:
+    return _pdb(
+        policy,
+        naming.reward_name(policy.name),
+        common_labels(policy, naming.COMPONENT_REWARD, ENGINE_APP),
+        selector_labels(policy, naming.COMPONENT_REWARD),
+    )
+
+
+# --- everything -------------------------------------------------------------------------------------------------
+
+# Apply order: what others reference first (the ServiceAccount and its Role before the Deployment that uses them,
+# the ConfigMap before the pods that mount it), so a fresh policy's pods never start without them.
+KIND_ORDER = (
+    "ServiceAccount",
+    "Role",
+    "RoleBinding",
+    "ConfigMap",
+    "Service",
+    "PodDisruptionBudget",
+    "Deployment",
+)
+
+
+def build_children(policy: RoutingPolicy) -> list[Obj]:
+    """Every object the policy should have, in apply order. Deterministic: same policy, same list."""
+    objs: list[Obj] = [
+        build_router_serviceaccount(policy),
+        build_router_role(policy),
+        build_router_rolebinding(policy),
+        build_router_configmap(policy),
+    ]
+    for tier in policy.spec.tiers:
+        if tier.external:
+            continue
+        objs += [build_tier_service(policy, tier), build_tier_pdb(policy, tier), build_tier_deployment(policy, tier)]
+    objs += [build_router_service(policy), build_router_pdb(policy), build_router_deployment(policy)]
+    if policy.spec.best_of_n is not None:
+        objs += [build_reward_service(policy), build_reward_pdb(policy), build_reward_deployment(policy)]
+    objs.sort(key=lambda o: KIND_ORDER.index(o["kind"]))
+    return objs
+
+
+def child_key(obj: Obj) -> tuple[str, str]:
+    """(kind, name): children are unique by it within the policy's namespace."""
+    return obj["kind"], obj["metadata"]["name"]

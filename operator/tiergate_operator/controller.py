@@ -1,0 +1,208 @@
+"""The work queue between kopf's watch events and `reconcile`: one reconcile per policy at a time, bursts coalesced.
+
+Why a queue of our own instead of kopf daemons or timers: those require a finalizer on every RoutingPolicy,
+which makes deleting a policy hang whenever the operator is down. Here kopf only watches (policies and the
+children, by label) and every event just marks its policy dirty; workers reconcile dirty policies, reading the
+policy fresh from the API server, so an event never carries stale state into a reconcile. A resync loop marks
+every known policy dirty now and then, which bounds how long any drift can survive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from tiergate.api.errors import PolicyValidationError
+from tiergate.api.policy import KIND
+
+from .config import OperatorConfig
+from .errors import KubeError
+from .kube import Kube
+from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, reconcile
+from .status import DEGRADED, READY
+
+log = logging.getLogger(__name__)
+
+PolicyKey = tuple[str, str]  # (namespace, name)
+
+# Retry delays for failed reconciles: quick first (a conflict or a throttled request clears in a second),
+# capped so a broken API server is not hammered.
+_BACKOFF_START = 0.5
+_BACKOFF_MAX = 60.0
+
+
+class Controller:
+    def __init__(self, cfg: OperatorConfig, kube: Kube, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.kube = kube
+        self._clock = clock
+        self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reconcile")
+        self._queue: asyncio.Queue[PolicyKey] | None = None
+        self._queued: set[PolicyKey] = set()
+        self._active: set[PolicyKey] = set()
+        self._again: set[PolicyKey] = set()
+        self._memory: dict[PolicyKey, PolicyMemory] = {}
+        self._failures: dict[PolicyKey, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.reconciles = 0  # counters, for logs and the benchmark
+        self.errors = 0
+
+    # --- event side (called from kopf handlers, on the event loop) -------------------------------------------
+
+    def enqueue(self, key: PolicyKey, delay: float = 0.0) -> None:
+        if delay > 0:
+            asyncio.get_running_loop().call_later(delay, self.enqueue, key)
+            return
+        if key in self._active:
+            self._again.add(key)  # running now: run once more afterwards, with whatever changed meanwhile
+            return
+        if key in self._queued or self._queue is None:
+            if self._queue is None:
+                self._queued.add(key)  # before start(): remembered, queued when the workers start
+            return
+        self._queued.add(key)
+        self._queue.put_nowait(key)
+
+    def policy_event(self, namespace: str, name: str, generation: int | None, deleted: bool) -> None:
+        key = (namespace, name)
+        if deleted:
+            # Garbage collection removes the children (owner references); nothing to do but forget.
+            self._memory.pop(key, None)
+            self._failures.pop(key, None)
+            return
+        mem = self._memory.get(key)
+        # Our own status writes come back as events too; only a new generation (or a policy we have not
+        # reconciled yet) needs work.
+        if mem is None or mem.reconciled_generation != generation:
+            self.enqueue(key)
+
+    def child_event(self, namespace: str, policy_name: str | None) -> None:
+        if policy_name:
+            self.enqueue((namespace, policy_name))
+
+    # --- worker side ----------------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Workers plus the resync loop, until `stop` is set."""
+        self._queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        for key in sorted(self._queued):
+            self._queue.put_nowait(key)
+        workers = [asyncio.create_task(self._worker(), name=f"reconcile-worker-{i}") for i in range(self.cfg.workers)]
+        resync = asyncio.create_task(self._resync(), name="resync")
+        try:
+            await stop.wait()
+        finally:
+            for t in [*workers, resync]:
+                t.cancel()
+            await asyncio.gather(*workers, resync, return_exceptions=True)
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _resync(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.resync_seconds)
+            for key in list(self._memory):
+                self.enqueue(key)
+
+    async def _worker(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            key = await self._queue.get()
+            self._queued.discard(key)
+            self._active.add(key)
+            try:
+                if self.cfg.settle_seconds:
+                    await asyncio.sleep(self.cfg.settle_seconds)
+                await loop.run_in_executor(self._executor, self._reconcile_blocking, key)
+            except Exception:  # never let one policy's failure kill a worker
+                log.exception("reconcile of %s/%s crashed", *key)
+            finally:
+                self._active.discard(key)
+                if key in self._again:
+                    self._again.discard(key)
+                    self.enqueue(key)
+
+    def _reconcile_blocking(self, key: PolicyKey) -> None:
+        ns, name = key
+        try:
+            body = self.kube.get(KIND, ns, name)
+        except KubeError as e:
+            self._retry(key, f"reading the policy failed: {e}")
+            return
+        if body is None or body.get("metadata", {}).get("deletionTimestamp"):
+            self._memory.pop(key, None)
+            return
+        mem = self._memory.setdefault(key, PolicyMemory())
+        generation = body.get("metadata", {}).get("generation")
+        # List (and prune) when the spec changed, on the first reconcile after start, and on every resync.
+        prune = mem.pruned_generation != generation or self._clock() - mem.last_pruned_at >= self.cfg.resync_seconds
+        self.reconciles += 1
+        try:
+            out = reconcile(self.kube, body, self.cfg, mem, prune=prune)
+        except PolicyValidationError as e:
+            # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
+            # next spec change will.
+            self.errors += 1
+            mem.reconciled_generation = generation
+            log.error("policy %s/%s is invalid: %s", ns, name, e)
+            self._post(body, "InvalidSpec", str(e), warning=True)
+            return
+        except KubeError as e:
+            self.errors += 1
+            if e.retryable:
+                self._retry(key, str(e))
+            else:
+                log.error("reconcile of %s/%s failed: %s", ns, name, e)
+                self._post(body, "ApplyFailed", str(e), warning=True)
+                self._retry(key, str(e), floor=_BACKOFF_MAX / 2)
+            return
+        if prune:
+            mem.last_pruned_at = self._clock()
+        self._failures.pop(key, None)
+        self._report(body, out)
+
+    def _retry(self, key: PolicyKey, why: str, floor: float = 0.0) -> None:
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        delay = max(floor, min(_BACKOFF_MAX, _BACKOFF_START * 2**n))
+        log.warning("reconcile of %s/%s failed (%s); retrying in %.1fs", *key, why, delay)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.enqueue, key, delay)
+
+    def _report(self, body: dict[str, Any], out: Outcome) -> None:
+        """Events for what changed, and for condition flips (so `kubectl describe` tells the story)."""
+        if out.created:
+            self._post(body, "Created", f"created {describe_keys(out.created)}")
+        if out.updated:
+            self._post(body, "Updated", f"updated {describe_keys(out.updated)}")
+        if out.deleted:
+            self._post(body, "Deleted", f"deleted {describe_keys(out.deleted)} (no longer in the spec)")
+        before = {c.get("type"): c.get("status") for c in out.previous_conditions}
+        for c in out.status.get("conditions", []):
+            if before.get(c["type"]) == c["status"]:
+                continue
+            if c["type"] == READY and c["status"] == "True":
+                self._post(body, "Ready", c["message"])
+            elif c["type"] == DEGRADED and c["status"] == "True":
+                self._post(body, c["reason"], c["message"], warning=True)
+        log.info(
+            "reconciled %s/%s gen %s: +%d ~%d -%d, %s",
+            out.policy.namespace,
+            out.policy.name,
+            out.policy.metadata.generation,
+            len(out.created),
+            len(out.updated),
+            len(out.deleted),
+            ", ".join(f"{c['type']}={c['status']}" for c in out.status.get("conditions", [])),
+        )
+
+    def _post(self, body: dict[str, Any], reason: str, message: str, *, warning: bool = False) -> None:
+        try:
+            self.kube.create(event_body(body, reason, message, warning=warning))
+        except Exception as e:  # an Event is best effort; never fail a reconcile over it
+            log.debug("event %s not posted: %s", reason, e)

@@ -1,0 +1,89 @@
+"""kopf registrations. Thin on purpose: every handler only tells the controller which policy to look at.
+
+kopf watches the RoutingPolicies and, by label, the kinds of children the operator creates; all state it keeps
+(progress, diff-base) would live in annotations under tiergate.io, and no handler here needs a finalizer, so a
+policy can always be deleted, operator running or not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from tiergate.api import naming
+from tiergate.api.policy import GROUP, PLURAL, VERSION
+
+from .controller import Controller
+
+# (group, version, plural) of each child kind whose changes the operator reacts to at once. Pods are watched
+# for status (a Pending pod becomes Unschedulable without its Deployment changing); Roles and RoleBindings are
+# left to the periodic resync (rarely touched, and watching RBAC objects needs broader permissions).
+WATCHED_CHILDREN = (
+    ("apps", "v1", "deployments"),
+    ("", "v1", "services"),
+    ("", "v1", "configmaps"),
+    ("", "v1", "serviceaccounts"),
+    ("policy", "v1", "poddisruptionbudgets"),
+    ("", "v1", "pods"),
+)
+
+
+def configure_settings(settings: kopf.OperatorSettings) -> None:
+    """kopf's own state under our API group; no peering (we elect a leader with a Lease); no cluster scanning."""
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.peering.standalone = True
+    # Without scanning kopf needs no cluster-wide list of CRDs or namespaces: least privilege.
+    settings.scanning.disabled = True
+    # kopf would post an Event per handler run; ours are posted by the controller with meaning.
+    settings.posting.enabled = False
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 320
+
+
+def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
+    @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="policy")
+    def policy_event(type: str, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> None:
+        if namespace:
+            controller.policy_event(namespace, name, meta.get("generation"), deleted=type == "DELETED")
+
+    def child_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+        if namespace:
+            controller.child_event(namespace, labels.get(naming.POLICY_LABEL))
+
+    for group, version, plural in WATCHED_CHILDREN:
+        kopf.on.event(
+            group,
+            version,
+            plural,
+            registry=registry,
+            id=f"child-{plural}",
+            labels={naming.MANAGED_BY_LABEL: naming.MANAGED_BY}
+            if plural != "pods"
+            else {naming.POLICY_LABEL: kopf.PRESENT},
+        )(child_event)
+
+
+def login_handler(registry: kopf.OperatorRegistry, api_client: Any) -> None:
+    """kopf connects with the same credentials as our own client (an explicit --kubeconfig included)."""
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        c = api_client.configuration
+        header = c.get_api_key_with_prefix("BearerToken") or c.get_api_key_with_prefix("authorization")
+        scheme, _sep, token = header.partition(" ") if header else ("", "", "")
+        logging.getLogger(__name__).debug("kopf login to %s", c.host)
+        return kopf.ConnectionInfo(
+            server=c.host,
+            ca_path=c.ssl_ca_cert,
+            insecure=not c.verify_ssl,
+            scheme=scheme or None,
+            token=token or None,
+            certificate_path=c.cert_file,
+            private_key_path=c.key_file,
+            priority=100,
+        )

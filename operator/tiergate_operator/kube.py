@@ -1,0 +1,153 @@
+"""A small, typed wrapper over the API server's REST interface for the kinds the operator writes.
+
+Why not the generated typed clients: the operator builds plain dicts (see builders) and applies them with
+server-side apply, which the generated clients do not model; one generic path per kind keeps every call the same
+shape (apply, list, delete, status patch) and returns plain JSON dicts. Transport, TLS and credentials
+(kubeconfig or in-cluster) come from the official `kubernetes` package.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from tiergate.api.policy import API_VERSION, PLURAL
+
+from .errors import KubeError
+
+Obj = dict[str, Any]
+
+# kind -> (apiVersion, plural)
+RESOURCES: dict[str, tuple[str, str]] = {
+    "Deployment": ("apps/v1", "deployments"),
+    "Service": ("v1", "services"),
+    "ConfigMap": ("v1", "configmaps"),
+    "ServiceAccount": ("v1", "serviceaccounts"),
+    "PodDisruptionBudget": ("policy/v1", "poddisruptionbudgets"),
+    "Role": ("rbac.authorization.k8s.io/v1", "roles"),
+    "RoleBinding": ("rbac.authorization.k8s.io/v1", "rolebindings"),
+    "Pod": ("v1", "pods"),
+    "Lease": ("coordination.k8s.io/v1", "leases"),
+    "Event": ("v1", "events"),
+    "RoutingPolicy": (API_VERSION, PLURAL),
+}
+# A hung API server must not hang a reconcile forever: (connect, read) seconds.
+_TIMEOUT = (5.0, 30.0)
+
+
+def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
+    try:
+        api_version, plural = RESOURCES[kind]
+    except KeyError:
+        raise KubeError(f"unsupported kind {kind}") from None
+    base = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    path = base + (f"/namespaces/{quote(namespace)}" if namespace else "") + f"/{plural}"
+    if name:
+        path += f"/{quote(name)}"
+    if subresource:
+        path += f"/{subresource}"
+    return path
+
+
+def load_api_client(kubeconfig: str | None = None) -> Any:
+    """kubeconfig path given: that file. Otherwise in-cluster credentials inside a pod, else KUBECONFIG/~/.kube."""
+    from kubernetes import client, config
+
+    if kubeconfig:
+        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    except config.ConfigException:
+        return config.new_client_from_config()  # type: ignore[no-untyped-call]
+
+
+class Kube:
+    """Blocking calls (run them in a worker thread from async code). Thread-safe: urllib3's pool is."""
+
+    def __init__(self, api_client: Any) -> None:
+        self._api = api_client
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> tuple[int, Obj]:
+        if query:
+            path = f"{path}?{urlencode(query)}"
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        try:
+            m, url, hdrs, data, _ = self._api.param_serialize(
+                method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
+            )
+            resp = self._api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=_TIMEOUT)
+            raw = resp.read()
+        except Exception as e:  # transport errors: connection refused, TLS, timeouts
+            raise KubeError(f"{method} {path}: {e}", 0) from e
+        try:
+            payload: Obj = json.loads(raw) if raw else {}
+        except ValueError:
+            payload = {"message": raw[:200].decode(errors="replace")}
+        return resp.status, payload
+
+    def _ok(self, method: str, path: str, **kw: Any) -> Obj:
+        status, payload = self.request(method, path, **kw)
+        if status >= 300:
+            raise KubeError(
+                f"{method} {path}: {status} {payload.get('reason', '')}: {payload.get('message', payload)}",
+                status,
+                str(payload.get("reason", "")),
+            )
+        return payload
+
+    def apply(self, obj: Obj, field_manager: str, force: bool = True) -> Obj:
+        """Server-side apply. force=True: a controller owns its fields outright (Kubernetes' guidance for
+        controllers); fields it leaves out (replicas under an autoscaler) stay with whoever owns them."""
+        md = obj["metadata"]
+        path = resource_path(obj["kind"], md.get("namespace"), md["name"])
+        query = {"fieldManager": field_manager, "force": "true" if force else "false"}
+        return self._ok("PATCH", path, body=obj, query=query, content_type="application/apply-patch+yaml")
+
+    def get(self, kind: str, namespace: str | None, name: str) -> Obj | None:
+        """None on 404: absence is an answer, not an error."""
+        status, payload = self.request("GET", resource_path(kind, namespace, name))
+        if status == 404:
+            return None
+        if status >= 300:
+            raise KubeError(f"GET {kind} {namespace}/{name}: {status} {payload.get('message')}", status)
+        return payload
+
+    def list(self, kind: str, namespace: str | None, label_selector: str | None = None) -> list[Obj]:
+        query = {"labelSelector": label_selector} if label_selector else None
+        items: list[Obj] = self._ok("GET", resource_path(kind, namespace), query=query).get("items", [])
+        return items
+
+    def create(self, obj: Obj) -> Obj:
+        md = obj["metadata"]
+        return self._ok("POST", resource_path(obj["kind"], md.get("namespace")), body=obj)
+
+    def replace(self, obj: Obj) -> Obj:
+        md = obj["metadata"]
+        return self._ok("PUT", resource_path(obj["kind"], md.get("namespace"), md["name"]), body=obj)
+
+    def delete(self, kind: str, namespace: str | None, name: str, uid: str | None = None) -> bool:
+        """False when already gone. With `uid`, deletes only that incarnation (never a same-named newcomer)."""
+        body: Obj = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": "Background"}
+        if uid:
+            body["preconditions"] = {"uid": uid}
+        status, payload = self.request("DELETE", resource_path(kind, namespace, name), body=body)
+        if status == 404:
+            return False
+        if status >= 300:
+            raise KubeError(f"DELETE {kind} {namespace}/{name}: {status} {payload.get('message')}", status)
+        return True
+
+    def patch_status(self, kind: str, namespace: str, name: str, status: Obj) -> Obj:
+        """Merge-patch the status subresource (lists in it are replaced whole, which is what we want)."""
+        path = resource_path(kind, namespace, name, "status")
+        return self._ok("PATCH", path, body={"status": status}, content_type="application/merge-patch+json")

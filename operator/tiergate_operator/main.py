@@ -1,0 +1,79 @@
+"""Wiring: credentials, leader election, kopf's watches and the controller's workers, and a clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import kopf
+
+from .config import OperatorConfig
+from .controller import Controller
+from .errors import LeaseLost
+from .handlers import configure_settings, login_handler, register
+from .kube import Kube, load_api_client
+from .leader import LeaderElector
+
+log = logging.getLogger(__name__)
+
+
+async def serve(cfg: OperatorConfig) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (exit 1, so the pod restarts as a standby)."""
+    api_client = load_api_client(cfg.kubeconfig)
+    kube = Kube(api_client)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    elector: LeaderElector | None = None
+    if cfg.leader_elect:
+        elector = LeaderElector(kube, cfg)
+        log.info("waiting for lease %s/%s as %s", cfg.lease_namespace, cfg.lease_name, cfg.identity)
+        if not await elector.acquire(stop):
+            return 0
+
+    controller = Controller(cfg, kube)
+    registry = kopf.OperatorRegistry()
+    settings = kopf.OperatorSettings()
+    configure_settings(settings)
+    register(registry, controller)
+    login_handler(registry, api_client)
+    scope = f"namespace {cfg.namespace}" if cfg.namespace else "all namespaces"
+    log.info("tiergate operator %s: watching %s", cfg.identity, scope)
+
+    kopf_task = asyncio.create_task(
+        kopf.operator(
+            registry=registry,
+            settings=settings,
+            standalone=True,
+            clusterwide=cfg.namespace is None,
+            namespaces=[cfg.namespace] if cfg.namespace else [],
+            liveness_endpoint=f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None,
+            stop_flag=stop,
+        ),
+        name="kopf",
+    )
+    tasks = [kopf_task, asyncio.create_task(controller.run(stop), name="controller")]
+    lost = False
+    if elector is not None:
+        tasks.append(asyncio.create_task(elector.hold(stop), name="lease"))
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            exc = t.exception()
+            if isinstance(exc, LeaseLost):
+                log.error("%s: stopping", exc)
+                lost = True
+            elif exc is not None:
+                raise exc
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if elector is not None and not lost:
+            await loop.run_in_executor(None, elector.release)
+        api_client.close()
+    return 1 if lost else 0

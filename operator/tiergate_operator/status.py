@@ -1,0 +1,268 @@
+"""Pure status computation: the policy plus its children's observed state -> `.status` (conditions, not phases).
+
+Ready      True when every deployed component has all desired replicas updated and ready.
+Progressing True while a component is being created or rolled out and nothing is known to be wrong.
+Degraded   True when a component cannot become ready without outside help: pods the scheduler cannot place
+           (no node with enough GPUs, no node in the pool), image pulls failing, crash loops, a rollout past its
+           progress deadline. Reason and message name the component and quote the cluster's own words.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tiergate.api import naming
+from tiergate.api.policy import RoutingPolicy
+
+Obj = Mapping[str, Any]
+
+READY = "Ready"
+PROGRESSING = "Progressing"
+DEGRADED = "Degraded"
+CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+
+# Container waiting reasons that will not fix themselves.
+_STUCK_WAITING = {
+    "CrashLoopBackOff",
+    "ImagePullBackOff",
+    "ErrImagePull",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+}
+# Messages can be long (one line per node group); status stays readable and well under etcd's limits.
+_MAX_MESSAGE = 1024
+
+
+@dataclass(frozen=True)
+class Component:
+    """One deployed part of the policy: a tier's model server, the router or the reward model."""
+
+    label: str  # how messages name it: "tier large", "router", "reward model"
+    deployment: str
+    component: str
+    tier: str | None
+    desired: int | None  # None: an autoscaler owns the count; read it from the Deployment
+
+
+@dataclass(frozen=True)
+class ComponentState:
+    component: Component
+    desired: int
+    ready: int
+    updated: int
+    exists: bool
+    rolled_out: bool  # the Deployment controller has seen the latest spec and finished the rollout
+    problem: tuple[str, str] | None  # (reason, message) when Degraded
+
+    @property
+    def is_ready(self) -> bool:
+        return self.exists and self.rolled_out and self.ready >= self.desired and self.problem is None
+
+
+def components(policy: RoutingPolicy) -> list[Component]:
+    out: list[Component] = []
+    for t in policy.spec.tiers:
+        if t.external:
+            continue
+        desired = None if t.replicas.managed_by.value == "Autoscaler" else t.replicas.min
+        out.append(
+            Component(f"tier {t.name}", naming.tier_name(policy.name, t.name), naming.COMPONENT_TIER, t.name, desired)
+        )
+    out.append(
+        Component("router", naming.router_name(policy.name), naming.COMPONENT_ROUTER, None, policy.spec.router.replicas)
+    )
+    if policy.spec.best_of_n is not None:
+        out.append(
+            Component(
+                "reward model",
+                naming.reward_name(policy.name),
+                naming.COMPONENT_REWARD,
+                None,
+                policy.spec.best_of_n.reward_model.replicas,
+            )
+        )
+    return out
+
+
+def _pods_of(c: Component, pods: Iterable[Obj]) -> list[Obj]:
+    out = []
+    for p in pods:
+        labels = p.get("metadata", {}).get("labels", {}) or {}
+        if labels.get(naming.COMPONENT_LABEL) != c.component:
+            continue
+        if c.tier is not None and labels.get(naming.TIER_LABEL) != c.tier:
+            continue
+        if p.get("metadata", {}).get("deletionTimestamp"):
+            continue  # terminating pods of an old ReplicaSet say nothing about the new one
+        out.append(p)
+    return out
+
+
+def pod_problem(pod: Obj) -> tuple[str, str] | None:
+    """(reason, message) when this pod is stuck: unschedulable, or a container that cannot start."""
+    status = pod.get("status", {}) or {}
+    name = pod.get("metadata", {}).get("name", "?")
+    for cond in status.get("conditions", []) or []:
+        if (
+            cond.get("type") == "PodScheduled"
+            and cond.get("status") == "False"
+            and cond.get("reason") == "Unschedulable"
+        ):
+            return "Unschedulable", f"pod {name} cannot be scheduled: {cond.get('message', '').strip()}"
+    for cs in status.get("containerStatuses", []) or []:
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in _STUCK_WAITING:
+            msg = (waiting.get("message") or "").strip()
+            return waiting["reason"], f"pod {name} container {cs.get('name')}: {waiting['reason']}" + (
+                f": {msg}" if msg else ""
+            )
+    return None
+
+
+def component_state(c: Component, deployment: Obj | None, pods: Sequence[Obj]) -> ComponentState:
+    if deployment is None:
+        return ComponentState(c, c.desired or 0, 0, 0, False, False, None)
+    spec = deployment.get("spec", {}) or {}
+    st = deployment.get("status", {}) or {}
+    desired = c.desired if c.desired is not None else int(spec.get("replicas", 1))
+    ready = int(st.get("readyReplicas", 0) or 0)
+    updated = int(st.get("updatedReplicas", 0) or 0)
+    replicas = int(st.get("replicas", 0) or 0)
+    generation = deployment.get("metadata", {}).get("generation", 0)
+    seen = int(st.get("observedGeneration", 0) or 0) >= int(generation or 0)
+    # Rolled out: the controller saw this spec, every replica runs it, and no old pods linger.
+    rolled_out = seen and updated >= desired and replicas <= desired
+    problem: tuple[str, str] | None = None
+    for p in _pods_of(c, pods):
+        prob = pod_problem(p)
+        if prob is not None:
+            problem = prob
+            break
+    if problem is None:
+        for cond in st.get("conditions", []) or []:
+            if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+                problem = ("ProgressDeadlineExceeded", cond.get("message", "rollout exceeded its progress deadline"))
+            if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+                problem = (cond.get("reason") or "ReplicaFailure", cond.get("message", ""))
+    return ComponentState(c, desired, ready, updated, True, rolled_out, problem)
+
+
+def _condition(
+    type_: str, status: bool, reason: str, message: str, generation: int | None, previous: Mapping[str, Obj], now: str
+) -> dict[str, Any]:
+    value = "True" if status else "False"
+    prev = previous.get(type_)
+    # lastTransitionTime moves only when the status flips (Kubernetes API conventions).
+    since = prev.get("lastTransitionTime") if prev and prev.get("status") == value else None
+    cond: dict[str, Any] = {
+        "type": type_,
+        "status": value,
+        "reason": reason,
+        "message": message[:_MAX_MESSAGE],
+        "lastTransitionTime": since or now,
+    }
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def compute_status(
+    policy: RoutingPolicy,
+    deployments: Mapping[str, Obj],
+    pods: Sequence[Obj],
+    previous_conditions: Sequence[Obj] = (),
+    now: str = "1970-01-01T00:00:00Z",
+) -> dict[str, Any]:
+    """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods."""
+    gen = policy.metadata.generation
+    previous = {c.get("type", ""): c for c in previous_conditions}
+    states = [component_state(c, deployments.get(c.deployment), pods) for c in components(policy)]
+    by_tier = {s.component.tier: s for s in states if s.component.tier is not None}
+
+    tiers: list[dict[str, Any]] = []
+    ready_tiers = 0
+    for t in policy.spec.tiers:
+        if t.external:
+            assert t.endpoint is not None
+            tiers.append({"name": t.name, "desiredReplicas": 0, "readyReplicas": 0, "endpoint": t.endpoint.url})
+            ready_tiers += 1
+            continue
+        s = by_tier[t.name]
+        ready_tiers += s.is_ready
+        tiers.append(
+            {
+                "name": t.name,
+                "desiredReplicas": s.desired,
+                "readyReplicas": s.ready,
+                "endpoint": naming.tier_service_url(policy.name, policy.namespace or "default", t.name, t.engine.port),
+            }
+        )
+
+    degraded = [s for s in states if s.problem is not None]
+    waiting = [s for s in states if not s.is_ready and s.problem is None]
+    conds: list[dict[str, Any]] = []
+    if not degraded and not waiting:
+        conds.append(_condition(READY, True, "AllComponentsReady", _ready_summary(states), gen, previous, now))
+    else:
+        first = (degraded or waiting)[0]
+        reason = first.problem[0] if first.problem else ("Creating" if not first.exists else "RollingOut")
+        msg = "; ".join(_describe(s) for s in degraded + waiting)
+        conds.append(_condition(READY, False, reason, msg, gen, previous, now))
+    if waiting:
+        reason = "Creating" if any(not s.exists for s in waiting) else "RollingOut"
+        conds.append(
+            _condition(PROGRESSING, True, reason, "; ".join(_describe(s) for s in waiting), gen, previous, now)
+        )
+    else:
+        conds.append(_condition(PROGRESSING, False, "Stable", "no rollout in progress", gen, previous, now))
+    if degraded:
+        d = degraded[0]
+        assert d.problem is not None
+        msg = "; ".join(_describe(s) for s in degraded)
+        conds.append(_condition(DEGRADED, True, d.problem[0], msg, gen, previous, now))
+    else:
+        conds.append(_condition(DEGRADED, False, "Healthy", "no component is stuck", gen, previous, now))
+
+    status: dict[str, Any] = {
+        "conditions": conds,
+        "tiers": tiers,
+        "readyTiers": f"{ready_tiers}/{len(policy.spec.tiers)}",
+        "routerEndpoint": f"http://{naming.router_name(policy.name)}.{policy.namespace}.svc:"
+        f"{policy.spec.router.http_port}/v1",
+    }
+    if gen is not None:
+        status["observedGeneration"] = gen
+    return status
+
+
+def _describe(s: ComponentState) -> str:
+    c = s.component
+    if not s.exists:
+        return f"{c.label}: Deployment {c.deployment} not created yet"
+    base = f"{c.label}: {s.ready}/{s.desired} ready"
+    if s.problem is not None:
+        return f"{base}: {s.problem[1]}"
+    if not s.rolled_out:
+        return f"{base}, rollout in progress ({s.updated}/{s.desired} updated)"
+    return base
+
+
+def _ready_summary(states: Sequence[ComponentState]) -> str:
+    return ", ".join(f"{s.component.label} {s.ready}/{s.desired}" for s in states)
+
+
+def status_changed(old: Obj | None, new: Obj) -> bool:
+    """Compare ignoring lastTransitionTime, so an unchanged status is not rewritten (and emits no watch event)."""
+
+    def strip(st: Obj | None) -> dict[str, Any]:
+        st = dict(st or {})
+        st.pop("observedMix", None)  # written by the router, not by us
+        st["conditions"] = [
+            {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in (st.get("conditions") or [])
+        ]
+        return st
+
+    return strip(old) != strip(new)

@@ -1,0 +1,226 @@
+"""Pure builders: what each child object looks like for the sample policy and its variations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from tiergate_operator import builders as b
+
+from tiergate.api import naming
+from tiergate.api.policy import RoutingPolicy, load_policy, parse_policy
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
+
+
+def policy(mutate: Any = None) -> RoutingPolicy:
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"].update({"namespace": "team-a", "uid": "uid-123", "generation": 4})
+    if mutate:
+        mutate(doc)
+    return parse_policy(doc)
+
+
+def test_children_of_sample_are_complete_and_ordered() -> None:
+    objs = b.build_children(policy())
+    keys = [b.child_key(o) for o in objs]
+    assert len(keys) == len(set(keys))
+    names = {k for k in keys}
+    for kind in ("Deployment", "Service", "PodDisruptionBudget"):
+        for n in ("chat-tier-small", "chat-tier-large", "chat-router", "chat-reward"):
+            assert (kind, n) in names
+    for kind in ("ConfigMap", "ServiceAccount", "Role", "RoleBinding"):
+        assert (kind, "chat-router") in names
+    assert len(objs) == 16
+    kinds = [o["kind"] for o in objs]
+    assert kinds.index("ServiceAccount") < kinds.index("Deployment")
+    assert kinds.index("ConfigMap") < kinds.index("Deployment")
+
+
+def test_every_child_is_owned_labelled_and_namespaced() -> None:
+    for o in b.build_children(policy()):
+        md = o["metadata"]
+        assert md["namespace"] == "team-a"
+        (ref,) = md["ownerReferences"]
+        assert ref == {
+            "apiVersion": "tiergate.io/v1alpha1",
+            "kind": "RoutingPolicy",
+            "name": "chat",
+            "uid": "uid-123",
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+        assert md["labels"][naming.POLICY_LABEL] == "chat"
+        assert md["labels"]["app.kubernetes.io/managed-by"] == "tiergate-operator"
+        assert md["labels"]["app.kubernetes.io/part-of"] == "tiergate"
+        assert md["labels"]["app.kubernetes.io/instance"] == "chat"
+
+
+def test_tier_deployment_gpu_placement_probes_and_security() -> None:
+    p = policy()
+    d = b.build_tier_deployment(p, p.spec.tier("large"))
+    assert d["spec"]["replicas"] == 1
+    pod = d["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == "4"
+    assert c["resources"]["limits"]["memory"] == "160Gi"
+    assert pod["nodeSelector"] == {"tiergate.io/pool": "gpu-large"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    assert c["args"][:2] == ["--model", "Qwen/Qwen2.5-72B-Instruct"]
+    assert c["args"][c["args"].index("--served-model-name") + 1] == "qwen2.5-72b"
+    assert c["args"][-4:] == ["--tensor-parallel-size", "4", "--max-model-len", "16384"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"] == {"drop": ["ALL"]}
+    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    ann = d["spec"]["template"]["metadata"]["annotations"]
+    assert ann["prometheus.io/scrape"] == "true"
+    assert ann["prometheus.io/port"] == "8000"
+    sel = d["spec"]["selector"]["matchLabels"]
+    assert sel == {naming.POLICY_LABEL: "chat", naming.COMPONENT_LABEL: "model-server", naming.TIER_LABEL: "large"}
+    assert sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_tier_service_selects_the_tier_pods_only() -> None:
+    p = policy()
+    s = b.build_tier_service(p, p.spec.tier("small"))
+    assert s["spec"]["selector"][naming.TIER_LABEL] == "small"
+    assert s["spec"]["ports"] == [{"name": "http", "port": 8000, "targetPort": "http", "protocol": "TCP"}]
+
+
+def test_autoscaler_owned_replicas_are_left_out() -> None:
+    def auto(doc: dict[str, Any]) -> None:
+        doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
+
+    p = policy(auto)
+    d = b.build_tier_deployment(p, p.spec.tier("small"))
+    assert "replicas" not in d["spec"]
+    # The other tier is still operator-managed.
+    assert b.build_tier_deployment(p, p.spec.tier("large"))["spec"]["replicas"] == 1
+
+
+def test_explicit_node_selector_and_toleration_override_pool_conventions() -> None:
+    def custom(doc: dict[str, Any]) -> None:
+        t = doc["spec"]["tiers"][1]
+        t["nodeSelector"] = {"tiergate.io/pool": "h200", "zone": "b"}
+        t["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Equal", "value": "h200", "effect": "NoSchedule"}]
+
+    p = policy(custom)
+    pod = b.build_tier_deployment(p, p.spec.tier("large"))["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"tiergate.io/pool": "h200", "zone": "b"}
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Equal", "value": "h200", "effect": "NoSchedule"}
+    ]
+
+
+def test_cpu_only_tier_gets_no_gpu_toleration() -> None:
+    def cpu(doc: dict[str, Any]) -> None:
+        doc["spec"]["tiers"][0]["resources"] = {"gpus": 0, "cpu": "2"}
+        doc["spec"]["tiers"][0]["pool"] = "cpu"
+
+    p = policy(cpu)
+    pod = b.build_tier_deployment(p, p.spec.tier("small"))["spec"]["template"]["spec"]
+    assert "tolerations" not in pod
+    assert "nvidia.com/gpu" not in str(pod["containers"][0].get("resources"))
+
+
+def test_external_tier_deploys_nothing() -> None:
+    def ext(doc: dict[str, Any]) -> None:
+        doc["spec"]["tiers"].append(
+            {
+                "name": "frontier",
+                "model": "gpt-5",
+                "endpoint": {"url": "https://api.example.com/v1"},
+                "price": {"inputPerMillion": "1.25", "outputPerMillion": 10},
+            }
+        )
+
+    p = policy(ext)
+    names = {o["metadata"]["name"] for o in b.build_children(p)}
+    assert not any("frontier" in n for n in names)
+    with pytest.raises(b.BuildError):
+        b.build_tier_deployment(p, p.spec.tier("frontier"))
+
+
+def test_router_deployment_is_restricted_and_mounts_policy_and_classifier() -> None:
+    p = policy()
+    d = b.build_router_deployment(p)
+    pod = d["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert d["spec"]["replicas"] == 2
+    assert pod["serviceAccountName"] == "chat-router"
+    assert pod["nodeSelector"] == {"tiergate.io/pool": "cpu"}
+    assert "tolerations" not in pod
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["args"] == ["serve", "--policy", naming.POLICY_FILE, "--http-port", "8080", "--grpc-port", "50051"]
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["policy"] == naming.POLICY_MOUNT_DIR
+    assert mounts["classifier"] == naming.CLASSIFIER_MOUNT_DIR
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols["classifier"]["configMap"] == {
+        "name": "chat-router-artifact",
+        "items": [{"key": "router.json", "path": "router.json"}],
+    }
+    assert c["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+def test_router_configmap_holds_a_loadable_policy() -> None:
+    p = policy()
+    cm = b.build_router_configmap(p)
+    text = cm["data"][naming.POLICY_FILE_KEY]
+    again = load_policy(text)
+    assert again.spec == p.spec
+    assert again.metadata.namespace == "team-a"
+    assert "uid" not in yaml.safe_load(text)["metadata"]
+
+
+def test_router_rbac_reads_endpointslices_only() -> None:
+    p = policy()
+    role = b.build_router_role(p)
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    rb = b.build_router_rolebinding(p)
+    assert rb["subjects"] == [{"kind": "ServiceAccount", "name": "chat-router", "namespace": "team-a"}]
+
+
+def test_reward_model_on_its_pool() -> None:
+    p = policy()
+    d = b.build_reward_deployment(p)
+    pod = d["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"tiergate.io/pool": "reward"}
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert "--runner" in pod["containers"][0]["args"]
+
+
+def test_no_best_of_n_means_no_reward_children() -> None:
+    p = policy(lambda doc: doc["spec"].pop("bestOfN"))
+    assert not any(o["metadata"]["name"] == "chat-reward" for o in b.build_children(p))
+    with pytest.raises(b.BuildError):
+        b.build_reward_deployment(p)
+
+
+def test_builders_are_deterministic_and_need_uid() -> None:
+    assert b.build_children(policy()) == b.build_children(policy())
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["metadata"]["namespace"] = "x"
+    with pytest.raises(b.BuildError, match="uid"):
+        b.build_children(parse_policy(doc))
+
+
+def test_model_change_changes_only_that_tier() -> None:
+    before = {b.child_key(o): o for o in b.build_children(policy())}
+
+    def change(doc: dict[str, Any]) -> None:
+        doc["spec"]["tiers"][0]["model"] = "Qwen/Qwen3-8B"
+
+    after = {b.child_key(o): o for o in b.build_children(policy(change))}
+    changed = {k for k in before if before[k] != after[k]}
+    assert changed == {("Deployment", "chat-tier-small"), ("ConfigMap", "chat-router")}

@@ -1,0 +1,56 @@
+"""Names, labels and mount paths that the operator writes and the router reads: one place, shared by both.
+
+Children of a RoutingPolicy `P` in its namespace:
+  tier T (deployed):  Deployment, Service, PodDisruptionBudget  `P-tier-T`
+  router:             Deployment, Service, PodDisruptionBudget, ConfigMap (the policy), ServiceAccount,
+                      Role + RoleBinding (read EndpointSlices)    `P-router`
+  reward model:       Deployment, Service, PodDisruptionBudget   `P-reward`
+"""
+
+from __future__ import annotations
+
+from .policy import GROUP
+
+POOL_LABEL = f"{GROUP}/pool"
+POLICY_LABEL = f"{GROUP}/policy"
+TIER_LABEL = f"{GROUP}/tier"
+COMPONENT_LABEL = "app.kubernetes.io/component"
+MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+MANAGED_BY = "tiergate-operator"
+
+COMPONENT_TIER = "model-server"
+COMPONENT_ROUTER = "router"
+COMPONENT_REWARD = "reward-model"
+
+GPU_RESOURCE = "nvidia.com/gpu"
+# The taint the NVIDIA GPU operator and the managed clouds put on GPU nodes; pods asking for GPUs tolerate it.
+GPU_TAINT_KEY = "nvidia.com/gpu"
+
+# Where the router pod finds the policy (a RoutingPolicy manifest, defaults filled in) and the classifier.
+POLICY_MOUNT_DIR = "/etc/tiergate/policy"
+POLICY_FILE_KEY = "policy.yaml"
+POLICY_FILE = f"{POLICY_MOUNT_DIR}/{POLICY_FILE_KEY}"
+CLASSIFIER_MOUNT_DIR = "/etc/tiergate/classifier"
+
+
+def tier_name(policy: str, tier: str) -> str:
+    """Deployment, Service and PDB name of a deployed tier."""
+    return f"{policy}-tier-{tier}"
+
+
+def router_name(policy: str) -> str:
+    return f"{policy}-router"
+
+
+def reward_name(policy: str) -> str:
+    return f"{policy}-reward"
+
+
+def classifier_path(key: str) -> str:
+    """Path of a classifier given as a ConfigMap key, inside the router container."""
+    return f"{CLASSIFIER_MOUNT_DIR}/{key}"
+
+
+def tier_service_url(policy: str, namespace: str, tier: str, port: int) -> str:
+    """In-cluster base URL of a deployed tier's OpenAI API."""
+    return f"http://{tier_name(policy, tier)}.{namespace}.svc:{port}/v1"
