@@ -58,7 +58,7 @@ class MicroBatcher:
         self._wakeup: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tiergate-classifier")
-        self._on_batch = on_batch
+        self.on_batch = on_batch
         self._closed = False
 
     async def score(self, prompts: Sequence[str]) -> list[float]:
@@ -112,8 +112,8 @@ class MicroBatcher:
                     if not f.done():
                         f.set_exception(err)
                 continue
-            if self._on_batch is not None:
-                self._on_batch(len(texts), time.perf_counter() - t0)
+            if self.on_batch is not None:
+                self.on_batch(len(texts), time.perf_counter() - t0)
             by_text = {t: min(max(float(s), 0.0), 1.0) for t, s in zip(texts, scores, strict=True)}
             for t, s in by_text.items():
                 self._cache[t] = s

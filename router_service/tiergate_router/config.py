@@ -11,7 +11,7 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlparse
 
 from tiergate_router.errors import ConfigError
@@ -184,19 +184,123 @@ def _even_thresholds(n: int, two_tier_bp: int) -> tuple[int, ...]:
     return tuple(round(10000 * i / n) for i in range(1, n))
 
 
-def from_policy(policy: Any, *, namespace: str | None = None) -> RouterConfig:
-    """Narrow a typed RoutingPolicy (tiergate.api.policy) to a RouterConfig. Filled in once the model exists."""
-    raise ConfigError("the RoutingPolicy model (tiergate.api.policy) is not available yet")
+class ThresholdSource(Protocol):
+    """What a loaded classifier artifact knows about thresholds (its calibration)."""
+
+    @property
+    def default_threshold_bp(self) -> int: ...
+
+    def threshold_for_share_bp(self, share_bp: int) -> int: ...
 
 
-def load_policy_file(path: Path) -> RouterConfig:
-    """Read the policy file the operator mounts (a RoutingPolicy manifest or its spec) into a RouterConfig."""
+def policy_classifier_path(policy: Any) -> Path | None:
+    """The artifact path inside the router container that the policy names (None: the shipped default)."""
+    from tiergate.api import naming
+
+    ref = policy.spec.router.classifier
+    if ref is None:
+        return None
+    if ref.path is not None:
+        return Path(ref.path)
+    return Path(naming.classifier_path(ref.config_map.key))
+
+
+def from_policy(
+    policy: Any,
+    *,
+    namespace: str | None = None,
+    discovery: bool = False,
+    thresholds: ThresholdSource | None = None,
+    base: RouterConfig | None = None,
+) -> RouterConfig:
+    """Narrow a typed RoutingPolicy (`tiergate.api.policy.RoutingPolicy`) to a RouterConfig.
+
+    Tiers with `endpoint` use that URL. Tiers the operator deploys are reached through their Service: with
+    `discovery`, the pods behind it (EndpointSlices, for per-pod balancing); without, the Service's DNS name.
+    The decision knob: `thresholdBasisPoints` as given; `targetStrongShareBasisPoints` or nothing needs the
+    artifact's calibration (`thresholds`). With more than two tiers the score separates the cheapest tier from the
+    strongest, and the tiers between serve as fallbacks (a two-tier artifact has one score, not N).
+    """
+    from tiergate.api import naming
+
+    spec = policy.spec
+    ns = policy.metadata.namespace or namespace or "default"
+    tiers: list[TierConfig] = []
+    for i, t in enumerate(spec.tiers):
+        # Decimal in the policy (exact money); float here, where it only feeds an estimated-cost counter.
+        pin, pout = float(t.price.input_per_million), float(t.price.output_per_million)
+        if t.endpoint is not None:
+            url = t.endpoint.url.rstrip("/")
+            check_base_url(url, f"spec.tiers[{i}].endpoint.url")
+            tiers.append(
+                TierConfig(
+                    name=t.name,
+                    base_urls=(url,),
+                    served_model=t.model_name,
+                    input_price_per_mtok=pin,
+                    output_price_per_mtok=pout,
+                )
+            )
+        elif discovery:
+            ref = ServiceRef(namespace=ns, name=naming.tier_name(policy.metadata.name, t.name), port=t.engine.port)
+            tiers.append(
+                TierConfig(
+                    name=t.name,
+                    service=ref,
+                    served_model=t.model_name,
+                    input_price_per_mtok=pin,
+                    output_price_per_mtok=pout,
+                )
+            )
+        else:
+            url = naming.tier_service_url(policy.metadata.name, ns, t.name, t.engine.port)
+            tiers.append(
+                TierConfig(
+                    name=t.name,
+                    base_urls=(url,),
+                    served_model=t.model_name,
+                    input_price_per_mtok=pin,
+                    output_price_per_mtok=pout,
+                )
+            )
+    r = spec.router
+    if r.threshold_basis_points is not None:
+        th = int(r.threshold_basis_points)
+    elif thresholds is None:
+        raise ConfigError(
+            "spec.router: sets no thresholdBasisPoints, so the classifier artifact's calibration is "
+            "needed to choose one"
+        )
+    elif r.target_strong_share_basis_points is not None:
+        th = thresholds.threshold_for_share_bp(int(r.target_strong_share_basis_points))
+    else:
+        th = thresholds.default_threshold_bp
+    n = len(tiers)
+    fields: dict[str, Any] = dict(
+        tiers=tuple(tiers),
+        thresholds_bp=(th,) * (n - 1),
+        fallback_order=tuple(spec.effective_fallback_order()),
+        classifier_artifact=policy_classifier_path(policy),
+        connect_timeout_s=float(r.timeouts.connect_seconds),
+        request_timeout_s=float(r.timeouts.request_seconds),
+    )
     try:
-        from tiergate.api.policy import load_policy
-    except ImportError as e:
-        raise ConfigError(f"{path}: cannot read policies: {e}") from e
+        return base.replace(**fields) if base is not None else RouterConfig(**fields)
+    except ConfigError as e:
+        raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def read_policy(path: Path) -> Any:
+    """The typed RoutingPolicy in `path` (a manifest, as the operator mounts it); ConfigError naming the field."""
+    from tiergate.api.errors import PolicyError
+    from tiergate.api.policy import load_policy
+
     try:
-        policy = load_policy(path)
-    except Exception as e:  # the model's own validation errors name the field; keep their text
+        return load_policy(Path(path))
+    except PolicyError as e:
         raise ConfigError(f"{path}: {e}") from e
-    return from_policy(policy)
+
+
+def load_policy_file(path: Path, **kwargs: Any) -> RouterConfig:
+    """Read the policy file the operator mounts into a RouterConfig (kwargs as for `from_policy`)."""
+    return from_policy(read_policy(path), **kwargs)

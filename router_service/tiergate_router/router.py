@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tiergate_router.classifier import Classifier
+from tiergate_router.classifier import Classifier, MicroBatcher
 from tiergate_router.config import RouterConfig
 from tiergate_router.decision import choose_tier, fallback_chain
 from tiergate_router.dispatch import Dispatcher
@@ -36,6 +36,9 @@ class Router:
     def __init__(self, config: RouterConfig, classifier: Classifier, metrics: RouterMetrics | None = None) -> None:
         self.metrics = metrics or RouterMetrics()
         self.classifier = classifier
+        if isinstance(classifier, MicroBatcher) and classifier.on_batch is None:
+            batch_hist = self.metrics.classifier_batch_size
+            classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
         self._background: list[asyncio.Task[None]] = []
 

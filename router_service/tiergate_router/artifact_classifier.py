@@ -1,0 +1,92 @@
+"""The production classifier: a router artifact from `tiergate train` (MiniLM encoder + trained head).
+
+torch is imported only when the encoder is built (inside `load_classifier`), never on import of this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tiergate_router.classifier import MicroBatcher
+from tiergate_router.errors import ClassifierError
+
+BP = 10000
+
+
+def default_artifact_path() -> Path:
+    """The router shipped with the package (trained on the public data's train split, see docs/router.md)."""
+    import tiergate.routing
+
+    folder = Path(tiergate.routing.__file__).parent / "default"
+    candidates = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if len(candidates) != 1:
+        raise ClassifierError(
+            f"the shipped default router is missing from {folder} (expected one .json artifact, "
+            f"found {len(candidates)}); pass an artifact explicitly"
+        )
+    return candidates[0]
+
+
+@dataclass
+class LoadedClassifier:
+    classifier: MicroBatcher
+    source: Path
+    artifact: Any
+    scorer: Any
+
+    @property
+    def default_threshold_bp(self) -> int:
+        return int(self.artifact.default_threshold_bp)
+
+    def threshold_for_share_bp(self, share_bp: int) -> int:
+        try:
+            return int(self.scorer.threshold_for_share(share_bp / BP))
+        except Exception as e:
+            raise ClassifierError(
+                f"{self.source}: cannot turn a target share of {share_bp} bp into a threshold: {e}"
+            ) from e
+
+
+def load_classifier(
+    path: Path | None = None,
+    *,
+    encoder_factory: Callable[[Any], Any] | None = None,
+    max_batch: int = 32,
+    max_wait_s: float = 0.002,
+) -> LoadedClassifier:
+    """Load an artifact and its encoder; ClassifierError (naming the file) for a corrupt or unusable one."""
+    from tiergate.routing.artifact import load_artifact
+    from tiergate.routing.errors import RoutingError
+    from tiergate.routing.scorer import Scorer
+
+    src = Path(path) if path is not None else default_artifact_path()
+    try:
+        art = load_artifact(src)
+    except (RoutingError, OSError, ValueError) as e:
+        raise ClassifierError(f"cannot load router artifact {src}: {e}") from e
+    if art.kind != "two_tier":
+        raise ClassifierError(
+            f"{src}: a {art.kind} artifact; the router service routes with two_tier artifacts "
+            "(one score, thresholds in the policy)"
+        )
+    try:
+        encoder = encoder_factory(art) if encoder_factory is not None else _minilm(art)
+        scorer = Scorer(art, encoder)
+    except (RoutingError, OSError, ValueError) as e:
+        raise ClassifierError(f"{src}: {e}") from e
+
+    def score(prompts: Sequence[str]) -> list[float]:
+        return [float(x) for x in scorer.score(list(prompts))]
+
+    return LoadedClassifier(MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s), src, art, scorer)
+
+
+def _minilm(art: Any) -> Any:
+    from tiergate.routing.encoder import MINILM_ID, MiniLMEncoder
+
+    if art.encoder.id != MINILM_ID:
+        raise ClassifierError(f"artifact needs encoder {art.encoder.id}; this router ships {MINILM_ID}")
+    return MiniLMEncoder(max_tokens=art.encoder.max_tokens)

@@ -1,0 +1,210 @@
+"""`tiergate serve` end to end: the real command in a subprocess, real artifacts and encoder, fake vLLM tiers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tiergate_router.testing.procs import FakeProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_artifact(path: Path, bias: float) -> Path:
+    """A real two-tier artifact whose head ignores the prompt: score = sigmoid(bias). Tests routing plumbing with
+    the real loader, encoder and scorer while keeping the decision predictable."""
+    import numpy as np
+
+    from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, save_artifact
+    from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
+
+    art = RouterArtifact(
+        encoder=EncoderSpec(id=MINILM_ID, dim=MINILM_DIM),
+        kind="two_tier",
+        label_mode="deterministic",
+        tiers=[Tier("small", 0.1), Tier("large", 1.0)],
+        members=[
+            Member(
+                layers=[Layer(np.zeros((MINILM_DIM, 1), np.float32), np.array([bias], np.float32), "identity")],
+                output="sigmoid",
+            )
+        ],
+        calibration=[{"threshold_bp": 5000, "strong_share": 0.3, "quality": 0.5}],
+        provenance={"test": True},
+        default_threshold_bp=5000,
+    )
+    save_artifact(art, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiers() -> Iterator[dict[str, FakeProcess]]:
+    procs = {"small": FakeProcess("small-model", name="small"), "large": FakeProcess("large-model", name="large")}
+    yield procs
+    for p in procs.values():
+        p.kill()
+
+
+class Serve:
+    def __init__(self, *args: str) -> None:
+        self.port = free_port()
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tiergate.cli", "serve", *args, "--port", str(self.port), "--grpc-port", "-1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).read()
+                break
+            except (urllib.error.URLError, OSError):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    out = self.proc.stdout.read() if self.proc.stdout else ""
+                    raise AssertionError(f"tiergate serve did not come up: {out[-3000:]}") from None
+                time.sleep(0.2)
+
+    def chat(self, content: str, model: str = "tiergate") -> tuple[str, dict[str, object]]:
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/v1/chat/completions",
+            data=json.dumps({"model": model, "messages": [{"role": "user", "content": content}]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.headers["x-tiergate-tier"], json.loads(r.read())
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        out, _ = self.proc.communicate(timeout=30)
+        assert self.proc.returncode == 0, out
+        return out
+
+
+@pytest.mark.slow
+def test_serve_with_tier_flags_and_an_artifact_routes(tiers: dict[str, FakeProcess], tmp_path: Path) -> None:
+    art = write_artifact(tmp_path / "router.json", bias=3.0)  # score 0.95 -> strong
+    s = Serve(
+        "--tier", f"small={tiers['small'].base_url}", "--tier", f"large={tiers['large'].base_url}", "--router", str(art)
+    )
+    try:
+        tier, body = s.chat("anything")
+        assert tier == "large"
+        assert body["tiergate"]["score"] == pytest.approx(0.9526, abs=1e-3)  # type: ignore[index]
+        tier, _ = s.chat("anything", model="small")
+        assert tier == "small"
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics") as r:
+            metrics = r.read().decode()
+        assert 'tiergate_router_requests_total{decision="large",outcome="success",tier="large"} 1.0' in metrics
+    finally:
+        out = s.stop()
+    assert "OpenAI API on http://127.0.0.1:" in out
+
+
+def test_serve_single_tier_needs_no_classifier(tiers: dict[str, FakeProcess]) -> None:
+    s = Serve("--tier", f"only={tiers['small'].base_url}")
+    try:
+        tier, body = s.chat("hi")
+        assert tier == "only"
+        assert body["model"] == "small-model"
+    finally:
+        s.stop()
+
+
+def policy_doc(small: str, large: str, threshold_bp: int, artifact: Path) -> dict[str, object]:
+    return {
+        "apiVersion": "tiergate.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "local"},
+        "spec": {
+            "tiers": [
+                {
+                    "name": "small",
+                    "model": "small-model",
+                    "servedModelName": "small-model",
+                    "endpoint": {"url": small},
+                    "price": {"inputPerMillion": "0.1", "outputPerMillion": "0.3"},
+                },
+                {
+                    "name": "large",
+                    "model": "large-model",
+                    "servedModelName": "large-model",
+                    "endpoint": {"url": large},
+                    "price": {"inputPerMillion": 1, "outputPerMillion": 3},
+                },
+            ],
+            "router": {"thresholdBasisPoints": threshold_bp, "classifier": {"path": str(artifact)}},
+        },
+    }
+
+
+@pytest.mark.slow
+def test_serve_policy_file_hot_reload(tiers: dict[str, FakeProcess], tmp_path: Path) -> None:
+    art = write_artifact(tmp_path / "router.json", bias=0.0)  # score 0.5
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(policy_doc(tiers["small"].base_url, tiers["large"].base_url, 6000, art)))
+    s = Serve("-f", str(pol))
+    try:
+        assert s.chat("q")[0] == "small"  # 0.5 < 0.6
+        pol.write_text(yaml.safe_dump(policy_doc(tiers["small"].base_url, tiers["large"].base_url, 4000, art)))
+        deadline = time.monotonic() + 10
+        while s.chat("q")[0] != "large":
+            assert time.monotonic() < deadline, "policy change not picked up"
+            time.sleep(0.2)
+        # a broken policy is refused and the last good one keeps serving
+        pol.write_text(
+            "apiVersion: tiergate.io/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: local}\nspec: {tiers: []}\n"
+        )
+        time.sleep(2.5)
+        assert s.chat("q")[0] == "large"
+        with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics") as r:
+            metrics = r.read().decode()
+        assert 'tiergate_router_policy_reloads_total{result="error"} 1.0' in metrics
+        assert 'tiergate_router_policy_reloads_total{result="success"} 1.0' in metrics
+    finally:
+        out = s.stop()
+    assert "spec.tiers" in out  # the refusal names the field
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ([], "give -f POLICY.yaml or at least one --tier"),
+        (["--tier", "small"], "expected NAME=BASE_URL"),
+        (["--tier", "small=http://127.0.0.1:1/v2"], "must be an OpenAI-compatible base URL ending in /v1"),
+        (["--tier", "a=http://127.0.0.1:1/v1", "--tier", "a=http://127.0.0.1:2/v1"], "given twice"),
+        (["-f", "/nonexistent/policy.yaml"], "cannot read"),
+        (
+            ["--tier", "a=http://127.0.0.1:1/v1", "--tier", "b=http://127.0.0.1:2/v1", "--router", "/nope.json"],
+            "cannot load router artifact",
+        ),
+    ],
+)
+def test_serve_bad_arguments_fail_clearly(args: list[str], needle: str) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", "serve", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
