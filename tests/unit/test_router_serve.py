@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from tiergate_router.testing.procs import FakeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
