@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from typing import Any
 
 import kopf
 
@@ -13,6 +14,7 @@ from .config import OperatorConfig
 from .controller import Controller
 from .errors import LeaseLost
 from .handlers import configure_settings, login_handler, register
+from .health import start_health_server
 from .kube import Kube, load_api_client
 from .leader import LeaderElector
 
@@ -29,6 +31,18 @@ async def serve(cfg: OperatorConfig) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
 
+    health = await start_health_server(cfg.health_port) if cfg.health_port else None
+    try:
+        return await _serve(cfg, api_client, kube, stop, loop)
+    finally:
+        if health is not None:
+            health.close()
+        api_client.close()
+
+
+async def _serve(
+    cfg: OperatorConfig, api_client: Any, kube: Kube, stop: asyncio.Event, loop: asyncio.AbstractEventLoop
+) -> int:
     elector: LeaderElector | None = None
     if cfg.leader_elect:
         elector = LeaderElector(kube, cfg)
@@ -52,7 +66,6 @@ async def serve(cfg: OperatorConfig) -> int:
             standalone=True,
             clusterwide=cfg.namespace is None,
             namespaces=[cfg.namespace] if cfg.namespace else [],
-            liveness_endpoint=f"http://0.0.0.0:{cfg.health_port}/healthz" if cfg.health_port else None,
             stop_flag=stop,
         ),
         name="kopf",
@@ -75,5 +88,4 @@ async def serve(cfg: OperatorConfig) -> int:
         await asyncio.gather(*tasks, return_exceptions=True)
         if elector is not None and not lost:
             await loop.run_in_executor(None, elector.release)
-        api_client.close()
     return 1 if lost else 0

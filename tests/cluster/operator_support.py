@@ -1,0 +1,169 @@
+"""Helpers for the operator's cluster tests: the CRD, an operator subprocess, and waiting on real state."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tiergate.devcluster.cluster import DevCluster
+
+ROOT = Path(__file__).resolve().parents[2]
+SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
+CRD = ROOT / "tiergate" / "api" / "crd.yaml"
+CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets,roles,rolebindings"
+SAMPLE_CHILDREN = 16  # see test_children_of_sample_are_complete_and_ordered
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
+
+
+def install_crd(cluster: DevCluster) -> None:
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    cluster.kubectl("wait", "--for=condition=Established", "crd/routingpolicies.tiergate.io", "--timeout=60s")
+
+
+def kubectl_raw(cluster: DevCluster, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+    """kubectl with its exit status and stderr (cluster.kubectl hides stderr when check=False)."""
+    return subprocess.run(
+        [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def get_json(cluster: DevCluster, *args: str) -> Any:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json"))
+
+
+def sample_doc() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(SAMPLE.read_text())
+    return doc
+
+
+def apply_policy(cluster: DevCluster, ns: str, doc: dict[str, Any]) -> None:
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+
+def classifier_configmap(cluster: DevCluster, ns: str, name: str = "chat-router-artifact") -> None:
+    """The sample's router mounts this ConfigMap (what `tiergate train` writes); a real kubelet would not start
+    the router without it, so the tests create it as a user would."""
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"router.json": "{}"}}
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(cm))
+
+
+def policy(cluster: DevCluster, ns: str, name: str) -> dict[str, Any] | None:
+    r = kubectl_raw(cluster, "get", "routingpolicy", name, "-n", ns, "-o", "json")
+    return json.loads(r.stdout) if r.returncode == 0 else None
+
+
+def condition(p: dict[str, Any] | None, type_: str) -> dict[str, Any]:
+    for c in ((p or {}).get("status") or {}).get("conditions") or []:
+        if c.get("type") == type_:
+            return dict(c)
+    return {}
+
+
+def wait_ready(cluster: DevCluster, ns: str, name: str, timeout: float = 90.0) -> dict[str, Any]:
+    """Ready=True for the policy's current generation."""
+
+    def ready() -> dict[str, Any] | None:
+        p = policy(cluster, ns, name)
+        if p is None:
+            return None
+        gen = p["metadata"]["generation"]
+        c = condition(p, "Ready")
+        if (
+            c.get("status") == "True"
+            and c.get("observedGeneration") == gen
+            and p["status"].get("observedGeneration") == gen
+        ):
+            return p
+        return None
+
+    result: dict[str, Any] = wait_for(f"RoutingPolicy {ns}/{name} Ready", ready, timeout)
+    return result
+
+
+def children(cluster: DevCluster, ns: str, policy_name: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(cluster, CHILD_KINDS, "-n", ns, "-l", f"tiergate.io/policy={policy_name}")[
+        "items"
+    ]
+    return items
+
+
+def child_keys(items: list[dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(i["kind"], i["metadata"]["name"]) for i in items}
+
+
+class Operator:
+    """`tiergate operator` as a subprocess, exactly as a user starts it; its log is kept for failure messages."""
+
+    def __init__(self, cluster: DevCluster, log_dir: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.cluster = cluster
+        self.args = list(args)
+        self.env = env or {}
+        self.log_dir = log_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"operator-{self.starts}.log"
+
+    def start(self) -> Operator:
+        self.starts += 1
+        env = {**os.environ, "KUBECONFIG": str(self.cluster.kubeconfig), **self.env}
+        env.pop("KUBERNETES_SERVICE_HOST", None)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tiergate.cli", "operator", *self.args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+        return self
+
+    def log(self) -> str:
+        return "\n".join(
+            (self.log_dir / f"operator-{i}.log").read_text(errors="replace")[-6000:] for i in range(1, self.starts + 1)
+        )
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to finish anything or release the lease."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None

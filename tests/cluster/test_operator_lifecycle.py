@@ -1,0 +1,261 @@
+"""The operator against the real control plane: the sample comes up on the right pools, updates roll, removed
+tiers go, deleted policies are garbage-collected, deleted children come back, status tells the truth."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from operator_support import (
+    SAMPLE,
+    SAMPLE_CHILDREN,
+    Operator,
+    apply_policy,
+    child_keys,
+    children,
+    classifier_configmap,
+    condition,
+    get_json,
+    install_crd,
+    kubectl_raw,
+    policy,
+    sample_doc,
+    wait_for,
+    wait_ready,
+)
+
+from tiergate.devcluster.cluster import DevCluster
+
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: DevCluster) -> None:
+    install_crd(cluster)
+
+
+@pytest.fixture
+def operator(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    op = Operator(cluster, tmp_path, "--namespace", namespace).start()
+    yield op
+    rc = op.stop()
+    print(op.log())
+    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
+
+
+def _pool_of_pods(cluster: DevCluster, ns: str, selector: str) -> list[str]:
+    pods = get_json(cluster, "pods", "-n", ns, "-l", selector)["items"]
+    pools = []
+    for p in pods:
+        node = p["spec"].get("nodeName")
+        assert node, f"pod {p['metadata']['name']} not scheduled: {p['status']}"
+        labels = get_json(cluster, "node", node)["metadata"]["labels"]
+        pools.append(labels["tiergate.io/pool"])
+    return pools
+
+
+def test_sample_policy_comes_up_on_the_right_pools(cluster: DevCluster, namespace: str, operator: Operator) -> None:
+    classifier_configmap(cluster, namespace)
+    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLE))
+    p = wait_ready(cluster, namespace, "chat")
+    assert p["status"]["observedGeneration"] == p["metadata"]["generation"] == 1
+    assert p["status"]["readyTiers"] == "2/2"
+    assert p["status"]["routerEndpoint"] == f"http://chat-router.{namespace}.svc:8080/v1"
+    assert [(t["name"], t["readyReplicas"]) for t in p["status"]["tiers"]] == [("small", 2), ("large", 1)]
+
+    items = children(cluster, namespace, "chat")
+    assert len(items) == SAMPLE_CHILDREN, sorted(child_keys(items))
+    for obj in items:
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert ref["uid"] == p["metadata"]["uid"]
+        assert ref["controller"] is True
+        assert obj["metadata"]["labels"]["app.kubernetes.io/managed-by"] == "tiergate-operator"
+
+    expected = {
+        "tiergate.io/tier=small": ("gpu-small", 2),
+        "tiergate.io/tier=large": ("gpu-large", 1),
+        "app.kubernetes.io/component=router": ("cpu", 2),
+        "app.kubernetes.io/component=reward-model": ("reward", 1),
+    }
+    for selector, (pool, count) in expected.items():
+        pools = _pool_of_pods(cluster, namespace, f"tiergate.io/policy=chat,{selector}")
+        assert pools == [pool] * count, f"{selector}: {pools}"
+
+    table = cluster.kubectl("get", "rp", "-n", namespace)
+    assert "small,large" in table
+    assert "True" in table
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
+    assert "Created" in events
+    assert "Ready" in events
+
+
+def _deployment(cluster: DevCluster, ns: str, name: str) -> dict[str, Any]:
+    d: dict[str, Any] = get_json(cluster, "deployment", name, "-n", ns)
+    return d
+
+
+def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, namespace: str, operator: Operator) -> None:
+    classifier_configmap(cluster, namespace)
+    doc = sample_doc()
+    apply_policy(cluster, namespace, doc)
+    wait_ready(cluster, namespace, "chat")
+    before = _deployment(cluster, namespace, "chat-tier-small")
+    large_before = _deployment(cluster, namespace, "chat-tier-large")
+
+    # 1. A new model and extra args for the small tier: its Deployment rolls (new ReplicaSet), nothing else does.
+    doc2 = copy.deepcopy(doc)
+    doc2["spec"]["tiers"][0]["model"] = "Qwen/Qwen3-8B"
+    doc2["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
+    apply_policy(cluster, namespace, doc2)
+    p = wait_ready(cluster, namespace, "chat")
+    assert p["metadata"]["generation"] == 2
+    after = _deployment(cluster, namespace, "chat-tier-small")
+    assert after["metadata"]["generation"] > before["metadata"]["generation"]
+    args = after["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[:2] == ["--model", "Qwen/Qwen3-8B"]
+    assert "--enable-prefix-caching" in args
+    rs = get_json(cluster, "replicasets", "-n", namespace, "-l", "tiergate.io/tier=small")["items"]
+    assert len(rs) == 2, "a rollout makes a second ReplicaSet"
+    new_rs = max(rs, key=lambda r: int(r["metadata"]["annotations"]["deployment.kubernetes.io/revision"]))
+    assert new_rs["status"].get("readyReplicas") == 2
+    assert (
+        _deployment(cluster, namespace, "chat-tier-large")["metadata"]["generation"]
+        == large_before["metadata"]["generation"]
+    )
+    cm = get_json(cluster, "configmap", "chat-router", "-n", namespace)
+    assert "Qwen/Qwen3-8B" in cm["data"]["policy.yaml"]
+
+    # 2. Remove the large tier (and what referred to it): its Deployment, Service and PDB go, the rest stays.
+    doc3 = copy.deepcopy(doc2)
+    doc3["spec"]["tiers"] = [t for t in doc3["spec"]["tiers"] if t["name"] != "large"]
+    doc3["spec"]["router"]["fallbackOrder"] = ["small"]
+    doc3["spec"]["shadow"]["baselineTier"] = "small"
+    apply_policy(cluster, namespace, doc3)
+    wait_for(
+        "large tier's children deleted",
+        lambda: not any("chat-tier-large" in n for _, n in child_keys(children(cluster, namespace, "chat"))),
+        timeout=60,
+    )
+    p = wait_ready(cluster, namespace, "chat")
+    assert p["status"]["readyTiers"] == "1/1"
+    assert len(children(cluster, namespace, "chat")) == SAMPLE_CHILDREN - 3
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
+    assert "Deleted" in events
+
+    # 3. Delete the policy: garbage collection removes every child (and their pods).
+    cluster.kubectl("delete", "routingpolicy", "chat", "-n", namespace, "--wait=true", "--timeout=60s")
+    wait_for("all children garbage-collected", lambda: children(cluster, namespace, "chat") == [], timeout=90)
+    wait_for(
+        "all pods gone",
+        lambda: get_json(cluster, "pods", "-n", namespace, "-l", "tiergate.io/policy=chat")["items"] == [],
+        timeout=90,
+    )
+
+
+def test_deleted_and_edited_children_are_restored(cluster: DevCluster, namespace: str, operator: Operator) -> None:
+    classifier_configmap(cluster, namespace)
+    cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLE))
+    wait_ready(cluster, namespace, "chat")
+    original = {
+        k: o["metadata"]["uid"]
+        for o in children(cluster, namespace, "chat")
+        for k in [(o["kind"], o["metadata"]["name"])]
+    }
+
+    for kind, name in [("deployment", "chat-tier-small"), ("service", "chat-router"), ("configmap", "chat-router")]:
+        cluster.kubectl("delete", kind, name, "-n", namespace, "--wait=true")
+
+    def restored() -> bool:
+        now = {(o["kind"], o["metadata"]["name"]): o["metadata"]["uid"] for o in children(cluster, namespace, "chat")}
+        return (
+            set(now) == set(original)
+            and now[("Deployment", "chat-tier-small")] != original[("Deployment", "chat-tier-small")]
+            and now[("Service", "chat-router")] != original[("Service", "chat-router")]
+            and now[("ConfigMap", "chat-router")] != original[("ConfigMap", "chat-router")]
+        )
+
+    wait_for("deleted children restored", restored, timeout=60)
+    wait_ready(cluster, namespace, "chat")
+
+    # A hand edit of a field the operator owns is reverted.
+    cluster.kubectl("scale", "deployment", "chat-tier-large", "-n", namespace, "--replicas=3")
+    wait_for(
+        "hand-scaled tier back to its policy's replicas",
+        lambda: _deployment(cluster, namespace, "chat-tier-large")["spec"]["replicas"] == 1,
+        timeout=60,
+    )
+
+
+def test_unschedulable_tier_is_degraded(cluster: DevCluster, namespace: str, operator: Operator) -> None:
+    classifier_configmap(cluster, namespace)
+    doc = sample_doc()
+    doc["spec"]["tiers"][1]["resources"]["gpus"] = 16  # the biggest node has 8
+    apply_policy(cluster, namespace, doc)
+
+    def degraded() -> dict[str, Any] | None:
+        c = condition(policy(cluster, namespace, "chat"), "Degraded")
+        return c if c.get("status") == "True" else None
+
+    c = wait_for("Degraded=True", degraded, timeout=90)
+    assert c["reason"] == "Unschedulable"
+    assert "tier large" in c["message"]
+    assert "Insufficient nvidia.com/gpu" in c["message"], c["message"]
+    p = policy(cluster, namespace, "chat")
+    ready = condition(p, "Ready")
+    assert ready["status"] == "False"
+    assert ready["reason"] == "Unschedulable"
+    assert p is not None
+    assert p["status"]["readyTiers"] == "1/2"
+    events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
+    assert "Unschedulable" in events
+
+    # Fix the spec: Degraded clears and the policy becomes Ready.
+    doc["spec"]["tiers"][1]["resources"]["gpus"] = 4
+    apply_policy(cluster, namespace, doc)
+    p = wait_ready(cluster, namespace, "chat")
+    assert condition(p, "Degraded")["status"] == "False"
+
+
+def test_autoscaler_owned_replicas_are_left_alone(cluster: DevCluster, namespace: str, operator: Operator) -> None:
+    classifier_configmap(cluster, namespace)
+    doc = sample_doc()
+    doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
+    apply_policy(cluster, namespace, doc)
+    wait_ready(cluster, namespace, "chat")
+    # An autoscaler (here: a person with kubectl scale) sets 3 replicas.
+    cluster.kubectl("scale", "deployment", "chat-tier-small", "-n", namespace, "--replicas=3")
+    # A spec change makes the operator apply again; the autoscaler's count must survive it.
+    doc["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
+    apply_policy(cluster, namespace, doc)
+    p = wait_ready(cluster, namespace, "chat")
+    d = _deployment(cluster, namespace, "chat-tier-small")
+    assert d["spec"]["replicas"] == 3
+    assert "--enable-prefix-caching" in d["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert p["status"]["tiers"][0]["desiredReplicas"] == 3
+    managers = {m["manager"] for m in d["metadata"]["managedFields"] if "f:replicas" in json.dumps(m.get("fieldsV1"))}
+    assert "tiergate-operator" not in managers
+
+
+def test_external_tier_deploys_nothing_and_counts_ready(
+    cluster: DevCluster, namespace: str, operator: Operator
+) -> None:
+    classifier_configmap(cluster, namespace)
+    doc = sample_doc()
+    doc["spec"]["tiers"].append(
+        {
+            "name": "frontier",
+            "model": "gpt-5",
+            "endpoint": {"url": "https://api.example.com/v1"},
+            "price": {"inputPerMillion": "1.25", "outputPerMillion": 10},
+        }
+    )
+    apply_policy(cluster, namespace, doc)
+    p = wait_ready(cluster, namespace, "chat")
+    assert p["status"]["readyTiers"] == "3/3"
+    assert not any("frontier" in n for _, n in child_keys(children(cluster, namespace, "chat")))
+    r = kubectl_raw(cluster, "get", "rp", "chat", "-n", namespace, "-o", "jsonpath={.spec.tiers[2].price}")
+    assert json.loads(r.stdout) == {"inputPerMillion": "1.25", "outputPerMillion": 10}

@@ -1,0 +1,157 @@
+"""The Helm chart and the kubebuilder-style manifests: lint, render, and install for real under the restricted
+Pod Security Standard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+from operator_support import ROOT, get_json, install_crd, kubectl_raw, wait_for
+
+from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.errors import StartError
+
+pytestmark = pytest.mark.cluster
+
+CHART = ROOT / "charts" / "tiergate"
+
+
+def _render(cluster: DevCluster, *args: str) -> list[dict[str, Any]]:
+    out = cluster.helm("template", "tg", str(CHART), "--namespace", "ops", *args)
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def _one(docs: list[dict[str, Any]], kind: str, name_part: str = "") -> dict[str, Any]:
+    (doc,) = [d for d in docs if d["kind"] == kind and name_part in d["metadata"]["name"]]
+    return doc
+
+
+def test_helm_lint_with_every_scenario(cluster: DevCluster) -> None:
+    cluster.helm("lint", "--strict", str(CHART))
+    for values in sorted((CHART / "ci").glob("*.yaml")):
+        cluster.helm("lint", "--strict", str(CHART), "-f", str(values))
+
+
+def test_default_render_is_ha_and_restricted(cluster: DevCluster) -> None:
+    docs = _render(cluster)
+    dep = _one(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["command"] == ["tiergate", "operator"]
+    assert "--leader-elect" in c["args"]
+    assert not any(a.startswith("--namespace") for a in c["args"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    labels = dep["metadata"]["labels"]
+    assert labels["app.kubernetes.io/managed-by"] == "Helm"
+    assert labels["app.kubernetes.io/part-of"] == "tiergate"
+    # The chart's operator ClusterRole and manifests/rbac grant exactly the same rules.
+    role = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "tg-tiergate-operator"]
+    assert len(role) == 1
+    chart_rules = role[0]["rules"]
+    manifest_rules = yaml.safe_load((ROOT / "manifests" / "rbac" / "role.yaml").read_text())["rules"]
+    assert chart_rules == manifest_rules
+    lease_role = _one(docs, "Role", "leader-election")
+    assert {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]} in lease_role["rules"]
+    assert _one(docs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    # CRDs come from crds/, which `helm template` leaves out unless asked.
+    assert not any(d["kind"] == "CustomResourceDefinition" for d in docs)
+    with_crds = _render(cluster, "--include-crds")
+    crd = _one(with_crds, "CustomResourceDefinition")
+    assert crd["metadata"]["name"] == "routingpolicies.tiergate.io"
+
+
+def test_namespaced_scenario_uses_a_role_only(cluster: DevCluster) -> None:
+    docs = _render(cluster, "-f", str(CHART / "ci" / "namespaced-values.yaml"))
+    dep = _one(docs, "Deployment")
+    assert "--namespace=team-a" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--no-leader-elect" in dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(d["kind"] in ("ClusterRole", "ClusterRoleBinding") for d in docs)
+    role = _one(docs, "Role")
+    assert role["metadata"]["namespace"] == "team-a"
+    assert not any(d["kind"] == "PodDisruptionBudget" for d in docs)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--set", "workers=0"],
+        ["--set", "image.pullPolicy=Sometimes"],
+        ["--set", "watchNamespace=Not_A_Namespace"],
+        ["--set", "unknownValue=1"],
+        ["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"],
+    ],
+    ids=["workers", "pullPolicy", "namespace", "unknown", "ha-without-lease"],
+)
+def test_bad_values_are_refused(cluster: DevCluster, bad: list[str]) -> None:
+    with pytest.raises(StartError):
+        cluster.helm("template", "tg", str(CHART), *bad)
+
+
+def test_chart_installs_under_restricted_pod_security(cluster: DevCluster, namespace: str) -> None:
+    install_crd(cluster)
+    cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
+    release = f"tg{namespace[-6:]}"
+    cluster.helm("install", release, str(CHART), "--namespace", namespace, "--skip-crds", "--wait", "--timeout", "90s")
+    try:
+        dep = get_json(cluster, "deployment", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}")
+        (d,) = dep["items"]
+        wait_for(
+            "operator pods admitted and ready",
+            lambda: (
+                get_json(cluster, "deployment", d["metadata"]["name"], "-n", namespace)["status"].get("readyReplicas")
+                == 2
+            ),
+            timeout=60,
+        )
+        status = cluster.helm("status", release, "--namespace", namespace)
+        assert "STATUS: deployed" in status
+    finally:
+        cluster.helm("uninstall", release, "--namespace", namespace, check=False)
+
+
+def test_kustomize_default_applies_for_real(cluster: DevCluster) -> None:
+    out = cluster.kubectl("kustomize", str(ROOT / "manifests" / "default"))
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert "CustomResourceDefinition" in kinds
+    assert kinds.count("ClusterRole") == 3
+    dep = _one(docs, "Deployment")
+    assert dep["metadata"]["namespace"] == "tiergate-system"
+    assert dep["spec"]["replicas"] == 2
+    for d in docs:
+        if d["kind"] in ("Deployment", "ServiceAccount", "Role", "RoleBinding"):
+            assert d["metadata"]["namespace"] == "tiergate-system", d["metadata"]["name"]
+
+    # A real server-side apply (a dry run cannot create the namespace its other objects need), then a dry run
+    # of the same on top, which must pass too.
+    r = kubectl_raw(cluster, "apply", "--server-side", "--force-conflicts", "-k", str(ROOT / "manifests" / "default"))
+    try:
+        assert r.returncode == 0, r.stderr
+        wait_for(
+            "operator Deployment from manifests/ admitted (restricted PSS) and ready",
+            lambda: (
+                get_json(cluster, "deployment", "tiergate-operator", "-n", "tiergate-system")["status"].get(
+                    "readyReplicas"
+                )
+                == 2
+            ),
+            timeout=60,
+        )
+        r2 = kubectl_raw(cluster, "apply", "--dry-run=server", "-k", str(ROOT / "manifests" / "default"))
+        assert r2.returncode == 0, r2.stderr
+    finally:
+        for d in docs:
+            if d["kind"] in ("CustomResourceDefinition", "Namespace"):
+                continue  # the CRD is shared with the other tests; the namespace goes last
+            kind = d["kind"].lower()
+            args = ["delete", kind, d["metadata"]["name"], "--ignore-not-found", "--wait=false"]
+            if d["metadata"].get("namespace"):
+                args += ["-n", d["metadata"]["namespace"]]
+            kubectl_raw(cluster, *args)
+        kubectl_raw(cluster, "delete", "namespace", "tiergate-system", "--wait=false", "--ignore-not-found")

@@ -1,0 +1,234 @@
+"""Crashes, restarts, two replicas, and least-privilege RBAC, against the real control plane."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from operator_support import (
+    ROOT,
+    SAMPLE_CHILDREN,
+    Operator,
+    apply_policy,
+    child_keys,
+    children,
+    classifier_configmap,
+    get_json,
+    install_crd,
+    sample_doc,
+    wait_for,
+    wait_ready,
+)
+
+from tiergate.devcluster.cluster import DevCluster
+
+pytestmark = pytest.mark.cluster
+
+POLICIES = 8
+
+
+@pytest.fixture(scope="module")
+def crd(cluster: DevCluster) -> None:
+    install_crd(cluster)
+
+
+def _named(i: int) -> dict[str, Any]:
+    doc = copy.deepcopy(sample_doc())
+    doc["metadata"]["name"] = f"p{i}"
+    # Keep the GPU pools roomy enough for all of them: the small tier gets one replica, the large tier none.
+    doc["spec"]["tiers"][0]["replicas"] = {"min": 1}
+    doc["spec"]["tiers"][1]["replicas"] = {"min": 0}
+    doc["spec"]["bestOfN"]["rewardModel"]["replicas"] = 0
+    doc["spec"]["router"]["replicas"] = 1
+    return doc
+
+
+def _all_children(cluster: DevCluster, ns: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(
+        cluster,
+        "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets,roles,rolebindings,replicasets",
+        "-n",
+        ns,
+        "-l",
+        "tiergate.io/policy",
+    )["items"]
+    return items
+
+
+def test_killed_mid_reconcile_then_restarted_leaves_no_duplicates_or_orphans(
+    cluster: DevCluster, crd: None, namespace: str, tmp_path: Path
+) -> None:
+    classifier_configmap(cluster, namespace)
+    op = Operator(cluster, tmp_path, "--namespace", namespace).start()
+    try:
+        for i in range(POLICIES):
+            apply_policy(cluster, namespace, _named(i))
+        # Kill it while it is part-way: some children exist, not all.
+        total = POLICIES * SAMPLE_CHILDREN
+        seen = wait_for(
+            "the first children",
+            lambda: _children_of_policies(cluster, namespace),
+            timeout=60,
+            interval=0.05,
+        )
+        op.kill()
+        partial = len(_children_of_policies(cluster, namespace))
+        print(f"killed with {partial}/{total} children created (first seen: {len(seen)})")
+
+        # While it is down, a policy loses a tier and another is deleted.
+        doc = _named(0)
+        doc["spec"]["tiers"] = [doc["spec"]["tiers"][0]]
+        doc["spec"]["router"]["fallbackOrder"] = ["small"]
+        doc["spec"]["shadow"]["baselineTier"] = "small"
+        apply_policy(cluster, namespace, doc)
+        cluster.kubectl("delete", "routingpolicy", f"p{POLICIES - 1}", "-n", namespace, "--wait=false")
+
+        op.start()
+        for i in range(POLICIES - 1):
+            wait_ready(cluster, namespace, f"p{i}", timeout=120)
+    finally:
+        op.stop()
+        print(op.log())
+
+    # No duplicates: exactly the expected set, every object once, one ReplicaSet per Deployment.
+    items = _all_children(cluster, namespace)
+    by_kind = Counter(i["kind"] for i in items)
+    keys = [(i["kind"], i["metadata"]["name"]) for i in items]
+    assert len(keys) == len(set(keys))
+    wait_for(
+        "deleted policy's children collected",
+        lambda: (
+            not any(
+                i["metadata"]["labels"]["tiergate.io/policy"] == f"p{POLICIES - 1}"
+                for i in _all_children(cluster, namespace)
+            )
+        ),
+        timeout=90,
+    )
+    items = _all_children(cluster, namespace)
+    owners = {p["metadata"]["uid"] for p in get_json(cluster, "routingpolicies", "-n", namespace)["items"]}
+    for i in items:
+        if i["kind"] == "ReplicaSet":
+            continue
+        refs = [r["uid"] for r in i["metadata"].get("ownerReferences", [])]
+        assert refs, f"orphan {i['kind']} {i['metadata']['name']}: no owner"
+        assert refs[0] in owners, f"orphan {i['kind']} {i['metadata']['name']}: owner gone"
+    names = child_keys([i for i in items if i["kind"] != "ReplicaSet"])
+    assert ("Deployment", "p0-tier-large") not in names, "the tier removed while the operator was down is pruned"
+    assert len(names) == (POLICIES - 1) * SAMPLE_CHILDREN - 3
+    rs = Counter(i["metadata"]["ownerReferences"][0]["name"] for i in items if i["kind"] == "ReplicaSet")
+    assert all(n == 1 for n in rs.values()), rs
+    pods = get_json(cluster, "pods", "-n", namespace, "-l", "tiergate.io/policy")["items"]
+    per_deployment = Counter(
+        p["metadata"]["labels"]["tiergate.io/policy"] for p in pods if not p["metadata"].get("deletionTimestamp")
+    )
+    # Each policy: small tier 1 + router 1.
+    assert all(n == 2 for n in per_deployment.values()), per_deployment
+    assert by_kind["Deployment"] >= (POLICIES - 1) * 3
+
+
+def _children_of_policies(cluster: DevCluster, ns: str) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = get_json(
+        cluster, "deployments,services,configmaps,poddisruptionbudgets", "-n", ns, "-l", "tiergate.io/policy"
+    )["items"]
+    return items
+
+
+def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> None:
+    env = {"TIERGATE_OPERATOR_LEASE_DURATION_SECONDS": "4", "TIERGATE_OPERATOR_LEASE_RENEW_SECONDS": "1"}
+    args = ("--namespace", namespace, "--leader-elect", "--lease-namespace", namespace)
+    a = Operator(cluster, tmp_path / "a", *args, env={**env, "POD_NAME": "op-a"})
+    b = Operator(cluster, tmp_path / "b", *args, env={**env, "POD_NAME": "op-b"})
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    classifier_configmap(cluster, namespace)
+    try:
+        a.start()
+        wait_for("a holds the lease", lambda: _holder(cluster, namespace) == "op-a", timeout=30)
+        b.start()
+        apply_policy(cluster, namespace, sample_doc())
+        wait_ready(cluster, namespace, "chat")
+        time.sleep(2)
+        assert "reconciled" in a.log()
+        assert "reconciled" not in b.log(), "the standby must not write"
+        assert b.alive()
+
+        a.kill()  # no release: b must wait out the lease, then take over
+        wait_for("b takes the lease", lambda: _holder(cluster, namespace) == "op-b", timeout=30)
+        cluster.kubectl("delete", "deployment", "chat-tier-small", "-n", namespace)
+        wait_for(
+            "the new leader restores a deleted child",
+            lambda: ("Deployment", "chat-tier-small") in child_keys(children(cluster, namespace, "chat")),
+            timeout=30,
+        )
+        assert "reconciled" in b.log()
+        assert b.stop() == 0
+        assert _holder(cluster, namespace) == "", "a graceful stop releases the lease"
+    finally:
+        a.stop()
+        b.stop()
+        print(a.log(), b.log())
+
+
+def _holder(cluster: DevCluster, ns: str) -> str | None:
+    r = get_json(cluster, "leases", "-n", ns)["items"]
+    for lease in r:
+        if lease["metadata"]["name"] == "tiergate-operator":
+            return str(lease["spec"].get("holderIdentity") or "")
+    return None
+
+
+def test_operator_works_with_only_the_shipped_rbac(
+    cluster: DevCluster, crd: None, namespace: str, tmp_path: Path
+) -> None:
+    """Run the operator as a ServiceAccount bound to manifests/rbac/role.yaml (and nothing else)."""
+    role = yaml.safe_load((ROOT / "manifests" / "rbac" / "role.yaml").read_text())
+    role["metadata"]["name"] = f"tiergate-operator-{namespace}"
+    cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
+    try:
+        cluster.kubectl("create", "serviceaccount", "op", "-n", namespace)
+        cluster.kubectl(
+            "create",
+            "rolebinding",
+            "op",
+            "-n",
+            namespace,
+            f"--clusterrole={role['metadata']['name']}",
+            f"--serviceaccount={namespace}:op",
+        )
+        token = cluster.kubectl("create", "token", "op", "-n", namespace, "--duration=1h").strip()
+        admin = yaml.safe_load(cluster.kubeconfig.read_text())
+        cluster_entry = admin["clusters"][0]
+        kc = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [cluster_entry],
+            "users": [{"name": "op", "user": {"token": token}}],
+            "contexts": [
+                {"name": "op", "context": {"cluster": cluster_entry["name"], "user": "op", "namespace": namespace}}
+            ],
+            "current-context": "op",
+        }
+        kc_path = tmp_path / "op.kubeconfig"
+        kc_path.write_text(yaml.safe_dump(kc))
+        # Sanity: this identity really is limited (it cannot read Secrets).
+        denied = cluster.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, kubeconfig=kc_path, check=False)
+        assert denied.strip() != "yes"
+        classifier_configmap(cluster, namespace)
+        op = Operator(cluster, tmp_path, "--namespace", namespace, "--kubeconfig", str(kc_path))
+        op.start()
+        try:
+            apply_policy(cluster, namespace, sample_doc())
+            wait_ready(cluster, namespace, "chat")
+            assert len(children(cluster, namespace, "chat")) == SAMPLE_CHILDREN
+            assert "Forbidden" not in op.log(), op.log()
+        finally:
+            op.stop()
+    finally:
+        cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found", check=False)
