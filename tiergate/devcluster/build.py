@@ -238,9 +238,10 @@ def ensure_component(cache: Path, comp: versions.Component, say: Say) -> Path:
     say(f"building {comp.key} (log: {log}) ...")
     with tempfile.TemporaryDirectory(prefix=f".{comp.key}.", dir=final.parent) as tmp:
         tmpdir = Path(tmp)
-        out = tmpdir / "out"
+        out, work = tmpdir / "out", tmpdir / "work"
         out.mkdir()
-        _BUILDERS[name](tmpdir / "work", out, log)
+        work.mkdir()
+        _BUILDERS[name](work, out, log)
         missing = [b for b in comp.binaries if not (out / b).is_file()]
         if missing:
             raise BuildError(f"{comp.key}: build finished without {missing}; log {log}")

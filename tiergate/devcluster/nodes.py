@@ -67,11 +67,8 @@ def node_manifest(pool: Pool, i: int) -> dict[str, object]:
             "annotations": {KWOK_ANNOTATION[0]: KWOK_ANNOTATION[1], "node.alpha.kubernetes.io/ttl": "0"},
         },
         "spec": {"taints": taints},
-        "status": {
-            "capacity": capacity,
-            "allocatable": capacity,
-            "nodeInfo": {"architecture": "amd64", "operatingSystem": "linux", "kubeletVersion": "fake"},
-        },
+        # kwok's node-initialize stage fills in conditions, addresses and nodeInfo; capacity is ours to set.
+        "status": {"capacity": capacity, "allocatable": capacity},
     }
 
 
