@@ -36,6 +36,8 @@ class ServeOptions:
     grace_s: float = 10.0
     # Discover tier pods through EndpointSlices (needs Kubernetes credentials).
     discovery: bool = False
+    # A kubernetes.client.ApiClient to discover with; None: in-cluster credentials, else KUBECONFIG.
+    kube_api_client: Any = None
 
 
 class RouterServer:
@@ -83,7 +85,9 @@ class RouterServer:
         if self.options.discovery:
             from tiergate_router.discovery import EndpointSliceDiscovery
 
-            self._discovery = EndpointSliceDiscovery(self.router.dispatcher.set_discovered)
+            self._discovery = EndpointSliceDiscovery(
+                self.router.dispatcher.set_discovered, api_client=self.options.kube_api_client
+            )
             self._discovery.watch(self.router.config)
         log.info(
             "router serving OpenAI HTTP on %s:%d%s",

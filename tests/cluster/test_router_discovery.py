@@ -1,0 +1,187 @@
+"""EndpointSlice discovery against the real control plane: tier pods on kwok GPU nodes get IPs in the test
+network namespace, fake vLLM servers bind those IPs, and the router (in the host namespace) finds them through
+EndpointSlices, following pods that become unready, disappear or appear."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from tiergate_router.classifier import MicroBatcher
+from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
+from tiergate_router.server import RouterServer, ServeOptions
+from tiergate_router.testing.harness import LoopThread
+from tiergate_router.testing.procs import FakeProcess
+from tiergate_router.testing.scorers import KeywordScorer
+
+from tiergate.devcluster.cluster import DevCluster
+
+PORT = 8000
+
+
+def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
+
+
+def tier_objects(name: str, replicas: int) -> str:
+    labels = {"app": name}
+    docs = [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "nodeSelector": {"tiergate.io/pool": "gpu-small"},
+                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                        "containers": [
+                            {
+                                "name": "vllm",
+                                "image": "vllm/vllm-openai:v0.11.0",
+                                "ports": [{"containerPort": PORT, "name": "http"}],
+                                "resources": {"limits": {"nvidia.com/gpu": "1"}},
+                            }
+                        ],
+                    },
+                },
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name},
+            "spec": {"selector": labels, "ports": [{"name": "http", "port": PORT, "targetPort": PORT}]},
+        },
+    ]
+    return "\n---\n".join(json.dumps(d) for d in docs)
+
+
+def ready_pod_ips(cluster: DevCluster, ns: str, app: str) -> dict[str, str]:
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-l", f"app={app}", "-o", "json"))["items"]
+    out = {}
+    for p in pods:
+        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+        if ready and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"):
+            out[p["metadata"]["name"]] = p["status"]["podIP"]
+    return out
+
+
+@pytest.fixture
+def fakes() -> Iterator[dict[str, FakeProcess]]:
+    procs: dict[str, FakeProcess] = {}
+    yield procs
+    for p in procs.values():
+        p.kill()
+
+
+def start_fake(cluster: DevCluster, procs: dict[str, FakeProcess], pod: str, ip: str) -> None:
+    procs[pod] = FakeProcess("small-model", name=pod, host=ip, port=PORT, prefix=cluster.netns_cmd([]))
+
+
+def test_router_follows_endpointslices(
+    cluster: DevCluster, namespace: str, k8s_api: Any, fakes: dict[str, FakeProcess]
+) -> None:
+    if cluster.pod_netns is None:
+        pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
+    name = "chat-tier-small"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=tier_objects(name, 2))
+    ips = wait_for(
+        "two Ready pods", lambda: (lambda d: d if len(d) == 2 else None)(ready_pod_ips(cluster, namespace, name))
+    )
+    assert all(ip.startswith("198.18.") for ip in ips.values())
+    for pod, ip in ips.items():
+        start_fake(cluster, fakes, pod, ip)
+
+    ref = ServiceRef(namespace=namespace, name=name, port=PORT)
+    cfg = RouterConfig(tiers=(TierConfig(name="small", service=ref),), thresholds_bp=(), breaker_open_s=60.0)
+    loop = LoopThread()
+    server = RouterServer(
+        cfg, MicroBatcher(KeywordScorer()), ServeOptions(port=0, discovery=True, kube_api_client=k8s_api, grace_s=1.0)
+    )
+    loop.call(server.start())
+    try:
+        pool = server.router.dispatcher.pools["small"]
+
+        def endpoints() -> set[str]:
+            return {ep.base_url for ep in pool.endpoints}
+
+        expected = {f"http://{ip}:{PORT}/v1" for ip in ips.values()}
+        wait_for("both pods discovered", lambda: endpoints() == expected)
+
+        def ask(n: int) -> set[str]:
+            seen = set()
+            for i in range(n):
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{server.http_port}/v1/chat/completions",
+                    data=json.dumps({"model": "tiergate", "messages": [{"role": "user", "content": f"q{i}"}]}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    assert r.headers["x-tiergate-tier"] == "small"
+                    seen.add(json.loads(r.read())["choices"][0]["message"]["content"].split("-tok")[0])
+            return seen
+
+        assert ask(6) == set(ips)  # balanced over both pods, reached at their pod IPs
+
+        # One pod becomes unready: its endpoint leaves the EndpointSlice's ready set, the router stops using it.
+        unready_pod = sorted(ips)[0]
+        other_pod = sorted(ips)[1]
+        cluster.kubectl(
+            "patch",
+            "pod",
+            unready_pod,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=json",
+            "-p",
+            json.dumps(
+                [
+                    {
+                        "op": "replace",
+                        "path": "/status/conditions",
+                        "value": [{"type": "Ready", "status": "False"}, {"type": "ContainersReady", "status": "False"}],
+                    }
+                ]
+            ),
+        )
+        wait_for("unready pod dropped", lambda: endpoints() == {f"http://{ips[other_pod]}:{PORT}/v1"}, 30)
+        assert ask(4) == {other_pod}
+
+        # The other pod disappears (deleted); the ReplicaSet replaces it with a new pod at a new IP.
+        cluster.kubectl("delete", "pod", other_pod, "-n", namespace, "--wait=false")
+
+        def replaced() -> dict[str, str] | None:
+            now = ready_pod_ips(cluster, namespace, name)
+            new = {p: ip for p, ip in now.items() if p not in ips}
+            return new or None
+
+        new = wait_for("a replacement pod", replaced)
+        new_pod, new_ip = next(iter(new.items()))
+        start_fake(cluster, fakes, new_pod, new_ip)
+        wait_for(
+            "deleted pod gone, new pod discovered",
+            lambda: (
+                f"http://{new_ip}:{PORT}/v1" in endpoints() and f"http://{ips[other_pod]}:{PORT}/v1" not in endpoints()
+            ),
+            30,
+        )
+        assert new_pod in ask(4)
+    finally:
+        loop.call(server.stop())
+        loop.close()
