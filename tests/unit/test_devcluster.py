@@ -196,3 +196,34 @@ def test_a_namespace_left_by_a_killed_run_is_reaped() -> None:
     child.wait()
     assert net.name in netns.reap_stale()
     assert net.name not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    calls: list[int] = []
+
+    def slow(work: Path, out: Path, log: Path) -> None:
+        calls.append(1)
+        time.sleep(0.5)
+        _fake_builder(False)(work, out, log)
+
+    monkeypatch.setitem(build._BUILDERS, "fake", slow)
+    monkeypatch.setattr(versions, "COMPONENTS", (COMP,))
+    results: list[dict[str, Path]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append(build.ensure_all(tmp_path, say=lambda _m: None))
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(calls) == 1
+    assert results[0] == results[1]

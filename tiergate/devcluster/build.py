@@ -8,6 +8,7 @@ leaves an entry that a later run would trust.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -15,7 +16,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 from . import versions
 from .errors import BuildError
@@ -221,7 +224,7 @@ def is_built(cache: Path, comp: versions.Component) -> bool:
     return all((d / b).is_file() and os.access(d / b, os.X_OK) for b in comp.binaries)
 
 
-def ensure_component(cache: Path, comp: versions.Component, say: Say) -> Path:
+def ensure_component(cache: Path, comp: versions.Component, say: Callable[[str], None]) -> Path:
     final = component_dir(cache, comp)
     if is_built(cache, comp):
         return final
@@ -256,10 +259,31 @@ class Say:
         print(f"[devcluster] {msg}", file=sys.stderr, flush=True)
 
 
-def ensure_all(cache: Path | None = None, say: Say | None = None) -> dict[str, Path]:
-    """Build whatever is missing; return the directory holding each binary, by binary name."""
+def ensure_all(cache: Path | None = None, say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """Build whatever is missing; return the directory holding each binary, by binary name.
+
+    Holds an exclusive lock on the cache while it checks and builds, so two runs at once (two terminals, a test
+    session beside `make run`) build each component once: the second waits and then finds it built.
+    """
     cache = cache or default_cache_dir()
     say = say or Say()
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build.lock").open("w") as lock:
+        if not _try_lock(lock):
+            say("another build is running; waiting for it")
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_all_locked(cache, say)
+
+
+def _try_lock(f: IO[str]) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _ensure_all_locked(cache: Path, say: Callable[[str], None]) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for comp in versions.COMPONENTS:
         d = ensure_component(cache, comp, say)
