@@ -101,7 +101,7 @@ def validate(cfg: RouterConfig) -> None:
     for i, t in enumerate(cfg.tiers):
         if not t.name:
             raise ConfigError(f"tiers[{i}].name: must not be empty")
-        if names.count(t.name) > 1:
+        if t.name in names[:i]:
             raise ConfigError(f"tiers[{i}].name: duplicate tier name {t.name!r}")
         if t.name == cfg.routed_model_name:
             raise ConfigError(f"tiers[{i}].name: {t.name!r} is reserved for routed requests")
