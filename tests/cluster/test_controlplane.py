@@ -313,7 +313,10 @@ def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, 
             try:
                 with socket.create_connection((ip, 8000), timeout=2) as s:
                     s.sendall(b"GET / HTTP/1.0\r\n\r\n")
-                    return s.recv(4096)
+                    chunks = []
+                    while chunk := s.recv(4096):  # HTTP/1.0: the server closes after the body
+                        chunks.append(chunk)
+                    return b"".join(chunks)
             except OSError:
                 return b""
 

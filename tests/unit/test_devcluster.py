@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import stat
 import subprocess
@@ -151,8 +152,12 @@ needs_root = pytest.mark.skipif(not netns.available()[0], reason=f"pod network: 
 
 @needs_root
 def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None:
-    # A /24 at the top of the pod range, in a namespace of its own, so this runs beside a live dev cluster.
-    net = netns.create(cidr="198.18.250.0/24", tag="u")
+    # A slice of its own, so this runs beside live dev clusters; a second one at once gets another slice.
+    net = netns.create(tag="u")
+    other = netns.create(tag="v")
+    assert not ipaddress.ip_network(net.cidr).overlaps(ipaddress.ip_network(other.cidr))
+    netns.remove(other.name, other.cidr)
+    pod_ip = str(next(ipaddress.ip_network(net.cidr).hosts()) + 7)
     try:
         server = subprocess.Popen(
             net.cmd(
@@ -161,7 +166,7 @@ def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None
                     "-c",
                     (
                         "import socket;s=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1);"
-                        "s.bind(('198.18.250.7',18080));s.listen();c,_=s.accept();c.sendall(b'pod says hi');c.close()"
+                        "s.bind(('" + pod_ip + "',18080));s.listen();c,_=s.accept();c.sendall(b'pod says hi');c.close()"
                     ),
                 ]
             )
@@ -170,7 +175,7 @@ def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None
             deadline = time.monotonic() + 10
             while True:
                 try:
-                    with socket.create_connection(("198.18.250.7", 18080), timeout=1) as c:
+                    with socket.create_connection((pod_ip, 18080), timeout=1) as c:
                         assert c.recv(100) == b"pod says hi"
                     break
                 except ConnectionRefusedError:
@@ -191,7 +196,7 @@ def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None
 @needs_root
 def test_a_namespace_left_by_a_killed_run_is_reaped() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    net = netns.create(owner_pid=child.pid, cidr="198.18.251.0/24", tag="r")
+    net = netns.create(owner_pid=child.pid, tag="r")
     child.kill()
     child.wait()
     assert net.name in netns.reap_stale()

@@ -27,12 +27,15 @@ from .errors import BuildError
 # code, `grpcnotrace` keeps grpc's tracing out of the binaries.
 _K8S_TAGS = "selinux,notest,grpcnotrace"
 
+# kwok does nothing to pods without stages. The "fast" set moves a scheduled pod straight to Running and Ready
+# (the "general" set waits for an Initialized condition that only a real kubelet sets), and the lease
+# heartbeat keeps nodes Ready the way real kubelets do. Paths are relative to the module's kustomize/stage/.
 _KWOK_STAGES = (
-    "node-initialize.yaml",
-    "node-heartbeat-with-lease.yaml",
-    "pod-ready.yaml",
-    "pod-complete.yaml",
-    "pod-delete.yaml",
+    "node/fast/node-initialize.yaml",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "pod/fast/pod-ready.yaml",
+    "pod/fast/pod-complete.yaml",
+    "pod/fast/pod-delete.yaml",
 )
 
 
@@ -196,11 +199,10 @@ def _build_kwok(work: Path, out: Path, log: Path) -> None:
     src = Path(info["Dir"]) / "kustomize" / "stage"
     stages = out / "stages"
     stages.mkdir()
-    for name in _KWOK_STAGES:
-        found = list(src.rglob(name))
-        if not found:
-            raise BuildError(f"kwok stage {name} not found under {src}")
-        shutil.copyfile(found[0], stages / name)
+    for rel in _KWOK_STAGES:
+        if not (src / rel).is_file():
+            raise BuildError(f"kwok stage {rel} not found under {src}")
+        shutil.copyfile(src / rel, stages / Path(rel).name)
 
 
 def _build_helm(work: Path, out: Path, log: Path) -> None:

@@ -82,6 +82,7 @@ class ClusterInfo:
     owner_pid: int = 0
     pids: dict[str, int] = field(default_factory=dict)
     pod_netns: str | None = None
+    pod_cidr: str = netns.POD_CIDR
     external: bool = False
 
     def to_json(self) -> str:
@@ -93,6 +94,7 @@ class ClusterInfo:
                 "owner_pid": self.owner_pid,
                 "pids": self.pids,
                 "pod_netns": self.pod_netns,
+                "pod_cidr": self.pod_cidr,
                 "external": self.external,
             },
             indent=2,
@@ -108,6 +110,7 @@ class ClusterInfo:
             owner_pid=int(d["owner_pid"]),
             pids={k: int(v) for k, v in d["pids"].items()},
             pod_netns=d["pod_netns"],
+            pod_cidr=d["pod_cidr"],
             external=bool(d["external"]),
         )
 
@@ -209,10 +212,11 @@ class DevCluster:
             owner_pid=os.getpid(),
             external=self.external_kubeconfig is not None,
         )
-        self._start_kwok(kubeconfig)
         if self.want_pod_network:
             self.network = netns.create()
             self.info.pod_netns = self.network.name
+            self.info.pod_cidr = self.network.cidr
+        self._start_kwok(kubeconfig)
         self._register_nodes()
         self.info.pids = {c.name: c.proc.pid for c in self.components}
         (self.workdir / "state.json").write_text(self.info.to_json())
@@ -346,7 +350,8 @@ class DevCluster:
                 f"--config={cfg}",
                 "--manage-all-nodes=false",
                 f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION[0]}={nodes.KWOK_ANNOTATION[1]}",
-                f"--cidr={netns.POD_CIDR}",
+                # kwok's default is a /24; each cluster gets its own slice of the pod range (see netns).
+                f"--cidr={self.network.cidr if self.network else netns.POD_CIDR}",
                 "--node-lease-duration-seconds=40",
                 f"--server-address=127.0.0.1:{free_port()}",
             ],

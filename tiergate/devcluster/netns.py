@@ -1,16 +1,20 @@
-"""A network namespace that owns the whole fake pod range, so fake pods can be reached for real.
+"""A network namespace that owns a cluster's fake pod range, so fake pods can be reached for real.
 
-kwok hands out pod IPs from POD_CIDR but nothing listens there. This namespace makes every address of the
-range local (a `local` route on its loopback), and the host routes the range into it over a veth pair. A test
+kwok hands out pod IPs from the cluster's pod CIDR but nothing listens there. This namespace makes every address
+of that range local (a `local` route on its loopback), and the host routes the range into it over a veth pair. A
+test
 server started with `ip netns exec NAME ...` can then bind to a pod's IP, and a router in the host namespace
 reaches it at the address the EndpointSlice lists. A pod CIDR inside 127.0.0.0/8 would be simpler but the
 EndpointSlice controller rejects loopback addresses.
 
+Every cluster gets its own /20 slice of POD_CIDR (4094 pod IPs), so several clusters can run on one host at once
+(two terminals, parallel test sessions); each slice has its own /30 of link-local addresses for the veth pair.
 Names carry the owning process id, so a namespace left by a killed run is recognised and removed by the next.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import subprocess
@@ -19,9 +23,9 @@ from dataclasses import dataclass
 from .errors import StartError
 
 POD_CIDR = "198.18.0.0/16"
-# Link-local addresses for the two veth ends: only ever used as the next hop, never as a traffic target.
-_HOST_ADDR = "169.254.218.1"
-_NS_ADDR = "169.254.218.2"
+SLICE_PREFIX = 20
+# Link-local /30s for the veth ends, one per slice: only ever used as the next hop, never as a traffic target.
+_LINK_NET = ipaddress.IPv4Network("169.254.218.0/24")
 _PREFIX = "tgpods-"
 
 
@@ -85,9 +89,27 @@ def reap_stale() -> list[str]:
     return removed
 
 
-def create(owner_pid: int | None = None, cidr: str = POD_CIDR, tag: str = "") -> PodNetwork:
-    """Make the namespace for `cidr`. `tag` (a few lowercase letters) lets one process own several namespaces,
-    e.g. a unit test's beside the session cluster's."""
+def _routed_networks() -> list[ipaddress.IPv4Network]:
+    nets = []
+    for line in _ip("route", "show").stdout.splitlines():
+        word = line.split()[0] if line.strip() else ""
+        try:
+            nets.append(ipaddress.ip_network(word, strict=False))
+        except ValueError:
+            continue  # "default" and the like
+    return [n for n in nets if isinstance(n, ipaddress.IPv4Network)]
+
+
+def free_slices() -> list[tuple[int, ipaddress.IPv4Network]]:
+    """The slices of POD_CIDR that no route on this host overlaps yet, with their index."""
+    taken = _routed_networks()
+    slices = ipaddress.IPv4Network(POD_CIDR).subnets(new_prefix=SLICE_PREFIX)
+    return [(i, s) for i, s in enumerate(slices) if not any(s.overlaps(t) for t in taken)]
+
+
+def create(owner_pid: int | None = None, tag: str = "") -> PodNetwork:
+    """Make a namespace owning a free slice of the pod range. `tag` (up to 3 lowercase letters) lets one process
+    own several namespaces, e.g. a unit test's beside the session cluster's."""
     ok, why = available()
     if not ok:
         raise StartError(why)
@@ -96,23 +118,32 @@ def create(owner_pid: int | None = None, cidr: str = POD_CIDR, tag: str = "") ->
     reap_stale()
     pid = owner_pid or os.getpid()
     name = f"{_PREFIX}{pid}{tag}"
+    remove(name)
+    # Another process may take the same slice between our look and our `route add`: try the next one then.
+    for index, net in free_slices():
+        try:
+            return _create_in_slice(name, pid, tag, index, net)
+        except StartError:
+            remove(name, str(net))
+            if net not in [s for _, s in free_slices()]:
+                continue
+            raise
+    raise StartError(f"no free /{SLICE_PREFIX} slice of {POD_CIDR} left on this host (too many dev clusters?)")
+
+
+def _create_in_slice(name: str, pid: int, tag: str, index: int, net: ipaddress.IPv4Network) -> PodNetwork:
+    cidr = str(net)
     host_if, ns_if = f"tgh{pid}{tag}", f"tgn{pid}{tag}"  # interface names are limited to 15 characters
-    remove(name, cidr)
-    existing = _ip("route", "show", "exact", cidr).stdout.strip()
-    if existing:
-        raise StartError(f"another route for {cidr} exists on this host (another dev cluster running?): {existing}")
-    try:
-        _ip("netns", "add", name)
-        _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
-        _ip("link", "set", ns_if, "netns", name)
-        _ip("addr", "add", f"{_HOST_ADDR}/30", "dev", host_if)
-        _ip("link", "set", host_if, "up")
-        _ip("-n", name, "addr", "add", f"{_NS_ADDR}/30", "dev", ns_if)
-        _ip("-n", name, "link", "set", ns_if, "up")
-        _ip("-n", name, "link", "set", "lo", "up")
-        _ip("-n", name, "route", "add", "local", cidr, "dev", "lo")
-        _ip("route", "add", cidr, "via", _NS_ADDR, "dev", host_if)
-    except StartError:
-        remove(name, cidr)
-        raise
+    link = list(_LINK_NET.subnets(new_prefix=30))[index]
+    host_addr, ns_addr = (str(a) for a in list(link.hosts())[:2])
+    _ip("netns", "add", name)
+    _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
+    _ip("link", "set", ns_if, "netns", name)
+    _ip("addr", "add", f"{host_addr}/30", "dev", host_if)
+    _ip("link", "set", host_if, "up")
+    _ip("-n", name, "addr", "add", f"{ns_addr}/30", "dev", ns_if)
+    _ip("-n", name, "link", "set", ns_if, "up")
+    _ip("-n", name, "link", "set", "lo", "up")
+    _ip("-n", name, "route", "add", "local", cidr, "dev", "lo")
+    _ip("route", "add", cidr, "via", ns_addr, "dev", host_if)
     return PodNetwork(name=name, host_if=host_if, cidr=cidr)

@@ -32,6 +32,7 @@ COMPONENTS: tuple[Component, ...] = (
         ("kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubectl"),
     ),
     Component(f"etcd-{ETCD}", ("etcd",)),
-    Component(f"kwok-{KWOK}", ("kwok",)),
+    # The entry also holds the stage files the build picks (build._KWOK_STAGES): "+fast-stages" names that recipe.
+    Component(f"kwok-{KWOK}+fast-stages", ("kwok",)),
     Component(f"helm-{HELM}", ("helm",)),
 )
