@@ -7,27 +7,14 @@ import json
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tiergate.devcluster import netns, nodes, versions
-from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate.devcluster.errors import StartError
-
-
-def _wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
 def _deployment(name: str, *, gpus: int = 0, pool: str | None = None, tolerate: bool = False) -> str:
@@ -71,7 +58,7 @@ def test_gpu_deployment_with_toleration_lands_on_gpu_large_and_is_ready(cluster:
     cluster.kubectl(
         "apply", "-n", namespace, "-f", "-", input=_deployment("big", gpus=1, pool="gpu-large", tolerate=True)
     )
-    pod = _wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "big") if _ready(p)), None))
+    pod = wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "big") if _ready(p)), None))
     assert _pool_of(cluster, pod["spec"]["nodeName"]) == "gpu-large"
     assert pod["status"]["podIP"].startswith("198.18.")
 
@@ -86,7 +73,7 @@ def test_gpu_deployment_without_toleration_stays_pending_unschedulable(cluster: 
                     return {"pod": p, "cond": c}
         return None
 
-    found = _wait_for("an Unschedulable condition", unschedulable)
+    found = wait_for("an Unschedulable condition", unschedulable)
     assert found["pod"]["status"]["phase"] == "Pending"
     assert "spec.nodeName" not in json.dumps(found["pod"]["spec"]) or not found["pod"]["spec"].get("nodeName")
     assert "untolerated taint" in found["cond"]["message"]
@@ -105,7 +92,7 @@ def test_gpu_deployment_without_toleration_stays_pending_unschedulable(cluster: 
 
 def test_cpu_only_deployment_lands_on_the_cpu_pool(cluster: DevCluster, namespace: str) -> None:
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("cpu-only"))
-    pod = _wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "cpu-only") if _ready(p)), None))
+    pod = wait_for("a Ready pod", lambda: next((p for p in _pods(cluster, namespace, "cpu-only") if _ready(p)), None))
     assert _pool_of(cluster, pod["spec"]["nodeName"]) == "cpu"
 
 
@@ -121,7 +108,7 @@ def test_more_gpus_than_any_node_has_is_unschedulable_by_resources(cluster: DevC
                     return str(c["message"])
         return ""
 
-    assert f"Insufficient {nodes.GPU_RESOURCE}" in _wait_for("an Unschedulable condition", message)
+    assert f"Insufficient {nodes.GPU_RESOURCE}" in wait_for("an Unschedulable condition", message)
 
 
 CRD = """
@@ -157,7 +144,7 @@ spec:
 
 def test_a_crd_rejects_an_invalid_object_naming_the_field(cluster: DevCluster, namespace: str) -> None:
     cluster.kubectl("apply", "-f", "-", input=CRD)
-    _wait_for(
+    wait_for(
         "the CRD to be established",
         lambda: (
             cluster.kubectl(
@@ -201,15 +188,15 @@ def test_deleting_an_owner_garbage_collects_what_it_owns(cluster: DevCluster, na
     }
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(owned))
     cluster.kubectl("delete", "configmap", "owner", "-n", namespace)
-    _wait_for(
+    wait_for(
         "the owned ConfigMap to be collected",
         lambda: cluster.kubectl("get", "configmap", "owned", "-n", namespace, "--ignore-not-found", "-o", "name") == "",
     )
     # And the workload chain: Deployment -> ReplicaSet -> Pod.
     cluster.kubectl("apply", "-n", namespace, "-f", "-", input=_deployment("gc"))
-    _wait_for("a pod", lambda: _pods(cluster, namespace, "gc"))
+    wait_for("a pod", lambda: _pods(cluster, namespace, "gc"))
     cluster.kubectl("delete", "deployment", "gc", "-n", namespace)
-    _wait_for(
+    wait_for(
         "ReplicaSets and pods to be collected",
         lambda: cluster.kubectl("get", "replicasets,pods", "-n", namespace, "-l", "app=gc", "-o", "name") == "",
     )
@@ -246,7 +233,7 @@ current-context: x
         "--role=pod-reader",
         f"--serviceaccount={namespace}:nobody",
     )
-    assert _wait_for(
+    assert wait_for(
         "the binding to take effect",
         lambda: (
             cluster.kubectl("auth", "can-i", "list", "pods", "-n", namespace, kubeconfig=as_sa, check=False).strip()
@@ -295,7 +282,7 @@ def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, 
             "jsonpath={.items[*].endpoints[?(@.conditions.ready==true)].addresses[0]}",
         )
 
-    ip = _wait_for("a ready endpoint", endpoint).split()[0]
+    ip = wait_for("a ready endpoint", endpoint).split()[0]
     assert ip.startswith("198.18.")
     code = (
         "import http.server,sys\n"
@@ -320,7 +307,7 @@ def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, 
             except OSError:
                 return b""
 
-        assert b"hello from the pod" in _wait_for("the pod's server", get, timeout=15)
+        assert b"hello from the pod" in wait_for("the pod's server", get, timeout=15)
     finally:
         server.kill()
         server.wait()

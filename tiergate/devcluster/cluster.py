@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, TypeVar
 
 from . import netns, nodes, pki
 from .errors import StartError
@@ -35,6 +35,22 @@ from .errors import StartError
 READY_TIMEOUT_S = 120.0
 _STOP_GRACE_S = 10.0
 _LOG_TAIL_LINES = 30
+
+
+T = TypeVar("T")
+
+
+def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.3) -> T:
+    """Poll `fn` until it returns something truthy and return that; on timeout raise naming `what` and the last
+    value seen, so a failing cluster test says what it was waiting for instead of just "timed out"."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
 
 
 def free_port() -> int:
