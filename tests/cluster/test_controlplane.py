@@ -249,7 +249,7 @@ def test_kubectl_and_helm_reach_the_cluster(cluster: DevCluster) -> None:
     assert "version.BuildInfo" in cluster.helm("version")
     assert cluster.helm("list", "--all-namespaces", "--output", "json").strip() == "[]"
     names = cluster.kubectl("get", "nodes", "-l", nodes.POOL_LABEL, "-o", "jsonpath={.items[*].metadata.name}")
-    assert sorted(names.split()) == sorted(nodes.node_names())
+    assert set(nodes.node_names()) <= set(names.split())
 
 
 def test_python_client_reaches_the_cluster(k8s_api: Any, namespace: str) -> None:
@@ -311,3 +311,50 @@ def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, 
     finally:
         server.kill()
         server.wait()
+
+
+def test_an_existing_cluster_gets_the_fake_pools_and_loses_them_at_stop(
+    cluster: DevCluster, namespace: str, tmp_path: Path
+) -> None:
+    """TIERGATE_TEST_CLUSTER=existing mode, run against this session's cluster as the "existing" one: only kwok
+    is started, it registers its own pools (a distinct owner value, so the session's kwok leaves them alone),
+    pods land and run there, and stop removes the nodes again."""
+    ext = DevCluster(
+        cluster.bins,
+        tmp_path / "ext",
+        pod_network=False,
+        external_kubeconfig=cluster.kubeconfig,
+        node_prefix="ext-",
+        kwok_owner="ext-test",
+    )
+    with ext:
+        assert [c.name for c in ext.components] == ["kwok"]
+        cluster.kubectl(
+            "apply", "-n", namespace, "-f", "-", input=_deployment("ext", gpus=1, pool="gpu-large", tolerate=True)
+        )
+        cluster.kubectl(
+            "patch",
+            "deployment",
+            "ext",
+            "-n",
+            namespace,
+            "--type=merge",
+            "-p",
+            json.dumps({"spec": {"template": {"spec": {"nodeName": "ext-gpu-large-0"}}}}),
+        )
+        pod = wait_for(
+            "a Ready pod on the external kwok's node",
+            lambda: next(
+                (
+                    p
+                    for p in _pods(cluster, namespace, "ext")
+                    if _ready(p) and p["spec"]["nodeName"] == "ext-gpu-large-0"
+                ),
+                None,
+            ),
+        )
+        assert pod["status"]["podIP"]
+    wait_for(
+        "the external kwok's nodes to be removed",
+        lambda: cluster.kubectl("get", "nodes", "-o", "name").count("node/ext-") == 0,
+    )

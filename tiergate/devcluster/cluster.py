@@ -142,6 +142,8 @@ class DevCluster:
         pod_network: bool = True,
         external_kubeconfig: Path | None = None,
         ready_timeout: float = READY_TIMEOUT_S,
+        node_prefix: str = nodes.DEFAULT_PREFIX,
+        kwok_owner: str = nodes.DEFAULT_OWNER,
         say: Callable[[str], None] = lambda _m: None,
     ) -> None:
         self.bins = bins
@@ -150,6 +152,8 @@ class DevCluster:
         self.external_kubeconfig = external_kubeconfig
         self.say = say
         self.ready_timeout = ready_timeout
+        self.node_prefix = node_prefix
+        self.kwok_owner = kwok_owner
         self.components: list[Component] = []
         self.network: netns.PodNetwork | None = None
         self.info: ClusterInfo | None = None
@@ -365,7 +369,7 @@ class DevCluster:
                 f"--kubeconfig={kubeconfig}",
                 f"--config={cfg}",
                 "--manage-all-nodes=false",
-                f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION[0]}={nodes.KWOK_ANNOTATION[1]}",
+                f"--manage-nodes-with-annotation-selector={nodes.KWOK_ANNOTATION}={self.kwok_owner}",
                 # kwok's default is a /24; each cluster gets its own slice of the pod range (see netns).
                 f"--cidr={self.network.cidr if self.network else netns.POD_CIDR}",
                 "--node-lease-duration-seconds=40",
@@ -376,11 +380,16 @@ class DevCluster:
 
     def _register_nodes(self) -> None:
         self.kubectl(
-            "apply", "--server-side", "--field-manager=tiergate-devcluster", "-f", "-", input=nodes.all_nodes_json()
+            "apply",
+            "--server-side",
+            "--field-manager=tiergate-devcluster",
+            "-f",
+            "-",
+            input=nodes.all_nodes_json(self.node_prefix, self.kwok_owner),
         )
         self._nodes_registered = True
         kwok = next(c for c in self.components if c.name == "kwok")
-        names = nodes.node_names()
+        names = nodes.node_names(self.node_prefix)
 
         def all_ready() -> bool:
             out = self.kubectl(
@@ -399,7 +408,14 @@ class DevCluster:
         """Stop every component (reverse start order) and remove the pod network; safe to call twice."""
         if self.external_kubeconfig is not None and self._nodes_registered:
             # On someone else's cluster, leave nothing of ours behind.
-            self.kubectl("delete", "nodes", *nodes.node_names(), "--ignore-not-found", "--wait=false", check=False)
+            self.kubectl(
+                "delete",
+                "nodes",
+                *nodes.node_names(self.node_prefix),
+                "--ignore-not-found",
+                "--wait=false",
+                check=False,
+            )
             self._nodes_registered = False
         for comp in reversed(self.components):
             _terminate(comp.proc)

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 POOL_LABEL = "tiergate.io/pool"
 GPU_RESOURCE = "nvidia.com/gpu"
 GPU_TAINT = {"key": GPU_RESOURCE, "value": "present", "effect": "NoSchedule"}
-# Only nodes with this annotation are driven by our kwok (it must never touch a real cluster's nodes).
-KWOK_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
+# Only nodes with this annotation (and the value of their cluster's kwok) are driven by our kwok: it must never
+# touch a real cluster's nodes, nor the fake nodes another kwok drives on the same cluster.
+KWOK_ANNOTATION = "kwok.x-k8s.io/node"
+DEFAULT_OWNER = "fake"
+DEFAULT_PREFIX = "kwok-"
 
 
 @dataclass(frozen=True)
@@ -36,12 +39,12 @@ POOLS: tuple[Pool, ...] = (
 )
 
 
-def node_name(pool: Pool, i: int) -> str:
-    return f"kwok-{pool.name}-{i}"
+def node_name(pool: Pool, i: int, prefix: str = DEFAULT_PREFIX) -> str:
+    return f"{prefix}{pool.name}-{i}"
 
 
-def node_manifest(pool: Pool, i: int) -> dict[str, object]:
-    name = node_name(pool, i)
+def node_manifest(pool: Pool, i: int, prefix: str = DEFAULT_PREFIX, owner: str = DEFAULT_OWNER) -> dict[str, object]:
+    name = node_name(pool, i, prefix)
     labels = {
         "kubernetes.io/hostname": name,
         "kubernetes.io/os": "linux",
@@ -64,7 +67,7 @@ def node_manifest(pool: Pool, i: int) -> dict[str, object]:
         "metadata": {
             "name": name,
             "labels": labels,
-            "annotations": {KWOK_ANNOTATION[0]: KWOK_ANNOTATION[1], "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": {KWOK_ANNOTATION: owner, "node.alpha.kubernetes.io/ttl": "0"},
         },
         "spec": {"taints": taints},
         # kwok's node-initialize stage fills in conditions, addresses and nodeInfo; capacity is ours to set.
@@ -72,11 +75,11 @@ def node_manifest(pool: Pool, i: int) -> dict[str, object]:
     }
 
 
-def all_nodes_json() -> str:
+def all_nodes_json(prefix: str = DEFAULT_PREFIX, owner: str = DEFAULT_OWNER) -> str:
     """Every node as one List document, for a single `kubectl apply -f -`."""
-    items = [node_manifest(p, i) for p in POOLS for i in range(p.count)]
+    items = [node_manifest(p, i, prefix, owner) for p in POOLS for i in range(p.count)]
     return json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
 
 
-def node_names() -> list[str]:
-    return [node_name(p, i) for p in POOLS for i in range(p.count)]
+def node_names(prefix: str = DEFAULT_PREFIX) -> list[str]:
+    return [node_name(p, i, prefix) for p in POOLS for i in range(p.count)]
