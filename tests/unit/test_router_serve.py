@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiergate_router.testing.artifacts import constant_artifact
 from tiergate_router.testing.procs import FakeProcess
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,33 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def write_artifact(path: Path, bias: float) -> Path:
-    """A real two-tier artifact whose head ignores the prompt: score = sigmoid(bias). Tests routing plumbing with
-    the real loader, encoder and scorer while keeping the decision predictable."""
-    import numpy as np
-
-    from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, save_artifact
-    from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
-
-    art = RouterArtifact(
-        encoder=EncoderSpec(id=MINILM_ID, dim=MINILM_DIM),
-        kind="two_tier",
-        label_mode="deterministic",
-        tiers=[Tier("small", 0.1), Tier("large", 1.0)],
-        members=[
-            Member(
-                layers=[Layer(np.zeros((MINILM_DIM, 1), np.float32), np.array([bias], np.float32), "identity")],
-                output="sigmoid",
-            )
-        ],
-        calibration=[{"threshold_bp": 5000, "strong_share": 0.3, "quality": 0.5}],
-        provenance={"test": True},
-        default_threshold_bp=5000,
-    )
-    save_artifact(art, path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +77,7 @@ class Serve:
 
 @pytest.mark.slow
 def test_serve_with_tier_flags_and_an_artifact_routes(tiers: dict[str, FakeProcess], tmp_path: Path) -> None:
-    art = write_artifact(tmp_path / "router.json", bias=3.0)  # score 0.95 -> strong
+    art = constant_artifact(tmp_path / "router.json", bias=3.0)  # score 0.95 -> strong
     s = Serve(
         "--tier", f"small={tiers['small'].base_url}", "--tier", f"large={tiers['large'].base_url}", "--router", str(art)
     )
@@ -160,7 +134,7 @@ def policy_doc(small: str, large: str, threshold_bp: int, artifact: Path) -> dic
 
 @pytest.mark.slow
 def test_serve_policy_file_hot_reload(tiers: dict[str, FakeProcess], tmp_path: Path) -> None:
-    art = write_artifact(tmp_path / "router.json", bias=0.0)  # score 0.5
+    art = constant_artifact(tmp_path / "router.json", bias=0.0)  # score 0.5
     pol = tmp_path / "policy.yaml"
     pol.write_text(yaml.safe_dump(policy_doc(tiers["small"].base_url, tiers["large"].base_url, 6000, art)))
     s = Serve("-f", str(pol))

@@ -1,0 +1,1 @@
+"""The local demo: real small language models as OpenAI-compatible tiers, and the router in front of them."""

@@ -1,0 +1,334 @@
+"""A small OpenAI-compatible server over a local transformers causal LM (the demo's tiers).
+
+Speaks the same API as vLLM's OpenAI server for what the router uses: /v1/models, /v1/chat/completions and
+/v1/completions (streaming and not), /health, and /metrics with vLLM's metric names. One generation runs at a
+time (two CPU cores: a second one would only halve the speed of both); the others queue and are reported as
+`vllm:num_requests_waiting`. A client that disconnects stops its generation at the next token.
+
+    python -m tiergate_router.demo.lm_server --model-dir DIR --served-model-name NAME --port 8001
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, cast
+
+from aiohttp import web
+
+from tiergate_router.validation import error_body
+
+# Bounds for a demo on two cores: long answers would take a minute each.
+MAX_NEW_TOKENS = 256
+DEFAULT_NEW_TOKENS = 64
+
+
+class LocalLM:
+    def __init__(self, model_dir: Path, *, threads: int | None = None) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        # float32 on the CPU: bf16 matmuls are emulated on CPUs without AMX and run several times slower.
+        self.model: Any = cast(Any, AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32))
+        self.model.eval()
+
+    def encode(self, messages: list[dict[str, str]] | None, prompt: str | None) -> Any:
+        if messages is not None:
+            return self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
+        return self.tokenizer(prompt or "", return_tensors="pt")
+
+    def generate(
+        self, inputs: Any, max_new_tokens: int, temperature: float, cancel: threading.Event, on_text: Any = None
+    ) -> tuple[str, int, str]:
+        """Generate; `on_text(piece)` is called as text becomes available. Returns (text, tokens, finish)."""
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> bool:
+                return cancel.is_set()
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        kwargs: dict[str, Any] = dict(
+            inputs,
+            max_new_tokens=max_new_tokens,
+            streamer=streamer,
+            stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+            pad_token_id=self.tokenizer.eos_token_id,
+        )
+        if temperature > 0:
+            kwargs.update(do_sample=True, temperature=temperature)
+        else:
+            kwargs.update(do_sample=False)
+        result: dict[str, Any] = {}
+
+        def run() -> None:
+            with self._torch.inference_mode():
+                result["out"] = self.model.generate(**kwargs)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        pieces = []
+        for piece in streamer:
+            pieces.append(piece)
+            if on_text is not None and piece:
+                on_text(piece)
+        t.join()
+        out = result["out"][0][inputs["input_ids"].shape[1] :]
+        n = int(out.shape[0])
+        finish = "length" if n >= max_new_tokens else "stop"
+        return "".join(pieces), n, finish
+
+
+class LMServer:
+    def __init__(self, lm: LocalLM, served_model_name: str) -> None:
+        self.lm = lm
+        self.name = served_model_name
+        self.lock = asyncio.Lock()
+        self.waiting = 0
+        self.running = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="")
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [
+                    {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "tiergate-demo"}
+                ],
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        lbl = f'model_name="{self.name}"'
+        return web.Response(
+            text=(
+                f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{{lbl}}} {self.running}\n"
+                f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{{lbl}}} {self.waiting}\n"
+                f"# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{{{lbl}}} {self.prompt_tokens}\n"
+                f"# TYPE vllm:generation_tokens_total counter\n"
+                f"vllm:generation_tokens_total{{{lbl}}} {self.generation_tokens}\n"
+            ),
+            content_type="text/plain",
+        )
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            assert isinstance(body, dict)
+        except (ValueError, AssertionError):
+            return web.json_response(error_body("body must be a JSON object"), status=400)
+        if body.get("model") != self.name:
+            return web.json_response(
+                error_body(f"The model `{body.get('model')}` does not exist.", type_="NotFoundError"), status=404
+            )
+        messages = body.get("messages") if chat else None
+        if chat and not (
+            isinstance(messages, list)
+            and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
+        ):
+            return web.json_response(error_body("messages must be a list of {role, content: str}"), status=400)
+        prompt = body.get("prompt") if not chat else None
+        if not chat and not isinstance(prompt, str):
+            return web.json_response(error_body("prompt must be a string"), status=400)
+        try:
+            max_new = min(int(body.get("max_tokens") or DEFAULT_NEW_TOKENS), MAX_NEW_TOKENS)
+            temperature = float(body.get("temperature") or 0.0)
+        except (TypeError, ValueError):
+            return web.json_response(error_body("max_tokens/temperature must be numbers"), status=400)
+        inputs = self.lm.encode(messages, prompt)
+        n_prompt = int(inputs["input_ids"].shape[1])
+        cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        created = int(time.time())
+        self.waiting += 1
+        try:
+            async with self.lock:
+                self.waiting -= 1
+                self.running += 1
+                try:
+                    if not body.get("stream"):
+                        text, n, finish = await loop.run_in_executor(
+                            None, self.lm.generate, inputs, max_new, temperature, cancel
+                        )
+                        self._count(n_prompt, n)
+                        return web.json_response(_full(rid, created, self.name, chat, text, finish, n_prompt, n))
+                    return await self._stream(
+                        request, body, inputs, max_new, temperature, cancel, rid, created, chat, n_prompt
+                    )
+                finally:
+                    self.running -= 1
+        except asyncio.CancelledError:
+            cancel.set()  # the client left: stop generating at the next token
+            raise
+
+    def _count(self, n_prompt: int, n: int) -> None:
+        self.prompt_tokens += n_prompt
+        self.generation_tokens += n
+
+    async def _stream(
+        self,
+        request: web.Request,
+        body: dict[str, Any],
+        inputs: Any,
+        max_new: int,
+        temperature: float,
+        cancel: threading.Event,
+        rid: str,
+        created: int,
+        chat: bool,
+        n_prompt: int,
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | None] = asyncio.Queue()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+        await resp.prepare(request)
+        obj = "chat.completion.chunk" if chat else "text_completion"
+
+        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
+            d: dict[str, Any] = {
+                "id": rid,
+                "object": obj,
+                "created": created,
+                "model": self.name,
+                "choices": [choice] if choice else [],
+            }
+            if usage:
+                d["usage"] = usage
+            return f"data: {json.dumps(d)}\n\n".encode()
+
+        def on_text(piece: str) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
+
+        fut = loop.run_in_executor(None, self.lm.generate, inputs, max_new, temperature, cancel, on_text)
+        fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
+        try:
+            if chat:
+                await resp.write(
+                    event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+                )
+            while (piece := await queue.get()) is not None:
+                choice = (
+                    {"index": 0, "delta": {"content": piece}, "finish_reason": None}
+                    if chat
+                    else {"index": 0, "text": piece, "finish_reason": None}
+                )
+                await resp.write(event(choice))
+            _, n, finish = await fut
+        except BaseException:
+            cancel.set()
+            raise
+        self._count(n_prompt, n)
+        last = (
+            {"index": 0, "delta": {}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": "", "finish_reason": finish}
+        )
+        await resp.write(event(last))
+        opts = body.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage"):
+            await resp.write(
+                event(None, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
+            )
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+def _full(
+    rid: str, created: int, model: str, chat: bool, text: str, finish: str, n_prompt: int, n: int
+) -> dict[str, Any]:
+    usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
+    if chat:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish,
+        }
+        return {
+            "id": rid,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
+    return {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish}],
+        "usage": usage,
+    }
+
+
+async def serve(model_dir: Path, name: str, host: str, port: int, threads: int | None) -> None:
+    lm = await asyncio.get_running_loop().run_in_executor(None, lambda: LocalLM(model_dir, threads=threads))
+    runner = web.AppRunner(LMServer(lm, name).app(), handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    assert server is not None
+    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+    print(f"READY http://{host}:{bound}/v1", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="OpenAI-compatible server over a local transformers causal LM")
+    p.add_argument("--model-dir", type=Path, default=None, help="model folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--served-model-name", default="smollm2-135m-instruct")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    model_dir = args.model_dir
+    if model_dir is None:
+        from tiergate_router.demo.models import ensure_smollm2
+
+        model_dir = ensure_smollm2()
+    asyncio.run(serve(model_dir, args.served_model_name, args.host, args.port, args.threads))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

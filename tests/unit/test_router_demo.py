@@ -1,0 +1,49 @@
+"""The local demo with real models: SmolLM2-135M-Instruct tiers behind `tiergate serve`, queried with openai."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tiergate_router.testing.artifacts import constant_artifact
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_demo_routes_real_model_answers(tmp_path: Path) -> None:
+    pytest.importorskip("gguf")
+    art = constant_artifact(tmp_path / "router.json", bias=-2.0)  # score 0.12: the small tier answers
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tiergate_router.demo",
+            "--router",
+            str(art),
+            "--port",
+            str(free_port()),
+            "--max-tokens",
+            "12",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [ln for ln in r.stdout.splitlines() if ln.startswith("small ") or ln.startswith("large ")]
+    assert len(rows) == 5
+    assert all(row.startswith("small  0.1192") for row in rows)
+    assert "Paris" in rows[0]  # a real model answered
+    assert 'tiergate_router_requests_total{decision="small",outcome="success",tier="small"} 5.0' in r.stdout
