@@ -54,11 +54,11 @@ def selector(policy_name: str) -> str:
 
 
 def _marker(obj: Mapping[str, Any]) -> str:
-    """Changes we did (or undid): spec generation where the kind has one, else the resourceVersion. A Deployment's
-    resourceVersion also moves on every status update, which is not a change of ours."""
+    """Changes we did (or undid): the spec generation where the kind has one, else the resourceVersion. Deployments'
+    and PDBs' resourceVersions also move on every status update, which is not a change of ours."""
     md = obj.get("metadata", {})
-    if obj.get("kind") == "Deployment":
-        return f"g{md.get('generation')}"
+    if md.get("generation") is not None:
+        return f"g{md['generation']}"
     return f"r{md.get('resourceVersion')}"
 
 

@@ -229,6 +229,7 @@ def compute_status(
     status: dict[str, Any] = {
         "conditions": conds,
         "tiers": tiers,
+        "tierNames": ",".join(t.name for t in policy.spec.tiers),
         "readyTiers": f"{ready_tiers}/{len(policy.spec.tiers)}",
         "routerEndpoint": f"http://{naming.router_name(policy.name)}.{policy.namespace}.svc:"
         f"{policy.spec.router.http_port}/v1",

@@ -232,7 +232,7 @@ def test_autoscaler_owned_replicas_are_left_alone(cluster: DevCluster, namespace
     doc["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
     apply_policy(cluster, namespace, doc)
     p = wait_ready(cluster, namespace, "chat")
-    d = _deployment(cluster, namespace, "chat-tier-small")
+    d = get_json(cluster, "deployment", "chat-tier-small", "-n", namespace, "--show-managed-fields")
     assert d["spec"]["replicas"] == 3
     assert "--enable-prefix-caching" in d["spec"]["template"]["spec"]["containers"][0]["args"]
     assert p["status"]["tiers"][0]["desiredReplicas"] == 3

@@ -62,8 +62,8 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.tiers[0].replicas",
     ),
     ("best-of-n-unknown-tier", _set(bon, "tier", "medium"), "spec.bestOfN.tier", "spec.bestOfN.tier"),
-    ("n-too-large", _set(bon, "n", 17), "spec.bestOfN.n", "spec.bestOfN.n"),
-    ("n-zero", _set(bon, "n", 0), "spec.bestOfN.n", "spec.bestOfN.n"),
+    ("max-samples-too-large", _set(bon, "maxSamples", 17), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
+    ("max-samples-zero", _set(bon, "maxSamples", 0), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
     (
         "shadow-unknown-tier",
         _set(lambda d: d["spec"]["shadow"], "baselineTier", "huge"),

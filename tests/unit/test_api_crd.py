@@ -131,7 +131,7 @@ def test_crd_shape() -> None:
     assert crd["spec"]["names"]["shortNames"] == ["rp"]
     assert v["subresources"] == {"status": {}}
     cols = {c["name"]: c["jsonPath"] for c in v["additionalPrinterColumns"]}
-    assert cols["Tiers"] == ".spec.tiers[*].name"
+    assert cols["Tiers"] == ".status.tierNames"
     assert "Ready" in cols
     assert cols["Age"] == ".metadata.creationTimestamp"
     tiers = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tiers"]
@@ -140,3 +140,18 @@ def test_crd_shape() -> None:
     rules = [r["rule"] for r in v["schema"]["openAPIV3Schema"]["properties"]["spec"]["x-kubernetes-validations"]]
     assert any("bestOfN.tier" in r for r in rules)
     assert any("shadow.baselineTier" in r for r in rules)
+
+
+def _property_names(node: dict[str, Any]) -> list[str]:
+    out = list(node.get("properties", {}))
+    for v in node.get("properties", {}).values():
+        out += _property_names(v)
+    if "items" in node:
+        out += _property_names(node["items"])
+    return out
+
+
+def test_no_field_name_is_a_yaml_1_1_boolean() -> None:
+    """kubectl parses manifests as YAML 1.1, where a bare `n:` or `on:` key is a boolean, not a string."""
+    bad = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+    assert not [n for n in _property_names(_schema()) if n.lower() in bad]

@@ -40,7 +40,7 @@ def test_sample_loads_from_path_and_from_text() -> None:
     assert small.resources.gpus == 1
     assert small.pool == "gpu-small"
     assert a.spec.best_of_n is not None
-    assert a.spec.best_of_n.n == 4
+    assert a.spec.best_of_n.max_samples == 4
     assert a.spec.router.target_strong_share_basis_points == 3000
     assert a.spec.strongest.name == "large"
 
@@ -105,8 +105,8 @@ INVALID = [
     ("spec.tiers.1.name", "small", "spec.tiers[1].name", "duplicate tier name"),
     ("spec.tiers.0.replicas", {"min": 5, "max": 2}, "spec.tiers[0].replicas", "must not exceed"),
     ("spec.bestOfN.tier", "medium", "spec.bestOfN.tier", "names no tier"),
-    ("spec.bestOfN.n", 17, "spec.bestOfN.n", "less than or equal to 16"),
-    ("spec.bestOfN.n", 0, "spec.bestOfN.n", "greater than or equal to 1"),
+    ("spec.bestOfN.maxSamples", 17, "spec.bestOfN.maxSamples", "less than or equal to 16"),
+    ("spec.bestOfN.maxSamples", 0, "spec.bestOfN.maxSamples", "greater than or equal to 1"),
     ("spec.shadow.baselineTier", "nope", "spec.shadow.baselineTier", "names no tier"),
     ("spec.shadow.sampleRateBasisPoints", 10001, "spec.shadow.sampleRateBasisPoints", "10000"),
     ("spec.router.thresholdBasisPoints", 5000, "spec.router", "at most one"),
@@ -136,18 +136,18 @@ def test_invalid_policy_names_the_field(path: str, value: Any, where: str, fragm
 
 
 def test_every_problem_is_reported_at_once() -> None:
-    doc = _mutate("spec.bestOfN.n", 99)
+    doc = _mutate("spec.bestOfN.maxSamples", 99)
     doc["spec"]["tiers"][0]["resources"]["gpus"] = -3
     err = errors_of(doc)
-    assert {"spec.bestOfN.n", "spec.tiers[0].resources.gpus"} <= set(err.paths)
+    assert {"spec.bestOfN.maxSamples", "spec.tiers[0].resources.gpus"} <= set(err.paths)
 
 
 def test_parse_spec_prefixes_paths() -> None:
     doc = sample()["spec"]
-    doc["bestOfN"]["n"] = 0
+    doc["bestOfN"]["maxSamples"] = 0
     with pytest.raises(PolicyValidationError) as info:
         parse_spec(doc)
-    assert info.value.paths == ["spec.bestOfN.n"]
+    assert info.value.paths == ["spec.bestOfN.maxSamples"]
 
 
 def test_wrong_kind_and_bad_yaml_are_parse_errors(tmp_path: Path) -> None:

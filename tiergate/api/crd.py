@@ -144,7 +144,7 @@ def build_crd() -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": "Tiers", "type": "string", "jsonPath": ".spec.tiers[*].name"},
+                        {"name": "Tiers", "type": "string", "jsonPath": ".status.tierNames"},
                         {"name": "Ready-Tiers", "type": "string", "jsonPath": ".status.readyTiers"},
                         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
                         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
@@ -163,6 +163,18 @@ class _NoAliasDumper(yaml.SafeDumper):
 
     def ignore_aliases(self, data: Any) -> bool:
         return True
+
+
+# YAML 1.1 (what Go's YAML libraries and kubectl read) takes these as booleans; PyYAML writes them bare.
+_YAML11_BOOLS = {"y", "n", "yes", "no", "on", "off", "true", "false"}
+
+
+def _str_representer(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    style = "'" if value.lower() in _YAML11_BOOLS else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+
+_NoAliasDumper.add_representer(str, _str_representer)
 
 
 def render_crd() -> str:

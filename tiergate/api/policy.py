@@ -309,7 +309,7 @@ class Replicas(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "!has(self.max) || self.min <= self.max",
+                    "rule": "!has(self.max) || !has(self.min) || self.min <= self.max",
                     "message": "replicas.min must not exceed replicas.max",
                 }
             ]
@@ -435,7 +435,11 @@ class Router(Placement):
                     "rule": "!(has(self.thresholdBasisPoints) && has(self.targetStrongShareBasisPoints))",
                     "message": "set at most one of thresholdBasisPoints, targetStrongShareBasisPoints",
                 },
-                {"rule": "self.httpPort != self.grpcPort", "message": "httpPort and grpcPort must differ"},
+                {
+                    # has(): the API server also checks these rules against the `default: {}` itself.
+                    "rule": "!has(self.httpPort) || !has(self.grpcPort) || self.httpPort != self.grpcPort",
+                    "message": "httpPort and grpcPort must differ",
+                },
             ]
         }
     )
@@ -487,8 +491,9 @@ class BestOfN(_Model):
 
     tier: TierName
     """The tier sampled from; must name a tier in spec.tiers."""
-    n: Annotated[int, Field(ge=1, le=MAX_BEST_OF_N, strict=True)]
-    """Maximum number of samples per request (1..16)."""
+    # Not called `n`: kubectl's YAML 1.1 parser reads a bare `n:` key as the boolean false.
+    max_samples: Annotated[int, Field(ge=1, le=MAX_BEST_OF_N, strict=True)]
+    """Maximum number of candidates sampled per request: the N of best-of-N (1..16)."""
     reward_model: RewardModel
 
 
@@ -654,6 +659,8 @@ class RoutingPolicyStatus(_Observed):
     """Per tier: desired and ready replicas and the in-cluster endpoint."""
     router_endpoint: str | None = None
     """The router's in-cluster URL (OpenAI-compatible HTTP)."""
+    tier_names: str | None = None
+    """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None
     """Ready tiers over all tiers, e.g. 2/3 (for printing)."""
     observed_mix: list[MixEntry] = Field(
