@@ -358,3 +358,37 @@ def test_an_existing_cluster_gets_the_fake_pools_and_loses_them_at_stop(
         "the external kwok's nodes to be removed",
         lambda: cluster.kubectl("get", "nodes", "-o", "name").count("node/ext-") == 0,
     )
+
+
+@pytest.mark.skipif(not netns.available()[0], reason=f"pod network: {netns.available()[1]}")
+def test_a_killed_test_process_leaves_no_stray_processes(cluster: DevCluster, tmp_path: Path) -> None:
+    """Even `kill -9` of the process that started a cluster (a test runner killed by CI) stops every component
+    (parent-death signal), and the next start removes the pod network it left behind."""
+    script = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from tiergate.devcluster.cluster import DevCluster\n"
+        f"bins = {{k: Path(v) for k, v in {json.dumps({k: str(v) for k, v in cluster.bins.items()})}.items()}}\n"
+        "info = DevCluster(bins, Path(sys.argv[1]), pod_network=True).start()\n"
+        "print(json.dumps({'pids': info.pids, 'netns': info.pod_netns}), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "doomed")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        started = json.loads(proc.stdout.readline())
+    finally:
+        proc.kill()
+        proc.wait()
+    pids = list(started["pids"].values())
+    assert len(pids) == 5
+
+    def all_gone() -> bool:
+        alive = subprocess.run(
+            ["ps", "-o", "pid=,stat=", "-p", ",".join(map(str, pids))], capture_output=True, text=True
+        )
+        return all(line.split()[1].startswith("Z") for line in alive.stdout.splitlines())
+
+    wait_for("the orphaned control plane to exit", all_gone, timeout=30)
+    assert started["netns"] in netns.reap_stale()
+    assert started["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
