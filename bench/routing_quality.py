@@ -1,0 +1,173 @@
+"""The issue-6 "Must show" figures: train on the train splits, score the test splits (and 5-fold CV for the
+9-model LLMRouter data). Prints one line per figure; reads embeddings from the cache (bench/embed_routing_data.py).
+
+    nice .venv/bin/python bench/routing_quality.py [--data-dir DIR] [--only mmlu,gsm8k,llmrouter]
+        [--label-mode difference] [--neighbours 200] [--hidden 64] [--epochs 30] [--ensemble 5]
+
+The functions here are also what tests/unit/test_routing_quality.py (slow) asserts on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tiergate.routing.data import load_outcomes, load_prices
+from tiergate.routing.encoder import cached_minilm
+from tiergate.routing.evaluate import multi_tier_report, quality_at_budget
+from tiergate.routing.labels import task_smoothed, two_tier_targets
+from tiergate.routing.metrics import pgr_curve
+from tiergate.routing.train import HeadConfig, fit_ensemble, kfold_indices
+
+WEAK, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
+LLMROUTER_MODELS = [
+    "qwen2.5-7b-instruct",
+    "codegemma-7b",
+    "gemma-2-9b-it",
+    "llama-3.1-8b-instruct",
+    "llama3-chatqa-1.5-8b",
+    "mistral-7b-instruct-v0.3",
+    "llama-3.3-nemotron-super-49b-v1",
+    "llama-3.1-nemotron-51b-instruct",
+    "llama3-chatqa-1.5-70b",
+]
+
+
+def _forward(members: list[Any], x: np.ndarray) -> np.ndarray:
+    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
+    from tiergate.routing.scorer import head_forward
+
+    out_dim = int(members[0].layers[-1].bias.shape[0])
+    art = RouterArtifact(
+        encoder=EncoderSpec(id="bench", dim=x.shape[1]),
+        kind="two_tier" if out_dim == 1 else "multi_tier",
+        label_mode="difference" if out_dim == 1 else "quality",
+        tiers=[Tier(name=f"t{i}", price=0.0) for i in range(max(2, out_dim))],
+        members=members,
+        calibration=[],
+        provenance={},
+    )
+    return head_forward(art, x)
+
+
+def two_tier_test(
+    data_dir: Path, train_files: list[str], test_file: str, mode: str, k: int, head: HeadConfig, task_weight: float
+) -> dict[str, float]:
+    enc = cached_minilm()
+    tr = load_outcomes([data_dir / f for f in train_files], [WEAK, STRONG], split="train")
+    te = load_outcomes([data_dir / test_file], [WEAK, STRONG], split="test")
+    xtr, xte = enc.encode(tr.prompts), enc.encode(te.prompts)
+    y, _ = two_tier_targets(mode, tr.scores[:, 0], tr.scores[:, 1], xtr, k, tr.tasks, task_weight)
+    members = fit_ensemble(xtr, y, head)
+    curve = pgr_curve(_forward(members, xte)[:, 0], te.scores[:, 0], te.scores[:, 1])
+    return {"apgr": curve.apgr, "cpt50": curve.cpt(0.5), "cpt80": curve.cpt(0.8), "n": float(len(te))}
+
+
+def llmrouter_cv(
+    data_dir: Path, k: int, head: HeadConfig, task_weight: float, folds: int = 5, budget: float = 0.5
+) -> dict[str, Any]:
+    enc = cached_minilm()
+    data = load_outcomes([data_dir / "llmrouter-train.jsonl"], LLMROUTER_MODELS)
+    prices = np.array(load_prices(data_dir / "llmrouter-models.json", LLMROUTER_MODELS))
+    x = enc.encode(data.prompts)
+    oof = np.zeros_like(data.scores)
+    for i, held in enumerate(kfold_indices(len(x), folds, head.seed)):
+        mask = np.ones(len(x), dtype=bool)
+        mask[held] = False
+        tasks = [t for t, keep in zip(data.tasks, mask, strict=True) if keep]
+        y = task_smoothed(x[mask], data.scores[mask], k, tasks, task_weight)
+        from dataclasses import replace
+
+        members = fit_ensemble(x[mask], y, replace(head, seed=head.seed + i))
+        oof[held] = _forward(members, x[held])
+
+    from tiergate.routing.scorer import choose_from_quality
+
+    def choose(q: np.ndarray, bp: int) -> np.ndarray:
+        art = _PriceOnly(prices)
+        return choose_from_quality(art, q, bp)  # type: ignore[arg-type]
+
+    report = multi_tier_report(oof, data.scores, prices, LLMROUTER_MODELS, choose, 0)
+    return {"report": report, "quality_at_budget": quality_at_budget(report, budget)}
+
+
+class _PriceOnly:
+    """The part of an artifact `choose_from_quality` reads: its default cost weight and tier prices."""
+
+    def __init__(self, prices: np.ndarray) -> None:
+        from tiergate.routing.artifact import Tier
+
+        self.tiers = [Tier(name=str(i), price=float(p)) for i, p in enumerate(prices)]
+        self.default_cost_weight_bp = 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/routing"))
+    ap.add_argument("--only", default="mmlu,gsm8k,llmrouter")
+    ap.add_argument("--label-mode", default="difference")
+    ap.add_argument("--neighbours", type=int, default=200)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--ensemble", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task-weight", type=float, default=0.0)
+    a = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(1)
+    head = HeadConfig(hidden=a.hidden, epochs=a.epochs, ensemble=a.ensemble, batch=a.batch, seed=a.seed)
+    only = a.only.split(",")
+    cfg = (
+        f"mode={a.label_mode} k={a.neighbours} task_weight={a.task_weight} hidden={a.hidden} "
+        f"epochs={a.epochs} ensemble={a.ensemble}"
+    )
+    if "mmlu" in only:
+        t0 = time.perf_counter()
+        r = two_tier_test(
+            a.data_dir, ["routellm-mmlu.jsonl"], "routellm-mmlu.jsonl", a.label_mode, a.neighbours, head, a.task_weight
+        )
+        print(
+            f"MMLU test ({cfg}): APGR {r['apgr']:.4f} CPT50 {r['cpt50']:.4f} CPT80 {r['cpt80']:.4f} "
+            f"n={int(r['n'])} [{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
+    if "gsm8k" in only:
+        t0 = time.perf_counter()
+        r = two_tier_test(
+            a.data_dir,
+            ["routellm-mmlu.jsonl", "routellm-gsm8k.jsonl"],
+            "routellm-gsm8k.jsonl",
+            a.label_mode,
+            a.neighbours,
+            head,
+            a.task_weight,
+        )
+        print(
+            f"GSM8K test ({cfg}): APGR {r['apgr']:.4f} CPT50 {r['cpt50']:.4f} CPT80 {r['cpt80']:.4f} "
+            f"n={int(r['n'])} [{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
+    if "llmrouter" in only:
+        t0 = time.perf_counter()
+        r = llmrouter_cv(a.data_dir, a.neighbours, head, a.task_weight)
+        rep = r["report"]
+        best = rep["best_single"]
+        print(
+            f"LLMRouter 5-fold CV ({cfg}): quality at <= 0.50 $/Mtok {r['quality_at_budget']:.4f}; best single "
+            f"{best['model']} {best['quality']:.4f} at {best['cost']:.2f}; oracle {rep['oracle']['quality']:.4f} "
+            f"at {rep['oracle']['cost']:.3f} [{time.perf_counter() - t0:.0f} s]",
+            flush=True,
+        )
+        for c in rep["curve"]:
+            if c["cost_weight_bp"] in (0, 250, 500, 1000, 2000):
+                print(f"  lambda {c['cost_weight_bp'] / 10000:.3f}: quality {c['quality']:.4f} at {c['cost']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

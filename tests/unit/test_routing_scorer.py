@@ -1,0 +1,77 @@
+"""Scorer contract: basis-point thresholds, calibration look-ups, N-tier choice with cost weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _routing_helpers import FakeEncoder, tiny_artifact
+
+from tiergate.routing.errors import RoutingError
+from tiergate.routing.scorer import Scorer, choose_from_quality
+
+
+def test_threshold_basis_points_semantics() -> None:
+    sc = Scorer(tiny_artifact(), FakeEncoder())
+    prompts = [f"p{i}" for i in range(50)]
+    s = sc.score(prompts)
+    assert s.shape == (50,)
+    bp = int(np.median(s) * 10000)
+    np.testing.assert_array_equal(sc.route_strong(prompts, bp), s >= bp / 10000)
+    assert sc.route_strong(prompts, 0).all()
+    with pytest.raises(RoutingError, match="basis points"):
+        sc.route_strong(prompts, 10001)
+    with pytest.raises(RoutingError, match="basis points"):
+        sc.route_strong(prompts, 0.5)  # type: ignore[arg-type]
+
+
+def test_threshold_for_share_reads_the_calibration_table() -> None:
+    sc = Scorer(tiny_artifact(), None)
+    assert sc.threshold_for_share(0.5) == 4000
+    assert sc.threshold_for_share(0.3) == 6000
+    assert sc.threshold_for_share(1.0) == 0
+    assert sc.threshold_for_share(0.1) == 10000  # nothing calibrated that low: route nothing
+    with pytest.raises(RoutingError, match="outside"):
+        sc.threshold_for_share(1.5)
+
+
+def test_scorer_without_encoder_takes_embeddings() -> None:
+    sc = Scorer(tiny_artifact(), None)
+    emb = FakeEncoder().encode(["a", "b"])
+    assert sc.score_embeddings(emb).shape == (2,)
+    with pytest.raises(RoutingError, match="no encoder"):
+        sc.score(["a"])
+    with pytest.raises(RoutingError, match="do not match encoder dim"):
+        sc.score_embeddings(np.zeros((2, 3)))
+
+
+def test_choose_trades_quality_for_price_and_ties_go_cheap() -> None:
+    art = tiny_artifact("multi_tier", tiers=3)  # prices 0.2, 0.4, 0.6
+    q = np.array([[0.5, 0.6, 0.9], [0.7, 0.7, 0.7], [0.1, 0.2, 0.25]])
+    np.testing.assert_array_equal(choose_from_quality(art, q, 0), [2, 0, 2])
+    # lambda 0.5: utilities row0 0.4,0.4,0.6 -> 2; row2 0.0,0.0,-0.05 -> cheapest of the tie, 0.
+    np.testing.assert_array_equal(choose_from_quality(art, q, 5000), [2, 0, 0])
+    np.testing.assert_array_equal(choose_from_quality(art, q, 100000), [0, 0, 0])
+    sc = Scorer(art, FakeEncoder())
+    assert sc.quality(["x", "y"]).shape == (2, 3)
+    assert sc.choose(["x", "y"]).shape == (2,)
+    assert sc.cost_weight_for_budget(0.4) == 1000
+    with pytest.raises(RoutingError, match="two_tier"):
+        sc.score(["x"])
+
+
+def test_cached_encoder_embeds_each_text_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tiergate.routing.encoder import CachedEncoder
+
+    inner = FakeEncoder()
+    enc = CachedEncoder(lambda: inner, encoder_id=inner.encoder_id, dim=inner.dim, cache_dir=tmp_path)
+    a = enc.encode(["x", "y", "x"])
+    assert inner.texts == 2
+    # A fresh cache object reads the shard from disk and never builds the inner encoder.
+    enc2 = CachedEncoder(
+        lambda: pytest.fail("inner encoder built on a full cache"),
+        encoder_id=inner.encoder_id,
+        dim=inner.dim,
+        cache_dir=tmp_path,
+    )
+    np.testing.assert_array_equal(enc2.encode(["y", "x"]), a[[1, 0]])
+    assert not list(enc2.directory.glob(".shard-*"))

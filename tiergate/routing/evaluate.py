@@ -1,0 +1,183 @@
+"""Evaluation reports (pure functions from scores to JSON-ready dicts) and their PNG plots.
+
+Two tiers: `two_tier_report(router_scores, weak, strong)` gives APGR, CPT(50%), CPT(80%), the curve (101 points
+at strong shares 0.00 .. 1.00, each with the integer threshold in basis points that realises it) and the same
+figures for the random and oracle baselines.
+
+N tiers: `multi_tier_report(quality_pred, scores, prices)` sweeps the cost weight lambda (basis points) to trace
+the router's cost-quality curve and reports, next to it, every single tier and the oracle (best tier per prompt,
+cheapest among ties), plus the router's best quality within each single tier's cost.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from tiergate.routing.metrics import PGRCurve, oracle_choice, oracle_scores, pgr_curve, tier_point
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+    FloatArray = npt.NDArray[np.float64]
+
+# Cost weights swept for N-tier curves, basis points of quality per $/Mtok: fine steps where the trade-off
+# moves fast (small lambda), coarse beyond.
+COST_WEIGHTS_BP = [*range(0, 500, 25), *range(500, 2000, 100), *range(2000, 10001, 500)]
+SHARE_GRID = 101
+
+
+def curve_points(curve: PGRCurve, scores: FloatArray) -> list[dict[str, float | int]]:
+    """The curve at shares 0.00 .. 1.00: quality and PGR interpolated, and the threshold (bp) whose rule
+    `score >= bp / 10000` reaches that share (with tied scores it may send a little more)."""
+    import numpy as np
+
+    n = len(scores)
+    desc = np.sort(np.asarray(scores, dtype=np.float64))[::-1]
+    out: list[dict[str, float | int]] = []
+    for i in range(SHARE_GRID):
+        x = i / (SHARE_GRID - 1)
+        q = float(np.interp(x, curve.share, curve.quality))
+        p = float(np.interp(x, curve.share, curve.pgr))
+        k = round(x * n)
+        # The largest integer bp that still routes the k-th highest score to strong (10001: nothing is routed).
+        bp = 10001 if k == 0 else int(np.floor(desc[k - 1] * 10000 + 1e-9))
+        out.append({"strong_share": x, "quality": q, "pgr": p, "threshold_bp": bp})
+    return out
+
+
+def two_tier_report(router_scores: FloatArray, weak: FloatArray, strong: FloatArray) -> dict[str, Any]:
+    import numpy as np
+
+    curve = pgr_curve(router_scores, weak, strong)
+    oracle = pgr_curve(oracle_scores(weak, strong), weak, strong)
+    n = len(router_scores)
+    return {
+        "n": n,
+        "q_weak": curve.q_weak,
+        "q_strong": curve.q_strong,
+        "apgr": curve.apgr,
+        "cpt50": curve.cpt(0.5),
+        "cpt80": curve.cpt(0.8),
+        "curve": curve_points(curve, np.asarray(router_scores, dtype=np.float64)),
+        "baselines": {
+            # Random routing in expectation: PGR(x) = x.
+            "random": {"apgr": 0.5, "cpt50": 0.5, "cpt80": 0.8},
+            "oracle": {"apgr": oracle.apgr, "cpt50": oracle.cpt(0.5), "cpt80": oracle.cpt(0.8)},
+        },
+        "_curves": {"router": curve, "oracle": oracle},
+    }
+
+
+def multi_tier_report(
+    quality_pred: FloatArray,
+    scores: FloatArray,
+    prices: FloatArray,
+    models: list[str],
+    choose: Any,
+    default_cost_weight_bp: int,
+) -> dict[str, Any]:
+    """`choose(quality_pred, bp) -> tier index per prompt` is the router's decision rule."""
+    import numpy as np
+
+    pr = np.asarray(prices, dtype=np.float64)
+    n = scores.shape[0]
+    curve = []
+    for bp in COST_WEIGHTS_BP:
+        pt = tier_point(f"lambda={bp}", choose(quality_pred, bp), scores, pr)
+        curve.append({"cost_weight_bp": bp, "quality": pt.quality, "cost": pt.cost, "shares": pt.shares})
+    default = tier_point("router", choose(quality_pred, default_cost_weight_bp), scores, pr)
+    singles: dict[str, dict[str, Any]] = {}
+    for j, name in enumerate(models):
+        sp = tier_point(name, np.full(n, j, dtype=np.int64), scores, pr)
+        within = [c["quality"] for c in curve if c["cost"] <= sp.cost + 1e-12]
+        singles[name] = {
+            "quality": sp.quality,
+            "cost": sp.cost,
+            "router_best_quality_within_cost": max(within) if within else None,
+        }
+    orc = tier_point("oracle", oracle_choice(scores, pr), scores, pr)
+    best_name = max(models, key=lambda k: (float(singles[k]["quality"]), -float(singles[k]["cost"])))
+    best = singles[best_name]
+    # Cheapest router point at least as good as the best single tier.
+    matching = [c for c in curve if c["quality"] >= best["quality"] - 1e-12]
+    return {
+        "n": n,
+        "tiers": models,
+        "prices": [float(p) for p in pr],
+        "quality": default.quality,
+        "cost": default.cost,
+        "shares": default.shares,
+        "cost_weight_bp": default_cost_weight_bp,
+        "curve": curve,
+        "single": singles,
+        "oracle": {"quality": orc.quality, "cost": orc.cost, "shares": orc.shares},
+        "best_single": {"model": best_name, **best},
+        "router_cheapest_matching_best_single": min(matching, key=lambda c: c["cost"]) if matching else None,
+    }
+
+
+def quality_at_budget(report: dict[str, Any], budget: float) -> float | None:
+    ok = [c["quality"] for c in report["curve"] if c["cost"] <= budget + 1e-12]
+    return max(ok) if ok else None
+
+
+def plot_two_tier(report: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = report["_curves"]
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=110)
+    r, o = curves["router"], curves["oracle"]
+    ax.plot(r.share, r.pgr, label=f"router (APGR {report['apgr']:.3f})", color="tab:blue", linewidth=2)
+    ax.plot([0, 1], [0, 1], label="random (APGR 0.500)", color="tab:gray", linestyle="--")
+    ax.plot(o.share, o.pgr, label=f"oracle (APGR {o.apgr:.3f})", color="tab:green", linestyle=":")
+    for target, key, color in ((0.5, "cpt50", "tab:orange"), (0.8, "cpt80", "tab:red")):
+        ax.axhline(target, color=color, linewidth=0.8, alpha=0.6)
+        ax.axvline(report[key], color=color, linewidth=0.8, alpha=0.6)
+        ax.annotate(
+            f"CPT({int(target * 100)}%) = {report[key]:.1%}",
+            (report[key], target),
+            textcoords="offset points",
+            xytext=(6, -14),
+            color=color,
+        )
+    ax.set_xlim(0, 1)
+    ax.set_ylim(min(-0.05, float(r.pgr.min())), max(1.3, float(o.pgr.max()) * 1.02))
+    ax.set_xlabel("share of prompts sent to the strong tier")
+    ax.set_ylabel("PGR (share of the weak-to-strong quality gap recovered)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
+    cs = sorted(report["curve"], key=lambda c: c["cost"])
+    ax.plot([c["cost"] for c in cs], [c["quality"] for c in cs], "-o", markersize=3, label="router (lambda sweep)")
+    for name, sp in report["single"].items():
+        ax.scatter([sp["cost"]], [sp["quality"]], color="tab:gray", s=25, zorder=3)
+        ax.annotate(name, (sp["cost"], sp["quality"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    o = report["oracle"]
+    ax.scatter([o["cost"]], [o["quality"]], color="tab:green", marker="*", s=120, label="oracle", zorder=4)
+    ax.scatter(
+        [report["cost"]], [report["quality"]], color="tab:red", marker="D", s=50, label="router default", zorder=4
+    )
+    ax.set_xlabel("mean price of the chosen model ($/Mtok, input + output)")
+    ax.set_ylabel("mean quality")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

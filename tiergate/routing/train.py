@@ -1,0 +1,282 @@
+"""Fitting router heads: small MLP ensembles trained with torch, exported as numpy weights.
+
+torch is imported inside the functions (the `train` extra); the result is an `artifact.Member` that the scorer
+applies with numpy alone. Training is seeded (torch, numpy) and single-threaded-deterministic on the CPU, so
+the same data, config and seed give the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tiergate.routing.artifact import Layer, Member
+
+if TYPE_CHECKING:
+    import numpy as np
+    import numpy.typing as npt
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Head hyper-parameters; defaults are the ones measured best in docs/routing.md."""
+
+    # 64 hidden units: wider heads fit the training split better and the test split no better; 384x64 keeps
+    # an ensemble of 5 at ~160 KiB of JSON.
+    hidden: int = 64
+    # Epochs over the training rows; the targets are neighbourhood-smoothed, so the head converges fast and
+    # more epochs only memorise.
+    epochs: int = 30
+    lr: float = 1e-3
+    # AdamW decoupled decay 1e-2 (torch's default): the targets are smooth, so strong decay costs nothing.
+    weight_decay: float = 1e-2
+    batch: int = 128
+    dropout: float = 0.1
+    # Members differ only by seed; averaging them removes most of the seed-to-seed variance of one MLP.
+    ensemble: int = 5
+    seed: int = 0
+
+
+def fit_member(
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.float64],
+    cfg: HeadConfig,
+    seed: int,
+    progress: Any | None = None,
+) -> Member:
+    """One MLP `dim -> hidden (relu) -> out`.
+
+    Binary targets (deterministic and transformed labels) are fitted with cross-entropy and a sigmoid output.
+    Soft targets (neighbourhood estimates) are fitted by least squares on standardised targets, the scale folded
+    back into the last layer afterwards (identity output): their spread is small (a neighbourhood gain of a few
+    points), and cross-entropy on targets that close to 0.5 trained measurably worse (docs/routing.md)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    y2 = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    binary = bool(np.all((y2 == 0) | (y2 == 1)))
+    mean = np.zeros(y2.shape[1]) if binary else y2.mean(axis=0)
+    std = np.ones(y2.shape[1]) if binary else np.maximum(y2.std(axis=0), 1e-6)
+    xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    yt = torch.from_numpy(((y2 - mean) / std).astype(np.float32))
+    out_dim = yt.shape[1]
+    layers: list[torch.nn.Module] = []
+    if cfg.hidden > 0:
+        layers += [
+            torch.nn.Linear(xt.shape[1], cfg.hidden),
+            torch.nn.ReLU(),
+            torch.nn.Dropout(cfg.dropout),
+            torch.nn.Linear(cfg.hidden, out_dim),
+        ]
+    else:
+        layers += [torch.nn.Linear(xt.shape[1], out_dim)]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss() if binary else torch.nn.MSELoss()
+    n = len(xt)
+    model.train()
+    for _ in range(cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, cfg.batch):
+            idx = perm[start : start + cfg.batch]
+            opt.zero_grad()
+            loss = loss_fn(model(xt[idx]), yt[idx])
+            loss.backward()
+            opt.step()
+        if progress is not None:
+            progress.update(1)
+    model.eval()
+    linears = [m for m in model if isinstance(m, torch.nn.Linear)]
+    out_layers = []
+    for i, lin in enumerate(linears):
+        w = lin.weight.detach().numpy().T.astype(np.float64)
+        b = lin.bias.detach().numpy().astype(np.float64)
+        last = i == len(linears) - 1
+        if last and not binary:
+            w, b = w * std[None, :], b * std + mean
+        out_layers.append(
+            Layer(
+                weight=w.astype(np.float32),
+                bias=b.astype(np.float32),
+                activation="identity" if last else "relu",
+            )
+        )
+    return Member(layers=out_layers, output="sigmoid" if binary else "identity", weight=1.0)
+
+
+def fit_ensemble(
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.float64], cfg: HeadConfig, progress: Any | None = None
+) -> list[Member]:
+    return [fit_member(x, y, cfg, cfg.seed * 1000 + i, progress) for i in range(cfg.ensemble)]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `tiergate train` decides, besides the data and tiers."""
+
+    label_mode: str = "difference"
+    # Neighbourhood size for the one-sample label estimates (labels.py); 200 measured best on MMLU train.
+    neighbours: int = 200
+    head: HeadConfig = HeadConfig()
+    # Folds for the out-of-fold scores behind the calibration table (one head member per fold).
+    folds: int = 5
+
+
+def kfold_indices(n: int, folds: int, seed: int) -> list[npt.NDArray[np.int64]]:
+    import numpy as np
+
+    perm = np.random.default_rng(seed).permutation(n)
+    return [perm[i::folds] for i in range(folds)]
+
+
+def two_tier_calibration(
+    oof: npt.NDArray[np.float64], weak: npt.NDArray[np.float64], strong: npt.NDArray[np.float64]
+) -> list[dict[str, Any]]:
+    """Calibration rows at the score quantiles 0, 1, ..., 100 % (as integer basis points), measured exactly
+    with the rule `score >= bp / 10000` on out-of-fold scores."""
+    import numpy as np
+
+    q_w, q_s = float(weak.mean()), float(strong.mean())
+    gap = q_s - q_w
+    qs = np.quantile(oof, np.linspace(0.0, 1.0, 101))
+    bps = sorted({int(np.floor(v * 10000 + 1e-9)) for v in qs} | {0, 10000}, reverse=True)
+    rows = []
+    for bp in bps:
+        route = oof >= bp / 10000
+        quality = float(np.where(route, strong, weak).mean())
+        rows.append(
+            {
+                "threshold_bp": bp,
+                "strong_share": float(route.mean()),
+                "quality": quality,
+                "pgr": (quality - q_w) / gap if abs(gap) > 1e-12 else 0.0,
+            }
+        )
+    return rows
+
+
+def _oof_predictions(
+    x: npt.NDArray[np.float32],
+    targets_fn: Any,
+    n_out: int,
+    cfg: TrainConfig,
+    progress: Any | None,
+) -> npt.NDArray[np.float64]:
+    """Out-of-fold head outputs: for each fold, targets built from the other folds only, one member fitted."""
+    import numpy as np
+
+    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
+    from tiergate.routing.scorer import head_forward
+
+    n = len(x)
+    out = np.zeros((n, n_out), dtype=np.float64)
+    one = replace_head(cfg.head, ensemble=1)
+    for f, held in enumerate(kfold_indices(n, cfg.folds, cfg.head.seed)):
+        mask = np.ones(n, dtype=bool)
+        mask[held] = False
+        y = targets_fn(mask)
+        member = fit_member(x[mask], y, one, seed=cfg.head.seed * 1000 + 500 + f, progress=progress)
+        probe = RouterArtifact(
+            encoder=EncoderSpec(id="probe", dim=x.shape[1]),
+            kind="two_tier" if n_out == 1 else "multi_tier",
+            label_mode="quality" if n_out > 1 else "difference",
+            tiers=[Tier(name=f"t{i}", price=0.0) for i in range(max(2, n_out))],
+            members=[member],
+            calibration=[],
+            provenance={},
+        )
+        out[held] = head_forward(probe, x[held])
+    return out
+
+
+def replace_head(head: HeadConfig, **changes: Any) -> HeadConfig:
+    from dataclasses import replace
+
+    return replace(head, **changes)
+
+
+def build_two_tier(
+    x: npt.NDArray[np.float32],
+    weak: npt.NDArray[np.float64],
+    strong: npt.NDArray[np.float64],
+    cfg: TrainConfig,
+    progress: Any | None = None,
+) -> tuple[list[Member], float | None, list[dict[str, Any]], dict[str, Any]]:
+    """Head members, label margin, calibration rows and training-time metrics for a two-tier router."""
+    from tiergate.routing.labels import two_tier_targets
+    from tiergate.routing.metrics import pgr_curve
+
+    def targets(mask: Any) -> npt.NDArray[np.float64]:
+        return two_tier_targets(cfg.label_mode, weak[mask], strong[mask], x[mask], cfg.neighbours)[0]
+
+    oof = _oof_predictions(x, targets, 1, cfg, progress)[:, 0]
+    y, margin = two_tier_targets(cfg.label_mode, weak, strong, x, cfg.neighbours)
+    members = fit_ensemble(x, y, cfg.head, progress)
+    calibration = two_tier_calibration(oof, weak, strong)
+    curve = pgr_curve(oof, weak, strong)
+    metrics = {
+        "oof_apgr": curve.apgr,
+        "oof_cpt50": curve.cpt(0.5),
+        "oof_cpt80": curve.cpt(0.8),
+        "q_weak": curve.q_weak,
+        "q_strong": curve.q_strong,
+        "folds": cfg.folds,
+    }
+    return members, margin, calibration, metrics
+
+
+def default_threshold_bp(calibration: list[dict[str, Any]], pgr_target: float = 0.8) -> int:
+    """The highest threshold (fewest strong calls) whose calibrated PGR reaches `pgr_target`."""
+    ok = [int(r["threshold_bp"]) for r in calibration if float(r["pgr"]) >= pgr_target]
+    return max(ok) if ok else 0
+
+
+def build_multi_tier(
+    x: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float64],
+    prices: list[float],
+    cfg: TrainConfig,
+    progress: Any | None = None,
+) -> tuple[list[Member], list[dict[str, Any]], int, dict[str, Any]]:
+    """Head members, calibration rows (cost weight -> cost, quality, shares), default cost weight and metrics."""
+    import numpy as np
+
+    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
+    from tiergate.routing.evaluate import COST_WEIGHTS_BP
+    from tiergate.routing.labels import neighbour_average
+    from tiergate.routing.metrics import tier_point
+    from tiergate.routing.scorer import choose_from_quality
+
+    m = scores.shape[1]
+
+    def targets(mask: Any) -> npt.NDArray[np.float64]:
+        return neighbour_average(x[mask], scores[mask], cfg.neighbours)
+
+    oof = _oof_predictions(x, targets, m, cfg, progress)
+    members = fit_ensemble(x, targets(np.ones(len(x), dtype=bool)), cfg.head, progress)
+    probe = RouterArtifact(
+        encoder=EncoderSpec(id="probe", dim=x.shape[1]),
+        kind="multi_tier",
+        label_mode="quality",
+        tiers=[Tier(name=f"t{i}", price=p) for i, p in enumerate(prices)],
+        members=members,
+        calibration=[],
+        provenance={},
+    )
+    pr = np.asarray(prices, dtype=np.float64)
+    calibration = []
+    for bp in COST_WEIGHTS_BP:
+        pt = tier_point(str(bp), choose_from_quality(probe, oof, bp), scores, pr)
+        calibration.append({"cost_weight_bp": bp, "cost": pt.cost, "quality": pt.quality, "shares": pt.shares})
+    single_q = scores.mean(axis=0)
+    best = int(np.argmax(single_q))
+    matching = [r for r in calibration if r["quality"] >= single_q[best] - 1e-12]
+    default_bp = int(min(matching, key=lambda r: r["cost"])["cost_weight_bp"]) if matching else 0
+    metrics = {
+        "oof_best_single_quality": float(single_q[best]),
+        "oof_best_single_cost": float(pr[best]),
+        "folds": cfg.folds,
+    }
+    return members, calibration, default_bp, metrics
