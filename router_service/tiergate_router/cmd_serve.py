@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        return asyncio.run(_serve(args))
+        return _run_loop(_serve(args))
     except RouterError as e:
         print(f"tiergate serve: {e}", file=sys.stderr)
         return 2
@@ -87,6 +87,21 @@ def run(args: argparse.Namespace) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+
+
+def _run_loop(main: Any) -> int:
+    """Run on uvloop when it is installed (the router extra pins it): the proxy path is event-loop bound, and
+    uvloop's C loop roughly halves the router's CPU time per request compared with the pure-Python loop."""
+    import asyncio
+
+    try:
+        import uvloop
+    except ModuleNotFoundError:
+        result: int = asyncio.run(main)
+        return result
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        out: int = runner.run(main)
+        return out
 
 
 def build_config(args: argparse.Namespace, policy: Any, thresholds: Any) -> Any:

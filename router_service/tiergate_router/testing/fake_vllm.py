@@ -337,7 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--max-running", type=int, default=0)
-    asyncio.run(_serve(p.parse_args(argv)))
+    args = p.parse_args(argv)
+    try:
+        import uvloop  # same loop as the router, so benchmarks compare like with like
+    except ModuleNotFoundError:
+        asyncio.run(_serve(args))
+        return 0
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(_serve(args))
     return 0
 
 
