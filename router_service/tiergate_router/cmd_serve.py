@@ -69,7 +69,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import asyncio
     import logging
 
     from tiergate_router.errors import RouterError
