@@ -11,14 +11,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+
+from tiergate.devcluster.cluster import DevCluster
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
 from tiergate_router.testing.harness import LoopThread
 from tiergate_router.testing.procs import FakeProcess
 from tiergate_router.testing.scorers import KeywordScorer
-
-from tiergate.devcluster.cluster import DevCluster
 
 PORT = 8000
 

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 import yaml
-from tiergate_operator import builders as b
 
 from tiergate.api import naming
 from tiergate.api.policy import RoutingPolicy, load_policy, parse_policy
+from tiergate_operator import builders as b
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from tiergate_operator.status import compute_status, pod_problem, status_changed
 
 from tiergate.api.policy import RoutingPolicy, parse_policy
+from tiergate_operator.status import compute_status, pod_problem, status_changed
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tiergate_router.testing.artifacts import constant_artifact
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,6 +12,7 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.testing.harness import Harness
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+
 from tiergate_router.testing.harness import Harness
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+
 from tiergate_router.config import RouterConfig
 from tiergate_router.testing.harness import Harness
 from tiergate_router.testing.procs import FakeProcess

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from tiergate_router.testing.artifacts import constant_artifact
 from tiergate_router.testing.procs import FakeProcess
 

@@ -9,6 +9,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+
+from tiergate.api.policy import load_policy
 from tiergate_router.breaker import BreakerState, CircuitBreaker
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import (
@@ -26,8 +28,6 @@ from tiergate_router.errors import ClassifierError, ConfigError
 from tiergate_router.policy_watch import PolicyWatcher
 from tiergate_router.pool import TierPool
 from tiergate_router.router import SSEUsageScanner
-
-from tiergate.api.policy import load_policy
 
 ROOT = Path(__file__).resolve().parents[2]
 
