@@ -41,6 +41,10 @@ class Controller:
         self.kube = kube
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reconcile")
+        # Applies of one reconcile run concurrently in their own pool (never the reconcile pool: a reconcile
+        # waiting on applies queued behind other reconciles would deadlock).
+        self._apply_pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="apply")
+        self._need_apply: set[PolicyKey] = set()
         self._queue: asyncio.Queue[PolicyKey] | None = None
         self._queued: set[PolicyKey] = set()
         self._active: set[PolicyKey] = set()
@@ -53,7 +57,10 @@ class Controller:
 
     # --- event side (called from kopf handlers, on the event loop) -------------------------------------------
 
-    def enqueue(self, key: PolicyKey, delay: float = 0.0) -> None:
+    def enqueue(self, key: PolicyKey, delay: float = 0.0, *, apply: bool = True) -> None:
+        """apply=False: only the children's status changed; refresh the policy's status without re-applying."""
+        if apply:
+            self._need_apply.add(key)
         if delay > 0:
             asyncio.get_running_loop().call_later(delay, self.enqueue, key)
             return
@@ -80,9 +87,34 @@ class Controller:
         if mem is None or mem.reconciled_generation != generation:
             self.enqueue(key)
 
-    def child_event(self, namespace: str, policy_name: str | None) -> None:
-        if policy_name:
-            self.enqueue((namespace, policy_name))
+    def child_event(
+        self,
+        namespace: str,
+        policy_name: str | None,
+        kind: str,
+        name: str,
+        deleted: bool,
+        generation: int | None,
+        resource_version: str | None = None,
+    ) -> None:
+        """A child changed. Deleted, or its spec changed (a generation we did not write): re-apply. Only its status
+        changed (pods starting, replicas becoming ready): refresh status only, which costs two lists instead of a
+        full apply of every child."""
+        if not policy_name:
+            return
+        key = (namespace, policy_name)
+        mem = self._memory.get(key)
+        if deleted or mem is None:
+            self.enqueue(key)
+            return
+        if kind == "Pod":
+            self.enqueue(key, apply=False)
+            return
+        known = mem.known.get((kind, name))
+        # The same change marker as our last apply returned: the event is our own write (or status only).
+        marker = f"g{generation}" if generation is not None else f"r{resource_version}"
+        ours = known is not None and known[1] == marker
+        self.enqueue(key, apply=not ours)
 
     # --- worker side ----------------------------------------------------------------------------------------
 
@@ -101,6 +133,7 @@ class Controller:
                 t.cancel()
             await asyncio.gather(*workers, resync, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._apply_pool.shutdown(wait=False, cancel_futures=True)
 
     async def _resync(self) -> None:
         while True:
@@ -139,11 +172,21 @@ class Controller:
             return
         mem = self._memory.setdefault(key, PolicyMemory())
         generation = body.get("metadata", {}).get("generation")
-        # List (and prune) when the spec changed, on the first reconcile after start, and on every resync.
-        prune = mem.pruned_generation != generation or self._clock() - mem.last_pruned_at >= self.cfg.resync_seconds
+        now = self._clock()
+        apply = key in self._need_apply or mem.reconciled_generation != generation
+        self._need_apply.discard(key)
+        if mem.reconciled_generation is None and generation == 1:
+            # A policy whose spec never changed has nothing to prune: every child it ever had is still wanted.
+            prune = False
+            mem.pruned_generation, mem.last_pruned_at = generation, now
+        else:
+            # List (and prune) when the spec changed and on every resync.
+            prune = apply and (
+                mem.pruned_generation != generation or now - mem.last_pruned_at >= self.cfg.resync_seconds
+            )
         self.reconciles += 1
         try:
-            out = reconcile(self.kube, body, self.cfg, mem, prune=prune)
+            out = reconcile(self.kube, body, self.cfg, mem, prune=prune, apply=apply, pool=self._apply_pool)
         except PolicyValidationError as e:
             # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
             # next spec change will.
@@ -162,7 +205,7 @@ class Controller:
                 self._retry(key, str(e), floor=_BACKOFF_MAX / 2)
             return
         if prune:
-            mem.last_pruned_at = self._clock()
+            mem.last_pruned_at = now
         self._failures.pop(key, None)
         self._report(body, out)
 
@@ -190,6 +233,8 @@ class Controller:
                 self._post(body, "Ready", c["message"])
             elif c["type"] == DEGRADED and c["status"] == "True":
                 self._post(body, c["reason"], c["message"], warning=True)
+        if not (out.created or out.updated or out.deleted or out.status_written):
+            return
         log.info(
             "reconciled %s/%s gen %s: +%d ~%d -%d, %s",
             out.policy.namespace,

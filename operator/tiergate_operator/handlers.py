@@ -31,6 +31,16 @@ WATCHED_CHILDREN = (
 )
 
 
+_KINDS = {
+    "deployments": "Deployment",
+    "services": "Service",
+    "configmaps": "ConfigMap",
+    "serviceaccounts": "ServiceAccount",
+    "poddisruptionbudgets": "PodDisruptionBudget",
+    "pods": "Pod",
+}
+
+
 def configure_settings(settings: kopf.OperatorSettings) -> None:
     """kopf's own state under our API group; no peering (we elect a leader with a Lease); no cluster scanning."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
@@ -51,9 +61,25 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
         if namespace:
             controller.policy_event(namespace, name, meta.get("generation"), deleted=type == "DELETED")
 
-    def child_event(namespace: str | None, labels: Mapping[str, str], **_: Any) -> None:
+    def child_event(
+        type: str,
+        resource: kopf.Resource,
+        name: str,
+        namespace: str | None,
+        labels: Mapping[str, str],
+        meta: kopf.Meta,
+        **_: Any,
+    ) -> None:
         if namespace:
-            controller.child_event(namespace, labels.get(naming.POLICY_LABEL))
+            controller.child_event(
+                namespace,
+                labels.get(naming.POLICY_LABEL),
+                _KINDS.get(resource.plural, resource.kind or ""),
+                name,
+                deleted=type == "DELETED",
+                generation=meta.get("generation"),
+                resource_version=meta.get("resourceVersion"),
+            )
 
     for group, version, plural in WATCHED_CHILDREN:
         kopf.on.event(

@@ -50,17 +50,23 @@ def resource_path(kind: str, namespace: str | None, name: str | None = None, sub
     return path
 
 
-def load_api_client(kubeconfig: str | None = None) -> Any:
-    """kubeconfig path given: that file. Otherwise in-cluster credentials inside a pod, else KUBECONFIG/~/.kube."""
+def load_api_client(kubeconfig: str | None = None, pool_size: int = 32) -> Any:
+    """kubeconfig path given: that file. Otherwise in-cluster credentials inside a pod, else KUBECONFIG/~/.kube.
+
+    pool_size: HTTP connections kept to the API server; at least the number of concurrent requests (reconcile
+    workers x parallel applies), or urllib3 discards and reopens TLS connections under load."""
     from kubernetes import client, config
 
+    configuration = client.Configuration()
     if kubeconfig:
-        return config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
-    try:
-        config.load_incluster_config()  # type: ignore[no-untyped-call]
-        return client.ApiClient()
-    except config.ConfigException:
-        return config.new_client_from_config()  # type: ignore[no-untyped-call]
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
+    else:
+        try:
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    configuration.connection_pool_maxsize = pool_size
+    return client.ApiClient(configuration)
 
 
 class Kube:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +36,7 @@ class PolicyMemory:
     known: dict[Key, tuple[str, str]] = field(default_factory=dict)  # child -> (uid, change marker)
     pruned_generation: int | None = None
     reconciled_generation: int | None = None
-    last_pruned_at: float = 0.0
+    last_pruned_at: float = 0.0  # monotonic
 
 
 @dataclass
@@ -71,9 +72,19 @@ def now_rfc3339() -> str:
 
 
 def reconcile(
-    kube: Kube, body: Mapping[str, Any], cfg: OperatorConfig, memory: PolicyMemory, *, prune: bool
+    kube: Kube,
+    body: Mapping[str, Any],
+    cfg: OperatorConfig,
+    memory: PolicyMemory,
+    *,
+    prune: bool,
+    apply: bool = True,
+    pool: Executor | None = None,
 ) -> Outcome:
-    """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not)."""
+    """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
+
+    apply=False only refreshes status (a child's status changed, nothing of ours did). `pool` applies the children
+    of one wave concurrently: the API server, not this process, is where the time goes."""
     policy = parse_policy(body)
     ns = policy.namespace or "default"
     uid = policy.metadata.uid or ""
@@ -86,6 +97,9 @@ def reconcile(
     sel = selector(policy.name)
 
     existing: dict[Key, Obj] = {}
+    if not apply:
+        listed = {d["metadata"]["name"]: d for d in kube.list("Deployment", ns, sel)}
+        return _finish(kube, body, policy, memory, out, listed)
     if prune:
         for kind in KIND_ORDER:
             for o in kube.list(kind, ns, sel):
@@ -94,19 +108,31 @@ def reconcile(
         memory.known = {k: (o["metadata"]["uid"], _marker(o)) for k, o in existing.items() if k in wanted}
 
     deployments: dict[str, Obj] = {}
-    for obj in desired:
-        key = child_key(obj)
-        applied = kube.apply(obj, cfg.field_manager)
-        applied.setdefault("kind", obj["kind"])
-        new = (applied["metadata"]["uid"], _marker(applied))
-        old = memory.known.get(key)
-        if old is None or old[0] != new[0]:
-            out.created.append(key)
-        elif old[1] != new[1]:
-            out.updated.append(key)
-        memory.known[key] = new
-        if obj["kind"] == "Deployment":
-            deployments[obj["metadata"]["name"]] = applied
+    started = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=1)
+    # Two waves: everything the pods refer to (ServiceAccount, RBAC, ConfigMap) and the Services and PDBs first,
+    # then the Deployments, so a new pod never starts before what it mounts or runs as exists.
+    waves = [[o for o in desired if o["kind"] != "Deployment"], [o for o in desired if o["kind"] == "Deployment"]]
+    for wave in waves:
+        if pool is not None and len(wave) > 1:
+            applied_wave = list(pool.map(lambda o: kube.apply(o, cfg.field_manager), wave))
+        else:
+            applied_wave = [kube.apply(o, cfg.field_manager) for o in wave]
+        for obj, applied in zip(wave, applied_wave, strict=True):
+            key = child_key(obj)
+            applied.setdefault("kind", obj["kind"])
+            new = (applied["metadata"]["uid"], _marker(applied))
+            old = memory.known.get(key)
+            if old is None and not prune:
+                # Not listed first (a brand-new policy): it is new if the API server created it just now.
+                if _created_since(applied, started):
+                    out.created.append(key)
+            elif old is None or old[0] != new[0]:
+                out.created.append(key)
+            elif old[1] != new[1]:
+                out.updated.append(key)
+            memory.known[key] = new
+            if obj["kind"] == "Deployment":
+                deployments[obj["metadata"]["name"]] = applied
 
     if prune:
         for key, o in existing.items():
@@ -117,6 +143,25 @@ def reconcile(
             memory.known.pop(key, None)
         memory.pruned_generation = policy.metadata.generation
 
+    return _finish(kube, body, policy, memory, out, deployments)
+
+
+def _created_since(obj: Mapping[str, Any], since: dt.datetime) -> bool:
+    raw = obj.get("metadata", {}).get("creationTimestamp")
+    if not raw:
+        return False
+    return dt.datetime.strptime(raw, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC) >= since
+
+
+def _finish(
+    kube: Kube,
+    body: Mapping[str, Any],
+    policy: RoutingPolicy,
+    memory: PolicyMemory,
+    out: Outcome,
+    deployments: dict[str, Obj],
+) -> Outcome:
+    ns = policy.namespace or "default"
     pods = kube.list("Pod", ns, f"{naming.POLICY_LABEL}={policy.name}")
     current = body.get("status") or {}
     out.previous_conditions = list(current.get("conditions") or [])
