@@ -1,0 +1,102 @@
+"""The operator's typed config (environment + flags) and the controller's event triage, without a cluster."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tiergate_operator.config import OperatorConfig
+from tiergate_operator.controller import Controller
+from tiergate_operator.errors import ConfigError, KubeError
+from tiergate_operator.reconcile import PolicyMemory
+
+
+def test_config_from_env_and_overrides() -> None:
+    env = {
+        "TIERGATE_OPERATOR_RESYNC_SECONDS": "30",
+        "TIERGATE_OPERATOR_LEADER_ELECT": "true",
+        "TIERGATE_OPERATOR_WORKERS": "4",
+        "POD_NAMESPACE": "tiergate-system",
+        "POD_NAME": "op-0",
+    }
+    cfg = OperatorConfig.from_env(env, namespace="team-a", workers=None)
+    assert cfg.resync_seconds == 30.0
+    assert cfg.leader_elect is True
+    assert cfg.workers == 4
+    assert cfg.lease_namespace == "tiergate-system"
+    assert cfg.identity == "op-0"
+    assert cfg.namespace == "team-a"
+    assert OperatorConfig.from_env({}).namespace is None  # all namespaces by default
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"TIERGATE_OPERATOR_WORKERS": "many"}, "TIERGATE_OPERATOR_WORKERS"),
+        ({"TIERGATE_OPERATOR_LEADER_ELECT": "maybe"}, "TIERGATE_OPERATOR_LEADER_ELECT"),
+        ({"TIERGATE_OPERATOR_RESYNC_SECONDS": "0"}, "resync_seconds"),
+        ({"TIERGATE_OPERATOR_LEASE_RENEW_SECONDS": "20"}, "lease_renew_seconds"),
+    ],
+)
+def test_bad_config_names_the_setting(env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        OperatorConfig.from_env(env)
+
+
+def test_kube_error_retryability() -> None:
+    assert KubeError("x", 409).retryable
+    assert KubeError("x", 503).retryable
+    assert KubeError("x", 0).retryable
+    assert not KubeError("x", 422).retryable
+    assert not KubeError("x", 403).retryable
+
+
+def _controller() -> Controller:
+    return Controller(OperatorConfig(), kube=None)  # type: ignore[arg-type]  # triage never calls the API
+
+
+def test_child_events_are_triaged_into_apply_or_status_only() -> None:
+    async def go() -> None:
+        c = _controller()
+        key = ("ns", "chat")
+        mem = PolicyMemory(reconciled_generation=1)
+        mem.known = {("Deployment", "chat-router"): ("uid", "g3"), ("Service", "chat-router"): ("uid", "r17")}
+        c._memory[key] = mem
+        # Our own write coming back, or a status change: status only.
+        c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=3)
+        c.child_event("ns", "chat", "Service", "chat-router", deleted=False, generation=None, resource_version="17")
+        c.child_event("ns", "chat", "Pod", "chat-router-abc", deleted=False, generation=None)
+        assert key in c._queued
+        assert key not in c._need_apply
+        # Someone else changed the spec (new generation), or deleted a child: re-apply.
+        c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=4)
+        assert key in c._need_apply
+        c._need_apply.clear()
+        c.child_event("ns", "chat", "ConfigMap", "chat-router", deleted=True, generation=None)
+        assert key in c._need_apply
+        # Children of policies we do not know yet, and unlabelled objects.
+        c.child_event("ns", "other", "Pod", "x", deleted=False, generation=None)
+        assert ("ns", "other") in c._need_apply
+        c.child_event("ns", None, "Pod", "x", deleted=False, generation=None)
+        c._executor.shutdown()
+        c._apply_pool.shutdown()
+
+    asyncio.run(go())
+
+
+def test_policy_events_skip_our_own_status_writes() -> None:
+    async def go() -> None:
+        c = _controller()
+        key = ("ns", "chat")
+        c._memory[key] = PolicyMemory(reconciled_generation=2)
+        c.policy_event("ns", "chat", 2, deleted=False)
+        assert key not in c._queued
+        c.policy_event("ns", "chat", 3, deleted=False)
+        assert key in c._queued
+        c.policy_event("ns", "chat", 3, deleted=True)
+        assert key not in c._memory
+        c._executor.shutdown()
+        c._apply_pool.shutdown()
+
+    asyncio.run(go())
