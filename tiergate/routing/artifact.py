@@ -224,6 +224,8 @@ def save_artifact(art: RouterArtifact, path: str | os.PathLike[str]) -> int:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates 0600; an artifact is not secret and is read by other users (images, ConfigMaps).
+        os.chmod(tmp, 0o644)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

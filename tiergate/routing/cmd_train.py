@@ -37,9 +37,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="two tiers: Hybrid LLM label (docs/routing.md); N tiers always regress per-tier quality",
     )
     parser.add_argument("--neighbours", type=int, default=200, help="neighbourhood size for label estimates")
+    parser.add_argument(
+        "--task-weight",
+        type=float,
+        default=0.3,
+        help="weight of the per-task mean score in the training targets, 0..1 (rows' task field; 0 ignores it)",
+    )
     parser.add_argument("--hidden", type=int, default=64, help="hidden units per head member (0: linear)")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--ensemble", type=int, default=5, help="head members (seeds) averaged")
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=256, help="rows per optimiser step")
+    parser.add_argument("--ensemble", type=int, default=3, help="head members (seeds) averaged")
     parser.add_argument("--folds", type=int, default=5, help="folds for the out-of-fold calibration table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--created", help="ISO-8601 timestamp recorded in the artifact (default: now)")
@@ -75,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
     ):
         if val < low:
             raise DataError(f"{name} must be at least {low}, got {val}")
+    if not 0.0 <= args.task_weight <= 1.0:
+        raise DataError(f"--task-weight must be in 0..1, got {args.task_weight}")
     split = None if args.split == "all" else args.split
     data = load_outcomes(args.data, tiers.models, split=split)
     prices = load_prices(tiers.prices_file, tiers.models) if tiers.prices_file else [0.0, 1.0]
@@ -93,8 +102,11 @@ def _run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         label_mode=args.label_mode if tiers.two_tier else "quality",
         neighbours=args.neighbours,
-        head=HeadConfig(hidden=args.hidden, epochs=args.epochs, ensemble=args.ensemble, seed=args.seed),
+        head=HeadConfig(
+            hidden=args.hidden, epochs=args.epochs, batch=args.batch, ensemble=args.ensemble, seed=args.seed
+        ),
         folds=args.folds,
+        task_weight=args.task_weight,
     )
     enc = cached_minilm(cache_dir=args.cache_dir, threads=args.threads)
     emb = enc.encode(data.prompts).astype(np.float32)
@@ -107,12 +119,12 @@ def _run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if tiers.two_tier:
             members, margin, calibration, metrics = build_two_tier(
-                emb, data.scores[:, 0], data.scores[:, 1], cfg, progress=bar
+                emb, data.scores[:, 0], data.scores[:, 1], cfg, progress=bar, tasks=data.tasks
             )
             default_bp, default_lambda = default_threshold_bp(calibration), 0
         else:
             members, calibration, default_lambda, metrics = build_multi_tier(
-                emb, data.scores, prices, cfg, progress=bar
+                emb, data.scores, prices, cfg, progress=bar, tasks=data.tasks
             )
             margin, default_bp = None, 5000
     finally:
@@ -132,6 +144,7 @@ def _run(args: argparse.Namespace) -> int:
             "rows": len(data),
             "seed": args.seed,
             "neighbours": cfg.neighbours,
+            "task_weight": cfg.task_weight,
             "head": {"hidden": cfg.head.hidden, "epochs": cfg.head.epochs, "ensemble": cfg.head.ensemble},
             "created": created,
             "tiergate_version": _version(),
