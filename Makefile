@@ -25,12 +25,16 @@ run: venv
 
 # The whole test suite: lint, types, proto drift, unit tests and cluster tests (builds the control plane
 # binaries on first use; about 16 minutes cold, seconds warm).
+# Every gate runs even when an earlier one fails, so one run reports everything; the exit status is non-zero
+# if any failed.
 test: venv
 	$(PY) -m tiergate.devcluster build
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/mypy
-	$(VENV)/bin/pytest
+	@rc=0; \
+	echo "== ruff check"; $(VENV)/bin/ruff check --no-cache . || rc=1; \
+	echo "== ruff format --check"; $(VENV)/bin/ruff format --check --no-cache . || rc=1; \
+	echo "== mypy (strict)"; $(VENV)/bin/mypy || rc=1; \
+	echo "== pytest"; $(VENV)/bin/pytest || rc=1; \
+	exit $$rc
 
 lint: venv
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
