@@ -366,7 +366,9 @@ def router_policy_document(policy: RoutingPolicy) -> str:
     doc["metadata"] = {"name": policy.name, "namespace": _namespace(policy)}
     if policy.metadata.generation is not None:
         doc["metadata"]["generation"] = policy.metadata.generation
-    return yaml.safe_dump(doc, sort_keys=False)
+    # libyaml's emitter when present: the pure-Python one costs ~10 ms per policy, most of a reconcile's CPU.
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(doc, Dumper=dumper, sort_keys=False)
 
 
 def build_router_configmap(policy: RoutingPolicy) -> Obj:

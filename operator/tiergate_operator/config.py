@@ -26,6 +26,9 @@ class OperatorConfig:
     we do not watch. Deletions of children are seen at once (watched); a minute bounds the rest."""
     settle_seconds: float = 0.05
     """Coalesce bursts of child events (a rollout emits dozens) into one reconcile per policy."""
+    status_settle_seconds: float = 0.5
+    """The same for refreshes of status only (children reporting progress): half a second keeps status timely
+    while turning a rollout's event storm into a handful of refreshes."""
     workers: int = 16
     """Threads for blocking API calls. The API server, not our CPU, is the limit; 16 keeps 200 policies created
     at once within seconds without flooding a small control plane."""

@@ -149,8 +149,11 @@ class Controller:
             self._queued.discard(key)
             self._active.add(key)
             try:
-                if self.cfg.settle_seconds:
-                    await asyncio.sleep(self.cfg.settle_seconds)
+                # A status-only refresh waits a little longer: pods and Deployments report in bursts (a rollout
+                # emits dozens of events), and one refresh after the burst says the same as one per event.
+                settle = self.cfg.settle_seconds if key in self._need_apply else self.cfg.status_settle_seconds
+                if settle:
+                    await asyncio.sleep(settle)
                 await loop.run_in_executor(self._executor, self._reconcile_blocking, key)
             except Exception:  # never let one policy's failure kill a worker
                 log.exception("reconcile of %s/%s crashed", *key)

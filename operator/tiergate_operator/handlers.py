@@ -19,14 +19,14 @@ from tiergate.api.policy import GROUP, PLURAL, VERSION
 from .controller import Controller
 
 # (group, version, plural) of each child kind whose changes the operator reacts to at once. Pods are watched
-# for status (a Pending pod becomes Unschedulable without its Deployment changing); Roles and RoleBindings are
-# left to the periodic resync (rarely touched, and watching RBAC objects needs broader permissions).
+# for status (a Pending pod becomes Unschedulable without its Deployment changing). PodDisruptionBudgets, Roles
+# and RoleBindings are left to the periodic resync: they are rarely touched by hand, and a PDB's status changes
+# with every pod of its Deployment, which would cost one watch event each for nothing.
 WATCHED_CHILDREN = (
     ("apps", "v1", "deployments"),
     ("", "v1", "services"),
     ("", "v1", "configmaps"),
     ("", "v1", "serviceaccounts"),
-    ("policy", "v1", "poddisruptionbudgets"),
     ("", "v1", "pods"),
 )
 
