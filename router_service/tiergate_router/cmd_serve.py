@@ -60,6 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="score threshold in basis points (default: the policy's, else the artifact's)",
     )
     parser.add_argument(
+        "--encoder",
+        choices=("auto", "torch", "onnx", "onnx-int8"),
+        default="auto",
+        help="prompt encoder runtime (auto: ONNX Runtime fp32 when installed, else torch)",
+    )
+    parser.add_argument(
         "--discovery",
         choices=("auto", "on", "off"),
         default="auto",
@@ -164,7 +170,7 @@ async def _serve(args: argparse.Namespace) -> int:
     loaded = None
     if n_tiers > 1:
         artifact = args.router or (policy_classifier_path(policy) if policy is not None else None)
-        loaded = load_classifier(artifact)
+        loaded = load_classifier(artifact, encoder=args.encoder)
         classifier = loaded.classifier
     else:
         # One tier: nothing to decide, so no encoder is loaded (and torch never imported).

@@ -1,0 +1,59 @@
+"""The ONNX Runtime encoder gives the vectors of tiergate.routing's torch MiniLM encoder (fp32) or close to them
+(int8 per channel), and routes through the same artifact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiergate_router import onnx_encoder
+
+pytestmark = pytest.mark.slow
+
+DATA = Path("/work/shared/data/routing/routellm-mmlu.jsonl")
+
+
+def _prompts() -> list[str]:
+    fixed = ["What is 2+2?", "Explain quantum entanglement to a five-year-old. " * 20, "", "héllo wörld ✓ 你好"]
+    if DATA.is_file():
+        rows = [json.loads(line)["prompt"] for line in DATA.read_text().splitlines()[:60] if line.strip()]
+        return fixed + rows
+    return fixed
+
+
+@pytest.fixture(scope="module")
+def reference() -> tuple[list[str], np.ndarray]:
+    from tiergate.routing.encoder import MiniLMEncoder
+
+    prompts = _prompts()
+    return prompts, MiniLMEncoder().encode(prompts)
+
+
+@pytest.mark.parametrize(("variant", "min_cos"), [("onnx", 0.9999), ("onnx-int8", 0.98)])
+def test_onnx_vectors_match_torch(reference: tuple[list[str], np.ndarray], variant: str, min_cos: float) -> None:
+    prompts, ref = reference
+    enc = onnx_encoder.OnnxMiniLMEncoder(onnx_encoder.ensure_onnx(variant))
+    out = enc.encode(prompts)
+    assert out.shape == ref.shape
+    assert out.dtype == np.float32
+    cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
+    assert cos.min() >= min_cos, cos.min()
+    single = enc.encode([prompts[1]])[0]
+    if variant == "onnx":
+        # batch composition does not change a prompt's vector (padding is masked out)
+        assert np.allclose(single, out[1], atol=1e-4)
+    else:
+        # dynamic int8 quantises activations with a scale taken from the whole batch, so a prompt's vector
+        # depends a little on its batch mates (documented in docs/router.md)
+        assert float(single @ out[1]) / float(np.linalg.norm(single) * np.linalg.norm(out[1])) >= 0.99
+    assert enc.encode([]).shape == (0, 384)
+
+
+def test_corrupt_onnx_file_is_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(onnx_encoder.ClassifierError, match="cannot load ONNX encoder"):
+        onnx_encoder.OnnxMiniLMEncoder(bad)
