@@ -9,12 +9,13 @@ shape (apply, list, delete, status patch) and returns plain JSON dicts. Transpor
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from tiergate.api.policy import API_VERSION, PLURAL
 
-from .errors import KubeError
+from .errors import ConfigError, KubeError
 
 Obj = dict[str, Any]
 
@@ -58,13 +59,21 @@ def load_api_client(kubeconfig: str | None = None, pool_size: int = 32) -> Any:
     from kubernetes import client, config
 
     configuration = client.Configuration()
-    if kubeconfig:
-        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
-    else:
-        try:
-            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
-        except config.ConfigException:
-            config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    source = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    try:
+        if kubeconfig:
+            config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            try:
+                config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+                source = "in-cluster service account"
+            except config.ConfigException:
+                config.load_kube_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+    except Exception as e:  # the loader raises ConfigException, OSError, TypeError... for unusable files
+        raise ConfigError(
+            f"cannot load Kubernetes credentials from {source}: {e} "
+            "(pass --kubeconfig, set KUBECONFIG, or run in a pod)"
+        ) from e
     configuration.connection_pool_maxsize = pool_size
     return client.ApiClient(configuration)
 

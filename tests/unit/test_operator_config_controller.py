@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,20 @@ def test_policy_events_skip_our_own_status_writes() -> None:
         c._apply_pool.shutdown()
 
     asyncio.run(go())
+
+
+def test_unusable_kubeconfig_is_a_clear_config_error(tmp_path: Path) -> None:
+    from tiergate_operator.kube import load_api_client
+
+    with pytest.raises(ConfigError, match="cannot load Kubernetes credentials from /nonexistent"):
+        load_api_client("/nonexistent")
+    junk = tmp_path / "junk"
+    junk.write_text("just a string\n")
+    with pytest.raises(ConfigError, match=str(junk)):
+        load_api_client(str(junk))
+
+
+def test_cli_reports_bad_credentials_and_exits_nonzero(tmp_path: Path) -> None:
+    from tiergate.cli import main
+
+    assert main(["operator", "--kubeconfig", str(tmp_path / "missing")]) == 1
