@@ -32,36 +32,20 @@ import urllib.request
 from pathlib import Path
 
 import aiohttp
+
 from tiergate_router.testing.procs import FakeProcess
 
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "routers",
-    "measure",
-    "latency",
-    "of",
-    "every",
-    "single",
-    "request",
-    "sent",
-    "through",
-    "them",
-]
+# Words that MiniLM's WordPiece vocabulary holds whole, so a prompt of n - 3 of them plus a number is n tokens.
+WORDS = (
+    "the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog",
+    "while", "people", "measure", "time", "of", "every", "single", "request", "sent",
+)  # fmt: skip
 
 
 def prompt_of_tokens(n: int, salt: int = 0) -> str:
-    """About n word pieces for MiniLM's tokenizer (common English words are one piece each)."""
-    words = [WORDS[(i * 7 + salt) % len(WORDS)] for i in range(n - 3)]  # [CLS], [SEP] and the salt
-    return f"{salt} " + " ".join(words)
+    """n word pieces for MiniLM's tokenizer: [CLS], a small number (one piece), n - 3 words, [SEP]."""
+    words = [WORDS[(i * 7 + salt) % len(WORDS)] for i in range(n - 3)]
+    return f"{salt % 1000} " + " ".join(words)
 
 
 def free_port() -> int:
@@ -89,15 +73,17 @@ def wait_http(url: str, timeout: float = 180.0) -> None:
 # -- classification -------------------------------------------------------------------------------------------
 
 
-def bench_classification(artifact: Path | None, n: int) -> dict[str, float]:
-    from tiergate_router.artifact_classifier import load_classifier
+def bench_classification(artifact: Path | None, n: int, encoder: str) -> dict[str, float]:
+    """Artifact scoring (encoder + head) of one 64-token prompt at a time, then batches of 32."""
+    from tokenizers import Tokenizer
 
-    loaded = load_classifier(artifact)
-    scorer = loaded.scorer
-    enc = scorer._encoder
-    tok = enc._tokenizer
-    p = prompt_of_tokens(64)
-    ntok = len(tok(p)["input_ids"])
+    from tiergate_router.artifact_classifier import load_classifier
+    from tiergate_router.onnx_encoder import model_dir
+
+    scorer = load_classifier(artifact, encoder=encoder).scorer
+    tok = Tokenizer.from_file(str(model_dir() / "tokenizer.json"))
+    tok.no_padding()  # the file pads to 128; count the prompt's own pieces
+    ntok = len(tok.encode(prompt_of_tokens(64)).ids)
     for i in range(5):
         scorer.score([prompt_of_tokens(64, i)])
     lat = []
@@ -105,12 +91,11 @@ def bench_classification(artifact: Path | None, n: int) -> dict[str, float]:
         t0 = time.perf_counter()
         scorer.score([prompt_of_tokens(64, 1000 + i)])
         lat.append(time.perf_counter() - t0)
-    batch = [prompt_of_tokens(64, 5000 + i) for i in range(32)]
+    reps, size = 4, 32
     t0 = time.perf_counter()
-    reps = 4
     for r in range(reps):
-        scorer.score([b + f" {r}" for b in batch])
-    thr = reps * len(batch) / (time.perf_counter() - t0)
+        scorer.score([prompt_of_tokens(64, 5000 + r * size + i) for i in range(size)])
+    thr = reps * size / (time.perf_counter() - t0)
     return {"tokens": ntok, "p50_ms": 1000 * pct(lat, 0.5), "p99_ms": 1000 * pct(lat, 0.99), "batched_per_s": thr}
 
 
@@ -250,15 +235,17 @@ def main() -> int:
         help="peer router executable: vllm-router=PATH and/or litellm=PATH",
     )
     ap.add_argument("--skip-classification-bench", action="store_true")
+    ap.add_argument("--encoders", default="torch,onnx,onnx-int8", help="encoders to time (comma-separated)")
     args = ap.parse_args()
 
     print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
     if not args.skip_classification_bench:
-        c = bench_classification(args.router, args.requests)
-        print(
-            f"classification, {c['tokens']:.0f}-token prompt, batch 1: p50 {c['p50_ms']:.1f} ms, "
-            f"p99 {c['p99_ms']:.1f} ms; batched (32): {c['batched_per_s']:.0f} prompts/s"
-        )
+        for encoder in args.encoders.split(","):
+            c = bench_classification(args.router, args.requests, encoder)
+            print(
+                f"classification [{encoder}], {c['tokens']:.0f}-token prompt, batch 1: p50 {c['p50_ms']:.1f} ms, "
+                f"p99 {c['p99_ms']:.1f} ms; batched (32): {c['batched_per_s']:.0f} prompts/s"
+            )
 
     backend = FakeProcess("bench-model", name="b")
     procs: list[subprocess.Popen[bytes]] = []
