@@ -16,18 +16,19 @@ from tiergate_router.errors import ClassifierError
 BP = 10000
 
 
+# The router service scores one number per prompt against a threshold, so it ships with the two-tier default.
+DEFAULT_ARTIFACT = "two-tier.json"
+
+
 def default_artifact_path() -> Path:
-    """The router shipped with the package (trained on the public data's train split, see docs/router.md)."""
+    """The two-tier router shipped with the package (`tiergate/routing/default/`, trained on the public data's
+    train split; its rebuild recipe is in that package's docstring)."""
     import tiergate.routing
 
-    folder = Path(tiergate.routing.__file__).parent / "default"
-    candidates = sorted(folder.glob("*.json")) if folder.is_dir() else []
-    if len(candidates) != 1:
-        raise ClassifierError(
-            f"the shipped default router is missing from {folder} (expected one .json artifact, "
-            f"found {len(candidates)}); pass an artifact explicitly"
-        )
-    return candidates[0]
+    path = Path(tiergate.routing.__file__).parent / "default" / DEFAULT_ARTIFACT
+    if not path.is_file():
+        raise ClassifierError(f"the shipped default router {path} is missing; pass an artifact explicitly")
+    return path
 
 
 @dataclass
