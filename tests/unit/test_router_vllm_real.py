@@ -99,7 +99,10 @@ def test_router_in_front_of_real_vllm(vllm_url: str) -> None:
     try:
         c = openai.OpenAI(base_url=f"{h.url}/v1", api_key="unused", max_retries=0, timeout=300)
         raw = c.chat.completions.with_raw_response.create(
-            model="tiergate", messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16
+            model="tiergate",
+            messages=[{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
         )
         comp = raw.parse()
         assert raw.headers["x-tiergate-tier"] == "small"
