@@ -44,7 +44,7 @@ def test_demo_routes_real_model_answers(tmp_path: Path) -> None:
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("small ") or ln.startswith("large ")]
-    assert len(rows) == 5
+    assert len(rows) == 6
     assert all(row.startswith("small  0.1192") for row in rows)
     assert "Paris" in rows[0]  # a real model answered
-    assert 'tiergate_router_requests_total{decision="small",outcome="success",tier="small"} 5.0' in r.stdout
+    assert 'tiergate_router_requests_total{decision="small",outcome="success",tier="small"} 6.0' in r.stdout

@@ -21,13 +21,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+# A mix of everyday, multiple-choice (MMLU-like) and arithmetic word-problem (GSM8K-like) prompts: the shipped
+# router was trained on the latter two kinds.
 PROMPTS = [
     "What is the capital of France?",
-    "Say hello in Spanish.",
+    "Which of the following is a prime number? A) 21 B) 27 C) 29 D) 33",
+    "Janet has 3 apples and buys 5 more. She gives 2 to her brother. How many apples does she have now?",
+    "A store sells pencils at 3 for $1.20 and erasers at 2 for $0.90. Tom buys 15 pencils and 8 erasers and pays "
+    "with a $20 bill. How much change does he get?",
     "Prove that there are infinitely many prime numbers, step by step.",
-    "A train leaves at 3pm going 60 km/h; another leaves at 4pm going 90 km/h on the same track. When does the "
-    "second catch up, and how far from the station?",
-    "Write a Python function that checks whether a string is a palindrome, ignoring punctuation and case.",
+    "Write a Python function that checks whether a string is a palindrome.",
 ]
 
 
