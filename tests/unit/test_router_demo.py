@@ -23,7 +23,6 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_demo_routes_real_model_answers(tmp_path: Path) -> None:
-    pytest.importorskip("gguf")
     art = constant_artifact(tmp_path / "router.json", bias=-2.0)  # score 0.12: the small tier answers
     r = subprocess.run(
         [
