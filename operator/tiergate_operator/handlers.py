@@ -8,8 +8,8 @@ policy can always be deleted, operator running or not.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, cast
 
 import kopf
 
@@ -41,11 +41,21 @@ _KINDS = {
 }
 
 
+class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
+    """kopf builds a diff base (a deep copy of the object) for every watch event, to detect changes for on.create /
+    on.update handlers. We register none (every event only marks a policy dirty), and the deep copies of Deployments
+    and Pods were most of the operator's CPU under a burst of policies (profiled: ~5 of ~17 CPU-seconds for 60
+    policies). An empty essence keeps kopf's machinery working without the copies."""
+
+    def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
+        return cast(kopf.BodyEssence, {})
+
+
 def configure_settings(settings: kopf.OperatorSettings) -> None:
     """kopf's own state under our API group; no peering (we elect a leader with a Lease); no cluster scanning."""
     settings.persistence.finalizer = f"{GROUP}/finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = _NoDiffBase(prefix=GROUP)
     settings.peering.standalone = True
     # Without scanning kopf needs no cluster-wide list of CRDs or namespaces: least privilege.
     settings.scanning.disabled = True
