@@ -21,7 +21,7 @@ from tiergate.routing.encoder import cached_minilm
 from tiergate.routing.evaluate import multi_tier_report, quality_at_budget
 from tiergate.routing.labels import task_smoothed, two_tier_targets
 from tiergate.routing.metrics import pgr_curve
-from tiergate.routing.train import HeadConfig, fit_ensemble, kfold_indices
+from tiergate.routing.train import HeadConfig, fit_head, kfold_indices
 
 WEAK, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
 LLMROUTER_MODELS = [
@@ -41,7 +41,8 @@ def _forward(members: list[Any], x: np.ndarray) -> np.ndarray:
     from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
     from tiergate.routing.scorer import head_forward
 
-    out_dim = int(members[0].layers[-1].bias.shape[0])
+    m0 = members[0]
+    out_dim = int(m0.table.shape[1]) if m0.table is not None else int(m0.layers[-1].bias.shape[0])
     art = RouterArtifact(
         encoder=EncoderSpec(id="bench", dim=x.shape[1]),
         kind="two_tier" if out_dim == 1 else "multi_tier",
@@ -54,21 +55,56 @@ def _forward(members: list[Any], x: np.ndarray) -> np.ndarray:
     return head_forward(art, x)
 
 
+def with_features(
+    names: list[str] | None, train_texts: list[str], xtr: np.ndarray, test_texts: list[str], xte: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Append prompt features standardised with the training rows' mean and std (as `tiergate train` does)."""
+    from tiergate.routing.features import raw_features
+
+    if not names:
+        return xtr, xte
+    ftr, fte = raw_features(names, train_texts), raw_features(names, test_texts)
+    mu, sd = ftr.mean(axis=0), np.maximum(ftr.std(axis=0), 1e-6)
+    return (
+        np.concatenate([xtr, ((ftr - mu) / sd).astype(np.float32)], axis=1),
+        np.concatenate([xte, ((fte - mu) / sd).astype(np.float32)], axis=1),
+    )
+
+
 def two_tier_test(
-    data_dir: Path, train_files: list[str], test_file: str, mode: str, k: int, head: HeadConfig, task_weight: float
+    data_dir: Path,
+    train_files: list[str],
+    test_file: str,
+    mode: str,
+    k: int,
+    head: HeadConfig,
+    task_weight: float,
+    task_head: float = 0.0,
+    features: list[str] | None = None,
+    ridge_share: float = 0.0,
 ) -> dict[str, float]:
     enc = cached_minilm()
     tr = load_outcomes([data_dir / f for f in train_files], [WEAK, STRONG], split="train")
     te = load_outcomes([data_dir / test_file], [WEAK, STRONG], split="test")
     xtr, xte = enc.encode(tr.prompts), enc.encode(te.prompts)
     y, _ = two_tier_targets(mode, tr.scores[:, 0], tr.scores[:, 1], xtr, k, tr.tasks, task_weight)
-    members = fit_ensemble(xtr, y, head)
-    curve = pgr_curve(_forward(members, xte)[:, 0], te.scores[:, 0], te.scores[:, 1])
+    htr, hte = with_features(features, tr.prompts, xtr, te.prompts, xte)
+    raw = (tr.scores[:, 1] - tr.scores[:, 0] + 1.0) / 2.0
+    members = fit_head(htr, y, tr.tasks, head, task_head, ridge=(raw, ridge_share, 100.0) if ridge_share else None)
+    curve = pgr_curve(_forward(members, hte)[:, 0], te.scores[:, 0], te.scores[:, 1])
     return {"apgr": curve.apgr, "cpt50": curve.cpt(0.5), "cpt80": curve.cpt(0.8), "n": float(len(te))}
 
 
 def llmrouter_cv(
-    data_dir: Path, k: int, head: HeadConfig, task_weight: float, folds: int = 5, budget: float = 0.5
+    data_dir: Path,
+    k: int,
+    head: HeadConfig,
+    task_weight: float,
+    task_head: float = 0.0,
+    folds: int = 5,
+    budget: float = 0.5,
+    features: list[str] | None = None,
+    ridge_share: float = 0.0,
 ) -> dict[str, Any]:
     enc = cached_minilm()
     data = load_outcomes([data_dir / "llmrouter-train.jsonl"], LLMROUTER_MODELS)
@@ -82,8 +118,16 @@ def llmrouter_cv(
         y = task_smoothed(x[mask], data.scores[mask], k, tasks, task_weight)
         from dataclasses import replace
 
-        members = fit_ensemble(x[mask], y, replace(head, seed=head.seed + i))
-        oof[held] = _forward(members, x[held])
+        hx, hh = with_features(
+            features,
+            [p for p, k in zip(data.prompts, mask, strict=True) if k],
+            x[mask],
+            [data.prompts[j] for j in held],
+            x[held],
+        )
+        ridge = (data.scores[mask], ridge_share, 100.0) if ridge_share else None
+        members = fit_head(hx, y, tasks, replace(head, seed=head.seed + i), task_head, ridge=ridge)
+        oof[held] = _forward(members, hh)
 
     from tiergate.routing.scorer import choose_from_quality
 
@@ -112,25 +156,39 @@ def main() -> None:
     ap.add_argument("--label-mode", default="difference")
     ap.add_argument("--neighbours", type=int, default=200)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--ensemble", type=int, default=5)
-    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--epochs", type=int, default=20)
+    ap.add_argument("--ensemble", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--task-weight", type=float, default=0.0)
+    ap.add_argument("--task-head", type=float, default=0.0)
+    ap.add_argument("--ridge-share", type=float, default=0.0)
+    ap.add_argument("--features", default="", help="comma-separated prompt features, e.g. log_chars")
     a = ap.parse_args()
     import torch
 
     torch.set_num_threads(1)
     head = HeadConfig(hidden=a.hidden, epochs=a.epochs, ensemble=a.ensemble, batch=a.batch, seed=a.seed)
     only = a.only.split(",")
+    feats = [f for f in a.features.split(",") if f]
     cfg = (
-        f"mode={a.label_mode} k={a.neighbours} task_weight={a.task_weight} hidden={a.hidden} "
+        f"mode={a.label_mode} k={a.neighbours} task_weight={a.task_weight} task_head={a.task_head} "
+        f"features={a.features or '-'} ridge={a.ridge_share} hidden={a.hidden} "
         f"epochs={a.epochs} ensemble={a.ensemble}"
     )
     if "mmlu" in only:
         t0 = time.perf_counter()
         r = two_tier_test(
-            a.data_dir, ["routellm-mmlu.jsonl"], "routellm-mmlu.jsonl", a.label_mode, a.neighbours, head, a.task_weight
+            a.data_dir,
+            ["routellm-mmlu.jsonl"],
+            "routellm-mmlu.jsonl",
+            a.label_mode,
+            a.neighbours,
+            head,
+            a.task_weight,
+            a.task_head,
+            feats,
+            a.ridge_share,
         )
         print(
             f"MMLU test ({cfg}): APGR {r['apgr']:.4f} CPT50 {r['cpt50']:.4f} CPT80 {r['cpt80']:.4f} "
@@ -147,6 +205,9 @@ def main() -> None:
             a.neighbours,
             head,
             a.task_weight,
+            a.task_head,
+            feats,
+            a.ridge_share,
         )
         print(
             f"GSM8K test ({cfg}): APGR {r['apgr']:.4f} CPT50 {r['cpt50']:.4f} CPT80 {r['cpt80']:.4f} "
@@ -155,7 +216,9 @@ def main() -> None:
         )
     if "llmrouter" in only:
         t0 = time.perf_counter()
-        r = llmrouter_cv(a.data_dir, a.neighbours, head, a.task_weight)
+        r = llmrouter_cv(
+            a.data_dir, a.neighbours, head, a.task_weight, a.task_head, features=feats, ridge_share=a.ridge_share
+        )
         rep = r["report"]
         best = rep["best_single"]
         print(

@@ -107,3 +107,27 @@ def test_encoder_mismatch_is_refused() -> None:
     art = tiny_artifact().with_updates(encoder=EncoderSpec(id="other/encoder", dim=8))
     with pytest.raises(RoutingError, match="trained on other/encoder"):
         Scorer(art, FakeEncoder())
+
+
+def test_task_head_member_round_trips_and_mixes_the_table(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from tiergate.routing.artifact import Layer, Member
+    from tiergate.routing.scorer import head_forward
+
+    art = tiny_artifact("multi_tier", tiers=3)
+    # A task head whose logits favour task 1 strongly: output is (almost) row 1 of the table.
+    w = np.zeros((8, 2), dtype=np.float32)
+    b = np.array([0.0, 20.0], dtype=np.float32)
+    table = np.array([[0.1, 0.2, 0.3], [0.9, 0.8, 0.7]], dtype=np.float32)
+    task = Member(layers=[Layer(w, b, "identity")], output="softmax", weight=1.0, table=table)
+    art = art.with_updates(members=[task])
+    out = head_forward(art, np.ones((2, 8), dtype=np.float32))
+    np.testing.assert_allclose(out, [[0.9, 0.8, 0.7]] * 2, atol=1e-6)
+    p = tmp_path / "t.json"
+    save_artifact(art, p)
+    back = load_artifact(p)
+    np.testing.assert_allclose(head_forward(back, np.ones((1, 8), dtype=np.float32)), [[0.9, 0.8, 0.7]], atol=2e-3)
+    bad = replace(task, table=np.zeros((3, 3), dtype=np.float32))
+    with pytest.raises(ArtifactError, match="table shape"):
+        art.with_updates(members=[bad])

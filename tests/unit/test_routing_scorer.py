@@ -75,3 +75,24 @@ def test_cached_encoder_embeds_each_text_once(tmp_path) -> None:  # type: ignore
     )
     np.testing.assert_array_equal(enc2.encode(["y", "x"]), a[[1, 0]])
     assert not list(enc2.directory.glob(".shard-*"))
+
+
+def test_prompt_features_are_standardised_and_need_the_texts() -> None:
+    from tiergate.routing.artifact import Feature, Layer, Member
+    from tiergate.routing.features import raw_features
+
+    base = tiny_artifact()
+    # One linear member reading only the feature column (weight 1 on row 8): score = sigmoid(z(log_chars)).
+    w = np.zeros((9, 1), dtype=np.float32)
+    w[8, 0] = 1.0
+    member = Member(layers=[Layer(w, np.zeros(1, dtype=np.float32), "identity")], output="sigmoid")
+    art = base.with_updates(members=[member], features=[Feature("log_chars", mean=2.0, std=0.5)])
+    sc = Scorer(art, FakeEncoder())
+    texts = ["short", "a much longer prompt than the other one"]
+    z = (raw_features(["log_chars"], texts)[:, 0] - 2.0) / 0.5
+    np.testing.assert_allclose(sc.score(texts), 1 / (1 + np.exp(-z)), rtol=1e-6)
+    assert sc.score(texts)[1] > sc.score(texts)[0]
+    with pytest.raises(RoutingError, match="pass the prompt texts"):
+        sc.score_embeddings(FakeEncoder().encode(texts))
+    with pytest.raises(RoutingError, match="unknown prompt feature"):
+        raw_features(["bogus"], texts)

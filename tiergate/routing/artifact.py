@@ -10,9 +10,11 @@ Contract (the router service and the operator depend on it; bump `FORMAT_VERSION
       "kind": "two_tier" | "multi_tier",
       "label_mode": "deterministic" | "probabilistic" | "transformed" | "difference" | "quality",
       "label_margin": float | null,           # Hybrid LLM's t for "transformed", chosen from the data
+      "features": [{"name": "log_chars", "mean": float, "std": float}],   # prompt features (features.py)
       "tiers": [{"name": str, "price": float}],   # two tiers: [weak, strong]; price in $/Mtok (input + output)
       "head": {"members": [ {"layers": [{"weight": TENSOR, "bias": TENSOR, "activation": "relu"|"identity"}],
-                             "output": "sigmoid"|"identity", "weight": float} ]},
+                             "output": "sigmoid"|"identity"|"softmax", "table": TENSOR | absent,
+                             "weight": float} ]},
       "default_threshold_bp": int,            # two tiers: strong when score >= bp / 10000
       "default_cost_weight_bp": int,          # N tiers: lambda = bp / 10000 quality per $/Mtok
       "calibration": [ {...} ],               # see below
@@ -21,6 +23,13 @@ Contract (the router service and the operator depend on it; bump `FORMAT_VERSION
       "metrics": {...},                       # figures measured at training time (informative)
       "sha256": hex                           # SHA-256 of the canonical JSON of every other field
     }
+
+The head's input is the embedding followed by the listed prompt features, each standardised as
+(value - mean) / std; the first layer of every member has `dim + len(features)` rows.
+
+A member's output is `output_map(mlp(x))`, then, where a `table` `[k, out]` is present, `@ table`: a "softmax"
+member with a table is a task classifier whose output is the probability-weighted mean of per-task figures
+(docs/routing.md, "task head").
 
 TENSOR is `{"dtype": "float16" | "float32", "shape": [..], "data": base64 of the little-endian bytes}`; we write
 float16 and compute in float32.
@@ -64,7 +73,7 @@ MAX_BYTES = 900 * 1024
 KINDS = ("two_tier", "multi_tier")
 LABEL_MODES = ("deterministic", "probabilistic", "transformed", "difference", "quality")
 ACTIVATIONS = ("relu", "identity")
-OUTPUTS = ("sigmoid", "identity")
+OUTPUTS = ("sigmoid", "identity", "softmax")
 
 
 @dataclass(frozen=True)
@@ -81,6 +90,7 @@ class Member:
     layers: list[Layer]
     output: str
     weight: float = 1.0
+    table: npt.NDArray[np.float32] | None = None  # [k, out], applied after the output map
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,13 @@ class EncoderSpec:
     max_tokens: int = 256
     pooling: str = "mean"
     normalize: bool = True
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    mean: float
+    std: float
 
 
 @dataclass(frozen=True)
@@ -111,10 +128,12 @@ class RouterArtifact:
     default_threshold_bp: int = 5000
     default_cost_weight_bp: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
+    features: list[Feature] = field(default_factory=list)
 
     @property
     def out_dim(self) -> int:
-        return int(self.members[0].layers[-1].bias.shape[0])
+        m = self.members[0]
+        return int(m.table.shape[1]) if m.table is not None else int(m.layers[-1].bias.shape[0])
 
     def with_updates(self, **changes: Any) -> RouterArtifact:
         out = replace(self, **changes)
@@ -163,6 +182,7 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
         "kind": art.kind,
         "label_mode": art.label_mode,
         "label_margin": art.label_margin,
+        "features": [{"name": f.name, "mean": f.mean, "std": f.std} for f in art.features],
         "tiers": [{"name": t.name, "price": t.price} for t in art.tiers],
         "head": {
             "members": [
@@ -177,6 +197,7 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
                     ],
                     "output": m.output,
                     "weight": m.weight,
+                    **({"table": _tensor_to_json(m.table)} if m.table is not None else {}),
                 }
                 for m in art.members
             ]
@@ -265,6 +286,10 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
             label_mode=str(doc["label_mode"]),
             label_margin=None if doc.get("label_margin") is None else float(doc["label_margin"]),
             tiers=[Tier(name=str(t["name"]), price=float(t["price"])) for t in doc["tiers"]],
+            features=[
+                Feature(name=str(f["name"]), mean=float(f["mean"]), std=float(f["std"]))
+                for f in doc.get("features", [])
+            ],
             members=[
                 Member(
                     layers=[
@@ -277,6 +302,7 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
                     ],
                     output=str(m["output"]),
                     weight=float(m.get("weight", 1.0)),
+                    table=_tensor_from_json(m["table"], f"member {i} table") if "table" in m else None,
                 )
                 for i, m in enumerate(doc["head"]["members"])
             ],
@@ -330,7 +356,7 @@ def validate(art: RouterArtifact) -> None:
             raise ArtifactError(f"member {i}: unknown output {m.output!r}")
         if not m.layers or not m.weight > 0:
             raise ArtifactError(f"member {i}: needs layers and a positive weight")
-        width = art.encoder.dim
+        width = art.encoder.dim + len(art.features)
         for j, layer in enumerate(m.layers):
             if layer.activation not in ACTIVATIONS:
                 raise ArtifactError(f"member {i} layer {j}: unknown activation {layer.activation!r}")
@@ -340,8 +366,19 @@ def validate(art: RouterArtifact) -> None:
                     f"does not follow width {width}"
                 )
             width = int(layer.weight.shape[1])
+        if m.table is not None:
+            if m.table.ndim != 2 or m.table.shape[0] != width:
+                raise ArtifactError(f"member {i}: table shape {tuple(m.table.shape)} does not follow width {width}")
+            width = int(m.table.shape[1])
         if width != want_out:
             raise ArtifactError(f"member {i}: output width {width}, expected {want_out} for {art.kind}")
+    from tiergate.routing.features import FEATURES
+
+    for f in art.features:
+        if f.name not in FEATURES:
+            raise ArtifactError(f"unknown prompt feature {f.name!r} (this tiergate knows: {', '.join(FEATURES)})")
+        if not f.std > 0:
+            raise ArtifactError(f"feature {f.name!r} has a non-positive std {f.std}")
     if not 0 <= art.default_threshold_bp <= 10000:
         raise ArtifactError(f"default_threshold_bp {art.default_threshold_bp} outside 0..10000")
     if art.default_cost_weight_bp < 0:

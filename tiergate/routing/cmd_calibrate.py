@@ -144,8 +144,8 @@ def _recalibrate(art: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     scorer = Scorer(art, enc)
     emb = enc.encode(data.prompts)
     if art.kind == "two_tier":
-        return two_tier_calibration(scorer.score_embeddings(emb), data.scores[:, 0], data.scores[:, 1])
-    q = scorer.quality_embeddings(emb)
+        return two_tier_calibration(scorer.score_embeddings(emb, data.prompts), data.scores[:, 0], data.scores[:, 1])
+    q = scorer.quality_embeddings(emb, data.prompts)
     prices = np.array([t.price for t in art.tiers])
     rows = []
     for bp in COST_WEIGHTS_BP:

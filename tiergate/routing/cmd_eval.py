@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
         "label_mode": art.label_mode,
     }
     if tiers.two_tier:
-        scores = scorer.score_embeddings(emb)
+        scores = scorer.score_embeddings(emb, data.prompts)
         report = two_tier_report(scores, data.scores[:, 0], data.scores[:, 1])
         curves = report.pop("_curves")
         doc.update({"kind": "two_tier", "weak": art_tiers[0], "strong": art_tiers[1], **report})
@@ -113,7 +113,7 @@ def _run(args: argparse.Namespace) -> int:
                 f"{art_tiers[0]} -> {art_tiers[1]}, {data.scores.shape[0]} prompts ({args.split})",
             )
     else:
-        qpred = scorer.quality_embeddings(emb)
+        qpred = scorer.quality_embeddings(emb, data.prompts)
         art_p = art.with_updates(tiers=[type(t)(name=t.name, price=p) for t, p in zip(art.tiers, prices, strict=True)])
         report = multi_tier_report(
             qpred,

@@ -43,6 +43,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=0.3,
         help="weight of the per-task mean score in the training targets, 0..1 (rows' task field; 0 ignores it)",
     )
+    parser.add_argument(
+        "--task-head",
+        type=float,
+        default=0.3,
+        help="share (0..1) of the head given to task-classifier members (needs a task field; docs/routing.md)",
+    )
+    parser.add_argument(
+        "--ridge-share",
+        type=float,
+        default=0.0,
+        help="share (0..1) of the head given to a ridge regression on raw labels (1: ridge only)",
+    )
+    parser.add_argument("--ridge-lambda", type=float, default=100.0, help="ridge penalty")
+    parser.add_argument(
+        "--features",
+        default="log_chars",
+        help='prompt features appended to the embedding, comma-separated ("" for none; known: log_chars)',
+    )
     parser.add_argument("--hidden", type=int, default=64, help="hidden units per head member (0: linear)")
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--batch", type=int, default=256, help="rows per optimiser step")
@@ -63,6 +81,7 @@ def _run(args: argparse.Namespace) -> int:
     from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier, save_artifact
     from tiergate.routing.data import load_outcomes, load_prices
     from tiergate.routing.encoder import MAX_TOKENS, cached_minilm, tqdm_progress
+    from tiergate.routing.features import fit_features, head_inputs
     from tiergate.routing.labels import check_two_classes
     from tiergate.routing.train import (
         HeadConfig,
@@ -82,8 +101,15 @@ def _run(args: argparse.Namespace) -> int:
     ):
         if val < low:
             raise DataError(f"{name} must be at least {low}, got {val}")
-    if not 0.0 <= args.task_weight <= 1.0:
-        raise DataError(f"--task-weight must be in 0..1, got {args.task_weight}")
+    if args.ridge_lambda < 0:
+        raise DataError(f"--ridge-lambda must be >= 0, got {args.ridge_lambda}")
+    for flag, val in (
+        ("--task-weight", args.task_weight),
+        ("--task-head", args.task_head),
+        ("--ridge-share", args.ridge_share),
+    ):
+        if not 0.0 <= val <= 1.0:
+            raise DataError(f"{flag} must be in 0..1, got {val}")
     split = None if args.split == "all" else args.split
     data = load_outcomes(args.data, tiers.models, split=split)
     prices = load_prices(tiers.prices_file, tiers.models) if tiers.prices_file else [0.0, 1.0]
@@ -107,10 +133,18 @@ def _run(args: argparse.Namespace) -> int:
         ),
         folds=args.folds,
         task_weight=args.task_weight,
+        task_head=args.task_head,
+        ridge_share=args.ridge_share,
+        ridge_lambda=args.ridge_lambda,
     )
     enc = cached_minilm(cache_dir=args.cache_dir, threads=args.threads)
     emb = enc.encode(data.prompts).astype(np.float32)
-    bar = tqdm_progress((cfg.folds + cfg.head.ensemble) * cfg.head.epochs, "training", "epoch")
+    feature_names = [f.strip() for f in args.features.split(",") if f.strip()]
+    features = fit_features(feature_names, data.prompts)
+    head_x = head_inputs(features, emb, data.prompts)
+    per_fit = cfg.head.epochs * (2 if cfg.task_head > 0 and len(set(data.tasks)) > 1 else 1)
+    per_fit = 0 if cfg.ridge_share >= 1.0 else per_fit
+    bar = tqdm_progress((cfg.folds + cfg.head.ensemble) * per_fit, "training", "epoch")
     try:
         import torch
 
@@ -119,12 +153,12 @@ def _run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         if tiers.two_tier:
             members, margin, calibration, metrics = build_two_tier(
-                emb, data.scores[:, 0], data.scores[:, 1], cfg, progress=bar, tasks=data.tasks
+                emb, data.scores[:, 0], data.scores[:, 1], cfg, progress=bar, tasks=data.tasks, head_x=head_x
             )
             default_bp, default_lambda = default_threshold_bp(calibration), 0
         else:
             members, calibration, default_lambda, metrics = build_multi_tier(
-                emb, data.scores, prices, cfg, progress=bar, tasks=data.tasks
+                emb, data.scores, prices, cfg, progress=bar, tasks=data.tasks, head_x=head_x
             )
             margin, default_bp = None, 5000
     finally:
@@ -145,6 +179,10 @@ def _run(args: argparse.Namespace) -> int:
             "seed": args.seed,
             "neighbours": cfg.neighbours,
             "task_weight": cfg.task_weight,
+            "task_head": cfg.task_head,
+            "features": feature_names,
+            "ridge_share": cfg.ridge_share,
+            "ridge_lambda": cfg.ridge_lambda,
             "head": {"hidden": cfg.head.hidden, "epochs": cfg.head.epochs, "ensemble": cfg.head.ensemble},
             "created": created,
             "tiergate_version": _version(),
@@ -153,6 +191,7 @@ def _run(args: argparse.Namespace) -> int:
         default_threshold_bp=default_bp,
         default_cost_weight_bp=default_lambda,
         metrics=metrics,
+        features=features,
     )
     size = save_artifact(art, args.out)
     summary = (

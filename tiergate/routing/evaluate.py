@@ -21,9 +21,9 @@ if TYPE_CHECKING:
 
     FloatArray = npt.NDArray[np.float64]
 
-# Cost weights swept for N-tier curves, basis points of quality per $/Mtok: fine steps where the trade-off
-# moves fast (small lambda), coarse beyond.
-COST_WEIGHTS_BP = [*range(0, 500, 25), *range(500, 2000, 100), *range(2000, 10001, 500)]
+# Cost weights swept for N-tier curves, basis points of quality per $/Mtok: 25 bp steps up to 0.2, where
+# the curve moves (100 bp steps missed operating points between 0.05 and 0.1), coarse beyond.
+COST_WEIGHTS_BP = [*range(0, 2000, 25), *range(2000, 10001, 250)]
 SHARE_GRID = 101
 
 

@@ -14,7 +14,8 @@ Contract (the router service calls this):
   `choose(prompts, cost_weight_bp=None) -> int64 [n]` picks argmax(quality - lambda * price) with
   lambda = cost_weight_bp / 10000 (quality units per $/Mtok; default: the artifact's `default_cost_weight_bp`).
   `cost_weight_for_budget(budget)` -> basis points whose calibrated mean price is within the budget.
-- The `*_embeddings` variants take precomputed encoder output `[n, dim]` (for batching, caching and tests).
+- The `*_embeddings` variants take precomputed encoder output `[n, dim]` (for batching, caching and tests),
+  plus the prompt texts when the artifact lists prompt `features` (features.py; e.g. `log_chars`).
 
 Ties in `choose` go to the cheaper tier (then the lower index), so an uninformative head never costs more.
 """
@@ -36,13 +37,31 @@ if TYPE_CHECKING:
 BP = 10000
 
 
-def head_forward(art: RouterArtifact, emb: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
-    """The head's raw output `[n, out_dim]`: weighted mean over members, each an MLP with its output map."""
+def head_input(
+    art: RouterArtifact, emb: npt.NDArray[np.floating], texts: Sequence[str] | None
+) -> npt.NDArray[np.float32]:
+    """Embeddings, followed by the artifact's standardised prompt features (which need the texts)."""
     import numpy as np
+
+    from tiergate.routing.features import head_inputs
 
     x = np.asarray(emb, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != art.encoder.dim:
         raise RoutingError(f"embeddings of shape {x.shape} do not match encoder dim {art.encoder.dim}")
+    if not art.features:
+        return x
+    if texts is None or len(texts) != len(x):
+        raise RoutingError("this router uses prompt features: pass the prompt texts along with their embeddings")
+    return head_inputs(art.features, x, texts)
+
+
+def head_forward(
+    art: RouterArtifact, emb: npt.NDArray[np.floating], texts: Sequence[str] | None = None
+) -> npt.NDArray[np.float64]:
+    """The head's raw output `[n, out_dim]`: weighted mean over members, each an MLP with its output map."""
+    import numpy as np
+
+    x = head_input(art, emb, texts)
     total = np.zeros((x.shape[0], art.out_dim), dtype=np.float64)
     wsum = 0.0
     for m in art.members:
@@ -54,6 +73,11 @@ def head_forward(art: RouterArtifact, emb: npt.NDArray[np.floating]) -> npt.NDAr
         out = h.astype(np.float64)
         if m.output == "sigmoid":
             out = 1.0 / (1.0 + np.exp(-np.clip(out, -60.0, 60.0)))
+        elif m.output == "softmax":
+            e = np.exp(out - out.max(axis=1, keepdims=True))
+            out = e / e.sum(axis=1, keepdims=True)
+        if m.table is not None:
+            out = out @ m.table.astype(np.float64)
         total += m.weight * out
         wsum += m.weight
     result: npt.NDArray[np.float64] = total / wsum
@@ -88,12 +112,14 @@ class Scorer:
             raise RoutingError(f"this is a {self.artifact.kind} router; the call needs a {kind} one")
 
     # Two tiers -------------------------------------------------------------------------------------------------
-    def score_embeddings(self, emb: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    def score_embeddings(
+        self, emb: npt.NDArray[np.floating], texts: Sequence[str] | None = None
+    ) -> npt.NDArray[np.float64]:
         self._need("two_tier")
-        return scores_from_output(self.artifact, head_forward(self.artifact, emb))
+        return scores_from_output(self.artifact, head_forward(self.artifact, emb, texts))
 
     def score(self, prompts: Sequence[str]) -> npt.NDArray[np.float64]:
-        return self.score_embeddings(self._embed(prompts))
+        return self.score_embeddings(self._embed(prompts), prompts)
 
     def route_strong(self, prompts: Sequence[str], threshold_bp: int | None = None) -> npt.NDArray[np.bool_]:
         bp = self.artifact.default_threshold_bp if threshold_bp is None else check_bp(threshold_bp)
@@ -115,20 +141,22 @@ class Scorer:
         return int(min(ok, key=lambda r: int(r["threshold_bp"]))["threshold_bp"])
 
     # N tiers ---------------------------------------------------------------------------------------------------
-    def quality_embeddings(self, emb: npt.NDArray[np.floating]) -> npt.NDArray[np.float64]:
+    def quality_embeddings(
+        self, emb: npt.NDArray[np.floating], texts: Sequence[str] | None = None
+    ) -> npt.NDArray[np.float64]:
         self._need("multi_tier")
-        return head_forward(self.artifact, emb)
+        return head_forward(self.artifact, emb, texts)
 
     def quality(self, prompts: Sequence[str]) -> npt.NDArray[np.float64]:
-        return self.quality_embeddings(self._embed(prompts))
+        return self.quality_embeddings(self._embed(prompts), prompts)
 
     def choose_embeddings(
-        self, emb: npt.NDArray[np.floating], cost_weight_bp: int | None = None
+        self, emb: npt.NDArray[np.floating], cost_weight_bp: int | None = None, texts: Sequence[str] | None = None
     ) -> npt.NDArray[np.int64]:
-        return choose_from_quality(self.artifact, self.quality_embeddings(emb), cost_weight_bp)
+        return choose_from_quality(self.artifact, self.quality_embeddings(emb, texts), cost_weight_bp)
 
     def choose(self, prompts: Sequence[str], cost_weight_bp: int | None = None) -> npt.NDArray[np.int64]:
-        return self.choose_embeddings(self._embed(prompts), cost_weight_bp)
+        return self.choose_embeddings(self._embed(prompts), cost_weight_bp, prompts)
 
     def cost_weight_for_budget(self, budget: float) -> int:
         """Smallest cost weight (bp) whose calibrated mean price is at most `budget` $/Mtok."""
