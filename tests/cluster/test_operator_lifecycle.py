@@ -259,3 +259,16 @@ def test_external_tier_deploys_nothing_and_counts_ready(
     assert not any("frontier" in n for _, n in child_keys(children(cluster, namespace, "chat")))
     r = kubectl_raw(cluster, "get", "rp", "chat", "-n", namespace, "-o", "jsonpath={.spec.tiers[2].price}")
     assert json.loads(r.stdout) == {"inputPerMillion": "1.25", "outputPerMillion": 10}
+
+
+def test_all_namespaces_by_default(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> None:
+    """`tiergate operator` with no flags watches every namespace (the form scripts and the chart rely on)."""
+    op = Operator(cluster, tmp_path).start()
+    try:
+        classifier_configmap(cluster, namespace)
+        cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLE))
+        p = wait_ready(cluster, namespace, "chat")
+        assert p["status"]["routerEndpoint"] == f"http://chat-router.{namespace}.svc:8080/v1"
+        assert "watching all namespaces" in op.log()
+    finally:
+        assert op.stop() == 0, op.log()
