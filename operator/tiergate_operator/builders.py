@@ -413,8 +413,22 @@ def build_router_rolebinding(policy: RoutingPolicy) -> Obj:
 
 
 def router_args(policy: RoutingPolicy) -> list[str]:
+    """`tiergate serve` flags (tiergate_router.cmd_serve): listen on all addresses (its default is loopback), ports
+    from the policy, the policy file the ConfigMap mounts (hot-reloaded), EndpointSlice discovery on."""
     r = policy.spec.router
-    return ["serve", "--policy", naming.POLICY_FILE, "--http-port", str(r.http_port), "--grpc-port", str(r.grpc_port)]
+    return [
+        "serve",
+        "--policy",
+        naming.POLICY_FILE,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(r.http_port),
+        "--grpc-port",
+        str(r.grpc_port),
+        "--discovery",
+        "on",
+    ]
 
 
 def build_router_deployment(policy: RoutingPolicy) -> Obj:
@@ -438,6 +452,7 @@ def build_router_deployment(policy: RoutingPolicy) -> Obj:
     container: Obj = {
         "name": ROUTER_CONTAINER,
         "image": r.image,
+        "command": ["tiergate"],
         "args": router_args(policy),
         "env": [
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},

@@ -159,7 +159,21 @@ def test_router_deployment_is_restricted_and_mounts_policy_and_classifier() -> N
     assert "tolerations" not in pod
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
-    assert c["args"] == ["serve", "--policy", naming.POLICY_FILE, "--http-port", "8080", "--grpc-port", "50051"]
+    assert c["command"] == ["tiergate"]
+    assert c["args"] == [
+        "serve",
+        "--policy",
+        naming.POLICY_FILE,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "8080",
+        "--grpc-port",
+        "50051",
+        "--discovery",
+        "on",
+    ]
+
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["policy"] == naming.POLICY_MOUNT_DIR
     assert mounts["classifier"] == naming.CLASSIFIER_MOUNT_DIR
@@ -169,6 +183,21 @@ def test_router_deployment_is_restricted_and_mounts_policy_and_classifier() -> N
         "items": [{"key": "router.json", "path": "router.json"}],
     }
     assert c["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+def test_router_args_parse_with_the_routers_own_cli() -> None:
+    """The flags the operator writes are ones `tiergate serve` accepts (its real argument parser)."""
+    import argparse
+
+    from tiergate_router import cmd_serve
+
+    parser = argparse.ArgumentParser()
+    cmd_serve.configure(parser)
+    args = parser.parse_args(b.router_args(policy())[1:])
+    assert str(args.policy) == naming.POLICY_FILE
+    assert args.port == 8080
+    assert args.grpc_port == 50051
+    assert args.host == "0.0.0.0"
 
 
 def test_router_configmap_holds_a_loadable_policy() -> None:
@@ -224,3 +253,23 @@ def test_model_change_changes_only_that_tier() -> None:
     after = {b.child_key(o): o for o in b.build_children(policy(change))}
     changed = {k for k in before if before[k] != after[k]}
     assert changed == {("Deployment", "chat-tier-small"), ("ConfigMap", "chat-router")}
+
+
+def test_router_reads_the_policy_document_the_operator_writes(tmp_path: Path) -> None:
+    """End to end between the two components through the file the ConfigMap mounts."""
+    from tiergate_router.config import load_policy_file
+
+    def knob(doc: dict[str, Any]) -> None:
+        doc["spec"]["router"].pop("targetStrongShareBasisPoints")
+        doc["spec"]["router"]["thresholdBasisPoints"] = 4200
+
+    p = policy(knob)
+    f = tmp_path / naming.POLICY_FILE_KEY
+    f.write_text(b.build_router_configmap(p)["data"][naming.POLICY_FILE_KEY])
+    cfg = load_policy_file(f)
+    assert [t.name for t in cfg.tiers] == ["small", "large"]
+    assert [t.served_model for t in cfg.tiers] == ["qwen2.5-7b", "qwen2.5-72b"]
+    assert cfg.tiers[0].base_urls == ("http://chat-tier-small.team-a.svc:8000/v1",)
+    assert cfg.thresholds_bp == (4200,)
+    assert cfg.fallback_order == ("large", "small")
+    assert str(cfg.classifier_artifact) == naming.classifier_path("router.json")
