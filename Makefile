@@ -21,9 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 venv: $(STAMP)
 
-# The main job: bring up the local control plane and print how to use it.
+# The main job: the local routing demo. Two OpenAI-compatible tiers over SmolLM2-135M-Instruct (CPU), the
+# router in front with the shipped default classifier, five prompts through the official openai client; prints
+# which tier answered each, the router's score, and the router's metrics. No cluster needed.
 run: venv
-	$(PY) -m tiergate.devcluster up
+	$(PY) -m tiergate_router.demo
 
 # The local control plane by hand: `make cluster-up` runs until Ctrl-C; `make cluster-down` from another shell.
 cluster-up: venv
