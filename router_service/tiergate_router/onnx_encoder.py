@@ -27,6 +27,8 @@ MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DIM = 384
 VARIANTS = ("onnx", "onnx-int8")
 OPSET = 17
+# Prompts per ONNX Runtime call: the router's micro-batches are at most this size; bulk callers are chunked.
+BATCH = 32
 
 
 def model_dir() -> Path:
@@ -167,12 +169,25 @@ class OnnxMiniLMEncoder:
         return DIM
 
     def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        """Vectors in input order. Runs in chunks of BATCH prompts sorted by length: attention memory grows with
+        batch * length^2, and sorting keeps the padding in each chunk small."""
         import numpy as np
 
+        out = np.zeros((len(texts), DIM), dtype=np.float32)
         if not texts:
-            return np.zeros((0, DIM), dtype=np.float32)
-        batch = self._tok.encode_batch(texts)
-        ids = np.array([b.ids for b in batch], dtype=np.int64)
-        mask = np.array([b.attention_mask for b in batch], dtype=np.int64)
-        out: npt.NDArray[np.float32] = self._sess.run(None, {"ids": ids, "mask": mask})[0].astype(np.float32)
+            return out
+        encoded = self._tok.encode_batch(texts) if len(texts) <= BATCH else None
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        for start in range(0, len(texts), BATCH):
+            idx = order[start : start + BATCH]
+            batch = (
+                [encoded[i] for i in idx] if encoded is not None else self._tok.encode_batch([texts[i] for i in idx])
+            )
+            width = max(len(b.ids) for b in batch)
+            ids = np.zeros((len(batch), width), dtype=np.int64)
+            mask = np.zeros((len(batch), width), dtype=np.int64)
+            for row, b in enumerate(batch):
+                ids[row, : len(b.ids)] = b.ids
+                mask[row, : len(b.ids)] = b.attention_mask
+            out[idx] = self._sess.run(None, {"ids": ids, "mask": mask})[0]
         return out
