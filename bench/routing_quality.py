@@ -222,8 +222,8 @@ def main() -> None:
         rep = r["report"]
         best = rep["best_single"]
         print(
-            f"LLMRouter 5-fold CV ({cfg}): quality at <= 0.50 $/Mtok {r['quality_at_budget']:.4f}; best single "
-            f"{best['model']} {best['quality']:.4f} at {best['cost']:.2f}; oracle {rep['oracle']['quality']:.4f} "
+            f"LLMRouter 5-fold CV ({cfg}): quality at <= 0.50 $/Mtok {r['quality_at_budget']:.5f}; best single "
+            f"{best['model']} {best['quality']:.5f} at {best['cost']:.2f}; oracle {rep['oracle']['quality']:.4f} "
             f"at {rep['oracle']['cost']:.3f} [{time.perf_counter() - t0:.0f} s]",
             flush=True,
         )

@@ -131,3 +131,18 @@ def test_task_head_member_round_trips_and_mixes_the_table(tmp_path: Path) -> Non
     bad = replace(task, table=np.zeros((3, 3), dtype=np.float32))
     with pytest.raises(ArtifactError, match="table shape"):
         art.with_updates(members=[bad])
+
+
+def test_slot_keeps_the_last_good_artifact(tmp_path: Path) -> None:
+    from tiergate.routing.artifact import ArtifactSlot
+
+    good, bad = tmp_path / "good.json", tmp_path / "bad.json"
+    save_artifact(tiny_artifact(seed=3), good)
+    bad.write_text('{"format": "tiergate.router", "format_version": 1}')
+    slot = ArtifactSlot()
+    assert slot.reload(good) is None
+    kept = slot.current
+    err = slot.reload(bad)
+    assert isinstance(err, ArtifactError)
+    assert "checksum" in str(err)
+    assert slot.current is kept

@@ -234,3 +234,46 @@ def test_router_for_other_tiers_is_refused(data: Path, env: dict[str, str]) -> N
     assert r.returncode == 2
     assert "routes between" in r.stderr
     assert r.stdout == ""
+
+
+LLMROUTER = [
+    "qwen2.5-7b-instruct",
+    "codegemma-7b",
+    "gemma-2-9b-it",
+    "llama-3.1-8b-instruct",
+    "llama3-chatqa-1.5-8b",
+    "mistral-7b-instruct-v0.3",
+    "llama-3.3-nemotron-super-49b-v1",
+    "llama-3.1-nemotron-51b-instruct",
+    "llama3-chatqa-1.5-70b",
+]
+
+
+def test_eval_exact_form_n_tiers_with_the_default_router(tmp_path: Path, env: dict[str, str]) -> None:
+    rows = []
+    for i in range(20):
+        scores = {m: float((i + j) % 3 == 0) for j, m in enumerate(LLMROUTER)}
+        rows.append({"id": f"p{i}", "prompt": f"Question {i}: what is {i} times {i + 3}?", "scores": scores})
+    data = tmp_path / "n.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prices = tmp_path / "prices.json"
+    prices.write_text(
+        json.dumps(
+            {m: {"input_usd_per_mtok": 0.1 * (j + 1), "output_usd_per_mtok": 0.1} for j, m in enumerate(LLMROUTER)}
+        )
+    )
+    r = _tiergate(
+        ["eval", "--data", str(data), "--tiers", ",".join(reversed(LLMROUTER)), "--prices", str(prices), "--json"], env
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["router"].endswith("default/multi-tier.json")
+    assert doc["n"] == 20
+    for key in ("quality", "cost", "curve", "single", "oracle"):
+        assert key in doc
+    # Prices come from --prices (not the artifact's list prices): tier j costs 0.1 (j + 1) + 0.1.
+    assert doc["single"][LLMROUTER[0]]["cost"] == pytest.approx(0.2)
+    assert doc["single"][LLMROUTER[8]]["cost"] == pytest.approx(1.0)
+    expected_q = sum((i + 0) % 3 == 0 for i in range(20)) / 20
+    assert doc["single"][LLMROUTER[0]]["quality"] == pytest.approx(expected_q)
+    assert doc["oracle"]["quality"] == pytest.approx(1.0)

@@ -383,3 +383,22 @@ def validate(art: RouterArtifact) -> None:
         raise ArtifactError(f"default_threshold_bp {art.default_threshold_bp} outside 0..10000")
     if art.default_cost_weight_bp < 0:
         raise ArtifactError(f"default_cost_weight_bp {art.default_cost_weight_bp} is negative")
+
+
+class ArtifactSlot:
+    """Holds the artifact in service and swaps in a new one only if it loads cleanly.
+
+    For the router's hot reload: `reload(path)` returns None when the new artifact took over, or the
+    `ArtifactError` that kept the last good one in place (the caller logs it and reports a condition). Not
+    thread-safe by itself; the one assignment it makes is atomic in CPython, so readers see old or new."""
+
+    def __init__(self, current: RouterArtifact | None = None) -> None:
+        self.current = current
+
+    def reload(self, path: str | os.PathLike[str]) -> ArtifactError | None:
+        try:
+            new = load_artifact(path)
+        except ArtifactError as e:
+            return e
+        self.current = new
+        return None

@@ -177,7 +177,7 @@ def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
     ax.set_ylabel("mean quality")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
