@@ -1,51 +1,27 @@
-"""kopf registrations. Thin on purpose: every handler only tells the controller which policy to look at.
+"""kopf registrations. Thin on purpose: the handler only tells the controller which policy to look at.
 
-kopf watches the RoutingPolicies and, by label, the kinds of children the operator creates; all state it keeps
-(progress, diff-base) would live in annotations under tiergate.io, and no handler here needs a finalizer, so a
-policy can always be deleted, operator running or not.
+kopf watches the RoutingPolicies (children are watched by watches.py, filtered on the API server); all state kopf
+would keep (progress, diff-base) lives in annotations under tiergate.io, and no handler here needs a finalizer, so
+a policy can always be deleted, operator running or not.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from typing import Any, cast
 
 import kopf
 
-from tiergate.api import naming
 from tiergate.api.policy import GROUP, PLURAL, VERSION
 
 from .controller import Controller
 
-# (group, version, plural) of each child kind whose changes the operator reacts to at once. Pods are watched
-# for status (a Pending pod becomes Unschedulable without its Deployment changing). PodDisruptionBudgets, Roles
-# and RoleBindings are left to the periodic resync: they are rarely touched by hand, and a PDB's status changes
-# with every pod of its Deployment, which would cost one watch event each for nothing.
-WATCHED_CHILDREN = (
-    ("apps", "v1", "deployments"),
-    ("", "v1", "services"),
-    ("", "v1", "configmaps"),
-    ("", "v1", "serviceaccounts"),
-    ("", "v1", "pods"),
-)
-
-
-_KINDS = {
-    "deployments": "Deployment",
-    "services": "Service",
-    "configmaps": "ConfigMap",
-    "serviceaccounts": "ServiceAccount",
-    "poddisruptionbudgets": "PodDisruptionBudget",
-    "pods": "Pod",
-}
-
 
 class _NoDiffBase(kopf.AnnotationsDiffBaseStorage):
     """kopf builds a diff base (a deep copy of the object) for every watch event, to detect changes for on.create /
-    on.update handlers. We register none (every event only marks a policy dirty), and the deep copies of Deployments
-    and Pods were most of the operator's CPU under a burst of policies (profiled: ~5 of ~17 CPU-seconds for 60
-    policies). An empty essence keeps kopf's machinery working without the copies."""
+    on.update handlers. We register none (every event only marks a policy dirty), so an empty essence keeps kopf's
+    machinery working without the copies."""
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
         return cast(kopf.BodyEssence, {})
@@ -70,38 +46,6 @@ def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     def policy_event(type: str, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> None:
         if namespace:
             controller.policy_event(namespace, name, meta.get("generation"), deleted=type == "DELETED")
-
-    def child_event(
-        type: str,
-        resource: kopf.Resource,
-        name: str,
-        namespace: str | None,
-        labels: Mapping[str, str],
-        meta: kopf.Meta,
-        **_: Any,
-    ) -> None:
-        if namespace:
-            controller.child_event(
-                namespace,
-                labels.get(naming.POLICY_LABEL),
-                _KINDS.get(resource.plural, resource.kind or ""),
-                name,
-                deleted=type == "DELETED",
-                generation=meta.get("generation"),
-                resource_version=meta.get("resourceVersion"),
-            )
-
-    for group, version, plural in WATCHED_CHILDREN:
-        kopf.on.event(
-            group,
-            version,
-            plural,
-            registry=registry,
-            id=f"child-{plural}",
-            labels={naming.MANAGED_BY_LABEL: naming.MANAGED_BY}
-            if plural != "pods"
-            else {naming.POLICY_LABEL: kopf.PRESENT},
-        )(child_event)
 
 
 def login_handler(registry: kopf.OperatorRegistry, api_client: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -109,6 +110,27 @@ class Kube:
         except ValueError:
             payload = {"message": raw[:200].decode(errors="replace")}
         return resp.status, payload
+
+    def stream_lines(self, path: str, query: dict[str, str], read_timeout: float) -> Iterator[bytes]:
+        """GET a watch stream; yields one JSON event per line until the server closes it."""
+        url_path = f"{path}?{urlencode(query)}"
+        m, url, hdrs, _, _ = self._api.param_serialize(
+            "GET", url_path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
+        )
+        resp = self._api.call_api(m, url, header_params=hdrs, _request_timeout=(_TIMEOUT[0], read_timeout))
+        raw = resp.response
+        if resp.status >= 300:
+            raise KubeError(f"watch {path}: {resp.status} {raw.data[:200]!r}", resp.status)
+        try:
+            buf = b""
+            for chunk in raw.stream(amt=65536, decode_content=True):
+                buf += chunk
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    if line.strip():
+                        yield line
+        finally:
+            raw.release_conn()
 
     def _ok(self, method: str, path: str, **kw: Any) -> Obj:
         status, payload = self.request(method, path, **kw)

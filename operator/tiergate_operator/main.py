@@ -17,6 +17,7 @@ from .handlers import configure_settings, login_handler, register
 from .health import start_health_server
 from .kube import Kube, load_api_client
 from .leader import LeaderElector
+from .watches import ChildWatches
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ async def _serve(
         ),
         name="kopf",
     )
+    watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event)
+    watches.start()
     tasks = [kopf_task, asyncio.create_task(controller.run(stop), name="controller")]
     lost = False
     if elector is not None:
@@ -85,6 +88,7 @@ async def _serve(
                 raise exc
     finally:
         stop.set()
+        watches.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         if elector is not None and not lost:
             await loop.run_in_executor(None, elector.release)
