@@ -63,7 +63,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
-        help="prompt encoder runtime (auto: ONNX Runtime fp32 when installed, else torch)",
+        help="prompt encoder runtime (auto: ONNX Runtime int8 when installed, else torch)",
     )
     parser.add_argument(
         "--discovery",
