@@ -132,9 +132,9 @@ LLMROUTER = [
     "llama-3.1-nemotron-51b-instruct",
     "llama3-chatqa-1.5-70b",
 ]
-# The shipped multi-tier recipe: --neighbours 50 --task-weight 0 --task-head 0.7 --epochs 60 (+ log_chars).
+# The shipped multi-tier recipe: --neighbours 50 --task-weight 0 --task-head 0.7 --epochs 80 (+ log_chars).
 LLMROUTER_RECIPE = TrainConfig(
-    label_mode="quality", neighbours=50, task_weight=0.0, task_head=0.7, head=HeadConfig(epochs=60)
+    label_mode="quality", neighbours=50, task_weight=0.0, task_head=0.7, head=HeadConfig(epochs=80)
 )
 
 
@@ -164,8 +164,8 @@ def _llmrouter_cv() -> dict[str, object]:
 
 
 def test_llmrouter_cv_quality_at_budget() -> None:
-    # Issue 6: at least the best single model's quality, "0.621 at 1.80", at <= 0.50 $/Mtok. Measured 0.62129
-    # against that model's 0.62132: the issue's rounded 0.621 is met, the unrounded figure missed by 3e-5.
+    # Issue 6: at least the best single model's quality ("0.621 at 1.80") at <= 0.50 $/Mtok. Measured 0.62147
+    # against that model's 0.62132 (bench/routing_quality.py, same folds and seeds): a thin margin.
     report = _llmrouter_cv()
     best = report["best_single"]
     assert isinstance(best, dict)
@@ -173,4 +173,4 @@ def test_llmrouter_cv_quality_at_budget() -> None:
     assert best["quality"] == pytest.approx(0.6213, abs=1e-4)
     q = quality_at_budget(report, 0.50)
     assert q is not None
-    assert q >= 0.621
+    assert q >= best["quality"]

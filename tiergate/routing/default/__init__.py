@@ -14,7 +14,7 @@ The data stays out of the repository. Rebuild (from the repository root, data in
     tiergate train --data $D/llmrouter-train.jsonl \\
         --tiers qwen2.5-7b-instruct,codegemma-7b,gemma-2-9b-it,llama-3.1-8b-instruct,llama3-chatqa-1.5-8b,\\
 mistral-7b-instruct-v0.3,llama-3.3-nemotron-super-49b-v1,llama-3.1-nemotron-51b-instruct,llama3-chatqa-1.5-70b \\
-        --prices $D/llmrouter-models.json --neighbours 50 --task-weight 0 --task-head 0.7 --epochs 60 \\
+        --prices $D/llmrouter-models.json --neighbours 50 --task-weight 0 --task-head 0.7 --epochs 80 \\
         --created 2026-11-28T00:00:00+00:00 --out tiergate/routing/default/multi-tier.json
 
 Training is seeded; with the same data, flags and `--created`, the head weights come out the same on the same
