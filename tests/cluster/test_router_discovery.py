@@ -163,7 +163,11 @@ def test_router_follows_endpointslices(
         wait_for("unready pod dropped", lambda: endpoints() == {f"http://{ips[other_pod]}:{PORT}/v1"}, 30)
         assert ask(4) == {other_pod}
 
-        # The other pod disappears (deleted); the ReplicaSet replaces it with a new pod at a new IP.
+        # The other pod disappears (deleted); the ReplicaSet replaces it. A deleted pod's server goes with it, and
+        # kwok may hand the freed IP to the replacement, so the check follows the Endpoint object, not the URL:
+        # the old one must be dropped (marked removed) and a new one must serve the new pod.
+        old_ep = next(ep for ep in pool.endpoints if ep.base_url == f"http://{ips[other_pod]}:{PORT}/v1")
+        fakes.pop(other_pod).kill()
         cluster.kubectl("delete", "pod", other_pod, "-n", namespace, "--wait=false")
 
         def replaced() -> dict[str, str] | None:
@@ -175,9 +179,10 @@ def test_router_follows_endpointslices(
         new_pod, new_ip = next(iter(new.items()))
         start_fake(cluster, fakes, new_pod, new_ip)
         wait_for(
-            "deleted pod gone, new pod discovered",
+            "deleted pod dropped, new pod discovered",
             lambda: (
-                f"http://{new_ip}:{PORT}/v1" in endpoints() and f"http://{ips[other_pod]}:{PORT}/v1" not in endpoints()
+                old_ep.removed
+                and any(ep.base_url == f"http://{new_ip}:{PORT}/v1" and ep is not old_ep for ep in pool.endpoints)
             ),
             30,
         )
