@@ -5,14 +5,13 @@ EndpointSlices, following pods that become unready, disappear or appear."""
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
@@ -21,17 +20,6 @@ from tiergate_router.testing.procs import FakeProcess
 from tiergate_router.testing.scorers import KeywordScorer
 
 PORT = 8000
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}; last value: {last!r}")
 
 
 def tier_objects(name: str, replicas: int) -> str:
