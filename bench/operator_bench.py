@@ -18,6 +18,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -155,7 +157,24 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run(kubeconfig: Path, kubectl: Path, sequential: int, burst: int) -> dict[str, Any]:
+def apiserver_requests(api: Any) -> Counter[str]:
+    """apiserver_request_total from the API server's /metrics, summed by "VERB resource[/subresource]"."""
+    method, url, headers, _, _ = api.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
+    resp = api.call_api(method, url, header_params=headers)
+    counts: Counter[str] = Counter()
+    for line in resp.read().decode().splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', line))
+        what = labels.get("resource", "") + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+        counts[f"{labels.get('verb')} {what}"] += int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def run(
+    kubeconfig: Path, kubectl: Path, sequential: int, burst: int, control_plane: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """control_plane: name -> pid of the control-plane processes, whose CPU time in the burst is reported."""
     from kubernetes import client, config
 
     def k(*args: str, input: str | None = None) -> str:
@@ -210,18 +229,22 @@ def run(kubeconfig: Path, kubectl: Path, sequential: int, burst: int) -> dict[st
             created_lat.append(done - t_api)
             ready_lat.append(seen.ready[name] - t_api)
             _ = t0
-        results["sequential"] = {
-            "n": sequential,
-            "children_p50_s": statistics.median(created_lat),
-            "children_p95_s": pct(created_lat, 95),
-            "children_max_s": max(created_lat),
-            "ready_p50_s": statistics.median(ready_lat),
-            "ready_p95_s": pct(ready_lat, 95),
-        }
+        if sequential:
+            results["sequential"] = {
+                "n": sequential,
+                "children_p50_s": statistics.median(created_lat),
+                "children_p95_s": pct(created_lat, 95),
+                "children_max_s": max(created_lat),
+                "ready_p50_s": statistics.median(ready_lat),
+                "ready_p95_s": pct(ready_lat, 95),
+            }
         rss_after_seq = peak_rss_mib(op.pid)
 
         # 2. A burst: created at once from 16 threads.
         cpu0 = cpu_seconds(op.pid)
+        cp_cpu0 = {n: cpu_seconds(pid) for n, pid in (control_plane or {}).items()}
+        req0 = apiserver_requests(api)
+        load0 = os.getloadavg()[0]
         names = [f"burst-{i}" for i in range(burst)]
         docs = [bench_policy(n, pods=False) for n in names]
         t0 = time.monotonic()
@@ -237,7 +260,10 @@ def run(kubeconfig: Path, kubectl: Path, sequential: int, burst: int) -> dict[st
         t_created = time.monotonic() - t0
         wait("burst children", lambda: all(seen.done_at(n) is not None for n in names), 300)
         t_children = max(seen.done_at(n) or 0 for n in names) - t0
-        wait("burst ready", lambda: all(n in seen.ready for n in names), 300)
+        cp_cpu_children = {n: cpu_seconds(pid) - cp_cpu0[n] for n, pid in (control_plane or {}).items()}
+        op_cpu_children = cpu_seconds(op.pid) - cpu0
+        req_children = apiserver_requests(api) - req0
+        wait("burst ready", lambda: all(n in seen.ready for n in names), 400)
         t_ready = max(seen.ready[n] for n in names) - t0
         results["burst"] = {
             "n": burst,
@@ -246,6 +272,14 @@ def run(kubeconfig: Path, kubectl: Path, sequential: int, burst: int) -> dict[st
             "all_ready_s": t_ready,
             "children_objects": sum(len(seen.children.get(n, {})) for n in names),
             "operator_cpu_s": cpu_seconds(op.pid) - cpu0,
+            "operator_cpu_to_children_s": op_cpu_children,
+            "control_plane_cpu_to_children_s": {n: round(v, 1) for n, v in cp_cpu_children.items()},
+            "control_plane_cpu_s": {
+                n: round(cpu_seconds(pid) - cp_cpu0[n], 1) for n, pid in (control_plane or {}).items()
+            },
+            # API server requests (all clients) until every child existed, the biggest first.
+            "apiserver_requests_to_children": dict(req_children.most_common(25)),
+            "load_average_1m": {"start": load0, "end": os.getloadavg()[0]},
         }
         results["operator_peak_rss_mib"] = peak_rss_mib(op.pid)
         results["operator_peak_rss_after_sequential_mib"] = rss_after_seq
@@ -256,6 +290,9 @@ def run(kubeconfig: Path, kubectl: Path, sequential: int, burst: int) -> dict[st
             op.wait(timeout=20)
         except subprocess.TimeoutExpired:
             op.kill()
+        # The operator logs its own request counts at shutdown (whole run: sequential and burst).
+        calls = [ln for ln in log.read_text(errors="replace").splitlines() if "API requests:" in ln]
+        results["operator_requests"] = calls[-1].split("API requests: ", 1)[1] if calls else None
         subprocess.run(
             [str(kubectl), f"--kubeconfig={kubeconfig}", "delete", "namespace", NS, "--wait=false"], capture_output=True
         )
@@ -269,6 +306,7 @@ def main() -> int:
     parser.add_argument("--burst", type=int, default=200)
     parser.add_argument("--existing", action="store_true", help="use KUBECONFIG instead of starting a cluster")
     args = parser.parse_args()
+    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start", flush=True)
     if args.existing:
         from tiergate.devcluster import build
 
@@ -280,13 +318,16 @@ def main() -> int:
 
         bins = build.ensure_all()
         with DevCluster(bins, pod_network=False, say=lambda m: print(f"[devcluster] {m}", file=sys.stderr)) as dc:
-            res = run(dc.kubeconfig, bins["kubectl"], args.sequential, args.burst)
-    s, b = res["sequential"], res["burst"]
-    print(
-        f"sequential ({s['n']} policies): apply -> all {CHILDREN_PER_POLICY} children: "
-        f"p50 {s['children_p50_s']:.3f} s, p95 {s['children_p95_s']:.3f} s, max {s['children_max_s']:.3f} s; "
-        f"apply -> Ready=True: p50 {s['ready_p50_s']:.3f} s, p95 {s['ready_p95_s']:.3f} s"
-    )
+            pids = {c.name: c.proc.pid for c in dc.components if c.name != "kwok"}
+            res = run(dc.kubeconfig, bins["kubectl"], args.sequential, args.burst, pids)
+    b = res["burst"]
+    s = res.get("sequential")
+    if s:
+        print(
+            f"sequential ({s['n']} policies): apply -> all {CHILDREN_PER_POLICY} children: "
+            f"p50 {s['children_p50_s']:.3f} s, p95 {s['children_p95_s']:.3f} s, max {s['children_max_s']:.3f} s; "
+            f"apply -> Ready=True: p50 {s['ready_p50_s']:.3f} s, p95 {s['ready_p95_s']:.3f} s"
+        )
     print(
         f"burst ({b['n']} policies created at once, creates took {b['create_calls_s']:.2f} s): "
         f"all {b['children_objects']} children in {b['all_children_s']:.2f} s, all Ready in {b['all_ready_s']:.2f} s"
@@ -296,6 +337,7 @@ def main() -> int:
         f"(after the sequential phase: {res['operator_peak_rss_after_sequential_mib']:.1f} MiB)"
     )
     print(f"operator log: {res['operator_log']}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     print(json.dumps(res, indent=2))
     return 0
 

@@ -1,10 +1,12 @@
 """The work queue between kopf's watch events and `reconcile`: one reconcile per policy at a time, bursts coalesced.
 
 Why a queue of our own instead of kopf daemons or timers: those require a finalizer on every RoutingPolicy,
-which makes deleting a policy hang whenever the operator is down. Here kopf only watches (policies and the
-children, by label) and every event just marks its policy dirty; workers reconcile dirty policies, reading the
-policy fresh from the API server, so an event never carries stale state into a reconcile. A resync loop marks
-every known policy dirty now and then, which bounds how long any drift can survive.
+which makes deleting a policy hang whenever the operator is down. Here kopf watches the policies and
+watches.py the children (by label); every event just marks its policy dirty, and workers reconcile dirty
+policies from the latest policy body kopf delivered and the children's cache, so a reconcile reads nothing from
+the API server and writes only what changed. A resync loop re-reads every known policy now and then and
+reconciles it strictly (any change to a child since our last apply is undone), which bounds how long any drift
+can survive.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import KIND
 
+from .cache import ChildCache
 from .config import OperatorConfig
 from .errors import KubeError
 from .kube import Kube
@@ -36,15 +39,24 @@ _BACKOFF_MAX = 60.0
 
 
 class Controller:
-    def __init__(self, cfg: OperatorConfig, kube: Kube, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: OperatorConfig,
+        kube: Kube,
+        cache: ChildCache,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.cfg = cfg
         self.kube = kube
+        self.cache = cache
         self._clock = clock
         self._executor = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="reconcile")
         # Applies of one reconcile run concurrently in their own pool (never the reconcile pool: a reconcile
         # waiting on applies queued behind other reconciles would deadlock).
         self._apply_pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="apply")
         self._need_apply: set[PolicyKey] = set()
+        self._strict: set[PolicyKey] = set()  # due for the resync's strict reconcile
+        self._bodies: dict[PolicyKey, dict[str, Any]] = {}  # the latest policy body kopf delivered
         self._queue: asyncio.Queue[PolicyKey] | None = None
         self._queued: set[PolicyKey] = set()
         self._active: set[PolicyKey] = set()
@@ -58,7 +70,10 @@ class Controller:
     # --- event side (called from kopf handlers, on the event loop) -------------------------------------------
 
     def enqueue(self, key: PolicyKey, delay: float = 0.0, *, apply: bool = True) -> None:
-        """apply=False: only the children's status changed; refresh the policy's status without re-applying."""
+        """apply=False: only the children's status changed; refresh the policy's status without re-applying.
+
+        The settle delay is waited here (a timer), not in a worker: a worker sleeping off a status refresh would
+        hold one of the few slots that a burst of new policies needs."""
         if apply:
             self._need_apply.add(key)
         if delay > 0:
@@ -67,20 +82,33 @@ class Controller:
         if key in self._active:
             self._again.add(key)  # running now: run once more afterwards, with whatever changed meanwhile
             return
-        if key in self._queued or self._queue is None:
-            if self._queue is None:
-                self._queued.add(key)  # before start(): remembered, queued when the workers start
-            return
+        if key in self._queued:
+            return  # waiting already; it will see whatever changed
         self._queued.add(key)
-        self._queue.put_nowait(key)
+        if self._queue is None:
+            return  # before start(): remembered, queued when the workers start
+        # Coalesce bursts: pods and Deployments report in bursts (a rollout emits dozens of events), and one
+        # refresh after the burst says the same as one per event.
+        settle = self.cfg.settle_seconds if key in self._need_apply else self.cfg.status_settle_seconds
+        asyncio.get_running_loop().call_later(settle, self._queue.put_nowait, key)
 
-    def policy_event(self, namespace: str, name: str, generation: int | None, deleted: bool) -> None:
+    def policy_event(
+        self,
+        namespace: str,
+        name: str,
+        generation: int | None,
+        deleted: bool,
+        body: dict[str, Any] | None = None,
+    ) -> None:
         key = (namespace, name)
         if deleted:
             # Garbage collection removes the children (owner references); nothing to do but forget.
             self._memory.pop(key, None)
             self._failures.pop(key, None)
+            self._bodies.pop(key, None)
             return
+        if body is not None:
+            self._bodies[key] = body
         mem = self._memory.get(key)
         # Our own status writes come back as events too; only a new generation (or a policy we have not
         # reconciled yet) needs work.
@@ -110,10 +138,10 @@ class Controller:
         if kind == "Pod":
             self.enqueue(key, apply=False)
             return
-        known = mem.known.get((kind, name))
+        last = mem.applied.get((kind, name))
         # The same change marker as our last apply returned: the event is our own write (or status only).
         marker = f"g{generation}" if generation is not None else f"r{resource_version}"
-        ours = known is not None and known[1] == marker
+        ours = last is not None and last.marker == marker
         self.enqueue(key, apply=not ours)
 
     # --- worker side ----------------------------------------------------------------------------------------
@@ -122,6 +150,10 @@ class Controller:
         """Workers plus the resync loop, until `stop` is set."""
         self._queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
+        # Until every kind has been listed, an absent child proves nothing (it would be re-created, and a child
+        # of a removed tier would escape pruning): wait for the cache as informer-based controllers do.
+        while not stop.is_set() and not await self._loop.run_in_executor(None, self.cache.wait_synced, 1.0):
+            pass
         for key in sorted(self._queued):
             self._queue.put_nowait(key)
         workers = [asyncio.create_task(self._worker(), name=f"reconcile-worker-{i}") for i in range(self.cfg.workers)]
@@ -139,6 +171,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.cfg.resync_seconds)
             for key in list(self._memory):
+                self._strict.add(key)
                 self.enqueue(key)
 
     async def _worker(self) -> None:
@@ -149,11 +182,6 @@ class Controller:
             self._queued.discard(key)
             self._active.add(key)
             try:
-                # A status-only refresh waits a little longer: pods and Deployments report in bursts (a rollout
-                # emits dozens of events), and one refresh after the burst says the same as one per event.
-                settle = self.cfg.settle_seconds if key in self._need_apply else self.cfg.status_settle_seconds
-                if settle:
-                    await asyncio.sleep(settle)
                 await loop.run_in_executor(self._executor, self._reconcile_blocking, key)
             except Exception:  # never let one policy's failure kill a worker
                 log.exception("reconcile of %s/%s crashed", *key)
@@ -165,31 +193,33 @@ class Controller:
 
     def _reconcile_blocking(self, key: PolicyKey) -> None:
         ns, name = key
-        try:
-            body = self.kube.get(KIND, ns, name)
-        except KubeError as e:
-            self._retry(key, f"reading the policy failed: {e}")
-            return
+        strict = key in self._strict
+        self._strict.discard(key)
+        body = None if strict else self._bodies.get(key)
+        if body is None:
+            # Not delivered by kopf yet, or the resync: read it (and trust its status over what we remember).
+            try:
+                body = self.kube.get(KIND, ns, name)
+            except KubeError as e:
+                if strict:
+                    self._strict.add(key)
+                self._retry(key, f"reading the policy failed: {e}")
+                return
+            if body is not None and key in self._memory:
+                self._memory[key].status = None
         if body is None or body.get("metadata", {}).get("deletionTimestamp"):
             self._memory.pop(key, None)
+            self._bodies.pop(key, None)
             return
         mem = self._memory.setdefault(key, PolicyMemory())
         generation = body.get("metadata", {}).get("generation")
-        now = self._clock()
-        apply = key in self._need_apply or mem.reconciled_generation != generation
+        apply = strict or key in self._need_apply or mem.reconciled_generation != generation
         self._need_apply.discard(key)
-        if mem.reconciled_generation is None and generation == 1:
-            # A policy whose spec never changed has nothing to prune: every child it ever had is still wanted.
-            prune = False
-            mem.pruned_generation, mem.last_pruned_at = generation, now
-        else:
-            # List (and prune) when the spec changed and on every resync.
-            prune = apply and (
-                mem.pruned_generation != generation or now - mem.last_pruned_at >= self.cfg.resync_seconds
-            )
         self.reconciles += 1
         try:
-            out = reconcile(self.kube, body, self.cfg, mem, prune=prune, apply=apply, pool=self._apply_pool)
+            out = reconcile(
+                self.kube, body, self.cfg, mem, self.cache, apply=apply, strict=strict, pool=self._apply_pool
+            )
         except PolicyValidationError as e:
             # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
             # next spec change will.
@@ -200,6 +230,8 @@ class Controller:
             return
         except KubeError as e:
             self.errors += 1
+            if apply:
+                self._need_apply.add(key)
             if e.retryable:
                 self._retry(key, str(e))
             else:
@@ -207,8 +239,6 @@ class Controller:
                 self._post(body, "ApplyFailed", str(e), warning=True)
                 self._retry(key, str(e), floor=_BACKOFF_MAX / 2)
             return
-        if prune:
-            mem.last_pruned_at = now
         self._failures.pop(key, None)
         self._report(body, out)
 
@@ -239,13 +269,14 @@ class Controller:
         if not (out.created or out.updated or out.deleted or out.status_written):
             return
         log.info(
-            "reconciled %s/%s gen %s: +%d ~%d -%d, %s",
+            "reconciled %s/%s gen %s: +%d ~%d -%d =%d, %s",
             out.policy.namespace,
             out.policy.name,
             out.policy.metadata.generation,
             len(out.created),
             len(out.updated),
             len(out.deleted),
+            out.skipped,
             ", ".join(f"{c['type']}={c['status']}" for c in out.status.get("conditions", [])),
         )
 

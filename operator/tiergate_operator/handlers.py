@@ -43,9 +43,15 @@ def configure_settings(settings: kopf.OperatorSettings) -> None:
 
 def register(registry: kopf.OperatorRegistry, controller: Controller) -> None:
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry, id="policy")
-    def policy_event(type: str, name: str, namespace: str | None, meta: kopf.Meta, **_: Any) -> None:
+    async def policy_event(
+        type: str, name: str, namespace: str | None, meta: kopf.Meta, event: kopf.RawEvent, **_: Any
+    ) -> None:
+        # async: kopf runs sync handlers in a thread, and the controller's queue belongs to the event loop.
+        # The raw body rides along: reconciles read it instead of GETting the policy again.
         if namespace:
-            controller.policy_event(namespace, name, meta.get("generation"), deleted=type == "DELETED")
+            controller.policy_event(
+                namespace, name, meta.get("generation"), deleted=type == "DELETED", body=cast(Any, event["object"])
+            )
 
 
 def login_handler(registry: kopf.OperatorRegistry, api_client: Any) -> None:

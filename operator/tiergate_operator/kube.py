@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -84,6 +86,21 @@ class Kube:
 
     def __init__(self, api_client: Any) -> None:
         self._api = api_client
+        # Requests made, by "METHOD resource[/subresource]": logged at shutdown, read by the benchmark.
+        self.calls: Counter[str] = Counter()
+        self._calls_lock = threading.Lock()
+
+    def _count(self, method: str, path: str) -> None:
+        parts = path.split("?", 1)[0].strip("/").split("/")
+        # /api/v1/namespaces/NS/KIND[/NAME[/SUB]] or /apis/GROUP/VERSION/namespaces/NS/KIND[...]
+        rest = parts[parts.index("namespaces") + 2 :] if "namespaces" in parts else parts[-1:]
+        what = rest[0] + (f"/{rest[2]}" if len(rest) > 2 else "")
+        with self._calls_lock:
+            self.calls[f"{method} {what}"] += 1
+
+    def calls_summary(self) -> str:
+        with self._calls_lock:
+            return ", ".join(f"{k}={v}" for k, v in sorted(self.calls.items()))
 
     def request(
         self,
@@ -94,6 +111,7 @@ class Kube:
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
     ) -> tuple[int, Obj]:
+        self._count("APPLY" if content_type.startswith("application/apply-patch") else method, path)
         if query:
             path = f"{path}?{urlencode(query)}"
         headers = {"Accept": "application/json", "Content-Type": content_type}
@@ -113,6 +131,7 @@ class Kube:
 
     def stream_lines(self, path: str, query: dict[str, str], read_timeout: float) -> Iterator[bytes]:
         """GET a watch stream; yields one JSON event per line until the server closes it."""
+        self._count("WATCH", path)
         url_path = f"{path}?{urlencode(query)}"
         m, url, hdrs, _, _ = self._api.param_serialize(
             "GET", url_path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]

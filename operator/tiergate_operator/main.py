@@ -10,6 +10,7 @@ from typing import Any
 
 import kopf
 
+from .cache import ChildCache
 from .config import OperatorConfig
 from .controller import Controller
 from .errors import LeaseLost
@@ -17,7 +18,7 @@ from .handlers import configure_settings, login_handler, register
 from .health import start_health_server
 from .kube import Kube, load_api_client
 from .leader import LeaderElector
-from .watches import ChildWatches
+from .watches import WATCHED_KINDS, ChildWatches
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ async def serve(cfg: OperatorConfig) -> int:
         if health is not None:
             health.close()
         api_client.close()
+        log.info("API requests: %s", kube.calls_summary())
 
 
 async def _serve(
@@ -51,7 +53,8 @@ async def _serve(
         if not await elector.acquire(stop):
             return 0
 
-    controller = Controller(cfg, kube)
+    cache = ChildCache(WATCHED_KINDS)
+    controller = Controller(cfg, kube, cache)
     registry = kopf.OperatorRegistry()
     settings = kopf.OperatorSettings()
     configure_settings(settings)
@@ -71,7 +74,7 @@ async def _serve(
         ),
         name="kopf",
     )
-    watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event)
+    watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event, cache)
     watches.start()
     tasks = [kopf_task, asyncio.create_task(controller.run(stop), name="controller")]
     lost = False

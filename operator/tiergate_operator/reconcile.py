@@ -2,12 +2,15 @@
 
 Blocking (runs in a worker thread). Idempotent: running it twice, or after a crash half-way, converges to the
 same objects, because children have deterministic names, are applied with server-side apply, and pruning is
-by label + owner UID. That is what makes "kill the operator mid-reconcile" safe.
+by label + owner UID. That is what makes "kill the operator mid-reconcile" safe. Reads come from the child
+watches' cache (cache.py), so a reconcile's only requests are the writes it needs.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 from collections.abc import Mapping
 from concurrent.futures import Executor
@@ -18,6 +21,7 @@ from tiergate.api import naming
 from tiergate.api.policy import API_VERSION, KIND, RoutingPolicy, parse_policy
 
 from .builders import KIND_ORDER, build_children, child_key
+from .cache import ChildCache, Seen
 from .config import OperatorConfig
 from .kube import Kube
 from .status import compute_status, status_changed
@@ -28,15 +32,24 @@ Obj = dict[str, Any]
 Key = tuple[str, str]  # (kind, name)
 
 
+@dataclass(frozen=True)
+class Applied:
+    """What the last server-side apply of one child sent and got back."""
+
+    intent: str  # digest of the object we sent
+    uid: str
+    resource_version: str
+    marker: str  # see _marker
+
+
 @dataclass
 class PolicyMemory:
     """What the operator remembers about one policy between reconciles (in memory only; a restart re-lists)."""
 
     uid: str | None = None
-    known: dict[Key, tuple[str, str]] = field(default_factory=dict)  # child -> (uid, change marker)
-    pruned_generation: int | None = None
+    applied: dict[Key, Applied] = field(default_factory=dict)
     reconciled_generation: int | None = None
-    last_pruned_at: float = 0.0  # monotonic
+    status: Obj | None = None  # the status we last wrote; None: trust the policy body's
 
 
 @dataclass
@@ -45,6 +58,7 @@ class Outcome:
     created: list[Key] = field(default_factory=list)
     updated: list[Key] = field(default_factory=list)
     deleted: list[Key] = field(default_factory=list)
+    skipped: int = 0  # children whose apply was skipped: cached state is what the last apply returned
     status: Obj = field(default_factory=dict)
     status_written: bool = False
     previous_conditions: list[Obj] = field(default_factory=list)
@@ -54,17 +68,33 @@ def selector(policy_name: str) -> str:
     return f"{naming.POLICY_LABEL}={policy_name},{naming.MANAGED_BY_LABEL}={naming.MANAGED_BY}"
 
 
-def _marker(obj: Mapping[str, Any]) -> str:
-    """Changes we did (or undid): the spec generation where the kind has one, else the resourceVersion. Deployments'
-    and PDBs' resourceVersions also move on every status update, which is not a change of ours."""
-    md = obj.get("metadata", {})
+def _marker(md: Mapping[str, Any]) -> str:
+    """Changes of a child's spec: the generation where the kind has one, else the resourceVersion. Deployments'
+    and PDBs' resourceVersions also move on every status update, which is not a change to undo."""
     if md.get("generation") is not None:
         return f"g{md['generation']}"
     return f"r{md.get('resourceVersion')}"
 
 
-def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
-    return any(r.get("uid") == uid for r in obj.get("metadata", {}).get("ownerReferences", []) or [])
+def seen_marker(seen: Seen) -> str:
+    return _marker({"generation": seen.generation, "resourceVersion": seen.resource_version})
+
+
+def intent_digest(obj: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def needs_apply(intent: str, last: Applied | None, seen: Seen | None, *, strict: bool) -> bool:
+    """Whether a child must be (re-)applied. Skipping is safe only when the cache shows the very object the last
+    apply returned: a deleted child is absent, a recreated one has another UID, a spec edit moves the marker.
+    strict (the periodic resync) also re-applies after any change at all (the resourceVersion moved), which
+    catches label or annotation edits on kinds whose generation ignores metadata; a status update costs one
+    no-op apply there, once."""
+    if last is None or seen is None or last.intent != intent or seen.uid != last.uid:
+        return True
+    if strict:
+        return seen.resource_version != last.resource_version
+    return seen_marker(seen) != last.marker
 
 
 def now_rfc3339() -> str:
@@ -76,74 +106,80 @@ def reconcile(
     body: Mapping[str, Any],
     cfg: OperatorConfig,
     memory: PolicyMemory,
+    cache: ChildCache,
     *,
-    prune: bool,
     apply: bool = True,
+    strict: bool = False,
     pool: Executor | None = None,
 ) -> Outcome:
     """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
 
-    apply=False only refreshes status (a child's status changed, nothing of ours did). `pool` applies the children
-    of one wave concurrently: the API server, not this process, is where the time goes."""
+    Reads come from `cache` (the child watches), writes go to the API server. apply=False only refreshes status
+    (a child's status changed, nothing of ours did). apply=True applies the children that need it (needs_apply;
+    strict: the resync's stricter test), and prunes cached children the spec no longer asks for. `pool` applies
+    the children of one wave concurrently: the API server, not this process, is where the time goes."""
     policy = parse_policy(body)
     ns = policy.namespace or "default"
     uid = policy.metadata.uid or ""
+    pk = (ns, policy.name)
     if memory.uid != uid:
         # A new incarnation of the same name: nothing remembered applies to it.
-        memory.uid, memory.known, memory.pruned_generation = uid, {}, None
+        memory.uid, memory.applied, memory.status = uid, {}, None
     out = Outcome(policy)
+    deployments = cache.deployments(pk)
+    if not apply:
+        return _finish(kube, body, policy, memory, cache, out, deployments)
+
     desired = build_children(policy)
     wanted = {child_key(o) for o in desired}
-    sel = selector(policy.name)
-
-    existing: dict[Key, Obj] = {}
-    if not apply:
-        listed = {d["metadata"]["name"]: d for d in kube.list("Deployment", ns, sel)}
-        return _finish(kube, body, policy, memory, out, listed)
-    if prune:
-        for kind in KIND_ORDER:
-            for o in kube.list(kind, ns, sel):
-                o.setdefault("kind", kind)
-                existing[(kind, o["metadata"]["name"])] = o
-        memory.known = {k: (o["metadata"]["uid"], _marker(o)) for k, o in existing.items() if k in wanted}
-
-    deployments: dict[str, Obj] = {}
+    seen = cache.children(pk)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=1)
+    todo: list[tuple[Obj, str]] = []
+    for obj in desired:
+        intent = intent_digest(obj)
+        key = child_key(obj)
+        if needs_apply(intent, memory.applied.get(key), seen.get(key), strict=strict):
+            todo.append((obj, intent))
+        else:
+            out.skipped += 1
     # Two waves: everything the pods refer to (ServiceAccount, RBAC, ConfigMap) and the Services and PDBs first,
     # then the Deployments, so a new pod never starts before what it mounts or runs as exists.
-    waves = [[o for o in desired if o["kind"] != "Deployment"], [o for o in desired if o["kind"] == "Deployment"]]
+    waves = [[t for t in todo if t[0]["kind"] != "Deployment"], [t for t in todo if t[0]["kind"] == "Deployment"]]
     for wave in waves:
         if pool is not None and len(wave) > 1:
-            applied_wave = list(pool.map(lambda o: kube.apply(o, cfg.field_manager), wave))
+            results = list(pool.map(lambda t: kube.apply(t[0], cfg.field_manager), wave))
         else:
-            applied_wave = [kube.apply(o, cfg.field_manager) for o in wave]
-        for obj, applied in zip(wave, applied_wave, strict=True):
+            results = [kube.apply(t[0], cfg.field_manager) for t in wave]
+        for (obj, intent), applied in zip(wave, results, strict=True):
             key = child_key(obj)
-            applied.setdefault("kind", obj["kind"])
-            new = (applied["metadata"]["uid"], _marker(applied))
-            old = memory.known.get(key)
-            if old is None and not prune:
-                # Not listed first (a brand-new policy): it is new if the API server created it just now.
+            md = applied.get("metadata", {})
+            new = Applied(intent, str(md.get("uid")), str(md.get("resourceVersion")), _marker(md))
+            before = memory.applied.get(key)
+            cached = seen.get(key)
+            prev_uid = before.uid if before else (cached.uid if cached else None)
+            prev_marker = before.marker if before else (seen_marker(cached) if cached else None)
+            if prev_uid is None:
+                # Unknown before (a brand-new policy, or a restart): new if the API server created it just now.
                 if _created_since(applied, started):
                     out.created.append(key)
-            elif old is None or old[0] != new[0]:
+            elif prev_uid != new.uid:
                 out.created.append(key)
-            elif old[1] != new[1]:
+            elif prev_marker != new.marker:
                 out.updated.append(key)
-            memory.known[key] = new
+            memory.applied[key] = new
             if obj["kind"] == "Deployment":
-                deployments[obj["metadata"]["name"]] = applied
+                deployments[obj["metadata"]["name"]] = applied  # fresher than the cache
 
-    if prune:
-        for key, o in existing.items():
-            if key in wanted or not _owned_by(o, uid):
-                continue
-            if kube.delete(key[0], ns, key[1], uid=o["metadata"]["uid"]):
-                out.deleted.append(key)
-            memory.known.pop(key, None)
-        memory.pruned_generation = policy.metadata.generation
+    for key, child in seen.items():
+        if key in wanted or key[0] not in KIND_ORDER or uid not in child.owner_uids:
+            continue
+        if kube.delete(key[0], ns, key[1], uid=child.uid):
+            out.deleted.append(key)
+        memory.applied.pop(key, None)
+        if key[0] == "Deployment":
+            deployments.pop(key[1], None)
 
-    return _finish(kube, body, policy, memory, out, deployments)
+    return _finish(kube, body, policy, memory, cache, out, deployments)
 
 
 def _created_since(obj: Mapping[str, Any], since: dt.datetime) -> bool:
@@ -158,18 +194,22 @@ def _finish(
     body: Mapping[str, Any],
     policy: RoutingPolicy,
     memory: PolicyMemory,
+    cache: ChildCache,
     out: Outcome,
     deployments: dict[str, Obj],
 ) -> Outcome:
-    ns = policy.namespace or "default"
-    pods = kube.list("Pod", ns, f"{naming.POLICY_LABEL}={policy.name}")
-    current = body.get("status") or {}
+    pods = cache.pods((policy.namespace or "default", policy.name))
+    # Our last write is newer than the body when the watch has not brought it back yet.
+    current = memory.status if memory.status is not None else (body.get("status") or {})
     out.previous_conditions = list(current.get("conditions") or [])
     status = compute_status(policy, deployments, pods, out.previous_conditions, now_rfc3339())
     out.status = status
     if status_changed(current, status):
-        kube.patch_status(KIND, ns, policy.name, status)
+        kube.patch_status(KIND, policy.namespace or "default", policy.name, status)
         out.status_written = True
+        memory.status = status
+    elif memory.status is None:
+        memory.status = dict(current)
     memory.reconciled_generation = policy.metadata.generation
     return out
 

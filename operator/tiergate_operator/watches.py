@@ -1,9 +1,12 @@
-"""Watches of the children, filtered by label on the API server, feeding the controller's queue.
+"""Watches of the children, filtered by label on the API server, feeding the cache and the controller's queue.
 
 Why not kopf for these: kopf watches every object of a kind (all Pods, all Deployments of the cluster) and filters
 by label in the operator, running its full per-event machinery for each; profiling a burst of policies showed that
 as most of the operator's CPU. A plain list+watch with `labelSelector=tiergate.io/policy` asks the API server for
 our children only, and each event costs a dictionary lookup. kopf still watches the RoutingPolicies themselves.
+
+Every kind the operator creates is watched (and Pods, for status): the cache they fill is what reconciles read,
+and a change to any child, PDBs and RBAC included, is seen at once.
 """
 
 from __future__ import annotations
@@ -17,13 +20,14 @@ from typing import Any
 
 from tiergate.api import naming
 
+from .builders import KIND_ORDER
+from .cache import ChildCache
 from .kube import Kube, resource_path
 
 log = logging.getLogger(__name__)
 
-# Kinds whose changes the operator reacts to at once (see handlers.py for why PDBs, Roles and RoleBindings are left
-# to the resync).
-WATCHED_KINDS = ("Deployment", "Service", "ConfigMap", "ServiceAccount", "Pod")
+# Every kind of child, plus the Pods status is computed from.
+WATCHED_KINDS = (*KIND_ORDER, "Pod")
 # Server-side watch timeout: the API server ends the stream after this; we resume from the last resourceVersion.
 _WATCH_SECONDS = 300
 # After an error (API server restarting, 410 Gone), wait this long before listing again.
@@ -35,8 +39,16 @@ OnEvent = Callable[[str, str, str, str, bool, int | None, str | None], None]
 class ChildWatches:
     """One thread per kind: list, then watch from the list's resourceVersion; on any error list again."""
 
-    def __init__(self, kube: Kube, namespace: str | None, loop: asyncio.AbstractEventLoop, on_event: OnEvent) -> None:
+    def __init__(
+        self,
+        kube: Kube,
+        namespace: str | None,
+        loop: asyncio.AbstractEventLoop,
+        on_event: OnEvent,
+        cache: ChildCache,
+    ) -> None:
         self.kube = kube
+        self.cache = cache
         self.namespace = namespace
         self.loop = loop
         self.on_event = on_event
@@ -74,7 +86,10 @@ class ChildWatches:
         selector = naming.POLICY_LABEL
         while not self.stop.is_set():
             try:
-                listed = self.kube.request("GET", path, query={"labelSelector": selector})[1]
+                status, listed = self.kube.request("GET", path, query={"labelSelector": selector})
+                if status >= 300:
+                    raise RuntimeError(f"list {kind}: {status} {listed.get('message')}")
+                self.cache.replace(kind, listed.get("items") or [])
                 rv = listed.get("metadata", {}).get("resourceVersion", "")
                 while not self.stop.is_set():
                     rv = self._watch_once(kind, path, selector, rv)
@@ -99,6 +114,11 @@ class ChildWatches:
             if etype == "ERROR":
                 raise RuntimeError(f"watch error: {obj.get('message')}")  # e.g. 410 Gone: list again
             rv = obj.get("metadata", {}).get("resourceVersion", rv)
-            if etype in ("ADDED", "MODIFIED", "DELETED"):
-                self._deliver(kind, etype, obj)
+            if etype in ("ADDED", "MODIFIED"):
+                self.cache.upsert(kind, obj)
+            elif etype == "DELETED":
+                self.cache.remove(kind, obj)
+            else:
+                continue  # BOOKMARK: only the resourceVersion moves
+            self._deliver(kind, etype, obj)
         return rv

@@ -7,31 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.cluster import DevCluster, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
 CRD = ROOT / "tiergate" / "api" / "crd.yaml"
 CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets,roles,rolebindings"
 SAMPLE_CHILDREN = 16  # see test_children_of_sample_are_complete_and_ordered
-
-
-def wait_for(what: str, fn: Callable[[], Any], timeout: float = 60.0, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last value: {last!r}")
 
 
 def install_crd(cluster: DevCluster) -> None:

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from tiergate_operator.cache import ChildCache
 from tiergate_operator.config import OperatorConfig
 from tiergate_operator.controller import Controller
 from tiergate_operator.errors import ConfigError, KubeError
-from tiergate_operator.reconcile import PolicyMemory
+from tiergate_operator.reconcile import Applied, PolicyMemory
 
 
 def test_config_from_env_and_overrides() -> None:
@@ -54,7 +55,8 @@ def test_kube_error_retryability() -> None:
 
 
 def _controller() -> Controller:
-    return Controller(OperatorConfig(), kube=None)  # type: ignore[arg-type]  # triage never calls the API
+    # Triage never calls the API.
+    return Controller(OperatorConfig(), kube=None, cache=ChildCache(["Deployment"]))  # type: ignore[arg-type]
 
 
 def test_child_events_are_triaged_into_apply_or_status_only() -> None:
@@ -62,7 +64,10 @@ def test_child_events_are_triaged_into_apply_or_status_only() -> None:
         c = _controller()
         key = ("ns", "chat")
         mem = PolicyMemory(reconciled_generation=1)
-        mem.known = {("Deployment", "chat-router"): ("uid", "g3"), ("Service", "chat-router"): ("uid", "r17")}
+        mem.applied = {
+            ("Deployment", "chat-router"): Applied("h1", "uid", "40", "g3"),
+            ("Service", "chat-router"): Applied("h2", "uid", "17", "r17"),
+        }
         c._memory[key] = mem
         # Our own write coming back, or a status change: status only.
         c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=3)
