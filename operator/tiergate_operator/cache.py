@@ -23,7 +23,7 @@ Obj = dict[str, Any]
 PolicyKey = tuple[str, str]  # (namespace, policy name)
 ChildKey = tuple[str, str]  # (kind, name)
 
-# Kinds whose whole object is kept (status is computed from them); of the others only identity and version.
+# Kinds whose spec/status are kept (status is computed from them); of the others only identity and version.
 FULL_OBJECT_KINDS = frozenset({"Deployment", "Pod"})
 
 
@@ -35,7 +35,9 @@ class Seen:
     resource_version: str
     generation: int | None
     owner_uids: frozenset[str]
-    obj: Obj | None = None  # the whole object, for FULL_OBJECT_KINDS only
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    obj: Obj | None = None  # for FULL_OBJECT_KINDS only: the fields status is computed from
 
     @classmethod
     def of(cls, kind: str, obj: Mapping[str, Any]) -> Seen:
@@ -45,8 +47,22 @@ class Seen:
             resource_version=str(md.get("resourceVersion", "")),
             generation=md.get("generation"),
             owner_uids=frozenset(str(r.get("uid")) for r in md.get("ownerReferences") or []),
-            obj=dict(obj) if kind in FULL_OBJECT_KINDS else None,
+            labels=dict(md.get("labels") or {}),
+            annotations=dict(md.get("annotations") or {}),
+            obj=_slim(kind, obj) if kind in FULL_OBJECT_KINDS else None,
         )
+
+
+def _slim(kind: str, obj: Mapping[str, Any]) -> Obj:
+    """Only what status.py reads: a whole Deployment (pod template, managedFields) is ten times larger, and the
+    cache holds every one of them."""
+    md = obj.get("metadata", {}) or {}
+    meta = {k: md[k] for k in ("name", "namespace", "labels", "generation", "deletionTimestamp") if k in md}
+    status = obj.get("status") or {}
+    if kind == "Deployment":
+        spec = {k: v for k, v in (obj.get("spec") or {}).items() if k == "replicas"}
+        return {"metadata": meta, "spec": spec, "status": status}
+    return {"metadata": meta, "status": {k: status[k] for k in ("conditions", "containerStatuses") if k in status}}
 
 
 def _where(obj: Mapping[str, Any]) -> tuple[PolicyKey, str] | None:
@@ -127,6 +143,10 @@ class ChildCache:
     def children(self, pk: PolicyKey) -> dict[ChildKey, Seen]:
         with self._lock:
             return dict(self._by_policy.get(pk, {}))
+
+    def get(self, pk: PolicyKey, ck: ChildKey) -> Seen | None:
+        with self._lock:
+            return self._by_policy.get(pk, {}).get(ck)
 
     def deployments(self, pk: PolicyKey) -> dict[str, Obj]:
         with self._lock:

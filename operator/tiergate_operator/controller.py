@@ -5,8 +5,8 @@ which makes deleting a policy hang whenever the operator is down. Here kopf watc
 watches.py the children (by label); every event just marks its policy dirty, and workers reconcile dirty
 policies from the latest policy body kopf delivered and the children's cache, so a reconcile reads nothing from
 the API server and writes only what changed. A resync loop re-reads every known policy now and then and
-reconciles it strictly (any change to a child since our last apply is undone), which bounds how long any drift
-can survive.
+reconciles it (children applied where the cache shows they differ from what the policy says), which bounds how
+long any drift, or a missed event, can survive.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from .cache import ChildCache
 from .config import OperatorConfig
 from .errors import KubeError
 from .kube import Kube
-from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, reconcile
+from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, needs_apply, reconcile
 from .status import DEGRADED, READY
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ class Controller:
         # waiting on applies queued behind other reconciles would deadlock).
         self._apply_pool = ThreadPoolExecutor(max_workers=cfg.workers, thread_name_prefix="apply")
         self._need_apply: set[PolicyKey] = set()
-        self._strict: set[PolicyKey] = set()  # due for the resync's strict reconcile
+        self._resync_due: set[PolicyKey] = set()  # re-read from the API server on the next reconcile
         self._bodies: dict[PolicyKey, dict[str, Any]] = {}  # the latest policy body kopf delivered
         self._queue: asyncio.Queue[PolicyKey] | None = None
         self._queued: set[PolicyKey] = set()
@@ -125,9 +125,9 @@ class Controller:
         generation: int | None,
         resource_version: str | None = None,
     ) -> None:
-        """A child changed. Deleted, or its spec changed (a generation we did not write): re-apply. Only its status
-        changed (pods starting, replicas becoming ready): refresh status only, which costs two lists instead of a
-        full apply of every child."""
+        """A child changed. Deleted, or changed in what we set (its spec: a generation we did not write; our labels,
+        annotations, owner reference): re-apply. Only its status changed (pods starting, replicas becoming ready),
+        or someone else's metadata: refresh status only, which costs no request unless the status changed."""
         if not policy_name:
             return
         key = (namespace, policy_name)
@@ -139,10 +139,9 @@ class Controller:
             self.enqueue(key, apply=False)
             return
         last = mem.applied.get((kind, name))
-        # The same change marker as our last apply returned: the event is our own write (or status only).
-        marker = f"g{generation}" if generation is not None else f"r{resource_version}"
-        ours = last is not None and last.marker == marker
-        self.enqueue(key, apply=not ours)
+        # The watch thread updated the cache before delivering this event: the cache is at least this new.
+        seen = self.cache.get(key, (kind, name))
+        self.enqueue(key, apply=needs_apply(last.intent if last else "", last, seen))
 
     # --- worker side ----------------------------------------------------------------------------------------
 
@@ -171,7 +170,7 @@ class Controller:
         while True:
             await asyncio.sleep(self.cfg.resync_seconds)
             for key in list(self._memory):
-                self._strict.add(key)
+                self._resync_due.add(key)
                 self.enqueue(key)
 
     async def _worker(self) -> None:
@@ -193,16 +192,16 @@ class Controller:
 
     def _reconcile_blocking(self, key: PolicyKey) -> None:
         ns, name = key
-        strict = key in self._strict
-        self._strict.discard(key)
-        body = None if strict else self._bodies.get(key)
+        resync = key in self._resync_due
+        self._resync_due.discard(key)
+        body = None if resync else self._bodies.get(key)
         if body is None:
             # Not delivered by kopf yet, or the resync: read it (and trust its status over what we remember).
             try:
                 body = self.kube.get(KIND, ns, name)
             except KubeError as e:
-                if strict:
-                    self._strict.add(key)
+                if resync:
+                    self._resync_due.add(key)
                 self._retry(key, f"reading the policy failed: {e}")
                 return
             if body is not None and key in self._memory:
@@ -213,13 +212,11 @@ class Controller:
             return
         mem = self._memory.setdefault(key, PolicyMemory())
         generation = body.get("metadata", {}).get("generation")
-        apply = strict or key in self._need_apply or mem.reconciled_generation != generation
+        apply = resync or key in self._need_apply or mem.reconciled_generation != generation
         self._need_apply.discard(key)
         self.reconciles += 1
         try:
-            out = reconcile(
-                self.kube, body, self.cfg, mem, self.cache, apply=apply, strict=strict, pool=self._apply_pool
-            )
+            out = reconcile(self.kube, body, self.cfg, mem, self.cache, apply=apply, pool=self._apply_pool)
         except PolicyValidationError as e:
             # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
             # next spec change will.

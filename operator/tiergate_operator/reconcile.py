@@ -40,6 +40,23 @@ class Applied:
     uid: str
     resource_version: str
     marker: str  # see _marker
+    # The metadata we set, which no generation tracks: compared with the cache to see hand edits.
+    labels: Mapping[str, str] = field(default_factory=dict)
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    owners: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, sent: Mapping[str, Any], intent: str, returned: Mapping[str, Any]) -> Applied:
+        md, want = returned.get("metadata", {}) or {}, sent.get("metadata", {}) or {}
+        return cls(
+            intent,
+            str(md.get("uid")),
+            str(md.get("resourceVersion")),
+            _marker(md),
+            dict(want.get("labels") or {}),
+            dict(want.get("annotations") or {}),
+            frozenset(str(r.get("uid")) for r in want.get("ownerReferences") or []),
+        )
 
 
 @dataclass
@@ -84,17 +101,21 @@ def intent_digest(obj: Mapping[str, Any]) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def needs_apply(intent: str, last: Applied | None, seen: Seen | None, *, strict: bool) -> bool:
-    """Whether a child must be (re-)applied. Skipping is safe only when the cache shows the very object the last
-    apply returned: a deleted child is absent, a recreated one has another UID, a spec edit moves the marker.
-    strict (the periodic resync) also re-applies after any change at all (the resourceVersion moved), which
-    catches label or annotation edits on kinds whose generation ignores metadata; a status update costs one
-    no-op apply there, once."""
+def needs_apply(intent: str, last: Applied | None, seen: Seen | None) -> bool:
+    """Whether a child the builders want (digest `intent`) must be (re-)applied. Skipping is safe only when the
+    cache shows what the last apply left: a deleted child is absent, a re-created one has another UID, a
+    spec edit moves the marker (the generation; the resourceVersion for kinds without one). Metadata edits do not
+    move a generation, so the labels, annotations and owner reference we set are compared one by one; other
+    managers' labels and annotations (the Deployment controller's revision) and status updates are not ours to
+    undo and cost nothing."""
     if last is None or seen is None or last.intent != intent or seen.uid != last.uid:
         return True
-    if strict:
-        return seen.resource_version != last.resource_version
-    return seen_marker(seen) != last.marker
+    if seen_marker(seen) != last.marker:
+        return True
+    for want, have in ((last.labels, seen.labels), (last.annotations, seen.annotations)):
+        if any(have.get(k) != v for k, v in want.items()):
+            return True
+    return not last.owners <= seen.owner_uids
 
 
 def now_rfc3339() -> str:
@@ -109,14 +130,13 @@ def reconcile(
     cache: ChildCache,
     *,
     apply: bool = True,
-    strict: bool = False,
     pool: Executor | None = None,
 ) -> Outcome:
     """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
 
     Reads come from `cache` (the child watches), writes go to the API server. apply=False only refreshes status
-    (a child's status changed, nothing of ours did). apply=True applies the children that need it (needs_apply;
-    strict: the resync's stricter test), and prunes cached children the spec no longer asks for. `pool` applies
+    (a child's status changed, nothing of ours did). apply=True applies the children that need it (needs_apply),
+    and prunes cached children the spec no longer asks for. `pool` applies
     the children of one wave concurrently: the API server, not this process, is where the time goes."""
     policy = parse_policy(body)
     ns = policy.namespace or "default"
@@ -138,7 +158,7 @@ def reconcile(
     for obj in desired:
         intent = intent_digest(obj)
         key = child_key(obj)
-        if needs_apply(intent, memory.applied.get(key), seen.get(key), strict=strict):
+        if needs_apply(intent, memory.applied.get(key), seen.get(key)):
             todo.append((obj, intent))
         else:
             out.skipped += 1
@@ -152,8 +172,7 @@ def reconcile(
             results = [kube.apply(t[0], cfg.field_manager) for t in wave]
         for (obj, intent), applied in zip(wave, results, strict=True):
             key = child_key(obj)
-            md = applied.get("metadata", {})
-            new = Applied(intent, str(md.get("uid")), str(md.get("resourceVersion")), _marker(md))
+            new = Applied.of(obj, intent, applied)
             before = memory.applied.get(key)
             cached = seen.get(key)
             prev_uid = before.uid if before else (cached.uid if cached else None)

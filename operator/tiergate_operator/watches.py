@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 WATCHED_KINDS = (*KIND_ORDER, "Pod")
 # Server-side watch timeout: the API server ends the stream after this; we resume from the last resourceVersion.
 _WATCH_SECONDS = 300
-# After an error (API server restarting, 410 Gone), wait this long before listing again.
+# After an error (API server restarting, 410 Gone), wait this long before listing again, doubling while the
+# errors go on (a missing RBAC verb fails every time: no reason to list once a second forever).
 _RETRY_SECONDS = 1.0
+_RETRY_MAX_SECONDS = 30.0
 
 OnEvent = Callable[[str, str, str, str, bool, int | None, str | None], None]
 
@@ -84,6 +86,7 @@ class ChildWatches:
     def _run(self, kind: str) -> None:
         path = resource_path(kind, self.namespace)
         selector = naming.POLICY_LABEL
+        delay = _RETRY_SECONDS
         while not self.stop.is_set():
             try:
                 status, listed = self.kube.request("GET", path, query={"labelSelector": selector})
@@ -93,10 +96,14 @@ class ChildWatches:
                 rv = listed.get("metadata", {}).get("resourceVersion", "")
                 while not self.stop.is_set():
                     rv = self._watch_once(kind, path, selector, rv)
+                    delay = _RETRY_SECONDS  # a watch that ran and ended normally: all is well
             except Exception as e:  # any failure: start over from a fresh list
                 if not self.stop.is_set():
-                    log.debug("watch of %s restarts: %s", kind, e)
-                    self.stop.wait(_RETRY_SECONDS)
+                    # 410 Gone is routine (the watch fell behind etcd's compaction); anything else is worth seeing.
+                    level = logging.DEBUG if "410" in str(e) or "Expired" in str(e) else logging.WARNING
+                    log.log(level, "watch of %s failed (%s); listing again in %.0fs", kind, e, delay)
+                    self.stop.wait(delay)
+                    delay = min(delay * 2, _RETRY_MAX_SECONDS)
 
     def _watch_once(self, kind: str, path: str, selector: str, rv: str) -> str:
         query = {

@@ -189,6 +189,25 @@ def test_deleted_and_edited_children_are_restored(cluster: DevCluster, namespace
         timeout=60,
     )
 
+    # Edits that move no generation (a label the operator sets, on a PDB) and children of the kinds that were once
+    # left to the resync (a RoleBinding) come back at once too: well inside the 60 s resync.
+    binding_uid = get_json(cluster, "rolebinding", "chat-router", "-n", namespace)["metadata"]["uid"]
+    cluster.kubectl(
+        "label", "pdb", "chat-router", "-n", namespace, "app.kubernetes.io/part-of=someone-else", "--overwrite"
+    )
+    cluster.kubectl("delete", "rolebinding", "chat-router", "-n", namespace, "--wait=true")
+
+    def metadata_restored() -> bool:
+        pdb = get_json(cluster, "pdb", "chat-router", "-n", namespace)
+        r = kubectl_raw(cluster, "get", "rolebinding", "chat-router", "-n", namespace, "-o", "json")
+        return (
+            pdb["metadata"]["labels"].get("app.kubernetes.io/part-of") == "tiergate"
+            and r.returncode == 0
+            and json.loads(r.stdout)["metadata"]["uid"] != binding_uid
+        )
+
+    wait_for("PDB label and RoleBinding restored", metadata_restored, timeout=20)
+
 
 def test_unschedulable_tier_is_degraded(cluster: DevCluster, namespace: str, operator: Operator) -> None:
     classifier_configmap(cluster, namespace)
@@ -204,12 +223,17 @@ def test_unschedulable_tier_is_degraded(cluster: DevCluster, namespace: str, ope
     assert c["reason"] == "Unschedulable"
     assert "tier large" in c["message"]
     assert "Insufficient nvidia.com/gpu" in c["message"], c["message"]
-    p = policy(cluster, namespace, "chat")
+    # The small tier's pods may still be starting when the large one is found stuck: wait for them, while the
+    # large tier stays Degraded.
+    p = wait_for(
+        "the small tier ready beside the stuck one",
+        lambda: (q := policy(cluster, namespace, "chat")) and q["status"].get("readyTiers") == "1/2" and q,
+        timeout=60,
+    )
     ready = condition(p, "Ready")
     assert ready["status"] == "False"
     assert ready["reason"] == "Unschedulable"
-    assert p is not None
-    assert p["status"]["readyTiers"] == "1/2"
+    assert condition(p, "Degraded")["status"] == "True"
     events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", "involvedObject.name=chat")
     assert "Unschedulable" in events
 

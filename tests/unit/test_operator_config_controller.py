@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -56,7 +57,16 @@ def test_kube_error_retryability() -> None:
 
 def _controller() -> Controller:
     # Triage never calls the API.
-    return Controller(OperatorConfig(), kube=None, cache=ChildCache(["Deployment"]))  # type: ignore[arg-type]
+    return Controller(OperatorConfig(), kube=None, cache=ChildCache(["Deployment", "Service"]))  # type: ignore[arg-type]
+
+
+def _child(kind: str, name: str, *, rv: str, gen: int | None = None, annotations: dict[str, str] | None = None) -> Any:
+    md: dict[str, Any] = {"name": name, "namespace": "ns", "uid": "uid", "resourceVersion": rv}
+    md["labels"] = {"tiergate.io/policy": "chat"}
+    md["annotations"] = {"prometheus.io/scrape": "true"} if annotations is None else annotations
+    if gen is not None:
+        md["generation"] = gen
+    return {"kind": kind, "metadata": md}
 
 
 def test_child_events_are_triaged_into_apply_or_status_only() -> None:
@@ -64,19 +74,29 @@ def test_child_events_are_triaged_into_apply_or_status_only() -> None:
         c = _controller()
         key = ("ns", "chat")
         mem = PolicyMemory(reconciled_generation=1)
+        dep, svc = _child("Deployment", "chat-router", rv="40", gen=3), _child("Service", "chat-router", rv="17")
         mem.applied = {
-            ("Deployment", "chat-router"): Applied("h1", "uid", "40", "g3"),
-            ("Service", "chat-router"): Applied("h2", "uid", "17", "r17"),
+            ("Deployment", "chat-router"): Applied.of(dep, "h1", dep),
+            ("Service", "chat-router"): Applied.of(svc, "h2", svc),
         }
         c._memory[key] = mem
         # Our own write coming back, or a status change: status only.
+        c.cache.upsert("Deployment", dep)
         c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=3)
+        c.cache.upsert("Deployment", _child("Deployment", "chat-router", rv="41", gen=3))  # status update
+        c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=3)
+        c.cache.upsert("Service", svc)
         c.child_event("ns", "chat", "Service", "chat-router", deleted=False, generation=None, resource_version="17")
         c.child_event("ns", "chat", "Pod", "chat-router-abc", deleted=False, generation=None)
         assert key in c._queued
         assert key not in c._need_apply
-        # Someone else changed the spec (new generation), or deleted a child: re-apply.
+        # Someone else changed the spec (new generation), removed our annotation, or deleted a child: re-apply.
+        c.cache.upsert("Deployment", _child("Deployment", "chat-router", rv="42", gen=4))
         c.child_event("ns", "chat", "Deployment", "chat-router", deleted=False, generation=4)
+        assert key in c._need_apply
+        c._need_apply.clear()
+        c.cache.upsert("Service", _child("Service", "chat-router", rv="18", annotations={}))
+        c.child_event("ns", "chat", "Service", "chat-router", deleted=False, generation=None, resource_version="18")
         assert key in c._need_apply
         c._need_apply.clear()
         c.child_event("ns", "chat", "ConfigMap", "chat-router", deleted=True, generation=None)
