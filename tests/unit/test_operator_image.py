@@ -130,6 +130,19 @@ def test_every_stage_starts_from_the_pinned_base_or_another_stage() -> None:
     assert list(stages)[-1] == "operator", "a plain `docker build .` builds the operator image"
 
 
+def test_build_context_holds_what_the_dockerfile_copies() -> None:
+    """.dockerignore keeps the context small (no .venv) but must let through every path a COPY names."""
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
+    ignore = [ln for ln in ignore if not ln.startswith("#")]
+    assert ignore[0] == "*"
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    for ins, args in _instructions():
+        if ins == "COPY" and not args.startswith("--from="):
+            for src in args.split()[:-1]:
+                assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
+                assert (ROOT / src).exists(), src
+
+
 def test_install_lines_name_extras_that_exist_and_pinned_packages() -> None:
     stages = _stages()
     extras_defined = set(PYPROJECT["project"]["optional-dependencies"])
