@@ -431,6 +431,20 @@ def router_args(policy: RoutingPolicy) -> list[str]:
     ]
 
 
+def _api_key_env(policy: RoutingPolicy) -> list[Obj]:
+    """External tiers' API keys, from their Secrets, as the environment variables the router reads
+    (`naming.api_key_env`). Environment rather than a volume: the key never lands on disk in the pod; rotating it
+    takes a router rollout."""
+    out: list[Obj] = []
+    for t in policy.spec.tiers:
+        ref = t.endpoint.api_key_secret_ref if t.endpoint is not None else None
+        if ref is not None:
+            out.append(
+                {"name": naming.api_key_env(t.name), "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+            )
+    return out
+
+
 def build_router_deployment(policy: RoutingPolicy) -> Obj:
     r = policy.spec.router
     name = naming.router_name(policy.name)
@@ -458,6 +472,7 @@ def build_router_deployment(policy: RoutingPolicy) -> Obj:
             {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
             {"name": "HF_HUB_OFFLINE", "value": "1"},
+            *_api_key_env(policy),
         ],
         "ports": [
             {"name": "http", "containerPort": r.http_port, "protocol": "TCP"},

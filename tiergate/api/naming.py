@@ -54,3 +54,10 @@ def classifier_path(key: str) -> str:
 def tier_service_url(policy: str, namespace: str, tier: str, port: int) -> str:
     """In-cluster base URL of a deployed tier's OpenAI API."""
     return f"http://{tier_name(policy, tier)}.{namespace}.svc:{port}/v1"
+
+
+def api_key_env(tier: str) -> str:
+    """Environment variable holding an external tier's API key in the router container: the operator fills it from
+    the tier's `endpoint.apiKeySecretRef` Secret, the router sends it as `Authorization: Bearer <key>`. Tier names
+    are DNS labels (lower case, digits, `-`), so upper-casing and `-` -> `_` is one-to-one and a valid shell name."""
+    return "TIERGATE_API_KEY_" + tier.upper().replace("-", "_")
