@@ -5,7 +5,8 @@
 The same artifact scores the test prompts of RouteLLM's MMLU and GSM8K files (rows with split == "test") with
 embeddings from torch (the reference the head was trained on), ONNX Runtime fp32 and ONNX Runtime int8; prints
 APGR per encoder and the difference from torch (the issue's bar: within 0.01). Embeddings are cached under
-~/.cache/tiergate/embeddings (one folder per runtime), so a second run only scores.
+~/.cache/tiergate/embeddings (one folder per ONNX graph file, so a changed recipe is re-embedded), so a second
+run only scores.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, CachedEncoder, cache
 from tiergate.routing.metrics import apgr
 from tiergate.routing.scorer import Scorer
 from tiergate_router.artifact_classifier import default_artifact_path
-from tiergate_router.onnx_encoder import OnnxMiniLMEncoder, ensure_onnx
+from tiergate_router.onnx_encoder import OnnxEncoder, ensure_onnx
 
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/routing")
 
@@ -28,11 +29,12 @@ DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/routing")
 def encoders() -> dict[str, object]:
     out: dict[str, object] = {"torch": cached_minilm(progress=None)}
     for variant in ("onnx", "onnx-int8"):
+        graph = ensure_onnx(variant)
         out[variant] = CachedEncoder(
-            lambda v=variant: OnnxMiniLMEncoder(ensure_onnx(v)),
+            lambda g=graph: OnnxEncoder(g),
             encoder_id=MINILM_ID,
             dim=MINILM_DIM,
-            cache_dir=default_cache_dir() / f"router-{variant}",
+            cache_dir=default_cache_dir() / f"router-{graph.stem}",
         )
     return out
 

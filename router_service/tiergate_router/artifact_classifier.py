@@ -16,7 +16,7 @@ from tiergate_router.errors import ClassifierError
 BP = 10000
 
 
-# The router service scores one number per prompt against a threshold, so it ships with the two-tier default.
+# Without an artifact named, the router scores one number per prompt against a threshold: the two-tier default.
 DEFAULT_ARTIFACT = "two-tier.json"
 
 
@@ -33,10 +33,25 @@ def default_artifact_path() -> Path:
 
 @dataclass
 class LoadedClassifier:
-    classifier: MicroBatcher
+    """A loaded artifact. Two-tier: the classifier yields one score per prompt. N-tier (`multi_tier`): it yields the
+    predicted quality of every artifact tier, and the router chooses with `tiergate.routing.scorer`'s rule."""
+
+    classifier: MicroBatcher[Any]
     source: Path
     artifact: Any
     scorer: Any
+
+    @property
+    def kind(self) -> str:
+        return str(self.artifact.kind)
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.artifact.tiers)
+
+    @property
+    def default_cost_weight_bp(self) -> int:
+        return int(self.artifact.default_cost_weight_bp)
 
     @property
     def default_threshold_bp(self) -> int:
@@ -60,7 +75,7 @@ def load_classifier(
     encoder: str = "auto",
     encoder_factory: Callable[[Any], Any] | None = None,
     max_batch: int = 32,
-    max_wait_s: float = 0.002,
+    max_wait_s: float = 0.0,
 ) -> LoadedClassifier:
     """Load an artifact and its encoder; ClassifierError (naming the file) for a corrupt or unusable one."""
     from tiergate.routing.artifact import load_artifact
@@ -72,32 +87,40 @@ def load_classifier(
         art = load_artifact(src)
     except (RoutingError, OSError, ValueError) as e:
         raise ClassifierError(f"cannot load router artifact {src}: {e}") from e
-    if art.kind != "two_tier":
-        raise ClassifierError(
-            f"{src}: a {art.kind} artifact; the router service routes with two_tier artifacts "
-            "(one score, thresholds in the policy)"
-        )
+    if art.kind not in ("two_tier", "multi_tier"):
+        raise ClassifierError(f"{src}: a {art.kind} artifact; the router serves two_tier and multi_tier artifacts")
     try:
-        enc = encoder_factory(art) if encoder_factory is not None else _minilm(art, encoder)
+        enc = encoder_factory(art) if encoder_factory is not None else _encoder(art, encoder)
         scorer = Scorer(art, enc)
     except (RoutingError, OSError, ValueError) as e:
         raise ClassifierError(f"{src}: {e}") from e
 
     def score(prompts: Sequence[str]) -> list[float]:
-        return [float(x) for x in scorer.score(list(prompts))]
+        return [min(max(float(x), 0.0), 1.0) for x in scorer.score(list(prompts))]
 
-    return LoadedClassifier(MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s), src, art, scorer)
+    def quality(prompts: Sequence[str]) -> list[tuple[float, ...]]:
+        return [tuple(float(v) for v in row) for row in scorer.quality(list(prompts))]
+
+    batcher: MicroBatcher[Any] = (
+        MicroBatcher(quality, max_batch=max_batch, max_wait_s=max_wait_s)
+        if art.kind == "multi_tier"
+        else MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s)
+    )
+    return LoadedClassifier(batcher, src, art, scorer)
 
 
-def _minilm(art: Any, choice: str) -> Any:
-    """The encoder: ONNX Runtime int8 when onnxruntime is installed ("auto"), torch otherwise, or the variant asked
-    for. int8 because it won here on both latency and batched throughput, and routing quality did not move: the
-    shipped router's APGR with int8 embeddings was 0.6700 vs 0.6699 (torch) on MMLU test and 0.6244 vs 0.6241 on
-    GSM8K test (bench/router_encoder_quality.py)."""
+def _encoder(art: Any, choice: str) -> Any:
+    """The artifact's encoder: ONNX Runtime int8 when onnxruntime is installed ("auto"), torch otherwise, or the
+    variant asked for. int8 because it won here on both latency and batched throughput while the shipped router's
+    APGR stayed within the 0.01 bar (bench/router_encoder_quality.py; figures in docs/router.md). Any encoder id in
+    `onnx_encoder.ENCODER_DIRS` runs on ONNX Runtime; torch serves MiniLM only (tiergate.routing's encoder)."""
     from tiergate_router import onnx_encoder
 
-    if art.encoder.id != onnx_encoder.MINILM_ID:
-        raise ClassifierError(f"artifact needs encoder {art.encoder.id}; this router ships {onnx_encoder.MINILM_ID}")
+    enc_id = art.encoder.id
+    if enc_id not in onnx_encoder.ENCODER_DIRS:
+        raise ClassifierError(
+            f"artifact needs encoder {enc_id}; this router serves {', '.join(onnx_encoder.ENCODER_DIRS)}"
+        )
     if choice not in ENCODERS:
         raise ClassifierError(f"unknown encoder {choice!r} (known: {', '.join(ENCODERS)})")
     if choice == "auto":
@@ -105,8 +128,10 @@ def _minilm(art: Any, choice: str) -> Any:
 
         choice = "onnx-int8" if importlib.util.find_spec("onnxruntime") is not None else "torch"
     if choice == "torch":
-        from tiergate.routing.encoder import MiniLMEncoder
+        from tiergate.routing.encoder import MINILM_ID, MiniLMEncoder
 
+        if enc_id != MINILM_ID:
+            raise ClassifierError(f"the torch encoder serves {MINILM_ID} only; use --encoder onnx for {enc_id}")
         return MiniLMEncoder(max_tokens=art.encoder.max_tokens)
-    path = onnx_encoder.ensure_onnx(choice)
-    return onnx_encoder.OnnxMiniLMEncoder(path, max_tokens=art.encoder.max_tokens)
+    path = onnx_encoder.ensure_onnx(choice, encoder_id=enc_id)
+    return onnx_encoder.OnnxEncoder(path, max_tokens=art.encoder.max_tokens, encoder_id=enc_id)

@@ -60,6 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="score threshold in basis points (default: the policy's, else the artifact's)",
     )
     parser.add_argument(
+        "--cost-weight-bp",
+        type=int,
+        default=None,
+        help="N-tier artifacts: the cost weight lambda in basis points (default: the artifact's calibrated one)",
+    )
+    parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
@@ -110,23 +116,38 @@ def _run_loop(main: Any) -> int:
 
 
 def build_config(args: argparse.Namespace, policy: Any, thresholds: Any) -> Any:
-    """The RouterConfig from the command line and the (optional) policy. Pure apart from reading nothing."""
-    from tiergate_router.config import from_policy, local_config
+    """The RouterConfig from the command line and the (optional) policy. Pure apart from reading nothing.
+    `thresholds` is the loaded classifier (None with one tier); an N-tier one makes the config choose by cost
+    weight (config.with_multi_tier), and the two-tier knobs are refused for it."""
+    from tiergate_router.config import from_policy, local_config, with_multi_tier
     from tiergate_router.errors import ConfigError
 
     flags = tier_flags(args)
+    multi = thresholds if getattr(thresholds, "kind", None) == "multi_tier" else None
+    if multi is None and args.cost_weight_bp is not None:
+        raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
+    if multi is not None and args.threshold_bp is not None:
+        raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
     if policy is not None:
-        cfg = from_policy(policy, discovery=_discovery(args), thresholds=thresholds)
+        cfg = from_policy(policy, discovery=_discovery(args), thresholds=thresholds, multi=multi)
         if flags:
             cfg = local_config(flags, base=cfg)
     else:
         if not flags:
             raise ConfigError("nothing to route to: give -f POLICY.yaml or at least one --tier NAME=BASE_URL")
-        default_bp = thresholds.default_threshold_bp if thresholds is not None else 5000
+        default_bp = thresholds.default_threshold_bp if thresholds is not None and multi is None else 5000
         cfg = local_config(flags, threshold_bp=default_bp)
     if args.threshold_bp is not None:
         cfg = cfg.replace(thresholds_bp=(args.threshold_bp,) * (len(cfg.tiers) - 1))
+    if multi is not None:
+        cfg = with_multi_tier(cfg, multi, args.cost_weight_bp)
     return cfg
+
+
+def _knob(cfg: Any) -> str:
+    if cfg.multi_tier is not None:
+        return f"N-tier artifact, cost weight {cfg.multi_tier.cost_weight_bp} bp"
+    return f"threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp"
 
 
 def tier_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -201,7 +222,7 @@ async def _serve(args: argparse.Namespace) -> int:
     host = options.host
     print(
         f"tiergate router: OpenAI API on http://{host}:{server.http_port}/v1 (model 'tiergate' routes; tiers: "
-        f"{', '.join(cfg.tier_names)}; threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp), metrics on "
+        f"{', '.join(cfg.tier_names)}; {_knob(cfg)}), metrics on "
         f"http://{host}:{server.http_port}/metrics"
         + (f", gRPC on {host}:{server.grpc_port}" if options.grpc_port is not None else ""),
         flush=True,

@@ -8,7 +8,8 @@ same object for local mode. Everything else in the router takes a `RouterConfig`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,9 +41,26 @@ class TierConfig:
     service: ServiceRef | None = None
     # The model name the tier's server expects; None asks the server (`GET /v1/models`) on first use.
     served_model: str | None = None
+    # What the tier serves (the policy's `model`); with an N-tier artifact it may name the artifact's tier.
+    model: str | None = None
+    # Sent as `Authorization: Bearer <api_key>` (external endpoints with `apiKeySecretRef`). Never printed.
+    api_key: str | None = field(default=None, repr=False)
     # Dollars per million tokens, used only for the estimated-cost metric.
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
+
+
+@dataclass(frozen=True)
+class MultiTier:
+    """N-tier routing with a `multi_tier` artifact: the router picks argmax(quality - lambda * price) over the
+    artifact tiers this config serves (tiergate.routing.scorer.choose_from_quality, lambda = cost_weight_bp/10000)."""
+
+    # The artifact (tiergate.routing.artifact.RouterArtifact): its tier prices are what the cost weight was
+    # calibrated against, so the choice uses them, not the policy's prices (those feed the cost metric only).
+    artifact: Any = field(compare=False, repr=False)
+    # Per config tier (cheapest first), the index of the artifact tier it serves.
+    columns: tuple[int, ...]
+    cost_weight_bp: int
 
 
 @dataclass(frozen=True)
@@ -74,6 +92,8 @@ class RouterConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     # The model name clients use for routed requests; tier names also work as model names (forcing that tier).
     routed_model_name: str = "tiergate"
+    # Set when the classifier artifact is an N-tier one: the tiers are chosen by cost weight, not thresholds.
+    multi_tier: MultiTier | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +151,52 @@ def validate(cfg: RouterConfig) -> None:
         raise ConfigError("max_attempts_per_tier and breaker_failures: must be at least 1")
     if cfg.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes: must be at least 1024")
+    mt = cfg.multi_tier
+    if mt is not None:
+        if len(mt.columns) != len(cfg.tiers) or len(set(mt.columns)) != len(mt.columns):
+            raise ConfigError("multi_tier.columns: one distinct artifact tier per tier")
+        if isinstance(mt.cost_weight_bp, bool) or mt.cost_weight_bp < 0:
+            raise ConfigError(f"cost weight: {mt.cost_weight_bp} bp must be a non-negative integer")
+
+
+class MultiTierSource(Protocol):
+    """What a loaded N-tier artifact tells the config (tiergate_router.artifact_classifier.LoadedClassifier)."""
+
+    @property
+    def source(self) -> Path: ...
+
+    @property
+    def artifact(self) -> Any: ...
+
+    @property
+    def tier_names(self) -> tuple[str, ...]: ...
+
+    @property
+    def default_cost_weight_bp(self) -> int: ...
+
+
+def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:
+    """`cfg` routing by an N-tier artifact. Each tier maps to the artifact tier named like its name, else like
+    its served model name, else like its model (tier names are DNS labels of at most 20 characters, artifact tiers
+    are model names such as `llama-3.1-8b-instruct`). The tiers may be any subset of the artifact's; the choice is
+    made among those served. ConfigError names a tier the artifact does not know, or two tiers on one."""
+    known = source.tier_names
+    columns: list[int] = []
+    for i, t in enumerate(cfg.tiers):
+        keys = [k for k in (t.name, t.served_model, t.model) if k]
+        col = next((known.index(k) for k in keys if k in known), None)
+        if col is None:
+            raise ConfigError(
+                f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source.source} by name, "
+                f"servedModelName or model ({', '.join(map(repr, dict.fromkeys(keys)))}); its tiers: "
+                f"{', '.join(known)}"
+            )
+        if col in columns:
+            other = cfg.tiers[columns.index(col)].name
+            raise ConfigError(f"tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as {other!r} does")
+        columns.append(col)
+    bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
+    return cfg.replace(multi_tier=MultiTier(source.artifact, tuple(columns), bp))
 
 
 def check_base_url(url: str, where: str) -> None:
@@ -165,10 +231,12 @@ def local_config(
             if idx is None:
                 merged.append(TierConfig(name=name, base_urls=(url,)))
             else:
-                merged[idx] = dataclasses.replace(merged[idx], base_urls=(url,), service=None)
+                # The policy's API key belongs to the policy's endpoint: never send it to a URL from the command line.
+                merged[idx] = dataclasses.replace(merged[idx], base_urls=(url,), service=None, api_key=None)
         n = len(merged)
         ths = base.thresholds_bp if len(base.thresholds_bp) == n - 1 else _even_thresholds(n, threshold_bp)
-        return base.replace(tiers=tuple(merged), thresholds_bp=ths)
+        # An N-tier mapping is per tier: the caller maps the merged tiers again (with_multi_tier).
+        return base.replace(tiers=tuple(merged), thresholds_bp=ths, multi_tier=None)
     n = len(tiers)
     return RouterConfig(
         tiers=tuple(TierConfig(name=name, base_urls=(url,)) for name, url in tiers),
@@ -212,14 +280,19 @@ def from_policy(
     discovery: bool = False,
     thresholds: ThresholdSource | None = None,
     base: RouterConfig | None = None,
+    multi: MultiTierSource | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy (`tiergate.api.policy.RoutingPolicy`) to a RouterConfig.
 
     Tiers with `endpoint` use that URL. Tiers the operator deploys are reached through their Service: with
     `discovery`, the pods behind it (EndpointSlices, for per-pod balancing); without, the Service's DNS name.
     The decision knob: `thresholdBasisPoints` as given; `targetStrongShareBasisPoints` or nothing needs the
-    artifact's calibration (`thresholds`). With more than two tiers the score separates the cheapest tier from the
-    strongest, and the tiers between serve as fallbacks (a two-tier artifact has one score, not N).
+    artifact's calibration (`thresholds`). With a two-tier artifact and more than two tiers the score separates the
+    cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
+    the tiers map to the artifact's (`with_multi_tier`) and the artifact's calibrated cost weight chooses; the
+    threshold knobs mean nothing there and are refused. An external tier's `apiKeySecretRef` is read from the
+    environment variable the operator fills from that Secret (`naming.api_key_env`; `environ`, default os.environ).
     """
     from tiergate.api import naming
 
@@ -237,8 +310,10 @@ def from_policy(
                     name=t.name,
                     base_urls=(url,),
                     served_model=t.model_name,
+                    model=t.model,
                     input_price_per_mtok=pin,
                     output_price_per_mtok=pout,
+                    api_key=_api_key(t, i, environ),
                 )
             )
         elif discovery:
@@ -248,6 +323,7 @@ def from_policy(
                     name=t.name,
                     service=ref,
                     served_model=t.model_name,
+                    model=t.model,
                     input_price_per_mtok=pin,
                     output_price_per_mtok=pout,
                 )
@@ -259,12 +335,24 @@ def from_policy(
                     name=t.name,
                     base_urls=(url,),
                     served_model=t.model_name,
+                    model=t.model,
                     input_price_per_mtok=pin,
                     output_price_per_mtok=pout,
                 )
             )
     r = spec.router
-    if r.threshold_basis_points is not None:
+    if multi is not None:
+        knob = "thresholdBasisPoints" if r.threshold_basis_points is not None else None
+        if r.target_strong_share_basis_points is not None:
+            knob = "targetStrongShareBasisPoints"
+        if knob is not None:
+            raise ConfigError(
+                f"policy {policy.metadata.name}: spec.router.{knob} is a two-tier knob, but {multi.source} is an "
+                "N-tier artifact, which chooses by its calibrated cost weight (tiergate calibrate --budget ... "
+                "--write sets it); remove the field"
+            )
+        th = 5000  # unused: thresholds only apply to two-tier artifacts
+    elif r.threshold_basis_points is not None:
         th = int(r.threshold_basis_points)
     elif thresholds is None:
         raise ConfigError(
@@ -285,9 +373,26 @@ def from_policy(
         request_timeout_s=float(r.timeouts.request_seconds),
     )
     try:
-        return base.replace(**fields) if base is not None else RouterConfig(**fields)
+        cfg = base.replace(**fields) if base is not None else RouterConfig(**fields)
+        return with_multi_tier(cfg, multi) if multi is not None else cfg
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def _api_key(tier: Any, i: int, environ: Mapping[str, str] | None) -> str | None:
+    from tiergate.api import naming
+
+    ref = tier.endpoint.api_key_secret_ref
+    if ref is None:
+        return None
+    var = naming.api_key_env(tier.name)
+    key = (os.environ if environ is None else environ).get(var, "").strip()
+    if not key:
+        raise ConfigError(
+            f"spec.tiers[{i}].endpoint.apiKeySecretRef: the key (Secret {ref.name}, key {ref.key}) is not in the "
+            f"environment variable {var}; the operator sets it in the router pod, set it yourself elsewhere"
+        )
+    return key
 
 
 def read_policy(path: Path) -> Any:

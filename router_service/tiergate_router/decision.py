@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 
 def choose_tier(score: float, tier_names: Sequence[str], thresholds_bp: Sequence[int]) -> str:
@@ -29,3 +30,23 @@ def fallback_chain(chosen: str, tier_names: Sequence[str], fallback_order: Seque
         return [chosen, *[t for t in fallback_order if t != chosen]]
     i = list(tier_names).index(chosen)
     return [chosen, *tier_names[i + 1 :], *reversed(tier_names[:i])]
+
+
+def choose_multi_tier(
+    quality: Sequence[float], artifact: Any, columns: Sequence[int], cost_weight_bp: int
+) -> tuple[int, float]:
+    """N-tier choice: (index into `columns`, i.e. the config tier, and that tier's predicted quality).
+
+    `quality` holds the artifact head's prediction for every artifact tier; tiers the config does not serve are
+    set to -inf, so tiergate.routing's own rule (argmax of quality - lambda * price, ties to the cheaper tier)
+    chooses among the served ones: one rule for evaluation, calibration and serving.
+    """
+    import numpy as np
+
+    from tiergate.routing.scorer import choose_from_quality
+
+    q = np.full((1, len(quality)), -np.inf)
+    for c in columns:
+        q[0, c] = quality[c]
+    pick = int(choose_from_quality(artifact, q, cost_weight_bp)[0])
+    return list(columns).index(pick), float(quality[pick])

@@ -100,6 +100,11 @@ class UpstreamStream:
         self._dispatcher._finish(self._ep)
 
 
+def _auth(tier: TierConfig) -> dict[str, str] | None:
+    """The tier's API key as a bearer token (hosted OpenAI-compatible APIs, vLLM's --api-key)."""
+    return {"Authorization": f"Bearer {tier.api_key}"} if tier.api_key else None
+
+
 class Dispatcher:
     def __init__(
         self, config: RouterConfig, metrics: RouterMetrics, *, clock: Callable[[], float] = time.monotonic
@@ -240,7 +245,7 @@ class Dispatcher:
                 total=self.config.request_timeout_s, sock_connect=self.config.connect_timeout_s
             )
             try:
-                async with self.session.get(f"{ep.base_url}/models", timeout=timeout) as r:
+                async with self.session.get(f"{ep.base_url}/models", timeout=timeout, headers=_auth(tier)) as r:
                     data = await r.json(content_type=None) if r.status == 200 else None
             except (aiohttp.ClientError, TimeoutError, ValueError) as e:
                 raise _TryNext(f"listing models failed: {e!r}", endpoint_failed=True) from e
@@ -274,7 +279,9 @@ class Dispatcher:
                     sock_connect=cfg.connect_timeout_s,
                     sock_read=cfg.stream_idle_timeout_s if stream else None,
                 )
-                resp = await self.session.post(f"{ep.base_url}{path}", json=payload, timeout=timeout)
+                resp = await self.session.post(
+                    f"{ep.base_url}{path}", json=payload, timeout=timeout, headers=_auth(tier)
+                )
             except (aiohttp.ClientError, TimeoutError) as e:
                 raise _TryNext(f"connect/send failed: {e!r}", endpoint_failed=True) from e
             try:

@@ -17,7 +17,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate_router._proto import router_pb2, router_pb2_grpc
-from tiergate_router.decision import choose_tier
 from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
 from tiergate_router.router import Router
 from tiergate_router.validation import parse_chat
@@ -86,9 +85,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             raise AssertionError("unreachable") from e
         route = await self.router.route(parsed.model, parsed.prompt_text)
         score = route.score if route.score is not None else 1.0
-        tier = route.chain[0] if route.score is None else choose_tier(score, cfg.tier_names, cfg.thresholds_bp)
+        tier = route.chain[0]
         return router_pb2.ClassifyResponse(
-            score=score, tier=tier, threshold_bp=cfg.thresholds_bp[-1] if cfg.thresholds_bp else 0
+            score=score,
+            tier=tier,
+            # N-tier artifacts choose by cost weight, not a threshold: 0 there.
+            threshold_bp=cfg.thresholds_bp[-1] if cfg.thresholds_bp and cfg.multi_tier is None else 0,
         )
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:

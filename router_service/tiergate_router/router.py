@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from tiergate_router.classifier import Classifier, MicroBatcher
+from tiergate_router.classifier import Classifier, MicroBatcher, Verdict
 from tiergate_router.config import RouterConfig
-from tiergate_router.decision import choose_tier, fallback_chain
+from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_chain
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
@@ -94,7 +94,8 @@ class Router:
             return Route(None, cfg.tiers[0].name, [cfg.tiers[0].name])
         t0 = time.perf_counter()
         try:
-            score = (await self.classifier.score([prompt_text]))[0]
+            verdict = (await self.classifier.score([prompt_text]))[0]
+            chosen, score = self._decide(verdict, cfg)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
             log.warning("classification failed, routing to the strongest tier: %s", e)
@@ -102,8 +103,22 @@ class Router:
             return Route(None, "classifier_error", fallback_chain(strongest, cfg.tier_names, cfg.fallback_order))
         self.metrics.classification_seconds.observe(time.perf_counter() - t0)
         self.metrics.score.observe(score)
-        chosen = choose_tier(score, cfg.tier_names, cfg.thresholds_bp)
         return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order))
+
+    @staticmethod
+    def _decide(verdict: Verdict, cfg: RouterConfig) -> tuple[str, float]:
+        """(chosen tier, score). Two tiers: the score against the thresholds. N tiers: the artifact's choice by
+        cost weight, and the score is the chosen tier's predicted quality."""
+        mt = cfg.multi_tier
+        if mt is None:
+            if isinstance(verdict, tuple):
+                raise ClassifierError("an N-tier classifier's output reached a two-tier config")
+            score = min(max(float(verdict), 0.0), 1.0)
+            return choose_tier(score, cfg.tier_names, cfg.thresholds_bp), score
+        if not isinstance(verdict, tuple) or len(verdict) <= max(mt.columns):
+            raise ClassifierError("a two-tier score reached an N-tier config")
+        i, quality = choose_multi_tier(verdict, mt.artifact, mt.columns, mt.cost_weight_bp)
+        return cfg.tiers[i].name, quality
 
     def account_usage(self, tier: str, usage: object) -> None:
         """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed)."""

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _router_serve import ROOT, Serve
 
 from tiergate_router.testing.artifacts import constant_artifact
 from tiergate_router.testing.procs import FakeProcess
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -35,45 +24,6 @@ def tiers() -> Iterator[dict[str, FakeProcess]]:
     yield procs
     for p in procs.values():
         p.kill()
-
-
-class Serve:
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tiergate.cli", "serve", *args, "--port", str(self.port), "--grpc-port", "-1"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-            cwd=ROOT,
-        )
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1).read()
-                break
-            except (urllib.error.URLError, OSError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    out = self.proc.stdout.read() if self.proc.stdout else ""
-                    raise AssertionError(f"tiergate serve did not come up: {out[-3000:]}") from None
-                time.sleep(0.2)
-
-    def chat(self, content: str, model: str = "tiergate") -> tuple[str, dict[str, object]]:
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{self.port}/v1/chat/completions",
-            data=json.dumps({"model": model, "messages": [{"role": "user", "content": content}]}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.headers["x-tiergate-tier"], json.loads(r.read())
-
-    def stop(self) -> str:
-        self.proc.send_signal(signal.SIGTERM)
-        out, _ = self.proc.communicate(timeout=30)
-        assert self.proc.returncode == 0, out
-        return out
 
 
 @pytest.mark.slow

@@ -26,3 +26,29 @@ def constant_artifact(path: Path, bias: float, *, default_threshold_bp: int = 50
     )
     save_artifact(art, path)
     return path
+
+
+def constant_multi_tier_artifact(
+    path: Path, tiers: list[tuple[str, float]], quality: list[float], *, default_cost_weight_bp: int = 0
+) -> Path:
+    """A real N-tier artifact whose head ignores the prompt: every prompt's predicted quality per tier is
+    `quality`, so the choice argmax(quality - lambda * price) is known for every cost weight."""
+    import numpy as np
+
+    from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, save_artifact
+    from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
+
+    n = len(tiers)
+    layer = Layer(np.zeros((MINILM_DIM, n), np.float32), np.array(quality, np.float32), "identity")
+    art = RouterArtifact(
+        encoder=EncoderSpec(id=MINILM_ID, dim=MINILM_DIM),
+        kind="multi_tier",
+        label_mode="deterministic",
+        tiers=[Tier(name, price) for name, price in tiers],
+        members=[Member(layers=[layer], output="identity")],
+        calibration=[{"cost_weight_bp": default_cost_weight_bp, "cost": 0.0, "quality": 0.0, "shares": [0.0] * n}],
+        provenance={"purpose": "tests: constant quality"},
+        default_cost_weight_bp=default_cost_weight_bp,
+    )
+    save_artifact(art, path)
+    return path

@@ -37,6 +37,8 @@ class Behaviour:
     drop_after_tokens: int | None = None
     # Requests generating at once; the rest wait in a queue (vLLM's scheduler, much simplified). 0 = no limit.
     max_running: int = 0
+    # Like `vllm serve --api-key`: every /v1 request needs `Authorization: Bearer <api_key>`, else HTTP 401.
+    api_key: str | None = None
 
 
 @dataclass
@@ -49,6 +51,8 @@ class Stats:
     waiting: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0
+    # Requests refused for a missing or wrong API key.
+    unauthorized: int = 0
 
 
 class FakeVLLM:
@@ -74,8 +78,19 @@ class FakeVLLM:
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}/v1"
 
+    @web.middleware
+    async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        key = self.behaviour.api_key
+        authorised = request.headers.get("Authorization") == f"Bearer {key}"
+        if key is not None and request.path.startswith("/v1") and not authorised:
+            self.stats.unauthorized += 1
+            # vLLM's answer (its authentication middleware), body included.
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        response: web.StreamResponse = await handler(request)
+        return response
+
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self._check_key])
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
@@ -314,7 +329,11 @@ async def _serve(args: argparse.Namespace) -> None:
         port=args.port,
         name=args.name,
         behaviour=Behaviour(
-            latency_s=args.latency, token_delay_s=args.token_delay, tokens=args.tokens, max_running=args.max_running
+            latency_s=args.latency,
+            token_delay_s=args.token_delay,
+            tokens=args.tokens,
+            max_running=args.max_running,
+            api_key=args.api_key,
         ),
     )
     await fake.start()
@@ -337,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-delay", type=float, default=0.0, help="seconds between streamed tokens")
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--max-running", type=int, default=0)
+    p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (as vLLM's --api-key)")
     args = p.parse_args(argv)
     try:
         import uvloop  # same loop as the router, so benchmarks compare like with like

@@ -1,0 +1,272 @@
+"""N-tier artifacts route: policy tiers map to the artifact's tiers, the artifact's rule (tiergate.routing.scorer)
+chooses among the served ones by cost weight, bad mappings are refused at load and on reload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import yaml
+from _router_serve import ROOT, Serve
+
+import tiergate.routing
+from tiergate.api.policy import RoutingPolicy
+from tiergate.routing.artifact import load_artifact
+from tiergate.routing.scorer import choose_from_quality
+from tiergate_router.artifact_classifier import LoadedClassifier
+from tiergate_router.classifier import MicroBatcher
+from tiergate_router.config import ConfigError, from_policy, with_multi_tier
+from tiergate_router.decision import choose_multi_tier
+from tiergate_router.testing.artifacts import constant_multi_tier_artifact
+from tiergate_router.testing.procs import FakeProcess
+
+SHIPPED = Path(tiergate.routing.__file__).parent / "default" / "multi-tier.json"
+# Three of the shipped artifact's nine tiers (prices 0.2, 0.4 and 1.8 $/Mtok there).
+SERVED = {"gemma": "gemma-2-9b-it", "llama8b": "llama-3.1-8b-instruct", "nemo51b": "llama-3.1-nemotron-51b-instruct"}
+PROMPTS = [
+    "What is 2+2?",
+    "Write a haiku about autumn.",
+    "Prove that there are infinitely many primes.",
+    "Translate 'good morning' into French.",
+    "Explain the difference between TCP and UDP in detail, with examples of when to use each.",
+    "Which of these is a prime number? A) 21 B) 27 C) 29 D) 33",
+]
+
+
+def Source(path: Path, artifact: Any) -> LoadedClassifier:
+    """A loaded N-tier artifact without its encoder: all config.with_multi_tier reads."""
+    return LoadedClassifier(MicroBatcher(lambda prompts: []), path, artifact, scorer=None)
+
+
+def policy_doc(tiers: list[dict[str, Any]], router: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "tiergate.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "multi"},
+        "spec": {"tiers": tiers, "router": router or {}},
+    }
+
+
+def tier_doc(name: str, url: str, *, served: str | None = None, model: str | None = None) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "name": name,
+        "model": model or f"org/{name}",
+        "endpoint": {"url": url},
+        "price": {"inputPerMillion": "0.1", "outputPerMillion": "0.2"},
+    }
+    if served is not None:
+        doc["servedModelName"] = served
+    return doc
+
+
+def test_policy_tiers_map_by_name_served_model_name_or_model() -> None:
+    src = Source(SHIPPED, load_artifact(SHIPPED))
+    doc = policy_doc(
+        [
+            tier_doc("gemma", "http://a/v1", served="gemma-2-9b-it"),  # by servedModelName
+            tier_doc("llama8b", "http://b/v1", model="llama-3.1-8b-instruct"),  # by model
+            tier_doc("codegemma-7b", "http://c/v1"),  # by name
+        ]
+    )
+    cfg = from_policy(RoutingPolicy.model_validate(doc), multi=src)
+    assert cfg.multi_tier is not None
+    names = src.tier_names
+    assert [names[c] for c in cfg.multi_tier.columns] == ["gemma-2-9b-it", "llama-3.1-8b-instruct", "codegemma-7b"]
+    assert cfg.multi_tier.cost_weight_bp == src.artifact.default_cost_weight_bp
+
+
+@pytest.mark.parametrize(
+    ("tiers", "router", "needle"),
+    [
+        (
+            [tier_doc("gemma", "http://a/v1", served="gemma-2-9b-it"), tier_doc("gpt9", "http://b/v1")],
+            None,
+            r"tiers\[1\] \(gpt9\): matches no tier of the N-tier artifact .*multi-tier.json",
+        ),
+        (
+            [
+                tier_doc("a", "http://a/v1", served="gemma-2-9b-it"),
+                tier_doc("b", "http://b/v1", model="gemma-2-9b-it"),
+            ],
+            None,
+            r"tiers\[1\] \(b\): maps to artifact tier 'gemma-2-9b-it', as 'a' does",
+        ),
+        (
+            [tier_doc("gemma", "http://a/v1", served="gemma-2-9b-it"), tier_doc("codegemma-7b", "http://b/v1")],
+            {"thresholdBasisPoints": 5000},
+            r"spec.router.thresholdBasisPoints is a two-tier knob",
+        ),
+        (
+            [tier_doc("gemma", "http://a/v1", served="gemma-2-9b-it"), tier_doc("codegemma-7b", "http://b/v1")],
+            {"targetStrongShareBasisPoints": 2000},
+            r"spec.router.targetStrongShareBasisPoints is a two-tier knob",
+        ),
+    ],
+)
+def test_bad_mappings_and_two_tier_knobs_are_refused(
+    tiers: list[dict[str, Any]], router: dict[str, Any] | None, needle: str
+) -> None:
+    src = Source(SHIPPED, load_artifact(SHIPPED))
+    with pytest.raises(ConfigError, match=needle):
+        from_policy(RoutingPolicy.model_validate(policy_doc(tiers, router)), multi=src)
+
+
+def test_choice_is_the_artifacts_rule_restricted_to_the_served_tiers() -> None:
+    art = load_artifact(SHIPPED)
+    rng = np.random.default_rng(0)
+    quality = rng.uniform(0.2, 0.9, size=(200, len(art.tiers)))
+    seen: set[int] = set()
+    for columns in ([2, 3, 7], [0, 8], list(range(len(art.tiers)))):
+        for bp in (0, 650, 5000):
+            for q in quality:
+                i, qual = choose_multi_tier(tuple(q), art, columns, bp)
+                # brute force over the served tiers: max of quality - lambda * price, ties to the cheaper tier
+                util = [(q[c] - bp / 10000 * art.tiers[c].price, -art.tiers[c].price, -c) for c in columns]
+                assert columns[i] == columns[max(range(len(columns)), key=lambda k: util[k])]
+                assert qual == pytest.approx(q[columns[i]])
+                seen.add(columns[i])
+    assert len(seen) >= 3  # the data exercised real choices, not one tier
+    # served = all tiers: exactly tiergate.routing's own choice
+    full = list(range(len(art.tiers)))
+    expected = choose_from_quality(art, quality, 650)
+    assert [full[choose_multi_tier(tuple(q), art, full, 650)[0]] for q in quality] == list(expected)
+
+
+def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> None:
+    art = constant_multi_tier_artifact(tmp_path / "m.json", [("a", 0.1), ("b", 1.0), ("c", 2.0)], [0.5, 0.6, 0.9])
+    src = Source(art, load_artifact(art))
+    doc = policy_doc([tier_doc("c", "http://c/v1"), tier_doc("a", "http://a/v1")])
+    cfg = from_policy(RoutingPolicy.model_validate(doc), multi=src)
+    assert cfg.multi_tier is not None
+    assert cfg.multi_tier.columns == (2, 0)
+    cfg2 = with_multi_tier(cfg.replace(multi_tier=None), src, 123)
+    assert cfg2.multi_tier is not None
+    assert cfg2.multi_tier.cost_weight_bp == 123
+
+
+# -- end to end: `tiergate serve` with real artifacts, the real encoder, fake vLLM tiers over HTTP ---------------
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, FakeProcess]]:
+    procs = {name: FakeProcess(model, name=name) for name, model in SERVED.items()}
+    yield procs
+    for p in procs.values():
+        p.kill()
+
+
+def shipped_policy(backends: dict[str, FakeProcess], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    tiers = [tier_doc(name, backends[name].base_url, served=model) for name, model in SERVED.items()]
+    return policy_doc(tiers, {"classifier": {"path": str(SHIPPED)}, **(extra or {})})
+
+
+@pytest.mark.slow
+def test_serve_policy_with_n_tiers_routes_by_the_artifact(backends: dict[str, FakeProcess], tmp_path: Path) -> None:
+    from tiergate_router.artifact_classifier import load_classifier
+
+    # The decisions the artifact makes with the router's own encoder (int8 ONNX, one prompt at a time, as the
+    # router scores sequential requests), among the three served tiers.
+    loaded = load_classifier(SHIPPED, encoder="onnx-int8")
+    names = loaded.tier_names
+    columns = [names.index(m) for m in SERVED.values()]
+    bp = loaded.default_cost_weight_bp
+    expected = [
+        list(SERVED)[choose_multi_tier(tuple(loaded.scorer.quality([p])[0]), loaded.artifact, columns, bp)[0]]
+        for p in PROMPTS
+    ]
+    assert len(set(expected)) >= 2, expected  # the prompts exercise a real choice
+
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(shipped_policy(backends)))
+    s = Serve("-f", str(pol))
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="unused", max_retries=0)
+        got = []
+        for p in PROMPTS:
+            raw = client.chat.completions.with_raw_response.create(
+                model="tiergate", messages=[{"role": "user", "content": p}], max_tokens=4
+            )
+            tier = raw.headers["x-tiergate-tier"]
+            assert raw.headers["x-tiergate-decision"] == tier
+            completion = raw.parse()
+            assert completion.model == SERVED[tier]  # the tier's served model name reached its backend
+            assert completion.model_extra is not None
+            assert 0.0 <= completion.model_extra["tiergate"]["score"] <= 1.0  # the chosen tier's predicted quality
+            got.append(tier)
+        assert got == expected
+        metrics = s.metrics()
+        for tier in set(expected):
+            line = f'tiergate_router_requests_total{{decision="{tier}",outcome="success",tier="{tier}"}} '
+            assert f"{line}{float(expected.count(tier))}" in metrics
+
+        # A reload whose tier the artifact does not know is refused; the last good mapping keeps serving.
+        bad = shipped_policy(backends)
+        bad["spec"]["tiers"][0]["servedModelName"] = "gpt-unknown"
+        pol.write_text(yaml.safe_dump(bad))
+        deadline = time.monotonic() + 10
+        while 'tiergate_router_policy_reloads_total{result="error"} 1.0' not in s.metrics():
+            assert time.monotonic() < deadline, "bad policy not noticed"
+            time.sleep(0.2)
+        assert s.chat(PROMPTS[0])[0] == expected[0]
+    finally:
+        out = s.stop()
+    assert "N-tier artifact" in out
+    assert "cost weight" in out
+    assert "matches no tier of the N-tier artifact" in out
+
+
+@pytest.mark.slow
+def test_serve_tier_flags_with_an_n_tier_artifact_and_a_cost_weight(tmp_path: Path) -> None:
+    art = constant_multi_tier_artifact(
+        tmp_path / "m.json", [("cheap", 0.1), ("mid", 1.0), ("top", 2.0)], [0.5, 0.7, 0.8]
+    )
+    fakes = {n: FakeProcess(f"{n}-model", name=n) for n in ("cheap", "mid", "top")}
+    try:
+        flags = [a for n, f in fakes.items() for a in ("--tier", f"{n}={f.base_url}")]
+        # lambda = 0: best quality (top); 0.1: 0.5-0.01, 0.7-0.1, 0.8-0.2 -> mid; 1.0: cheap
+        for bp, want in ((0, "top"), (1000, "mid"), (10000, "cheap")):
+            s = Serve(*flags, "--router", str(art), "--cost-weight-bp", str(bp))
+            try:
+                tier, body = s.chat("anything")
+                assert tier == want, (bp, tier)
+                assert body["tiergate"]["score"] == pytest.approx(
+                    {"top": 0.8, "mid": 0.7, "cheap": 0.5}[want], abs=1e-3
+                )  # type: ignore[index]
+            finally:
+                s.stop()
+    finally:
+        for f in fakes.values():
+            f.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--threshold-bp", "5000"], "an N-tier artifact chooses by cost weight"),
+        (["--tier", "gpt9=http://127.0.0.1:1/v1"], "(gpt9): matches no tier of the N-tier artifact"),
+    ],
+)
+def test_serve_refuses_two_tier_knobs_and_unknown_tiers_at_start(extra: list[str], needle: str) -> None:
+    args = ["--tier", "gemma-2-9b-it=http://127.0.0.1:1/v1", "--tier", "codegemma-7b=http://127.0.0.1:2/v1"]
+    args += ["--router", str(SHIPPED), *extra]
+    r = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", "serve", *args], capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+    assert r.returncode == 2, r.stderr
+    assert needle in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_shipped_multi_tier_artifact_is_n_tier() -> None:
+    doc = json.loads(SHIPPED.read_text())
+    assert doc["kind"] == "multi_tier"
+    assert len(doc["tiers"]) >= 3
