@@ -139,7 +139,12 @@ class Kube:
         resp = self._api.call_api(m, url, header_params=hdrs, _request_timeout=(_TIMEOUT[0], read_timeout))
         raw = resp.response
         if resp.status >= 300:
-            raise KubeError(f"watch {path}: {resp.status} {raw.data[:200]!r}", resp.status)
+            try:
+                payload = json.loads(raw.data)
+            except ValueError:
+                payload = {"message": raw.data[:200].decode(errors="replace")}
+            reason = str(payload.get("reason", ""))
+            raise KubeError(f"watch {path}: {resp.status} {reason}: {payload.get('message')}", resp.status, reason)
         try:
             buf = b""
             for chunk in raw.stream(amt=65536, decode_content=True):

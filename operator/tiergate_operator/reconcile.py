@@ -162,9 +162,12 @@ def reconcile(
             todo.append((obj, intent))
         else:
             out.skipped += 1
-    # Two waves: everything the pods refer to (ServiceAccount, RBAC, ConfigMap) and the Services and PDBs first,
-    # then the Deployments, so a new pod never starts before what it mounts or runs as exists.
-    waves = [[t for t in todo if t[0]["kind"] != "Deployment"], [t for t in todo if t[0]["kind"] == "Deployment"]]
+    # Two waves: everything the pods refer to (ServiceAccount, Role, ConfigMap) and the Services and PDBs first, then
+    # the Deployments, so a new pod never starts before what it mounts or runs as exists. The RoleBinding goes with
+    # the second wave: the API server checks that whoever binds a Role holds its permissions, by reading that Role,
+    # so without the `bind` verb (least privilege) binding a Role applied in the same wave fails with 404.
+    second_wave = ("Deployment", "RoleBinding")
+    waves = [[t for t in todo if t[0]["kind"] not in second_wave], [t for t in todo if t[0]["kind"] in second_wave]]
     for wave in waves:
         if pool is not None and len(wave) > 1:
             results = list(pool.map(lambda t: kube.apply(t[0], cfg.field_manager), wave))
