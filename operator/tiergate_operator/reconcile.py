@@ -136,8 +136,8 @@ def reconcile(
 
     Reads come from `cache` (the child watches), writes go to the API server. apply=False only refreshes status
     (a child's status changed, nothing of ours did). apply=True applies the children that need it (needs_apply),
-    and prunes cached children the spec no longer asks for. `pool` applies
-    the children of one wave concurrently: the API server, not this process, is where the time goes."""
+    and prunes cached children the spec no longer asks for. `pool` applies the children of one wave concurrently:
+    the API server, not this process, is where the time goes."""
     policy = parse_policy(body)
     ns = policy.namespace or "default"
     uid = policy.metadata.uid or ""
