@@ -109,6 +109,20 @@ def test_encoder_mismatch_is_refused() -> None:
         Scorer(art, FakeEncoder())
 
 
+def test_router_service_refuses_an_artifact_of_another_encoder(tmp_path: Path) -> None:
+    # A head trained on another encoder (e.g. all-mpnet-base-v2, docs/routing.md "encoders") must be refused by
+    # the router with an error that names both encoders, before any model is loaded, not scored with MiniLM.
+    from tiergate.routing.artifact import EncoderSpec
+    from tiergate_router.artifact_classifier import load_classifier
+    from tiergate_router.errors import ClassifierError
+
+    other = "sentence-transformers/all-mpnet-base-v2"
+    p = tmp_path / "mpnet-router.json"
+    save_artifact(tiny_artifact().with_updates(encoder=EncoderSpec(id=other, dim=8)), p)
+    with pytest.raises(ClassifierError, match=f"needs encoder {other}.*all-MiniLM-L6-v2"):
+        load_classifier(p)
+
+
 def test_task_head_member_round_trips_and_mixes_the_table(tmp_path: Path) -> None:
     from dataclasses import replace
 
