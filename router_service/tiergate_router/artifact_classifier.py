@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tiergate_router.classifier import MicroBatcher
-from tiergate_router.errors import ClassifierError
+from tiergate_router.errors import ClassifierError, ConfigError
 
 BP = 10000
 
@@ -52,6 +52,13 @@ class LoadedClassifier:
     @property
     def default_cost_weight_bp(self) -> int:
         return int(self.artifact.default_cost_weight_bp)
+
+    def cost_weight_for_budget_bp(self, budget: float) -> int:
+        try:
+            return int(self.scorer.cost_weight_for_budget(budget))
+        except Exception as e:
+            # A policy that asks for the impossible: a config error, so a reload keeps the last good policy.
+            raise ConfigError(f"budgetPerMillion {budget}: {self.source}: {e}") from e
 
     @property
     def default_threshold_bp(self) -> int:

@@ -128,8 +128,13 @@ def build_config(args: argparse.Namespace, policy: Any, thresholds: Any) -> Any:
         raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
     if multi is not None and args.threshold_bp is not None:
         raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
+    # The cost weight: --cost-weight-bp, else the policy's knob (costWeightBasisPoints, budgetPerMillion), else the
+    # artifact's calibrated default.
+    cost_weight = args.cost_weight_bp
     if policy is not None:
         cfg = from_policy(policy, discovery=_discovery(args), thresholds=thresholds, multi=multi)
+        if cost_weight is None and cfg.multi_tier is not None:
+            cost_weight = cfg.multi_tier.cost_weight_bp
         if flags:
             cfg = local_config(flags, base=cfg)
     else:
@@ -140,7 +145,7 @@ def build_config(args: argparse.Namespace, policy: Any, thresholds: Any) -> Any:
     if args.threshold_bp is not None:
         cfg = cfg.replace(thresholds_bp=(args.threshold_bp,) * (len(cfg.tiers) - 1))
     if multi is not None:
-        cfg = with_multi_tier(cfg, multi, args.cost_weight_bp)
+        cfg = with_multi_tier(cfg, multi, cost_weight)
     return cfg
 
 

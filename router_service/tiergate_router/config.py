@@ -174,6 +174,8 @@ class MultiTierSource(Protocol):
     @property
     def default_cost_weight_bp(self) -> int: ...
 
+    def cost_weight_for_budget_bp(self, budget: float) -> int: ...
+
 
 def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:
     """`cfg` routing by an N-tier artifact. Each tier maps to the artifact tier named like its name, else like
@@ -252,6 +254,10 @@ def _even_thresholds(n: int, two_tier_bp: int) -> tuple[int, ...]:
     return tuple(round(10000 * i / n) for i in range(1, n))
 
 
+# The knobs (API names) that act on a two-tier artifact's score; the others choose among N tiers.
+TWO_TIER_KNOBS = ("thresholdBasisPoints", "targetStrongShareBasisPoints")
+
+
 class ThresholdSource(Protocol):
     """What a loaded classifier artifact knows about thresholds (its calibration)."""
 
@@ -290,8 +296,9 @@ def from_policy(
     The decision knob: `thresholdBasisPoints` as given; `targetStrongShareBasisPoints` or nothing needs the
     artifact's calibration (`thresholds`). With a two-tier artifact and more than two tiers the score separates the
     cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
-    the tiers map to the artifact's (`with_multi_tier`) and the artifact's calibrated cost weight chooses; the
-    threshold knobs mean nothing there and are refused. An external tier's `apiKeySecretRef` is read from the
+    the tiers map to the artifact's (`with_multi_tier`) and the cost weight chooses: `costWeightBasisPoints` as
+    given, `budgetPerMillion` through the artifact's calibration, else its calibrated default. A knob of the other
+    artifact kind means nothing there and is refused, naming it. An external tier's `apiKeySecretRef` is read from the
     environment variable the operator fills from that Secret (`naming.api_key_env`; `environ`, default os.environ).
     """
     from tiergate.api import naming
@@ -341,17 +348,27 @@ def from_policy(
                 )
             )
     r = spec.router
+    cost_weight: int | None = None
     if multi is not None:
-        knob = "thresholdBasisPoints" if r.threshold_basis_points is not None else None
-        if r.target_strong_share_basis_points is not None:
-            knob = "targetStrongShareBasisPoints"
-        if knob is not None:
+        for knob in set(r.decision_knobs()) & set(TWO_TIER_KNOBS):
             raise ConfigError(
                 f"policy {policy.metadata.name}: spec.router.{knob} is a two-tier knob, but {multi.source} is an "
-                "N-tier artifact, which chooses by its calibrated cost weight (tiergate calibrate --budget ... "
-                "--write sets it); remove the field"
+                "N-tier artifact, which chooses by cost weight: set costWeightBasisPoints or budgetPerMillion "
+                "instead, or neither for the artifact's calibrated default"
             )
         th = 5000  # unused: thresholds only apply to two-tier artifacts
+        if r.cost_weight_basis_points is not None:
+            cost_weight = int(r.cost_weight_basis_points)
+        elif r.budget_per_million is not None:
+            # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
+            cost_weight = multi.cost_weight_for_budget_bp(float(r.budget_per_million))
+    elif set(r.decision_knobs()) - set(TWO_TIER_KNOBS):
+        knob = next(k for k in r.decision_knobs() if k not in TWO_TIER_KNOBS)
+        where = "the shipped default router" if policy_classifier_path(policy) is None else "its classifier artifact"
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.{knob} is an N-tier knob, but {where} is a two-tier one, "
+            "which routes by a score threshold: set thresholdBasisPoints or targetStrongShareBasisPoints instead"
+        )
     elif r.threshold_basis_points is not None:
         th = int(r.threshold_basis_points)
     elif thresholds is None:
@@ -374,7 +391,7 @@ def from_policy(
     )
     try:
         cfg = base.replace(**fields) if base is not None else RouterConfig(**fields)
-        return with_multi_tier(cfg, multi) if multi is not None else cfg
+        return with_multi_tier(cfg, multi, cost_weight) if multi is not None else cfg
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
 

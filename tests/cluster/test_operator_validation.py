@@ -77,6 +77,13 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.router.thresholdBasisPoints",
     ),
     ("two-decision-knobs", _set(router, "thresholdBasisPoints", 5000), "spec.router", "spec.router"),
+    ("share-and-cost-weight", _set(router, "costWeightBasisPoints", 500), "spec.router", "spec.router"),
+    (
+        "float-budget",
+        _set(router, "budgetPerMillion", 0.5),
+        "spec.router.budgetPerMillion",
+        "spec.router.budgetPerMillion",
+    ),
     (
         "float-price",
         _set(lambda d: d["spec"]["tiers"][0]["price"], "inputPerMillion", 0.1),

@@ -119,6 +119,44 @@ def test_bad_mappings_and_two_tier_knobs_are_refused(
         from_policy(RoutingPolicy.model_validate(policy_doc(tiers, router)), multi=src)
 
 
+def test_policy_cost_weight_and_budget_knobs_set_the_cost_weight() -> None:
+    from tiergate.routing.scorer import Scorer
+
+    art = load_artifact(SHIPPED)
+    src = LoadedClassifier(MicroBatcher(lambda prompts: []), SHIPPED, art, scorer=Scorer(art, None))
+    tiers = [tier_doc("gemma", "http://a/v1", served="gemma-2-9b-it"), tier_doc("codegemma-7b", "http://b/v1")]
+
+    def weight(router: dict[str, Any]) -> int:
+        cfg = from_policy(RoutingPolicy.model_validate(policy_doc(tiers, router)), multi=src)
+        assert cfg.multi_tier is not None
+        return cfg.multi_tier.cost_weight_bp
+
+    assert weight({}) == art.default_cost_weight_bp
+    assert weight({"costWeightBasisPoints": 1234}) == 1234
+    # A budget picks the smallest calibrated weight (the best quality) whose mean price fits it.
+    rows = sorted(art.calibration, key=lambda r: int(r["cost_weight_bp"]))
+    costs = sorted({round(float(r["cost"]), 6) for r in rows})
+    assert len(costs) >= 3  # the calibration spans real trade-offs
+    for budget in (costs[0], costs[len(costs) // 2], costs[-1] + 1):
+        want = min(int(r["cost_weight_bp"]) for r in rows if float(r["cost"]) <= budget + 1e-9)
+        assert weight({"budgetPerMillion": f"{budget:.6f}"}) == want
+    # Tighter budgets never buy a smaller weight (more spending).
+    assert weight({"budgetPerMillion": f"{costs[0]:.6f}"}) >= weight({"budgetPerMillion": f"{costs[-1]:.6f}"})
+    # A budget below every calibrated point is a clear config error (a reload keeps the last good policy).
+    below = costs[0] / 2
+    with pytest.raises(ConfigError, match=r"budgetPerMillion .*no calibrated operating point costs at most"):
+        weight({"budgetPerMillion": f"{below:.6f}"})
+
+
+def test_n_tier_knobs_are_refused_with_a_two_tier_artifact() -> None:
+    doc = policy_doc([tier_doc("small", "http://a/v1"), tier_doc("large", "http://b/v1")], {"budgetPerMillion": 1})
+    with pytest.raises(ConfigError, match=r"spec.router.budgetPerMillion is an N-tier knob, but the shipped default"):
+        from_policy(RoutingPolicy.model_validate(doc), thresholds=None)
+    doc["spec"]["router"] = {"costWeightBasisPoints": 500, "classifier": {"path": "/models/two.json"}}
+    with pytest.raises(ConfigError, match=r"costWeightBasisPoints is an N-tier knob, but its classifier artifact"):
+        from_policy(RoutingPolicy.model_validate(doc), thresholds=None)
+
+
 def test_choice_is_the_artifacts_rule_restricted_to_the_served_tiers() -> None:
     art = load_artifact(SHIPPED)
     rng = np.random.default_rng(0)
@@ -221,6 +259,33 @@ def test_serve_policy_with_n_tiers_routes_by_the_artifact(backends: dict[str, Fa
     assert "N-tier artifact" in out
     assert "cost weight" in out
     assert "matches no tier of the N-tier artifact" in out
+
+
+@pytest.mark.slow
+def test_serve_policy_cost_weight_knob_chooses_and_reloads(backends: dict[str, FakeProcess], tmp_path: Path) -> None:
+    # Weight 0: the best predicted quality whatever the price; 10000 (1 quality unit per $/Mtok): the cheapest
+    # served tier, since the predicted qualities differ by far less than the price gaps (0.2 vs 1.8 $/Mtok).
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(shipped_policy(backends, {"costWeightBasisPoints": 10000})))
+    s = Serve("-f", str(pol))
+    try:
+        assert {s.chat(p)[0] for p in PROMPTS} == {"gemma"}
+        pol.write_text(yaml.safe_dump(shipped_policy(backends, {"costWeightBasisPoints": 0})))
+        deadline = time.monotonic() + 10
+        while 'tiergate_router_policy_reloads_total{result="success"} 1.0' not in s.metrics():
+            assert time.monotonic() < deadline, "policy change not picked up"
+            time.sleep(0.2)
+        assert {s.chat(p)[0] for p in PROMPTS} != {"gemma"}
+        # An impossible budget is refused on reload; the last good weight keeps serving.
+        pol.write_text(yaml.safe_dump(shipped_policy(backends, {"budgetPerMillion": "0.0001"})))
+        while 'tiergate_router_policy_reloads_total{result="error"} 1.0' not in s.metrics():
+            assert time.monotonic() < deadline + 10, "bad budget not noticed"
+            time.sleep(0.2)
+        assert {s.chat(p)[0] for p in PROMPTS} != {"gemma"}
+    finally:
+        out = s.stop()
+    assert "cost weight 10000 bp" in out
+    assert "budgetPerMillion 0.0001" in out
 
 
 @pytest.mark.slow

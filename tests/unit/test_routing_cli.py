@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from tiergate.api.policy import RoutingPolicy
 
 WEAK, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
 TIERS = ["tiny", "mid", "big"]
@@ -187,7 +190,16 @@ def test_train_and_eval_multi_tier(tmp_path: Path, data: Path, prices: Path, env
     assert {"quality", "cost", "curve", "at_budget"} <= set(doc)
     r = _tiergate(["calibrate", "--router", str(out), "--budget", "1.0", "--json"], env)
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["expected"]["cost"] <= 1.0
+    cal = json.loads(r.stdout)
+    assert cal["expected"]["cost"] <= 1.0
+    # The human form prints the policy snippet with the same weight, which the router reads from the policy.
+    r = _tiergate(["calibrate", "--router", str(out), "--budget", "1.0"], env)
+    assert r.returncode == 0, r.stderr
+    snippet = yaml.safe_load(r.stdout)
+    assert snippet["spec"]["router"] == {"costWeightBasisPoints": cal["cost_weight_bp"]}
+    price = {"inputPerMillion": 1, "outputPerMillion": 1}
+    tier = {"name": "a", "model": "m", "endpoint": {"url": "http://a/v1"}, "price": price}
+    RoutingPolicy.model_validate({**snippet, "spec": {**snippet["spec"], "tiers": [tier]}})
 
 
 @pytest.mark.parametrize(

@@ -423,17 +423,25 @@ class RouterResources(_Model):
     memory: Quantity | None = None
 
 
+DECISION_KNOBS_MESSAGE = (
+    "set at most one of thresholdBasisPoints, targetStrongShareBasisPoints, costWeightBasisPoints, budgetPerMillion"
+)
+
+
 class Router(Placement):
-    """The router in front of the tiers. The decision knob is either a fixed threshold on the classifier's score
-    (basis points of probability that the strongest tier is needed) or a target share of traffic on the strongest
-    tier; with neither, the threshold calibrated into the artifact applies."""
+    """The router in front of the tiers. At most one decision knob. A two-tier artifact (one score per prompt) takes
+    a fixed threshold on the score (basis points of probability that the strongest tier is needed) or a target
+    share of traffic on the strongest tier. An N-tier artifact (predicted quality per tier, the choice maximises
+    quality - weight x price) takes a cost weight or an average price budget. With no knob, the operating point
+    calibrated into the artifact applies. A knob of the other artifact kind is refused when the router loads it."""
 
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "!(has(self.thresholdBasisPoints) && has(self.targetStrongShareBasisPoints))",
-                    "message": "set at most one of thresholdBasisPoints, targetStrongShareBasisPoints",
+                    "rule": "[has(self.thresholdBasisPoints), has(self.targetStrongShareBasisPoints), "
+                    "has(self.costWeightBasisPoints), has(self.budgetPerMillion)].filter(k, k).size() <= 1",
+                    "message": DECISION_KNOBS_MESSAGE,
                 },
                 {
                     # has(): the API server also checks these rules against the `default: {}` itself.
@@ -451,6 +459,12 @@ class Router(Placement):
     """Route to the strongest tier when the classifier's score is at least this (0..10000)."""
     target_strong_share_basis_points: BasisPoints | None = None
     """Instead of a threshold: the share of traffic (0..10000) the strongest tier should get."""
+    cost_weight_basis_points: BasisPoints | None = None
+    """N-tier artifacts: the weight of price against predicted quality, in basis points of quality (0..1) per unit
+    of price per million tokens (500 = 0.05: one dollar per Mtok more must buy 0.05 more expected quality)."""
+    budget_per_million: Price | None = None
+    """N-tier artifacts, instead of a cost weight: the highest average price per million tokens (input + output, as
+    the tiers' prices) to spend; the router takes the best calibrated operating point that fits it."""
     fallback_order: list[TierName] = Field(
         default_factory=list, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
@@ -463,13 +477,23 @@ class Router(Placement):
 
     @model_validator(mode="after")
     def _one_knob(self) -> Router:
-        if self.threshold_basis_points is not None and self.target_strong_share_basis_points is not None:
-            raise ValueError("set at most one of thresholdBasisPoints, targetStrongShareBasisPoints")
+        if len(self.decision_knobs()) > 1:
+            raise ValueError(DECISION_KNOBS_MESSAGE)
         if len(set(self.fallback_order)) != len(self.fallback_order):
             raise ValueError("fallbackOrder must not repeat a tier")
         if self.http_port == self.grpc_port:
             raise ValueError("httpPort and grpcPort must differ")
         return self
+
+    def decision_knobs(self) -> list[str]:
+        """The decision knobs set, by their API names."""
+        knobs = {
+            "thresholdBasisPoints": self.threshold_basis_points,
+            "targetStrongShareBasisPoints": self.target_strong_share_basis_points,
+            "costWeightBasisPoints": self.cost_weight_basis_points,
+            "budgetPerMillion": self.budget_per_million,
+        }
+        return [k for k, v in knobs.items() if v is not None]
 
 
 # --- best-of-N and shadow ---------------------------------------------------------------------------------------

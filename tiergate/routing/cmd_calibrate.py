@@ -6,8 +6,9 @@
     ... [--data FILE.jsonl --split test]                     # measure on this data instead of the artifact's table
     ... [--write OUT.json]                                   # also store it as the artifact's default
 
-Prints the RoutingPolicy snippet (`spec.router.thresholdBasisPoints`) for two tiers; for N tiers the chosen cost
-weight is stored in the artifact (`--write`), since the policy has no field for it. The artifact's own table was
+Prints the RoutingPolicy snippet: `spec.router.thresholdBasisPoints` for two tiers, `spec.router.costWeightBasisPoints`
+for N tiers (a policy may instead give `budgetPerMillion` and let the router pick from the artifact's table); `--write`
+also stores the choice as the artifact's default, used when the policy sets no knob. The artifact's own table was
 measured out-of-fold on its training rows; `--data` recomputes the table on other outcome data (e.g. recent
 traffic) before choosing.
 """
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -73,14 +73,14 @@ def choose_multi_tier(calibration: list[dict[str, Any]], budget: float) -> dict[
     return max(ok, key=lambda r: (float(r["quality"]), -int(r["cost_weight_bp"])))
 
 
-def policy_snippet(name: str, threshold_bp: int) -> str:
+def policy_snippet(name: str, value_bp: int, knob: str = "thresholdBasisPoints") -> str:
     return (
         "apiVersion: tiergate.io/v1alpha1\n"
         "kind: RoutingPolicy\n"
         f"metadata:\n  name: {name}\n"
         "spec:\n"
         "  router:\n"
-        f"    thresholdBasisPoints: {threshold_bp}\n"
+        f"    {knob}: {value_bp}\n"
     )
 
 
@@ -122,9 +122,9 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(out, indent=1))
         else:
             print(f"# cost weight {bp} bp: expected mean price {row['cost']:.3f} $/Mtok, quality {row['quality']:.4f}")
-            print(f"# stored as the artifact's default_cost_weight_bp{' in ' + str(args.write) if args.write else ''}")
-            if not args.write:
-                print("# (pass --write OUT.json to store it)", file=sys.stderr)
+            if args.write:
+                print(f"# also stored as the artifact's default_cost_weight_bp in {args.write}")
+            print(policy_snippet(args.policy_name, bp, "costWeightBasisPoints"), end="")
     return 0
 
 
