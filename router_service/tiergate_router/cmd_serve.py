@@ -167,6 +167,18 @@ def tier_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
     return flags
 
 
+def _warn_unserved(policy: Any) -> None:
+    import logging
+
+    from tiergate_router.config import unserved_sections
+
+    if policy is not None:
+        for section in unserved_sections(policy):
+            logging.getLogger("tiergate_router").warning(
+                "policy %s: %s is not implemented by this router version and is ignored", policy.metadata.name, section
+            )
+
+
 def _discovery(args: argparse.Namespace) -> bool:
     if args.discovery == "auto":
         return "KUBERNETES_SERVICE_HOST" in os.environ
@@ -186,6 +198,7 @@ async def _serve(args: argparse.Namespace) -> int:
     # Check the cheap things (flags, policy) before loading the encoder, which takes seconds.
     tier_flags(args)
     policy = read_policy(args.policy) if args.policy is not None else None
+    _warn_unserved(policy)
     if policy is None and not args.tier:
         raise ConfigError("nothing to route to: give -f POLICY.yaml or at least one --tier NAME=BASE_URL")
     n_tiers = (
@@ -207,7 +220,9 @@ async def _serve(args: argparse.Namespace) -> int:
         new = read_policy(path)
         if policy_classifier_path(new) != policy_classifier_path(policy):
             raise ConfigError("spec.router.classifier changed; a new classifier takes a router restart")
-        return build_config(args, new, loaded)
+        cfg = build_config(args, new, loaded)
+        _warn_unserved(new)
+        return cfg
 
     router_spec = policy.spec.router if policy is not None else None
     port = args.port if args.port is not None else (router_spec.http_port if router_spec is not None else 8080)

@@ -396,6 +396,19 @@ def from_policy(
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
 
 
+def unserved_sections(policy: Any) -> list[str]:
+    """Parts of the policy this router version accepts but does not act on yet (logged, so nobody assumes they work):
+    best-of-N sampling with reward reranking, and shadow traffic to a baseline tier. The operator still deploys the
+    reward model they name."""
+    spec = policy.spec
+    out = []
+    if spec.best_of_n is not None:
+        out.append("spec.bestOfN (best-of-N with reward reranking)")
+    if spec.shadow is not None:
+        out.append("spec.shadow (shadow requests to a baseline tier)")
+    return out
+
+
 def _api_key(tier: Any, i: int, environ: Mapping[str, str] | None) -> str | None:
     from tiergate.api import naming
 

@@ -111,6 +111,33 @@ def test_serve_policy_file_hot_reload(tiers: dict[str, FakeProcess], tmp_path: P
     assert "spec.tiers" in out  # the refusal names the field
 
 
+def test_serve_says_which_policy_sections_it_does_not_act_on(tiers: dict[str, FakeProcess], tmp_path: Path) -> None:
+    art = constant_artifact(tmp_path / "router.json", bias=0.0)
+    doc = policy_doc(tiers["small"].base_url, tiers["large"].base_url, 6000, art)
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(doc))
+    s = Serve("-f", str(pol))
+    try:
+        assert s.chat("q")[0] == "small"
+        spec = doc["spec"]
+        assert isinstance(spec, dict)
+        spec["bestOfN"] = {"tier": "small", "maxSamples": 4, "rewardModel": {"model": "org/reward"}}
+        spec["shadow"] = {"baselineTier": "large", "sampleRateBasisPoints": 100}
+        pol.write_text(yaml.safe_dump(doc))
+        deadline = time.monotonic() + 10
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics") as r:
+                if 'tiergate_router_policy_reloads_total{result="success"} 1.0' in r.read().decode():
+                    break
+            assert time.monotonic() < deadline, "policy change not picked up"
+            time.sleep(0.2)
+        assert s.chat("q")[0] == "small"  # still routed as before
+    finally:
+        out = s.stop()
+    assert "spec.bestOfN (best-of-N with reward reranking) is not implemented by this router version" in out
+    assert "spec.shadow (shadow requests to a baseline tier) is not implemented by this router version" in out
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
