@@ -348,9 +348,10 @@ def from_policy(
                 )
             )
     r = spec.router
+    knob = next(iter(r.decision_knobs()), None)  # the policy model allows at most one
     cost_weight: int | None = None
     if multi is not None:
-        for knob in set(r.decision_knobs()) & set(TWO_TIER_KNOBS):
+        if knob in TWO_TIER_KNOBS:
             raise ConfigError(
                 f"policy {policy.metadata.name}: spec.router.{knob} is a two-tier knob, but {multi.source} is an "
                 "N-tier artifact, which chooses by cost weight: set costWeightBasisPoints or budgetPerMillion "
@@ -362,8 +363,7 @@ def from_policy(
         elif r.budget_per_million is not None:
             # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
             cost_weight = multi.cost_weight_for_budget_bp(float(r.budget_per_million))
-    elif set(r.decision_knobs()) - set(TWO_TIER_KNOBS):
-        knob = next(k for k in r.decision_knobs() if k not in TWO_TIER_KNOBS)
+    elif knob is not None and knob not in TWO_TIER_KNOBS:
         where = "the shipped default router" if policy_classifier_path(policy) is None else "its classifier artifact"
         raise ConfigError(
             f"policy {policy.metadata.name}: spec.router.{knob} is an N-tier knob, but {where} is a two-tier one, "
