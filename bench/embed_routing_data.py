@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+from _data import routing_data_dir
+
 from tiergate.routing.encoder import cached_minilm
 
-DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/routing")
+DATA = Path(sys.argv[1]) if len(sys.argv) > 1 else routing_data_dir()
 
 
 def main() -> None:

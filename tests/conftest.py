@@ -4,6 +4,11 @@ By default the suite starts its own control plane (built from pinned Go modules,
 kwok node pools and a network namespace holding the fake pods' IPs. To run against an existing cluster instead
 (e.g. kind on a laptop), set TIERGATE_TEST_CLUSTER=existing: KUBECONFIG (or ~/.kube/config) names it, and the
 suite only starts kwok against it to register the fake node pools, removing them at the end.
+
+Tests that read the public routing data (RouteLLM and LLMRouter outcomes; README: "Routing data") take the
+`routing_data` fixture: the folder named by TIERGATE_ROUTING_DATA, else `../shared/data/routing` beside the
+checkout. Where it is absent they skip, saying how to get it, except when TIERGATE_REQUIRE_ROUTING_DATA=1 (CI sets
+it), where a missing folder fails the run instead of hiding the figures.
 """
 
 from __future__ import annotations
@@ -20,6 +25,30 @@ import pytest
 
 from tiergate.devcluster import build, netns
 from tiergate.devcluster.cluster import DevCluster
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def routing_data_dir() -> Path:
+    """The one setting for where the routing data lives (see the module docstring)."""
+    env = os.environ.get("TIERGATE_ROUTING_DATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data" / "routing"
+
+
+@pytest.fixture(scope="session")
+def routing_data() -> Path:
+    folder = routing_data_dir()
+    wanted = ("routellm-mmlu.jsonl", "routellm-gsm8k.jsonl", "llmrouter-train.jsonl", "llmrouter-models.json")
+    missing = [name for name in wanted if not (folder / name).is_file()]
+    if missing:
+        msg = (
+            f"routing data not found: {', '.join(missing)} missing in {folder}. Set TIERGATE_ROUTING_DATA to the "
+            "folder holding the converted RouteLLM and LLMRouter outcome files (README.md, 'Routing data')."
+        )
+        if os.environ.get("TIERGATE_REQUIRE_ROUTING_DATA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return folder
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

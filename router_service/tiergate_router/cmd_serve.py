@@ -78,6 +78,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="find tier pods through EndpointSlices (auto: on inside a Kubernetes pod)",
     )
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="third-party libraries' logs (ONNX Runtime, aiohttp, kubernetes) at --log-level too (default: WARNING)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -85,9 +91,15 @@ def run(args: argparse.Namespace) -> int:
 
     from tiergate_router.errors import RouterError
 
+    level = getattr(logging, args.log_level)
+    # Third-party libraries log through the root logger (the ONNX quantiser alone writes ~60 INFO lines on the first
+    # start), which would bury the router's own lines: they stay at WARNING unless -v; ours follow --log-level.
     logging.basicConfig(
-        level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=level if args.verbose else max(level, logging.WARNING),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for ours in ("tiergate", "tiergate_router"):
+        logging.getLogger(ours).setLevel(level)
     try:
         return _run_loop(_serve(args))
     except RouterError as e:

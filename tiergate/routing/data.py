@@ -1,6 +1,6 @@
 """Reading per-prompt outcome files (JSONL) and price files, with errors that name the file and line.
 
-Outcome format (one JSON object a line; /work/shared/data/routing/README.md): `id` (str, unique per file),
+Outcome format (one JSON object a line; README.md, "Routing data"): `id` (str, unique per file),
 `prompt` (str), `scores` ({model: number in [0, 1]}), and optional `task` (str), `split` ("train"/"test"),
 `tokens`, `cost_usd`. Blank lines are skipped. Several files can be read at once; rows keep file order.
 

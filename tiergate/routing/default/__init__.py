@@ -5,9 +5,10 @@
 - `multi-tier.json`: LLMRouter's 9 open models with list prices (input + output $/Mtok), trained on
   llmrouter-train.jsonl (every row is `split == "train"`).
 
-The data stays out of the repository. Rebuild (from the repository root, data in /work/shared/data/routing):
+The data stays out of the repository. Rebuild (from the repository root; the data's folder as in README.md,
+"Routing data"):
 
-    D=/work/shared/data/routing
+    D=${TIERGATE_ROUTING_DATA:-../shared/data/routing}
     tiergate train --data $D/routellm-mmlu.jsonl --data $D/routellm-gsm8k.jsonl \\
         --weak mixtral-8x7b-instruct --strong gpt-4-1106-preview --ridge-share 0.5 \\
         --created 2026-11-28T00:00:00+00:00 --out tiergate/routing/default/two-tier.json
