@@ -22,6 +22,7 @@ from tiergate_router.config import (
     local_config,
     serve_config,
     tier_at,
+    with_multi_tier,
 )
 
 SHIPPED_MULTI = Path(tiergate.routing.__file__).parent / "default" / "multi-tier.json"
@@ -39,6 +40,24 @@ class TwoTier:
     def threshold_for_share_bp(self, share_bp: int) -> int:
         self.shares.append(share_bp)
         return 10000 - share_bp
+
+    # What only an N-tier artifact answers: never asked of a two-tier one.
+    source = Path("two-tier.json")
+
+    @property
+    def artifact(self) -> RouterArtifact:
+        raise AssertionError("a two-tier artifact is not mapped")
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        raise AssertionError("a two-tier artifact is not mapped")
+
+    @property
+    def default_cost_weight_bp(self) -> int:
+        raise AssertionError("a two-tier artifact has no cost weight")
+
+    def cost_weight_for_budget_bp(self, budget: float) -> int:
+        raise AssertionError("a two-tier artifact has no cost weight")
 
 
 class NTier:
@@ -132,6 +151,11 @@ def test_no_knob_takes_the_artifacts_default_threshold_or_is_refused_without_one
     assert from_policy(policy(), thresholds=TwoTier()).thresholds_bp == (4200, 4200)
     with pytest.raises(ConfigError, match="calibration is needed"):
         from_policy(policy())
+    # One tier: nothing to decide, so `tiergate serve` loads no artifact and none is needed.
+    one = policy(None, served("x"))
+    assert serve_config(one, LocalOverrides(), None).thresholds_bp == ()
+    with pytest.raises(ConfigError, match="calibration is needed"):
+        serve_config(one, LocalOverrides(tiers=(("y", "http://y/v1"),)), None)
 
 
 @pytest.mark.parametrize("knob", [{"costWeightBasisPoints": 10}, {"budgetPerMillion": "0.5"}])
@@ -273,3 +297,16 @@ def test_local_config_is_a_valid_router_config() -> None:
     assert isinstance(cfg, RouterConfig)
     assert cfg.thresholds_bp == (100,)
     assert cfg.tiers[0] == tier_at("a", "http://a/v1")
+
+
+def test_with_multi_tier_maps_a_finished_configs_tiers_to_another_artifact(multi_artifact: RouterArtifact) -> None:
+    two = from_policy(policy({"thresholdBasisPoints": 1}, served("codegemma-7b", "gemma-2-9b-it")))
+    assert two.multi_tier is None
+    cfg = with_multi_tier(two, NTier(multi_artifact))
+    names = [t.name for t in multi_artifact.tiers]
+    assert cfg.multi_tier is not None
+    assert [names[c] for c in cfg.multi_tier.columns] == ["codegemma-7b", "gemma-2-9b-it"]
+    assert cfg.multi_tier.cost_weight_bp == 650
+    assert with_multi_tier(two, NTier(multi_artifact), 3).multi_tier == dataclasses.replace(
+        cfg.multi_tier, cost_weight_bp=3
+    )

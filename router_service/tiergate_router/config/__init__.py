@@ -18,6 +18,7 @@ from tiergate_router.config.knobs import (
     ThresholdSource,
     even_thresholds,
     multi_tier_for,
+    with_multi_tier,
 )
 from tiergate_router.config.local import (
     Listen,
@@ -78,4 +79,5 @@ __all__ = [
     "tier_at",
     "unserved_sections",
     "validate",
+    "with_multi_tier",
 ]

@@ -61,7 +61,7 @@ def from_policy(
         cost_weight = _cost_weight_bp(policy, multi)
         th = DEFAULT_THRESHOLD_BP  # unused: thresholds only apply to two-tier artifacts
     else:
-        th = _threshold_bp(policy, thresholds)
+        th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
     # The policy's one threshold separates its cheapest tier from its strongest; a tier added by `--tier` leaves
     # that meaning undefined, so the thresholds fall back to an even split.
     thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
@@ -128,8 +128,9 @@ def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None
     return None
 
 
-def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None) -> int:
-    """A two-tier artifact's threshold from the policy's knob, else the artifact's calibrated default."""
+def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None, *, needed: bool) -> int:
+    """A two-tier artifact's threshold from the policy's knob, else the artifact's calibrated default. With one
+    tier there is nothing to decide (`needed` False): no artifact is loaded and any threshold will do."""
     r = policy.spec.router
     knob = _knob(policy)
     if knob is not None and knob not in TWO_TIER_KNOBS:
@@ -141,6 +142,8 @@ def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None) -> 
     if r.threshold_basis_points is not None:
         return int(r.threshold_basis_points)
     if thresholds is None:
+        if not needed:
+            return DEFAULT_THRESHOLD_BP
         raise ConfigError(
             "spec.router: sets no thresholdBasisPoints, so the classifier artifact's calibration is "
             "needed to choose one"

@@ -6,11 +6,12 @@ thresholds used when nothing sets them.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from tiergate_router.config.types import MultiTier, TierConfig
+from tiergate_router.config.types import MultiTier, RouterConfig, TierConfig
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -92,3 +93,9 @@ def multi_tier_for(tiers: Sequence[TierConfig], source: MultiTierSource, cost_we
         columns.append(col)
     bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
     return MultiTier(source.artifact, tuple(columns), bp)
+
+
+def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:
+    """`cfg` routed by the N-tier artifact `source`, its tiers mapped afresh (`multi_tier_for`): for a config whose
+    tiers are final and whose classifier changes. Building a config from a policy or flags maps its tiers already."""
+    return dataclasses.replace(cfg, multi_tier=multi_tier_for(cfg.tiers, source, cost_weight_bp))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tiergate_router.config.from_policy import from_policy
-from tiergate_router.config.knobs import MultiTierSource, ThresholdSource
 from tiergate_router.config.types import RouterConfig
 from tiergate_router.errors import ConfigError
 
@@ -26,21 +24,7 @@ def read_policy(path: Path) -> RoutingPolicy:
         raise ConfigError(f"{path}: {e}") from e
 
 
-def load_policy_file(
-    path: Path,
-    *,
-    namespace: str | None = None,
-    discovery: bool = False,
-    thresholds: ThresholdSource | None = None,
-    multi: MultiTierSource | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> RouterConfig:
-    """Read the policy file into a RouterConfig (the keyword arguments as for `from_policy`)."""
-    return from_policy(
-        read_policy(path),
-        namespace=namespace,
-        discovery=discovery,
-        thresholds=thresholds,
-        multi=multi,
-        environ=environ,
-    )
+def load_policy_file(path: Path) -> RouterConfig:
+    """The policy file read into a RouterConfig with `from_policy`'s defaults (compose `read_policy` and
+    `from_policy` for anything else)."""
+    return from_policy(read_policy(path))
