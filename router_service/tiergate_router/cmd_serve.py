@@ -14,9 +14,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
     from tiergate.api.policy import RoutingPolicy
     from tiergate_router.config import LocalOverrides, RouterConfig
 
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-def _run_loop(main: Any) -> int:
+def _run_loop(main: Coroutine[object, object, int]) -> int:
     """Run on uvloop when it is installed (the router extra pins it): the proxy path is event-loop bound, and
     uvloop's C loop roughly halves the router's CPU time per request compared with the pure-Python loop."""
     import asyncio

@@ -20,7 +20,7 @@ from tiergate_router.config.knobs import (
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
-from tiergate_router.config.types import MultiTier, RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
+from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -55,7 +55,6 @@ def from_policy(
     ns = policy.metadata.namespace or namespace or "default"
     policy_tiers = tuple(_tier(policy, i, t, ns, discovery, environ) for i, t in enumerate(spec.tiers))
     tiers = merge_tier_flags(policy_tiers, tier_flags)
-    multi_tier: MultiTier | None = None
     cost_weight: int | None = None
     if multi is not None:
         cost_weight = _cost_weight_bp(policy, multi)
@@ -67,8 +66,7 @@ def from_policy(
     thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
     r = spec.router
     try:
-        if multi is not None:
-            multi_tier = multi_tier_for(tiers, multi, cost_weight)
+        multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
         return RouterConfig(
             tiers=tiers,
             thresholds_bp=thresholds_bp,
