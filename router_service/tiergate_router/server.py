@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -42,9 +42,9 @@ class ServeOptions:
     grace_s: float = 10.0
     # Discover tier pods through EndpointSlices (needs Kubernetes credentials).
     discovery: bool = False
-    # A kubernetes.client.ApiClient to discover with; None: in-cluster credentials, else KUBECONFIG. (The
-    # kubernetes client ships no type information, so its objects are Any whatever we write here.)
-    kube_api_client: Any = None
+    # A kubernetes.client.ApiClient to discover with (passed through unopened); None: in-cluster credentials, else
+    # KUBECONFIG.
+    kube_api_client: object | None = None
 
 
 class RouterServer:
