@@ -14,7 +14,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Coroutine
+
+    from tiergate.api.policy import RoutingPolicy
+    from tiergate_router.config import LocalOverrides, RouterConfig
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
 
-def _run_loop(main: Any) -> int:
+def _run_loop(main: Coroutine[object, object, int]) -> int:
     """Run on uvloop when it is installed (the router extra pins it): the proxy path is event-loop bound, and
     uvloop's C loop roughly halves the router's CPU time per request compared with the pure-Python loop."""
     import asyncio
@@ -127,59 +133,28 @@ def _run_loop(main: Any) -> int:
         return out
 
 
-def build_config(args: argparse.Namespace, policy: Any, thresholds: Any) -> Any:
-    """The RouterConfig from the command line and the (optional) policy. Pure apart from reading nothing.
-    `thresholds` is the loaded classifier (None with one tier); an N-tier one makes the config choose by cost
-    weight (config.with_multi_tier), and the two-tier knobs are refused for it."""
-    from tiergate_router.config import from_policy, local_config, with_multi_tier
-    from tiergate_router.errors import ConfigError
+def overrides(args: argparse.Namespace) -> LocalOverrides:
+    """The flags that change the configuration or the listeners, typed (`--tier` checked: ConfigError names the bad
+    one)."""
+    from tiergate_router.config import LocalOverrides, parse_tier_flags
 
-    flags = tier_flags(args)
-    multi = thresholds if getattr(thresholds, "kind", None) == "multi_tier" else None
-    if multi is None and args.cost_weight_bp is not None:
-        raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
-    if multi is not None and args.threshold_bp is not None:
-        raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
-    # The cost weight: --cost-weight-bp, else the policy's knob (costWeightBasisPoints, budgetPerMillion), else the
-    # artifact's calibrated default.
-    cost_weight = args.cost_weight_bp
-    if policy is not None:
-        cfg = from_policy(policy, discovery=_discovery(args), thresholds=thresholds, multi=multi)
-        if cost_weight is None and cfg.multi_tier is not None:
-            cost_weight = cfg.multi_tier.cost_weight_bp
-        if flags:
-            cfg = local_config(flags, base=cfg)
-    else:
-        if not flags:
-            raise ConfigError("nothing to route to: give -f POLICY.yaml or at least one --tier NAME=BASE_URL")
-        default_bp = thresholds.default_threshold_bp if thresholds is not None and multi is None else 5000
-        cfg = local_config(flags, threshold_bp=default_bp)
-    if args.threshold_bp is not None:
-        cfg = cfg.replace(thresholds_bp=(args.threshold_bp,) * (len(cfg.tiers) - 1))
-    if multi is not None:
-        cfg = with_multi_tier(cfg, multi, cost_weight)
-    return cfg
+    return LocalOverrides(
+        tiers=parse_tier_flags(args.tier),
+        threshold_bp=args.threshold_bp,
+        cost_weight_bp=args.cost_weight_bp,
+        host=args.host,
+        port=args.port,
+        grpc_port=args.grpc_port,
+    )
 
 
-def _knob(cfg: Any) -> str:
+def _knob(cfg: RouterConfig) -> str:
     if cfg.multi_tier is not None:
         return f"N-tier artifact, cost weight {cfg.multi_tier.cost_weight_bp} bp"
     return f"threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp"
 
 
-def tier_flags(args: argparse.Namespace) -> list[tuple[str, str]]:
-    """The `--tier NAME=BASE_URL` flags, checked (ConfigError names the bad one)."""
-    from tiergate_router.config import parse_tier_flag
-    from tiergate_router.errors import ConfigError
-
-    flags = [parse_tier_flag(v) for v in args.tier]
-    names = [n for n, _ in flags]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"--tier: a tier name is given twice ({', '.join(names)})")
-    return flags
-
-
-def _warn_unserved(policy: Any) -> None:
+def _warn_unserved(policy: RoutingPolicy | None) -> None:
     import logging
 
     from tiergate_router.config import unserved_sections
@@ -201,50 +176,44 @@ async def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    from tiergate_router.artifact_classifier import load_classifier
+    from tiergate_router.artifact_classifier import LoadedClassifier, load_classifier
     from tiergate_router.classifier import MicroBatcher
-    from tiergate_router.config import policy_classifier_path, read_policy
+    from tiergate_router.config import listen, policy_classifier_path, read_policy, serve_config, served_tier_names
+    from tiergate_router.config.serve import NOTHING_TO_ROUTE
     from tiergate_router.errors import ConfigError
     from tiergate_router.server import RouterServer, ServeOptions
 
     # Check the cheap things (flags, policy) before loading the encoder, which takes seconds.
-    tier_flags(args)
+    local = overrides(args)
     policy = read_policy(args.policy) if args.policy is not None else None
     _warn_unserved(policy)
-    if policy is None and not args.tier:
-        raise ConfigError("nothing to route to: give -f POLICY.yaml or at least one --tier NAME=BASE_URL")
-    n_tiers = (
-        len({*(t.name for t in policy.spec.tiers), *(v.partition("=")[0] for v in args.tier)})
-        if policy is not None
-        else len(args.tier)
-    )
-    loaded = None
-    if n_tiers > 1:
+    if policy is None and not local.tiers:
+        raise ConfigError(NOTHING_TO_ROUTE)
+    loaded: LoadedClassifier | None = None
+    if len(served_tier_names(policy, local.tiers)) > 1:
         artifact = args.router or (policy_classifier_path(policy) if policy is not None else None)
         loaded = load_classifier(artifact, encoder=args.encoder)
         classifier = loaded.classifier
     else:
         # One tier: nothing to decide, so no encoder is loaded (and torch never imported).
         classifier = MicroBatcher(lambda prompts: [0.0] * len(prompts))
-    cfg = build_config(args, policy, loaded)
+    discovery = _discovery(args)
+    cfg = serve_config(policy, local, loaded, discovery=discovery)
+    serving_classifier = policy_classifier_path(policy) if policy is not None else None
 
-    def reload(path: Path) -> Any:
+    def reload(path: Path) -> RouterConfig:
         new = read_policy(path)
-        if policy_classifier_path(new) != policy_classifier_path(policy):
+        if policy_classifier_path(new) != serving_classifier:
             raise ConfigError("spec.router.classifier changed; a new classifier takes a router restart")
-        cfg = build_config(args, new, loaded)
+        cfg = serve_config(new, local, loaded, discovery=discovery)
         _warn_unserved(new)
         return cfg
 
-    router_spec = policy.spec.router if policy is not None else None
-    port = args.port if args.port is not None else (router_spec.http_port if router_spec is not None else 8080)
-    grpc_port = (
-        args.grpc_port if args.grpc_port is not None else (router_spec.grpc_port if router_spec is not None else 50051)
-    )
+    where = listen(policy, local)
     options = ServeOptions(
-        host=args.host or "127.0.0.1",
-        port=port,
-        grpc_port=None if grpc_port < 0 else grpc_port,
+        host=where.host,
+        port=where.port,
+        grpc_port=where.grpc_port,
         policy_file=args.policy,
         policy_loader=reload if args.policy is not None else None,
         discovery=any(t.service is not None for t in cfg.tiers),

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tiergate_router.config import RouterConfig, ServiceRef
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 5
 
 
-def slice_urls(slices: list[Any], ref: ServiceRef) -> list[str]:
-    """Ready endpoint URLs from EndpointSlice objects (kubernetes client models or equivalent). Pure."""
+def slice_urls(slices: Iterable[object], ref: ServiceRef) -> list[str]:
+    """Ready endpoint URLs from EndpointSlice objects (kubernetes client models or equivalent, read by attribute
+    name: the client's models are untyped and their fields optional). Pure."""
     urls: set[str] = set()
     for s in slices:
         ports = list(getattr(s, "ports", None) or [])
@@ -47,7 +48,9 @@ def slice_urls(slices: list[Any], ref: ServiceRef) -> list[str]:
 
 
 class _SliceWatch:
-    def __init__(self, tier: str, ref: ServiceRef, api_client: Any, publish: Callable[[str, list[str]], None]) -> None:
+    def __init__(
+        self, tier: str, ref: ServiceRef, api_client: object, publish: Callable[[str, list[str]], None]
+    ) -> None:
         self.tier = tier
         self.ref = ref
         self._api_client = api_client
@@ -63,8 +66,8 @@ class _SliceWatch:
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
-    def _emit(self, slices: dict[str, Any]) -> None:
-        urls = slice_urls(list(slices.values()), self.ref)
+    def _emit(self, slices: dict[str, object]) -> None:
+        urls = slice_urls(slices.values(), self.ref)
         if urls != self._last:
             self._last = urls
             log.info("tier %s endpoints: %s", self.tier, ", ".join(urls) or "none")
@@ -131,7 +134,7 @@ class EndpointSliceDiscovery:
         self,
         on_change: Callable[[str, list[str]], None],
         *,
-        api_client: Any = None,
+        api_client: object | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._on_change = on_change
@@ -139,7 +142,7 @@ class EndpointSliceDiscovery:
         self._loop = loop or asyncio.get_running_loop()
         self._watches: dict[str, _SliceWatch] = {}
 
-    def _client(self) -> Any:
+    def _client(self) -> object:
         if self._api_client is None:
             import kubernetes
 

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -21,6 +21,12 @@ from tiergate_router.config import RouterConfig
 from tiergate_router.http_api import build_app
 from tiergate_router.policy_watch import PolicyWatcher
 from tiergate_router.router import Router
+
+if TYPE_CHECKING:
+    import grpc
+    from grpc_health.v1 import health
+
+    from tiergate_router.discovery import EndpointSliceDiscovery
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +42,9 @@ class ServeOptions:
     grace_s: float = 10.0
     # Discover tier pods through EndpointSlices (needs Kubernetes credentials).
     discovery: bool = False
-    # A kubernetes.client.ApiClient to discover with; None: in-cluster credentials, else KUBECONFIG.
-    kube_api_client: Any = None
+    # A kubernetes.client.ApiClient to discover with (passed through unopened); None: in-cluster credentials, else
+    # KUBECONFIG.
+    kube_api_client: object | None = None
 
 
 class RouterServer:
@@ -45,13 +52,13 @@ class RouterServer:
         self.options = options
         self.router = Router(config, classifier)
         self._runner: web.AppRunner | None = None
-        self._grpc: Any = None
-        self._health: Any = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.http_port = 0
         self.grpc_port = 0
         self.watcher: PolicyWatcher | None = None
-        self._discovery: Any = None
+        self._discovery: EndpointSliceDiscovery | None = None
 
     async def start(self) -> None:
         await self.router.start()

@@ -23,7 +23,7 @@ from tiergate.routing.artifact import load_artifact
 from tiergate.routing.scorer import choose_from_quality
 from tiergate_router.artifact_classifier import LoadedClassifier
 from tiergate_router.classifier import MicroBatcher
-from tiergate_router.config import ConfigError, from_policy, with_multi_tier
+from tiergate_router.config import ConfigError, from_policy
 from tiergate_router.decision import choose_multi_tier
 from tiergate_router.testing.artifacts import constant_multi_tier_artifact
 from tiergate_router.testing.procs import FakeProcess
@@ -42,7 +42,7 @@ PROMPTS = [
 
 
 def Source(path: Path, artifact: Any) -> LoadedClassifier:
-    """A loaded N-tier artifact without its encoder: all config.with_multi_tier reads."""
+    """A loaded N-tier artifact without its encoder: all config.multi_tier_for reads."""
     return LoadedClassifier(MicroBatcher(lambda prompts: []), path, artifact, scorer=None)
 
 
@@ -185,9 +185,11 @@ def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> No
     cfg = from_policy(RoutingPolicy.model_validate(doc), multi=src)
     assert cfg.multi_tier is not None
     assert cfg.multi_tier.columns == (2, 0)
-    cfg2 = with_multi_tier(cfg.replace(multi_tier=None), src, 123)
+    # A --tier flag adding a tier: the mapping covers it, in the merged order.
+    cfg2 = from_policy(RoutingPolicy.model_validate(doc), multi=src, tier_flags=[("b", "http://b/v1")])
     assert cfg2.multi_tier is not None
-    assert cfg2.multi_tier.cost_weight_bp == 123
+    assert cfg2.tier_names == ("c", "a", "b")
+    assert cfg2.multi_tier.columns == (2, 0, 1)
 
 
 # -- end to end: `tiergate serve` with real artifacts, the real encoder, fake vLLM tiers over HTTP ---------------

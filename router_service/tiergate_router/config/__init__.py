@@ -1,0 +1,83 @@
+"""The router's configuration: one typed, frozen `RouterConfig`, built from a RoutingPolicy, the command line, or both.
+
+types        RouterConfig, TierConfig, ServiceRef, MultiTier and their invariants; `tier_at` makes every tier
+knobs        the decision knobs' shared parts: the classifier protocols, the N-tier mapping, default thresholds
+from_policy  RoutingPolicy (typed) -> RouterConfig
+local        `tiergate serve` flags: --tier, --threshold-bp, --cost-weight-bp, where to listen
+secrets      external tiers' API keys from the environment the operator fills from Secrets
+policy_file  reading the mounted policy file
+serve        the composition `tiergate serve` runs, at start-up and on reload
+"""
+
+from tiergate_router.config.from_policy import from_policy, policy_classifier_path, unserved_sections
+from tiergate_router.config.knobs import (
+    DEFAULT_THRESHOLD_BP,
+    TWO_TIER_KNOBS,
+    LoadedSource,
+    MultiTierSource,
+    ThresholdSource,
+    even_thresholds,
+    multi_tier_for,
+    with_multi_tier,
+)
+from tiergate_router.config.local import (
+    Listen,
+    LocalOverrides,
+    TierFlag,
+    apply_overrides,
+    listen,
+    local_config,
+    merge_tier_flags,
+    parse_tier_flag,
+    parse_tier_flags,
+    served_tier_names,
+)
+from tiergate_router.config.policy_file import load_policy_file, read_policy
+from tiergate_router.config.secrets import api_key
+from tiergate_router.config.serve import serve_config
+from tiergate_router.config.types import (
+    MultiTier,
+    RouterConfig,
+    ServiceRef,
+    TierConfig,
+    check_base_url,
+    tier_at,
+    validate,
+)
+from tiergate_router.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_THRESHOLD_BP",
+    "TWO_TIER_KNOBS",
+    "ConfigError",
+    "Listen",
+    "LoadedSource",
+    "LocalOverrides",
+    "MultiTier",
+    "MultiTierSource",
+    "RouterConfig",
+    "ServiceRef",
+    "ThresholdSource",
+    "TierConfig",
+    "TierFlag",
+    "api_key",
+    "apply_overrides",
+    "check_base_url",
+    "even_thresholds",
+    "from_policy",
+    "listen",
+    "load_policy_file",
+    "local_config",
+    "merge_tier_flags",
+    "multi_tier_for",
+    "parse_tier_flag",
+    "parse_tier_flags",
+    "policy_classifier_path",
+    "read_policy",
+    "serve_config",
+    "served_tier_names",
+    "tier_at",
+    "unserved_sections",
+    "validate",
+    "with_multi_tier",
+]

@@ -1,0 +1,178 @@
+"""Building a RouterConfig from the typed RoutingPolicy model (`tiergate.api.policy`, the CRD spec's schema).
+
+The router never works on the policy model directly: `from_policy` narrows it to what the data plane needs. Every
+policy field is read here through the typed model, so a renamed field fails `mypy --strict`, not a running router.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from tiergate_router.config.knobs import (
+    DEFAULT_THRESHOLD_BP,
+    TWO_TIER_KNOBS,
+    MultiTierSource,
+    ThresholdSource,
+    even_thresholds,
+    multi_tier_for,
+)
+from tiergate_router.config.local import TierFlag, merge_tier_flags
+from tiergate_router.config.secrets import api_key
+from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
+from tiergate_router.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tiergate.api.policy import RoutingPolicy, Tier
+
+
+def from_policy(
+    policy: RoutingPolicy,
+    *,
+    namespace: str | None = None,
+    discovery: bool = False,
+    thresholds: ThresholdSource | None = None,
+    multi: MultiTierSource | None = None,
+    environ: Mapping[str, str] | None = None,
+    tier_flags: Sequence[TierFlag] = (),
+) -> RouterConfig:
+    """Narrow a typed RoutingPolicy to a RouterConfig.
+
+    Tiers with `endpoint` use that URL. Tiers the operator deploys are reached through their Service: with
+    `discovery`, the pods behind it (EndpointSlices, for per-pod balancing); without, the Service's DNS name.
+    `tier_flags` (`tiergate serve --tier`) replace the URL of the tier of that name or add a tier
+    (`local.merge_tier_flags`), before anything below is decided.
+    The decision knob: `thresholdBasisPoints` as given; `targetStrongShareBasisPoints` or nothing needs the
+    artifact's calibration (`thresholds`). With a two-tier artifact and more than two tiers the score separates the
+    cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
+    the tiers map to the artifact's (`knobs.multi_tier_for`, once, over the final tiers) and the cost weight
+    chooses: `costWeightBasisPoints` as given, `budgetPerMillion` through the artifact's calibration, else its
+    calibrated default. A knob of the other artifact kind means nothing there and is refused, naming it. An external
+    tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default os.environ).
+    """
+    spec = policy.spec
+    ns = policy.metadata.namespace or namespace or "default"
+    policy_tiers = tuple(_tier(policy, i, t, ns, discovery, environ) for i, t in enumerate(spec.tiers))
+    tiers = merge_tier_flags(policy_tiers, tier_flags)
+    cost_weight: int | None = None
+    if multi is not None:
+        cost_weight = _cost_weight_bp(policy, multi)
+        th = DEFAULT_THRESHOLD_BP  # unused: thresholds only apply to two-tier artifacts
+    else:
+        th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
+    # The policy's one threshold separates its cheapest tier from its strongest; a tier added by `--tier` leaves
+    # that meaning undefined, so the thresholds fall back to an even split.
+    thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
+    r = spec.router
+    try:
+        multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
+        return RouterConfig(
+            tiers=tiers,
+            thresholds_bp=thresholds_bp,
+            fallback_order=tuple(spec.effective_fallback_order()),
+            classifier_artifact=policy_classifier_path(policy),
+            connect_timeout_s=float(r.timeouts.connect_seconds),
+            request_timeout_s=float(r.timeouts.request_seconds),
+            multi_tier=multi_tier,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def _tier(
+    policy: RoutingPolicy, i: int, t: Tier, ns: str, discovery: bool, environ: Mapping[str, str] | None
+) -> TierConfig:
+    from tiergate.api import naming
+
+    endpoint: str | ServiceRef
+    if t.endpoint is not None:
+        endpoint = t.endpoint.url.rstrip("/")
+        check_base_url(endpoint, f"spec.tiers[{i}].endpoint.url")
+    elif discovery:
+        endpoint = ServiceRef(namespace=ns, name=naming.tier_name(policy.metadata.name, t.name), port=t.engine.port)
+    else:
+        endpoint = naming.tier_service_url(policy.metadata.name, ns, t.name, t.engine.port)
+    return tier_at(
+        t.name,
+        endpoint,
+        served_model=t.model_name,
+        model=t.model,
+        api_key=api_key(t, i, environ),
+        # Decimal in the policy (exact money); float here, where it only feeds an estimated-cost counter.
+        price_per_mtok=(float(t.price.input_per_million), float(t.price.output_per_million)),
+    )
+
+
+def _knob(policy: RoutingPolicy) -> str | None:
+    return next(iter(policy.spec.router.decision_knobs()), None)  # the policy model allows at most one
+
+
+def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None:
+    """An N-tier artifact's cost weight from the policy's knob (None: the artifact's calibrated default)."""
+    r = policy.spec.router
+    knob = _knob(policy)
+    if knob in TWO_TIER_KNOBS:
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.{knob} is a two-tier knob, but {multi.source} is an "
+            "N-tier artifact, which chooses by cost weight: set costWeightBasisPoints or budgetPerMillion "
+            "instead, or neither for the artifact's calibrated default"
+        )
+    if r.cost_weight_basis_points is not None:
+        return int(r.cost_weight_basis_points)
+    if r.budget_per_million is not None:
+        # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
+        return multi.cost_weight_for_budget_bp(float(r.budget_per_million))
+    return None
+
+
+def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None, *, needed: bool) -> int:
+    """A two-tier artifact's threshold from the policy's knob, else the artifact's calibrated default. With one
+    tier there is nothing to decide (`needed` False): no artifact is loaded and any threshold will do."""
+    r = policy.spec.router
+    knob = _knob(policy)
+    if knob is not None and knob not in TWO_TIER_KNOBS:
+        where = "the shipped default router" if policy_classifier_path(policy) is None else "its classifier artifact"
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.{knob} is an N-tier knob, but {where} is a two-tier one, "
+            "which routes by a score threshold: set thresholdBasisPoints or targetStrongShareBasisPoints instead"
+        )
+    if r.threshold_basis_points is not None:
+        return int(r.threshold_basis_points)
+    if thresholds is None:
+        if not needed:
+            return DEFAULT_THRESHOLD_BP
+        raise ConfigError(
+            "spec.router: sets no thresholdBasisPoints, so the classifier artifact's calibration is "
+            "needed to choose one"
+        )
+    if r.target_strong_share_basis_points is not None:
+        return thresholds.threshold_for_share_bp(int(r.target_strong_share_basis_points))
+    return thresholds.default_threshold_bp
+
+
+def policy_classifier_path(policy: RoutingPolicy) -> Path | None:
+    """The artifact path inside the router container that the policy names (None: the shipped default)."""
+    from tiergate.api import naming
+
+    ref = policy.spec.router.classifier
+    if ref is None:
+        return None
+    if ref.path is not None:
+        return Path(ref.path)
+    if ref.config_map is None:  # the model's validator enforces exactly one of the two
+        raise ConfigError("spec.router.classifier: names neither a configMap nor a path")
+    return Path(naming.classifier_path(ref.config_map.key))
+
+
+def unserved_sections(policy: RoutingPolicy) -> list[str]:
+    """Parts of the policy this router version accepts but does not act on yet (logged, so nobody assumes they work):
+    best-of-N sampling with reward reranking, and shadow traffic to a baseline tier. The operator still deploys the
+    reward model they name."""
+    spec = policy.spec
+    out = []
+    if spec.best_of_n is not None:
+        out.append("spec.bestOfN (best-of-N with reward reranking)")
+    if spec.shadow is not None:
+        out.append("spec.shadow (shadow requests to a baseline tier)")
+    return out

@@ -1,0 +1,126 @@
+"""What `tiergate serve`'s flags change: `--tier NAME=BASE_URL` tiers (alone, or on top of a policy's),
+`--threshold-bp` / `--cost-weight-bp`, and where to listen (`--host`, `--port`, `--grpc-port`).
+
+Argument parsing itself stays in `tiergate_router.cmd_serve`; this module gives the flags their meaning, as pure
+functions over typed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, MultiTierSource, even_thresholds, multi_tier_for
+from tiergate_router.config.types import RouterConfig, TierConfig, check_base_url, tier_at
+from tiergate_router.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tiergate.api.policy import RoutingPolicy
+
+TierFlag = tuple[str, str]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_HTTP_PORT = 8080
+DEFAULT_GRPC_PORT = 50051
+
+
+@dataclass(frozen=True)
+class LocalOverrides:
+    """The `tiergate serve` flags that change the configuration or the listeners; None means "not given"."""
+
+    # `--tier NAME=BASE_URL`, checked (parse_tier_flags), cheapest first.
+    tiers: tuple[TierFlag, ...] = ()
+    threshold_bp: int | None = None
+    cost_weight_bp: int | None = None
+    host: str | None = None
+    port: int | None = None
+    # A negative port disables gRPC.
+    grpc_port: int | None = None
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+    # None: no gRPC listener.
+    grpc_port: int | None
+
+
+def parse_tier_flag(value: str) -> TierFlag:
+    """`NAME=BASE_URL` from `tiergate serve --tier` -> (name, url)."""
+    name, sep, url = value.partition("=")
+    if not sep or not name or not url:
+        raise ConfigError(f"--tier {value!r}: expected NAME=BASE_URL, e.g. small=http://127.0.0.1:8001/v1")
+    check_base_url(url, f"--tier {name}")
+    return name, url.rstrip("/")
+
+
+def parse_tier_flags(values: Sequence[str]) -> tuple[TierFlag, ...]:
+    """All `--tier` flags, checked (ConfigError names the bad one, or a name given twice)."""
+    flags = tuple(parse_tier_flag(v) for v in values)
+    names = [n for n, _ in flags]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--tier: a tier name is given twice ({', '.join(names)})")
+    return flags
+
+
+def served_tier_names(policy: RoutingPolicy | None, flags: Sequence[TierFlag]) -> tuple[str, ...]:
+    """The tiers a serve with this policy and these flags routes among (cheapest first, flag-only tiers last)."""
+    names = [t.name for t in policy.spec.tiers] if policy is not None else []
+    return tuple(dict.fromkeys([*names, *(n for n, _ in flags)]))
+
+
+def merge_tier_flags(tiers: Sequence[TierConfig], flags: Sequence[TierFlag]) -> tuple[TierConfig, ...]:
+    """`tiers` with each flag's URL replacing the endpoint of the tier of that name, or appended as a new tier."""
+    merged = list(tiers)
+    for name, url in flags:
+        idx = next((i for i, t in enumerate(merged) if t.name == name), None)
+        if idx is None:
+            merged.append(tier_at(name, url))
+        else:
+            # The policy's API key belongs to the policy's endpoint: never send it to a URL from the command line.
+            merged[idx] = dataclasses.replace(merged[idx], base_urls=(url,), service=None, api_key=None)
+    return tuple(merged)
+
+
+def local_config(
+    flags: Sequence[TierFlag],
+    *,
+    threshold_bp: int = DEFAULT_THRESHOLD_BP,
+    multi: MultiTierSource | None = None,
+) -> RouterConfig:
+    """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). With more than two
+    tiers, thresholds split the score range evenly (`even_thresholds`); with an N-tier artifact (`multi`) the tiers
+    map to its tiers at its calibrated cost weight."""
+    tiers = merge_tier_flags((), flags)
+    return RouterConfig(
+        tiers=tiers,
+        thresholds_bp=even_thresholds(len(tiers), threshold_bp),
+        multi_tier=multi_tier_for(tiers, multi, None) if multi is not None else None,
+    )
+
+
+def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
+    """`--threshold-bp` and `--cost-weight-bp` on a built config. The N-tier mapping is kept as built: a cost weight
+    changes the choice among the mapped tiers, not the mapping."""
+    if overrides.threshold_bp is not None:
+        cfg = dataclasses.replace(cfg, thresholds_bp=(overrides.threshold_bp,) * (len(cfg.tiers) - 1))
+    if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
+        cfg = dataclasses.replace(
+            cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)
+        )
+    return cfg
+
+
+def listen(policy: RoutingPolicy | None, overrides: LocalOverrides) -> Listen:
+    """Where to listen: the flags, else the policy's `httpPort` / `grpcPort`, else 8080 / 50051, on 127.0.0.1."""
+    router = policy.spec.router if policy is not None else None
+    port = overrides.port
+    if port is None:
+        port = router.http_port if router is not None else DEFAULT_HTTP_PORT
+    grpc = overrides.grpc_port
+    if grpc is None:
+        grpc = router.grpc_port if router is not None else DEFAULT_GRPC_PORT
+    return Listen(host=overrides.host or DEFAULT_HOST, port=port, grpc_port=None if grpc < 0 else grpc)

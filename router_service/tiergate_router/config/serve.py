@@ -1,0 +1,45 @@
+"""The configuration `tiergate serve` runs: a policy (optional), the command line's overrides and the loaded
+classifier, composed in one pure function, used at start-up and on every policy reload alike."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tiergate_router.config.from_policy import from_policy
+from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, LoadedSource
+from tiergate_router.config.local import LocalOverrides, apply_overrides, local_config
+from tiergate_router.config.types import RouterConfig
+from tiergate_router.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tiergate.api.policy import RoutingPolicy
+
+NOTHING_TO_ROUTE = "nothing to route to: give -f POLICY.yaml or at least one --tier NAME=BASE_URL"
+
+
+def serve_config(
+    policy: RoutingPolicy | None,
+    overrides: LocalOverrides,
+    classifier: LoadedSource | None,
+    *,
+    discovery: bool = False,
+) -> RouterConfig:
+    """The RouterConfig for `tiergate serve`. `classifier` is the loaded artifact (None with one tier: nothing to
+    decide); an N-tier one makes the config choose by cost weight, and the two-tier knobs are refused for it. The
+    tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here; `--cost-weight-bp`
+    then overrides the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default."""
+    multi = classifier if classifier is not None and classifier.kind == "multi_tier" else None
+    if multi is None and overrides.cost_weight_bp is not None:
+        raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
+    if multi is not None and overrides.threshold_bp is not None:
+        raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
+    if policy is not None:
+        cfg = from_policy(policy, discovery=discovery, thresholds=classifier, multi=multi, tier_flags=overrides.tiers)
+    elif not overrides.tiers:
+        raise ConfigError(NOTHING_TO_ROUTE)
+    else:
+        default_bp = DEFAULT_THRESHOLD_BP
+        if classifier is not None and multi is None:
+            default_bp = classifier.default_threshold_bp
+        cfg = local_config(overrides.tiers, threshold_bp=default_bp, multi=multi)
+    return apply_overrides(cfg, overrides)

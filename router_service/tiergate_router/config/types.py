@@ -1,0 +1,188 @@
+"""The router's configuration types and their invariants.
+
+`RouterConfig` is the one typed object the data plane works on; it is frozen and checks itself on construction
+(`validate`), so no half-valid config ever reaches the router. It is built from a RoutingPolicy (`from_policy`),
+from the command line (`local`), or both (`serve`); `tier_at` is the one place a `TierConfig` is made, so a tier
+from the policy and a tier from `--tier` cannot drift apart in what they carry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlparse
+
+from tiergate_router.errors import ConfigError
+
+if TYPE_CHECKING:
+    from tiergate.routing.artifact import RouterArtifact
+
+
+@dataclass(frozen=True)
+class ServiceRef:
+    """A Kubernetes Service whose ready pods (found through EndpointSlices) serve a tier."""
+
+    namespace: str
+    name: str
+    port: int
+    # URL path prefix of the OpenAI API on each pod.
+    path: str = "/v1"
+    scheme: str = "http"
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    """One model tier. Tiers are ordered cheapest first."""
+
+    name: str
+    # Static OpenAI-compatible base URLs, each ending in /v1 (local mode, external endpoints, Service DNS).
+    base_urls: tuple[str, ...] = ()
+    # Discover the pods behind this Service instead of (or in addition to) the static URLs.
+    service: ServiceRef | None = None
+    # The model name the tier's server expects; None asks the server (`GET /v1/models`) on first use.
+    served_model: str | None = None
+    # What the tier serves (the policy's `model`); with an N-tier artifact it may name the artifact's tier.
+    model: str | None = None
+    # Sent as `Authorization: Bearer <api_key>` (external endpoints with `apiKeySecretRef`). Never printed.
+    api_key: str | None = field(default=None, repr=False)
+    # Dollars per million tokens, used only for the estimated-cost metric.
+    input_price_per_mtok: float = 0.0
+    output_price_per_mtok: float = 0.0
+
+
+@dataclass(frozen=True)
+class MultiTier:
+    """N-tier routing with a `multi_tier` artifact: the router picks argmax(quality - lambda * price) over the
+    artifact tiers this config serves (tiergate.routing.scorer.choose_from_quality, lambda = cost_weight_bp/10000)."""
+
+    # The artifact (tiergate.routing.artifact.RouterArtifact): its tier prices are what the cost weight was
+    # calibrated against, so the choice uses them, not the policy's prices (those feed the cost metric only).
+    artifact: RouterArtifact = field(compare=False, repr=False)
+    # Per config tier (cheapest first), the index of the artifact tier it serves.
+    columns: tuple[int, ...]
+    cost_weight_bp: int
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    tiers: tuple[TierConfig, ...]
+    # Score thresholds in basis points between consecutive tiers (len(tiers) - 1 values, ascending): a prompt goes
+    # to the highest tier i whose threshold thresholds_bp[i-1] <= score * 10000. Two tiers: one threshold.
+    thresholds_bp: tuple[int, ...] = (5000,)
+    # Tier names tried, in this order, after the chosen tier fails; empty = the default order (see fallback_chain).
+    fallback_order: tuple[str, ...] = ()
+    # Path of the classifier artifact; None = the shipped default router.
+    classifier_artifact: Path | None = None
+    # Seconds to establish a connection to a backend; a refused/timed-out connect is retried on another endpoint.
+    connect_timeout_s: float = 2.0
+    # Seconds for a whole non-streaming upstream response, or for the first byte of a streaming one.
+    request_timeout_s: float = 120.0
+    # Seconds without data on an established stream before it is abandoned.
+    stream_idle_timeout_s: float = 60.0
+    # Endpoints tried per tier before falling back (connection failures and 5xx are retried; 4xx are not).
+    max_attempts_per_tier: int = 3
+    # Consecutive failures that open an endpoint's breaker, and how long it stays open before one probe.
+    breaker_failures: int = 3
+    breaker_open_s: float = 5.0
+    # A tier counts as saturated when every endpoint has this many requests in flight through this router
+    # (0 = no limit) or reports at least `saturation_waiting` queued requests (vLLM's num_requests_waiting).
+    max_outstanding_per_endpoint: int = 0
+    saturation_waiting: int = 0
+    # Largest request body accepted; a 10 MB prompt is far beyond any served context and is refused with 413.
+    max_body_bytes: int = 4 * 1024 * 1024
+    # The model name clients use for routed requests; tier names also work as model names (forcing that tier).
+    routed_model_name: str = "tiergate"
+    # Set when the classifier artifact is an N-tier one: the tiers are chosen by cost weight, not thresholds.
+    multi_tier: MultiTier | None = None
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    def tier(self, name: str) -> TierConfig:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    @property
+    def tier_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tiers)
+
+
+def validate(cfg: RouterConfig) -> None:
+    """Raise ConfigError naming the first field that makes `cfg` unusable."""
+    if not cfg.tiers:
+        raise ConfigError("tiers: at least one tier is required")
+    names = [t.name for t in cfg.tiers]
+    for i, t in enumerate(cfg.tiers):
+        if not t.name:
+            raise ConfigError(f"tiers[{i}].name: must not be empty")
+        if t.name in names[:i]:
+            raise ConfigError(f"tiers[{i}].name: duplicate tier name {t.name!r}")
+        if t.name == cfg.routed_model_name:
+            raise ConfigError(f"tiers[{i}].name: {t.name!r} is reserved for routed requests")
+        if not t.base_urls and t.service is None:
+            raise ConfigError(f"tiers[{i}] ({t.name}): needs an endpoint URL or a service to discover")
+        for u in t.base_urls:
+            check_base_url(u, f"tiers[{i}].endpoint")
+        if t.input_price_per_mtok < 0 or t.output_price_per_mtok < 0:
+            raise ConfigError(f"tiers[{i}].price: must not be negative")
+    if len(cfg.thresholds_bp) != len(cfg.tiers) - 1 and len(cfg.tiers) > 1:
+        raise ConfigError(
+            f"thresholds_bp: {len(cfg.tiers)} tiers need {len(cfg.tiers) - 1} threshold(s), "
+            f"got {len(cfg.thresholds_bp)}"
+        )
+    for i, th in enumerate(cfg.thresholds_bp):
+        if not 0 <= th <= 10000:
+            raise ConfigError(f"thresholds_bp[{i}]: {th} is outside 0..10000")
+    if list(cfg.thresholds_bp) != sorted(cfg.thresholds_bp):
+        raise ConfigError("thresholds_bp: must be ascending")
+    for i, n in enumerate(cfg.fallback_order):
+        if n not in names:
+            raise ConfigError(f"fallback_order[{i}]: unknown tier {n!r} (tiers: {', '.join(names)})")
+    for attr in ("connect_timeout_s", "request_timeout_s", "stream_idle_timeout_s", "breaker_open_s"):
+        if getattr(cfg, attr) <= 0:
+            raise ConfigError(f"{attr}: must be positive")
+    if cfg.max_attempts_per_tier < 1 or cfg.breaker_failures < 1:
+        raise ConfigError("max_attempts_per_tier and breaker_failures: must be at least 1")
+    if cfg.max_body_bytes < 1024:
+        raise ConfigError("max_body_bytes: must be at least 1024")
+    mt = cfg.multi_tier
+    if mt is not None:
+        if len(mt.columns) != len(cfg.tiers) or len(set(mt.columns)) != len(mt.columns):
+            raise ConfigError("multi_tier.columns: one distinct artifact tier per tier")
+        if isinstance(mt.cost_weight_bp, bool) or mt.cost_weight_bp < 0:
+            raise ConfigError(f"cost weight: {mt.cost_weight_bp} bp must be a non-negative integer")
+
+
+def tier_at(
+    name: str,
+    endpoint: str | ServiceRef,
+    *,
+    served_model: str | None = None,
+    model: str | None = None,
+    api_key: str | None = None,
+    price_per_mtok: tuple[float, float] = (0.0, 0.0),
+) -> TierConfig:
+    """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
+    (`TierConfig` itself also takes several URLs, or URLs and a Service, for callers that assemble tiers by hand.)"""
+    urls, service = ((endpoint,), None) if isinstance(endpoint, str) else ((), endpoint)
+    return TierConfig(
+        name=name,
+        base_urls=urls,
+        service=service,
+        served_model=served_model,
+        model=model,
+        api_key=api_key,
+        input_price_per_mtok=price_per_mtok[0],
+        output_price_per_mtok=price_per_mtok[1],
+    )
+
+
+def check_base_url(url: str, where: str) -> None:
+    parsed = urlparse(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"{where}: {url!r} is not an http(s) URL")
+    if not parsed.path.rstrip("/").endswith("/v1"):
+        raise ConfigError(f"{where}: {url!r} must be an OpenAI-compatible base URL ending in /v1")
