@@ -19,10 +19,12 @@ from typing import Any
 
 from aiohttp import web
 
+from tiergate_router import openai_server
 from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
 from tiergate_router.metrics import CONTENT_TYPE
+from tiergate_router.openai_server import models_body, sse_event
 from tiergate_router.router import Route, Router, SSEUsageScanner
-from tiergate_router.validation import ParsedRequest, decode_json_object, error_body, parse_chat, parse_completion
+from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +41,8 @@ def error_response(
     param: str | None = None,
     code: str | None = None,
 ) -> web.Response:
-    return web.json_response(
-        error_body(message, type_=type_, param=param, code=code), status=status, headers={TIER_HEADER: "none"}
+    return openai_server.error_response(
+        status, message, type_=type_, param=param, code=code, headers={TIER_HEADER: "none"}
     )
 
 
@@ -105,12 +107,8 @@ class OpenAIHandlers:
         return await self._proxy(request, "/completions", parse_completion)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        now = int(time.time())
-        data = [
-            {"id": name, "object": "model", "created": now, "owned_by": "tiergate"}
-            for name in self.router.model_names()
-        ]
-        return web.json_response({"object": "list", "data": data}, headers={TIER_HEADER: "none"})
+        body = models_body(self.router.model_names(), owned_by="tiergate")
+        return web.json_response(body, headers={TIER_HEADER: "none"})
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
         resp = web.Response(body=self.router.metrics.render(), headers={TIER_HEADER: "none"})
@@ -205,7 +203,7 @@ class OpenAIHandlers:
                 # Headers are gone already: end the stream with an error event the client can see.
                 log.warning("%s", e)
                 event = {"error": {"message": str(e), "type": "server_error", "code": "upstream_stream_failed"}}
-                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                await resp.write(sse_event(event))
                 await resp.write_eof()
                 res.outcome = "upstream_error"
                 return resp

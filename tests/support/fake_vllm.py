@@ -6,22 +6,29 @@ error status, dropping the connection without an answer or mid-stream, and a con
 requests queue (reported as `vllm:num_requests_waiting`, as vLLM does).
 
 Run standalone (so that a test can SIGKILL it like a crashed pod):
-    python -m tiergate_router.testing.fake_vllm --host 127.0.0.1 --port 8001 --model small-model
+    python -m tests.support.fake_vllm --host 127.0.0.1 --port 8001 --model small-model
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+
+from tiergate_router.openai_server import (
+    CompletionStream,
+    HTTPServer,
+    completion_body,
+    models_body,
+    serve_until_signalled,
+    usage_body,
+    vllm_metrics_text,
+    wants_usage,
+)
 
 
 @dataclass
@@ -66,17 +73,20 @@ class FakeVLLM:
         name: str | None = None,
     ) -> None:
         self.model = model
-        self.host = host
-        self.port = port
         self.behaviour = behaviour or Behaviour()
         self.name = name or f"{model}@{host}"
         self.stats = Stats()
-        self._runner: web.AppRunner | None = None
+        # Stopping drops requests in flight almost at once, as a killed vLLM pod would.
+        self.server = HTTPServer(self.app(), host, port, shutdown_timeout=0.1)
         self._slots: asyncio.Semaphore | None = None
 
     @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return self.server.base_url
 
     @web.middleware
     async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
@@ -99,20 +109,11 @@ class FakeVLLM:
         return app
 
     async def start(self) -> str:
-        # handler_cancellation: a client that disconnects cancels the handler, which is how vLLM notices aborts.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        await self.server.start()
         return self.base_url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        await self.server.stop()
 
     # -- handlers ---------------------------------------------------------------------------------------------
 
@@ -120,38 +121,17 @@ class FakeVLLM:
         return web.Response(text="")
 
     async def _models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vllm",
-                        "root": self.model,
-                        "parent": None,
-                        "max_model_len": 2048,
-                    }
-                ],
-            }
-        )
+        body = models_body([self.model], owned_by="vllm", root=self.model, parent=None, max_model_len=2048)
+        return web.json_response(body)
 
     async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        s, lbl = self.stats, f'model_name="{self.model}"'
-        text = (
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{lbl}}} {float(s.running)}\n"
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting{{{lbl}}} {float(s.waiting)}\n"
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
-            "# TYPE vllm:prompt_tokens_total counter\n"
-            f"vllm:prompt_tokens_total{{{lbl}}} {float(s.prompt_tokens)}\n"
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
-            "# TYPE vllm:generation_tokens_total counter\n"
-            f"vllm:generation_tokens_total{{{lbl}}} {float(s.generation_tokens)}\n"
+        s = self.stats
+        text = vllm_metrics_text(
+            self.model,
+            running=s.running,
+            waiting=s.waiting,
+            prompt_tokens=s.prompt_tokens,
+            generation_tokens=s.generation_tokens,
         )
         return web.Response(text=text, content_type="text/plain")
 
@@ -200,7 +180,16 @@ class FakeVLLM:
                 self.stats.prompt_tokens += n_prompt
                 self.stats.generation_tokens += n_out
                 self.stats.completed += 1
-                return web.json_response(_full_response(self.model, chat, " ".join(words), n_prompt, n_out))
+                return web.json_response(
+                    completion_body(
+                        self.model,
+                        chat=chat,
+                        text=" ".join(words),
+                        finish_reason="length",
+                        prompt_tokens=n_prompt,
+                        completion_tokens=n_out,
+                    )
+                )
             finally:
                 self.stats.running -= 1
                 self._release_slot()
@@ -227,30 +216,7 @@ class FakeVLLM:
         self, request: web.Request, body: dict[str, Any], chat: bool, n_prompt: int, n_out: int
     ) -> web.StreamResponse:
         b = self.behaviour
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
-            d: dict[str, Any] = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": self.model,
-                "choices": [choice] if choice else [],
-            }
-            if usage is not None:
-                d["usage"] = usage
-            return f"data: {json.dumps(d)}\n\n".encode()
-
-        if chat:
-            await resp.write(
-                event(
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                )
-            )
+        stream = await CompletionStream.open(request, self.model, chat=chat)
         for i in range(n_out):
             if b.drop_after_tokens is not None and i >= b.drop_after_tokens:
                 assert request.transport is not None
@@ -258,30 +224,12 @@ class FakeVLLM:
                 raise asyncio.CancelledError
             if b.token_delay_s:
                 await asyncio.sleep(b.token_delay_s)
-            text = ("" if i == 0 else " ") + f"{self.name}-tok{i}"
-            choice: dict[str, Any] = (
-                {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                if chat
-                else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-            )
-            await resp.write(event(choice))
+            await stream.text(("" if i == 0 else " ") + f"{self.name}-tok{i}")
             self.stats.generation_tokens += 1
-        last: dict[str, Any] = (
-            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
-            if chat
-            else {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
-        )
-        await resp.write(event(last))
-        opts = body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage"):
-            await resp.write(
-                event({}, {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out})
-            )
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await stream.finish("length", usage_body(n_prompt, n_out) if wants_usage(body) else None)
         self.stats.prompt_tokens += n_prompt
         self.stats.completed += 1
-        return resp
+        return stream.response
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
@@ -292,34 +240,6 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     if not isinstance(msgs, list):
         return ""
     return " ".join(m.get("content", "") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str))
-
-
-def _full_response(model: str, chat: bool, text: str, n_prompt: int, n_out: int) -> dict[str, Any]:
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-    if chat:
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": "length",
-                }
-            ],
-            "usage": usage,
-        }
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
-        "usage": usage,
-    }
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -336,14 +256,7 @@ async def _serve(args: argparse.Namespace) -> None:
             api_key=args.api_key,
         ),
     )
-    await fake.start()
-    print(f"READY {fake.base_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
+    await serve_until_signalled(fake.server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tiergate_router.testing.artifacts import constant_artifact
+from tests.support.artifacts import constant_artifact
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support.harness import Harness
 from tiergate_router.dispatch import parse_waiting
-from tiergate_router.testing.harness import Harness
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
