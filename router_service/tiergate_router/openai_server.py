@@ -14,13 +14,39 @@ import json
 import signal
 import time
 import uuid
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 SSE_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class OpenAIEndpoints(Protocol):
+    """The handlers every OpenAI-compatible server here has (the router, the demo's tiers, the fake vLLM)."""
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse: ...
+    async def completions(self, request: web.Request) -> web.StreamResponse: ...
+    async def models(self, request: web.Request) -> web.StreamResponse: ...
+    async def metrics(self, request: web.Request) -> web.StreamResponse: ...
+    async def health(self, request: web.Request) -> web.StreamResponse: ...
+
+
+def build_openai_app(
+    endpoints: OpenAIEndpoints, *, middlewares: Sequence[Middleware] = (), client_max_size: int = 1024**2
+) -> web.Application:
+    """The OpenAI routes (`/v1/chat/completions`, `/v1/completions`, `/v1/models`) and the serving ones vLLM has
+    at the root (`/metrics`, `/health`); `client_max_size` is aiohttp's own limit on a body it reads."""
+    app = web.Application(middlewares=middlewares, client_max_size=client_max_size)
+    app.router.add_post("/v1/chat/completions", endpoints.chat_completions)
+    app.router.add_post("/v1/completions", endpoints.completions)
+    app.router.add_get("/v1/models", endpoints.models)
+    app.router.add_get("/metrics", endpoints.metrics)
+    app.router.add_get("/health", endpoints.health)
+    return app
 
 
 class HTTPServer:
@@ -198,17 +224,62 @@ class CompletionStream:
         await self.response.write(sse_event(event))
 
 
-def vllm_metrics_text(model: str, *, running: int, waiting: int, prompt_tokens: int, generation_tokens: int) -> str:
+@dataclass
+class ServerLoad:
+    """A model server's counters, as vLLM reports them on /metrics."""
+
+    running: int = 0
+    waiting: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+
+
+def vllm_metrics_text(model: str, load: ServerLoad) -> str:
     """The part of vLLM's /metrics the router reads (`vllm:num_requests_waiting`, scraped for queue-aware
     balancing), with its neighbours, in Prometheus text format."""
     label = f'model_name="{model}"'
     samples = [
-        ("num_requests_running", "gauge", "Number of requests in model execution batches.", running),
-        ("num_requests_waiting", "gauge", "Number of requests waiting to be processed.", waiting),
-        ("prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_tokens),
-        ("generation_tokens_total", "counter", "Number of generation tokens processed.", generation_tokens),
+        ("num_requests_running", "gauge", "Number of requests in model execution batches.", load.running),
+        ("num_requests_waiting", "gauge", "Number of requests waiting to be processed.", load.waiting),
+        ("prompt_tokens_total", "counter", "Number of prefill tokens processed.", load.prompt_tokens),
+        ("generation_tokens_total", "counter", "Number of generation tokens processed.", load.generation_tokens),
     ]
     return "".join(
         f"# HELP vllm:{name} {help_}\n# TYPE vllm:{name} {kind}\nvllm:{name}{{{label}}} {float(value)}\n"
         for name, kind, help_, value in samples
     )
+
+
+class ModelServer:
+    """An OpenAI-compatible model server (one served model): everything but the generation, which a subclass
+    implements in `generate`, keeping `load` up to date. `model_card` adds fields to the model's `/v1/models`
+    entry."""
+
+    def __init__(
+        self, model: str, *, owned_by: str, load: ServerLoad | None = None, model_card: Mapping[str, Any] | None = None
+    ) -> None:
+        self.model = model
+        self.owned_by = owned_by
+        self.load = load if load is not None else ServerLoad()
+        self.model_card = dict(model_card or {})
+
+    def app(self, *, middlewares: Sequence[Middleware] = ()) -> web.Application:
+        return build_openai_app(self, middlewares=middlewares)
+
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        raise NotImplementedError
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self.generate(request, chat=False)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        return web.json_response(models_body([self.model], owned_by=self.owned_by, **self.model_card))
+
+    async def metrics(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text=vllm_metrics_text(self.model, self.load), content_type="text/plain")
+
+    async def health(self, request: web.Request) -> web.StreamResponse:
+        return web.Response(text="")

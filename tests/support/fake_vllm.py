@@ -18,15 +18,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from tiergate_router.openai_server import (
     CompletionStream,
     HTTPServer,
+    ModelServer,
+    ServerLoad,
     completion_body,
-    models_body,
     serve_until_signalled,
     usage_body,
-    vllm_metrics_text,
     wants_usage,
 )
 
@@ -49,20 +50,16 @@ class Behaviour:
 
 
 @dataclass
-class Stats:
+class Stats(ServerLoad):
     requests: list[dict[str, Any]] = field(default_factory=list)
     completed: int = 0
     # Requests whose client went away before the answer was complete (vLLM aborts those).
     aborted: int = 0
-    running: int = 0
-    waiting: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
     # Requests refused for a missing or wrong API key.
     unauthorized: int = 0
 
 
-class FakeVLLM:
+class FakeVLLM(ModelServer):
     def __init__(
         self,
         model: str = "fake-model",
@@ -72,12 +69,14 @@ class FakeVLLM:
         behaviour: Behaviour | None = None,
         name: str | None = None,
     ) -> None:
-        self.model = model
+        self.stats = Stats()
+        super().__init__(
+            model, owned_by="vllm", load=self.stats, model_card={"root": model, "parent": None, "max_model_len": 2048}
+        )
         self.behaviour = behaviour or Behaviour()
         self.name = name or f"{model}@{host}"
-        self.stats = Stats()
         # Stopping drops requests in flight almost at once, as a killed vLLM pod would.
-        self.server = HTTPServer(self.app(), host, port, shutdown_timeout=0.1)
+        self.server = HTTPServer(self.app(middlewares=[self._check_key]), host, port, shutdown_timeout=0.1)
         self._slots: asyncio.Semaphore | None = None
 
     @property
@@ -89,24 +88,14 @@ class FakeVLLM:
         return self.server.base_url
 
     @web.middleware
-    async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _check_key(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         key = self.behaviour.api_key
         authorised = request.headers.get("Authorization") == f"Bearer {key}"
         if key is not None and request.path.startswith("/v1") and not authorised:
             self.stats.unauthorized += 1
             # vLLM's answer (its authentication middleware), body included.
             return web.json_response({"error": "Unauthorized"}, status=401)
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._check_key])
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/health", self._health)
-        return app
+        return await handler(request)
 
     async def start(self) -> str:
         await self.server.start()
@@ -115,39 +104,13 @@ class FakeVLLM:
     async def stop(self) -> None:
         await self.server.stop()
 
-    # -- handlers ---------------------------------------------------------------------------------------------
-
-    async def _health(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="")
-
-    async def _models(self, request: web.Request) -> web.StreamResponse:
-        body = models_body([self.model], owned_by="vllm", root=self.model, parent=None, max_model_len=2048)
-        return web.json_response(body)
-
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        s = self.stats
-        text = vllm_metrics_text(
-            self.model,
-            running=s.running,
-            waiting=s.waiting,
-            prompt_tokens=s.prompt_tokens,
-            generation_tokens=s.generation_tokens,
-        )
-        return web.Response(text=text, content_type="text/plain")
-
     def _error(self, status: int, message: str, type_: str = "BadRequestError") -> web.Response:
         # vLLM's ErrorResponse shape.
         return web.json_response(
             {"object": "error", "message": message, "type": type_, "param": None, "code": status}, status=status
         )
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:

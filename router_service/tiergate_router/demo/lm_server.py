@@ -22,12 +22,11 @@ from aiohttp import web
 from tiergate_router.openai_server import (
     CompletionStream,
     HTTPServer,
+    ModelServer,
     completion_body,
     error_response,
-    models_body,
     serve_until_signalled,
     usage_body,
-    vllm_metrics_text,
     wants_usage,
 )
 
@@ -98,54 +97,19 @@ class LocalLM:
         return "".join(pieces), n, finish
 
 
-class LMServer:
+class LMServer(ModelServer):
     def __init__(self, lm: LocalLM, served_model_name: str) -> None:
+        super().__init__(served_model_name, owned_by="tiergate-demo")
         self.lm = lm
-        self.name = served_model_name
         self.lock = asyncio.Lock()
-        self.waiting = 0
-        self.running = 0
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    async def health(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="")
-
-    async def models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(models_body([self.name], owned_by="tiergate-demo"))
-
-    async def metrics(self, request: web.Request) -> web.StreamResponse:
-        text = vllm_metrics_text(
-            self.name,
-            running=self.running,
-            waiting=self.waiting,
-            prompt_tokens=self.prompt_tokens,
-            generation_tokens=self.generation_tokens,
-        )
-        return web.Response(text=text, content_type="text/plain")
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
             assert isinstance(body, dict)
         except (ValueError, AssertionError):
             return error_response(400, "body must be a JSON object")
-        if body.get("model") != self.name:
+        if body.get("model") != self.model:
             return error_response(404, f"The model `{body.get('model')}` does not exist.", type_="NotFoundError")
         messages = body.get("messages") if chat else None
         if chat and not (
@@ -165,11 +129,11 @@ class LMServer:
         n_prompt = int(inputs["input_ids"].shape[1])
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
-        self.waiting += 1
+        self.load.waiting += 1
         try:
             async with self.lock:
-                self.waiting -= 1
-                self.running += 1
+                self.load.waiting -= 1
+                self.load.running += 1
                 try:
                     if not body.get("stream"):
                         text, n, finish = await loop.run_in_executor(
@@ -178,7 +142,7 @@ class LMServer:
                         self._count(n_prompt, n)
                         return web.json_response(
                             completion_body(
-                                self.name,
+                                self.model,
                                 chat=chat,
                                 text=text,
                                 finish_reason=finish,
@@ -188,14 +152,14 @@ class LMServer:
                         )
                     return await self._stream(request, body, inputs, max_new, temperature, cancel, chat, n_prompt)
                 finally:
-                    self.running -= 1
+                    self.load.running -= 1
         except asyncio.CancelledError:
             cancel.set()  # the client left: stop generating at the next token
             raise
 
     def _count(self, n_prompt: int, n: int) -> None:
-        self.prompt_tokens += n_prompt
-        self.generation_tokens += n
+        self.load.prompt_tokens += n_prompt
+        self.load.generation_tokens += n
 
     async def _stream(
         self,
@@ -210,7 +174,7 @@ class LMServer:
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        stream = await CompletionStream.open(request, self.name, chat=chat)
+        stream = await CompletionStream.open(request, self.model, chat=chat)
 
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
