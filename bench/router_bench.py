@@ -3,7 +3,7 @@
     nice .venv/bin/python bench/router_bench.py [--requests N] [--seconds S] [--peers vllm-router,litellm]
 
 Everything runs on this machine, each server in its own process: a zero-latency fake vLLM backend
-(tiergate_router.testing.fake_vllm), the router started as users start it (`tiergate serve --tier ...`), and the
+(tests/support/fake_vllm.py), the router started as users start it (`tiergate serve --tier ...`), and the
 load generator (aiohttp) here. Printed figures:
 - classification latency of one 64-token prompt, batch 1 (p50, p99), and batched throughput (prompts/s);
 - router overhead over calling the backend directly, without classification (model = a tier name) and with it
@@ -33,7 +33,10 @@ from pathlib import Path
 
 import aiohttp
 
-from tiergate_router.testing.procs import FakeProcess
+# The fake vLLM backend is a test double: it lives with the tests (tests/support), outside the installed package.
+# Run by path, this script has only bench/ on sys.path; the checkout's root makes `tests.support` importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.procs import FakeProcess
 
 # Words that MiniLM's WordPiece vocabulary holds whole, so a prompt of n - 3 of them plus a number is n tokens.
 WORDS = (

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,31 +21,21 @@ from aiohttp import web
 
 from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
 from tiergate_router.metrics import CONTENT_TYPE
+from tiergate_router.openai_server import build_openai_app, error_response, models_body, sse_event
 from tiergate_router.router import Route, Router, SSEUsageScanner
-from tiergate_router.validation import ParsedRequest, decode_json_object, error_body, parse_chat, parse_completion
+from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
 
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 TIER_HEADER = "x-tiergate-tier"
+# On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
+NO_TIER: Mapping[str, str] = {TIER_HEADER: "none"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def error_response(
-    status: int,
-    message: str,
-    *,
-    type_: str = "invalid_request_error",
-    param: str | None = None,
-    code: str | None = None,
-) -> web.Response:
-    return web.json_response(
-        error_body(message, type_=type_, param=param, code=code), status=status, headers={TIER_HEADER: "none"}
-    )
-
-
 def _from_bad_request(e: BadRequestError) -> web.Response:
-    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code)
+    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code, headers=NO_TIER)
 
 
 @web.middleware
@@ -55,12 +45,14 @@ async def _tier_header_and_errors(request: web.Request, handler: Handler) -> web
         resp = await handler(request)
     except web.HTTPException as e:
         # Routing errors from aiohttp itself (404 path, 405 method): OpenAI-style body, same status.
-        return error_response(e.status, e.reason or "request failed", code=str(e.status))
+        return error_response(e.status, e.reason or "request failed", code=str(e.status), headers=NO_TIER)
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error serving %s %s", request.method, request.path)
-        return error_response(500, "internal router error", type_="server_error", code="internal_error")
+        return error_response(
+            500, "internal router error", type_="server_error", code="internal_error", headers=NO_TIER
+        )
     if not resp.prepared and TIER_HEADER not in resp.headers:
         resp.headers[TIER_HEADER] = "none"
     return resp
@@ -105,27 +97,21 @@ class OpenAIHandlers:
         return await self._proxy(request, "/completions", parse_completion)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        now = int(time.time())
-        data = [
-            {"id": name, "object": "model", "created": now, "owned_by": "tiergate"}
-            for name in self.router.model_names()
-        ]
-        return web.json_response({"object": "list", "data": data}, headers={TIER_HEADER: "none"})
+        body = models_body(self.router.model_names(), owned_by="tiergate")
+        return web.json_response(body, headers=NO_TIER)
 
     async def metrics(self, request: web.Request) -> web.StreamResponse:
-        resp = web.Response(body=self.router.metrics.render(), headers={TIER_HEADER: "none"})
+        resp = web.Response(body=self.router.metrics.render(), headers=NO_TIER)
         resp.headers["Content-Type"] = CONTENT_TYPE
         return resp
 
     async def health(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response({"status": "ok"}, headers={TIER_HEADER: "none"})
+        return web.json_response({"status": "ok"}, headers=NO_TIER)
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         counts = {name: len(pool.endpoints) for name, pool in self.router.dispatcher.pools.items()}
         ok = any(counts.values())
-        return web.json_response(
-            {"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers={TIER_HEADER: "none"}
-        )
+        return web.json_response({"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers=NO_TIER)
 
     async def _proxy(
         self, request: web.Request, path: str, parse: Callable[[dict[str, Any]], ParsedRequest]
@@ -148,7 +134,7 @@ class OpenAIHandlers:
             return await self._stream(request, route, path, parsed, t0, res)
         except NoTierAvailableError as e:
             res.outcome = "unavailable"
-            return error_response(503, str(e), type_="server_error", code="no_tier_available")
+            return error_response(503, str(e), type_="server_error", code="no_tier_available", headers=NO_TIER)
         except (asyncio.CancelledError, ConnectionResetError):
             res.outcome = "cancelled"
             raise
@@ -205,7 +191,7 @@ class OpenAIHandlers:
                 # Headers are gone already: end the stream with an error event the client can see.
                 log.warning("%s", e)
                 event = {"error": {"message": str(e), "type": "server_error", "code": "upstream_stream_failed"}}
-                await resp.write(f"data: {json.dumps(event)}\n\n".encode())
+                await resp.write(sse_event(event))
                 await resp.write_eof()
                 res.outcome = "upstream_error"
                 return resp
@@ -221,13 +207,8 @@ class OpenAIHandlers:
 def build_app(router: Router) -> web.Application:
     # client_max_size only bounds aiohttp's own body reads; read_body enforces the router's limit itself so the
     # client gets an OpenAI-style 413 instead of a plain-text one.
-    app = web.Application(middlewares=[_tier_header_and_errors], client_max_size=router.config.max_body_bytes + 1)
-    app[ROUTER_KEY] = router
     h = OpenAIHandlers(router)
-    app.router.add_post("/v1/chat/completions", h.chat_completions)
-    app.router.add_post("/v1/completions", h.completions)
-    app.router.add_get("/v1/models", h.models)
-    app.router.add_get("/metrics", h.metrics)
-    app.router.add_get("/health", h.health)
+    app = build_openai_app(h, middlewares=[_tier_header_and_errors], client_max_size=router.config.max_body_bytes + 1)
+    app[ROUTER_KEY] = router
     app.router.add_get("/ready", h.ready)
     return app

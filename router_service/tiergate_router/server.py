@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
-
 from tiergate_router.classifier import Classifier
 from tiergate_router.config import RouterConfig
 from tiergate_router.http_api import build_app
+from tiergate_router.openai_server import HTTPServer
 from tiergate_router.policy_watch import PolicyWatcher
 from tiergate_router.router import Router
 
@@ -51,7 +50,7 @@ class RouterServer:
     def __init__(self, config: RouterConfig, classifier: Classifier, options: ServeOptions) -> None:
         self.options = options
         self.router = Router(config, classifier)
-        self._runner: web.AppRunner | None = None
+        self._http: HTTPServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -62,17 +61,12 @@ class RouterServer:
 
     async def start(self) -> None:
         await self.router.start()
-        # handler_cancellation: a client that disconnects cancels its handler, which closes the upstream
-        # request, which is how the tier (vLLM) learns to abort the generation.
-        self._runner = web.AppRunner(
-            build_app(self.router), handler_cancellation=True, access_log=None, shutdown_timeout=self.options.grace_s
+        # Requests in flight get grace_s to finish on stop; a client that disconnects cancels its handler, which
+        # closes the upstream request, which is how the tier (vLLM) learns to abort the generation.
+        self._http = HTTPServer(
+            build_app(self.router), self.options.host, self.options.port, shutdown_timeout=self.options.grace_s
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.options.host, self.options.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.http_port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        self.http_port = await self._http.start()
         if self.options.grpc_port is not None:
             from tiergate_router.grpc_api import start_grpc
 
@@ -113,8 +107,8 @@ class RouterServer:
             await self._health.enter_graceful_shutdown()
         if self._grpc is not None:
             await self._grpc.stop(self.options.grace_s)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._http is not None:
+            await self._http.stop()
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -203,10 +203,3 @@ def parse_completion(body: dict[str, Any]) -> ParsedRequest:
             code="invalid_type",
         )
     return ParsedRequest(body=body, model=model, stream=stream, prompt_text=text)
-
-
-def error_body(
-    message: str, *, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
-    """OpenAI's error envelope; the official client reads `error.message` into its exception."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_support import (
+
+from tests.support.operator_cluster import (
     SAMPLE,
     SAMPLE_CHILDREN,
     Operator,
@@ -27,7 +28,6 @@ from operator_support import (
     wait_for,
     wait_ready,
 )
-
 from tiergate.devcluster.cluster import DevCluster
 
 pytestmark = pytest.mark.cluster

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_support import ROOT, get_json, install_crd, kubectl_raw, wait_for
 
+from tests.support.operator_cluster import ROOT, get_json, install_crd, kubectl_raw, wait_for
 from tiergate.devcluster.cluster import DevCluster
 from tiergate.devcluster.errors import StartError
 

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 import yaml
-from operator_support import (
+
+from tests.support.operator_cluster import (
     ROOT,
     SAMPLE_CHILDREN,
     Operator,
@@ -25,7 +26,6 @@ from operator_support import (
     wait_for,
     wait_ready,
 )
-
 from tiergate.devcluster.cluster import DevCluster
 
 pytestmark = pytest.mark.cluster

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from operator_support import CHILD_KINDS, Operator, get_json, install_crd, kubectl_raw, sample_doc
 
+from tests.support.operator_cluster import CHILD_KINDS, Operator, get_json, install_crd, kubectl_raw, sample_doc
 from tiergate.api import PolicyValidationError, parse_policy
 from tiergate.devcluster.cluster import DevCluster
 

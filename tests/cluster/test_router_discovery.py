@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.harness import LoopThread
+from tests.support.procs import FakeProcess
+from tests.support.scorers import KeywordScorer
 from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
-from tiergate_router.testing.harness import LoopThread
-from tiergate_router.testing.procs import FakeProcess
-from tiergate_router.testing.scorers import KeywordScorer
 
 PORT = 8000
 

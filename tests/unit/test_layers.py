@@ -1,5 +1,5 @@
-"""The layering, written down and checked: the operator and the router never import each other, and the shared
-core never imports either (tiergate.cli names them only as strings, imported lazily)."""
+"""The layering, written down and checked: the operator and the router never import each other, the shared core
+never imports either (tiergate.cli names them only as strings, imported lazily), and none imports the tests."""
 
 from __future__ import annotations
 
@@ -14,10 +14,11 @@ PACKAGES = {
     "tiergate_operator": ROOT / "operator" / "tiergate_operator",
     "tiergate_router": ROOT / "router_service" / "tiergate_router",
 }
+# No product package imports `tests`: the test doubles live there, outside the wheel and the images.
 FORBIDDEN = {
-    "tiergate": {"tiergate_operator", "tiergate_router"},
-    "tiergate_operator": {"tiergate_router", "torch", "transformers"},
-    "tiergate_router": {"tiergate_operator", "kopf"},
+    "tiergate": {"tiergate_operator", "tiergate_router", "tests"},
+    "tiergate_operator": {"tiergate_router", "torch", "transformers", "tests"},
+    "tiergate_router": {"tiergate_operator", "kopf", "tests"},
 }
 
 

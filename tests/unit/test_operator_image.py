@@ -10,9 +10,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -141,6 +143,53 @@ def test_build_context_holds_what_the_dockerfile_copies() -> None:
             for src in args.split()[:-1]:
                 assert src.rstrip("/") in allowed, f"COPY {src} is excluded by .dockerignore"
                 assert (ROOT / src).exists(), src
+
+
+# The test doubles (tests/support): a wheel or an image that held one of these would ship test tooling.
+_TEST_DOUBLES = {"FakeVLLM", "FakeProcess", "Harness", "KeywordScorer", "FakeEncoder"}
+
+
+@pytest.mark.slow
+def test_wheel_and_images_carry_no_test_doubles(tmp_path: Path) -> None:
+    """Neither image sees tests/ (the build context leaves it out), and the wheel built from what the Dockerfile's
+    wheel stage copies, the one thing the router and operator images install, holds the three packages only:
+    nothing from tests/, no testing package, no class of the test doubles."""
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.strip()]
+    allowed = {ln[1:].rstrip("/") for ln in ignore if ln.startswith("!")}
+    assert not any(a == "tests" or a.startswith("tests/") for a in allowed), allowed
+    stages = _stages()
+    src = tmp_path / "src"
+    src.mkdir()
+    for ins, args in stages["wheel"]:
+        if ins == "COPY":
+            *paths, _ = args.split()
+            for p in paths:
+                assert not p.startswith("tests"), p
+                if (ROOT / p).is_dir():
+                    shutil.copytree(ROOT / p, src / p, ignore=shutil.ignore_patterns("__pycache__"))
+                else:
+                    shutil.copy(ROOT / p, src / p)
+    # In a copy, so the build leaves no build/ folder in the checkout (a stale one would leak into later wheels).
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    r = subprocess.run(
+        [*pip_wheel, "-w", str(tmp_path / "w"), "."],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    (wheel,) = (tmp_path / "w").glob("tiergate-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        sources = {n: z.read(n).decode() for n in names if n.endswith(".py")}
+    top = {n.split("/")[0] for n in names}
+    dist_info = f"tiergate-{PYPROJECT['project']['version']}.dist-info"
+    assert top == {"tiergate", "tiergate_operator", "tiergate_router", dist_info}
+    assert "tiergate_router/openai_server.py" in sources  # the shared server skeleton is product code
+    assert [n for n in names if {"tests", "testing"} & set(n.split("/"))] == []
+    classes = {n: set(re.findall(r"^class (\w+)", text, re.MULTILINE)) for n, text in sources.items()}
+    assert {n: sorted(c & _TEST_DOUBLES) for n, c in classes.items() if c & _TEST_DOUBLES} == {}
 
 
 def test_install_lines_name_extras_that_exist_and_pinned_packages() -> None:

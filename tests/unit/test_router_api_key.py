@@ -13,13 +13,13 @@ from typing import Any
 
 import openai
 import pytest
-from _router_serve import ROOT, Serve
 
+from tests.support.procs import FakeProcess
+from tests.support.router_serve import ROOT, Serve
 from tiergate.api import naming
 from tiergate.api.policy import RoutingPolicy
 from tiergate_operator.builders import build_router_deployment, router_policy_document
 from tiergate_router.config import ConfigError, from_policy
-from tiergate_router.testing.procs import FakeProcess
 
 KEY = "sk-test-0123456789"
 

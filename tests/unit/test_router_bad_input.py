@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tiergate_router.testing.harness import Harness
+from tests.support.harness import Harness
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from tiergate_router.testing.artifacts import constant_artifact
+from tests.support.artifacts import constant_artifact
+from tests.support.router_serve import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.support.harness import Harness
 from tiergate_router._proto import router_pb2, router_pb2_grpc
-from tiergate_router.testing.harness import Harness
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 

@@ -9,8 +9,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from tests.support.harness import Harness
 from tiergate_router._proto import router_pb2, router_pb2_grpc
-from tiergate_router.testing.harness import Harness
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,11 @@ import numpy as np
 import openai
 import pytest
 import yaml
-from _router_serve import ROOT, Serve
 
 import tiergate.routing
+from tests.support.artifacts import constant_multi_tier_artifact
+from tests.support.procs import FakeProcess
+from tests.support.router_serve import ROOT, Serve
 from tiergate.api.policy import RoutingPolicy
 from tiergate.routing.artifact import load_artifact
 from tiergate.routing.scorer import choose_from_quality
@@ -25,8 +27,6 @@ from tiergate_router.artifact_classifier import LoadedClassifier
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import ConfigError, from_policy
 from tiergate_router.decision import choose_multi_tier
-from tiergate_router.testing.artifacts import constant_multi_tier_artifact
-from tiergate_router.testing.procs import FakeProcess
 
 SHIPPED = Path(tiergate.routing.__file__).parent / "default" / "multi-tier.json"
 # Three of the shipped artifact's nine tiers (prices 0.2, 0.4 and 1.8 $/Mtok there).

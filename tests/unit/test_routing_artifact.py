@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _routing_helpers import FakeEncoder, tiny_artifact
 
+from tests.support.routing import FakeEncoder, tiny_artifact
 from tiergate.routing.artifact import MAX_BYTES, load_artifact, save_artifact, to_json_dict
 from tiergate.routing.errors import ArtifactError
 from tiergate.routing.scorer import Scorer

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _routing_helpers import FakeEncoder, tiny_artifact
 
+from tests.support.routing import FakeEncoder, tiny_artifact
 from tiergate.routing.errors import RoutingError
 from tiergate.routing.scorer import Scorer, choose_from_quality
 

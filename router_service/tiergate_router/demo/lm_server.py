@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
 import threading
-import time
-import uuid
 from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
 
-from tiergate_router.validation import error_body
+from tiergate_router.openai_server import (
+    CompletionStream,
+    HTTPServer,
+    ModelServer,
+    completion_body,
+    error_response,
+    serve_until_signalled,
+    usage_body,
+    wants_usage,
+)
 
 # Bounds for a demo on two cores: long answers would take a minute each.
 MAX_NEW_TOKENS = 256
@@ -92,111 +97,69 @@ class LocalLM:
         return "".join(pieces), n, finish
 
 
-class LMServer:
+class LMServer(ModelServer):
     def __init__(self, lm: LocalLM, served_model_name: str) -> None:
+        super().__init__(served_model_name, owned_by="tiergate-demo")
         self.lm = lm
-        self.name = served_model_name
         self.lock = asyncio.Lock()
-        self.waiting = 0
-        self.running = 0
-        self.prompt_tokens = 0
-        self.generation_tokens = 0
 
-    def app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        return app
-
-    async def health(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="")
-
-    async def models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {"id": self.name, "object": "model", "created": int(time.time()), "owned_by": "tiergate-demo"}
-                ],
-            }
-        )
-
-    async def metrics(self, request: web.Request) -> web.StreamResponse:
-        lbl = f'model_name="{self.name}"'
-        return web.Response(
-            text=(
-                f"# TYPE vllm:num_requests_running gauge\nvllm:num_requests_running{{{lbl}}} {self.running}\n"
-                f"# TYPE vllm:num_requests_waiting gauge\nvllm:num_requests_waiting{{{lbl}}} {self.waiting}\n"
-                f"# TYPE vllm:prompt_tokens_total counter\nvllm:prompt_tokens_total{{{lbl}}} {self.prompt_tokens}\n"
-                f"# TYPE vllm:generation_tokens_total counter\n"
-                f"vllm:generation_tokens_total{{{lbl}}} {self.generation_tokens}\n"
-            ),
-            content_type="text/plain",
-        )
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
             assert isinstance(body, dict)
         except (ValueError, AssertionError):
-            return web.json_response(error_body("body must be a JSON object"), status=400)
-        if body.get("model") != self.name:
-            return web.json_response(
-                error_body(f"The model `{body.get('model')}` does not exist.", type_="NotFoundError"), status=404
-            )
+            return error_response(400, "body must be a JSON object")
+        if body.get("model") != self.model:
+            return error_response(404, f"The model `{body.get('model')}` does not exist.", type_="NotFoundError")
         messages = body.get("messages") if chat else None
         if chat and not (
             isinstance(messages, list)
             and all(isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages)
         ):
-            return web.json_response(error_body("messages must be a list of {role, content: str}"), status=400)
+            return error_response(400, "messages must be a list of {role, content: str}")
         prompt = body.get("prompt") if not chat else None
         if not chat and not isinstance(prompt, str):
-            return web.json_response(error_body("prompt must be a string"), status=400)
+            return error_response(400, "prompt must be a string")
         try:
             max_new = min(int(body.get("max_tokens") or DEFAULT_NEW_TOKENS), MAX_NEW_TOKENS)
             temperature = float(body.get("temperature") or 0.0)
         except (TypeError, ValueError):
-            return web.json_response(error_body("max_tokens/temperature must be numbers"), status=400)
+            return error_response(400, "max_tokens/temperature must be numbers")
         inputs = self.lm.encode(messages, prompt)
         n_prompt = int(inputs["input_ids"].shape[1])
         cancel = threading.Event()
         loop = asyncio.get_running_loop()
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        self.waiting += 1
+        self.load.waiting += 1
         try:
             async with self.lock:
-                self.waiting -= 1
-                self.running += 1
+                self.load.waiting -= 1
+                self.load.running += 1
                 try:
                     if not body.get("stream"):
                         text, n, finish = await loop.run_in_executor(
                             None, self.lm.generate, inputs, max_new, temperature, cancel
                         )
                         self._count(n_prompt, n)
-                        return web.json_response(_full(rid, created, self.name, chat, text, finish, n_prompt, n))
-                    return await self._stream(
-                        request, body, inputs, max_new, temperature, cancel, rid, created, chat, n_prompt
-                    )
+                        return web.json_response(
+                            completion_body(
+                                self.model,
+                                chat=chat,
+                                text=text,
+                                finish_reason=finish,
+                                prompt_tokens=n_prompt,
+                                completion_tokens=n,
+                            )
+                        )
+                    return await self._stream(request, body, inputs, max_new, temperature, cancel, chat, n_prompt)
                 finally:
-                    self.running -= 1
+                    self.load.running -= 1
         except asyncio.CancelledError:
             cancel.set()  # the client left: stop generating at the next token
             raise
 
     def _count(self, n_prompt: int, n: int) -> None:
-        self.prompt_tokens += n_prompt
-        self.generation_tokens += n
+        self.load.prompt_tokens += n_prompt
+        self.load.generation_tokens += n
 
     async def _stream(
         self,
@@ -206,28 +169,12 @@ class LMServer:
         max_new: int,
         temperature: float,
         cancel: threading.Event,
-        rid: str,
-        created: int,
         chat: bool,
         n_prompt: int,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[str | None] = asyncio.Queue()
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choice: dict[str, Any] | None, usage: dict[str, int] | None = None) -> bytes:
-            d: dict[str, Any] = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": self.name,
-                "choices": [choice] if choice else [],
-            }
-            if usage:
-                d["usage"] = usage
-            return f"data: {json.dumps(d)}\n\n".encode()
+        stream = await CompletionStream.open(request, self.model, chat=chat)
 
         def on_text(piece: str) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, piece)
@@ -235,82 +182,20 @@ class LMServer:
         fut = loop.run_in_executor(None, self.lm.generate, inputs, max_new, temperature, cancel, on_text)
         fut.add_done_callback(lambda _f: loop.call_soon_threadsafe(queue.put_nowait, None))
         try:
-            if chat:
-                await resp.write(
-                    event({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-                )
             while (piece := await queue.get()) is not None:
-                choice = (
-                    {"index": 0, "delta": {"content": piece}, "finish_reason": None}
-                    if chat
-                    else {"index": 0, "text": piece, "finish_reason": None}
-                )
-                await resp.write(event(choice))
+                await stream.text(piece)
             _, n, finish = await fut
         except BaseException:
             cancel.set()
             raise
         self._count(n_prompt, n)
-        last = (
-            {"index": 0, "delta": {}, "finish_reason": finish}
-            if chat
-            else {"index": 0, "text": "", "finish_reason": finish}
-        )
-        await resp.write(event(last))
-        opts = body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage"):
-            await resp.write(
-                event(None, {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n})
-            )
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
-        return resp
-
-
-def _full(
-    rid: str, created: int, model: str, chat: bool, text: str, finish: str, n_prompt: int, n: int
-) -> dict[str, Any]:
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": n, "total_tokens": n_prompt + n}
-    if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish,
-        }
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": usage,
-        }
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish}],
-        "usage": usage,
-    }
+        await stream.finish(finish, usage_body(n_prompt, n) if wants_usage(body) else None)
+        return stream.response
 
 
 async def serve(model_dir: Path, name: str, host: str, port: int, threads: int | None) -> None:
     lm = await asyncio.get_running_loop().run_in_executor(None, lambda: LocalLM(model_dir, threads=threads))
-    runner = web.AppRunner(LMServer(lm, name).app(), handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    server = site._server
-    assert server is not None
-    bound = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    print(f"READY http://{host}:{bound}/v1", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await runner.cleanup()
+    await serve_until_signalled(HTTPServer(LMServer(lm, name).app(), host, port))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from tests.support.fake_vllm import Behaviour, FakeVLLM
+from tests.support.scorers import KeywordScorer
 from tiergate_router.classifier import Classifier, MicroBatcher
 from tiergate_router.config import RouterConfig, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
-from tiergate_router.testing.fake_vllm import Behaviour, FakeVLLM
-from tiergate_router.testing.scorers import KeywordScorer
 
 T = TypeVar("T")
 

@@ -6,22 +6,30 @@ error status, dropping the connection without an answer or mid-stream, and a con
 requests queue (reported as `vllm:num_requests_waiting`, as vLLM does).
 
 Run standalone (so that a test can SIGKILL it like a crashed pod):
-    python -m tiergate_router.testing.fake_vllm --host 127.0.0.1 --port 8001 --model small-model
+    python -m tests.support.fake_vllm --host 127.0.0.1 --port 8001 --model small-model
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import signal
 import sys
-import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from tiergate_router.openai_server import (
+    CompletionStream,
+    HTTPServer,
+    ModelServer,
+    ServerLoad,
+    completion_body,
+    serve_until_signalled,
+    usage_body,
+    wants_usage,
+)
 
 
 @dataclass
@@ -42,20 +50,16 @@ class Behaviour:
 
 
 @dataclass
-class Stats:
+class Stats(ServerLoad):
     requests: list[dict[str, Any]] = field(default_factory=list)
     completed: int = 0
     # Requests whose client went away before the answer was complete (vLLM aborts those).
     aborted: int = 0
-    running: int = 0
-    waiting: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
     # Requests refused for a missing or wrong API key.
     unauthorized: int = 0
 
 
-class FakeVLLM:
+class FakeVLLM(ModelServer):
     def __init__(
         self,
         model: str = "fake-model",
@@ -65,95 +69,40 @@ class FakeVLLM:
         behaviour: Behaviour | None = None,
         name: str | None = None,
     ) -> None:
-        self.model = model
-        self.host = host
-        self.port = port
+        self.stats = Stats()
+        super().__init__(
+            model, owned_by="vllm", load=self.stats, model_card={"root": model, "parent": None, "max_model_len": 2048}
+        )
         self.behaviour = behaviour or Behaviour()
         self.name = name or f"{model}@{host}"
-        self.stats = Stats()
-        self._runner: web.AppRunner | None = None
+        # Stopping drops requests in flight almost at once, as a killed vLLM pod would.
+        self.server = HTTPServer(self.app(middlewares=[self._check_key]), host, port, shutdown_timeout=0.1)
         self._slots: asyncio.Semaphore | None = None
 
     @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return self.server.base_url
 
     @web.middleware
-    async def _check_key(self, request: web.Request, handler: Any) -> web.StreamResponse:
+    async def _check_key(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         key = self.behaviour.api_key
         authorised = request.headers.get("Authorization") == f"Bearer {key}"
         if key is not None and request.path.startswith("/v1") and not authorised:
             self.stats.unauthorized += 1
             # vLLM's answer (its authentication middleware), body included.
             return web.json_response({"error": "Unauthorized"}, status=401)
-        response: web.StreamResponse = await handler(request)
-        return response
-
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._check_key])
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._chat)
-        app.router.add_post("/v1/completions", self._completions)
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/health", self._health)
-        return app
+        return await handler(request)
 
     async def start(self) -> str:
-        # handler_cancellation: a client that disconnects cancels the handler, which is how vLLM notices aborts.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None, shutdown_timeout=0.1)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        self.port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+        await self.server.start()
         return self.base_url
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    # -- handlers ---------------------------------------------------------------------------------------------
-
-    async def _health(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="")
-
-    async def _models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(
-            {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model,
-                        "object": "model",
-                        "created": int(time.time()),
-                        "owned_by": "vllm",
-                        "root": self.model,
-                        "parent": None,
-                        "max_model_len": 2048,
-                    }
-                ],
-            }
-        )
-
-    async def _metrics(self, request: web.Request) -> web.StreamResponse:
-        s, lbl = self.stats, f'model_name="{self.model}"'
-        text = (
-            "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
-            "# TYPE vllm:num_requests_running gauge\n"
-            f"vllm:num_requests_running{{{lbl}}} {float(s.running)}\n"
-            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
-            "# TYPE vllm:num_requests_waiting gauge\n"
-            f"vllm:num_requests_waiting{{{lbl}}} {float(s.waiting)}\n"
-            "# HELP vllm:prompt_tokens_total Number of prefill tokens processed.\n"
-            "# TYPE vllm:prompt_tokens_total counter\n"
-            f"vllm:prompt_tokens_total{{{lbl}}} {float(s.prompt_tokens)}\n"
-            "# HELP vllm:generation_tokens_total Number of generation tokens processed.\n"
-            "# TYPE vllm:generation_tokens_total counter\n"
-            f"vllm:generation_tokens_total{{{lbl}}} {float(s.generation_tokens)}\n"
-        )
-        return web.Response(text=text, content_type="text/plain")
+        await self.server.stop()
 
     def _error(self, status: int, message: str, type_: str = "BadRequestError") -> web.Response:
         # vLLM's ErrorResponse shape.
@@ -161,13 +110,7 @@ class FakeVLLM:
             {"object": "error", "message": message, "type": type_, "param": None, "code": status}, status=status
         )
 
-    async def _chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=True)
-
-    async def _completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._generate(request, chat=False)
-
-    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+    async def generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
             body = await request.json()
         except ValueError:
@@ -200,7 +143,16 @@ class FakeVLLM:
                 self.stats.prompt_tokens += n_prompt
                 self.stats.generation_tokens += n_out
                 self.stats.completed += 1
-                return web.json_response(_full_response(self.model, chat, " ".join(words), n_prompt, n_out))
+                return web.json_response(
+                    completion_body(
+                        self.model,
+                        chat=chat,
+                        text=" ".join(words),
+                        finish_reason="length",
+                        prompt_tokens=n_prompt,
+                        completion_tokens=n_out,
+                    )
+                )
             finally:
                 self.stats.running -= 1
                 self._release_slot()
@@ -227,30 +179,7 @@ class FakeVLLM:
         self, request: web.Request, body: dict[str, Any], chat: bool, n_prompt: int, n_out: int
     ) -> web.StreamResponse:
         b = self.behaviour
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-        await resp.prepare(request)
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        obj = "chat.completion.chunk" if chat else "text_completion"
-
-        def event(choice: dict[str, Any], usage: dict[str, int] | None = None) -> bytes:
-            d: dict[str, Any] = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": self.model,
-                "choices": [choice] if choice else [],
-            }
-            if usage is not None:
-                d["usage"] = usage
-            return f"data: {json.dumps(d)}\n\n".encode()
-
-        if chat:
-            await resp.write(
-                event(
-                    {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                )
-            )
+        stream = await CompletionStream.open(request, self.model, chat=chat)
         for i in range(n_out):
             if b.drop_after_tokens is not None and i >= b.drop_after_tokens:
                 assert request.transport is not None
@@ -258,30 +187,12 @@ class FakeVLLM:
                 raise asyncio.CancelledError
             if b.token_delay_s:
                 await asyncio.sleep(b.token_delay_s)
-            text = ("" if i == 0 else " ") + f"{self.name}-tok{i}"
-            choice: dict[str, Any] = (
-                {"index": 0, "delta": {"content": text}, "logprobs": None, "finish_reason": None}
-                if chat
-                else {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
-            )
-            await resp.write(event(choice))
+            await stream.text(("" if i == 0 else " ") + f"{self.name}-tok{i}")
             self.stats.generation_tokens += 1
-        last: dict[str, Any] = (
-            {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
-            if chat
-            else {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
-        )
-        await resp.write(event(last))
-        opts = body.get("stream_options")
-        if isinstance(opts, dict) and opts.get("include_usage"):
-            await resp.write(
-                event({}, {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out})
-            )
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        await stream.finish("length", usage_body(n_prompt, n_out) if wants_usage(body) else None)
         self.stats.prompt_tokens += n_prompt
         self.stats.completed += 1
-        return resp
+        return stream.response
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:
@@ -292,34 +203,6 @@ def _prompt_text(body: dict[str, Any], chat: bool) -> str:
     if not isinstance(msgs, list):
         return ""
     return " ".join(m.get("content", "") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), str))
-
-
-def _full_response(model: str, chat: bool, text: str, n_prompt: int, n_out: int) -> dict[str, Any]:
-    usage = {"prompt_tokens": n_prompt, "completion_tokens": n_out, "total_tokens": n_prompt + n_out}
-    if chat:
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": "length",
-                }
-            ],
-            "usage": usage,
-        }
-    return {
-        "id": f"cmpl-{uuid.uuid4().hex}",
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
-        "usage": usage,
-    }
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -336,14 +219,7 @@ async def _serve(args: argparse.Namespace) -> None:
             api_key=args.api_key,
         ),
     )
-    await fake.start()
-    print(f"READY {fake.base_url}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
+    await serve_until_signalled(fake.server)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,11 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+
+# The checkout's root: `python -m tests.support.fake_vllm` finds the `tests` package from there, whatever the
+# caller's working directory (a benchmark script, a test run from another folder).
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class FakeProcess:
@@ -23,7 +28,7 @@ class FakeProcess:
             *prefix,
             sys.executable,
             "-m",
-            "tiergate_router.testing.fake_vllm",
+            "tests.support.fake_vllm",
             "--host",
             host,
             "--port",
@@ -36,7 +41,7 @@ class FakeProcess:
             str(latency_s),
             *extra,
         ]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line.startswith("READY "):

@@ -1,4 +1,4 @@
-"""`tiergate serve` in a subprocess, for the router's end-to-end tests (test_router_serve, _multitier, _api_key)."""
+"""`tiergate serve` in a subprocess, as a user starts it, for the router's end-to-end tests; a free loopback port."""
 
 from __future__ import annotations
 
