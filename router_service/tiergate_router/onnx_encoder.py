@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiergate_router.errors import ClassifierError
+from tiergate_router.quiet import quiet_libraries
 
 if TYPE_CHECKING:
     import numpy as np
@@ -104,10 +105,11 @@ def ensure_onnx(
         " and int8 quantisation" if variant == "onnx-int8" else "",
         out_dir,
     )
-    if not fp32.is_file():
-        _export_fused(folder, fp32)
-    if variant == "onnx-int8":
-        _quantize(fp32, int8)
+    with quiet_libraries():
+        if not fp32.is_file():
+            _export_fused(folder, fp32)
+        if variant == "onnx-int8":
+            _quantize(fp32, int8)
     return want
 
 

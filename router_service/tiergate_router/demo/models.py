@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tiergate_router.errors import RouterError
+from tiergate_router.quiet import quiet_libraries
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -58,15 +59,16 @@ def ensure_smollm2(cache: Path | None = None) -> Path:
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_FILE)
-        model: Any = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_FILE, dtype=torch.bfloat16)
-        # The dequantised weights are plain tensors now; the GGUF quantizer state would make save_pretrained
-        # write a config that claims a quantisation the folder does not have.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(str(tmp))
-        tok.save_pretrained(str(tmp))
+        with quiet_libraries():
+            tok = AutoTokenizer.from_pretrained(str(src), gguf_file=GGUF_FILE)
+            model: Any = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=GGUF_FILE, dtype=torch.bfloat16)
+            # The dequantised weights are plain tensors now; the GGUF quantizer state would make save_pretrained
+            # write a config that claims a quantisation the folder does not have.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.save_pretrained(str(tmp))
+            tok.save_pretrained(str(tmp))
         tmp.rename(dest)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
