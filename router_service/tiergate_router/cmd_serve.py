@@ -193,6 +193,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tiergate_router.classifier import MicroBatcher
     from tiergate_router.config import policy_classifier_path, read_policy
     from tiergate_router.errors import ConfigError
+    from tiergate_router.restart_inputs import refuse_restart_changes, report_classifier
     from tiergate_router.server import RouterServer, ServeOptions
 
     # Check the cheap things (flags, policy) before loading the encoder, which takes seconds.
@@ -218,8 +219,8 @@ async def _serve(args: argparse.Namespace) -> int:
 
     def reload(path: Path) -> Any:
         new = read_policy(path)
-        if policy_classifier_path(new) != policy_classifier_path(policy):
-            raise ConfigError("spec.router.classifier changed; a new classifier takes a router restart")
+        if policy is not None:  # always, as reload is only set up with -f
+            refuse_restart_changes(policy, new)
         cfg = build_config(args, new, loaded)
         _warn_unserved(new)
         return cfg
@@ -238,6 +239,7 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery=any(t.service is not None for t in cfg.tiers),
     )
     server = RouterServer(cfg, classifier, options)
+    report_classifier(server.router.metrics, loaded.source if loaded else None, loaded.kind if loaded else "none")
     await server.start()
     host = options.host
     print(
