@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tiergate.api import naming
 from tiergate.api.policy import RoutingPolicy
 
 # Imported for their values only: tiergate.routing.artifact needs nothing beyond the standard library on import
@@ -68,7 +69,7 @@ class ClassifierProblem:
 
 def copy_name(policy: RoutingPolicy) -> str:
     """The operator-owned ConfigMap holding the last good artifact (next to the router's `-router` ConfigMap)."""
-    return f"{policy.name}-router-classifier"
+    return f"{naming.router_name(policy.name)}-classifier"
 
 
 def source_ref(policy: RoutingPolicy) -> tuple[str, str] | None:
@@ -140,6 +141,9 @@ def read_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | Class
         return None
     name, key = ref
     where = f"ConfigMap {policy.namespace}/{name} key {key}"
+    if name in (copy_name(policy), naming.router_name(policy.name)):
+        # The operator writes those: reading one as the source would make the last good copy its own source.
+        return ClassifierProblem(INVALID, f"{where}: that name belongs to the operator's own ConfigMap; rename it")
     if cm is None:
         return ClassifierProblem(MISSING, f"{where}: the ConfigMap does not exist")
     text = _key_text(cm, key)
