@@ -85,7 +85,7 @@ def _reformat(doc_edit: Callable[[dict[str, Any]], None]) -> str:
 
 
 @pytest.mark.parametrize(
-    "text, fragment",
+    ("text", "fragment"),
     [
         ("{not json", "not JSON"),
         ('{"format": "something.else"}', "not a router artifact"),
@@ -105,16 +105,20 @@ def test_broken_artifacts_are_refused_naming_the_configmap_and_key(text: str, fr
 
 def test_missing_configmap_or_key_and_binary_data() -> None:
     absent = oc.read_source(policy(), None)
-    assert isinstance(absent, oc.ClassifierProblem) and absent.reason == oc.MISSING
-    assert "team-a/chat-router-artifact" in absent.message and "does not exist" in absent.message
+    assert isinstance(absent, oc.ClassifierProblem)
+    assert absent.reason == oc.MISSING
+    assert "team-a/chat-router-artifact" in absent.message
+    assert "does not exist" in absent.message
     no_key = oc.read_source(policy(), user_cm("{}", key="other.json"))
-    assert isinstance(no_key, oc.ClassifierProblem) and no_key.reason == oc.MISSING
+    assert isinstance(no_key, oc.ClassifierProblem)
+    assert no_key.reason == oc.MISSING
     assert "no such key (keys: other.json)" in no_key.message
     import base64
 
     raw = base64.b64encode(TWO_TIER.read_bytes()).decode()
     binary = oc.read_source(policy(), {"metadata": {}, "binaryData": {"router.json": raw}})
-    assert isinstance(binary, oc.ClassifierCopy) and binary.sha256 == good().sha256
+    assert isinstance(binary, oc.ClassifierCopy)
+    assert binary.sha256 == good().sha256
     # A policy naming no classifier ConfigMap (the shipped default, or a path) has nothing to check.
     assert oc.read_source(policy(lambda d: d["spec"]["router"].pop("classifier")), None) is None
 
@@ -125,7 +129,8 @@ def test_the_operators_own_configmaps_are_refused_as_sources() -> None:
 
     for n in ("chat-router-classifier", "chat-router"):
         found = oc.read_source(policy(name_it(n)), user_cm(TWO_TIER.read_text(), name=n))
-        assert isinstance(found, oc.ClassifierProblem) and "operator's own ConfigMap" in found.message
+        assert isinstance(found, oc.ClassifierProblem)
+        assert "operator's own ConfigMap" in found.message
 
 
 # --- the builders ---------------------------------------------------------------------------------------------
@@ -272,11 +277,14 @@ def test_a_broken_artifact_keeps_the_last_good_one_even_across_a_restart() -> No
     kube = FakeKube({"chat-router-artifact": user_cm(TWO_TIER.read_text())})
     mem = PolicyMemory()
     first = resolve_classifier(kube, p, mem)  # type: ignore[arg-type]
-    assert first is not None and first.sha256 == good().sha256 and mem.classifier_problem is None
+    assert first is not None
+    assert first.sha256 == good().sha256
+    assert mem.classifier_problem is None
     kube.objects["chat-router-artifact"] = user_cm("{broken")
     kept = resolve_classifier(kube, p, mem)  # type: ignore[arg-type]
     assert kept == first
-    assert mem.classifier_problem is not None and mem.classifier_problem.reason == oc.INVALID
+    assert mem.classifier_problem is not None
+    assert mem.classifier_problem.reason == oc.INVALID
     # A restarted operator remembers nothing: the last good artifact comes back from its copy in the cluster.
     copy = b.build_classifier_configmap(p, first)
     kube.objects["chat-router-classifier"] = copy
@@ -286,7 +294,8 @@ def test_a_broken_artifact_keeps_the_last_good_one_even_across_a_restart() -> No
     )
     del kube.objects["chat-router-artifact"]
     assert resolve_classifier(kube, p, fresh) is not None  # type: ignore[arg-type]
-    assert fresh.classifier_problem is not None and fresh.classifier_problem.reason == oc.MISSING
+    assert fresh.classifier_problem is not None
+    assert fresh.classifier_problem.reason == oc.MISSING
     # Never good, no copy: nothing to serve, and the status says why.
     none = PolicyMemory()
     assert resolve_classifier(FakeKube({}), p, none) is None  # type: ignore[arg-type]
@@ -308,9 +317,11 @@ def test_a_refused_classifier_makes_the_policy_degraded_not_rolling_out() -> Non
     assert {c["type"]: c["status"] for c in compute_status(p, deps, [])["conditions"]}["Ready"] == "True"
     st = compute_status(p, deps, [], router_problem=(oc.MISSING, "ConfigMap team-a/x key k: does not exist"))
     conds = {c["type"]: c for c in st["conditions"]}
-    assert conds["Degraded"]["status"] == "True" and conds["Degraded"]["reason"] == oc.MISSING
+    assert conds["Degraded"]["status"] == "True"
+    assert conds["Degraded"]["reason"] == oc.MISSING
     assert "router: 2/2 ready: ConfigMap team-a/x key k" in conds["Degraded"]["message"]
-    assert conds["Ready"]["status"] == "False" and conds["Ready"]["reason"] == oc.MISSING
+    assert conds["Ready"]["status"] == "False"
+    assert conds["Ready"]["reason"] == oc.MISSING
     assert conds["Progressing"]["status"] == "False"
     # Even while the router's pod waits for a copy that never came.
     deps.pop("chat-router")
@@ -330,7 +341,8 @@ def test_a_changed_configmap_requeues_the_policies_naming_it() -> None:
         c.source_event("elsewhere", "art")
         assert not c._queued
         c.source_event("ns", "art")
-        assert c._queued == {("ns", "chat")} and c._need_apply == {("ns", "chat")}
+        assert c._queued == {("ns", "chat")}
+        assert c._need_apply == {("ns", "chat")}
         # The policy moves to another ConfigMap, then goes: the old name stops mattering.
         c._queued.clear()
         moved = {"spec": {"router": {"classifier": {"configMap": {"name": "art2"}}}}}
