@@ -378,3 +378,19 @@ def test_the_source_watch_reports_changes_made_while_it_was_down() -> None:
     seen.clear()
     w.relisted([item("a", "2"), item("b", "5")])  # b changed, c went, while no watch ran
     assert sorted(seen) == [("ns", "b"), ("ns", "c")]
+
+
+def test_the_operator_checks_artifacts_without_numpy() -> None:
+    """The operator image has no numpy (the `operator` extra): the check must not need it, on import or in use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "sys.modules['numpy'] = None  # any import of numpy now fails\n"
+        "import tiergate_operator.main\n"
+        "from tiergate_operator.classifier import check_artifact\n"
+        f"print(check_artifact(open({str(TWO_TIER)!r}).read(), 'x'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == json.loads(TWO_TIER.read_text())["sha256"]
