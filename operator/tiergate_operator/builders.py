@@ -26,6 +26,15 @@ from tiergate.api.policy import (
     Tier,
 )
 
+from .classifier import (
+    CLASSIFIER_SHA_ANNOTATION,
+    COPY_KEY,
+    ROUTER_INPUTS_ANNOTATION,
+    ClassifierCopy,
+    copy_name,
+    router_inputs_digest,
+)
+
 Obj = dict[str, Any]
 
 PART_OF = "tiergate"
@@ -380,6 +389,13 @@ def build_router_configmap(policy: RoutingPolicy) -> Obj:
     }
 
 
+def build_classifier_configmap(policy: RoutingPolicy, classifier: ClassifierCopy) -> Obj:
+    """The last good classifier artifact, copied from the ConfigMap the policy names (classifier.py says why)."""
+    meta = _meta(policy, copy_name(policy), _router_labels(policy))
+    meta["annotations"] = {CLASSIFIER_SHA_ANNOTATION: classifier.sha256}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {COPY_KEY: classifier.content}}
+
+
 def build_router_serviceaccount(policy: RoutingPolicy) -> Obj:
     return {
         "apiVersion": "v1",
@@ -445,7 +461,10 @@ def _api_key_env(policy: RoutingPolicy) -> list[Obj]:
     return out
 
 
-def build_router_deployment(policy: RoutingPolicy) -> Obj:
+def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | None = None) -> Obj:
+    """The router. A classifier ConfigMap is mounted from the operator's checked copy (`classifier`, the last good
+    artifact; None before any was good, and the pod waits for the copy), under the key the policy names. The pod
+    template carries a digest of the inputs the router reads only at start, so changing one rolls the router."""
     r = policy.spec.router
     name = naming.router_name(policy.name)
     labels = _router_labels(policy)
@@ -460,9 +479,8 @@ def build_router_deployment(policy: RoutingPolicy) -> Obj:
     if r.classifier is not None and r.classifier.config_map is not None:
         cm = r.classifier.config_map
         mounts.append({"name": "classifier", "mountPath": naming.CLASSIFIER_MOUNT_DIR, "readOnly": True})
-        volumes.append(
-            {"name": "classifier", "configMap": {"name": cm.name, "items": [{"key": cm.key, "path": cm.key}]}}
-        )
+        items = [{"key": COPY_KEY, "path": cm.key}]
+        volumes.append({"name": "classifier", "configMap": {"name": copy_name(policy), "items": items}})
     container: Obj = {
         "name": ROUTER_CONTAINER,
         "image": r.image,
@@ -508,7 +526,7 @@ def build_router_deployment(policy: RoutingPolicy) -> Obj:
         selector_labels(policy, naming.COMPONENT_ROUTER),
         r.replicas,
         pod,
-        _scrape_annotations(r.http_port),
+        {**_scrape_annotations(r.http_port), ROUTER_INPUTS_ANNOTATION: router_inputs_digest(policy, classifier)},
     )
 
 
@@ -607,19 +625,22 @@ KIND_ORDER = (
 )
 
 
-def build_children(policy: RoutingPolicy) -> list[Obj]:
-    """Every object the policy should have, in apply order. Deterministic: same policy, same list."""
+def build_children(policy: RoutingPolicy, classifier: ClassifierCopy | None = None) -> list[Obj]:
+    """Every object the policy should have, in apply order. Deterministic: same policy and classifier, same list.
+    `classifier`: the checked artifact of a classifier ConfigMap (the last good one), None when there is none."""
     objs: list[Obj] = [
         build_router_serviceaccount(policy),
         build_router_role(policy),
         build_router_rolebinding(policy),
         build_router_configmap(policy),
     ]
+    if classifier is not None:
+        objs.append(build_classifier_configmap(policy, classifier))
     for tier in policy.spec.tiers:
         if tier.external:
             continue
         objs += [build_tier_service(policy, tier), build_tier_pdb(policy, tier), build_tier_deployment(policy, tier)]
-    objs += [build_router_service(policy), build_router_pdb(policy), build_router_deployment(policy)]
+    objs += [build_router_service(policy), build_router_pdb(policy), build_router_deployment(policy, classifier)]
     if policy.spec.best_of_n is not None:
         objs += [build_reward_service(policy), build_reward_pdb(policy), build_reward_deployment(policy)]
     objs.sort(key=lambda o: KIND_ORDER.index(o["kind"]))

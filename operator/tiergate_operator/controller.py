@@ -22,6 +22,7 @@ from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import KIND
 
 from .cache import ChildCache
+from .classifier import source_of
 from .config import OperatorConfig
 from .errors import KubeError
 from .kube import Kube
@@ -57,6 +58,9 @@ class Controller:
         self._need_apply: set[PolicyKey] = set()
         self._resync_due: set[PolicyKey] = set()  # re-read from the API server on the next reconcile
         self._bodies: dict[PolicyKey, dict[str, Any]] = {}  # the latest policy body kopf delivered
+        # Which policy names which ConfigMap as its classifier: (namespace, ConfigMap) -> policy names.
+        self._sources: dict[tuple[str, str], set[str]] = {}
+        self._source_of: dict[PolicyKey, str] = {}
         self._queue: asyncio.Queue[PolicyKey] | None = None
         self._queued: set[PolicyKey] = set()
         self._active: set[PolicyKey] = set()
@@ -106,14 +110,32 @@ class Controller:
             self._memory.pop(key, None)
             self._failures.pop(key, None)
             self._bodies.pop(key, None)
+            self._index_source(key, None)
             return
         if body is not None:
             self._bodies[key] = body
+            self._index_source(key, source_of(body))
         mem = self._memory.get(key)
         # Our own status writes come back as events too; only a new generation (or a policy we have not
         # reconciled yet) needs work.
         if mem is None or mem.reconciled_generation != generation:
             self.enqueue(key)
+
+    def _index_source(self, key: PolicyKey, name: str | None) -> None:
+        old = self._source_of.pop(key, None)
+        if old is not None:
+            users = self._sources.get((key[0], old), set())
+            users.discard(key[1])
+            if not users:
+                self._sources.pop((key[0], old), None)
+        if name is not None:
+            self._source_of[key] = name
+            self._sources.setdefault((key[0], name), set()).add(key[1])
+
+    def source_event(self, namespace: str, name: str) -> None:
+        """A ConfigMap changed or went (watches.SourceWatch): re-apply the policies that name it as classifier."""
+        for policy in sorted(self._sources.get((namespace, name), ())):
+            self.enqueue((namespace, policy))
 
     def child_event(
         self,

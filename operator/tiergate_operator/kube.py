@@ -38,6 +38,10 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 # A hung API server must not hang a reconcile forever: (connect, read) seconds.
 _TIMEOUT = (5.0, 30.0)
+# Accept headers asking for objects' metadata only (Kubernetes' PartialObjectMetadata): a list or watch of every
+# ConfigMap then carries names and resourceVersions, not the data (up to 1 MiB each).
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -110,11 +114,13 @@ class Kube:
         body: Any = None,
         query: dict[str, str] | None = None,
         content_type: str = "application/json",
+        accept: str = "application/json",
     ) -> tuple[int, Obj]:
+        """`accept`: METADATA_LIST lists objects' metadata only."""
         self._count("APPLY" if content_type.startswith("application/apply-patch") else method, path)
         if query:
             path = f"{path}?{urlencode(query)}"
-        headers = {"Accept": "application/json", "Content-Type": content_type}
+        headers = {"Accept": accept, "Content-Type": content_type}
         try:
             m, url, hdrs, data, _ = self._api.param_serialize(
                 method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
@@ -129,12 +135,15 @@ class Kube:
             payload = {"message": raw[:200].decode(errors="replace")}
         return resp.status, payload
 
-    def stream_lines(self, path: str, query: dict[str, str], read_timeout: float) -> Iterator[bytes]:
-        """GET a watch stream; yields one JSON event per line until the server closes it."""
+    def stream_lines(
+        self, path: str, query: dict[str, str], read_timeout: float, accept: str = "application/json"
+    ) -> Iterator[bytes]:
+        """GET a watch stream; yields one JSON event per line until the server closes it. `accept`: METADATA_WATCH
+        for events carrying objects' metadata only."""
         self._count("WATCH", path)
         url_path = f"{path}?{urlencode(query)}"
         m, url, hdrs, _, _ = self._api.param_serialize(
-            "GET", url_path, header_params={"Accept": "application/json"}, auth_settings=["BearerToken"]
+            "GET", url_path, header_params={"Accept": accept}, auth_settings=["BearerToken"]
         )
         resp = self._api.call_api(m, url, header_params=hdrs, _request_timeout=(_TIMEOUT[0], read_timeout))
         raw = resp.response

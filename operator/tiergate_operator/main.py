@@ -18,7 +18,7 @@ from .handlers import configure_settings, login_handler, register
 from .health import start_health_server
 from .kube import Kube, load_api_client
 from .leader import LeaderElector
-from .watches import WATCHED_KINDS, ChildWatches
+from .watches import WATCHED_KINDS, ChildWatches, SourceWatch
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,8 @@ async def _serve(
     )
     watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event, cache)
     watches.start()
+    sources = SourceWatch(kube, cfg.namespace, loop, controller.source_event)
+    sources.start()
     tasks = [kopf_task, asyncio.create_task(controller.run(stop), name="controller")]
     lost = False
     if elector is not None:
@@ -92,6 +94,7 @@ async def _serve(
     finally:
         stop.set()
         watches.close()
+        sources.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         if elector is not None and not lost:
             await loop.run_in_executor(None, elector.release)

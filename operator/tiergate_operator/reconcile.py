@@ -22,6 +22,7 @@ from tiergate.api.policy import API_VERSION, KIND, RoutingPolicy, parse_policy
 
 from .builders import KIND_ORDER, build_children, child_key
 from .cache import ChildCache, Seen
+from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
 from .config import OperatorConfig
 from .kube import Kube
 from .status import compute_status, status_changed
@@ -67,6 +68,9 @@ class PolicyMemory:
     applied: dict[Key, Applied] = field(default_factory=dict)
     reconciled_generation: int | None = None
     status: Obj | None = None  # the status we last wrote; None: trust the policy body's
+    # The last good classifier artifact (what the operator's copy holds), and why the current one is not served.
+    classifier: ClassifierCopy | None = None
+    classifier_problem: ClassifierProblem | None = None
 
 
 @dataclass
@@ -145,12 +149,13 @@ def reconcile(
     if memory.uid != uid:
         # A new incarnation of the same name: nothing remembered applies to it.
         memory.uid, memory.applied, memory.status = uid, {}, None
+        memory.classifier, memory.classifier_problem = None, None
     out = Outcome(policy)
     deployments = cache.deployments(pk)
     if not apply:
         return _finish(kube, body, policy, memory, cache, out, deployments)
 
-    desired = build_children(policy)
+    desired = build_children(policy, resolve_classifier(kube, policy, memory))
     wanted = {child_key(o) for o in desired}
     seen = cache.children(pk)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=1)
@@ -204,6 +209,30 @@ def reconcile(
     return _finish(kube, body, policy, memory, cache, out, deployments)
 
 
+def resolve_classifier(kube: Kube, policy: RoutingPolicy, memory: PolicyMemory) -> ClassifierCopy | None:
+    """The artifact to serve for a policy that names a classifier ConfigMap: the one in it when it is good, else
+    the last good one (memory, else the operator's copy in the cluster, after a restart), with the reason kept in
+    `memory.classifier_problem` for the status. Reads the user's ConfigMap on every apply of such a policy: one GET,
+    rather than caching every ConfigMap of the cluster (artifacts are up to 900 KiB each); the metadata-only
+    watch (watches.SourceWatch) is what brings a change here."""
+    ns = policy.namespace or "default"
+    ref = source_ref(policy)
+    if ref is None:
+        memory.classifier, memory.classifier_problem = None, None
+        return None
+    found = read_source(policy, kube.get("ConfigMap", ns, ref[0]))
+    if isinstance(found, ClassifierCopy):
+        memory.classifier, memory.classifier_problem = found, None
+        return found
+    memory.classifier_problem = found
+    if memory.classifier is None:
+        memory.classifier = read_copy(kube.get("ConfigMap", ns, copy_name(policy)))
+    if found is not None:
+        kept = f"; still serving {memory.classifier.sha256[:12]}" if memory.classifier else ""
+        log.warning("policy %s/%s: classifier refused: %s%s", ns, policy.name, found.message, kept)
+    return memory.classifier
+
+
 def _created_since(obj: Mapping[str, Any], since: dt.datetime) -> bool:
     raw = obj.get("metadata", {}).get("creationTimestamp")
     if not raw:
@@ -224,7 +253,15 @@ def _finish(
     # Our last write is newer than the body when the watch has not brought it back yet.
     current = memory.status if memory.status is not None else (body.get("status") or {})
     out.previous_conditions = list(current.get("conditions") or [])
-    status = compute_status(policy, deployments, pods, out.previous_conditions, now_rfc3339())
+    problem = memory.classifier_problem
+    status = compute_status(
+        policy,
+        deployments,
+        pods,
+        out.previous_conditions,
+        now_rfc3339(),
+        router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
+    )
     out.status = status
     if status_changed(current, status):
         kube.patch_status(KIND, policy.namespace or "default", policy.name, status)
@@ -234,6 +271,12 @@ def _finish(
         memory.status = dict(current)
     memory.reconciled_generation = policy.metadata.generation
     return out
+
+
+def _kept(problem: ClassifierProblem, last_good: ClassifierCopy | None) -> str:
+    if last_good is None:
+        return f"{problem.message}; no good classifier artifact yet, the router waits for one"
+    return f"{problem.message}; the router keeps the last good one (sha256 {last_good.sha256[:12]})"
 
 
 def event_body(

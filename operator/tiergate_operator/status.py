@@ -9,6 +9,7 @@ Degraded   True when a component cannot become ready without outside help: pods 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,11 +176,21 @@ def compute_status(
     pods: Sequence[Obj],
     previous_conditions: Sequence[Obj] = (),
     now: str = "1970-01-01T00:00:00Z",
+    router_problem: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods."""
+    """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods.
+    `router_problem` (reason, message): what keeps the router from serving what the policy says, seen by the
+    operator rather than in a pod (a classifier artifact it refused). It is the router's problem before any of its
+    pods' (a pod waiting for a classifier that never came is the symptom), so the policy is Degraded, not
+    RollingOut forever."""
     gen = policy.metadata.generation
     previous = {c.get("type", ""): c for c in previous_conditions}
     states = [component_state(c, deployments.get(c.deployment), pods) for c in components(policy)]
+    if router_problem is not None:
+        states = [
+            dataclasses.replace(s, problem=router_problem) if s.component.component == naming.COMPONENT_ROUTER else s
+            for s in states
+        ]
     by_tier = {s.component.tier: s for s in states if s.component.tier is not None}
 
     tiers: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from tiergate.api import naming
 
 from .builders import KIND_ORDER
 from .cache import ChildCache
-from .kube import Kube, resource_path
+from .kube import METADATA_LIST, METADATA_WATCH, Kube, resource_path
 
 log = logging.getLogger(__name__)
 
@@ -84,48 +84,146 @@ class ChildWatches:
         )
 
     def _run(self, kind: str) -> None:
-        path = resource_path(kind, self.namespace)
-        selector = naming.POLICY_LABEL
-        delay = _RETRY_SECONDS
-        while not self.stop.is_set():
-            try:
-                status, listed = self.kube.request("GET", path, query={"labelSelector": selector})
-                if status >= 300:
-                    raise RuntimeError(f"list {kind}: {status} {listed.get('message')}")
-                self.cache.replace(kind, listed.get("items") or [])
-                rv = listed.get("metadata", {}).get("resourceVersion", "")
-                while not self.stop.is_set():
-                    rv = self._watch_once(kind, path, selector, rv)
-                    delay = _RETRY_SECONDS  # a watch that ran and ended normally: all is well
-            except Exception as e:  # any failure: start over from a fresh list
-                if not self.stop.is_set():
-                    # 410 Gone is routine (the watch fell behind etcd's compaction); anything else is worth seeing.
-                    level = logging.DEBUG if "410" in str(e) or "Expired" in str(e) else logging.WARNING
-                    log.log(level, "watch of %s failed (%s); listing again in %.0fs", kind, e, delay)
-                    self.stop.wait(delay)
-                    delay = min(delay * 2, _RETRY_MAX_SECONDS)
+        list_and_watch(
+            self.kube,
+            kind,
+            resource_path(kind, self.namespace),
+            {"labelSelector": naming.POLICY_LABEL},
+            self.stop,
+            on_list=lambda items: self.cache.replace(kind, items),
+            on_event=lambda etype, obj: self._on_event(kind, etype, obj),
+        )
 
-    def _watch_once(self, kind: str, path: str, selector: str, rv: str) -> str:
-        query = {
-            "labelSelector": selector,
-            "watch": "true",
-            "resourceVersion": rv,
-            "allowWatchBookmarks": "true",
-            "timeoutSeconds": str(_WATCH_SECONDS),
-        }
-        for line in self.kube.stream_lines(path, query, read_timeout=_WATCH_SECONDS + 30):
-            if self.stop.is_set():
-                break
-            event = json.loads(line)
-            etype, obj = event.get("type"), event.get("object") or {}
-            if etype == "ERROR":
-                raise RuntimeError(f"watch error: {obj.get('message')}")  # e.g. 410 Gone: list again
-            rv = obj.get("metadata", {}).get("resourceVersion", rv)
-            if etype in ("ADDED", "MODIFIED"):
-                self.cache.upsert(kind, obj)
-            elif etype == "DELETED":
-                self.cache.remove(kind, obj)
-            else:
-                continue  # BOOKMARK: only the resourceVersion moves
-            self._deliver(kind, etype, obj)
-        return rv
+    def _on_event(self, kind: str, etype: str, obj: dict[str, Any]) -> None:
+        if etype == "DELETED":
+            self.cache.remove(kind, obj)
+        else:
+            self.cache.upsert(kind, obj)
+        self._deliver(kind, etype, obj)
+
+
+OnSourceEvent = Callable[[str, str], None]
+
+
+class SourceWatch:
+    """The ConfigMaps that policies name as classifiers are the user's, without our label, so the child watches do
+    not see them. One metadata-only watch of every ConfigMap (names and resourceVersions, not the data) tells the
+    controller when one changes or goes; the controller knows which policies name it, and their reconciles read it.
+    Cheap where it matters: a ConfigMap's data can be 1 MiB, its metadata is a few hundred bytes."""
+
+    def __init__(
+        self, kube: Kube, namespace: str | None, loop: asyncio.AbstractEventLoop, on_event: OnSourceEvent
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.loop = loop
+        self.on_event = on_event
+        self.stop = threading.Event()
+        self.versions: dict[tuple[str, str], str] = {}  # (namespace, name) -> resourceVersion
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="watch-classifier-sources", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+
+    def _run(self) -> None:
+        list_and_watch(
+            self.kube,
+            "ConfigMap metadata",
+            resource_path("ConfigMap", self.namespace),
+            {},
+            self.stop,
+            on_list=self.relisted,
+            on_event=self.changed,
+            accept=(METADATA_LIST, METADATA_WATCH),
+        )
+
+    def relisted(self, items: list[dict[str, Any]]) -> None:
+        """After a (re)list, report what changed while no watch was running: versions that moved, and deletions."""
+        now = {_ns_name(o): str(o.get("metadata", {}).get("resourceVersion", "")) for o in items}
+        first = not self.versions
+        changed = [k for k, rv in now.items() if self.versions.get(k) not in (None, rv)]
+        gone = [k for k in self.versions if k not in now]
+        self.versions = now
+        if not first:
+            for ns, name in [*changed, *gone]:
+                self.loop.call_soon_threadsafe(self.on_event, ns, name)
+
+    def changed(self, etype: str, obj: dict[str, Any]) -> None:
+        key = _ns_name(obj)
+        if etype == "DELETED":
+            self.versions.pop(key, None)
+        else:
+            self.versions[key] = str(obj.get("metadata", {}).get("resourceVersion", ""))
+        self.loop.call_soon_threadsafe(self.on_event, *key)
+
+
+def _ns_name(obj: dict[str, Any]) -> tuple[str, str]:
+    md = obj.get("metadata", {}) or {}
+    return str(md.get("namespace", "")), str(md.get("name", ""))
+
+
+def list_and_watch(
+    kube: Kube,
+    what: str,
+    path: str,
+    query: dict[str, str],
+    stop: threading.Event,
+    *,
+    on_list: Callable[[list[dict[str, Any]]], None],
+    on_event: Callable[[str, dict[str, Any]], None],
+    accept: tuple[str, str] = ("application/json", "application/json"),
+) -> None:
+    """List, then watch from the list's resourceVersion; on any error list again, until `stop`. `accept`: the
+    Accept headers of the list and of the watch (kube.METADATA_LIST, METADATA_WATCH for metadata only)."""
+    delay = _RETRY_SECONDS
+    while not stop.is_set():
+        try:
+            status, listed = kube.request("GET", path, query=query or None, accept=accept[0])
+            if status >= 300:
+                raise RuntimeError(f"list {what}: {status} {listed.get('message')}")
+            on_list(listed.get("items") or [])
+            rv = listed.get("metadata", {}).get("resourceVersion", "")
+            while not stop.is_set():
+                rv = _watch_once(kube, path, query, rv, stop, on_event, accept[1])
+                delay = _RETRY_SECONDS  # a watch that ran and ended normally: all is well
+        except Exception as e:  # any failure: start over from a fresh list
+            if not stop.is_set():
+                # 410 Gone is routine (the watch fell behind etcd's compaction); anything else is worth seeing.
+                level = logging.DEBUG if "410" in str(e) or "Expired" in str(e) else logging.WARNING
+                log.log(level, "watch of %s failed (%s); listing again in %.0fs", what, e, delay)
+                stop.wait(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+
+
+def _watch_once(
+    kube: Kube,
+    path: str,
+    query: dict[str, str],
+    rv: str,
+    stop: threading.Event,
+    on_event: Callable[[str, dict[str, Any]], None],
+    accept: str,
+) -> str:
+    watch_query = {
+        **query,
+        "watch": "true",
+        "resourceVersion": rv,
+        "allowWatchBookmarks": "true",
+        "timeoutSeconds": str(_WATCH_SECONDS),
+    }
+    for line in kube.stream_lines(path, watch_query, read_timeout=_WATCH_SECONDS + 30, accept=accept):
+        if stop.is_set():
+            break
+        event = json.loads(line)
+        etype, obj = event.get("type"), event.get("object") or {}
+        if etype == "ERROR":
+            raise RuntimeError(f"watch error: {obj.get('message')}")  # e.g. 410 Gone: list again
+        rv = obj.get("metadata", {}).get("resourceVersion", rv)
+        if etype in ("ADDED", "MODIFIED", "DELETED"):
+            on_event(etype, obj)
+        # BOOKMARK: only the resourceVersion moves
+    return rv

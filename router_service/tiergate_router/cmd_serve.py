@@ -181,6 +181,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tiergate_router.config import listen, policy_classifier_path, read_policy, serve_config, served_tier_names
     from tiergate_router.config.serve import NOTHING_TO_ROUTE
     from tiergate_router.errors import ConfigError
+    from tiergate_router.restart_inputs import refuse_restart_changes, report_classifier
     from tiergate_router.server import RouterServer, ServeOptions
 
     # Check the cheap things (flags, policy) before loading the encoder, which takes seconds.
@@ -199,12 +200,11 @@ async def _serve(args: argparse.Namespace) -> int:
         classifier = MicroBatcher(lambda prompts: [0.0] * len(prompts))
     discovery = _discovery(args)
     cfg = serve_config(policy, local, loaded, discovery=discovery)
-    serving_classifier = policy_classifier_path(policy) if policy is not None else None
 
     def reload(path: Path) -> RouterConfig:
         new = read_policy(path)
-        if policy_classifier_path(new) != serving_classifier:
-            raise ConfigError("spec.router.classifier changed; a new classifier takes a router restart")
+        if policy is not None:  # always, as reload is only set up with -f
+            refuse_restart_changes(policy, new)
         cfg = serve_config(new, local, loaded, discovery=discovery)
         _warn_unserved(new)
         return cfg
@@ -219,6 +219,7 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery=any(t.service is not None for t in cfg.tiers),
     )
     server = RouterServer(cfg, classifier, options)
+    report_classifier(server.router.metrics, loaded.source if loaded else None, loaded.kind if loaded else "none")
     await server.start()
     host = options.host
     print(

@@ -102,6 +102,13 @@ class RouterMetrics:
         self.endpoints = Gauge(f"{p}_endpoints", "Known backend endpoints per tier", ["tier"], registry=r)
         self.outstanding = Gauge(f"{p}_outstanding_requests", "Requests in flight to each tier", ["tier"], registry=r)
         self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
+        # An info metric (value 1): which artifact this process serves, so a rollout that changed it can be seen.
+        self.classifier_info = Gauge(
+            f"{p}_classifier_info",
+            "The classifier artifact this router serves (read at start): its sha256, kind and file",
+            ["sha256", "kind", "source"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

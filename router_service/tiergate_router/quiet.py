@@ -16,6 +16,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -25,7 +26,7 @@ def quiet_libraries() -> Iterator[None]:
         yield
         return
     old_level = root.level
-    hf_logging = None
+    hf_logging: Any = None  # transformers' logging module, when transformers is installed (not in the router image)
     with contextlib.suppress(ModuleNotFoundError):
         from transformers.utils import logging as hf_logging
     hf_verbosity = hf_logging.get_verbosity() if hf_logging is not None else None

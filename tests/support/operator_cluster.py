@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
 CRD = ROOT / "tiergate" / "api" / "crd.yaml"
 CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,poddisruptionbudgets,roles,rolebindings"
-SAMPLE_CHILDREN = 16  # see test_children_of_sample_are_complete_and_ordered
+# test_children_of_sample_are_complete_and_ordered's 16, plus the operator's copy of the classifier artifact.
+SAMPLE_CHILDREN = 17
 
 
 def install_crd(cluster: DevCluster) -> None:
@@ -50,11 +51,38 @@ def apply_policy(cluster: DevCluster, ns: str, doc: dict[str, Any]) -> None:
     cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
 
 
-def classifier_configmap(cluster: DevCluster, ns: str, name: str = "chat-router-artifact") -> None:
-    """The sample's router mounts this ConfigMap (what `tiergate train` writes); a real kubelet would not start
-    the router without it, so the tests create it as a user would."""
-    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"router.json": "{}"}}
-    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(cm))
+def small_artifact(bias: float = 0.0) -> str:
+    """A real two-tier router artifact of a few KiB (the shipped default router's encoder, a head that ignores the
+    prompt: every score is sigmoid(bias)), as `tiergate train` would write it. Different biases, different
+    artifacts (and sha256s); `tiergate serve` loads any of them."""
+    import numpy as np
+
+    from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, dumps
+    from tiergate_router.artifact_classifier import default_artifact_path
+
+    enc = json.loads(default_artifact_path().read_text())["encoder"]
+    layer = Layer(np.zeros((enc["dim"], 1), np.float32), np.array([bias], np.float32), "identity")
+    art = RouterArtifact(
+        encoder=EncoderSpec(**enc),
+        kind="two_tier",
+        label_mode="deterministic",
+        tiers=[Tier("small", 0.1), Tier("large", 1.0)],
+        members=[Member(layers=[layer], output="sigmoid")],
+        calibration=[{"threshold_bp": 5000, "strong_share": 0.3, "quality": 0.5}],
+        provenance={"purpose": f"cluster tests: constant score, bias {bias}"},
+    )
+    return dumps(art).decode()
+
+
+def classifier_configmap(
+    cluster: DevCluster, ns: str, name: str = "chat-router-artifact", artifact: str | None = None
+) -> None:
+    """The sample's classifier ConfigMap (what `tiergate train` writes), created as a user would: the operator
+    checks it and copies it for the router to mount. `artifact`: the text under `router.json` (default: a small
+    real one)."""
+    text = small_artifact() if artifact is None else artifact
+    cm = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name}, "data": {"router.json": text}}
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-n", ns, "-f", "-", input=json.dumps(cm))
 
 
 def policy(cluster: DevCluster, ns: str, name: str) -> dict[str, Any] | None:

@@ -178,9 +178,10 @@ def test_router_deployment_is_restricted_and_mounts_policy_and_classifier() -> N
     assert mounts["policy"] == naming.POLICY_MOUNT_DIR
     assert mounts["classifier"] == naming.CLASSIFIER_MOUNT_DIR
     vols = {v["name"]: v for v in pod["volumes"]}
+    # The operator's checked copy of the policy's ConfigMap (chat-router-artifact), under the key the policy names.
     assert vols["classifier"]["configMap"] == {
-        "name": "chat-router-artifact",
-        "items": [{"key": "router.json", "path": "router.json"}],
+        "name": "chat-router-classifier",
+        "items": [{"key": "artifact.json", "path": "router.json"}],
     }
     assert c["readinessProbe"]["grpc"] == {"port": 50051}
 

@@ -392,7 +392,10 @@ class ConfigMapKeyRef(_Model):
 
 class ClassifierRef(_Model):
     """Where the router finds the artifact `tiergate train` wrote: a ConfigMap key, or a path inside the router
-    container (its image or a volume). Exactly one."""
+    container (its image or a volume). Exactly one. The router reads the artifact only at start: the operator checks
+    a ConfigMap's artifact, copies a good one into a ConfigMap of its own that the router mounts, and rolls the
+    router when the artifact or this reference changes. A broken or missing artifact is refused (condition Degraded,
+    reason ClassifierInvalid or ClassifierMissing, and a Warning Event) and the last good one keeps serving."""
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -1,0 +1,193 @@
+"""The router's inputs it reads once at start, and the classifier artifact the operator hands it. Pure, no I/O.
+
+The router hot-reloads its policy file, but some inputs it reads only at start: the classifier artifact (loaded
+with its encoder, seconds of work) and the API keys of external tiers (environment variables, fixed for the life of
+the process). `tiergate_router.restart_inputs.STARTUP_INPUTS` names them, and its policy reload refuses a change to
+any of them. The operator stamps a digest of exactly those inputs (`ROUTER_INPUTS`, a unit test holds the two sets
+equal) on the router's pod template, so a change to any of them rolls the router instead of being ignored.
+
+A classifier given as a ConfigMap key is not mounted from the user's ConfigMap: the operator checks the artifact
+(JSON, format, format version, its own sha256, the fields the router reads first) and copies a good one into a
+ConfigMap it owns, which the router mounts. A broken or missing artifact is refused, the last good copy and the
+digest stay as they were (so the router keeps serving, unchanged), and the policy says why (condition Degraded,
+reason ClassifierInvalid or ClassifierMissing, and a Warning Event naming the ConfigMap and key).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from tiergate.api import naming
+from tiergate.api.policy import RoutingPolicy
+
+# Imported for their values only: tiergate.routing.artifact needs nothing beyond the standard library on import
+# (numpy is imported inside the functions that build arrays, and the operator image has no numpy), and taking the
+# constants from there keeps one definition of the format the router loads.
+from tiergate.routing.artifact import FORMAT, FORMAT_VERSION, KINDS, MAX_BYTES
+
+# On the router's pod template: changes exactly when an input the router reads only at start changes.
+ROUTER_INPUTS_ANNOTATION = "tiergate.io/router-inputs-digest"
+# On the copy: the artifact's own sha256, what the router reports as tiergate_router_classifier_info{sha256}.
+CLASSIFIER_SHA_ANNOTATION = "tiergate.io/classifier-sha256"
+# The key of the artifact in the operator's copy; the router pod mounts it under the key the policy names.
+COPY_KEY = "artifact.json"
+
+# The names of the router's start-time inputs, as `tiergate_router.restart_inputs.STARTUP_INPUTS` spells them.
+CLASSIFIER_REF = "spec.router.classifier"
+API_KEY_REFS = "spec.tiers[].endpoint.apiKeySecretRef"
+CLASSIFIER_ARTIFACT = "classifier artifact"
+ROUTER_INPUTS = frozenset({CLASSIFIER_REF, API_KEY_REFS, CLASSIFIER_ARTIFACT})
+
+MISSING = "ClassifierMissing"
+INVALID = "ClassifierInvalid"
+
+Obj = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ClassifierCopy:
+    """A checked artifact: what the operator's copy holds and the router mounts."""
+
+    content: str
+    sha256: str  # the artifact's own `sha256` field (a digest of its canonical JSON)
+    source: str  # "ConfigMap NS/NAME key KEY", for messages
+
+
+@dataclass(frozen=True)
+class ClassifierProblem:
+    """Why the artifact the policy names is not served; reason is MISSING or INVALID."""
+
+    reason: str
+    message: str
+
+
+def copy_name(policy: RoutingPolicy) -> str:
+    """The operator-owned ConfigMap holding the last good artifact (next to the router's `-router` ConfigMap)."""
+    return f"{naming.router_name(policy.name)}-classifier"
+
+
+def source_ref(policy: RoutingPolicy) -> tuple[str, str] | None:
+    """(ConfigMap name, key) of the classifier the policy names, None when it names none or a path."""
+    c = policy.spec.router.classifier
+    if c is None or c.config_map is None:
+        return None
+    return c.config_map.name, c.config_map.key
+
+
+def source_of(body: Obj) -> str | None:
+    """The classifier ConfigMap's name from a raw policy body (no validation: used to route watch events)."""
+    router = ((body.get("spec") or {}).get("router")) or {}
+    cm = (router.get("classifier") or {}).get("configMap") or {}
+    name = cm.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+def check_artifact(text: str, where: str) -> str:
+    """The artifact's sha256 when `text` is one the router can load as far as its header says; ValueError naming
+    what is wrong. Deliberately the checks `tiergate.routing.artifact.loads` makes first, without numpy: JSON, format,
+    version, the checksum over the canonical JSON (so any edit or truncation is caught), kind, encoder and head.
+    The tensors' shapes are the router's to check; a trained artifact with a matching checksum has them right."""
+    if len(text.encode("utf-8")) > MAX_BYTES:
+        raise ValueError(f"{where}: {len(text)} bytes, more than a router artifact may hold ({MAX_BYTES})")
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{where}: not JSON ({e})") from e
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise ValueError(f"{where}: not a router artifact (format is not {FORMAT!r})")
+    version = doc.get("format_version")
+    if version != FORMAT_VERSION or isinstance(version, bool):
+        raise ValueError(f"{where}: format version {version!r}, this tiergate reads {FORMAT_VERSION}")
+    body = {k: v for k, v in doc.items() if k != "sha256"}
+    # The same canonical form as tiergate.routing.artifact's checksum (a unit test checks the two agree).
+    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    if doc.get("sha256") != hashlib.sha256(canon.encode("utf-8")).hexdigest():
+        raise ValueError(f"{where}: checksum mismatch (sha256), the artifact is corrupt or was edited by hand")
+    if doc.get("kind") not in KINDS:
+        raise ValueError(f"{where}: kind {doc.get('kind')!r} is not one of {', '.join(KINDS)}")
+    enc = doc.get("encoder")
+    if not isinstance(enc, dict) or not enc.get("id") or not isinstance(enc.get("dim"), int):
+        raise ValueError(f"{where}: no usable encoder (id, dim)")
+    members = (doc.get("head") or {}).get("members") if isinstance(doc.get("head"), dict) else None
+    if not isinstance(members, list) or not members:
+        raise ValueError(f"{where}: no head members")
+    return str(doc["sha256"])
+
+
+def _key_text(cm: Obj, key: str) -> str | None:
+    text = (cm.get("data") or {}).get(key)
+    if isinstance(text, str):
+        return text
+    raw = (cm.get("binaryData") or {}).get(key)
+    if not isinstance(raw, str):
+        return None
+    try:
+        return base64.b64decode(raw, validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        return "\ufffd"  # not UTF-8 text: check_artifact reports it as not JSON
+
+
+def read_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | ClassifierProblem | None:
+    """The user's classifier ConfigMap (None: absent) checked: a copy to serve, or why not. None when the policy
+    names no classifier ConfigMap."""
+    ref = source_ref(policy)
+    if ref is None:
+        return None
+    name, key = ref
+    where = f"ConfigMap {policy.namespace}/{name} key {key}"
+    if name in (copy_name(policy), naming.router_name(policy.name)):
+        # The operator writes those: reading one as the source would make the last good copy its own source.
+        return ClassifierProblem(INVALID, f"{where}: that name belongs to the operator's own ConfigMap; rename it")
+    if cm is None:
+        return ClassifierProblem(MISSING, f"{where}: the ConfigMap does not exist")
+    text = _key_text(cm, key)
+    if text is None:
+        keys = sorted({*(cm.get("data") or {}), *(cm.get("binaryData") or {})})
+        return ClassifierProblem(MISSING, f"{where}: no such key (keys: {', '.join(keys) or 'none'})")
+    try:
+        sha = check_artifact(text, where)
+    except ValueError as e:
+        return ClassifierProblem(INVALID, str(e))
+    return ClassifierCopy(text, sha, where)
+
+
+def read_copy(cm: Obj | None) -> ClassifierCopy | None:
+    """The last good artifact from the operator's copy (after a restart, when memory has none); None if absent or
+    (edited by hand since) no longer good."""
+    if cm is None:
+        return None
+    text = _key_text(cm, COPY_KEY)
+    if text is None:
+        return None
+    md = cm.get("metadata") or {}
+    where = f"ConfigMap {md.get('namespace')}/{md.get('name')} key {COPY_KEY}"
+    try:
+        return ClassifierCopy(text, check_artifact(text, where), where)
+    except ValueError:
+        return None
+
+
+def router_inputs(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> dict[str, Any]:
+    """Every input the router reads only at start, by the name the router gives it (ROUTER_INPUTS)."""
+    c = policy.spec.router.classifier
+    keys = {}
+    for t in policy.spec.tiers:
+        ref = t.endpoint.api_key_secret_ref if t.endpoint is not None else None
+        if ref is not None:
+            keys[t.name] = [ref.name, ref.key]
+    return {
+        CLASSIFIER_REF: c.model_dump(mode="json", by_alias=True, exclude_none=True) if c is not None else None,
+        API_KEY_REFS: keys,
+        CLASSIFIER_ARTIFACT: classifier.sha256 if classifier is not None else None,
+    }
+
+
+def router_inputs_digest(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> str:
+    canon = json.dumps(router_inputs(policy, classifier), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]
