@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from _router_serve import Serve
 
 from tests.support.artifacts import constant_artifact
 from tests.support.procs import FakeProcess
+from tests.support.router_serve import Serve
 
 
 @pytest.fixture(scope="module")
