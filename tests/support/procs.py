@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 # The checkout's root: `python -m tests.support.fake_vllm` finds the `tests` package from there, whatever the
@@ -62,3 +62,17 @@ class FakeProcess:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.kill()
+
+
+def fake_tiers(procs: dict[str, FakeProcess]) -> Iterator[dict[str, FakeProcess]]:
+    """Body of a fixture over fake tier processes: yields them, then kills every one (`yield from fake_tiers(...)`)."""
+    try:
+        yield procs
+    finally:
+        for p in procs.values():
+            p.kill()
+
+
+def small_and_large() -> dict[str, FakeProcess]:
+    """The usual two tiers: `small` serving `small-model`, `large` serving `large-model`."""
+    return {"small": FakeProcess("small-model", name="small"), "large": FakeProcess("large-model", name="large")}

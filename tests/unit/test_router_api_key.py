@@ -14,7 +14,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support.procs import FakeProcess
+from tests.support.procs import FakeProcess, fake_tiers
 from tests.support.router_serve import ROOT, Serve
 from tiergate.api import naming
 from tiergate.api.policy import RoutingPolicy
@@ -104,9 +104,7 @@ def tiers() -> Iterator[dict[str, FakeProcess]]:
         # a tier that must not receive the key: it refuses any request that carries this key
         "local": FakeProcess("local-model", name="local", extra=["--api-key", "other-key"]),
     }
-    yield procs
-    for p in procs.values():
-        p.kill()
+    yield from fake_tiers(procs)
 
 
 def write_policy(tmp_path: Path, tiers: dict[str, FakeProcess]) -> Path:

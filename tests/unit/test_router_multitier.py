@@ -18,7 +18,7 @@ import yaml
 
 import tiergate.routing
 from tests.support.artifacts import constant_multi_tier_artifact
-from tests.support.procs import FakeProcess
+from tests.support.procs import FakeProcess, fake_tiers
 from tests.support.router_serve import ROOT, Serve
 from tiergate.api.policy import RoutingPolicy
 from tiergate.routing.artifact import load_artifact
@@ -197,10 +197,7 @@ def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> No
 
 @pytest.fixture(scope="module")
 def backends() -> Iterator[dict[str, FakeProcess]]:
-    procs = {name: FakeProcess(model, name=name) for name, model in SERVED.items()}
-    yield procs
-    for p in procs.values():
-        p.kill()
+    yield from fake_tiers({name: FakeProcess(model, name=name) for name, model in SERVED.items()})
 
 
 def shipped_policy(backends: dict[str, FakeProcess], extra: dict[str, Any] | None = None) -> dict[str, Any]:

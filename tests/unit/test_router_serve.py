@@ -14,16 +14,13 @@ import pytest
 import yaml
 
 from tests.support.artifacts import constant_artifact
-from tests.support.procs import FakeProcess
+from tests.support.procs import FakeProcess, fake_tiers, small_and_large
 from tests.support.router_serve import ROOT, Serve
 
 
 @pytest.fixture(scope="module")
 def tiers() -> Iterator[dict[str, FakeProcess]]:
-    procs = {"small": FakeProcess("small-model", name="small"), "large": FakeProcess("large-model", name="large")}
-    yield procs
-    for p in procs.values():
-        p.kill()
+    yield from fake_tiers(small_and_large())
 
 
 @pytest.mark.slow
