@@ -74,7 +74,8 @@ class LeaderElector:
         self.cfg = cfg
         self.clock = clock
         self._wait = wait
-        self._observed: tuple[str, str] | None = None  # (holder, renewTime) last seen
+        # (holder, renewTime, resourceVersion) last seen: any write to the record restarts the standby's wait.
+        self._observed: tuple[str, str, str] | None = None
         self._observed_at = 0.0
         # Monotonic time at which the last successful acquire/renew started; None: not the leader. Written by the
         # elector's thread, read by writers' threads (one attribute: atomic).
@@ -131,7 +132,7 @@ class LeaderElector:
             return self._mark(started)
         spec = current.get("spec", {}) or {}
         holder = spec.get("holderIdentity") or ""
-        record = (holder, str(spec.get("renewTime")))
+        record = (holder, str(spec.get("renewTime")), str(current.get("metadata", {}).get("resourceVersion")))
         now = self.clock()
         if record != self._observed:
             self._observed, self._observed_at = record, now
