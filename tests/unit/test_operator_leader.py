@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -83,14 +84,17 @@ def _cfg(identity: str) -> OperatorConfig:
     )
 
 
+World = tuple[Clock, FakeLeases, LeaderElector, LeaderElector]
+
+
 @pytest.fixture
-def world() -> tuple[Clock, FakeLeases, LeaderElector, LeaderElector]:
+def world() -> World:
     clock = Clock()
     leases = FakeLeases(clock)
     return clock, leases, LeaderElector(leases, _cfg("a"), clock=clock), LeaderElector(leases, _cfg("b"), clock=clock)
 
 
-def test_first_replica_creates_the_lease_and_the_second_waits(world: Any) -> None:
+def test_first_replica_creates_the_lease_and_the_second_waits(world: World) -> None:
     _clock, leases, a, b = world
     assert a.try_acquire_or_renew()
     assert leases.holder == "a"
@@ -102,7 +106,7 @@ def test_first_replica_creates_the_lease_and_the_second_waits(world: Any) -> Non
         b.check_leader()
 
 
-def test_standby_takes_over_only_after_the_record_is_unchanged_for_a_lease_duration(world: Any) -> None:
+def test_standby_takes_over_only_after_the_record_is_unchanged_for_a_lease_duration(world: World) -> None:
     clock, leases, a, b = world
     assert a.try_acquire_or_renew()
     assert not b.try_acquire_or_renew()  # b first sees the record now
@@ -115,7 +119,7 @@ def test_standby_takes_over_only_after_the_record_is_unchanged_for_a_lease_durat
     assert leases.obj["spec"]["leaseTransitions"] == 1
 
 
-def test_renewals_keep_the_standby_out(world: Any) -> None:
+def test_renewals_keep_the_standby_out(world: World) -> None:
     clock, leases, a, b = world
     assert a.try_acquire_or_renew()
     for _ in range(20):
@@ -125,7 +129,7 @@ def test_renewals_keep_the_standby_out(world: Any) -> None:
     assert leases.holder == "a"
 
 
-def test_leader_stops_writing_at_the_renew_deadline_before_the_standby_can_take_over(world: Any) -> None:
+def test_leader_stops_writing_at_the_renew_deadline_before_the_standby_can_take_over(world: World) -> None:
     """A frozen leader attempts nothing: its clock alone closes the gate, before a standby may take over."""
     clock, leases, a, b = world
     assert a.try_acquire_or_renew()
@@ -145,7 +149,7 @@ def test_leader_stops_writing_at_the_renew_deadline_before_the_standby_can_take_
     assert leases.holder == "b"
 
 
-def test_deadline_counts_from_the_start_of_a_slow_renewal(world: Any) -> None:
+def test_deadline_counts_from_the_start_of_a_slow_renewal(world: World) -> None:
     clock, leases, a, _b = world
     assert a.try_acquire_or_renew()
     leases.latency = 3.0  # GET and PUT take 3 s each
@@ -159,7 +163,7 @@ def test_deadline_counts_from_the_start_of_a_slow_renewal(world: Any) -> None:
         a.check_leader()
 
 
-def test_failed_renewals_keep_the_gate_open_only_until_the_deadline(world: Any) -> None:
+def test_failed_renewals_keep_the_gate_open_only_until_the_deadline(world: World) -> None:
     clock, leases, a, _b = world
     assert a.try_acquire_or_renew()
     leases.fail = True
@@ -175,7 +179,7 @@ def test_failed_renewals_keep_the_gate_open_only_until_the_deadline(world: Any) 
     a.check_leader()
 
 
-def test_conflicting_write_closes_the_gate(world: Any) -> None:
+def test_conflicting_write_closes_the_gate(world: World) -> None:
     _clock, leases, a, _b = world
     assert a.try_acquire_or_renew()
     real_replace = leases.replace
@@ -192,7 +196,7 @@ def test_conflicting_write_closes_the_gate(world: Any) -> None:
         a.check_leader()
 
 
-def test_release_hands_over_at_once_and_stops_writes(world: Any) -> None:
+def test_release_hands_over_at_once_and_stops_writes(world: World) -> None:
     _clock, leases, a, b = world
     assert a.try_acquire_or_renew()
     assert not b.try_acquire_or_renew()
@@ -224,12 +228,12 @@ class FakeApiClient:
         return Resp()
 
 
-def test_every_write_of_the_guarded_client_passes_the_gate(world: Any) -> None:
+def test_every_write_of_the_guarded_client_passes_the_gate(world: World) -> None:
     clock, _leases, a, _b = world
     api = FakeApiClient()
     kube = Kube(api, write_guard=a.check_leader)
     obj = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "ns"}}
-    writes = [
+    writes: list[Callable[[], object]] = [
         lambda: kube.apply(obj, "tiergate-operator"),
         lambda: kube.create(obj),
         lambda: kube.replace(obj),
