@@ -141,7 +141,11 @@ def _children_of_policies(cluster: DevCluster, ns: str) -> list[dict[str, Any]]:
 
 
 def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> None:
-    env = {"TIERGATE_OPERATOR_LEASE_DURATION_SECONDS": "4", "TIERGATE_OPERATOR_LEASE_RENEW_SECONDS": "1"}
+    env = {
+        "TIERGATE_OPERATOR_LEASE_DURATION_SECONDS": "4",
+        "TIERGATE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
+        "TIERGATE_OPERATOR_LEASE_RETRY_PERIOD_SECONDS": "1",
+    }
     args = ("--namespace", namespace, "--leader-elect", "--lease-namespace", namespace)
     a = Operator(cluster, tmp_path / "a", *args, env={**env, "POD_NAME": "op-a"})
     b = Operator(cluster, tmp_path / "b", *args, env={**env, "POD_NAME": "op-b"})

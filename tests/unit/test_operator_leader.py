@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import datetime as dt
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from tests.support.audit import Write, writes_outside_the_lease
 from tiergate_operator.config import OperatorConfig
 from tiergate_operator.errors import ConfigError, KubeError, LeaseLost, NotLeader
 from tiergate_operator.kube import Kube
@@ -355,3 +357,24 @@ def test_lease_timings_from_env() -> None:
     defaults = OperatorConfig()
     assert (defaults.lease_duration_seconds, defaults.lease_renew_deadline_seconds) == (15, 10)
     assert defaults.lease_retry_period_seconds == 2
+
+
+def _write(identity: str, resource: str, at: float, holder: str | None = None, code: int = 200) -> Write:
+    t = dt.datetime(2026, 1, 1, tzinfo=dt.UTC) + dt.timedelta(seconds=at)
+    return Write(t, t + dt.timedelta(milliseconds=5), identity, "patch", resource, "x", code, holder)
+
+
+def test_the_audit_check_catches_a_write_outside_the_lease() -> None:
+    """The checker above, on made-up audit records: it must be able to fail."""
+    good = [
+        _write("op-a", "leases", 0, "op-a"),
+        _write("op-a", "deployments", 1),
+        _write("op-b", "leases", 2, "op-a", code=409),  # a failed take-over changes nothing
+        _write("op-a", "deployments", 3),
+        _write("op-b", "leases", 10, "op-b"),
+        _write("op-b", "deployments", 11),
+    ]
+    assert writes_outside_the_lease(good) == []
+    late = [*good, _write("op-a", "deployments", 12)]
+    assert len(writes_outside_the_lease(late)) == 1
+    assert len(writes_outside_the_lease([_write("op-a", "deployments", 0)])) == 1
