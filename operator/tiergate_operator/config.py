@@ -36,10 +36,17 @@ class OperatorConfig:
     """Hold a coordination.k8s.io Lease before acting, so that of two replicas only one writes."""
     lease_name: str = "tiergate-operator"
     lease_namespace: str = "default"
-    lease_duration_seconds: int = 15
-    """controller-runtime's defaults (15 s lease, renew every 5 s, well inside it): a crashed leader is replaced
-    within ~15 s, and a slow API server does not make a healthy leader lose its lease."""
-    lease_renew_seconds: float = 5.0
+    lease_duration_seconds: float = 15.0
+    """How long a lease record may stay unchanged before a standby takes it over (client-go's defaults, as
+    controller-runtime ships them: 15 s / 10 s / 2 s). A crashed leader is replaced within about this long."""
+    lease_renew_deadline_seconds: float = 10.0
+    """The leader writes only while its last successful renewal started less than this long ago (monotonic
+    clock), and steps down when it cannot renew within it. Shorter than the lease duration by a margin that
+    covers a write already in flight and clock-rate differences, so that the old leader has stopped writing
+    before any standby can consider the lease expired."""
+    lease_retry_period_seconds: float = 2.0
+    """How often the leader renews and a standby retries: several attempts fit in the renew deadline, so one
+    slow or failed request does not cost the lease."""
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     health_port: int | None = None
     """Serve kopf's liveness endpoint on this port (GET /healthz); None: no endpoint."""
@@ -51,8 +58,18 @@ class OperatorConfig:
             raise ConfigError(f"resync_seconds must be positive, got {self.resync_seconds}")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
-        if self.lease_renew_seconds >= self.lease_duration_seconds:
-            raise ConfigError("lease_renew_seconds must be shorter than lease_duration_seconds")
+        if not 0 < self.lease_retry_period_seconds < self.lease_renew_deadline_seconds < self.lease_duration_seconds:
+            raise ConfigError(
+                "leader election needs lease_duration_seconds > lease_renew_deadline_seconds > "
+                f"lease_retry_period_seconds > 0, got {self.lease_duration_seconds} / "
+                f"{self.lease_renew_deadline_seconds} / {self.lease_retry_period_seconds}"
+            )
+
+    @property
+    def lease_call_timeout_seconds(self) -> float:
+        """Bound on each phase (connect, read) of one request of the elector: an attempt (GET then PUT) takes at
+        most half the renew deadline, so a hung API server leaves room for another attempt before it."""
+        return self.lease_renew_deadline_seconds / 4
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> OperatorConfig:
@@ -67,8 +84,9 @@ class OperatorConfig:
             "LEADER_ELECT": ("leader_elect", _bool),
             "LEASE_NAME": ("lease_name", str),
             "LEASE_NAMESPACE": ("lease_namespace", str),
-            "LEASE_DURATION_SECONDS": ("lease_duration_seconds", int),
-            "LEASE_RENEW_SECONDS": ("lease_renew_seconds", float),
+            "LEASE_DURATION_SECONDS": ("lease_duration_seconds", float),
+            "LEASE_RENEW_DEADLINE_SECONDS": ("lease_renew_deadline_seconds", float),
+            "LEASE_RETRY_PERIOD_SECONDS": ("lease_retry_period_seconds", float),
             "HEALTH_PORT": ("health_port", int),
         }
         for suffix, (attr, cast) in casts.items():

@@ -25,3 +25,11 @@ class KubeError(OperatorError):
 
 class LeaseLost(OperatorError):
     """This replica lost leadership; it must stop acting so the new leader is the only writer."""
+
+
+class NotLeader(KubeError):
+    """A write was refused before it was sent: this replica cannot prove it holds the lease (its last renewal is
+    older than the renew deadline). Retryable: the replica either renews, or steps down and exits."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 0, "NotLeader")

@@ -12,7 +12,7 @@ import json
 import os
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -42,6 +42,8 @@ _TIMEOUT = (5.0, 30.0)
 # ConfigMap then carries names and resourceVersions, not the data (up to 1 MiB each).
 METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 METADATA_WATCH = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+# Methods that change state: each passes the write guard first (leader election, see leader.py).
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -58,11 +60,14 @@ def resource_path(kind: str, namespace: str | None, name: str | None = None, sub
     return path
 
 
-def load_api_client(kubeconfig: str | None = None, pool_size: int = 32) -> Any:
+def load_api_client(kubeconfig: str | None = None, pool_size: int = 32, identity: str | None = None) -> Any:
     """kubeconfig path given: that file. Otherwise in-cluster credentials inside a pod, else KUBECONFIG/~/.kube.
 
     pool_size: HTTP connections kept to the API server; at least the number of concurrent requests (reconcile
-    workers x parallel applies), or urllib3 discards and reopens TLS connections under load."""
+    workers x parallel applies), or urllib3 discards and reopens TLS connections under load.
+    identity: this replica's name, sent in the User-Agent (`tiergate-operator/IDENTITY`) so that the API server's
+    audit log tells which replica made each request; the part before the slash, which the API server uses as
+    the field manager of non-apply writes, stays `tiergate-operator` whatever the replica."""
     from kubernetes import client, config
 
     configuration = client.Configuration()
@@ -82,14 +87,28 @@ def load_api_client(kubeconfig: str | None = None, pool_size: int = 32) -> Any:
             "(pass --kubeconfig, set KUBECONFIG, or run in a pod)"
         ) from e
     configuration.connection_pool_maxsize = pool_size
-    return client.ApiClient(configuration)
+    api_client = client.ApiClient(configuration)
+    api_client.user_agent = f"tiergate-operator/{identity}" if identity else "tiergate-operator"
+    return api_client
 
 
 class Kube:
-    """Blocking calls (run them in a worker thread from async code). Thread-safe: urllib3's pool is."""
+    """Blocking calls (run them in a worker thread from async code). Thread-safe: urllib3's pool is.
 
-    def __init__(self, api_client: Any) -> None:
+    write_guard: called before every request that changes state, in the calling thread, right before it is sent;
+    it raises (NotLeader) to refuse. The leader elector's check goes here, so that no write path of the
+    reconciler (applies, deletes, status, Events) can bypass it. timeout: (connect, read) seconds per request."""
+
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        write_guard: Callable[[], None] | None = None,
+        timeout: tuple[float, float] = _TIMEOUT,
+    ) -> None:
         self._api = api_client
+        self._write_guard = write_guard
+        self._timeout = timeout
         # Requests made, by "METHOD resource[/subresource]": logged at shutdown, read by the benchmark.
         self.calls: Counter[str] = Counter()
         self._calls_lock = threading.Lock()
@@ -117,6 +136,8 @@ class Kube:
         accept: str = "application/json",
     ) -> tuple[int, Obj]:
         """`accept`: METADATA_LIST lists objects' metadata only."""
+        if self._write_guard is not None and method in _WRITES:
+            self._write_guard()  # raises before anything is sent
         self._count("APPLY" if content_type.startswith("application/apply-patch") else method, path)
         if query:
             path = f"{path}?{urlencode(query)}"
@@ -125,7 +146,7 @@ class Kube:
             m, url, hdrs, data, _ = self._api.param_serialize(
                 method, path, header_params=headers, body=body, auth_settings=["BearerToken"]
             )
-            resp = self._api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=_TIMEOUT)
+            resp = self._api.call_api(m, url, header_params=hdrs, body=data, _request_timeout=self._timeout)
             raw = resp.read()
         except Exception as e:  # transport errors: connection refused, TLS, timeouts
             raise KubeError(f"{method} {path}: {e}", 0) from e
@@ -145,7 +166,7 @@ class Kube:
         m, url, hdrs, _, _ = self._api.param_serialize(
             "GET", url_path, header_params={"Accept": accept}, auth_settings=["BearerToken"]
         )
-        resp = self._api.call_api(m, url, header_params=hdrs, _request_timeout=(_TIMEOUT[0], read_timeout))
+        resp = self._api.call_api(m, url, header_params=hdrs, _request_timeout=(self._timeout[0], read_timeout))
         raw = resp.response
         if resp.status >= 300:
             try:

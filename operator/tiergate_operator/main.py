@@ -25,8 +25,7 @@ log = logging.getLogger(__name__)
 
 async def serve(cfg: OperatorConfig) -> int:
     """Run until SIGTERM/SIGINT (exit 0) or until leadership is lost (exit 1, so the pod restarts as a standby)."""
-    api_client = load_api_client(cfg.kubeconfig)
-    kube = Kube(api_client)
+    api_client = load_api_client(cfg.kubeconfig, identity=cfg.identity)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -35,24 +34,38 @@ async def serve(cfg: OperatorConfig) -> int:
 
     health = await start_health_server(cfg.health_port) if cfg.health_port else None
     try:
-        return await _serve(cfg, api_client, kube, stop, loop)
+        return await _serve(cfg, api_client, stop, loop)
     finally:
         if health is not None:
             health.close()
         api_client.close()
-        log.info("API requests: %s", kube.calls_summary())
 
 
-async def _serve(
-    cfg: OperatorConfig, api_client: Any, kube: Kube, stop: asyncio.Event, loop: asyncio.AbstractEventLoop
-) -> int:
-    elector: LeaderElector | None = None
-    if cfg.leader_elect:
-        elector = LeaderElector(kube, cfg)
+async def _serve(cfg: OperatorConfig, api_client: Any, stop: asyncio.Event, loop: asyncio.AbstractEventLoop) -> int:
+    if not cfg.leader_elect:
+        return await _reconcile_until_stopped(cfg, api_client, Kube(api_client), None, stop, loop)
+    # The elector's own client: short per-request timeouts, and no write guard (its writes are the lease's).
+    t = cfg.lease_call_timeout_seconds
+    elector = LeaderElector(Kube(api_client, timeout=(t, t)), cfg)
+    try:
         log.info("waiting for lease %s/%s as %s", cfg.lease_namespace, cfg.lease_name, cfg.identity)
         if not await elector.acquire(stop):
             return 0
+        # Every write of the reconciler goes through this client, and so through the elector's check.
+        guarded = Kube(api_client, write_guard=elector.check_leader)
+        return await _reconcile_until_stopped(cfg, api_client, guarded, elector, stop, loop)
+    finally:
+        elector.close()
 
+
+async def _reconcile_until_stopped(
+    cfg: OperatorConfig,
+    api_client: Any,
+    kube: Kube,
+    elector: LeaderElector | None,
+    stop: asyncio.Event,
+    loop: asyncio.AbstractEventLoop,
+) -> int:
     cache = ChildCache(WATCHED_KINDS)
     controller = Controller(cfg, kube, cache)
     registry = kopf.OperatorRegistry()
@@ -98,4 +111,5 @@ async def _serve(
         await asyncio.gather(*tasks, return_exceptions=True)
         if elector is not None and not lost:
             await loop.run_in_executor(None, elector.release)
+        log.info("API requests: %s", kube.calls_summary())
     return 1 if lost else 0

@@ -87,8 +87,9 @@ def test_namespaced_scenario_uses_a_role_only(cluster: DevCluster) -> None:
         (["--set", "watchNamespace=Not_A_Namespace"], "/watchNamespace"),
         (["--set", "unknownValue=1"], "unknownValue"),
         (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"], "needs leaderElection.enabled"),
+        (["--set", "leaderElection.renewDeadlineSeconds=15"], "leaseDurationSeconds > renewDeadlineSeconds"),
     ],
-    ids=["workers", "pullPolicy", "namespace", "unknown", "ha-without-lease"],
+    ids=["workers", "pullPolicy", "namespace", "unknown", "ha-without-lease", "lease-timing"],
 )
 def test_bad_values_are_refused(cluster: DevCluster, bad: list[str], why: str) -> None:
     with pytest.raises(StartError, match=re.escape(why)):

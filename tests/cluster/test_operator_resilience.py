@@ -141,7 +141,11 @@ def _children_of_policies(cluster: DevCluster, ns: str) -> list[dict[str, Any]]:
 
 
 def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> None:
-    env = {"TIERGATE_OPERATOR_LEASE_DURATION_SECONDS": "4", "TIERGATE_OPERATOR_LEASE_RENEW_SECONDS": "1"}
+    env = {
+        "TIERGATE_OPERATOR_LEASE_DURATION_SECONDS": "4",
+        "TIERGATE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "3",
+        "TIERGATE_OPERATOR_LEASE_RETRY_PERIOD_SECONDS": "1",
+    }
     args = ("--namespace", namespace, "--leader-elect", "--lease-namespace", namespace)
     a = Operator(cluster, tmp_path / "a", *args, env={**env, "POD_NAME": "op-a"})
     b = Operator(cluster, tmp_path / "b", *args, env={**env, "POD_NAME": "op-b"})
@@ -187,12 +191,19 @@ def _holder(cluster: DevCluster, ns: str) -> str | None:
 def test_operator_works_with_only_the_shipped_rbac(
     cluster: DevCluster, crd: None, namespace: str, tmp_path: Path
 ) -> None:
-    """Run the operator as a ServiceAccount bound to manifests/rbac/role.yaml (and nothing else)."""
+    """Run the operator, with leader election, as a ServiceAccount bound to manifests/rbac/role.yaml and the
+    leader-election Role (and nothing else)."""
     role = yaml.safe_load((ROOT / "manifests" / "rbac" / "role.yaml").read_text())
     role["metadata"]["name"] = f"tiergate-operator-{namespace}"
     cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
     try:
         cluster.kubectl("create", "serviceaccount", "op", "-n", namespace)
+        for doc in ("leader_election_role.yaml", "leader_election_role_binding.yaml"):
+            obj = yaml.safe_load((ROOT / "manifests" / "rbac" / doc).read_text())
+            obj["metadata"]["namespace"] = namespace
+            for subject in obj.get("subjects", []):
+                subject.update(name="op", namespace=namespace)
+            cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
         cluster.kubectl(
             "create",
             "rolebinding",
@@ -220,10 +231,26 @@ def test_operator_works_with_only_the_shipped_rbac(
         # Sanity: this identity really is limited (it cannot read Secrets).
         denied = cluster.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, kubeconfig=kc_path, check=False)
         assert denied.strip() != "yes"
+        # The leader-election Role grants the one Lease and no other (nor deleting it).
+        for verb, what in (("update", "leases/other"), ("delete", "leases/tiergate-operator"), ("list", "leases")):
+            can = cluster.kubectl("auth", "can-i", verb, what, "-n", namespace, kubeconfig=kc_path, check=False)
+            assert can.strip() != "yes", f"{verb} {what}"
         classifier_configmap(cluster, namespace)
-        op = Operator(cluster, tmp_path, "--namespace", namespace, "--kubeconfig", str(kc_path))
+        op = Operator(
+            cluster,
+            tmp_path,
+            "--namespace",
+            namespace,
+            "--kubeconfig",
+            str(kc_path),
+            "--leader-elect",
+            "--lease-namespace",
+            namespace,
+            env={"POD_NAME": "op-rbac"},
+        )
         op.start()
         try:
+            wait_for("the lease held", lambda: _holder(cluster, namespace) == "op-rbac", timeout=60)
             apply_policy(cluster, namespace, sample_doc())
             wait_ready(cluster, namespace, "chat")
             assert len(children(cluster, namespace, "chat")) == SAMPLE_CHILDREN

@@ -169,11 +169,22 @@ class Operator:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
 
+    def pause(self) -> None:
+        """SIGSTOP: frozen as by a stalled VM or a debugger; sockets stay open, nothing runs."""
+        assert self.proc is not None
+        assert self.proc.poll() is None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGCONT)
+
     def stop(self) -> int | None:
         if self.proc is None:
             return None
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGTERM)
+            self.resume()  # a paused process handles the pending SIGTERM once resumed
             try:
                 self.proc.wait(timeout=15)
             except subprocess.TimeoutExpired:

@@ -39,7 +39,7 @@ def test_config_from_env_and_overrides() -> None:
         ({"TIERGATE_OPERATOR_WORKERS": "many"}, "TIERGATE_OPERATOR_WORKERS"),
         ({"TIERGATE_OPERATOR_LEADER_ELECT": "maybe"}, "TIERGATE_OPERATOR_LEADER_ELECT"),
         ({"TIERGATE_OPERATOR_RESYNC_SECONDS": "0"}, "resync_seconds"),
-        ({"TIERGATE_OPERATOR_LEASE_RENEW_SECONDS": "20"}, "lease_renew_seconds"),
+        ({"TIERGATE_OPERATOR_LEASE_RENEW_DEADLINE_SECONDS": "20"}, "lease_renew_deadline_seconds"),
     ],
 )
 def test_bad_config_names_the_setting(env: dict[str, str], fragment: str) -> None:

@@ -39,6 +39,31 @@ _LOG_TAIL_LINES = 30
 
 T = TypeVar("T")
 
+# The API server's audit policy: who changed what, as tests need to prove (e.g. that only the operator replica
+# holding the lease writes). Writes only, and not the control plane's own chatter (node heartbeats, the
+# controllers' service accounts), so the log stays small over a whole test session; Lease writes carry their
+# body (the holder) so that a test can rebuild who held a lease when.
+AUDIT_POLICY = """\
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: None
+    namespaces: ["kube-node-lease", "kube-system"]
+  - level: None
+    userGroups: ["system:serviceaccounts:kube-system", "system:nodes"]
+  - level: None
+    users: ["system:kube-controller-manager", "system:kube-scheduler", "system:apiserver"]
+  - level: None
+    resources: [{group: "", resources: ["nodes", "nodes/status", "pods/status"]}]
+  - level: Request
+    verbs: ["create", "update", "patch"]
+    resources: [{group: "coordination.k8s.io", resources: ["leases"]}]
+  - level: Metadata
+    verbs: ["create", "update", "patch", "delete", "deletecollection"]
+  - level: None
+"""
+
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 60.0, interval: float = 0.3) -> T:
     """Poll `fn` until it returns something truthy and return that; on timeout raise naming `what` and the last
@@ -297,6 +322,10 @@ class DevCluster:
                 f"--service-cluster-ip-range={pki.SERVICE_CIDR}",
                 "--allow-privileged=true",
                 "--profiling=false",
+                f"--audit-policy-file={self._audit_policy()}",
+                f"--audit-log-path={self.workdir / 'audit' / 'audit.log'}",
+                "--audit-log-maxsize=200",
+                "--audit-log-maxbackup=1",
             ],
         )
         self._wait(api, lambda: self._https_ok(f"{server}/readyz", creds))
@@ -431,7 +460,25 @@ class DevCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _audit_policy(self) -> Path:
+        path = self.workdir / "audit-policy.yaml"
+        path.write_text(AUDIT_POLICY)
+        (self.workdir / "audit").mkdir(exist_ok=True)
+        return path
+
     # -- what tests and tools use -----------------------------------------------------------------------------
+    def audit_events(self) -> list[dict[str, object]]:
+        """The API server's audit events so far (see AUDIT_POLICY), oldest first; rotated files included.
+        Raises StartError for a cluster someone else runs: its audit log is not ours to read."""
+        if self.external_kubeconfig is not None:
+            raise StartError("an external cluster's audit log is not available")
+        events: list[dict[str, object]] = []
+        for path in sorted((self.workdir / "audit").glob("audit*.log"), key=lambda p: p.stat().st_mtime):
+            for line in path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # a line being written right now
+                    events.append(json.loads(line))
+        return events
+
     @property
     def kubeconfig(self) -> Path:
         assert self.info is not None, "cluster not started"
