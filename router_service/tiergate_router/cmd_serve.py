@@ -71,6 +71,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="N-tier artifacts: the cost weight lambda in basis points (default: the artifact's calibrated one)",
     )
+    from tiergate_router.config.local import DISPATCH_FLAGS
+
+    limits = parser.add_argument_group(
+        "dispatch limits", "integers; each replaces the policy's spec.router.<field> (named below) or its default"
+    )
+    for f in DISPATCH_FLAGS:
+        limits.add_argument(f.flag, type=int, default=None, metavar="N", help=f"spec.router.{f.policy_field}")
     parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
@@ -136,10 +143,11 @@ def _run_loop(main: Coroutine[object, object, int]) -> int:
 def overrides(args: argparse.Namespace) -> LocalOverrides:
     """The flags that change the configuration or the listeners, typed (`--tier` checked: ConfigError names the bad
     one)."""
-    from tiergate_router.config import LocalOverrides, parse_tier_flags
+    from tiergate_router.config import DISPATCH_FLAGS, LocalOverrides, dispatch_settings, parse_tier_flags
 
     return LocalOverrides(
         tiers=parse_tier_flags(args.tier),
+        dispatch=dispatch_settings({f.dest: getattr(args, f.dest) for f in DISPATCH_FLAGS}),
         threshold_bp=args.threshold_bp,
         cost_weight_bp=args.cost_weight_bp,
         host=args.host,

@@ -7,6 +7,17 @@ Failure handling, per tier in the fallback chain:
 - other 4xx: the backend judged the request itself (e.g. too long for its context): returned to the client as is,
   since another tier would most likely refuse it too and retrying would only double the cost;
 - no endpoint left or tries exhausted: the next tier in the chain.
+Time and load limits, as Envoy's (docs/router.md, "Deadlines and retries"):
+- one overall deadline per request (`request_timeout_s`, or the client's shorter one) covers every try, every
+  fallback and the backoff between them; when it passes the request ends with DeadlineExceededError (HTTP 504).
+  A streaming request's deadline ends at its first byte; after that only the idle timeout applies;
+- each try is bounded by `per_try_timeout_s` (when set) and by what is left of the deadline; a try past the
+  per-try timeout is the endpoint's failure, and the request moves on;
+- a send after a failed try is a retry; retries on the same tier wait an exponential backoff with full jitter
+  first. A retry after a 5xx or a timeout (the endpoint is alive and a retry adds load) needs room in the retry
+  budget (retries in flight at most max(min_retry_concurrency, retry_budget_percent of the requests in flight)),
+  else RetryBudgetExhaustedError; after a refused or dropped connection (the endpoint is gone) only the breaker
+  and the tries per tier bound it. Moving on from a saturated tier is load shedding, not a retry.
 Non-streaming requests can be retried until the whole response is read. A streaming request is committed once
 the first chunk has arrived; after that an upstream failure ends the stream (nothing else is safe).
 Generation has no side effects, so replaying a request on another endpoint is always allowed.
@@ -16,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,7 +37,12 @@ import aiohttp
 
 from tiergate_router.breaker import BreakerState
 from tiergate_router.config import RouterConfig, TierConfig
-from tiergate_router.errors import NoTierAvailableError, UpstreamStreamError
+from tiergate_router.errors import (
+    DeadlineExceededError,
+    NoTierAvailableError,
+    RetryBudgetExhaustedError,
+    UpstreamStreamError,
+)
 from tiergate_router.metrics import RouterMetrics
 from tiergate_router.pool import Endpoint, TierPool
 
@@ -34,11 +51,17 @@ SATURATED_STATUSES = frozenset({429})
 
 
 class _TryNext(Exception):
-    def __init__(self, reason: str, *, endpoint_failed: bool, saturated: bool = False) -> None:
+    """A try failed in a way another try may mend. `budgeted`: the endpoint answered badly (5xx) or too slowly (a
+    timeout), so it is alive and working, and a retry adds load: the retry budget applies. A connection that was
+    refused, reset or dropped means the endpoint is gone: a retry moves the same work elsewhere, bounded by the
+    breaker and the tries per tier, not by the budget (so that losing a pod under load loses no request)."""
+
+    def __init__(self, reason: str, *, endpoint_failed: bool, saturated: bool = False, budgeted: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.endpoint_failed = endpoint_failed
         self.saturated = saturated
+        self.budgeted = budgeted
 
 
 @dataclass
@@ -107,11 +130,20 @@ def _auth(tier: TierConfig) -> dict[str, str] | None:
 
 class Dispatcher:
     def __init__(
-        self, config: RouterConfig, metrics: RouterMetrics, *, clock: Callable[[], float] = time.monotonic
+        self,
+        config: RouterConfig,
+        metrics: RouterMetrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: Callable[[], float] = random.random,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self._clock = clock
+        self._rng = rng
+        # Requests in _run_chain, and the retries among their tries in flight: the retry budget's two numbers.
+        self._active = 0
+        self._retrying = 0
         self.pools: dict[str, TierPool] = {}
         self._session: aiohttp.ClientSession | None = None
         self.apply_config(config)
@@ -189,52 +221,110 @@ class Dispatcher:
 
     # -- dispatch ---------------------------------------------------------------------------------------------
 
-    async def complete(self, chain: list[str], path: str, body: dict[str, Any]) -> UpstreamReply:
-        result = await self._run_chain(chain, path, body, stream=False)
+    async def complete(
+        self, chain: list[str], path: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> UpstreamReply:
+        """The first complete answer along `chain`; `timeout_s` is the client's own deadline (None: the config's)."""
+        result = await self._run_chain(chain, path, body, stream=False, timeout_s=timeout_s)
         assert isinstance(result, UpstreamReply)
         return result
 
-    async def open_stream(self, chain: list[str], path: str, body: dict[str, Any]) -> UpstreamStream:
-        result = await self._run_chain(chain, path, body, stream=True)
+    async def open_stream(
+        self, chain: list[str], path: str, body: dict[str, Any], *, timeout_s: float | None = None
+    ) -> UpstreamStream:
+        """The first stream along `chain` to send a byte; the deadline (`timeout_s` as in `complete`) ends there."""
+        result = await self._run_chain(chain, path, body, stream=True, timeout_s=timeout_s)
         assert isinstance(result, UpstreamStream)
         return result
 
+    def _admit_retry(self) -> bool:
+        """Envoy's retry budget: retries in flight stay below max(min_retry_concurrency, budget% of requests in
+        flight), so that a failing tier cannot multiply the load on the others."""
+        cfg = self.config
+        allowed = max(cfg.min_retry_concurrency, self._active * cfg.retry_budget_percent // 100)
+        return self._retrying < allowed
+
     async def _run_chain(
-        self, chain: list[str], path: str, body: dict[str, Any], *, stream: bool
+        self, chain: list[str], path: str, body: dict[str, Any], *, stream: bool, timeout_s: float | None
     ) -> UpstreamReply | UpstreamStream:
         cfg = self.config
+        now = self._clock()
+        own_deadline = now + cfg.request_timeout_s
+        deadline = own_deadline if timeout_s is None else min(own_deadline, now + timeout_s)
         attempts: list[str] = []
         reason = ""
-        for i, tier_name in enumerate(chain):
-            pool = self.pools.get(tier_name)
-            if pool is None:
-                continue
-            if i > 0:
-                self.metrics.fallbacks.labels(chain[i - 1], tier_name, reason or "down").inc()
-            tier = cfg.tier(tier_name)
-            if pool.saturated(cfg.max_outstanding_per_endpoint, cfg.saturation_waiting):
-                reason = "saturated"
-                attempts.append(f"{tier_name}: saturated")
-                continue
-            tried: set[str] = set()
-            reason = "down"
-            while len(tried) < cfg.max_attempts_per_tier:
-                ep = pool.pick(tried)
-                if ep is None:
-                    if not tried:
-                        attempts.append(f"{tier_name}: no available endpoint")
+        # Whether the last try failed with an error (the next send is a retry: backoff on the same tier) and whether
+        # that retry needs the budget (_TryNext.budgeted). Moving on from a saturated tier is load shedding.
+        after_error = False
+        budgeted = False
+        self._active += 1
+        try:
+            for i, tier_name in enumerate(chain):
+                if self._clock() >= deadline:
                     break
-                if tried:
-                    self.metrics.retries.labels(tier_name, reason).inc()
-                tried.add(ep.base_url)
-                try:
-                    return await self._attempt(tier, ep, path, body, stream=stream, fallback=i > 0, attempts=attempts)
-                except _TryNext as e:
-                    attempts.append(f"{tier_name} {ep.base_url}: {e.reason}")
-                    reason = "saturated" if e.saturated else "error"
-        raise NoTierAvailableError(
-            f"no tier could answer (tried {', '.join(chain)}): {'; '.join(attempts[-6:])}", attempts
-        )
+                pool = self.pools.get(tier_name)
+                if pool is None:
+                    continue
+                if i > 0:
+                    self.metrics.fallbacks.labels(chain[i - 1], tier_name, reason or "down").inc()
+                tier = cfg.tier(tier_name)
+                if pool.saturated(cfg.max_outstanding_per_endpoint, cfg.saturation_waiting):
+                    reason = "saturated"
+                    attempts.append(f"{tier_name}: saturated")
+                    continue
+                tried: set[str] = set()
+                tier_errors = 0
+                reason = "down"
+                while len(tried) < cfg.max_attempts_per_tier and self._clock() < deadline:
+                    ep = pool.pick(tried)
+                    if ep is None:
+                        if not tried:
+                            attempts.append(f"{tier_name}: no available endpoint")
+                        break
+                    retry = after_error and budgeted
+                    if retry and not self._admit_retry():
+                        self.metrics.retry_overflow.labels(tier_name).inc()
+                        attempts.append(f"{tier_name}: retry budget exhausted")
+                        raise RetryBudgetExhaustedError(_summary("retry budget exhausted", chain, attempts), attempts)
+                    if tried:
+                        self.metrics.retries.labels(tier_name, reason).inc()
+                    tried.add(ep.base_url)
+                    if retry:
+                        self._retrying += 1
+                    try:
+                        if tier_errors:
+                            await self._backoff(tier_errors, deadline)
+                        remaining = deadline - self._clock()
+                        if remaining <= 0:
+                            break
+                        per_try = cfg.per_try_timeout_s
+                        per_try_binds = per_try is not None and per_try < remaining
+                        limit = per_try if per_try is not None and per_try_binds else remaining
+                        return await self._attempt(
+                            tier, ep, path, body, stream=stream, fallback=i > 0, attempts=attempts, limit_s=limit,
+                            # A try cut short by the client's own, shorter deadline says nothing about the endpoint.
+                            blame=per_try_binds or deadline == own_deadline,
+                            limit_name="per_try" if per_try_binds else "deadline",
+                        )  # fmt: skip
+                    except _TryNext as e:
+                        attempts.append(f"{tier_name} {ep.base_url}: {e.reason}")
+                        reason = "saturated" if e.saturated else "error"
+                        after_error, budgeted = not e.saturated, e.budgeted
+                        tier_errors += after_error
+                    finally:
+                        if retry:
+                            self._retrying -= 1
+            if self._clock() >= deadline:
+                raise DeadlineExceededError(_summary("deadline exceeded", chain, attempts), attempts)
+            raise NoTierAvailableError(_summary("no tier could answer", chain, attempts), attempts)
+        finally:
+            self._active -= 1
+
+    async def _backoff(self, retry_n: int, deadline: float) -> None:
+        """Sleep before the `retry_n`-th retry on one tier, never past the deadline."""
+        cfg = self.config
+        delay = backoff_s(retry_n, cfg.backoff_base_s, cfg.backoff_max_s, self._rng())
+        await asyncio.sleep(max(0.0, min(delay, deadline - self._clock())))
 
     async def _served_model(self, tier: TierConfig, ep: Endpoint) -> str:
         if tier.served_model:
@@ -265,52 +355,29 @@ class Dispatcher:
         stream: bool,
         fallback: bool,
         attempts: list[str],
+        limit_s: float,
+        blame: bool,
+        limit_name: str,
     ) -> UpstreamReply | UpstreamStream:
-        cfg = self.config
+        """One try on one endpoint within `limit_s` (to the whole answer, or to a stream's first byte). When the limit
+        passes the try fails: as the endpoint's failure when `blame` (a configured limit), else (the client's own
+        shorter deadline) without counting against the endpoint's breaker."""
         ep.outstanding += 1
         self.metrics.outstanding.labels(ep.tier).inc()
         handed_over = False
-        t0 = time.perf_counter()
         try:
             try:
-                payload = dict(body, model=await self._served_model(tier, ep))
-                timeout = aiohttp.ClientTimeout(
-                    total=None if stream else cfg.request_timeout_s,
-                    sock_connect=cfg.connect_timeout_s,
-                    sock_read=cfg.stream_idle_timeout_s if stream else None,
-                )
-                resp = await self.session.post(
-                    f"{ep.base_url}{path}", json=payload, timeout=timeout, headers=_auth(tier)
-                )
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise _TryNext(f"connect/send failed: {e!r}", endpoint_failed=True) from e
-            try:
-                if resp.status in SATURATED_STATUSES:
-                    raise _TryNext(f"HTTP {resp.status}", endpoint_failed=False, saturated=True)
-                if resp.status in RETRY_STATUSES:
-                    raise _TryNext(f"HTTP {resp.status}", endpoint_failed=True)
-                ctype = resp.headers.get("Content-Type", "application/json")
-                if not stream or resp.status != 200:
-                    try:
-                        data = await resp.read()
-                    except (aiohttp.ClientError, TimeoutError) as e:
-                        raise _TryNext(f"response cut short: {e!r}", endpoint_failed=True) from e
-                    ep.breaker.record_success()
-                    self.metrics.upstream_seconds.labels(tier.name).observe(time.perf_counter() - t0)
-                    return UpstreamReply(tier.name, ep.base_url, resp.status, ctype, data, fallback, attempts)
-                try:
-                    async with asyncio.timeout(cfg.request_timeout_s):
-                        first = await resp.content.readany()
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    raise _TryNext(f"stream failed before its first byte: {e!r}", endpoint_failed=True) from e
-                if not first:
-                    raise _TryNext("stream ended before its first byte", endpoint_failed=True)
-                handed_over = True
-                return UpstreamStream(tier.name, ep.base_url, resp.status, ctype, fallback, first, resp, ep, self)
-            except BaseException:
-                if not handed_over:
-                    resp.close()
-                raise
+                async with asyncio.timeout(limit_s):
+                    result = await self._exchange(
+                        tier, ep, path, body, stream=stream, fallback=fallback, attempts=attempts
+                    )
+            except TimeoutError as e:
+                self.metrics.try_timeouts.labels(tier.name, limit_name).inc()
+                raise _TryNext(
+                    f"no answer within {limit_s:.3g} s ({limit_name})", endpoint_failed=blame, budgeted=True
+                ) from e
+            handed_over = isinstance(result, UpstreamStream)
+            return result
         except _TryNext as e:
             if e.endpoint_failed:
                 ep.breaker.record_failure()
@@ -325,6 +392,68 @@ class Dispatcher:
             self._observe_breaker(ep)
             if not handed_over:
                 self._finish(ep)
+
+    async def _exchange(
+        self,
+        tier: TierConfig,
+        ep: Endpoint,
+        path: str,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        fallback: bool,
+        attempts: list[str],
+    ) -> UpstreamReply | UpstreamStream:
+        """Send the request and read the answer (a stream: its first chunk). Raises _TryNext for a failure worth
+        another try; the caller bounds the time and keeps the endpoint's books."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        try:
+            payload = dict(body, model=await self._served_model(tier, ep))
+            # The caller's asyncio.timeout bounds the whole try; here only the connect and, for a stream handed over
+            # to the client, the idle time between chunks.
+            timeout = aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=cfg.connect_timeout_s,
+                sock_read=cfg.stream_idle_timeout_s if stream else None,
+            )
+            resp = await self.session.post(f"{ep.base_url}{path}", json=payload, timeout=timeout, headers=_auth(tier))
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise _TryNext(
+                f"connect/send failed: {e!r}", endpoint_failed=True, budgeted=isinstance(e, TimeoutError)
+            ) from e
+        try:
+            if resp.status in SATURATED_STATUSES:
+                raise _TryNext(f"HTTP {resp.status}", endpoint_failed=False, saturated=True)
+            if resp.status in RETRY_STATUSES:
+                raise _TryNext(f"HTTP {resp.status}", endpoint_failed=True, budgeted=True)
+            ctype = resp.headers.get("Content-Type", "application/json")
+            if not stream or resp.status != 200:
+                try:
+                    data = await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as e:
+                    raise _TryNext(
+                        f"response cut short: {e!r}", endpoint_failed=True, budgeted=isinstance(e, TimeoutError)
+                    ) from e
+                ep.breaker.record_success()
+                self.metrics.upstream_seconds.labels(tier.name).observe(time.perf_counter() - t0)
+                return UpstreamReply(tier.name, ep.base_url, resp.status, ctype, data, fallback, attempts)
+            try:
+                first = await resp.content.readany()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise _TryNext(
+                    f"stream failed before its first byte: {e!r}",
+                    endpoint_failed=True,
+                    budgeted=isinstance(e, TimeoutError),
+                ) from e
+            if not first:
+                raise _TryNext("stream ended before its first byte", endpoint_failed=True)
+            return UpstreamStream(tier.name, ep.base_url, resp.status, ctype, fallback, first, resp, ep, self)
+        except BaseException:
+            # Failed, or cancelled by the time limit or the client: drop the connection (a complete answer's read
+            # has released it to the pool already).
+            resp.close()
+            raise
 
     # -- backend queue lengths (vLLM metrics) -------------------------------------------------------------------
 
@@ -350,6 +479,18 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self.scrape_queue_lengths()
             await asyncio.sleep(interval_s)
+
+
+def backoff_s(retry_n: int, base_s: float, max_s: float, u: float) -> float:
+    """Exponential backoff with full jitter before the `retry_n`-th retry on a tier (1, 2, ...): uniform in
+    [0, min(max_s, base_s * 2^(retry_n-1))] for `u` uniform in [0, 1). Full jitter spreads the retries of many
+    requests that failed together, so they do not hit the tier again in lockstep."""
+    ceiling = min(max_s, base_s * 2.0 ** min(max(retry_n - 1, 0), 30))
+    return ceiling * u
+
+
+def _summary(what: str, chain: list[str], attempts: list[str]) -> str:
+    return f"{what} (tried {', '.join(chain)}): {'; '.join(attempts[-6:])}"
 
 
 def parse_waiting(metrics_text: str) -> int:

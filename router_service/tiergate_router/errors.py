@@ -38,9 +38,31 @@ class BadRequestError(RouterError):
 class NoTierAvailableError(RouterError):
     """Every tier in the fallback order was down, saturated or failing; the request cannot be answered."""
 
+    # The HTTP status and OpenAI error code the front end answers with (subclasses say why more precisely).
+    status = 503
+    code = "no_tier_available"
+
     def __init__(self, message: str, attempts: list[str]) -> None:
         super().__init__(message)
         self.attempts = attempts
+
+
+class RetryBudgetExhaustedError(NoTierAvailableError):
+    """A try failed and retrying it would exceed the retry budget (Envoy's retry overflow): no further tries."""
+
+    code = "retry_budget_exhausted"
+
+
+class DeadlineExceededError(NoTierAvailableError):
+    """The request's overall deadline passed before a tier answered (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+
+    status = 504
+    code = "deadline_exceeded"
+
+
+def outcome_of(e: NoTierAvailableError) -> str:
+    """The `outcome` label (metrics.OUTCOMES) of a request no tier answered."""
+    return "deadline_exceeded" if isinstance(e, DeadlineExceededError) else "unavailable"
 
 
 class UpstreamStreamError(RouterError):

@@ -17,7 +17,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate_router._proto import router_pb2, router_pb2_grpc
-from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
+from tiergate_router.errors import (
+    BadRequestError,
+    DeadlineExceededError,
+    NoTierAvailableError,
+    UpstreamStreamError,
+    outcome_of,
+)
 from tiergate_router.router import Router
 from tiergate_router.validation import parse_chat
 
@@ -44,6 +50,11 @@ def request_to_body(
         if stream:
             body["stream_options"] = {"include_usage": True}
     return body
+
+
+def _unavailable_status(e: NoTierAvailableError) -> grpc.StatusCode:
+    """The gRPC status of a request no tier answered: DEADLINE_EXCEEDED when its deadline passed, else UNAVAILABLE."""
+    return grpc.StatusCode.DEADLINE_EXCEEDED if isinstance(e, DeadlineExceededError) else grpc.StatusCode.UNAVAILABLE
 
 
 def _status(e: BadRequestError) -> grpc.StatusCode:
@@ -99,7 +110,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         m = self.router.metrics
         tier, outcome = "none", "upstream_error"
         try:
-            reply = await self.router.dispatcher.complete(route.chain, "/chat/completions", body)
+            reply = await self.router.dispatcher.complete(
+                route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
+            )
             tier = reply.tier
             if reply.status != 200:
                 outcome = "client_error" if reply.status < 500 else "upstream_error"
@@ -129,8 +142,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 fallback=reply.fallback,
             )
         except NoTierAvailableError as e:
-            outcome = "unavailable"
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+            outcome = outcome_of(e)
+            await context.abort(_unavailable_status(e), str(e))
             raise
         finally:
             m.requests.labels(tier, route.decision, outcome).inc()
@@ -145,10 +158,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         tier, outcome = "none", "upstream_error"
         try:
             try:
-                up = await self.router.dispatcher.open_stream(route.chain, "/chat/completions", body)
+                up = await self.router.dispatcher.open_stream(
+                    route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
+                )
             except NoTierAvailableError as e:
-                outcome = "unavailable"
-                await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+                outcome = outcome_of(e)
+                await context.abort(_unavailable_status(e), str(e))
                 raise
             tier = up.tier
             score = route.score or 0.0

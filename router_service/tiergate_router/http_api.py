@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError
+from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError, outcome_of
 from tiergate_router.metrics import CONTENT_TYPE
 from tiergate_router.openai_server import build_openai_app, error_response, models_body, sse_event
 from tiergate_router.router import Route, Router, SSEUsageScanner
@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 TIER_HEADER = "x-tiergate-tier"
+# A client's own deadline in milliseconds (like Envoy's x-envoy-upstream-rq-timeout-ms): it can shorten the
+# router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
+TIMEOUT_HEADER = "x-tiergate-timeout-ms"
 # On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
 NO_TIER: Mapping[str, str] = {TIER_HEADER: "none"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -71,6 +74,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
         if len(buf) > limit:
             raise too_big
     return bytes(buf)
+
+
+def client_timeout_s(value: str | None) -> float | None:
+    """The client's deadline from the `x-tiergate-timeout-ms` header, in seconds (None: not given)."""
+    if value is None:
+        return None
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise BadRequestError(
+            f"header {TIMEOUT_HEADER}: {value[:40]!r} is not a positive integer of milliseconds",
+            param=TIMEOUT_HEADER,
+            code="invalid_timeout",
+        )
+    return int(value) / 1000
 
 
 def _route_headers(route: Route, tier: str, fallback: bool) -> dict[str, str]:
@@ -119,6 +135,7 @@ class OpenAIHandlers:
         t0 = time.perf_counter()
         m = self.router.metrics
         try:
+            timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
             route = await self.router.route(parsed.model, parsed.prompt_text)
@@ -130,11 +147,11 @@ class OpenAIHandlers:
         res = _Result()
         try:
             if not parsed.stream:
-                return await self._complete(route, path, parsed, res)
-            return await self._stream(request, route, path, parsed, t0, res)
+                return await self._complete(route, path, parsed, res, timeout_s)
+            return await self._stream(request, route, path, parsed, t0, res, timeout_s)
         except NoTierAvailableError as e:
-            res.outcome = "unavailable"
-            return error_response(503, str(e), type_="server_error", code="no_tier_available", headers=NO_TIER)
+            res.outcome = outcome_of(e)
+            return error_response(e.status, str(e), type_="server_error", code=e.code, headers=NO_TIER)
         except (asyncio.CancelledError, ConnectionResetError):
             res.outcome = "cancelled"
             raise
@@ -142,8 +159,10 @@ class OpenAIHandlers:
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
 
-    async def _complete(self, route: Route, path: str, parsed: ParsedRequest, res: _Result) -> web.Response:
-        reply = await self.router.dispatcher.complete(route.chain, path, parsed.body)
+    async def _complete(
+        self, route: Route, path: str, parsed: ParsedRequest, res: _Result, timeout_s: float | None
+    ) -> web.Response:
+        reply = await self.router.dispatcher.complete(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = reply.tier
         headers = _route_headers(route, reply.tier, reply.fallback)
         body = reply.body
@@ -167,9 +186,16 @@ class OpenAIHandlers:
         return resp
 
     async def _stream(
-        self, request: web.Request, route: Route, path: str, parsed: ParsedRequest, t0: float, res: _Result
+        self,
+        request: web.Request,
+        route: Route,
+        path: str,
+        parsed: ParsedRequest,
+        t0: float,
+        res: _Result,
+        timeout_s: float | None,
     ) -> web.StreamResponse:
-        up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body)
+        up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = up.tier
         m = self.router.metrics
         scanner = SSEUsageScanner()

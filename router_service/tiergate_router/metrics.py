@@ -10,7 +10,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-OUTCOMES = ("success", "client_error", "upstream_error", "unavailable", "cancelled")
+OUTCOMES = ("success", "client_error", "upstream_error", "unavailable", "deadline_exceeded", "cancelled")
 # Latency buckets from 0.5 ms: classification and router overhead live in the low milliseconds, generation in
 # seconds; one bucket set covers both so that dashboards can compare them.
 LATENCY_BUCKETS = (
@@ -92,6 +92,18 @@ class RouterMetrics:
         )
         self.retries = Counter(
             f"{p}_retries", "Requests retried on another endpoint of the same tier", ["tier", "reason"], registry=r
+        )
+        self.retry_overflow = Counter(
+            f"{p}_retry_budget_exhausted",
+            "Failed tries not retried because the retry budget was spent (Envoy's upstream_rq_retry_overflow)",
+            ["tier"],
+            registry=r,
+        )
+        self.try_timeouts = Counter(
+            f"{p}_try_timeouts",
+            "Tries cut short by a time limit: the per-try timeout, or the request's deadline",
+            ["tier", "limit"],
+            registry=r,
         )
         self.breaker_state = Gauge(
             f"{p}_circuit_breaker_state",

@@ -416,9 +416,95 @@ class ClassifierRef(_Model):
 
 
 class Timeouts(_Model):
+    """Envoy's route timeout and per-try timeout. `requestSeconds` is the overall deadline of one client request:
+    every try on every tier of the fallback chain, and the backoff between them, fit inside it; when it passes the
+    client gets HTTP 504 (gRPC DEADLINE_EXCEEDED). For a streaming request it covers the time to the first byte;
+    after that only the idle timeout applies. A client may ask for a shorter deadline, never a longer one."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    # has(): the API server also checks these rules against the `default: {}` itself.
+                    "rule": "!has(self.perTrySeconds) || !has(self.requestSeconds) || "
+                    "self.perTrySeconds <= self.requestSeconds",
+                    "message": "perTrySeconds must not exceed requestSeconds",
+                    "fieldPath": ".perTrySeconds",
+                }
+            ]
+        }
+    )
+
     connect_seconds: Annotated[int, Field(ge=1, le=300, strict=True)] = 5
     """Connecting to a tier."""
     request_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 120
+    """Overall deadline of a request across all tries and fallbacks (streaming: until the first byte)."""
+    per_try_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] | None = None
+    """Deadline of one try on one endpoint (at most requestSeconds); a try that passes it counts as a failure of the
+    endpoint and the request moves on (another endpoint, then the next tier). Unset: a try may use whatever is left
+    of requestSeconds, so a tier that hangs ends in 504 instead of a fallback."""
+
+    @model_validator(mode="after")
+    def _per_try_within_request(self) -> Timeouts:
+        if self.per_try_seconds is not None and self.per_try_seconds > self.request_seconds:
+            raise _At("perTrySeconds", "perTrySeconds must not exceed requestSeconds")
+        return self
+
+
+class Retries(_Model):
+    """Retries after a failed try (connection error, HTTP 5xx, per-try timeout), like Envoy's retry policy with a
+    retry budget. Moving on because a tier is saturated (HTTP 429, in-flight or queue limit) is load shedding, not a
+    retry: it is bounded by the fallback chain only."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.backoffBaseMilliseconds) || !has(self.backoffMaxMilliseconds) || "
+                    "self.backoffBaseMilliseconds <= self.backoffMaxMilliseconds",
+                    "message": "backoffBaseMilliseconds must not exceed backoffMaxMilliseconds",
+                    "fieldPath": ".backoffMaxMilliseconds",
+                }
+            ]
+        }
+    )
+
+    attempts_per_tier: Annotated[int, Field(ge=1, le=20, strict=True)] = 3
+    """Tries per tier, each on another endpoint, before the next tier in the fallback order."""
+    budget_percent: Annotated[int, Field(ge=0, le=100, strict=True)] = 20
+    """Retries in flight at once, as a percentage of the requests in flight through this router (Envoy's
+    retry_budget.budget_percent). A failed try over budget is not retried: the client gets the error (HTTP 503)."""
+    min_retry_concurrency: Annotated[int, Field(ge=0, le=10000, strict=True)] = 3
+    """Retries always allowed in flight, whatever the percentage gives (Envoy's min_retry_concurrency)."""
+    backoff_base_milliseconds: Annotated[int, Field(ge=1, le=60000, strict=True)] = 25
+    """Backoff before the n-th retry on the same tier: a random time (full jitter) up to base x 2^(n-1), capped at
+    backoffMaxMilliseconds and at what is left of the deadline. None before the first try of the next tier."""
+    backoff_max_milliseconds: Annotated[int, Field(ge=1, le=600000, strict=True)] = 250
+    """The cap of the backoff."""
+
+    @model_validator(mode="after")
+    def _base_below_max(self) -> Retries:
+        if self.backoff_base_milliseconds > self.backoff_max_milliseconds:
+            raise _At("backoffMaxMilliseconds", "backoffBaseMilliseconds must not exceed backoffMaxMilliseconds")
+        return self
+
+
+class CircuitBreaker(_Model):
+    """Per endpoint: consecutive failed tries open it (no traffic), then after openSeconds one probe decides."""
+
+    consecutive_failures: Annotated[int, Field(ge=1, le=1000, strict=True)] = 3
+    open_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] = 5
+
+
+class Saturation(_Model):
+    """When a tier counts as saturated and requests move on to the next tier without trying it. 0 = no limit."""
+
+    max_in_flight_per_endpoint: Annotated[int, Field(ge=0, le=100000, strict=True)] = 0
+    """Requests in flight through this router replica per endpoint; a tier is saturated when every endpoint has
+    this many."""
+    queued_requests: Annotated[int, Field(ge=0, le=100000, strict=True)] = 0
+    """Requests waiting in an endpoint's queue (vLLM's num_requests_waiting, read from its /metrics every second);
+    a tier is saturated when every endpoint reports at least this many."""
 
 
 class RouterResources(_Model):
@@ -473,6 +559,9 @@ class Router(Placement):
     )
     """Tiers tried, in order, when the chosen tier fails; defaults to every tier, strongest first."""
     timeouts: Timeouts = Field(default_factory=Timeouts, json_schema_extra={"default": {}})
+    retries: Retries = Field(default_factory=Retries, json_schema_extra={"default": {}})
+    circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, json_schema_extra={"default": {}})
+    saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""

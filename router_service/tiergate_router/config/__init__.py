@@ -3,7 +3,7 @@
 types        RouterConfig, TierConfig, ServiceRef, MultiTier and their invariants; `tier_at` makes every tier
 knobs        the decision knobs' shared parts: the classifier protocols, the N-tier mapping, default thresholds
 from_policy  RoutingPolicy (typed) -> RouterConfig
-local        `tiergate serve` flags: --tier, --threshold-bp, --cost-weight-bp, where to listen
+local        `tiergate serve` flags: --tier, --threshold-bp, --cost-weight-bp, the dispatch limits, where to listen
 secrets      external tiers' API keys from the environment the operator fills from Secrets
 policy_file  reading the mounted policy file
 serve        the composition `tiergate serve` runs, at start-up and on reload
@@ -21,10 +21,14 @@ from tiergate_router.config.knobs import (
     with_multi_tier,
 )
 from tiergate_router.config.local import (
+    DISPATCH_FLAGS,
+    DispatchFlag,
+    DispatchSetting,
     Listen,
     LocalOverrides,
     TierFlag,
     apply_overrides,
+    dispatch_settings,
     listen,
     local_config,
     merge_tier_flags,
@@ -48,8 +52,11 @@ from tiergate_router.errors import ConfigError
 
 __all__ = [
     "DEFAULT_THRESHOLD_BP",
+    "DISPATCH_FLAGS",
     "TWO_TIER_KNOBS",
     "ConfigError",
+    "DispatchFlag",
+    "DispatchSetting",
     "Listen",
     "LoadedSource",
     "LocalOverrides",
@@ -63,6 +70,7 @@ __all__ = [
     "api_key",
     "apply_overrides",
     "check_base_url",
+    "dispatch_settings",
     "even_thresholds",
     "from_policy",
     "listen",

@@ -74,6 +74,16 @@ def from_policy(
             classifier_artifact=policy_classifier_path(policy),
             connect_timeout_s=float(r.timeouts.connect_seconds),
             request_timeout_s=float(r.timeouts.request_seconds),
+            per_try_timeout_s=None if r.timeouts.per_try_seconds is None else float(r.timeouts.per_try_seconds),
+            max_attempts_per_tier=r.retries.attempts_per_tier,
+            retry_budget_percent=r.retries.budget_percent,
+            min_retry_concurrency=r.retries.min_retry_concurrency,
+            backoff_base_s=r.retries.backoff_base_milliseconds / 1000,
+            backoff_max_s=r.retries.backoff_max_milliseconds / 1000,
+            breaker_failures=r.circuit_breaker.consecutive_failures,
+            breaker_open_s=float(r.circuit_breaker.open_seconds),
+            max_outstanding_per_endpoint=r.saturation.max_in_flight_per_endpoint,
+            saturation_waiting=r.saturation.queued_requests,
             multi_tier=multi_tier,
         )
     except ConfigError as e:

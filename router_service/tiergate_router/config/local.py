@@ -1,5 +1,6 @@
 """What `tiergate serve`'s flags change: `--tier NAME=BASE_URL` tiers (alone, or on top of a policy's),
-`--threshold-bp` / `--cost-weight-bp`, and where to listen (`--host`, `--port`, `--grpc-port`).
+`--threshold-bp` / `--cost-weight-bp`, the dispatch limits (`DISPATCH_FLAGS`: deadline, per-try timeout, retries,
+retry budget, backoff, breaker, saturation) and where to listen (`--host`, `--port`, `--grpc-port`).
 
 Argument parsing itself stays in `tiergate_router.cmd_serve`; this module gives the flags their meaning, as pure
 functions over typed values.
@@ -8,9 +9,9 @@ functions over typed values.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, MultiTierSource, even_thresholds, multi_tier_for
 from tiergate_router.config.types import RouterConfig, TierConfig, check_base_url, tier_at
@@ -20,6 +21,60 @@ if TYPE_CHECKING:
     from tiergate.api.policy import RoutingPolicy
 
 TierFlag = tuple[str, str]
+# A dispatch limit set on the command line: (RouterConfig field, value in the field's unit).
+DispatchSetting = tuple[str, float | int]
+
+
+@dataclass(frozen=True)
+class DispatchFlag:
+    """A `tiergate serve` flag for one dispatch limit. Integers in the policy's units (seconds, milliseconds,
+    percent), like the policy field named in `policy_field`; `scale` turns them into the config's unit (None: kept an
+    integer)."""
+
+    flag: str
+    field: str
+    policy_field: str
+    minimum: int
+    scale: float | None = None
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+# Each overrides the policy field it names (spec.router.<policy_field>) or the built-in default.
+DISPATCH_FLAGS = (
+    DispatchFlag("--request-timeout-seconds", "request_timeout_s", "timeouts.requestSeconds", 1, 1.0),
+    DispatchFlag("--per-try-timeout-seconds", "per_try_timeout_s", "timeouts.perTrySeconds", 1, 1.0),
+    DispatchFlag("--connect-timeout-seconds", "connect_timeout_s", "timeouts.connectSeconds", 1, 1.0),
+    DispatchFlag("--attempts-per-tier", "max_attempts_per_tier", "retries.attemptsPerTier", 1),
+    DispatchFlag("--retry-budget-percent", "retry_budget_percent", "retries.budgetPercent", 0),
+    DispatchFlag("--min-retry-concurrency", "min_retry_concurrency", "retries.minRetryConcurrency", 0),
+    DispatchFlag("--backoff-base-milliseconds", "backoff_base_s", "retries.backoffBaseMilliseconds", 1, 0.001),
+    DispatchFlag("--backoff-max-milliseconds", "backoff_max_s", "retries.backoffMaxMilliseconds", 1, 0.001),
+    DispatchFlag("--breaker-failures", "breaker_failures", "circuitBreaker.consecutiveFailures", 1),
+    DispatchFlag("--breaker-open-seconds", "breaker_open_s", "circuitBreaker.openSeconds", 1, 1.0),
+    DispatchFlag(
+        "--max-in-flight-per-endpoint", "max_outstanding_per_endpoint", "saturation.maxInFlightPerEndpoint", 0
+    ),
+    DispatchFlag("--saturation-queued-requests", "saturation_waiting", "saturation.queuedRequests", 0),
+)
+
+
+def dispatch_settings(given: Mapping[str, int | None]) -> tuple[DispatchSetting, ...]:
+    """The dispatch flags given (`given`: argparse dest -> value, None when absent), in the config's units.
+    ConfigError names a flag below its minimum; cross-field rules (per-try <= request, base <= max) are the config's
+    own (`types.validate`)."""
+    out: list[DispatchSetting] = []
+    for f in DISPATCH_FLAGS:
+        value = given.get(f.dest)
+        if value is None:
+            continue
+        if value < f.minimum:
+            raise ConfigError(f"{f.flag}: {value} is below the minimum {f.minimum}")
+        out.append((f.field, value if f.scale is None else value * f.scale))
+    return tuple(out)
+
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
@@ -38,6 +93,8 @@ class LocalOverrides:
     port: int | None = None
     # A negative port disables gRPC.
     grpc_port: int | None = None
+    # Timeouts, retries, breaker and saturation limits (`DISPATCH_FLAGS`), replacing the policy's or the defaults.
+    dispatch: tuple[DispatchSetting, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -103,8 +160,15 @@ def local_config(
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp` and `--cost-weight-bp` on a built config. The N-tier mapping is kept as built: a cost weight
-    changes the choice among the mapped tiers, not the mapping."""
+    """`--threshold-bp`, `--cost-weight-bp` and the dispatch flags on a built config. The N-tier mapping is kept as
+    built: a cost weight changes the choice among the mapped tiers, not the mapping."""
+    if overrides.dispatch:
+        try:
+            # Field names come from DISPATCH_FLAGS (a unit test sets every one), values in each field's type.
+            changes: dict[str, Any] = dict(overrides.dispatch)
+            cfg = dataclasses.replace(cfg, **changes)
+        except ConfigError as e:
+            raise ConfigError(f"command line: {e}") from e
     if overrides.threshold_bp is not None:
         cfg = dataclasses.replace(cfg, thresholds_bp=(overrides.threshold_bp,) * (len(cfg.tiers) - 1))
     if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:

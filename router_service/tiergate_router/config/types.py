@@ -76,12 +76,21 @@ class RouterConfig:
     classifier_artifact: Path | None = None
     # Seconds to establish a connection to a backend; a refused/timed-out connect is retried on another endpoint.
     connect_timeout_s: float = 2.0
-    # Seconds for a whole non-streaming upstream response, or for the first byte of a streaming one.
+    # The overall deadline of one client request (Envoy's route timeout): every try on every tier and the backoff
+    # between them fit in it; for a streaming request it ends at the first byte. A client may ask for less.
     request_timeout_s: float = 120.0
+    # The deadline of one try on one endpoint (Envoy's per_try_timeout); None = what is left of the request's.
+    per_try_timeout_s: float | None = None
     # Seconds without data on an established stream before it is abandoned.
     stream_idle_timeout_s: float = 60.0
     # Endpoints tried per tier before falling back (connection failures and 5xx are retried; 4xx are not).
     max_attempts_per_tier: int = 3
+    # Envoy's retry budget: retries in flight at most max(min_retry_concurrency, budget% of requests in flight).
+    retry_budget_percent: int = 20
+    min_retry_concurrency: int = 3
+    # Exponential backoff with full jitter between tries on one tier: uniform in [0, min(max, base * 2^(n-1))].
+    backoff_base_s: float = 0.025
+    backoff_max_s: float = 0.25
     # Consecutive failures that open an endpoint's breaker, and how long it stays open before one probe.
     breaker_failures: int = 3
     breaker_open_s: float = 5.0
@@ -146,6 +155,14 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError(f"{attr}: must be positive")
     if cfg.max_attempts_per_tier < 1 or cfg.breaker_failures < 1:
         raise ConfigError("max_attempts_per_tier and breaker_failures: must be at least 1")
+    if cfg.per_try_timeout_s is not None and not 0 < cfg.per_try_timeout_s <= cfg.request_timeout_s:
+        raise ConfigError("per_try_timeout_s: must be positive and at most request_timeout_s")
+    if not 0 <= cfg.retry_budget_percent <= 100 or cfg.min_retry_concurrency < 0:
+        raise ConfigError("retry_budget_percent: must be 0..100, and min_retry_concurrency not negative")
+    if not 0 < cfg.backoff_base_s <= cfg.backoff_max_s:
+        raise ConfigError("backoff_base_s: must be positive and at most backoff_max_s")
+    if cfg.max_outstanding_per_endpoint < 0 or cfg.saturation_waiting < 0:
+        raise ConfigError("max_outstanding_per_endpoint and saturation_waiting: must not be negative")
     if cfg.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes: must be at least 1024")
     mt = cfg.multi_tier
