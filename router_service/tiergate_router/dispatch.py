@@ -9,7 +9,8 @@ Failure handling, per tier in the fallback chain:
 - no endpoint left or tries exhausted: the next tier in the chain.
 Time and load limits, as Envoy's (docs/router.md, "Deadlines and retries"):
 - one overall deadline per request (`request_timeout_s`, or the client's shorter one) covers every try, every
-  fallback and the backoff between them; when it passes the request ends with DeadlineExceededError (HTTP 504).
+  fallback and the backoff between them; when it passes, or when the chain's last try timed out, the request ends
+  with DeadlineExceededError (HTTP 504, as Envoy's upstream timeout).
   A streaming request's deadline ends at its first byte; after that only the idle timeout applies;
 - each try is bounded by `per_try_timeout_s` (when set) and by what is left of the deadline; a try past the
   per-try timeout is the endpoint's failure, and the request moves on;
@@ -56,8 +57,17 @@ class _TryNext(Exception):
     refused, reset or dropped means the endpoint is gone: a retry moves the same work elsewhere, bounded by the
     breaker and the tries per tier, not by the budget (so that losing a pod under load loses no request)."""
 
-    def __init__(self, reason: str, *, endpoint_failed: bool, saturated: bool = False, budgeted: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        endpoint_failed: bool,
+        saturated: bool = False,
+        budgeted: bool = False,
+        timed_out: bool = False,
+    ) -> None:
         super().__init__(reason)
+        self.timed_out = timed_out
         self.reason = reason
         self.endpoint_failed = endpoint_failed
         self.saturated = saturated
@@ -257,6 +267,8 @@ class Dispatcher:
         # that retry needs the budget (_TryNext.budgeted). Moving on from a saturated tier is load shedding.
         after_error = False
         budgeted = False
+        # Whether the last try ran out of time: then the answer is a timeout (504), as Envoy's, even with time left.
+        timed_out = False
         self._active += 1
         try:
             for i, tier_name in enumerate(chain):
@@ -309,13 +321,15 @@ class Dispatcher:
                     except _TryNext as e:
                         attempts.append(f"{tier_name} {ep.base_url}: {e.reason}")
                         reason = "saturated" if e.saturated else "error"
-                        after_error, budgeted = not e.saturated, e.budgeted
+                        after_error, budgeted, timed_out = not e.saturated, e.budgeted, e.timed_out
                         tier_errors += after_error
                     finally:
                         if retry:
                             self._retrying -= 1
             if self._clock() >= deadline:
                 raise DeadlineExceededError(_summary("deadline exceeded", chain, attempts), attempts)
+            if timed_out:
+                raise DeadlineExceededError(_summary("the last try timed out", chain, attempts), attempts)
             raise NoTierAvailableError(_summary("no tier could answer", chain, attempts), attempts)
         finally:
             self._active -= 1
@@ -374,7 +388,10 @@ class Dispatcher:
             except TimeoutError as e:
                 self.metrics.try_timeouts.labels(tier.name, limit_name).inc()
                 raise _TryNext(
-                    f"no answer within {limit_s:.3g} s ({limit_name})", endpoint_failed=blame, budgeted=True
+                    f"no answer within {limit_s:.3g} s ({limit_name})",
+                    endpoint_failed=blame,
+                    budgeted=True,
+                    timed_out=True,
                 ) from e
             handed_over = isinstance(result, UpstreamStream)
             return result

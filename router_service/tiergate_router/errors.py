@@ -54,7 +54,8 @@ class RetryBudgetExhaustedError(NoTierAvailableError):
 
 
 class DeadlineExceededError(NoTierAvailableError):
-    """The request's overall deadline passed before a tier answered (HTTP 504, gRPC DEADLINE_EXCEEDED)."""
+    """The request's overall deadline passed before a tier answered, or its last try timed out (HTTP 504, gRPC
+    DEADLINE_EXCEEDED)."""
 
     status = 504
     code = "deadline_exceeded"
