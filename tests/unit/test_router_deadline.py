@@ -61,7 +61,7 @@ def harness(request: pytest.FixtureRequest) -> Iterator[Harness]:
         h.stop()
 
 
-def _limits(**kw: Any) -> Any:
+def _limits(**kw: Any) -> pytest.MarkDecorator:
     return pytest.mark.parametrize("harness", [kw], indirect=True)
 
 
