@@ -123,6 +123,24 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.router.timeouts.requestSeconds",
     ),
     (
+        "per-try-beyond-deadline",
+        _set(lambda d: d["spec"]["router"]["timeouts"], "perTrySeconds", 200),
+        "spec.router.timeouts.perTrySeconds",
+        "spec.router.timeouts.perTrySeconds",
+    ),
+    (
+        "backoff-base-above-max",
+        lambda d: d["spec"]["router"]["retries"].update(backoffBaseMilliseconds=500, backoffMaxMilliseconds=100),
+        "spec.router.retries.backoffMaxMilliseconds",
+        "spec.router.retries.backoffMaxMilliseconds",
+    ),
+    (
+        "retry-budget-over-100",
+        _set(lambda d: d["spec"]["router"]["retries"], "budgetPercent", 101),
+        "spec.router.retries.budgetPercent",
+        "spec.router.retries.budgetPercent",
+    ),
+    (
         "unknown-replicas-manager",
         _set(lambda d: d["spec"]["tiers"][0]["replicas"], "managedBy", "HPA"),
         "spec.tiers[0].replicas.managedBy",

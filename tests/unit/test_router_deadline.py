@@ -102,6 +102,9 @@ def test_all_tiers_hanging_end_in_a_504_at_the_deadline(harness: Harness) -> Non
     )
     # Never before the deadline (asyncio's timeout cannot fire early), never near the old 120 s per try.
     assert 2.0 <= elapsed < 2.0 + SLACK_S
+    # The abandoned try was closed upstream, so the tier stops generating (vLLM aborts a request whose client left).
+    small = harness.fakes["small"][0]
+    harness.call(_wait_for(lambda: small.stats.aborted == 1, "the hanging tier to see its request aborted"))
 
 
 @_limits(request_timeout_s=SLACK_S, per_try_timeout_s=1.0, max_attempts_per_tier=1)
