@@ -309,15 +309,10 @@ class Dispatcher:
                         remaining = deadline - self._clock()
                         if remaining <= 0:
                             break
-                        per_try = cfg.per_try_timeout_s
-                        per_try_binds = per_try is not None and per_try < remaining
-                        limit = per_try if per_try is not None and per_try_binds else remaining
+                        limit = try_limit(remaining, cfg.per_try_timeout_s, client_deadline=deadline < own_deadline)
                         return await self._attempt(
-                            tier, ep, path, body, stream=stream, fallback=i > 0, attempts=attempts, limit_s=limit,
-                            # A try cut short by the client's own, shorter deadline says nothing about the endpoint.
-                            blame=per_try_binds or deadline == own_deadline,
-                            limit_name="per_try" if per_try_binds else "deadline",
-                        )  # fmt: skip
+                            tier, ep, path, body, stream=stream, fallback=i > 0, attempts=attempts, limit=limit
+                        )
                     except _TryNext as e:
                         attempts.append(f"{tier_name} {ep.base_url}: {e.reason}")
                         reason = "saturated" if e.saturated else "error"
@@ -369,27 +364,24 @@ class Dispatcher:
         stream: bool,
         fallback: bool,
         attempts: list[str],
-        limit_s: float,
-        blame: bool,
-        limit_name: str,
+        limit: TryLimit,
     ) -> UpstreamReply | UpstreamStream:
-        """One try on one endpoint within `limit_s` (to the whole answer, or to a stream's first byte). When the limit
-        passes the try fails: as the endpoint's failure when `blame` (a configured limit), else (the client's own
-        shorter deadline) without counting against the endpoint's breaker."""
+        """One try on one endpoint within `limit` (to the whole answer, or to a stream's first byte). When the limit
+        passes the try fails, as the endpoint's failure when the limit blames it."""
         ep.outstanding += 1
         self.metrics.outstanding.labels(ep.tier).inc()
         handed_over = False
         try:
             try:
-                async with asyncio.timeout(limit_s):
+                async with asyncio.timeout(limit.seconds):
                     result = await self._exchange(
                         tier, ep, path, body, stream=stream, fallback=fallback, attempts=attempts
                     )
             except TimeoutError as e:
-                self.metrics.try_timeouts.labels(tier.name, limit_name).inc()
+                self.metrics.try_timeouts.labels(tier.name, limit.name).inc()
                 raise _TryNext(
-                    f"no answer within {limit_s:.3g} s ({limit_name})",
-                    endpoint_failed=blame,
+                    f"no answer within {limit.seconds:.3g} s ({limit.name})",
+                    endpoint_failed=limit.blame,
                     budgeted=True,
                     timed_out=True,
                 ) from e
@@ -496,6 +488,25 @@ class Dispatcher:
             with contextlib.suppress(Exception):
                 await self.scrape_queue_lengths()
             await asyncio.sleep(interval_s)
+
+
+@dataclass(frozen=True)
+class TryLimit:
+    """How long one try may take, which limit that is (`per_try` or `deadline`, the metric's label), and whether
+    running out of it is the endpoint's failure (its breaker counts it)."""
+
+    seconds: float
+    name: str
+    blame: bool
+
+
+def try_limit(remaining_s: float, per_try_s: float | None, *, client_deadline: bool) -> TryLimit:
+    """The limit of the next try: the per-try timeout when it ends first, else what is left of the deadline. Running
+    out of a configured limit blames the endpoint; running out of a client's own, shorter deadline does not (an
+    impatient client must not open the breakers of healthy endpoints)."""
+    if per_try_s is not None and per_try_s < remaining_s:
+        return TryLimit(per_try_s, "per_try", blame=True)
+    return TryLimit(remaining_s, "deadline", blame=not client_deadline)
 
 
 def backoff_s(retry_n: int, base_s: float, max_s: float, u: float) -> float:

@@ -14,7 +14,7 @@ from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate_router import cmd_serve
 from tiergate_router.config import DISPATCH_FLAGS, ConfigError, RouterConfig, from_policy, serve_config
-from tiergate_router.dispatch import backoff_s
+from tiergate_router.dispatch import TryLimit, backoff_s, try_limit
 
 
 def _policy(router: dict[str, Any]) -> dict[str, Any]:
@@ -158,3 +158,12 @@ def test_backoff_grows_exponentially_up_to_its_cap_with_full_jitter() -> None:
     assert max(draws) <= 0.1
     assert min(draws) < 0.02 < 0.08 < max(draws)
     assert backoff_s(10_000, base, cap, 0.5) == pytest.approx(0.125)
+
+
+def test_a_try_is_limited_by_whichever_ends_first_and_blamed_only_for_configured_limits() -> None:
+    assert try_limit(10.0, 3.0, client_deadline=False) == TryLimit(3.0, "per_try", blame=True)
+    assert try_limit(10.0, 3.0, client_deadline=True) == TryLimit(3.0, "per_try", blame=True)
+    assert try_limit(2.0, 3.0, client_deadline=False) == TryLimit(2.0, "deadline", blame=True)
+    assert try_limit(2.0, None, client_deadline=False) == TryLimit(2.0, "deadline", blame=True)
+    # The client's own shorter deadline ran out: the endpoint is not at fault.
+    assert try_limit(2.0, 3.0, client_deadline=True) == TryLimit(2.0, "deadline", blame=False)
