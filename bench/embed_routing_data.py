@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from tiergate.routing.encoder import cached_minilm
+from tiergate.training.embeddings import cached_minilm
 
 DATA = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/data/routing")
 
