@@ -66,8 +66,13 @@ class LoadedClassifier:
         return int(self.artifact.default_threshold_bp)
 
     def threshold_for_share_bp(self, share_bp: int) -> int:
+        """`targetStrongShareBasisPoints` -> threshold: `operating_points.threshold_for_share`, as `tiergate
+        calibrate --share` chooses. A share no threshold keeps to is refused like an unaffordable budget (it used to
+        route nothing, silently)."""
         try:
             return threshold_for_share(self.artifact.calibration.thresholds, share_bp / BP).threshold_bp
+        except NoOperatingPoint as e:
+            raise ConfigError(f"targetStrongShareBasisPoints {share_bp}: {self.source}: {e}") from e
         except RoutingError as e:
             raise ClassifierError(
                 f"{self.source}: cannot turn a target share of {share_bp} bp into a threshold: {e}"

@@ -129,3 +129,22 @@ def test_the_calibrate_cli_prints_the_weight_the_router_serves(budget: str) -> N
     snippet = yaml.safe_load(r.stdout)  # the comment lines are YAML comments
     assert snippet["kind"] == "RoutingPolicy"
     assert snippet["spec"]["router"] == {"costWeightBasisPoints": want}
+
+
+def test_calibrate_and_router_agree_on_strong_share_targets() -> None:
+    from _routing_helpers import tiny_artifact
+
+    from tiergate.routing.artifact import DEFAULT_TWO_TIER
+
+    art = load_artifact(DEFAULT_TWO_TIER)
+    loaded = LoadedClassifier(MicroBatcher(lambda prompts: []), DEFAULT_TWO_TIER, art, Scorer(art, None))
+    for share_bp in range(0, 10001, 50):
+        want = cmd_calibrate.choose_two_tier(art.calibration, share_bp / 10000, None).threshold_bp
+        assert loaded.threshold_for_share_bp(share_bp) == want
+    # No threshold keeps to the share (the tiny table's lowest is 0.2): refused as a policy error, not "route nothing".
+    tiny = tiny_artifact()
+    small = LoadedClassifier(MicroBatcher(lambda prompts: []), Path("tiny.json"), tiny, Scorer(tiny, None))
+    with pytest.raises(ConfigError, match=r"targetStrongShareBasisPoints 1000: .*lowest calibrated 0\.2000"):
+        small.threshold_for_share_bp(1000)
+    with pytest.raises(NoOperatingPoint):
+        cmd_calibrate.choose_two_tier(tiny.calibration, 0.1, None)
