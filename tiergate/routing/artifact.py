@@ -61,6 +61,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiergate.routing.encoder import MAX_TOKENS
 from tiergate.routing.errors import ArtifactError
 from tiergate.routing.operating_points import CalibrationTable
 
@@ -103,7 +104,7 @@ class Member:
 class EncoderSpec:
     id: str
     dim: int
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
     pooling: str = "mean"
     normalize: bool = True
 

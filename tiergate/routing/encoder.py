@@ -62,7 +62,9 @@ ProgressFactory = Callable[[int, str], Any]
 """`(total, description) -> object with update(n) and close()`, e.g. a tqdm bar writing to stderr."""
 
 
-class _NoProgress:
+class NoProgress:
+    """The progress object used when none is wanted."""
+
     def update(self, n: int = 1) -> None:
         pass
 
@@ -133,7 +135,7 @@ class MiniLMEncoder:
             return out
         # Sort by length so each batch pads to similar lengths; results go back in input order.
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        bar = self._progress(len(texts), "embedding") if self._progress is not None else _NoProgress()
+        bar = self._progress(len(texts), "embedding") if self._progress is not None else NoProgress()
         try:
             with torch.inference_mode():
                 for start in range(0, len(order), self._batch_size):

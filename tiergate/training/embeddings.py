@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tiergate.cache import cache_root
-from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, Encoder, MiniLMEncoder, ProgressFactory
+from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, Encoder, MiniLMEncoder, NoProgress, ProgressFactory
 from tiergate.routing.errors import EncoderError
 
 if TYPE_CHECKING:
@@ -28,16 +28,8 @@ def tqdm_progress(total: int, desc: str, unit: str = "prompt") -> Any:
     try:
         from tqdm import tqdm
     except ModuleNotFoundError:
-        return _NoProgress()
+        return NoProgress()
     return tqdm(total=total, desc=desc, file=sys.stderr, unit=unit, dynamic_ncols=True, mininterval=1.0)
-
-
-class _NoProgress:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def default_cache_dir() -> Path:
