@@ -25,9 +25,10 @@ One function per target:
 No match is always `NoOperatingPoint`, naming the target and the closest the table gets; the router turns it into
 a refused policy (the last good one keeps serving), `tiergate calibrate` into a one-line error.
 
-Scores are compared with thresholds exactly (`score >= bp / 10000`), never rounded to basis points first: the
-calibration table and the evaluation curve were measured with that rule, and rounding in one place only would
-make a score half a basis point under a threshold route differently in serving than in calibration.
+Scores are compared with thresholds exactly (`score >= bp / 10000`), never rounded to basis points first, in
+serving as in calibration. Rounding in one place only would send a score half a basis point under a threshold
+one way in serving and the other in calibration; rounding in both would change what the shipped artifacts'
+tables and every published `eval` curve were measured with. Exact comparison needs neither.
 
 Numpy only (imported inside the functions that need it): this is run-time code the router image carries.
 """

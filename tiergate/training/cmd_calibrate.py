@@ -7,7 +7,8 @@
     ... [--write OUT.json]                                   # also store it as the artifact's default
 
 Prints the RoutingPolicy snippet: `spec.router.thresholdBasisPoints` for two tiers, `spec.router.costWeightBasisPoints`
-for N tiers (a policy may instead give `budgetPerMillion` and let the router pick from the artifact's table); `--write`
+for N tiers (a policy may instead give `budgetPerMillion`: the router then picks from the artifact's table
+with the same function, `operating_points.cost_weight_for_budget`, so it serves the weight printed here); `--write`
 also stores the choice as the artifact's default, used when the policy sets no knob. The artifact's own table was
 measured out-of-fold on its training rows; `--data` recomputes the table on other outcome data (e.g. recent
 traffic) before choosing.
