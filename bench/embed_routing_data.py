@@ -13,7 +13,7 @@ from pathlib import Path
 
 from _data import routing_data_dir
 
-from tiergate.routing.encoder import cached_minilm
+from tiergate.training.embeddings import cached_minilm
 
 DATA = Path(sys.argv[1]) if len(sys.argv) > 1 else routing_data_dir()
 

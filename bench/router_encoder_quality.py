@@ -18,10 +18,11 @@ from pathlib import Path
 from _data import routing_data_dir
 
 from tiergate.routing.artifact import load_artifact
-from tiergate.routing.data import load_outcomes
-from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, CachedEncoder, cached_minilm, default_cache_dir
-from tiergate.routing.metrics import apgr
+from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
 from tiergate.routing.scorer import Scorer
+from tiergate.training.data import load_outcomes
+from tiergate.training.embeddings import CachedEncoder, cached_minilm, default_cache_dir
+from tiergate.training.metrics import apgr
 from tiergate_router.artifact_classifier import default_artifact_path
 from tiergate_router.onnx_encoder import OnnxEncoder, ensure_onnx
 

@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from _data import routing_data_dir
 
-from tiergate.routing.data import load_outcomes, load_prices
-from tiergate.routing.encoder import cached_minilm
-from tiergate.routing.evaluate import multi_tier_report, quality_at_budget
-from tiergate.routing.labels import task_smoothed, two_tier_targets
-from tiergate.routing.metrics import pgr_curve
-from tiergate.routing.train import HeadConfig, fit_head, kfold_indices
+from tiergate.training.data import load_outcomes, load_prices
+from tiergate.training.embeddings import cached_minilm
+from tiergate.training.evaluate import multi_tier_report, quality_at_budget
+from tiergate.training.labels import task_smoothed, two_tier_targets
+from tiergate.training.metrics import pgr_curve
+from tiergate.training.train import HeadConfig, fit_head, kfold_indices
 
 WEAK, STRONG = "mixtral-8x7b-instruct", "gpt-4-1106-preview"
 LLMROUTER_MODELS = [
@@ -39,21 +39,9 @@ LLMROUTER_MODELS = [
 
 
 def _forward(members: list[Any], x: np.ndarray) -> np.ndarray:
-    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
-    from tiergate.routing.scorer import head_forward
+    from tiergate.routing.scorer import members_forward
 
-    m0 = members[0]
-    out_dim = int(m0.table.shape[1]) if m0.table is not None else int(m0.layers[-1].bias.shape[0])
-    art = RouterArtifact(
-        encoder=EncoderSpec(id="bench", dim=x.shape[1]),
-        kind="two_tier" if out_dim == 1 else "multi_tier",
-        label_mode="difference" if out_dim == 1 else "quality",
-        tiers=[Tier(name=f"t{i}", price=0.0) for i in range(max(2, out_dim))],
-        members=members,
-        calibration=[],
-        provenance={},
-    )
-    return head_forward(art, x)
+    return members_forward(members, x)
 
 
 def with_features(
@@ -209,24 +197,8 @@ def llmrouter_cv(
         members = fit_head(hx, y, tasks, replace(head, seed=head.seed + i), task_head, ridge=ridge)
         oof[held] = _forward(members, hh)
 
-    from tiergate.routing.scorer import choose_from_quality
-
-    def choose(q: np.ndarray, bp: int) -> np.ndarray:
-        art = _PriceOnly(prices)
-        return choose_from_quality(art, q, bp)  # type: ignore[arg-type]
-
-    report = multi_tier_report(oof, data.scores, prices, LLMROUTER_MODELS, choose, 0)
+    report = multi_tier_report(oof, data.scores, prices, LLMROUTER_MODELS, 0)
     return {"report": report, "quality_at_budget": quality_at_budget(report, budget)}
-
-
-class _PriceOnly:
-    """The part of an artifact `choose_from_quality` reads: its default cost weight and tier prices."""
-
-    def __init__(self, prices: np.ndarray) -> None:
-        from tiergate.routing.artifact import Tier
-
-        self.tiers = [Tier(name=str(i), price=float(p)) for i, p in enumerate(prices)]
-        self.default_cost_weight_bp = 0
 
 
 def main() -> None:

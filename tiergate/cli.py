@@ -19,9 +19,9 @@ from typing import Protocol, cast
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tiergate_router.cmd_serve", "run the router (OpenAI HTTP + gRPC) locally or in a pod"),
     "operator": ("tiergate_operator.cmd_operator", "run the Kubernetes operator against the current cluster"),
-    "train": ("tiergate.routing.cmd_train", "train a router artifact from per-prompt outcome data"),
-    "eval": ("tiergate.routing.cmd_eval", "cost-quality evaluation of a router on outcome data"),
-    "calibrate": ("tiergate.routing.cmd_calibrate", "pick a router threshold for a cost or quality target"),
+    "train": ("tiergate.training.cmd_train", "train a router artifact from per-prompt outcome data"),
+    "eval": ("tiergate.training.cmd_eval", "cost-quality evaluation of a router on outcome data"),
+    "calibrate": ("tiergate.training.cmd_calibrate", "pick a router threshold for a cost or quality target"),
     "dev-cluster": ("tiergate.devcluster.cmd", "build, start and stop the local development control plane"),
 }
 

@@ -10,22 +10,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tiergate.routing.artifact import DEFAULT_TWO_TIER, RouterArtifact, load_artifact
+from tiergate.routing.errors import NoOperatingPoint, RoutingError
+from tiergate.routing.operating_points import BP, cost_weight_for_budget, threshold_for_share
+from tiergate.routing.scorer import Scorer
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.errors import ClassifierError, ConfigError
-
-BP = 10000
-
-
-# Without an artifact named, the router scores one number per prompt against a threshold: the two-tier default.
-DEFAULT_ARTIFACT = "two-tier.json"
 
 
 def default_artifact_path() -> Path:
     """The two-tier router shipped with the package (`tiergate/routing/default/`, trained on the public data's
-    train split; its rebuild recipe is in that package's docstring)."""
-    import tiergate.routing
-
-    path = Path(tiergate.routing.__file__).parent / "default" / DEFAULT_ARTIFACT
+    train split; its recipe is in docs/routing.md). Without an artifact named, the router scores one number per
+    prompt against a threshold: the two-tier default."""
+    path = DEFAULT_TWO_TIER
     if not path.is_file():
         raise ClassifierError(f"the shipped default router {path} is missing; pass an artifact explicitly")
     return path
@@ -34,16 +31,18 @@ def default_artifact_path() -> Path:
 @dataclass
 class LoadedClassifier:
     """A loaded artifact. Two-tier: the classifier yields one score per prompt. N-tier (`multi_tier`): it yields the
-    predicted quality of every artifact tier, and the router chooses with `tiergate.routing.scorer`'s rule."""
+    predicted quality of every artifact tier, and the router chooses with `tiergate.routing.operating_points`' rule.
+    Targets (a budget, a share) become knobs through `operating_points` on the artifact's calibration table, the
+    functions `tiergate calibrate` prints from."""
 
     classifier: MicroBatcher[Any]
     source: Path
-    artifact: Any
-    scorer: Any
+    artifact: RouterArtifact
+    scorer: Scorer
 
     @property
     def kind(self) -> str:
-        return str(self.artifact.kind)
+        return self.artifact.kind
 
     @property
     def tier_names(self) -> tuple[str, ...]:
@@ -54,9 +53,11 @@ class LoadedClassifier:
         return int(self.artifact.default_cost_weight_bp)
 
     def cost_weight_for_budget_bp(self, budget: float) -> int:
+        """`budgetPerMillion` -> cost weight: `operating_points.cost_weight_for_budget`, as `tiergate calibrate
+        --budget` chooses (best calibrated quality whose mean price fits)."""
         try:
-            return int(self.scorer.cost_weight_for_budget(budget))
-        except Exception as e:
+            return cost_weight_for_budget(self.artifact.calibration.cost_weights, budget).cost_weight_bp
+        except NoOperatingPoint as e:
             # A policy that asks for the impossible: a config error, so a reload keeps the last good policy.
             raise ConfigError(f"budgetPerMillion {budget}: {self.source}: {e}") from e
 
@@ -65,9 +66,14 @@ class LoadedClassifier:
         return int(self.artifact.default_threshold_bp)
 
     def threshold_for_share_bp(self, share_bp: int) -> int:
+        """`targetStrongShareBasisPoints` -> threshold: `operating_points.threshold_for_share`, as `tiergate
+        calibrate --share` chooses. A share no threshold keeps to is refused like an unaffordable budget (it used to
+        route nothing, silently)."""
         try:
-            return int(self.scorer.threshold_for_share(share_bp / BP))
-        except Exception as e:
+            return threshold_for_share(self.artifact.calibration.thresholds, share_bp / BP).threshold_bp
+        except NoOperatingPoint as e:
+            raise ConfigError(f"targetStrongShareBasisPoints {share_bp}: {self.source}: {e}") from e
+        except RoutingError as e:
             raise ClassifierError(
                 f"{self.source}: cannot turn a target share of {share_bp} bp into a threshold: {e}"
             ) from e
@@ -80,15 +86,11 @@ def load_classifier(
     path: Path | None = None,
     *,
     encoder: str = "auto",
-    encoder_factory: Callable[[Any], Any] | None = None,
+    encoder_factory: Callable[[RouterArtifact], Any] | None = None,
     max_batch: int = 32,
     max_wait_s: float = 0.0,
 ) -> LoadedClassifier:
     """Load an artifact and its encoder; ClassifierError (naming the file) for a corrupt or unusable one."""
-    from tiergate.routing.artifact import load_artifact
-    from tiergate.routing.errors import RoutingError
-    from tiergate.routing.scorer import Scorer
-
     src = Path(path) if path is not None else default_artifact_path()
     try:
         art = load_artifact(src)
@@ -116,11 +118,11 @@ def load_classifier(
     return LoadedClassifier(batcher, src, art, scorer)
 
 
-def _encoder(art: Any, choice: str) -> Any:
+def _encoder(art: RouterArtifact, choice: str) -> Any:
     """The artifact's encoder: ONNX Runtime int8 when onnxruntime is installed ("auto"), torch otherwise, or the
     variant asked for. int8 because it won here on both latency and batched throughput while the shipped router's
     APGR stayed within the 0.01 bar (bench/router_encoder_quality.py; figures in docs/router.md). Any encoder id in
-    `onnx_encoder.ENCODER_DIRS` runs on ONNX Runtime; torch serves MiniLM only (tiergate.routing's encoder)."""
+    `onnx_encoder.ENCODER_DIRS` runs on ONNX Runtime; torch serves MiniLM only (`tiergate.routing.encoder`)."""
     from tiergate_router import onnx_encoder
 
     enc_id = art.encoder.id

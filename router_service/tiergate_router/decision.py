@@ -1,25 +1,24 @@
-"""Pure routing decisions: score -> tier, and the order in which tiers are tried."""
+"""Pure routing decisions: score -> tier, and the order in which tiers are tried.
+
+The rules themselves are `tiergate.routing.operating_points`' (the ones calibration and evaluation use); this
+module maps them onto the config's tiers.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+
+from tiergate.routing.operating_points import choose_tiers, tier_for_score
 
 
 def choose_tier(score: float, tier_names: Sequence[str], thresholds_bp: Sequence[int]) -> str:
-    """The highest tier i (cheapest first) with thresholds_bp[i-1] <= score * 10000.
-
-    Basis points keep the comparison exact for thresholds written in a policy (no float in the spec); the score
-    is rounded to the nearest basis point first so that 0.5 and 5000 bp compare as a user expects.
-    """
+    """The highest tier i (cheapest first) whose threshold thresholds_bp[i-1] the score reaches
+    (`operating_points.tier_for_score`: `score >= bp / 10000`, exactly, as the artifact was calibrated; a score
+    a fraction of a basis point under a threshold stays below it). Scores are clipped to [0, 1] first."""
     if not tier_names:
         raise ValueError("no tiers")
-    score_bp = round(min(max(score, 0.0), 1.0) * 10000)
-    chosen = 0
-    for i, th in enumerate(thresholds_bp[: len(tier_names) - 1]):
-        if score_bp >= th:
-            chosen = i + 1
-    return tier_names[chosen]
+    clipped = min(max(score, 0.0), 1.0)
+    return tier_names[tier_for_score(clipped, thresholds_bp[: len(tier_names) - 1])]
 
 
 def fallback_chain(chosen: str, tier_names: Sequence[str], fallback_order: Sequence[str] = ()) -> list[str]:
@@ -33,20 +32,19 @@ def fallback_chain(chosen: str, tier_names: Sequence[str], fallback_order: Seque
 
 
 def choose_multi_tier(
-    quality: Sequence[float], artifact: Any, columns: Sequence[int], cost_weight_bp: int
+    quality: Sequence[float], prices: Sequence[float], columns: Sequence[int], cost_weight_bp: int
 ) -> tuple[int, float]:
     """N-tier choice: (index into `columns`, i.e. the config tier, and that tier's predicted quality).
 
-    `quality` holds the artifact head's prediction for every artifact tier; tiers the config does not serve are
-    set to -inf, so tiergate.routing's own rule (argmax of quality - lambda * price, ties to the cheaper tier)
-    chooses among the served ones: one rule for evaluation, calibration and serving.
+    `quality` holds the artifact head's prediction for every artifact tier and `prices` the artifact's tier prices
+    (what the cost weight was calibrated against); tiers the config does not serve are set to -inf, so
+    `operating_points.choose_tiers` (argmax of quality - lambda * price, ties to the cheaper tier) chooses among
+    the served ones: one rule for evaluation, calibration and serving.
     """
     import numpy as np
-
-    from tiergate.routing.scorer import choose_from_quality
 
     q = np.full((1, len(quality)), -np.inf)
     for c in columns:
         q[0, c] = quality[c]
-    pick = int(choose_from_quality(artifact, q, cost_weight_bp)[0])
+    pick = int(choose_tiers(q, prices, cost_weight_bp)[0])
     return list(columns).index(pick), float(quality[pick])

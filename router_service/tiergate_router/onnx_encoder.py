@@ -14,8 +14,9 @@ How the graph is made, and why (figures in docs/router.md):
 Any BERT-like sentence encoder whose artifact id is in `ENCODER_DIRS` works the same way (mean pooling and L2
 normalisation are part of the exported graph; width and heads come from the model's config.json).
 
-Graphs are made once (needs the `train` extra: torch exports) into ~/.cache/tiergate/onnx/ under a name keyed by
-the model's files, written to a temporary name and renamed, so a half-written file is never used. At run time
+Graphs are made once (needs the `train` extra: torch exports) into `$TIERGATE_CACHE/onnx/` (default
+~/.cache/tiergate/onnx/) under a name keyed by the model's files, written to a temporary name and renamed, so a
+half-written file is never used. At run time
 only onnxruntime, tokenizers and numpy are needed: no torch import on the router's hot path.
 """
 
@@ -29,6 +30,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiergate.cache import cache_root
+from tiergate.routing.encoder import MINILM_ID
 from tiergate_router.errors import ClassifierError
 from tiergate_router.quiet import quiet_libraries
 
@@ -38,8 +41,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
-DIM = 384
 VARIANTS = ("onnx", "onnx-int8")
 OPSET = 17
 # Prompts per ONNX Runtime call: the router's micro-batches are at most this size; bulk callers are chunked.
@@ -71,7 +72,8 @@ def model_dir(encoder_id: str = MINILM_ID) -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("TIERGATE_CACHE", Path.home() / ".cache" / "tiergate")) / "onnx"
+    """`onnx/` under the tiergate cache root (`$TIERGATE_CACHE`; the router image sets it to its baked graphs)."""
+    return cache_root() / "onnx"
 
 
 def _model_key(folder: Path) -> str:

@@ -12,6 +12,7 @@ def constant_artifact(path: Path, bias: float, *, default_threshold_bp: int = 50
 
     from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, save_artifact
     from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
+    from tiergate.routing.operating_points import CalibrationTable, ThresholdPoint
 
     layer = Layer(np.zeros((MINILM_DIM, 1), np.float32), np.array([bias], np.float32), "identity")
     art = RouterArtifact(
@@ -20,7 +21,7 @@ def constant_artifact(path: Path, bias: float, *, default_threshold_bp: int = 50
         label_mode="deterministic",
         tiers=[Tier("small", 0.1), Tier("large", 1.0)],
         members=[Member(layers=[layer], output="sigmoid")],
-        calibration=[{"threshold_bp": default_threshold_bp, "strong_share": 0.3, "quality": 0.5}],
+        calibration=CalibrationTable(thresholds=(ThresholdPoint(default_threshold_bp, 0.3, 0.5, 0.0),)),
         provenance={"purpose": "tests: constant score"},
         default_threshold_bp=default_threshold_bp,
     )
@@ -37,6 +38,7 @@ def constant_multi_tier_artifact(
 
     from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, save_artifact
     from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
+    from tiergate.routing.operating_points import CalibrationTable, CostWeightPoint
 
     n = len(tiers)
     layer = Layer(np.zeros((MINILM_DIM, n), np.float32), np.array(quality, np.float32), "identity")
@@ -46,7 +48,7 @@ def constant_multi_tier_artifact(
         label_mode="deterministic",
         tiers=[Tier(name, price) for name, price in tiers],
         members=[Member(layers=[layer], output="identity")],
-        calibration=[{"cost_weight_bp": default_cost_weight_bp, "cost": 0.0, "quality": 0.0, "shares": [0.0] * n}],
+        calibration=CalibrationTable(cost_weights=(CostWeightPoint(default_cost_weight_bp, 0.0, 0.0, (0.0,) * n),)),
         provenance={"purpose": "tests: constant quality"},
         default_cost_weight_bp=default_cost_weight_bp,
     )

@@ -58,6 +58,7 @@ def small_artifact(bias: float = 0.0) -> str:
     import numpy as np
 
     from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier, dumps
+    from tiergate.routing.operating_points import CalibrationTable, ThresholdPoint
     from tiergate_router.artifact_classifier import default_artifact_path
 
     enc = json.loads(default_artifact_path().read_text())["encoder"]
@@ -68,7 +69,7 @@ def small_artifact(bias: float = 0.0) -> str:
         label_mode="deterministic",
         tiers=[Tier("small", 0.1), Tier("large", 1.0)],
         members=[Member(layers=[layer], output="sigmoid")],
-        calibration=[{"threshold_bp": 5000, "strong_share": 0.3, "quality": 0.5}],
+        calibration=CalibrationTable(thresholds=(ThresholdPoint(5000, 0.3, 0.5, 0.0),)),
         provenance={"purpose": f"cluster tests: constant score, bias {bias}"},
     )
     return dumps(art).decode()

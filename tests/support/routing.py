@@ -7,6 +7,7 @@ import hashlib
 import numpy as np
 
 from tiergate.routing.artifact import EncoderSpec, Layer, Member, RouterArtifact, Tier
+from tiergate.routing.operating_points import CalibrationTable, CostWeightPoint, ThresholdPoint
 
 DIM = 8
 
@@ -34,16 +35,20 @@ def tiny_artifact(kind: str = "two_tier", seed: int = 0, tiers: int = 2) -> Rout
         label_mode="difference" if kind == "two_tier" else "quality",
         tiers=[Tier(name=f"m{i}", price=0.2 * (i + 1)) for i in range(n)],
         members=members,
-        calibration=[
-            {"threshold_bp": 6000, "strong_share": 0.2, "quality": 0.7, "pgr": 0.5},
-            {"threshold_bp": 4000, "strong_share": 0.5, "quality": 0.75, "pgr": 0.8},
-            {"threshold_bp": 0, "strong_share": 1.0, "quality": 0.8, "pgr": 1.0},
-        ]
+        calibration=CalibrationTable(
+            thresholds=(
+                ThresholdPoint(threshold_bp=6000, strong_share=0.2, quality=0.7, pgr=0.5),
+                ThresholdPoint(threshold_bp=4000, strong_share=0.5, quality=0.75, pgr=0.8),
+                ThresholdPoint(threshold_bp=0, strong_share=1.0, quality=0.8, pgr=1.0),
+            )
+        )
         if kind == "two_tier"
-        else [
-            {"cost_weight_bp": 0, "cost": 0.6, "quality": 0.7, "shares": [0.0] * n},
-            {"cost_weight_bp": 1000, "cost": 0.3, "quality": 0.6, "shares": [0.0] * n},
-        ],
+        else CalibrationTable(
+            cost_weights=(
+                CostWeightPoint(cost_weight_bp=0, cost=0.6, quality=0.7, shares=(0.0,) * n),
+                CostWeightPoint(cost_weight_bp=1000, cost=0.3, quality=0.6, shares=(0.0,) * n),
+            )
+        ),
         provenance={"files": [], "split": "train", "rows": 0, "seed": seed},
     )
 

@@ -1,5 +1,6 @@
-"""N-tier artifacts route: policy tiers map to the artifact's tiers, the artifact's rule (tiergate.routing.scorer)
-chooses among the served ones by cost weight, bad mappings are refused at load and on reload."""
+"""N-tier artifacts route: policy tiers map to the artifact's tiers, the artifact's rule
+(tiergate.routing.operating_points) chooses among the served ones by cost weight, bad mappings are refused at
+load and on reload."""
 
 from __future__ import annotations
 
@@ -16,19 +17,18 @@ import openai
 import pytest
 import yaml
 
-import tiergate.routing
 from tests.support.artifacts import constant_multi_tier_artifact
 from tests.support.procs import FakeProcess, fake_tiers
 from tests.support.router_serve import ROOT, Serve
 from tiergate.api.policy import RoutingPolicy
-from tiergate.routing.artifact import load_artifact
-from tiergate.routing.scorer import choose_from_quality
+from tiergate.routing.artifact import DEFAULT_MULTI_TIER, load_artifact
+from tiergate.routing.operating_points import choose_tiers
 from tiergate_router.artifact_classifier import LoadedClassifier
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import ConfigError, from_policy
 from tiergate_router.decision import choose_multi_tier
 
-SHIPPED = Path(tiergate.routing.__file__).parent / "default" / "multi-tier.json"
+SHIPPED = DEFAULT_MULTI_TIER
 # Three of the shipped artifact's nine tiers (prices 0.2, 0.4 and 1.8 $/Mtok there).
 SERVED = {"gemma": "gemma-2-9b-it", "llama8b": "llama-3.1-8b-instruct", "nemo51b": "llama-3.1-nemotron-51b-instruct"}
 PROMPTS = [
@@ -133,12 +133,14 @@ def test_policy_cost_weight_and_budget_knobs_set_the_cost_weight() -> None:
 
     assert weight({}) == art.default_cost_weight_bp
     assert weight({"costWeightBasisPoints": 1234}) == 1234
-    # A budget picks the smallest calibrated weight (the best quality) whose mean price fits it.
-    rows = sorted(art.calibration, key=lambda r: int(r["cost_weight_bp"]))
-    costs = sorted({round(float(r["cost"]), 6) for r in rows})
+    # A budget picks the best-quality calibrated point whose mean price fits it (the smaller weight on ties), as
+    # `tiergate calibrate --budget` does (test_budget_agreement.py checks every budget of a range).
+    rows = art.calibration.cost_weights
+    costs = sorted({round(p.cost, 6) for p in rows})
     assert len(costs) >= 3  # the calibration spans real trade-offs
     for budget in (costs[0], costs[len(costs) // 2], costs[-1] + 1):
-        want = min(int(r["cost_weight_bp"]) for r in rows if float(r["cost"]) <= budget + 1e-9)
+        fits = [p for p in rows if p.cost <= budget + 1e-9]
+        want = max(fits, key=lambda p: (p.quality, -p.cost_weight_bp)).cost_weight_bp
         assert weight({"budgetPerMillion": f"{budget:.6f}"}) == want
     # Tighter budgets never buy a smaller weight (more spending).
     assert weight({"budgetPerMillion": f"{costs[0]:.6f}"}) >= weight({"budgetPerMillion": f"{costs[-1]:.6f}"})
@@ -161,11 +163,12 @@ def test_choice_is_the_artifacts_rule_restricted_to_the_served_tiers() -> None:
     art = load_artifact(SHIPPED)
     rng = np.random.default_rng(0)
     quality = rng.uniform(0.2, 0.9, size=(200, len(art.tiers)))
+    prices = [t.price for t in art.tiers]
     seen: set[int] = set()
     for columns in ([2, 3, 7], [0, 8], list(range(len(art.tiers)))):
         for bp in (0, 650, 5000):
             for q in quality:
-                i, qual = choose_multi_tier(tuple(q), art, columns, bp)
+                i, qual = choose_multi_tier(tuple(q), prices, columns, bp)
                 # brute force over the served tiers: max of quality - lambda * price, ties to the cheaper tier
                 util = [(q[c] - bp / 10000 * art.tiers[c].price, -art.tiers[c].price, -c) for c in columns]
                 assert columns[i] == columns[max(range(len(columns)), key=lambda k: util[k])]
@@ -174,8 +177,8 @@ def test_choice_is_the_artifacts_rule_restricted_to_the_served_tiers() -> None:
     assert len(seen) >= 3  # the data exercised real choices, not one tier
     # served = all tiers: exactly tiergate.routing's own choice
     full = list(range(len(art.tiers)))
-    expected = choose_from_quality(art, quality, 650)
-    assert [full[choose_multi_tier(tuple(q), art, full, 650)[0]] for q in quality] == list(expected)
+    expected = choose_tiers(quality, prices, 650)
+    assert [full[choose_multi_tier(tuple(q), prices, full, 650)[0]] for q in quality] == list(expected)
 
 
 def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> None:
@@ -215,9 +218,9 @@ def test_serve_policy_with_n_tiers_routes_by_the_artifact(backends: dict[str, Fa
     names = loaded.tier_names
     columns = [names.index(m) for m in SERVED.values()]
     bp = loaded.default_cost_weight_bp
+    prices = [t.price for t in loaded.artifact.tiers]
     expected = [
-        list(SERVED)[choose_multi_tier(tuple(loaded.scorer.quality([p])[0]), loaded.artifact, columns, bp)[0]]
-        for p in PROMPTS
+        list(SERVED)[choose_multi_tier(tuple(loaded.scorer.quality([p])[0]), prices, columns, bp)[0]] for p in PROMPTS
     ]
     assert len(set(expected)) >= 2, expected  # the prompts exercise a real choice
 

@@ -52,7 +52,7 @@ def _rows(n: int = 40) -> list[dict[str, object]]:
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
     e = dict(os.environ)
-    e.update(TIERGATE_CACHE_DIR=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    e.update(TIERGATE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     return e
 
 

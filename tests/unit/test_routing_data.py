@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tiergate.routing.data import load_outcomes, load_prices
 from tiergate.routing.errors import DataError
+from tiergate.training.data import load_outcomes, load_prices
 
 MODELS = ["small", "large"]
 

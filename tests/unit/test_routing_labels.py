@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiergate.routing.errors import DataError
-from tiergate.routing.labels import check_two_classes, choose_margin, neighbour_average, two_tier_targets
+from tiergate.training.labels import check_two_classes, choose_margin, neighbour_average, two_tier_targets
 
 
 def _two_clusters() -> tuple[np.ndarray, np.ndarray, np.ndarray]:

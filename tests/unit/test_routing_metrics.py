@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tiergate.routing.errors import DataError
-from tiergate.routing.metrics import apgr, oracle_choice, oracle_scores, pgr_curve, tier_point
+from tiergate.training.metrics import apgr, oracle_choice, oracle_scores, pgr_curve, tier_point
 
 
 def test_pgr_curve_by_hand() -> None:

@@ -19,16 +19,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier, load_artifact
-from tiergate.routing.common import DEFAULT_MULTI_TIER, DEFAULT_TWO_TIER
-from tiergate.routing.data import load_outcomes, load_prices
-from tiergate.routing.encoder import MINILM_DIM, MINILM_ID, cached_minilm
-from tiergate.routing.evaluate import multi_tier_report, quality_at_budget
-from tiergate.routing.features import fit_features, head_inputs
-from tiergate.routing.labels import task_smoothed, two_tier_targets
-from tiergate.routing.metrics import pgr_curve
-from tiergate.routing.scorer import Scorer, choose_from_quality
-from tiergate.routing.train import HeadConfig, TrainConfig, fit_head, kfold_indices
+from tiergate.routing.artifact import (
+    DEFAULT_MULTI_TIER,
+    DEFAULT_TWO_TIER,
+    EncoderSpec,
+    RouterArtifact,
+    Tier,
+    load_artifact,
+)
+from tiergate.routing.encoder import MINILM_DIM, MINILM_ID
+from tiergate.routing.features import head_inputs
+from tiergate.routing.operating_points import CalibrationTable
+from tiergate.routing.scorer import Scorer
+from tiergate.training.data import load_outcomes, load_prices
+from tiergate.training.embeddings import cached_minilm
+from tiergate.training.evaluate import multi_tier_report, quality_at_budget
+from tiergate.training.labels import task_smoothed, two_tier_targets
+from tiergate.training.metrics import pgr_curve
+from tiergate.training.train import HeadConfig, TrainConfig, fit_features, fit_head, kfold_indices
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +74,7 @@ def _two_tier_test_apgr(data: Path, train_files: list[str], test_file: str, cfg:
         label_mode=cfg.label_mode,
         tiers=[Tier(WEAK, 0.0), Tier(STRONG, 1.0)],
         members=members,
-        calibration=[],
+        calibration=CalibrationTable(),
         provenance={},
         features=features,
     )
@@ -161,9 +169,7 @@ def _llmrouter_cv(data_dir: Path) -> dict[str, object]:
         members = fit_head(head_inputs(features, emb[mask], texts), y, tasks, head, cfg.task_head)
         art = probe.with_updates(members=members, features=features)
         oof[held] = Scorer(art, None).quality_embeddings(emb[held], [data.prompts[i] for i in held])
-    return multi_tier_report(
-        oof, data.scores, np.asarray(prices), LLMROUTER, lambda q, bp: choose_from_quality(probe, q, bp), 0
-    )
+    return multi_tier_report(oof, data.scores, np.asarray(prices), LLMROUTER, 0)
 
 
 def test_llmrouter_cv_quality_at_budget(routing_data: Path) -> None:

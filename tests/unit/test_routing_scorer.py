@@ -1,4 +1,5 @@
-"""Scorer contract: basis-point thresholds, calibration look-ups, N-tier choice with cost weights."""
+"""Scorer contract: basis-point thresholds, N-tier choice with cost weights (rules from operating_points, which
+test_routing_operating_points.py covers), the embedding cache and prompt features."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import pytest
 
 from tests.support.routing import FakeEncoder, tiny_artifact
 from tiergate.routing.errors import RoutingError
-from tiergate.routing.scorer import Scorer, choose_from_quality
+from tiergate.routing.operating_points import choose_tiers
+from tiergate.routing.scorer import Scorer
 
 
 def test_threshold_basis_points_semantics() -> None:
@@ -24,16 +26,6 @@ def test_threshold_basis_points_semantics() -> None:
         sc.route_strong(prompts, 0.5)  # type: ignore[arg-type]
 
 
-def test_threshold_for_share_reads_the_calibration_table() -> None:
-    sc = Scorer(tiny_artifact(), None)
-    assert sc.threshold_for_share(0.5) == 4000
-    assert sc.threshold_for_share(0.3) == 6000
-    assert sc.threshold_for_share(1.0) == 0
-    assert sc.threshold_for_share(0.1) == 10000  # nothing calibrated that low: route nothing
-    with pytest.raises(RoutingError, match="outside"):
-        sc.threshold_for_share(1.5)
-
-
 def test_scorer_without_encoder_takes_embeddings() -> None:
     sc = Scorer(tiny_artifact(), None)
     emb = FakeEncoder().encode(["a", "b"])
@@ -47,20 +39,25 @@ def test_scorer_without_encoder_takes_embeddings() -> None:
 def test_choose_trades_quality_for_price_and_ties_go_cheap() -> None:
     art = tiny_artifact("multi_tier", tiers=3)  # prices 0.2, 0.4, 0.6
     q = np.array([[0.5, 0.6, 0.9], [0.7, 0.7, 0.7], [0.1, 0.2, 0.25]])
-    np.testing.assert_array_equal(choose_from_quality(art, q, 0), [2, 0, 2])
+    prices = [t.price for t in art.tiers]
+    np.testing.assert_array_equal(choose_tiers(q, prices, 0), [2, 0, 2])
     # lambda 0.5: utilities row0 0.4,0.4,0.6 -> 2; row2 0.0,0.0,-0.05 -> cheapest of the tie, 0.
-    np.testing.assert_array_equal(choose_from_quality(art, q, 5000), [2, 0, 0])
-    np.testing.assert_array_equal(choose_from_quality(art, q, 100000), [0, 0, 0])
+    np.testing.assert_array_equal(choose_tiers(q, prices, 5000), [2, 0, 0])
+    np.testing.assert_array_equal(choose_tiers(q, prices, 100000), [0, 0, 0])
     sc = Scorer(art, FakeEncoder())
     assert sc.quality(["x", "y"]).shape == (2, 3)
-    assert sc.choose(["x", "y"]).shape == (2,)
-    assert sc.cost_weight_for_budget(0.4) == 1000
+    emb = FakeEncoder().encode(["x", "y"])
+    # The scorer's choice is choose_tiers on its own prediction, at the artifact's default weight or the one given.
+    np.testing.assert_array_equal(sc.choose(["x", "y"]), choose_tiers(sc.quality(["x", "y"]), prices, 0))
+    np.testing.assert_array_equal(
+        sc.choose_embeddings(emb, 5000, ["x", "y"]), choose_tiers(sc.quality_embeddings(emb), prices, 5000)
+    )
     with pytest.raises(RoutingError, match="two_tier"):
         sc.score(["x"])
 
 
 def test_cached_encoder_embeds_each_text_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tiergate.routing.encoder import CachedEncoder
+    from tiergate.training.embeddings import CachedEncoder
 
     inner = FakeEncoder()
     enc = CachedEncoder(lambda: inner, encoder_id=inner.encoder_id, dim=inner.dim, cache_dir=tmp_path)

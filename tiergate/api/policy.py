@@ -553,7 +553,8 @@ class Router(Placement):
     of price per million tokens (500 = 0.05: one dollar per Mtok more must buy 0.05 more expected quality)."""
     budget_per_million: Price | None = None
     """N-tier artifacts, instead of a cost weight: the highest average price per million tokens (input + output, as
-    the tiers' prices) to spend; the router takes the smallest calibrated cost weight whose mean price fits it."""
+    the tiers' prices) to spend; the router takes the calibrated cost weight with the best quality whose mean price
+    fits it, as `tiergate calibrate --budget` prints."""
     fallback_order: list[TierName] = Field(
         default_factory=list, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
     )

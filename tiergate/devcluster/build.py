@@ -20,6 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
+from tiergate.cache import cache_root
+
 from . import versions
 from .errors import BuildError
 
@@ -40,11 +42,9 @@ _KWOK_STAGES = (
 
 
 def default_cache_dir() -> Path:
-    """Outside the repository, so a fresh clone (CI) reuses what an earlier run on the machine built."""
-    env = os.environ.get("TIERGATE_CACHE")
-    if env:
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergate"
+    """The tiergate cache root (`tiergate.cache`): outside the repository, so a fresh clone (CI) reuses what an
+    earlier run on the machine built."""
+    return cache_root()
 
 
 def _go_env() -> dict[str, str]:

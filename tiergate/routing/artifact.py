@@ -37,7 +37,8 @@ float16 and compute in float32.
 Calibration rows, two tiers: `{"threshold_bp", "strong_share", "quality", "pgr"}`, thresholds descending, share
 ascending, measured on held-out training rows (the router's own out-of-fold scores), so "threshold -> expected
 strong-tier share and quality" is what the router will do on traffic like its training data. N tiers:
-`{"cost_weight_bp", "cost", "quality", "shares": [per tier]}`.
+`{"cost_weight_bp", "cost", "quality", "shares": [per tier]}`. Read into a typed
+`operating_points.CalibrationTable`, whose functions are the only readers.
 
 Size: a 384-64-1 MLP ensemble of five is ~340 KiB of JSON, well under a ConfigMap's 1 MiB. `save_artifact`
 refuses to write anything over `MAX_BYTES` (900 KiB): a larger head belongs in an OCI image or a volume, with
@@ -60,7 +61,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tiergate.routing.encoder import MAX_TOKENS
 from tiergate.routing.errors import ArtifactError
+from tiergate.routing.operating_points import CalibrationTable
 
 if TYPE_CHECKING:
     import numpy as np
@@ -74,6 +77,10 @@ KINDS = ("two_tier", "multi_tier")
 LABEL_MODES = ("deterministic", "probabilistic", "transformed", "difference", "quality")
 ACTIVATIONS = ("relu", "identity")
 OUTPUTS = ("sigmoid", "identity", "softmax")
+# The routers shipped with the package (trained on the public data's train split; recipes in docs/routing.md).
+DEFAULT_DIR = Path(__file__).resolve().parent / "default"
+DEFAULT_TWO_TIER = DEFAULT_DIR / "two-tier.json"
+DEFAULT_MULTI_TIER = DEFAULT_DIR / "multi-tier.json"
 
 
 @dataclass(frozen=True)
@@ -97,7 +104,7 @@ class Member:
 class EncoderSpec:
     id: str
     dim: int
-    max_tokens: int = 256
+    max_tokens: int = MAX_TOKENS
     pooling: str = "mean"
     normalize: bool = True
 
@@ -122,7 +129,7 @@ class RouterArtifact:
     label_mode: str
     tiers: list[Tier]
     members: list[Member]
-    calibration: list[dict[str, Any]]
+    calibration: CalibrationTable
     provenance: dict[str, Any]
     label_margin: float | None = None
     default_threshold_bp: int = 5000
@@ -204,7 +211,7 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
         },
         "default_threshold_bp": art.default_threshold_bp,
         "default_cost_weight_bp": art.default_cost_weight_bp,
-        "calibration": art.calibration,
+        "calibration": art.calibration.to_json(),
         "provenance": art.provenance,
         "metrics": art.metrics,
     }
@@ -306,7 +313,7 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
                 )
                 for i, m in enumerate(doc["head"]["members"])
             ],
-            calibration=list(doc["calibration"]),
+            calibration=CalibrationTable.from_json(doc["calibration"], str(doc["kind"])),
             provenance=dict(doc["provenance"]),
             default_threshold_bp=int(doc["default_threshold_bp"]),
             default_cost_weight_bp=int(doc["default_cost_weight_bp"]),
@@ -379,6 +386,10 @@ def validate(art: RouterArtifact) -> None:
             raise ArtifactError(f"unknown prompt feature {f.name!r} (this tiergate knows: {', '.join(FEATURES)})")
         if not f.std > 0:
             raise ArtifactError(f"feature {f.name!r} has a non-positive std {f.std}")
+    if (art.kind == "two_tier" and art.calibration.cost_weights) or (
+        art.kind == "multi_tier" and art.calibration.thresholds
+    ):
+        raise ArtifactError(f"calibration table does not fit a {art.kind} artifact")
     if not 0 <= art.default_threshold_bp <= 10000:
         raise ArtifactError(f"default_threshold_bp {art.default_threshold_bp} outside 0..10000")
     if art.default_cost_weight_bp < 0:

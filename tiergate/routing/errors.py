@@ -32,3 +32,13 @@ class ArtifactError(RoutingError):
 
 class EncoderError(RoutingError):
     """The prompt encoder could not be loaded or run (missing model files, missing `train` extra)."""
+
+
+class NoOperatingPoint(RoutingError):
+    """No calibrated point meets the target. `target` names it ("budget 0.1 $/Mtok"), `closest` is the nearest the
+    table gets (cheapest price, lowest share, best PGR or quality), None for an empty table."""
+
+    def __init__(self, message: str, *, target: str, closest: float | None) -> None:
+        super().__init__(message)
+        self.target = target
+        self.closest = closest

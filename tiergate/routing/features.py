@@ -42,17 +42,6 @@ def raw_features(names: Sequence[str], texts: Sequence[str]) -> npt.NDArray[np.f
     return out
 
 
-def fit_features(names: Sequence[str], texts: Sequence[str]) -> list[Feature]:
-    """Features with the mean and standard deviation of `texts` (the training prompts)."""
-    from tiergate.routing.artifact import Feature
-
-    raw = raw_features(names, texts)
-    return [
-        Feature(name=n, mean=float(raw[:, j].mean()), std=float(max(float(raw[:, j].std()), 1e-6)))
-        for j, n in enumerate(names)
-    ]
-
-
 def head_inputs(
     features: Sequence[Feature], emb: npt.NDArray[np.floating], texts: Sequence[str]
 ) -> npt.NDArray[np.float32]:

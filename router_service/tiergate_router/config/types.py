@@ -54,7 +54,7 @@ class TierConfig:
 @dataclass(frozen=True)
 class MultiTier:
     """N-tier routing with a `multi_tier` artifact: the router picks argmax(quality - lambda * price) over the
-    artifact tiers this config serves (tiergate.routing.scorer.choose_from_quality, lambda = cost_weight_bp/10000)."""
+    artifact tiers this config serves (tiergate.routing.operating_points.choose_tiers, lambda = bp / 10000)."""
 
     # The artifact (tiergate.routing.artifact.RouterArtifact): its tier prices are what the cost weight was
     # calibrated against, so the choice uses them, not the policy's prices (those feed the cost metric only).

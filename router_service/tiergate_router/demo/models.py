@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tiergate.cache import cache_root as tiergate_cache_root
 from tiergate_router.errors import RouterError
 from tiergate_router.quiet import quiet_libraries
 
@@ -26,7 +27,7 @@ class DemoModelError(RouterError):
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("TIERGATE_CACHE", Path.home() / ".cache" / "tiergate")) / "models"
+    return tiergate_cache_root() / "models"
 
 
 def gguf_folder() -> Path:

@@ -15,15 +15,14 @@ import json
 import sys
 from typing import Any
 
-from tiergate.routing.common import (
-    DEFAULT_MULTI_TIER,
-    DEFAULT_TWO_TIER,
+from tiergate.routing.artifact import DEFAULT_MULTI_TIER, DEFAULT_TWO_TIER
+from tiergate.routing.errors import RoutingError
+from tiergate.training.common import (
     add_encoder_arguments,
     add_tier_arguments,
     guarded,
     tier_args,
 )
-from tiergate.routing.errors import RoutingError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -59,16 +58,16 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tiergate.routing.artifact import load_artifact
-    from tiergate.routing.data import load_outcomes, load_prices
-    from tiergate.routing.encoder import cached_minilm
-    from tiergate.routing.evaluate import (
+    from tiergate.routing.scorer import Scorer
+    from tiergate.training.data import load_outcomes, load_prices
+    from tiergate.training.embeddings import cached_minilm
+    from tiergate.training.evaluate import (
         multi_tier_report,
         plot_multi_tier,
         plot_two_tier,
         quality_at_budget,
         two_tier_report,
     )
-    from tiergate.routing.scorer import Scorer, choose_from_quality
 
     tiers = tier_args(args)
     router_path = args.router or str(DEFAULT_TWO_TIER if tiers.two_tier else DEFAULT_MULTI_TIER)
@@ -114,15 +113,7 @@ def _run(args: argparse.Namespace) -> int:
             )
     else:
         qpred = scorer.quality_embeddings(emb, data.prompts)
-        art_p = art.with_updates(tiers=[type(t)(name=t.name, price=p) for t, p in zip(art.tiers, prices, strict=True)])
-        report = multi_tier_report(
-            qpred,
-            data.scores,
-            np.asarray(prices),
-            art_tiers,
-            lambda q, bp: choose_from_quality(art_p, q, bp),
-            art.default_cost_weight_bp,
-        )
+        report = multi_tier_report(qpred, data.scores, np.asarray(prices), art_tiers, art.default_cost_weight_bp)
         report["at_budget"] = {str(b): quality_at_budget(report, b) for b in args.budget}
         doc.update({"kind": "multi_tier", **report})
         if args.plot:

@@ -11,9 +11,19 @@ cheapest among ties), plus the router's best quality within each single tier's c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tiergate.routing.metrics import PGRCurve, oracle_choice, oracle_scores, pgr_curve, tier_point
+from tiergate.routing.errors import NoOperatingPoint
+from tiergate.routing.operating_points import (
+    CostWeightPoint,
+    choose_tiers,
+    cost_weight_for_budget,
+    cost_weight_for_quality,
+    threshold_bp_at,
+)
+from tiergate.training.calibration import cost_weight_table
+from tiergate.training.metrics import PGRCurve, oracle_choice, oracle_scores, pgr_curve, tier_point
 
 if TYPE_CHECKING:
     import numpy as np
@@ -21,9 +31,6 @@ if TYPE_CHECKING:
 
     FloatArray = npt.NDArray[np.float64]
 
-# Cost weights swept for N-tier curves, basis points of quality per $/Mtok: 25 bp steps up to 0.2, where
-# the curve moves (100 bp steps missed operating points between 0.05 and 0.1), coarse beyond.
-COST_WEIGHTS_BP = [*range(0, 2000, 25), *range(2000, 10001, 250)]
 SHARE_GRID = 101
 
 
@@ -41,7 +48,7 @@ def curve_points(curve: PGRCurve, scores: FloatArray) -> list[dict[str, float | 
         p = float(np.interp(x, curve.share, curve.pgr))
         k = round(x * n)
         # The largest integer bp that still routes the k-th highest score to strong (10001: nothing is routed).
-        bp = 10001 if k == 0 else int(np.floor(desc[k - 1] * 10000 + 1e-9))
+        bp = 10001 if k == 0 else threshold_bp_at(float(desc[k - 1]))
         out.append({"strong_share": x, "quality": q, "pgr": p, "threshold_bp": bp})
     return out
 
@@ -69,38 +76,50 @@ def two_tier_report(router_scores: FloatArray, weak: FloatArray, strong: FloatAr
     }
 
 
+def _curve_entry(p: CostWeightPoint) -> dict[str, Any]:
+    return {"cost_weight_bp": p.cost_weight_bp, "quality": p.quality, "cost": p.cost, "shares": list(p.shares)}
+
+
+def _budget_quality(points: Sequence[CostWeightPoint], budget: float) -> float | None:
+    """The quality the router reaches at `budget` by `operating_points.cost_weight_for_budget` (None: no point
+    fits), so a report says what a policy with that budget would get."""
+    try:
+        return cost_weight_for_budget(points, budget).quality
+    except NoOperatingPoint:
+        return None
+
+
 def multi_tier_report(
     quality_pred: FloatArray,
     scores: FloatArray,
     prices: FloatArray,
     models: list[str],
-    choose: Any,
     default_cost_weight_bp: int,
 ) -> dict[str, Any]:
-    """`choose(quality_pred, bp) -> tier index per prompt` is the router's decision rule."""
+    """The router's cost-quality curve (`calibration.cost_weight_table`, the rule `operating_points.choose_tiers`
+    with these prices), every single tier, the oracle, and the router at `default_cost_weight_bp`."""
     import numpy as np
 
     pr = np.asarray(prices, dtype=np.float64)
     n = scores.shape[0]
-    curve = []
-    for bp in COST_WEIGHTS_BP:
-        pt = tier_point(f"lambda={bp}", choose(quality_pred, bp), scores, pr)
-        curve.append({"cost_weight_bp": bp, "quality": pt.quality, "cost": pt.cost, "shares": pt.shares})
-    default = tier_point("router", choose(quality_pred, default_cost_weight_bp), scores, pr)
+    points = cost_weight_table(quality_pred, scores, pr).cost_weights
+    default = tier_point("router", choose_tiers(quality_pred, pr, default_cost_weight_bp), scores, pr)
     singles: dict[str, dict[str, Any]] = {}
     for j, name in enumerate(models):
         sp = tier_point(name, np.full(n, j, dtype=np.int64), scores, pr)
-        within = [c["quality"] for c in curve if c["cost"] <= sp.cost + 1e-12]
         singles[name] = {
             "quality": sp.quality,
             "cost": sp.cost,
-            "router_best_quality_within_cost": max(within) if within else None,
+            "router_best_quality_within_cost": _budget_quality(points, sp.cost),
         }
     orc = tier_point("oracle", oracle_choice(scores, pr), scores, pr)
     best_name = max(models, key=lambda k: (float(singles[k]["quality"]), -float(singles[k]["cost"])))
     best = singles[best_name]
     # Cheapest router point at least as good as the best single tier.
-    matching = [c for c in curve if c["quality"] >= best["quality"] - 1e-12]
+    try:
+        matching: dict[str, Any] | None = _curve_entry(cost_weight_for_quality(points, float(best["quality"])))
+    except NoOperatingPoint:
+        matching = None
     return {
         "n": n,
         "tiers": models,
@@ -109,17 +128,21 @@ def multi_tier_report(
         "cost": default.cost,
         "shares": default.shares,
         "cost_weight_bp": default_cost_weight_bp,
-        "curve": curve,
+        "curve": [_curve_entry(p) for p in points],
         "single": singles,
         "oracle": {"quality": orc.quality, "cost": orc.cost, "shares": orc.shares},
         "best_single": {"model": best_name, **best},
-        "router_cheapest_matching_best_single": min(matching, key=lambda c: c["cost"]) if matching else None,
+        "router_cheapest_matching_best_single": matching,
     }
 
 
 def quality_at_budget(report: dict[str, Any], budget: float) -> float | None:
-    ok = [c["quality"] for c in report["curve"] if c["cost"] <= budget + 1e-12]
-    return max(ok) if ok else None
+    """The router's quality at `budget` $/Mtok on a `multi_tier_report`'s curve (None: no point fits)."""
+    points = [
+        CostWeightPoint(int(c["cost_weight_bp"]), float(c["cost"]), float(c["quality"]), tuple(c["shares"]))
+        for c in report["curve"]
+    ]
+    return _budget_quality(points, budget)
 
 
 def plot_two_tier(report: dict[str, Any], path: str, title: str) -> None:

@@ -17,8 +17,8 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from tiergate.routing.common import add_encoder_arguments, add_tier_arguments, guarded, tier_args
 from tiergate.routing.errors import DataError
+from tiergate.training.common import add_encoder_arguments, add_tier_arguments, guarded, tier_args
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -79,16 +79,18 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier, save_artifact
-    from tiergate.routing.data import load_outcomes, load_prices
-    from tiergate.routing.encoder import MAX_TOKENS, cached_minilm, tqdm_progress
-    from tiergate.routing.features import fit_features, head_inputs
-    from tiergate.routing.labels import check_two_classes
-    from tiergate.routing.train import (
+    from tiergate.routing.encoder import MAX_TOKENS
+    from tiergate.routing.features import head_inputs
+    from tiergate.training.data import load_outcomes, load_prices
+    from tiergate.training.embeddings import cached_minilm, tqdm_progress
+    from tiergate.training.labels import check_two_classes
+    from tiergate.training.train import (
         HeadConfig,
         TrainConfig,
         build_multi_tier,
         build_two_tier,
         default_threshold_bp,
+        fit_features,
     )
 
     tiers = tier_args(args)

@@ -141,9 +141,3 @@ def oracle_choice(scores: FloatArray, prices: FloatArray) -> npt.NDArray[np.int6
     price_if_ok = np.where(ok, np.asarray(prices, dtype=np.float64)[None, :], np.inf)
     res: npt.NDArray[np.int64] = np.argmin(price_if_ok, axis=1).astype(np.int64)
     return res
-
-
-def best_quality_within(points: list[tuple[float, float]], budget: float) -> float | None:
-    """The highest quality among (quality, cost) points costing at most `budget`, None if none does."""
-    ok = [q for q, c in points if c <= budget + 1e-12]
-    return max(ok) if ok else None

@@ -7,14 +7,28 @@ the same data, config and seed give the same weights.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tiergate.routing.artifact import Layer, Member
+from tiergate.routing.artifact import Feature, Layer, Member
+from tiergate.routing.errors import NoOperatingPoint
+from tiergate.routing.features import raw_features
+from tiergate.routing.operating_points import CalibrationTable, cost_weight_for_quality, threshold_for_pgr
+from tiergate.training.calibration import cost_weight_table, threshold_table
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+
+def fit_features(names: Sequence[str], texts: Sequence[str]) -> list[Feature]:
+    """Prompt features with the mean and standard deviation of `texts` (the training prompts)."""
+    raw = raw_features(names, texts)
+    return [
+        Feature(name=n, mean=float(raw[:, j].mean()), std=float(max(float(raw[:, j].std()), 1e-6)))
+        for j, n in enumerate(names)
+    ]
 
 
 @dataclass(frozen=True)
@@ -242,32 +256,6 @@ def kfold_indices(n: int, folds: int, seed: int) -> list[npt.NDArray[np.int64]]:
     return [perm[i::folds] for i in range(folds)]
 
 
-def two_tier_calibration(
-    oof: npt.NDArray[np.float64], weak: npt.NDArray[np.float64], strong: npt.NDArray[np.float64]
-) -> list[dict[str, Any]]:
-    """Calibration rows at the score quantiles 0, 1, ..., 100 % (as integer basis points), measured exactly
-    with the rule `score >= bp / 10000` on out-of-fold scores."""
-    import numpy as np
-
-    q_w, q_s = float(weak.mean()), float(strong.mean())
-    gap = q_s - q_w
-    qs = np.quantile(oof, np.linspace(0.0, 1.0, 101))
-    bps = sorted({int(np.floor(v * 10000 + 1e-9)) for v in qs} | {0, 10000}, reverse=True)
-    rows = []
-    for bp in bps:
-        route = oof >= bp / 10000
-        quality = float(np.where(route, strong, weak).mean())
-        rows.append(
-            {
-                "threshold_bp": bp,
-                "strong_share": float(route.mean()),
-                "quality": quality,
-                "pgr": (quality - q_w) / gap if abs(gap) > 1e-12 else 0.0,
-            }
-        )
-    return rows
-
-
 def _oof_predictions(
     x: npt.NDArray[np.float32],
     targets_fn: Any,
@@ -280,8 +268,7 @@ def _oof_predictions(
     """Out-of-fold head outputs: for each fold, targets built from the other folds only, one member fitted."""
     import numpy as np
 
-    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
-    from tiergate.routing.scorer import head_forward
+    from tiergate.routing.scorer import members_forward
 
     n = len(x)
     out = np.zeros((n, n_out), dtype=np.float64)
@@ -294,16 +281,7 @@ def _oof_predictions(
         members = fit_head(
             x[mask], y, _pick(tasks, mask), one, cfg.task_head, progress, seed_offset=500 + f, ridge=ridge
         )
-        probe = RouterArtifact(
-            encoder=EncoderSpec(id="probe", dim=x.shape[1]),
-            kind="two_tier" if n_out == 1 else "multi_tier",
-            label_mode="quality" if n_out > 1 else "difference",
-            tiers=[Tier(name=f"t{i}", price=0.0) for i in range(max(2, n_out))],
-            members=members,
-            calibration=[],
-            provenance={},
-        )
-        out[held] = head_forward(probe, x[held])
+        out[held] = members_forward(members, x[held])
     return out
 
 
@@ -325,13 +303,13 @@ def build_two_tier(
     progress: Any | None = None,
     tasks: list[str] | None = None,
     head_x: npt.NDArray[np.float32] | None = None,
-) -> tuple[list[Member], float | None, list[dict[str, Any]], dict[str, Any]]:
+) -> tuple[list[Member], float | None, CalibrationTable, dict[str, Any]]:
     """Head members, label margin, calibration rows and training-time metrics for a two-tier router.
 
     `x` (embeddings) defines neighbourhoods for the labels; `head_x` (embeddings + standardised prompt features,
     default `x`) is what the head sees."""
-    from tiergate.routing.labels import two_tier_targets
-    from tiergate.routing.metrics import pgr_curve
+    from tiergate.training.labels import two_tier_targets
+    from tiergate.training.metrics import pgr_curve
 
     def targets(mask: Any) -> npt.NDArray[np.float64]:
         return two_tier_targets(
@@ -345,7 +323,7 @@ def build_two_tier(
     y, margin = two_tier_targets(cfg.label_mode, weak, strong, x, cfg.neighbours, tasks, cfg.task_weight)
     ridge = None if raw is None else (raw, cfg.ridge_share, cfg.ridge_lambda)
     members = fit_head(hx, y, tasks, cfg.head, cfg.task_head, progress, ridge=ridge)
-    calibration = two_tier_calibration(oof, weak, strong)
+    calibration = threshold_table(oof, weak, strong)
     curve = pgr_curve(oof, weak, strong)
     metrics = {
         "oof_apgr": curve.apgr,
@@ -358,10 +336,13 @@ def build_two_tier(
     return members, margin, calibration, metrics
 
 
-def default_threshold_bp(calibration: list[dict[str, Any]], pgr_target: float = 0.8) -> int:
-    """The highest threshold (fewest strong calls) whose calibrated PGR reaches `pgr_target`."""
-    ok = [int(r["threshold_bp"]) for r in calibration if float(r["pgr"]) >= pgr_target]
-    return max(ok) if ok else 0
+def default_threshold_bp(calibration: CalibrationTable, pgr_target: float = 0.8) -> int:
+    """The highest threshold (fewest strong calls) whose calibrated PGR reaches `pgr_target`; 0 (everything to
+    the strong tier) when none does, so a weak router errs on the side of quality."""
+    try:
+        return threshold_for_pgr(calibration.thresholds, pgr_target).threshold_bp
+    except NoOperatingPoint:
+        return 0
 
 
 def build_multi_tier(
@@ -372,15 +353,11 @@ def build_multi_tier(
     progress: Any | None = None,
     tasks: list[str] | None = None,
     head_x: npt.NDArray[np.float32] | None = None,
-) -> tuple[list[Member], list[dict[str, Any]], int, dict[str, Any]]:
+) -> tuple[list[Member], CalibrationTable, int, dict[str, Any]]:
     """Head members, calibration rows (cost weight -> cost, quality, shares), default cost weight and metrics."""
     import numpy as np
 
-    from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier
-    from tiergate.routing.evaluate import COST_WEIGHTS_BP
-    from tiergate.routing.labels import task_smoothed
-    from tiergate.routing.metrics import tier_point
-    from tiergate.routing.scorer import choose_from_quality
+    from tiergate.training.labels import task_smoothed
 
     m = scores.shape[1]
 
@@ -392,24 +369,15 @@ def build_multi_tier(
     oof = _oof_predictions(hx, targets, m, cfg, progress, tasks, raw)
     ridge = None if raw is None else (raw, cfg.ridge_share, cfg.ridge_lambda)
     members = fit_head(hx, targets(np.ones(len(x), dtype=bool)), tasks, cfg.head, cfg.task_head, progress, ridge=ridge)
-    probe = RouterArtifact(
-        encoder=EncoderSpec(id="probe", dim=hx.shape[1]),
-        kind="multi_tier",
-        label_mode="quality",
-        tiers=[Tier(name=f"t{i}", price=p) for i, p in enumerate(prices)],
-        members=members,
-        calibration=[],
-        provenance={},
-    )
     pr = np.asarray(prices, dtype=np.float64)
-    calibration = []
-    for bp in COST_WEIGHTS_BP:
-        pt = tier_point(str(bp), choose_from_quality(probe, oof, bp), scores, pr)
-        calibration.append({"cost_weight_bp": bp, "cost": pt.cost, "quality": pt.quality, "shares": pt.shares})
+    calibration = cost_weight_table(oof, scores, pr)
     single_q = scores.mean(axis=0)
     best = int(np.argmax(single_q))
-    matching = [r for r in calibration if r["quality"] >= single_q[best] - 1e-12]
-    default_bp = int(min(matching, key=lambda r: r["cost"])["cost_weight_bp"]) if matching else 0
+    # The default: the cheapest calibrated point as good as the best single tier (0, i.e. quality only, if none).
+    try:
+        default_bp = cost_weight_for_quality(calibration.cost_weights, float(single_q[best])).cost_weight_bp
+    except NoOperatingPoint:
+        default_bp = 0
     metrics = {
         "oof_best_single_quality": float(single_q[best]),
         "oof_best_single_cost": float(pr[best]),

@@ -1,4 +1,4 @@
-"""Pieces shared by the train/eval/calibrate subcommands: tier arguments, the default routers, error handling.
+"""Pieces shared by the train/eval/calibrate subcommands: tier arguments, encoder arguments, error handling.
 
 Kept import-light (argparse, pathlib): numpy, torch and matplotlib are imported inside the command bodies.
 """
@@ -12,10 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tiergate.routing.errors import RoutingError
-
-DEFAULT_DIR = Path(__file__).resolve().parent / "default"
-DEFAULT_TWO_TIER = DEFAULT_DIR / "two-tier.json"
-DEFAULT_MULTI_TIER = DEFAULT_DIR / "multi-tier.json"
 
 
 @dataclass(frozen=True)
@@ -47,7 +43,7 @@ def add_encoder_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=None,
-        help="embedding cache root (default $TIERGATE_CACHE_DIR or ~/.cache/tiergate; embeddings/ below it)",
+        help="embedding cache folder (default: embeddings/ under $TIERGATE_CACHE, else ~/.cache/tiergate/embeddings)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads for the encoder")
 

@@ -7,7 +7,8 @@
     ... [--write OUT.json]                                   # also store it as the artifact's default
 
 Prints the RoutingPolicy snippet: `spec.router.thresholdBasisPoints` for two tiers, `spec.router.costWeightBasisPoints`
-for N tiers (a policy may instead give `budgetPerMillion` and let the router pick from the artifact's table); `--write`
+for N tiers (a policy may instead give `budgetPerMillion`: the router then picks from the artifact's table
+with the same function, `operating_points.cost_weight_for_budget`, so it serves the weight printed here); `--write`
 also stores the choice as the artifact's default, used when the policy sets no knob. The artifact's own table was
 measured out-of-fold on its training rows; `--data` recomputes the table on other outcome data (e.g. recent
 traffic) before choosing.
@@ -20,8 +21,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from tiergate.routing.common import DEFAULT_TWO_TIER, add_encoder_arguments, guarded
+from tiergate.routing.artifact import DEFAULT_TWO_TIER, RouterArtifact
 from tiergate.routing.errors import RoutingError
+from tiergate.routing.operating_points import (
+    CalibrationTable,
+    CostWeightPoint,
+    ThresholdPoint,
+    cost_weight_for_budget,
+    threshold_for_pgr,
+    threshold_for_share,
+)
+from tiergate.training.common import add_encoder_arguments, guarded
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -42,35 +52,19 @@ def run(args: argparse.Namespace) -> int:
     return guarded("calibrate", lambda: _run(args))
 
 
-def choose_two_tier(calibration: list[dict[str, Any]], share: float | None, pgr: float | None) -> dict[str, Any]:
-    """The calibration row for a target: the lowest threshold with share <= target share, or the highest
-    threshold (fewest strong calls) with PGR >= target PGR."""
-    if not calibration:
-        raise RoutingError("the artifact has no calibration table")
+def choose_two_tier(table: CalibrationTable, share: float | None, pgr: float | None) -> ThresholdPoint:
+    """The operating point for `--share` or `--pgr` (exactly one given), by `operating_points`' rules."""
     if share is not None:
-        if not 0.0 <= share <= 1.0:
-            raise RoutingError(f"--share {share} is outside 0..1")
-        ok = [r for r in calibration if float(r["strong_share"]) <= share + 1e-9]
-        if not ok:
-            raise RoutingError(f"no threshold keeps the strong share at or below {share}")
-        return min(ok, key=lambda r: (int(r["threshold_bp"]), -float(r["strong_share"])))
-    assert pgr is not None
-    if not 0.0 <= pgr <= 1.5:
-        raise RoutingError(f"--pgr {pgr} is outside 0..1.5")
-    ok = [r for r in calibration if float(r["pgr"]) >= pgr - 1e-9]
-    if not ok:
-        best = max(float(r["pgr"]) for r in calibration)
-        raise RoutingError(f"no threshold reaches PGR {pgr} on the calibration data (best {best:.3f})")
-    return max(ok, key=lambda r: int(r["threshold_bp"]))
+        return threshold_for_share(table.thresholds, share)
+    if pgr is None:
+        raise RoutingError("give --share or --pgr")
+    return threshold_for_pgr(table.thresholds, pgr)
 
 
-def choose_multi_tier(calibration: list[dict[str, Any]], budget: float) -> dict[str, Any]:
-    """The best-quality calibrated point whose mean price fits the budget (smaller cost weight on ties)."""
-    ok = [r for r in calibration if float(r["cost"]) <= budget + 1e-12]
-    if not ok:
-        cheapest = min(float(r["cost"]) for r in calibration)
-        raise RoutingError(f"no operating point costs at most {budget} $/Mtok (cheapest {cheapest:.3f})")
-    return max(ok, key=lambda r: (float(r["quality"]), -int(r["cost_weight_bp"])))
+def choose_multi_tier(table: CalibrationTable, budget: float) -> CostWeightPoint:
+    """The operating point for `--budget`: `operating_points.cost_weight_for_budget`, the function the router
+    applies to a policy's `budgetPerMillion`, so the printed weight is the one a router would serve."""
+    return cost_weight_for_budget(table.cost_weights, budget)
 
 
 def policy_snippet(name: str, value_bp: int, knob: str = "thresholdBasisPoints") -> str:
@@ -85,19 +79,19 @@ def policy_snippet(name: str, value_bp: int, knob: str = "thresholdBasisPoints")
 
 
 def _run(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
     from tiergate.routing.artifact import load_artifact, save_artifact
 
     router_path = args.router or str(DEFAULT_TWO_TIER)
     art = load_artifact(router_path)
-    calibration = art.calibration
-    if args.data:
-        calibration = _recalibrate(art, args)
+    calibration = _recalibrate(art, args) if args.data else art.calibration
     if art.kind == "two_tier":
         if args.budget is not None:
             raise RoutingError("--budget is for N-tier routers; a two-tier router takes --share or --pgr")
-        row = choose_two_tier(calibration, args.share, args.pgr)
-        bp = int(row["threshold_bp"])
-        out: dict[str, Any] = {"router": router_path, "kind": art.kind, "threshold_bp": bp, "expected": row}
+        tp = choose_two_tier(calibration, args.share, args.pgr)
+        bp = tp.threshold_bp
+        out: dict[str, Any] = {"router": router_path, "kind": art.kind, "threshold_bp": bp, "expected": asdict(tp)}
         if args.write:
             save_artifact(art.with_updates(default_threshold_bp=bp, calibration=calibration), args.write)
             out["written"] = str(args.write)
@@ -105,38 +99,35 @@ def _run(args: argparse.Namespace) -> int:
             print(json.dumps(out, indent=1))
         else:
             print(
-                f"# threshold {bp} bp: expected strong share {row['strong_share']:.1%}, quality "
-                f"{row['quality']:.4f}, PGR {row['pgr']:.3f}"
+                f"# threshold {bp} bp: expected strong share {tp.strong_share:.1%}, quality "
+                f"{tp.quality:.4f}, PGR {tp.pgr:.3f}"
             )
             print(policy_snippet(args.policy_name, bp), end="")
     else:
         if args.budget is None:
             raise RoutingError("an N-tier router takes --budget (mean $/Mtok)")
-        row = choose_multi_tier(calibration, args.budget)
-        bp = int(row["cost_weight_bp"])
-        out = {"router": router_path, "kind": art.kind, "cost_weight_bp": bp, "expected": row}
+        cp = choose_multi_tier(calibration, args.budget)
+        bp = cp.cost_weight_bp
+        expected = {"cost_weight_bp": bp, "cost": cp.cost, "quality": cp.quality, "shares": list(cp.shares)}
+        out = {"router": router_path, "kind": art.kind, "cost_weight_bp": bp, "expected": expected}
         if args.write:
             save_artifact(art.with_updates(default_cost_weight_bp=bp, calibration=calibration), args.write)
             out["written"] = str(args.write)
         if args.json:
             print(json.dumps(out, indent=1))
         else:
-            print(f"# cost weight {bp} bp: expected mean price {row['cost']:.3f} $/Mtok, quality {row['quality']:.4f}")
+            print(f"# cost weight {bp} bp: expected mean price {cp.cost:.3f} $/Mtok, quality {cp.quality:.4f}")
             if args.write:
                 print(f"# also stored as the artifact's default_cost_weight_bp in {args.write}")
             print(policy_snippet(args.policy_name, bp, "costWeightBasisPoints"), end="")
     return 0
 
 
-def _recalibrate(art: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
-    import numpy as np
-
-    from tiergate.routing.data import load_outcomes
-    from tiergate.routing.encoder import cached_minilm
-    from tiergate.routing.evaluate import COST_WEIGHTS_BP
-    from tiergate.routing.metrics import tier_point
-    from tiergate.routing.scorer import Scorer, choose_from_quality
-    from tiergate.routing.train import two_tier_calibration
+def _recalibrate(art: RouterArtifact, args: argparse.Namespace) -> CalibrationTable:
+    from tiergate.routing.scorer import Scorer
+    from tiergate.training.calibration import cost_weight_table, threshold_table
+    from tiergate.training.data import load_outcomes
+    from tiergate.training.embeddings import cached_minilm
 
     names = [t.name for t in art.tiers]
     data = load_outcomes(args.data, names, split=None if args.split == "all" else args.split)
@@ -144,11 +135,6 @@ def _recalibrate(art: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     scorer = Scorer(art, enc)
     emb = enc.encode(data.prompts)
     if art.kind == "two_tier":
-        return two_tier_calibration(scorer.score_embeddings(emb, data.prompts), data.scores[:, 0], data.scores[:, 1])
-    q = scorer.quality_embeddings(emb, data.prompts)
-    prices = np.array([t.price for t in art.tiers])
-    rows = []
-    for bp in COST_WEIGHTS_BP:
-        pt = tier_point(str(bp), choose_from_quality(art, q, bp), data.scores, prices)
-        rows.append({"cost_weight_bp": bp, "cost": pt.cost, "quality": pt.quality, "shares": pt.shares})
-    return rows
+        return threshold_table(scorer.score_embeddings(emb, data.prompts), data.scores[:, 0], data.scores[:, 1])
+    prices = [t.price for t in art.tiers]
+    return cost_weight_table(scorer.quality_embeddings(emb, data.prompts), data.scores, prices)
