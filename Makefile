@@ -34,8 +34,8 @@ cluster-up: venv
 cluster-down:
 	$(PYTHON) -m tiergate.devcluster down
 
-# The whole test suite: lint, types, proto drift, unit tests and cluster tests (builds the control plane
-# binaries on first use; about 16 minutes cold, seconds warm).
+# The whole test suite: lint, types, import layers, proto drift, unit tests and cluster tests (builds the control
+# plane binaries on first use; about 16 minutes cold, seconds warm).
 # Every gate runs even when an earlier one fails, so one run reports everything; the exit status is non-zero
 # if any failed.
 test: venv
@@ -44,11 +44,13 @@ test: venv
 	echo "== ruff check"; $(VENV)/bin/ruff check --no-cache . || rc=1; \
 	echo "== ruff format --check"; $(VENV)/bin/ruff format --check --no-cache . || rc=1; \
 	echo "== mypy (strict)"; $(VENV)/bin/mypy || rc=1; \
+	echo "== lint-imports (layers: .importlinter)"; $(VENV)/bin/lint-imports --no-cache || rc=1; \
 	echo "== pytest"; $(VENV)/bin/pytest || rc=1; \
 	exit $$rc
 
 lint: venv
-	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check . && $(VENV)/bin/mypy \
+		&& $(VENV)/bin/lint-imports --no-cache
 
 cluster-build:
 	$(PYTHON) -m tiergate.devcluster build

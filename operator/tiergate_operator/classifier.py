@@ -26,10 +26,8 @@ from typing import Any
 from tiergate.api import naming
 from tiergate.api.policy import RoutingPolicy
 
-# Imported for their values only: tiergate.routing.artifact needs nothing beyond the standard library on import
-# (numpy is imported inside the functions that build arrays, and the operator image has no numpy), and taking the
-# constants from there keeps one definition of the format the router loads.
-from tiergate.routing.artifact import FORMAT, FORMAT_VERSION, KINDS, MAX_BYTES
+# The format's standard-library half (the operator image has no numpy): one definition of what the router loads.
+from tiergate.routing.format import FORMAT, FORMAT_VERSION, KINDS, MAX_BYTES, digest
 
 # On the router's pod template: changes exactly when an input the router reads only at start changes.
 ROUTER_INPUTS_ANNOTATION = "tiergate.io/router-inputs-digest"
@@ -104,10 +102,7 @@ def check_artifact(text: str, where: str) -> str:
     version = doc.get("format_version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise ValueError(f"{where}: format version {version!r}, this tiergate reads {FORMAT_VERSION}")
-    body = {k: v for k, v in doc.items() if k != "sha256"}
-    # The same canonical form as tiergate.routing.artifact's checksum (a unit test checks the two agree).
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    if doc.get("sha256") != hashlib.sha256(canon.encode("utf-8")).hexdigest():
+    if doc.get("sha256") != digest(doc):
         raise ValueError(f"{where}: checksum mismatch (sha256), the artifact is corrupt or was edited by hand")
     if doc.get("kind") not in KINDS:
         raise ValueError(f"{where}: kind {doc.get('kind')!r} is not one of {', '.join(KINDS)}")

@@ -63,7 +63,7 @@ def test_check_accepts_real_artifacts_and_reports_their_own_sha256() -> None:
 
 
 def test_check_agrees_with_the_run_time_loader_on_the_checksum() -> None:
-    """The operator re-implements the canonical-JSON checksum without numpy: an artifact the run-time module
+    """The operator checks the checksum with the format module alone (no numpy): an artifact the run-time module
     writes passes, and one field edited by hand fails both."""
     from tiergate.routing.artifact import ArtifactError, dumps, loads
 

@@ -77,11 +77,11 @@ def test_corrupt_bytes_are_refused(tmp_path: Path) -> None:
 
 
 def test_shape_mismatch_is_refused_even_with_a_valid_checksum(tmp_path: Path) -> None:
-    from tiergate.routing.artifact import _digest
+    from tiergate.routing.format import digest
 
     doc = to_json_dict(tiny_artifact())
     doc["encoder"]["dim"] = 16  # head expects 8
-    doc["sha256"] = _digest(doc)
+    doc["sha256"] = digest(doc)
     p = tmp_path / "r.json"
     p.write_text(json.dumps(doc))
     with pytest.raises(ArtifactError, match="does not follow width 16"):

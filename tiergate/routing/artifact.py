@@ -53,7 +53,6 @@ old file or the new one, never half of one.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import os
 import tempfile
@@ -63,20 +62,13 @@ from typing import TYPE_CHECKING, Any
 
 from tiergate.routing.encoder import MAX_TOKENS
 from tiergate.routing.errors import ArtifactError
+from tiergate.routing.format import ACTIVATIONS, FORMAT, FORMAT_VERSION, KINDS, LABEL_MODES, MAX_BYTES, OUTPUTS, digest
 from tiergate.routing.operating_points import CalibrationTable
 
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
 
-FORMAT = "tiergate.router"
-FORMAT_VERSION = 1
-# A ConfigMap holds at most 1 MiB in total (keys, metadata and all); keep a margin for those.
-MAX_BYTES = 900 * 1024
-KINDS = ("two_tier", "multi_tier")
-LABEL_MODES = ("deterministic", "probabilistic", "transformed", "difference", "quality")
-ACTIVATIONS = ("relu", "identity")
-OUTPUTS = ("sigmoid", "identity", "softmax")
 # The routers shipped with the package (trained on the public data's train split; recipes in docs/routing.md).
 DEFAULT_DIR = Path(__file__).resolve().parent / "default"
 DEFAULT_TWO_TIER = DEFAULT_DIR / "two-tier.json"
@@ -215,14 +207,8 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
         "provenance": art.provenance,
         "metrics": art.metrics,
     }
-    doc["sha256"] = _digest(doc)
+    doc["sha256"] = digest(doc)
     return doc
-
-
-def _digest(doc: dict[str, Any]) -> str:
-    body = {k: v for k, v in doc.items() if k != "sha256"}
-    canon = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canon.encode("utf-8")).hexdigest()
 
 
 def dumps(art: RouterArtifact) -> bytes:
@@ -277,7 +263,7 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
             f"{source}: format version {version} is not supported by this tiergate (reads {FORMAT_VERSION}); "
             "retrain or upgrade"
         )
-    if doc.get("sha256") != _digest(doc):
+    if doc.get("sha256") != digest(doc):
         raise ArtifactError(f"{source}: checksum mismatch, the file is corrupt or was edited by hand")
     try:
         enc = doc["encoder"]
