@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.harness import Harness
 from tests.support.procs import FakeProcess
+from tests.support.waiting import async_wait_for
 from tiergate_router.config import RouterConfig
 
 
@@ -204,26 +205,28 @@ def test_saturated_tier_falls_back_by_429_and_by_vllm_queue_metric() -> None:
 def test_config_swap_keeps_in_flight_requests() -> None:
     h = Harness(tiers=(("small", 1), ("large", 1), ("spare", 1)), grpc=False).start()
     try:
+        hold = asyncio.Event()  # the small tier answers only once the new policy is in place
         for f in h.fakes["small"]:
-            f.behaviour.latency_s = 1.0
+            f.behaviour.hold = hold
         assert h.server is not None
         server = h.server
 
-        async def run() -> tuple[list[int], str]:
+        async def run() -> tuple[list[tuple[int, str]], str]:
             import aiohttp
 
             async with aiohttp.ClientSession() as s:
 
-                async def one(i: int) -> int:
+                async def one(i: int) -> tuple[int, str]:
                     async with s.post(
                         f"{h.url}/v1/chat/completions",
                         json={"model": "small", "messages": [{"role": "user", "content": f"q{i}"}]},
                     ) as r:
-                        await r.read()
-                        return r.status
+                        body = json.loads(await r.read())
+                        return r.status, body.get("choices", [{}])[0].get("message", {}).get("content", "")
 
                 tasks = [asyncio.create_task(one(i)) for i in range(20)]
-                await asyncio.sleep(0.3)
+                small = h.fakes["small"][0].stats
+                await async_wait_for("20 requests held in flight on the old small tier", lambda: small.running == 20)
                 old = server.router.config
                 # new policy: the small tier now points at the spare server; in-flight requests keep theirs
                 spare = h.fakes["spare"][0].base_url
@@ -232,17 +235,21 @@ def test_config_swap_keeps_in_flight_requests() -> None:
                     thresholds_bp=(5000,),
                 )
                 h.thread.loop.call_soon_threadsafe(server.router.apply_config, new)
-                statuses = await asyncio.gather(*tasks)
+                h.thread.loop.call_soon_threadsafe(hold.set)  # same loop, FIFO: released after the swap
+                answers = await asyncio.gather(*tasks)
                 async with s.post(
                     f"{h.url}/v1/chat/completions",
                     json={"model": "small", "messages": [{"role": "user", "content": "after"}]},
                 ) as r:
                     after = json.loads(await r.read())["choices"][0]["message"]["content"]
-                return list(statuses), after
+                return list(answers), after
 
-        statuses, after = asyncio.run(run())
-        assert statuses == [200] * 20
+        answers, after = asyncio.run(run())
+        assert [status for status, _ in answers] == [200] * 20
+        # answered by the endpoint they were sent to, not retried on the new one
+        assert all(text.startswith("small0-") for _, text in answers), answers
         assert h.fakes["small"][0].stats.completed == 20
+        assert len(h.fakes["spare"][0].stats.requests) == 1  # only the request sent after the swap
         assert after.startswith("spare")
     finally:
         h.stop()
