@@ -151,7 +151,7 @@ def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, na
     classifier_configmap(cluster, namespace)
     try:
         a.start()
-        wait_for("a holds the lease", lambda: _holder(cluster, namespace) == "op-a", timeout=30)
+        wait_for("a holds the lease", lambda: _holder(cluster, namespace) == "op-a", timeout=90)
         b.start()
         apply_policy(cluster, namespace, sample_doc())
         wait_ready(cluster, namespace, "chat")
@@ -160,12 +160,12 @@ def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, na
         assert b.alive()
 
         a.kill()  # no release: b must wait out the lease, then take over
-        wait_for("b takes the lease", lambda: _holder(cluster, namespace) == "op-b", timeout=30)
+        wait_for("b takes the lease", lambda: _holder(cluster, namespace) == "op-b", timeout=90)
         cluster.kubectl("delete", "deployment", "chat-tier-small", "-n", namespace)
         wait_for(
             "the new leader restores a deleted child",
             lambda: ("Deployment", "chat-tier-small") in child_keys(children(cluster, namespace, "chat")),
-            timeout=30,
+            timeout=90,
         )
         # b's writes do show under its name (so the check above could see them) ...
         assert "tiergate-op-b" in _appliers(cluster, namespace)
