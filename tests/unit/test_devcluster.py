@@ -8,7 +8,6 @@ import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -228,11 +227,18 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
     import threading
 
     calls: list[int] = []
+    other_waits = threading.Event()
 
     def slow(work: Path, out: Path, log: Path) -> None:
         calls.append(1)
-        time.sleep(0.5)
+        # Finish only once the other run has found the build locked, so the two surely overlap (a sleep here only
+        # made that likely); the bound only keeps a broken lock from hanging the test.
+        other_waits.wait(60)
         _fake_builder(False)(work, out, log)
+
+    def say(message: str) -> None:
+        if "another build is running" in message:
+            other_waits.set()
 
     monkeypatch.setitem(build._BUILDERS, "fake", slow)
     monkeypatch.setattr(versions, "COMPONENTS", (COMP,))
@@ -241,7 +247,7 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
 
     def run() -> None:
         try:
-            results.append(build.ensure_all(tmp_path, say=lambda _m: None))
+            results.append(build.ensure_all(tmp_path, say=say))
         except BaseException as e:  # surfaced below
             errors.append(e)
 
@@ -251,5 +257,6 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
     for t in threads:
         t.join()
     assert errors == []
+    assert other_waits.is_set()
     assert len(calls) == 1
     assert results[0] == results[1]
