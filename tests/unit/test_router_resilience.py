@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import openai
 import pytest
 
 from tests.support.harness import Harness
 from tests.support.procs import FakeProcess
-from tests.support.waiting import async_wait_for
+from tests.support.waiting import async_wait_for, wait_for
+from tiergate_router.breaker import BreakerState
 from tiergate_router.config import RouterConfig
 
 
@@ -117,7 +118,8 @@ def test_whole_small_tier_down_every_request_answered_by_fallback(small_procs: l
 
 
 def test_5xx_endpoint_is_retried_and_breaker_opens_then_recovers() -> None:
-    h = Harness(tiers=(("small", 2), ("large", 1)), grpc=False, config_overrides={"breaker_open_s": 0.5}).start()
+    # Open for an hour: however slowly the 10 requests below go, the breaker cannot turn half-open among them.
+    h = Harness(tiers=(("small", 2), ("large", 1)), grpc=False, config_overrides={"breaker_open_s": 3600.0}).start()
     try:
         bad, _good = h.fakes["small"]
         bad.behaviour.fail_status = 500
@@ -132,7 +134,13 @@ def test_5xx_endpoint_is_retried_and_breaker_opens_then_recovers() -> None:
         # 3 failures open the breaker; afterwards the bad endpoint gets no more traffic
         assert len(bad.stats.requests) == 3
         bad.behaviour.fail_status = None
-        time.sleep(0.6)
+        # A policy change shortens the open period (kept endpoints take the new breaker settings); wait until the
+        # breaker admits a probe rather than sleeping past the period.
+        assert h.server is not None
+        router = h.server.router
+        h.thread.loop.call_soon_threadsafe(router.apply_config, replace(router.config, breaker_open_s=0.05))
+        breaker = next(ep.breaker for ep in router.dispatcher.pools["small"].endpoints if ep.base_url == bad.base_url)
+        wait_for("the breaker half-open", lambda: breaker.state is BreakerState.HALF_OPEN, interval=0.01)
         for i in range(6):
             c.chat.completions.create(model="tiergate", messages=[{"role": "user", "content": f"r{i}"}])
         assert h.metric("tiergate_router_circuit_breaker_state", {"tier": "small", "endpoint": bad.base_url}) == 0
