@@ -113,37 +113,43 @@ def test_graceful_shutdown_turns_health_not_serving_and_finishes_in_flight() -> 
     small = h.fakes["small"][0]
     small.behaviour.hold = hold
     results: list[str] = []
-    with grpc.insecure_channel(h.grpc_target) as ch:
-        s = router_pb2_grpc.RouterServiceStub(ch)
+    stopper = threading.Thread(target=h.stop)
+    try:
+        with grpc.insecure_channel(h.grpc_target) as ch:
+            s = router_pb2_grpc.RouterServiceStub(ch)
 
-        def call() -> None:
-            results.append(s.Generate(router_pb2.GenerateRequest(prompt="slow"), timeout=120).tier)
+            def call() -> None:
+                results.append(s.Generate(router_pb2.GenerateRequest(prompt="slow"), timeout=120).tier)
 
-        caller = threading.Thread(target=call)
-        caller.start()
-        wait_for("the call to be generating on the small tier", lambda: small.stats.running == 1, interval=0.02)
-        health = health_pb2_grpc.HealthStub(ch).Watch(
-            health_pb2.HealthCheckRequest(service="tiergate.v1.RouterService"), timeout=120
-        )
-        assert next(health).status == health_pb2.HealthCheckResponse.SERVING
-        stopper = threading.Thread(target=h.stop)
-        stopper.start()
-        # The first thing a stop does, so that load balancers move traffic away before the listener closes.
-        assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
-        health.cancel()  # a watch is a call in flight too: the stop would wait for it
+            caller = threading.Thread(target=call)
+            caller.start()
+            wait_for("the call to be generating on the small tier", lambda: small.stats.running == 1, interval=0.02)
+            health = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service="tiergate.v1.RouterService"), timeout=120
+            )
+            assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+            stopper.start()
+            # The first thing a stop does, so that load balancers move traffic away before the listener closes.
+            assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            health.cancel()  # a watch is a call in flight too: the stop would wait for it
 
-        def refused() -> bool:
-            with grpc.insecure_channel(h.grpc_target) as probe:
-                try:
-                    router_pb2_grpc.RouterServiceStub(probe).Classify(router_pb2.ClassifyRequest(prompt="x"), timeout=5)
-                except grpc.RpcError as e:
-                    return e.code() == grpc.StatusCode.UNAVAILABLE
-            return False
+            def refused() -> bool:
+                with grpc.insecure_channel(h.grpc_target) as probe:
+                    try:
+                        stub = router_pb2_grpc.RouterServiceStub(probe)
+                        stub.Classify(router_pb2.ClassifyRequest(prompt="x"), timeout=5)
+                    except grpc.RpcError as e:
+                        return e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
 
-        wait_for("the stopping server to refuse new calls", refused, interval=0.05)
-        h.thread.loop.call_soon_threadsafe(hold.set)  # only now may the call in flight finish
-        caller.join(120)
-        stopper.join(120)
+            wait_for("the stopping server to refuse new calls", refused, interval=0.05)
+            h.thread.loop.call_soon_threadsafe(hold.set)  # only now may the call in flight finish
+            caller.join(120)
+            stopper.join(120)
+    finally:
+        if stopper.ident is None:  # failed before the stop began: release the call, stop here
+            h.thread.loop.call_soon_threadsafe(hold.set)
+            h.stop()
     assert not caller.is_alive()
     assert not stopper.is_alive()
     assert results == ["small"]
