@@ -16,13 +16,13 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.support.waiting import wait_for
 from tiergate.devcluster import build, netns
 from tiergate.devcluster.cluster import DevCluster
 
@@ -86,12 +86,13 @@ def namespace(cluster: DevCluster, request: pytest.FixtureRequest) -> Iterator[s
     name = _ns_name(request.node.nodeid)
     cluster.kubectl("create", "namespace", name)
     # Pods are refused until the namespace's default ServiceAccount exists; the controller-manager makes it
-    # within a second or two.
-    deadline = time.monotonic() + 30
-    while not cluster.kubectl("get", "serviceaccount", "default", "-n", name, "-o", "name", check=False):
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"namespace {name}: default ServiceAccount never appeared")
-        time.sleep(0.2)
+    # within a second or two when idle, later on a loaded machine.
+    wait_for(
+        f"namespace {name}: its default ServiceAccount",
+        lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", name, "-o", "name", check=False),
+        timeout=120,
+        interval=0.2,
+    )
     yield name
     cluster.kubectl("delete", "namespace", name, "--wait=false", "--ignore-not-found", check=False)
 

@@ -307,7 +307,7 @@ def test_a_fake_pod_is_reachable_through_its_endpointslice(cluster: DevCluster, 
             except OSError:
                 return b""
 
-        assert b"hello from the pod" in wait_for("the pod's server", get, timeout=15)
+        assert b"hello from the pod" in wait_for("the pod's server", get, timeout=60)
     finally:
         server.kill()
         server.wait()
@@ -389,6 +389,6 @@ def test_a_killed_test_process_leaves_no_stray_processes(cluster: DevCluster, tm
         )
         return all(line.split()[1].startswith("Z") for line in alive.stdout.splitlines())
 
-    wait_for("the orphaned control plane to exit", all_gone, timeout=30)
+    wait_for("the orphaned control plane to exit", all_gone, timeout=60)
     assert started["netns"] in netns.reap_stale()
     assert started["netns"] not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout

@@ -100,7 +100,7 @@ def test_chart_installs_under_restricted_pod_security(cluster: DevCluster, names
     install_crd(cluster)
     cluster.kubectl("label", "namespace", namespace, "pod-security.kubernetes.io/enforce=restricted")
     release = f"tg{namespace[-6:]}"
-    cluster.helm("install", release, str(CHART), "--namespace", namespace, "--skip-crds", "--wait", "--timeout", "90s")
+    cluster.helm("install", release, str(CHART), "--namespace", namespace, "--skip-crds", "--wait", "--timeout", "300s")
     try:
         dep = get_json(cluster, "deployment", "-n", namespace, "-l", f"app.kubernetes.io/instance={release}")
         (d,) = dep["items"]
@@ -110,7 +110,7 @@ def test_chart_installs_under_restricted_pod_security(cluster: DevCluster, names
                 get_json(cluster, "deployment", d["metadata"]["name"], "-n", namespace)["status"].get("readyReplicas")
                 == 2
             ),
-            timeout=60,
+            timeout=180,
         )
         status = cluster.helm("status", release, "--namespace", namespace)
         assert "STATUS: deployed" in status
@@ -144,7 +144,7 @@ def test_kustomize_default_applies_for_real(cluster: DevCluster) -> None:
                 )
                 == 2
             ),
-            timeout=60,
+            timeout=180,
         )
         r2 = kubectl_raw(cluster, "apply", "--dry-run=server", "-k", str(ROOT / "manifests" / "default"))
         assert r2.returncode == 0, r2.stderr

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import pytest
 import yaml
 
 from tests.support.operator_cluster import (
+    CHILD_KINDS,
     ROOT,
     SAMPLE_CHILDREN,
     Operator,
@@ -147,37 +147,59 @@ def test_two_replicas_one_leader_and_failover(cluster: DevCluster, crd: None, na
         "TIERGATE_OPERATOR_LEASE_RETRY_PERIOD_SECONDS": "1",
     }
     args = ("--namespace", namespace, "--leader-elect", "--lease-namespace", namespace)
-    a = Operator(cluster, tmp_path / "a", *args, env={**env, "POD_NAME": "op-a"})
-    b = Operator(cluster, tmp_path / "b", *args, env={**env, "POD_NAME": "op-b"})
+    # Each replica applies under its own field manager, so the API server's record says who wrote what.
+    a = Operator(cluster, tmp_path / "a", *args, env={**env, "POD_NAME": "op-a", _MANAGER_ENV: "tiergate-op-a"})
+    b = Operator(cluster, tmp_path / "b", *args, env={**env, "POD_NAME": "op-b", _MANAGER_ENV: "tiergate-op-b"})
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     classifier_configmap(cluster, namespace)
     try:
         a.start()
-        wait_for("a holds the lease", lambda: _holder(cluster, namespace) == "op-a", timeout=30)
+        wait_for("a holds the lease", lambda: _holder(cluster, namespace) == "op-a", timeout=90)
         b.start()
         apply_policy(cluster, namespace, sample_doc())
         wait_ready(cluster, namespace, "chat")
-        time.sleep(2)
         assert "reconciled" in a.log()
-        assert "reconciled" not in b.log(), "the standby must not write"
+        assert _appliers(cluster, namespace) == {"tiergate-op-a"}, "the standby must not write"
         assert b.alive()
 
         a.kill()  # no release: b must wait out the lease, then take over
-        wait_for("b takes the lease", lambda: _holder(cluster, namespace) == "op-b", timeout=30)
+        wait_for("b takes the lease", lambda: _holder(cluster, namespace) == "op-b", timeout=90)
         cluster.kubectl("delete", "deployment", "chat-tier-small", "-n", namespace)
         wait_for(
             "the new leader restores a deleted child",
             lambda: ("Deployment", "chat-tier-small") in child_keys(children(cluster, namespace, "chat")),
-            timeout=30,
+            timeout=90,
         )
-        assert "reconciled" in b.log()
+        # b's writes do show under its name (so the check above could see them) ...
+        assert "tiergate-op-b" in _appliers(cluster, namespace)
+        # ... and it made none before it held the lease: in its own log, taking the lease comes before any work.
+        # Ordering, not timing: whenever a standby wrote (while a led, or while waiting out a's lease), it shows.
+        log_b = b.full_log()
+        before_lease = log_b[: log_b.index("acquired lease")]
+        assert "watching" not in before_lease, log_b
+        assert "reconciled" not in before_lease, log_b
+        assert "reconciled" in log_b
         assert b.stop() == 0
         assert _holder(cluster, namespace) == "", "a graceful stop releases the lease"
     finally:
         a.stop()
         b.stop()
         print(a.log(), b.log())
+
+
+_MANAGER_ENV = "TIERGATE_OPERATOR_FIELD_MANAGER"
+
+
+def _appliers(cluster: DevCluster, ns: str) -> set[str]:
+    """The field managers that server-side applied the policy's children: who has written them."""
+    items = get_json(cluster, CHILD_KINDS, "-n", ns, "-l", "tiergate.io/policy=chat", "--show-managed-fields")["items"]
+    return {
+        entry["manager"]
+        for item in items
+        for entry in item["metadata"].get("managedFields", [])
+        if entry.get("operation") == "Apply"
+    }
 
 
 def _holder(cluster: DevCluster, ns: str) -> str | None:

@@ -148,7 +148,7 @@ def test_router_follows_endpointslices(
                 ]
             ),
         )
-        wait_for("unready pod dropped", lambda: endpoints() == {f"http://{ips[other_pod]}:{PORT}/v1"}, 30)
+        wait_for("unready pod dropped", lambda: endpoints() == {f"http://{ips[other_pod]}:{PORT}/v1"}, 90)
         assert ask(4) == {other_pod}
 
         # The other pod disappears (deleted); the ReplicaSet replaces it. A deleted pod's server goes with it, and

@@ -47,6 +47,10 @@ class Behaviour:
     max_running: int = 0
     # Like `vllm serve --api-key`: every /v1 request needs `Authorization: Bearer <api_key>`, else HTTP 401.
     api_key: str | None = None
+    # Hold every generation (counted in `stats.running`) until this event is set: a test keeps requests in flight
+    # for exactly as long as it needs, instead of a latency it hopes is long enough on a busy machine. Set it from
+    # another thread with `loop.call_soon_threadsafe(event.set)`.
+    hold: asyncio.Event | None = None
 
 
 @dataclass
@@ -135,6 +139,8 @@ class FakeVLLM(ModelServer):
             await self._acquire_slot()
             try:
                 self.stats.running += 1
+                if b.hold is not None:
+                    await b.hold.wait()
                 if b.latency_s:
                     await asyncio.sleep(b.latency_s)
                 if body.get("stream"):

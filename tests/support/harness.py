@@ -48,6 +48,7 @@ class Harness:
         grpc: bool = True,
         classifier_factory: Callable[[], Classifier] | None = None,
         external: dict[str, list[str]] | None = None,
+        grace_s: float = 1.0,
     ) -> None:
         self.thread = LoopThread()
         self.fakes: dict[str, list[FakeVLLM]] = {}
@@ -58,6 +59,9 @@ class Harness:
         self._classifier_factory = classifier_factory
         # tier -> base URLs of servers the caller runs (e.g. fake vLLM subprocesses it can SIGKILL)
         self._external = external or {}
+        # Short by default so that stopping a harness is quick; a shutdown test that needs requests to outlive the
+        # stop gives a long one (the stop still returns as soon as they are done).
+        self._grace_s = grace_s
         self.server: RouterServer | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -90,7 +94,7 @@ class Harness:
         )
         classifier = self._classifier_factory() if self._classifier_factory else MicroBatcher(self.scorer)
         self.server = RouterServer(
-            cfg, classifier, ServeOptions(port=0, grpc_port=0 if self._grpc else None, grace_s=1.0)
+            cfg, classifier, ServeOptions(port=0, grpc_port=0 if self._grpc else None, grace_s=self._grace_s)
         )
         await self.server.start()
 

@@ -160,9 +160,12 @@ class Operator:
         return self
 
     def log(self) -> str:
-        return "\n".join(
-            (self.log_dir / f"operator-{i}.log").read_text(errors="replace")[-6000:] for i in range(1, self.starts + 1)
-        )
+        """The tail of each run's log: enough for a failure message."""
+        return "\n".join(self.full_log(i)[-6000:] for i in range(1, self.starts + 1))
+
+    def full_log(self, start: int = 1) -> str:
+        """All of one run's log (the first by default), for checks on the order of what it did."""
+        return (self.log_dir / f"operator-{start}.log").read_text(errors="replace")
 
     def kill(self) -> None:
         """SIGKILL: no chance to finish anything or release the lease."""

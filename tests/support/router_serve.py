@@ -15,6 +15,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
+# `/metrics` lines after exactly one policy reload applied / refused: what a hot-reload test waits for, since the
+# policy watcher reports every read of a changed file there.
+RELOADED_ONCE = 'tiergate_router_policy_reloads_total{result="success"} 1.0'
+REFUSED_ONCE = 'tiergate_router_policy_reloads_total{result="error"} 1.0'
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from tests.support.waiting import wait_for
 from tiergate.devcluster import build, netns, nodes, versions
-from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.cluster import Component, DevCluster
 from tiergate.devcluster.errors import BuildError, StartError
 
 GOMOD = """module k8s.io/kubernetes
@@ -103,14 +104,24 @@ def _fake_bins(tmp_path: Path, etcd_body: str) -> dict[str, Path]:
     return bins
 
 
-def _no_process_running(path: Path) -> bool:
-    out = subprocess.run(["pgrep", "-f", str(path)], capture_output=True, text=True).stdout
-    return out.strip() == ""
+def _record_spawns(monkeypatch: pytest.MonkeyPatch) -> list[Component]:
+    """The components a DevCluster starts, so a test can check each one's process after a failed start."""
+    spawned: list[Component] = []
+    spawn = DevCluster._spawn
+
+    def recording(self: DevCluster, name: str, argv: list[str]) -> Component:
+        comp = spawn(self, name, argv)
+        spawned.append(comp)
+        return comp
+
+    monkeypatch.setattr(DevCluster, "_spawn", recording)
+    return spawned
 
 
 def test_a_component_that_dies_fails_the_start_with_its_log_tail(tmp_path: Path) -> None:
     bins = _fake_bins(tmp_path, 'echo "etcdmain: listen tcp: address already in use" >&2; exit 3')
-    dc = DevCluster(bins, tmp_path / "work", pod_network=False, ready_timeout=20)
+    # The default (generous) deadline: the death is noticed at once, however slow the machine.
+    dc = DevCluster(bins, tmp_path / "work", pod_network=False)
     with pytest.raises(StartError) as err:
         dc.start()
     msg = str(err.value)
@@ -118,17 +129,27 @@ def test_a_component_that_dies_fails_the_start_with_its_log_tail(tmp_path: Path)
     assert "address already in use" in msg
 
 
-def test_a_component_that_never_gets_ready_fails_with_a_timeout_not_a_hang(tmp_path: Path) -> None:
+# The guarantee is "fails, not hangs": pytest-timeout turns a hang into a failure; how long a start takes to give up
+# on a loaded machine is not asserted (the code's own deadline is checked through what it reports).
+@pytest.mark.timeout(120)
+def test_a_component_that_never_gets_ready_fails_with_a_timeout_not_a_hang(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawned = _record_spawns(monkeypatch)
     bins = _fake_bins(tmp_path, 'echo "waiting for quorum forever"; exec sleep 600')
     dc = DevCluster(bins, tmp_path / "work", pod_network=False, ready_timeout=1.5)
-    t0 = time.monotonic()
     with pytest.raises(StartError) as err:
         dc.start()
-    assert time.monotonic() - t0 < 20
-    assert "etcd did not become ready within 2s (running)" in str(err.value)
-    assert "waiting for quorum forever" in str(err.value)
-    # The failed start stopped what it had started: no stray process.
-    assert _no_process_running(bins["etcd"])
+    msg = str(err.value)
+    assert "etcd did not become ready within 2s (running)" in msg
+    # The log tail is there (its content is checked where the process has surely written it: the test above; here
+    # a loaded machine may not have run the script's echo within the 1.5 s).
+    assert f"last lines of {tmp_path / 'work' / 'logs' / 'etcd.log'}:" in msg
+    # The failed start stopped what it had started: no stray process (the pid, since `exec` renames it).
+    assert [c.name for c in spawned] == ["etcd"]
+    assert spawned[0].proc.poll() is not None
+    with pytest.raises(ProcessLookupError):
+        os.kill(spawned[0].proc.pid, 0)
 
 
 def test_gpu_pools_are_tainted_and_advertise_gpus() -> None:
@@ -172,16 +193,15 @@ def test_pod_network_reaches_a_server_bound_to_a_pod_ip_and_is_removed() -> None
             )
         )
         try:
-            deadline = time.monotonic() + 10
-            while True:
+
+            def greeting() -> bytes | None:
                 try:
-                    with socket.create_connection((pod_ip, 18080), timeout=1) as c:
-                        assert c.recv(100) == b"pod says hi"
-                    break
+                    with socket.create_connection((pod_ip, 18080), timeout=5) as c:
+                        return c.recv(100)
                 except ConnectionRefusedError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.1)
+                    return None  # not listening yet
+
+            assert wait_for("the server in the pod network", greeting, interval=0.1) == b"pod says hi"
         finally:
             server.kill()
             server.wait()
@@ -207,11 +227,18 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
     import threading
 
     calls: list[int] = []
+    other_waits = threading.Event()
 
     def slow(work: Path, out: Path, log: Path) -> None:
         calls.append(1)
-        time.sleep(0.5)
+        # Finish only once the other run has found the build locked, so the two surely overlap (a sleep here only
+        # made that likely); the bound only keeps a broken lock from hanging the test.
+        other_waits.wait(60)
         _fake_builder(False)(work, out, log)
+
+    def say(message: str) -> None:
+        if "another build is running" in message:
+            other_waits.set()
 
     monkeypatch.setitem(build._BUILDERS, "fake", slow)
     monkeypatch.setattr(versions, "COMPONENTS", (COMP,))
@@ -220,7 +247,7 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
 
     def run() -> None:
         try:
-            results.append(build.ensure_all(tmp_path, say=lambda _m: None))
+            results.append(build.ensure_all(tmp_path, say=say))
         except BaseException as e:  # surfaced below
             errors.append(e)
 
@@ -230,5 +257,6 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
     for t in threads:
         t.join()
     assert errors == []
+    assert other_waits.is_set()
     assert len(calls) == 1
     assert results[0] == results[1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator
 
 import grpc
@@ -10,6 +12,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from tests.support.harness import Harness
+from tests.support.waiting import wait_for
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 
 
@@ -104,26 +107,53 @@ def test_health_and_reflection(harness: Harness) -> None:
 
 
 def test_graceful_shutdown_turns_health_not_serving_and_finishes_in_flight() -> None:
-    import threading
-
-    h = Harness(tiers=(("small", 1), ("large", 1))).start()
-    h.fakes["small"][0].behaviour.latency_s = 0.5
-    assert h.server is not None
+    # A long grace: the stop waits for the call in flight, which the test releases only once the stop has begun.
+    h = Harness(tiers=(("small", 1), ("large", 1)), grace_s=60.0).start()
+    hold = asyncio.Event()
+    small = h.fakes["small"][0]
+    small.behaviour.hold = hold
     results: list[str] = []
-    with grpc.insecure_channel(h.grpc_target) as ch:
-        s = router_pb2_grpc.RouterServiceStub(ch)
+    stopper = threading.Thread(target=h.stop)
+    try:
+        with grpc.insecure_channel(h.grpc_target) as ch:
+            s = router_pb2_grpc.RouterServiceStub(ch)
 
-        def call() -> None:
-            results.append(s.Generate(router_pb2.GenerateRequest(prompt="slow")).tier)
+            def call() -> None:
+                results.append(s.Generate(router_pb2.GenerateRequest(prompt="slow"), timeout=120).tier)
 
-        t = threading.Thread(target=call)
-        t.start()
-        import time
+            caller = threading.Thread(target=call)
+            caller.start()
+            wait_for("the call to be generating on the small tier", lambda: small.stats.running == 1, interval=0.02)
+            health = health_pb2_grpc.HealthStub(ch).Watch(
+                health_pb2.HealthCheckRequest(service="tiergate.v1.RouterService"), timeout=120
+            )
+            assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+            stopper.start()
+            # The first thing a stop does, so that load balancers move traffic away before the listener closes.
+            assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            health.cancel()  # a watch is a call in flight too: the stop would wait for it
 
-        time.sleep(0.2)
-        h.stop()  # grace period 1 s: the in-flight call completes
-        t.join(5)
+            def refused() -> bool:
+                with grpc.insecure_channel(h.grpc_target) as probe:
+                    try:
+                        stub = router_pb2_grpc.RouterServiceStub(probe)
+                        stub.Classify(router_pb2.ClassifyRequest(prompt="x"), timeout=5)
+                    except grpc.RpcError as e:
+                        return e.code() == grpc.StatusCode.UNAVAILABLE
+                return False
+
+            wait_for("the stopping server to refuse new calls", refused, interval=0.05)
+            h.thread.loop.call_soon_threadsafe(hold.set)  # only now may the call in flight finish
+            caller.join(120)
+            stopper.join(120)
+    finally:
+        if stopper.ident is None:  # failed before the stop began: release the call, stop here
+            h.thread.loop.call_soon_threadsafe(hold.set)
+            h.stop()
+    assert not caller.is_alive()
+    assert not stopper.is_alive()
     assert results == ["small"]
+    assert small.stats.completed == 1
 
 
 def test_undecodable_request_is_invalid_argument(harness: Harness) -> None:

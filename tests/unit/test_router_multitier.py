@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,8 @@ import yaml
 
 from tests.support.artifacts import constant_multi_tier_artifact
 from tests.support.procs import FakeProcess, fake_tiers
-from tests.support.router_serve import ROOT, Serve
+from tests.support.router_serve import REFUSED_ONCE, RELOADED_ONCE, ROOT, Serve
+from tests.support.waiting import wait_for, write_atomically
 from tiergate.api.policy import RoutingPolicy
 from tiergate.routing.artifact import DEFAULT_MULTI_TIER, load_artifact
 from tiergate.routing.operating_points import choose_tiers
@@ -250,11 +250,8 @@ def test_serve_policy_with_n_tiers_routes_by_the_artifact(backends: dict[str, Fa
         # A reload whose tier the artifact does not know is refused; the last good mapping keeps serving.
         bad = shipped_policy(backends)
         bad["spec"]["tiers"][0]["servedModelName"] = "gpt-unknown"
-        pol.write_text(yaml.safe_dump(bad))
-        deadline = time.monotonic() + 10
-        while 'tiergate_router_policy_reloads_total{result="error"} 1.0' not in s.metrics():
-            assert time.monotonic() < deadline, "bad policy not noticed"
-            time.sleep(0.2)
+        write_atomically(pol, yaml.safe_dump(bad))
+        wait_for("bad policy noticed", lambda: REFUSED_ONCE in s.metrics(), interval=0.2)
         assert s.chat(PROMPTS[0])[0] == expected[0]
     finally:
         out = s.stop()
@@ -272,17 +269,12 @@ def test_serve_policy_cost_weight_knob_chooses_and_reloads(backends: dict[str, F
     s = Serve("-f", str(pol))
     try:
         assert {s.chat(p)[0] for p in PROMPTS} == {"gemma"}
-        pol.write_text(yaml.safe_dump(shipped_policy(backends, {"costWeightBasisPoints": 0})))
-        deadline = time.monotonic() + 10
-        while 'tiergate_router_policy_reloads_total{result="success"} 1.0' not in s.metrics():
-            assert time.monotonic() < deadline, "policy change not picked up"
-            time.sleep(0.2)
+        write_atomically(pol, yaml.safe_dump(shipped_policy(backends, {"costWeightBasisPoints": 0})))
+        wait_for("policy change picked up", lambda: RELOADED_ONCE in s.metrics(), interval=0.2)
         assert {s.chat(p)[0] for p in PROMPTS} != {"gemma"}
         # An impossible budget is refused on reload; the last good weight keeps serving.
-        pol.write_text(yaml.safe_dump(shipped_policy(backends, {"budgetPerMillion": "0.0001"})))
-        while 'tiergate_router_policy_reloads_total{result="error"} 1.0' not in s.metrics():
-            assert time.monotonic() < deadline + 10, "bad budget not noticed"
-            time.sleep(0.2)
+        write_atomically(pol, yaml.safe_dump(shipped_policy(backends, {"budgetPerMillion": "0.0001"})))
+        wait_for("bad budget noticed", lambda: REFUSED_ONCE in s.metrics(), interval=0.2)
         assert {s.chat(p)[0] for p in PROMPTS} != {"gemma"}
     finally:
         out = s.stop()

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import replace
 
 import openai
 import pytest
 
 from tests.support.harness import Harness
 from tests.support.procs import FakeProcess
+from tests.support.waiting import async_wait_for, wait_for
+from tiergate_router.breaker import BreakerState
 from tiergate_router.config import RouterConfig
 
 
@@ -116,7 +118,8 @@ def test_whole_small_tier_down_every_request_answered_by_fallback(small_procs: l
 
 
 def test_5xx_endpoint_is_retried_and_breaker_opens_then_recovers() -> None:
-    h = Harness(tiers=(("small", 2), ("large", 1)), grpc=False, config_overrides={"breaker_open_s": 0.5}).start()
+    # Open for an hour: however slowly the 10 requests below go, the breaker cannot turn half-open among them.
+    h = Harness(tiers=(("small", 2), ("large", 1)), grpc=False, config_overrides={"breaker_open_s": 3600.0}).start()
     try:
         bad, _good = h.fakes["small"]
         bad.behaviour.fail_status = 500
@@ -131,7 +134,13 @@ def test_5xx_endpoint_is_retried_and_breaker_opens_then_recovers() -> None:
         # 3 failures open the breaker; afterwards the bad endpoint gets no more traffic
         assert len(bad.stats.requests) == 3
         bad.behaviour.fail_status = None
-        time.sleep(0.6)
+        # A policy change shortens the open period (kept endpoints take the new breaker settings); wait until the
+        # breaker admits a probe rather than sleeping past the period.
+        assert h.server is not None
+        router = h.server.router
+        h.thread.loop.call_soon_threadsafe(router.apply_config, replace(router.config, breaker_open_s=0.05))
+        breaker = next(ep.breaker for ep in router.dispatcher.pools["small"].endpoints if ep.base_url == bad.base_url)
+        wait_for("the breaker half-open", lambda: breaker.state is BreakerState.HALF_OPEN, interval=0.01)
         for i in range(6):
             c.chat.completions.create(model="tiergate", messages=[{"role": "user", "content": f"r{i}"}])
         assert h.metric("tiergate_router_circuit_breaker_state", {"tier": "small", "endpoint": bad.base_url}) == 0
@@ -204,26 +213,28 @@ def test_saturated_tier_falls_back_by_429_and_by_vllm_queue_metric() -> None:
 def test_config_swap_keeps_in_flight_requests() -> None:
     h = Harness(tiers=(("small", 1), ("large", 1), ("spare", 1)), grpc=False).start()
     try:
+        hold = asyncio.Event()  # the small tier answers only once the new policy is in place
         for f in h.fakes["small"]:
-            f.behaviour.latency_s = 1.0
+            f.behaviour.hold = hold
         assert h.server is not None
         server = h.server
 
-        async def run() -> tuple[list[int], str]:
+        async def run() -> tuple[list[tuple[int, str]], str]:
             import aiohttp
 
             async with aiohttp.ClientSession() as s:
 
-                async def one(i: int) -> int:
+                async def one(i: int) -> tuple[int, str]:
                     async with s.post(
                         f"{h.url}/v1/chat/completions",
                         json={"model": "small", "messages": [{"role": "user", "content": f"q{i}"}]},
                     ) as r:
-                        await r.read()
-                        return r.status
+                        body = json.loads(await r.read())
+                        return r.status, body.get("choices", [{}])[0].get("message", {}).get("content", "")
 
                 tasks = [asyncio.create_task(one(i)) for i in range(20)]
-                await asyncio.sleep(0.3)
+                small = h.fakes["small"][0].stats
+                await async_wait_for("20 requests held in flight on the old small tier", lambda: small.running == 20)
                 old = server.router.config
                 # new policy: the small tier now points at the spare server; in-flight requests keep theirs
                 spare = h.fakes["spare"][0].base_url
@@ -232,17 +243,21 @@ def test_config_swap_keeps_in_flight_requests() -> None:
                     thresholds_bp=(5000,),
                 )
                 h.thread.loop.call_soon_threadsafe(server.router.apply_config, new)
-                statuses = await asyncio.gather(*tasks)
+                h.thread.loop.call_soon_threadsafe(hold.set)  # same loop, FIFO: released after the swap
+                answers = await asyncio.gather(*tasks)
                 async with s.post(
                     f"{h.url}/v1/chat/completions",
                     json={"model": "small", "messages": [{"role": "user", "content": "after"}]},
                 ) as r:
                     after = json.loads(await r.read())["choices"][0]["message"]["content"]
-                return list(statuses), after
+                return list(answers), after
 
-        statuses, after = asyncio.run(run())
-        assert statuses == [200] * 20
+        answers, after = asyncio.run(run())
+        assert [status for status, _ in answers] == [200] * 20
+        # answered by the endpoint they were sent to, not retried on the new one
+        assert all(text.startswith("small0-") for _, text in answers), answers
         assert h.fakes["small"][0].stats.completed == 20
+        assert len(h.fakes["spare"][0].stats.requests) == 1  # only the request sent after the swap
         assert after.startswith("spare")
     finally:
         h.stop()

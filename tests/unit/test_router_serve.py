@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -15,7 +14,8 @@ import yaml
 
 from tests.support.artifacts import constant_artifact
 from tests.support.procs import FakeProcess, fake_tiers, small_and_large
-from tests.support.router_serve import ROOT, Serve
+from tests.support.router_serve import REFUSED_ONCE, RELOADED_ONCE, ROOT, Serve
+from tests.support.waiting import wait_for, write_atomically
 
 
 @pytest.fixture(scope="module")
@@ -88,21 +88,19 @@ def test_serve_policy_file_hot_reload(tiers: dict[str, FakeProcess], tmp_path: P
     s = Serve("-f", str(pol))
     try:
         assert s.chat("q")[0] == "small"  # 0.5 < 0.6
-        pol.write_text(yaml.safe_dump(policy_doc(tiers["small"].base_url, tiers["large"].base_url, 4000, art)))
-        deadline = time.monotonic() + 10
-        while s.chat("q")[0] != "large":
-            assert time.monotonic() < deadline, "policy change not picked up"
-            time.sleep(0.2)
+        write_atomically(pol, yaml.safe_dump(policy_doc(tiers["small"].base_url, tiers["large"].base_url, 4000, art)))
+        wait_for("the new threshold to route to large", lambda: s.chat("q")[0] == "large", interval=0.2)
         # a broken policy is refused and the last good one keeps serving
-        pol.write_text(
-            "apiVersion: tiergate.io/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: local}\nspec: {tiers: []}\n"
+        write_atomically(
+            pol,
+            "apiVersion: tiergate.io/v1alpha1\nkind: RoutingPolicy\nmetadata: {name: local}\nspec: {tiers: []}\n",
         )
-        time.sleep(2.5)
+        # Wait for the watcher to report it has read the broken file, then check what is served.
+        wait_for("the broken policy refused", lambda: REFUSED_ONCE in s.metrics(), interval=0.2)
         assert s.chat("q")[0] == "large"
-        with urllib.request.urlopen(f"http://127.0.0.1:{s.port}/metrics") as r:
-            metrics = r.read().decode()
-        assert 'tiergate_router_policy_reloads_total{result="error"} 1.0' in metrics
-        assert 'tiergate_router_policy_reloads_total{result="success"} 1.0' in metrics
+        metrics = s.metrics()
+        assert REFUSED_ONCE in metrics
+        assert RELOADED_ONCE in metrics
     finally:
         out = s.stop()
     assert "spec.tiers" in out  # the refusal names the field
@@ -120,11 +118,8 @@ def test_serve_says_which_policy_sections_it_does_not_act_on(tiers: dict[str, Fa
         assert isinstance(spec, dict)
         spec["bestOfN"] = {"tier": "small", "maxSamples": 4, "rewardModel": {"model": "org/reward"}}
         spec["shadow"] = {"baselineTier": "large", "sampleRateBasisPoints": 100}
-        pol.write_text(yaml.safe_dump(doc))
-        deadline = time.monotonic() + 10
-        while 'tiergate_router_policy_reloads_total{result="success"} 1.0' not in s.metrics():
-            assert time.monotonic() < deadline, "policy change not picked up"
-            time.sleep(0.2)
+        write_atomically(pol, yaml.safe_dump(doc))
+        wait_for("the policy change picked up", lambda: RELOADED_ONCE in s.metrics(), interval=0.2)
         assert s.chat("q")[0] == "small"  # still routed as before
     finally:
         out = s.stop()
