@@ -174,7 +174,7 @@ def _llmrouter_cv(data_dir: Path) -> dict[str, object]:
 
 def test_llmrouter_cv_quality_at_budget(routing_data: Path) -> None:
     # Issue 6: the best single model's quality ("0.621 at 1.80") at <= 0.50 $/Mtok. Measured 0.62147 against that
-    # model's 0.62132 (bench/routing_quality.py prints both; same figure on an AVX2 and an AVX-512 machine). The
+    # model's 0.62132 (bench/routing_quality.py prints both; the same on earlier machines and an AVX-512 EPYC). The
     # heads are trained with torch on the CPU, whose kernels differ between instruction sets, so the fourth decimal
     # is the machine's, not ours: the test holds the router to the best model's quality within 0.001, at under a
     # third of its price, and leaves the exact margin to the benchmark.
