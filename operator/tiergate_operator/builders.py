@@ -259,7 +259,8 @@ def _engine_pod(
     - home (ENGINE_HOME): HOME; ~/.config/vllm (usage stats), ~/.triton and other small per-user files.
     - cache (ENGINE_CACHE): model downloads (HF_HOME) and compiled kernels (torch.compile, Triton, inductor), which
       can reach the model's size: unbounded, like the image's own /root/.cache was.
-    - tmp (/tmp): Python's tempfile, multiprocessing and Ray's session files.
+    - tmp (/tmp): Python's tempfile, multiprocessing, vLLM's IPC files, inductor's precompiled headers (about
+      150 MB measured with vLLM 0.32 on CPU, scripts/engine_restricted_check.py) and Ray's session files.
     - shm (/dev/shm, in memory): NCCL and torch multiprocessing exchange tensors through it (ENGINE_SHM_SIZE).
     """
     container: Obj = {
