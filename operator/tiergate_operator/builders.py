@@ -52,6 +52,15 @@ ENGINE_TERMINATION_GRACE_SECONDS = 60
 # Tensor-parallel workers exchange tensors through /dev/shm; the container default of 64 MiB is far too small.
 ENGINE_SHM_SIZE = "16Gi"
 ROUTER_UID = 65532  # the conventional "nonroot" user of distroless images
+# The vllm/vllm-openai image has no USER: it runs as root unless told otherwise, and `runAsNonRoot` alone would make
+# the kubelet refuse to start it (it cannot prove a non-numeric or absent user is not root). So the pod names a
+# numeric UID. Any non-zero one works: the image has no passwd entry for it, and what such an entry would give
+# (a home directory, a user name) is filled in by ENGINE_HOME and the USER variable below.
+ENGINE_UID = 1001
+# HOME of the engine, an emptyDir: with a read-only root nothing else under / is writable, and vLLM and its libraries
+# write under $HOME at start (~/.config/vllm, ~/.triton, ~/.cache).
+ENGINE_HOME = "/home/vllm"
+ENGINE_CACHE = f"{ENGINE_HOME}/.cache"
 
 
 class BuildError(ValueError):
@@ -167,18 +176,54 @@ def _resources(gpus: int, cpu: str | None, memory: str | None) -> Obj:
     return out
 
 
-def _container_security(*, read_only_root: bool, run_as_non_root: bool) -> Obj:
-    sc: Obj = {
+def _container_security(*, uid: int) -> Obj:
+    """What the `restricted` Pod Security Standard asks of every container, for one that runs as `uid`, with a
+    read-only root filesystem (whatever it writes goes to an emptyDir the pod names)."""
+    return {
         "allowPrivilegeEscalation": False,
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
-        "readOnlyRootFilesystem": read_only_root,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
     }
-    if run_as_non_root:
-        sc["runAsNonRoot"] = True
-        sc["runAsUser"] = ROUTER_UID
-        sc["runAsGroup"] = ROUTER_UID
-    return sc
+
+
+def _pod_security(uid: int) -> Obj:
+    """The pod-level half. fsGroup makes a writable PersistentVolumeClaim (a model cache) writable by `uid`;
+    OnRootMismatch skips the recursive chown of a volume already owned by it (a model volume holds hundreds of GB)."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": uid,
+        "runAsGroup": uid,
+        "fsGroup": uid,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def engine_env(user_env: list[Obj]) -> list[Obj]:
+    """The environment a non-root vLLM needs, then the user's (`engine.env`), which wins: a name the user sets is
+    left out of ours (server-side apply refuses a list with one name twice).
+
+    - HOME: the image's is /root, unwritable for ENGINE_UID; ENGINE_HOME is an emptyDir.
+    - USER: torch (inductor, dynamo) asks `getpass.getuser()` for its cache paths, which raises KeyError for a UID
+      without a passwd entry unless USER (or LOGNAME) is set.
+    - XDG_CACHE_HOME, HF_HOME, VLLM_CACHE_ROOT, TRITON_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR: every cache on the one
+      `cache` emptyDir (model downloads and compiled kernels, gigabytes), not on HOME's; named explicitly because
+      Triton's default is ~/.triton and inductor's is /tmp, and a cache split across volumes is sized nowhere."""
+    ours = {
+        "HOME": ENGINE_HOME,
+        "USER": "vllm",
+        "XDG_CACHE_HOME": ENGINE_CACHE,
+        "HF_HOME": f"{ENGINE_CACHE}/huggingface",
+        "VLLM_CACHE_ROOT": f"{ENGINE_CACHE}/vllm",
+        "TRITON_CACHE_DIR": f"{ENGINE_CACHE}/triton",
+        "TORCHINDUCTOR_CACHE_DIR": f"{ENGINE_CACHE}/torchinductor",
+    }
+    taken = {str(e.get("name")) for e in user_env}
+    return [{"name": k, "value": v} for k, v in ours.items() if k not in taken] + list(user_env)
 
 
 def _http_probe(path: str, period: int, failures: int, timeout: int = 5) -> Obj:
@@ -207,9 +252,17 @@ def _engine_pod(
     volume_mounts: list[Obj],
     volumes: list[Obj],
 ) -> Obj:
-    """A vLLM OpenAI-server pod. Restricted pod security as far as vLLM allows: no privilege escalation, no
-    capabilities, RuntimeDefault seccomp. Not runAsNonRoot and not a read-only root: the official image runs as
-    root and writes its caches (HF downloads, torch.compile and Triton kernels) under $HOME at start."""
+    """A vLLM OpenAI-server pod that the `restricted` Pod Security Standard admits: a numeric non-root UID
+    (ENGINE_UID says why one is needed), no privilege escalation, no capabilities, RuntimeDefault seccomp, and a
+    read-only root filesystem. vLLM writes at start, so each place it writes is an emptyDir:
+
+    - home (ENGINE_HOME): HOME; ~/.config/vllm (usage stats), ~/.triton and other small per-user files.
+    - cache (ENGINE_CACHE): model downloads (HF_HOME) and compiled kernels (torch.compile, Triton, inductor), which
+      can reach the model's size: unbounded, like the image's own /root/.cache was.
+    - tmp (/tmp): Python's tempfile, multiprocessing, vLLM's IPC files, inductor's precompiled headers (about
+      150 MB measured with vLLM 0.32 on CPU, scripts/engine_restricted_check.py) and Ray's session files.
+    - shm (/dev/shm, in memory): NCCL and torch multiprocessing exchange tensors through it (ENGINE_SHM_SIZE).
+    """
     container: Obj = {
         "name": ENGINE_CONTAINER,
         "image": image,
@@ -224,31 +277,34 @@ def _engine_pod(
             str(port),
             *extra_args,
         ],
+        "env": engine_env(env),
         "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
         "startupProbe": _http_probe("/health", ENGINE_STARTUP_PERIOD_SECONDS, ENGINE_STARTUP_FAILURES),
         "readinessProbe": _http_probe("/health", 5, 3),
         "livenessProbe": _http_probe("/health", 15, 4),
-        "securityContext": _container_security(read_only_root=False, run_as_non_root=False),
+        "securityContext": _container_security(uid=ENGINE_UID),
         "volumeMounts": [
             {"name": "shm", "mountPath": "/dev/shm"},
-            {"name": "cache", "mountPath": "/root/.cache"},
+            {"name": "home", "mountPath": ENGINE_HOME},
+            {"name": "cache", "mountPath": ENGINE_CACHE},
+            {"name": "tmp", "mountPath": "/tmp"},
             *volume_mounts,
         ],
     }
-    if env:
-        container["env"] = env
     if resources:
         container["resources"] = resources
     return {
         "automountServiceAccountToken": False,  # a model server never talks to the API server
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": ENGINE_TERMINATION_GRACE_SECONDS,
-        "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": _pod_security(ENGINE_UID),
         **placement,
         "containers": [container],
         "volumes": [
             {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": ENGINE_SHM_SIZE}},
+            {"name": "home", "emptyDir": {}},
             {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
             *volumes,
         ],
     }
@@ -499,7 +555,7 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
         # Standard grpc.health.v1 checks, which the kubelet speaks natively.
         "readinessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 5, "failureThreshold": 3},
         "livenessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 10, "failureThreshold": 6},
-        "securityContext": _container_security(read_only_root=True, run_as_non_root=True),
+        "securityContext": _container_security(uid=ROUTER_UID),
         "volumeMounts": mounts,
     }
     res = _resources(0, r.resources.cpu, r.resources.memory)
@@ -508,13 +564,7 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
     pod: Obj = {
         "serviceAccountName": name,
         "enableServiceLinks": False,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": ROUTER_UID,
-            "runAsGroup": ROUTER_UID,
-            "fsGroup": ROUTER_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": _pod_security(ROUTER_UID),
         **_placement(r, 0),
         "containers": [container],
         "volumes": volumes,

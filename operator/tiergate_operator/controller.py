@@ -22,12 +22,12 @@ from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import KIND
 
 from .cache import ChildCache
-from .classifier import source_of
 from .config import OperatorConfig
 from .errors import KubeError
 from .kube import Kube
-from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, needs_apply, reconcile
-from .status import DEGRADED, READY
+from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, needs_apply, reconcile, refuse_invalid
+from .references import configmaps_named
+from .status import DEGRADED, INVALID_SPEC, READY, invalid_spec
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,10 @@ class Controller:
         self._need_apply: set[PolicyKey] = set()
         self._resync_due: set[PolicyKey] = set()  # re-read from the API server on the next reconcile
         self._bodies: dict[PolicyKey, dict[str, Any]] = {}  # the latest policy body kopf delivered
-        # Which policy names which ConfigMap as its classifier: (namespace, ConfigMap) -> policy names.
+        # Which policy names which ConfigMap (its classifier, its tiers' environment): (namespace, ConfigMap) ->
+        # policy names.
         self._sources: dict[tuple[str, str], set[str]] = {}
-        self._source_of: dict[PolicyKey, str] = {}
+        self._source_of: dict[PolicyKey, set[str]] = {}
         self._queue: asyncio.Queue[PolicyKey] | None = None
         self._queued: set[PolicyKey] = set()
         self._active: set[PolicyKey] = set()
@@ -110,30 +111,30 @@ class Controller:
             self._memory.pop(key, None)
             self._failures.pop(key, None)
             self._bodies.pop(key, None)
-            self._index_source(key, None)
+            self._index_source(key, set())
             return
         if body is not None:
             self._bodies[key] = body
-            self._index_source(key, source_of(body))
+            self._index_source(key, configmaps_named(body))
         mem = self._memory.get(key)
         # Our own status writes come back as events too; only a new generation (or a policy we have not
         # reconciled yet) needs work.
         if mem is None or mem.reconciled_generation != generation:
             self.enqueue(key)
 
-    def _index_source(self, key: PolicyKey, name: str | None) -> None:
-        old = self._source_of.pop(key, None)
-        if old is not None:
+    def _index_source(self, key: PolicyKey, names: set[str]) -> None:
+        for old in self._source_of.pop(key, set()):
             users = self._sources.get((key[0], old), set())
             users.discard(key[1])
             if not users:
                 self._sources.pop((key[0], old), None)
-        if name is not None:
-            self._source_of[key] = name
+        if names:
+            self._source_of[key] = set(names)
+        for name in names:
             self._sources.setdefault((key[0], name), set()).add(key[1])
 
     def source_event(self, namespace: str, name: str) -> None:
-        """A ConfigMap changed or went (watches.SourceWatch): re-apply the policies that name it as classifier."""
+        """A ConfigMap changed, appeared or went (watches.SourceWatch): re-apply the policies that name it."""
         for policy in sorted(self._sources.get((namespace, name), ())):
             self.enqueue((namespace, policy))
 
@@ -241,11 +242,18 @@ class Controller:
             out = reconcile(self.kube, body, self.cfg, mem, self.cache, apply=apply, pool=self._apply_pool)
         except PolicyValidationError as e:
             # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
-            # next spec change will.
+            # next spec change will. Nothing was applied; the status says so, naming the field.
             self.errors += 1
             mem.reconciled_generation = generation
-            log.error("policy %s/%s is invalid: %s", ns, name, e)
-            self._post(body, "InvalidSpec", str(e), warning=True)
+            problem = invalid_spec(e.errors)
+            try:
+                written = refuse_invalid(self.kube, body, mem, problem)
+            except KubeError as ke:
+                self._retry(key, f"writing the status of an invalid policy failed: {ke}")
+                return
+            if written:  # once per change, not on every resync
+                log.error("policy %s/%s is invalid: %s", ns, name, e)
+                self._post(body, INVALID_SPEC, problem.message, warning=True)
             return
         except KubeError as e:
             self.errors += 1
@@ -277,9 +285,9 @@ class Controller:
             self._post(body, "Updated", f"updated {describe_keys(out.updated)}")
         if out.deleted:
             self._post(body, "Deleted", f"deleted {describe_keys(out.deleted)} (no longer in the spec)")
-        before = {c.get("type"): c.get("status") for c in out.previous_conditions}
+        before = {c.get("type"): (c.get("status"), c.get("reason")) for c in out.previous_conditions}
         for c in out.status.get("conditions", []):
-            if before.get(c["type"]) == c["status"]:
+            if before.get(c["type"]) == (c["status"], c["reason"]):
                 continue
             if c["type"] == READY and c["status"] == "True":
                 self._post(body, "Ready", c["message"])

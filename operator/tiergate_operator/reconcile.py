@@ -25,7 +25,8 @@ from .cache import ChildCache, Seen
 from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
 from .config import OperatorConfig
 from .kube import Kube
-from .status import compute_status, status_changed
+from .references import missing_references
+from .status import SpecProblem, compute_status, refused_status, status_changed
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class PolicyMemory:
     # The last good classifier artifact (what the operator's copy holds), and why the current one is not served.
     classifier: ClassifierCopy | None = None
     classifier_problem: ClassifierProblem | None = None
+    # Why the current generation is refused (a missing reference); None once it applied. Kept so that a
+    # status-only refresh (pods changing) does not paper over the refusal.
+    refused: SpecProblem | None = None
 
 
 @dataclass
@@ -149,10 +153,13 @@ def reconcile(
     if memory.uid != uid:
         # A new incarnation of the same name: nothing remembered applies to it.
         memory.uid, memory.applied, memory.status = uid, {}, None
-        memory.classifier, memory.classifier_problem = None, None
+        memory.classifier, memory.classifier_problem, memory.refused = None, None, None
     out = Outcome(policy)
     deployments = cache.deployments(pk)
-    if not apply:
+    if apply:
+        # Before anything is built or applied: a refused generation changes no child (bad input loses nothing).
+        memory.refused = missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
+    if not apply or memory.refused is not None:
         return _finish(kube, body, policy, memory, cache, out, deployments)
 
     desired = build_children(policy, resolve_classifier(kube, policy, memory))
@@ -254,23 +261,43 @@ def _finish(
     current = memory.status if memory.status is not None else (body.get("status") or {})
     out.previous_conditions = list(current.get("conditions") or [])
     problem = memory.classifier_problem
-    status = compute_status(
-        policy,
-        deployments,
-        pods,
-        out.previous_conditions,
-        now_rfc3339(),
-        router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
-    )
+    if memory.refused is not None:
+        status = refused_status(current, memory.refused, policy.metadata.generation, now_rfc3339())
+    else:
+        status = compute_status(
+            policy,
+            deployments,
+            pods,
+            out.previous_conditions,
+            now_rfc3339(),
+            router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
+        )
     out.status = status
-    if status_changed(current, status):
-        kube.patch_status(KIND, policy.namespace or "default", policy.name, status)
-        out.status_written = True
-        memory.status = status
-    elif memory.status is None:
-        memory.status = dict(current)
+    out.status_written = _write_status(kube, body, memory, current, status)
     memory.reconciled_generation = policy.metadata.generation
     return out
+
+
+def _write_status(kube: Kube, body: Mapping[str, Any], memory: PolicyMemory, current: Obj, status: Obj) -> bool:
+    """Patch the status when it changed (ignoring transition times); remember what the policy's status now is."""
+    if status_changed(current, status):
+        md = body.get("metadata") or {}
+        kube.patch_status(KIND, md.get("namespace") or "default", str(md.get("name")), status)
+        memory.status = status
+        return True
+    if memory.status is None:
+        memory.status = dict(current)
+    return False
+
+
+def refuse_invalid(kube: Kube, body: Mapping[str, Any], memory: PolicyMemory, problem: SpecProblem) -> bool:
+    """Status for a policy the typed model rejects (parse_policy raised): Ready and Degraded name the field, nothing
+    is applied. True when the status was written (it said something else before), so the caller tells the story
+    once per change rather than on every resync."""
+    current = memory.status if memory.status is not None else (body.get("status") or {})
+    generation = (body.get("metadata") or {}).get("generation")
+    status = refused_status(current, problem, generation if isinstance(generation, int) else None, now_rfc3339())
+    return _write_status(kube, body, memory, current, status)
 
 
 def _kept(problem: ClassifierProblem, last_good: ClassifierCopy | None) -> str:

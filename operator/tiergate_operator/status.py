@@ -5,6 +5,10 @@ Progressing True while a component is being created or rolled out and nothing is
 Degraded   True when a component cannot become ready without outside help: pods the scheduler cannot place
            (no node with enough GPUs, no node in the pool), image pulls failing, crash loops, a rollout past its
            progress deadline. Reason and message name the component and quote the cluster's own words.
+
+A spec the operator refuses (refused_status) is not applied at all, so its children stay as the last good spec
+made them, and all three conditions say why with the field: InvalidSpec (the typed model rejects what the CRD let
+through, e.g. under an older CRD) or MissingReference (a ConfigMap the pods would read does not exist).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tiergate.api import naming
+from tiergate.api.errors import FieldError
 from tiergate.api.policy import RoutingPolicy
 
 Obj = Mapping[str, Any]
@@ -23,6 +28,10 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+
+# Reasons of a refused spec (SpecProblem.reason).
+INVALID_SPEC = "InvalidSpec"
+MISSING_REFERENCE = "MissingReference"
 
 # Container waiting reasons that will not fix themselves.
 _STUCK_WAITING = {
@@ -247,6 +256,43 @@ def compute_status(
     }
     if gen is not None:
         status["observedGeneration"] = gen
+    return status
+
+
+@dataclass(frozen=True)
+class SpecProblem:
+    """Why the operator refuses to apply the policy's current generation. `field` is the manifest path of the first
+    problem (`spec.tiers[0].engine.env[1].valueFrom.configMapKeyRef`); `message` names it too, with the others."""
+
+    reason: str  # INVALID_SPEC or MISSING_REFERENCE
+    field: str
+    message: str
+
+
+def invalid_spec(errors: Sequence[FieldError]) -> SpecProblem:
+    """The problem a PolicyValidationError reports: every field error, first field first."""
+    first = errors[0].path if errors else "spec"
+    return SpecProblem(INVALID_SPEC, first, "; ".join(str(e) for e in errors) or "the policy does not validate")
+
+
+def refused_status(
+    previous: Obj, problem: SpecProblem, generation: int | None, now: str = "1970-01-01T00:00:00Z"
+) -> dict[str, Any]:
+    """`.status` of a policy whose current generation is refused. Nothing was applied, so what the previous status
+    says about the children (tiers, endpoints) still holds and is kept; the conditions say the spec is not in
+    effect, why, and that the children were left alone. observedGeneration is the refused generation: the operator
+    did look at it (a client waiting for observedGeneration to catch up sees the verdict instead of waiting)."""
+    prev = {c.get("type", ""): c for c in previous.get("conditions") or []}
+    what = "invalid spec" if problem.reason == INVALID_SPEC else "missing reference"
+    msg = f"{what}: {problem.message}; nothing applied, the children are left as they were"
+    status = {k: v for k, v in previous.items() if k not in ("conditions", "observedGeneration")}
+    status["conditions"] = [
+        _condition(READY, False, problem.reason, msg, generation, prev, now),
+        _condition(PROGRESSING, False, problem.reason, "waiting for the spec to be fixed", generation, prev, now),
+        _condition(DEGRADED, True, problem.reason, msg, generation, prev, now),
+    ]
+    if generation is not None:
+        status["observedGeneration"] = generation
     return status
 
 

@@ -87,6 +87,118 @@ def test_tier_deployment_gpu_placement_probes_and_security() -> None:
     assert sel.items() <= d["spec"]["template"]["metadata"]["labels"].items()
 
 
+# The `restricted` Pod Security Standard's checks on a pod spec (kubernetes.io/docs/concepts/security/
+# pod-security-standards), as the API server's PodSecurity admission applies them; the cluster test
+# (test_operator_restricted_pods) shows the API server agrees.
+_RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
+
+
+def restricted_violations(pod: dict[str, Any]) -> list[str]:
+    out: list[str] = []
+    psc = pod.get("securityContext") or {}
+    for host in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(host):
+            out.append(host)
+    for v in pod.get("volumes") or []:
+        kinds = set(v) - {"name"}
+        if not kinds <= _RESTRICTED_VOLUMES:
+            out.append(f"volume {v['name']}: {sorted(kinds)}")
+    if psc.get("runAsUser") == 0:
+        out.append("pod runAsUser 0")
+    for c in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation not false")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []):
+            out.append(f"{name}: capabilities not dropping ALL")
+        if set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities {caps['add']}")
+        if not (sc.get("runAsNonRoot", psc.get("runAsNonRoot"))):
+            out.append(f"{name}: runAsNonRoot not true")
+        if sc.get("runAsUser") == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile {seccomp}")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            out.append(f"{name}: hostPort")
+    return out
+
+
+def _pods(p: RoutingPolicy) -> dict[str, dict[str, Any]]:
+    return {
+        o["metadata"]["name"]: o["spec"]["template"]["spec"] for o in b.build_children(p) if o["kind"] == "Deployment"
+    }
+
+
+def test_every_pod_the_operator_creates_meets_the_restricted_standard() -> None:
+    pods = _pods(policy())
+    assert set(pods) == {"chat-tier-small", "chat-tier-large", "chat-router", "chat-reward"}
+    for name, pod in pods.items():
+        assert restricted_violations(pod) == [], name
+        for c in pod["containers"]:
+            assert c["securityContext"]["readOnlyRootFilesystem"] is True, name
+            # A numeric non-root UID: the kubelet refuses runAsNonRoot for an image whose USER is root or a name.
+            assert c["securityContext"]["runAsUser"] > 0, name
+    # The checker can fail: the engine pod as it was (root, no runAsNonRoot) is refused by it.
+    old = _pods(policy())["chat-tier-small"]
+    for sc in (old["securityContext"], old["containers"][0]["securityContext"]):
+        sc.pop("runAsNonRoot")
+    assert restricted_violations(old) == ["engine: runAsNonRoot not true"]
+
+
+def test_engine_writes_only_to_emptydirs() -> None:
+    """With a read-only root, every place vLLM writes is a volume: HOME and every cache variable under a mount."""
+    p = policy()
+    pod = _pods(p)["chat-tier-large"]
+    (c,) = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    vols = {v["name"]: v for v in pod["volumes"]}
+    assert vols[mounts["/dev/shm"]]["emptyDir"] == {"medium": "Memory", "sizeLimit": b.ENGINE_SHM_SIZE}
+    assert "emptyDir" in vols[mounts["/tmp"]]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["USER"]  # getpass.getuser() for a UID without a passwd entry
+    for var in ("HOME", "XDG_CACHE_HOME", "HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        under = [m for m in mounts if env[var] == m or env[var].startswith(m + "/")]
+        assert under, f"{var}={env[var]} is on the read-only root"
+        deepest = max(under, key=len)
+        assert "emptyDir" in vols[mounts[deepest]], var
+    # The big caches share the cache volume, not HOME's.
+    for var in ("HF_HOME", "VLLM_CACHE_ROOT", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"):
+        assert env[var].startswith(b.ENGINE_CACHE + "/"), var
+    # The reward model is the same kind of pod.
+    assert _pods(p)["chat-reward"]["securityContext"] == pod["securityContext"]
+
+
+def test_engine_env_of_the_user_wins() -> None:
+    def user_env(doc: dict[str, Any]) -> None:
+        doc["spec"]["tiers"][0]["engine"]["env"] = [
+            {"name": "HOME", "value": "/models/home"},
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}},
+        ]
+
+    (c,) = _pods(policy(user_env))["chat-tier-small"]["containers"]
+    names = [e["name"] for e in c["env"]]
+    assert len(names) == len(set(names))  # server-side apply refuses a list-map with a name twice
+    env = {e["name"]: e for e in c["env"]}
+    assert env["HOME"]["value"] == "/models/home"
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert env["USER"]["value"] == "vllm"
+
+
 def test_tier_service_selects_the_tier_pods_only() -> None:
     p = policy()
     s = b.build_tier_service(p, p.spec.tier("small"))
