@@ -72,6 +72,20 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="N-tier artifacts: the cost weight lambda in basis points (default: the artifact's calibrated one)",
     )
     parser.add_argument(
+        "--classifier-cache-entries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="verdicts the classifier cache keeps at most, 0 = no cache (default: the policy's, else 16384)",
+    )
+    parser.add_argument(
+        "--classifier-cache-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="memory the classifier cache may hold, 0 = no cache (default: the policy's, else 4194304)",
+    )
+    parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
@@ -145,6 +159,8 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        cache_entries=args.classifier_cache_entries,
+        cache_bytes=args.classifier_cache_bytes,
     )
 
 

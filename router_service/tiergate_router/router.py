@@ -45,6 +45,7 @@ class Router:
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
         self._background: list[asyncio.Task[None]] = []
+        self._size_cache(config)
 
     @property
     def config(self) -> RouterConfig:
@@ -69,6 +70,11 @@ class Router:
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
+        self._size_cache(config)
+
+    def _size_cache(self, config: RouterConfig) -> None:
+        if isinstance(self.classifier, MicroBatcher):
+            self.classifier.cache.resize(config.classifier_cache_entries, config.classifier_cache_bytes)
 
     def _routed_names(self) -> list[str]:
         """The names that ask for a routed answer: the policy's routed model name, and `auto` (what clients written

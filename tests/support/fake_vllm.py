@@ -47,6 +47,8 @@ class Behaviour:
     max_running: int = 0
     # Like `vllm serve --api-key`: every /v1 request needs `Authorization: Bearer <api_key>`, else HTTP 401.
     api_key: str | None = None
+    # Keep every request body in `Stats.requests` (tests read them); a load test of megabyte prompts turns it off.
+    record: bool = True
 
 
 @dataclass
@@ -117,8 +119,9 @@ class FakeVLLM(ModelServer):
             return self._error(400, "invalid JSON")
         if not isinstance(body, dict):
             return self._error(400, "body must be an object")
-        self.stats.requests.append(body)
         b = self.behaviour
+        if b.record:
+            self.stats.requests.append(body)
         if body.get("model") != self.model:
             return self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         if b.drop_connection:
@@ -217,6 +220,7 @@ async def _serve(args: argparse.Namespace) -> None:
             tokens=args.tokens,
             max_running=args.max_running,
             api_key=args.api_key,
+            record=not args.no_record,
         ),
     )
     await serve_until_signalled(fake.server)
@@ -233,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--max-running", type=int, default=0)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (as vLLM's --api-key)")
+    p.add_argument("--no-record", action="store_true", help="do not keep request bodies (load tests of big prompts)")
     args = p.parse_args(argv)
     try:
         import uvloop  # same loop as the router, so benchmarks compare like with like

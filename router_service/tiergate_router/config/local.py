@@ -38,6 +38,9 @@ class LocalOverrides:
     port: int | None = None
     # A negative port disables gRPC.
     grpc_port: int | None = None
+    # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
+    cache_entries: int | None = None
+    cache_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -103,10 +106,14 @@ def local_config(
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp` and `--cost-weight-bp` on a built config. The N-tier mapping is kept as built: a cost weight
-    changes the choice among the mapped tiers, not the mapping."""
+    """`--threshold-bp`, `--cost-weight-bp` and the classifier cache's bounds on a built config. The N-tier mapping
+    is kept as built: a cost weight changes the choice among the mapped tiers, not the mapping."""
     if overrides.threshold_bp is not None:
         cfg = dataclasses.replace(cfg, thresholds_bp=(overrides.threshold_bp,) * (len(cfg.tiers) - 1))
+    if overrides.cache_entries is not None:
+        cfg = dataclasses.replace(cfg, classifier_cache_entries=overrides.cache_entries)
+    if overrides.cache_bytes is not None:
+        cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
     if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
         cfg = dataclasses.replace(
             cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)
