@@ -110,7 +110,7 @@ class OpenAIHandlers:
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         counts = {name: len(pool.endpoints) for name, pool in self.router.dispatcher.pools.items()}
-        ok = any(counts.values())
+        ok = self.router.ready
         return web.json_response({"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers=NO_TIER)
 
     async def _proxy(

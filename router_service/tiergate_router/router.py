@@ -76,6 +76,14 @@ class Router:
         if isinstance(self.classifier, MicroBatcher):
             self.classifier.cache.resize(config.classifier_cache_entries, config.classifier_cache_bytes)
 
+    @property
+    def ready(self) -> bool:
+        """Whether the router can serve: some tier has at least one endpoint. A static URL counts as one without a
+        probe (an external API, or a Service's DNS name without discovery): its failures are the breakers' and the
+        fallback chain's to handle, and a readiness that followed a hosted API's blips would take every router
+        replica out of its Service at once. Tiers discovered through EndpointSlices count their ready pods."""
+        return any(pool.endpoints for pool in self.dispatcher.pools.values())
+
     def _routed_names(self) -> list[str]:
         """The names that ask for a routed answer: the policy's routed model name, and `auto` (what clients written
         for vLLM's semantic-router send) unless a tier answers to that name, since a tier is never shadowed."""
