@@ -86,6 +86,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="memory the classifier cache may hold, 0 = no cache (default: the policy's, else 4194304)",
     )
     parser.add_argument(
+        "--max-inflight-body-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="request bodies held at once; more requests wait their turn (default 67108864, at least 4 MiB)",
+    )
+    parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
@@ -161,6 +168,7 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         grpc_port=args.grpc_port,
         cache_entries=args.classifier_cache_entries,
         cache_bytes=args.classifier_cache_bytes,
+        inflight_body_bytes=args.max_inflight_body_bytes,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tiergate_router.breaker import BreakerState, CircuitBreaker
 
@@ -21,7 +21,6 @@ class Endpoint:
     waiting: int = 0
     model_id: str | None = None
     removed: bool = False
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 class TierPool:

@@ -41,6 +41,8 @@ class LocalOverrides:
     # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
     cache_entries: int | None = None
     cache_bytes: int | None = None
+    # `--max-inflight-body-bytes`.
+    inflight_body_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, classifier_cache_entries=overrides.cache_entries)
     if overrides.cache_bytes is not None:
         cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
+    if overrides.inflight_body_bytes is not None:
+        cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
     if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
         cfg = dataclasses.replace(
             cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)
