@@ -64,6 +64,7 @@ class TierPool:
             if url not in wanted:
                 # Requests already in flight keep their Endpoint object and finish normally.
                 self._endpoints.pop(url).removed = True
+                self._last_pick.pop(url, None)  # pods come and go with new IPs: keep no history of gone ones
         for url in sorted(wanted):
             if url not in self._endpoints:
                 self._endpoints[url] = Endpoint(

@@ -123,3 +123,18 @@ def test_concurrent_large_requests_wait_for_room_and_all_succeed() -> None:
         assert budget.held == 0
     finally:
         h.stop()
+
+
+def test_sse_scanner_keeps_no_unbounded_line() -> None:
+    """A tier streaming a line without end (here 10 MB with no newline) costs the scanner at most MAX_SSE_LINE
+    bytes, and the usage event after it is still found."""
+    from tiergate_router.router import MAX_SSE_LINE, SSEUsageScanner
+
+    scanner = SSEUsageScanner()
+    scanner.feed(b'data: {"choices": []}\n\ndata: ')
+    for _ in range(10):
+        scanner.feed(b"x" * 1_000_000)
+        assert len(scanner._buf) <= MAX_SSE_LINE
+    scanner.feed(b'tail\n\ndata: {"usage": {"prompt_tokens": 3, "completion_tokens": 4}}\n\ndata: [DONE]\n\n')
+    assert scanner.usage == {"prompt_tokens": 3, "completion_tokens": 4}
+    assert scanner.events == 3  # the choices event, the usage event, [DONE]: the skipped line is not counted
