@@ -125,6 +125,7 @@ def main() -> int:
     p.add_argument("--encoder", default="auto", help="tiergate serve --encoder (default auto)")
     p.add_argument("--cache-entries", type=int, default=None, help="tiergate serve --classifier-cache-entries")
     p.add_argument("--cache-bytes", type=int, default=None, help="tiergate serve --classifier-cache-bytes")
+    p.add_argument("--inflight-bytes", type=int, default=None, help="tiergate serve --max-inflight-body-bytes")
     p.add_argument("--max-rss-mib", type=float, default=None, help="fail when the router's peak RSS exceeds this")
     args = p.parse_args()
 
@@ -143,6 +144,8 @@ def main() -> int:
             cmd += ["--classifier-cache-entries", str(args.cache_entries)]
         if args.cache_bytes is not None:
             cmd += ["--classifier-cache-bytes", str(args.cache_bytes)]
+        if args.inflight_bytes is not None:
+            cmd += ["--max-inflight-body-bytes", str(args.inflight_bytes)]
         router = subprocess.Popen(cmd, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"))
         procs.append(router)
         outcomes: Counter[str] = Counter()
