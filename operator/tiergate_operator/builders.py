@@ -554,7 +554,11 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
         ],
         # Standard grpc.health.v1 checks, which the kubelet speaks natively.
         "readinessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 5, "failureThreshold": 3},
-        "livenessProbe": {"grpc": {"port": r.grpc_port}, "periodSeconds": 10, "failureThreshold": 6},
+        "livenessProbe": {
+            "grpc": {"port": r.grpc_port, "service": naming.ROUTER_LIVENESS_SERVICE},
+            "periodSeconds": 10,
+            "failureThreshold": 6,
+        },
         "securityContext": _container_security(uid=ROUTER_UID),
         "volumeMounts": mounts,
     }

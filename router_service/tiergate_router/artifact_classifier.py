@@ -14,7 +14,7 @@ from tiergate.routing.artifact import DEFAULT_TWO_TIER, RouterArtifact, load_art
 from tiergate.routing.errors import NoOperatingPoint, RoutingError
 from tiergate.routing.operating_points import BP, cost_weight_for_budget, threshold_for_share
 from tiergate.routing.scorer import Scorer
-from tiergate_router.classifier import MicroBatcher
+from tiergate_router.classifier import MicroBatcher, prompt_chars
 from tiergate_router.errors import ClassifierError, ConfigError
 
 
@@ -110,10 +110,12 @@ def load_classifier(
     def quality(prompts: Sequence[str]) -> list[tuple[float, ...]]:
         return [tuple(float(v) for v in row) for row in scorer.quality(list(prompts))]
 
+    # Prompts are cut to what the encoder's token window can use before they are hashed or tokenized.
+    cut = prompt_chars(int(art.encoder.max_tokens))
     batcher: MicroBatcher[Any] = (
-        MicroBatcher(quality, max_batch=max_batch, max_wait_s=max_wait_s)
+        MicroBatcher(quality, max_batch=max_batch, max_wait_s=max_wait_s, max_chars=cut)
         if art.kind == "multi_tier"
-        else MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s)
+        else MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s, max_chars=cut)
     )
     return LoadedClassifier(batcher, src, art, scorer)
 

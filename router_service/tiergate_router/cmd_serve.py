@@ -79,6 +79,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     for f in DISPATCH_FLAGS:
         limits.add_argument(f.flag, type=int, default=None, metavar="N", help=f"spec.router.{f.policy_field}")
     parser.add_argument(
+        "--classifier-cache-entries",
+        type=int,
+        default=None,
+        metavar="N",
+        help="verdicts the classifier cache keeps at most, 0 = no cache (default: the policy's, else 16384)",
+    )
+    parser.add_argument(
+        "--classifier-cache-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="memory the classifier cache may hold, 0 = no cache (default: the policy's, else 4194304)",
+    )
+    parser.add_argument(
+        "--max-inflight-body-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="request bodies held at once; more requests wait their turn (default 67108864, at least 4 MiB)",
+    )
+    parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
@@ -153,6 +174,9 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         host=args.host,
         port=args.port,
         grpc_port=args.grpc_port,
+        cache_entries=args.classifier_cache_entries,
+        cache_bytes=args.classifier_cache_bytes,
+        inflight_body_bytes=args.max_inflight_body_bytes,
     )
 
 

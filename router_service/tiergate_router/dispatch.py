@@ -155,6 +155,8 @@ class Dispatcher:
         self._active = 0
         self._retrying = 0
         self.pools: dict[str, TierPool] = {}
+        # (tier, endpoint URL) of every circuit-breaker series exported, so that the series of gone ones are removed.
+        self._breaker_series: set[tuple[str, str]] = set()
         self._session: aiohttp.ClientSession | None = None
         self.apply_config(config)
 
@@ -194,13 +196,14 @@ class Dispatcher:
             )
             pool.set_breaker(config.breaker_failures, config.breaker_open_s)
             pool.set_static(t.base_urls)
+            if t.service is None:  # no Service (any more): the pods discovered for one are no endpoints of it
+                pool.set_discovered(())
             pools[t.name] = pool
         for name, old in self.pools.items():
             if name not in pools:
+                self.metrics.endpoints.remove(name)
                 for ep in old.endpoints:
                     ep.removed = True
-                    if self._has_breaker_series(ep):
-                        self.metrics.breaker_state.remove(name, ep.base_url)
         self.pools = pools
         self._refresh_gauges()
 
@@ -210,19 +213,22 @@ class Dispatcher:
             pool.set_discovered(urls)
             self._refresh_gauges()
 
-    def _has_breaker_series(self, ep: Endpoint) -> bool:
-        return ep.stats.get("breaker_series", 0) == 1
-
     def _refresh_gauges(self) -> None:
+        live: set[tuple[str, str]] = set()
         for name, pool in self.pools.items():
             self.metrics.endpoints.labels(name).set(len(pool.endpoints))
             for ep in pool.endpoints:
                 self._observe_breaker(ep)
+                live.add((ep.tier, ep.base_url))
+        # Endpoints gone (a pod discovery dropped, a URL or tier a reload removed) leave /metrics with their series:
+        # pods come and go with new IPs, and their series would otherwise pile up for the life of the process.
+        for tier, url in self._breaker_series - live:
+            self.metrics.breaker_state.remove(tier, url)
+        self._breaker_series = live
 
     def _observe_breaker(self, ep: Endpoint) -> None:
         if ep.removed:
             return
-        ep.stats["breaker_series"] = 1
         self.metrics.breaker_state.labels(ep.tier, ep.base_url).set(int(ep.breaker.state))
 
     def _finish(self, ep: Endpoint) -> None:

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.errors import (
     BadRequestError,
@@ -272,8 +273,19 @@ def _serialize(msg: Any) -> bytes:
     return data
 
 
+async def set_readiness(servicer: health.aio.HealthServicer, ready: bool) -> None:
+    """The overall health ("", what a Kubernetes gRPC readiness probe asks) and RouterService's: SERVING while the
+    router has an endpoint to send to (`Router.ready`), NOT_SERVING otherwise. After graceful shutdown has begun
+    the servicer ignores this and stays NOT_SERVING."""
+    status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+    await servicer.set(SERVICE_NAME, status)
+    await servicer.set("", status)
+
+
 async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Server, int, health.aio.HealthServicer]:
-    """Start the gRPC server; returns (server, bound port, health servicer)."""
+    """Start the gRPC server; returns (server, bound port, health servicer). Liveness (ROUTER_LIVENESS_SERVICE) is
+    SERVING from here on; readiness follows `router.ready` (`set_readiness`, called again by the server whenever
+    the endpoints change)."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((strict_decoding_handler(RouterServicer(router)),))
     health_servicer = health.aio.HealthServicer()
@@ -283,6 +295,6 @@ async def start_grpc(router: Router, host: str, port: int) -> tuple[grpc.aio.Ser
     if bound == 0:
         raise OSError(f"cannot bind gRPC to {host}:{port}")
     await server.start()
-    await health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await health_servicer.set(ROUTER_LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    await set_readiness(health_servicer, router.ready)
     return server, bound, health_servicer

@@ -18,7 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
+from tiergate_router.admission import BudgetTimeout, ByteBudget
 from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError, outcome_of
 from tiergate_router.metrics import CONTENT_TYPE
 from tiergate_router.openai_server import build_openai_app, error_response, models_body, sse_event
@@ -28,6 +30,7 @@ from tiergate_router.validation import ParsedRequest, decode_json_object, parse_
 log = logging.getLogger(__name__)
 
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
+BUDGET_KEY: web.AppKey[ByteBudget] = web.AppKey("body_budget", ByteBudget)
 TIER_HEADER = "x-tiergate-tier"
 # A client's own deadline in milliseconds (like Envoy's x-envoy-upstream-rq-timeout-ms): it can shorten the
 # router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
@@ -59,6 +62,26 @@ async def _tier_header_and_errors(request: web.Request, handler: Handler) -> web
     if not resp.prepared and TIER_HEADER not in resp.headers:
         resp.headers[TIER_HEADER] = "none"
     return resp
+
+
+def _admission(router: Router, budget: ByteBudget) -> Middleware:
+    """Requests with a body wait for room in the router's in-flight body budget (sized from the config at start);
+    one that waits longer than the request timeout gets 503."""
+
+    @web.middleware
+    async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
+        cfg = router.config
+        size = request.content_length
+        if request.method != "POST" or (size is not None and size > cfg.max_body_bytes):
+            return await handler(request)  # nothing to hold, or refused with 413 before it is read
+        try:
+            async with budget.hold(cfg.max_body_bytes if size is None else size, cfg.request_timeout_s):
+                return await handler(request)
+        except BudgetTimeout as e:
+            headers = {**NO_TIER, "Retry-After": "1"}
+            return error_response(503, f"router busy: {e}", type_="server_error", code="router_busy", headers=headers)
+
+    return admit
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
@@ -126,7 +149,7 @@ class OpenAIHandlers:
 
     async def ready(self, request: web.Request) -> web.StreamResponse:
         counts = {name: len(pool.endpoints) for name, pool in self.router.dispatcher.pools.items()}
-        ok = any(counts.values())
+        ok = self.router.ready
         return web.json_response({"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers=NO_TIER)
 
     async def _proxy(
@@ -234,7 +257,13 @@ def build_app(router: Router) -> web.Application:
     # client_max_size only bounds aiohttp's own body reads; read_body enforces the router's limit itself so the
     # client gets an OpenAI-style 413 instead of a plain-text one.
     h = OpenAIHandlers(router)
-    app = build_openai_app(h, middlewares=[_tier_header_and_errors], client_max_size=router.config.max_body_bytes + 1)
+    budget = ByteBudget(router.config.max_inflight_body_bytes)
+    app = build_openai_app(
+        h,
+        middlewares=[_tier_header_and_errors, _admission(router, budget)],
+        client_max_size=router.config.max_body_bytes + 1,
+    )
     app[ROUTER_KEY] = router
+    app[BUDGET_KEY] = budget
     app.router.add_get("/ready", h.ready)
     return app

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from tiergate_router.breaker import BreakerState, CircuitBreaker
 
@@ -21,7 +21,6 @@ class Endpoint:
     waiting: int = 0
     model_id: str | None = None
     removed: bool = False
-    stats: dict[str, int] = field(default_factory=dict)
 
 
 class TierPool:
@@ -65,6 +64,7 @@ class TierPool:
             if url not in wanted:
                 # Requests already in flight keep their Endpoint object and finish normally.
                 self._endpoints.pop(url).removed = True
+                self._last_pick.pop(url, None)  # pods come and go with new IPs: keep no history of gone ones
         for url in sorted(wanted):
             if url not in self._endpoints:
                 self._endpoints[url] = Endpoint(

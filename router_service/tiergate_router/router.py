@@ -45,6 +45,7 @@ class Router:
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
         self._background: list[asyncio.Task[None]] = []
+        self._size_cache(config)
 
     @property
     def config(self) -> RouterConfig:
@@ -69,6 +70,19 @@ class Router:
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
+        self._size_cache(config)
+
+    def _size_cache(self, config: RouterConfig) -> None:
+        if isinstance(self.classifier, MicroBatcher):
+            self.classifier.cache.resize(config.classifier_cache_entries, config.classifier_cache_bytes)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the router can serve: some tier has at least one endpoint. A static URL counts as one without a
+        probe (an external API, or a Service's DNS name without discovery): its failures are the breakers' and the
+        fallback chain's to handle, and a readiness that followed a hosted API's blips would take every router
+        replica out of its Service at once. Tiers discovered through EndpointSlices count their ready pods."""
+        return any(pool.endpoints for pool in self.dispatcher.pools.values())
 
     def _routed_names(self) -> list[str]:
         """The names that ask for a routed answer: the policy's routed model name, and `auto` (what clients written
@@ -152,19 +166,33 @@ class Router:
         self.metrics.cost.labels(tier).inc((p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6)
 
 
+# Longest partial SSE line kept while scanning for usage. A usage event is a few hundred bytes; a tier that streams
+# a line longer than this (a huge token, or no newlines at all) has its line skipped rather than buffered whole.
+MAX_SSE_LINE = 64 * 1024
+
+
 class SSEUsageScanner:
     """Finds the `usage` object in an OpenAI server-sent-event stream fed chunk by chunk (chunks may split
-    lines anywhere), so streamed requests are accounted like non-streamed ones when the backend reports usage."""
+    lines anywhere), so streamed requests are accounted like non-streamed ones when the backend reports usage.
+    It keeps at most MAX_SSE_LINE bytes of an unfinished line."""
 
     def __init__(self) -> None:
         self._buf = b""
+        self._skipping = False
         self.usage: dict[str, Any] | None = None
         self.events = 0
 
     def feed(self, chunk: bytes) -> None:
         self._buf += chunk
         *lines, self._buf = self._buf.split(b"\n")
-        for line in lines:
+        # While skipping, the first line to end is the rest of the line too long to keep.
+        skip_first, self._skipping = self._skipping, self._skipping and not lines
+        if len(self._buf) > MAX_SSE_LINE:
+            self._buf = b""
+            self._skipping = True
+        for i, line in enumerate(lines):
+            if i == 0 and skip_first:
+                continue
             line = line.strip()
             if not line.startswith(b"data:"):
                 continue

@@ -58,6 +58,8 @@ class RouterServer:
         self.grpc_port = 0
         self.watcher: PolicyWatcher | None = None
         self._discovery: EndpointSliceDiscovery | None = None
+        # Set when the endpoints may have changed; `_follow_readiness` then publishes `router.ready` to gRPC health.
+        self._endpoints_changed = asyncio.Event()
 
     async def start(self) -> None:
         await self.router.start()
@@ -74,6 +76,8 @@ class RouterServer:
                 self.router, self.options.host, self.options.grpc_port
             )
         loop = asyncio.get_running_loop()
+        if self._health is not None:
+            self._tasks.append(loop.create_task(self._follow_readiness(self._health)))
         if self.options.policy_file is not None and self.options.policy_loader is not None:
             self.watcher = PolicyWatcher(
                 self.options.policy_file,
@@ -86,9 +90,7 @@ class RouterServer:
         if self.options.discovery:
             from tiergate_router.discovery import EndpointSliceDiscovery
 
-            self._discovery = EndpointSliceDiscovery(
-                self.router.dispatcher.set_discovered, api_client=self.options.kube_api_client
-            )
+            self._discovery = EndpointSliceDiscovery(self.set_discovered, api_client=self.options.kube_api_client)
             self._discovery.watch(self.router.config)
         log.info(
             "router serving OpenAI HTTP on %s:%d%s",
@@ -99,8 +101,24 @@ class RouterServer:
 
     def _apply(self, config: RouterConfig) -> None:
         self.router.apply_config(config)
+        self._endpoints_changed.set()
         if self._discovery is not None:
             self._discovery.watch(config)
+
+    def set_discovered(self, tier: str, urls: list[str]) -> None:
+        """A tier's discovered endpoints (what EndpointSlice discovery publishes, on the event loop)."""
+        self.router.dispatcher.set_discovered(tier, urls)
+        self._endpoints_changed.set()
+
+    async def _follow_readiness(self, servicer: health.aio.HealthServicer) -> None:
+        """Keep gRPC health equal to `router.ready` (HTTP /ready reads it on every request). One task publishes
+        the latest state, so a burst of endpoint changes cannot reach the servicer out of order."""
+        from tiergate_router.grpc_api import set_readiness
+
+        while True:
+            await self._endpoints_changed.wait()
+            self._endpoints_changed.clear()
+            await set_readiness(servicer, self.router.ready)
 
     async def stop(self) -> None:
         if self._health is not None:

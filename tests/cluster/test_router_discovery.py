@@ -5,6 +5,7 @@ EndpointSlices, following pods that become unready, disappear or appear."""
 from __future__ import annotations
 
 import json
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -176,5 +177,82 @@ def test_router_follows_endpointslices(
         )
         assert new_pod in ask(4)
     finally:
+        loop.call(server.stop())
+        loop.close()
+
+
+def test_router_is_ready_only_while_a_tier_has_an_endpoint(
+    cluster: DevCluster, namespace: str, k8s_api: Any, fakes: dict[str, FakeProcess]
+) -> None:
+    """No pod behind the tier's Service: HTTP /ready says 503 and gRPC health NOT_SERVING (the router pod's
+    readiness probe), while liveness stays SERVING. A pod appears: both turn ready, and a request is answered by
+    it. The pod goes: not ready again. Every wait follows a condition (the health Watch stream, the API)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
+
+    if cluster.pod_netns is None:
+        pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
+    name = "chat-tier-small"
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=tier_objects(name, 0))
+    ref = ServiceRef(namespace=namespace, name=name, port=PORT)
+    cfg = RouterConfig(tiers=(TierConfig(name="small", service=ref),), thresholds_bp=())
+    loop = LoopThread()
+    server = RouterServer(
+        cfg,
+        MicroBatcher(KeywordScorer()),
+        ServeOptions(port=0, grpc_port=0, discovery=True, kube_api_client=k8s_api, grace_s=1.0),
+    )
+    loop.call(server.start())
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}")
+    health = health_pb2_grpc.HealthStub(channel)
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+    def http_ready() -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/ready", timeout=10) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as e:
+            return int(e.code)
+
+    def check(service: str = "") -> int:
+        return int(health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status)
+
+    def watch_until(status: int) -> None:
+        for resp in health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=120):
+            if resp.status == status:
+                return
+        raise AssertionError(f"gRPC health never became {status}")
+
+    try:
+        # The Service exists and has no pods: the discovery watch has listed its (empty) slices, or not yet: either
+        # way there is no endpoint, and the router must say so.
+        assert check() == not_serving
+        assert http_ready() == 503
+        assert check(ROUTER_LIVENESS_SERVICE) == serving
+
+        cluster.kubectl("scale", "deployment", name, "-n", namespace, "--replicas=1")
+        ips = wait_for(
+            "one Ready pod", lambda: (lambda d: d if len(d) == 1 else None)(ready_pod_ips(cluster, namespace, name))
+        )
+        pod, ip = next(iter(ips.items()))
+        start_fake(cluster, fakes, pod, ip)
+        watch_until(serving)
+        assert http_ready() == 200
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{server.http_port}/v1/chat/completions",
+            data=json.dumps({"model": "tiergate", "messages": [{"role": "user", "content": "hi"}]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.loads(r.read())["choices"][0]["message"]["content"].startswith(pod)
+
+        cluster.kubectl("scale", "deployment", name, "-n", namespace, "--replicas=0")
+        watch_until(not_serving)
+        assert http_ready() == 503
+        assert check(ROUTER_LIVENESS_SERVICE) == serving
+    finally:
+        channel.close()
         loop.call(server.stop())
         loop.close()

@@ -51,6 +51,8 @@ class Behaviour:
     # for exactly as long as it needs, instead of a latency it hopes is long enough on a busy machine. Set it from
     # another thread with `loop.call_soon_threadsafe(event.set)`.
     hold: asyncio.Event | None = None
+    # Keep every request body in `Stats.requests` (tests read them); a load test of megabyte prompts turns it off.
+    record: bool = True
 
 
 @dataclass
@@ -121,8 +123,9 @@ class FakeVLLM(ModelServer):
             return self._error(400, "invalid JSON")
         if not isinstance(body, dict):
             return self._error(400, "body must be an object")
-        self.stats.requests.append(body)
         b = self.behaviour
+        if b.record:
+            self.stats.requests.append(body)
         if body.get("model") != self.model:
             return self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
         if b.drop_connection:
@@ -223,6 +226,7 @@ async def _serve(args: argparse.Namespace) -> None:
             tokens=args.tokens,
             max_running=args.max_running,
             api_key=args.api_key,
+            record=not args.no_record,
         ),
     )
     await serve_until_signalled(fake.server)
@@ -239,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=8)
     p.add_argument("--max-running", type=int, default=0)
     p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY on /v1 (as vLLM's --api-key)")
+    p.add_argument("--no-record", action="store_true", help="do not keep request bodies (load tests of big prompts)")
     args = p.parse_args(argv)
     try:
         import uvloop  # same loop as the router, so benchmarks compare like with like

@@ -295,7 +295,9 @@ def test_router_deployment_is_restricted_and_mounts_policy_and_classifier() -> N
         "name": "chat-router-classifier",
         "items": [{"key": "artifact.json", "path": "router.json"}],
     }
+    # Ready: the overall health, SERVING only while some tier has an endpoint; alive: a service always SERVING.
     assert c["readinessProbe"]["grpc"] == {"port": 50051}
+    assert c["livenessProbe"]["grpc"] == {"port": 50051, "service": "liveness"}
 
 
 def test_router_args_parse_with_the_routers_own_cli() -> None:

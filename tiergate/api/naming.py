@@ -26,6 +26,11 @@ GPU_RESOURCE = "nvidia.com/gpu"
 # The taint the NVIDIA GPU operator and the managed clouds put on GPU nodes; pods asking for GPUs tolerate it.
 GPU_TAINT_KEY = "nvidia.com/gpu"
 
+# The grpc.health.v1 service name the router's liveness probe asks about: SERVING for as long as the process runs.
+# The overall service ("", what the readiness probe asks) is SERVING only while some tier has an endpoint, and a
+# liveness probe on it would restart a router that is merely waiting for tier pods.
+ROUTER_LIVENESS_SERVICE = "liveness"
+
 # Where the router pod finds the policy (a RoutingPolicy manifest, defaults filled in) and the classifier.
 POLICY_MOUNT_DIR = "/etc/tiergate/policy"
 POLICY_FILE_KEY = "policy.yaml"

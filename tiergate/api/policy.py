@@ -507,6 +507,16 @@ class Saturation(_Model):
     a tier is saturated when every endpoint reports at least this many."""
 
 
+class ClassifierCache(_Model):
+    """The router's cache of classifier verdicts. It keys on a 16-byte digest of the part of a prompt the encoder
+    reads, so its memory depends only on these bounds, never on prompt sizes. Unset: the router's defaults."""
+
+    max_entries: Annotated[int, Field(ge=0, le=10_000_000, strict=True)] | None = None
+    """Verdicts kept at most (0 turns the cache off)."""
+    max_bytes: Annotated[int, Field(ge=0, le=1 << 34, strict=True)] | None = None
+    """Bytes the cache may hold at most, each entry counted with its bookkeeping (0 turns the cache off)."""
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -563,6 +573,7 @@ class Router(Placement):
     retries: Retries = Field(default_factory=Retries, json_schema_extra={"default": {}})
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, json_schema_extra={"default": {}})
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
+    classifier_cache: ClassifierCache | None = None
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""

@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiergate_router.classifier import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_ENTRIES
 from tiergate_router.config.knobs import (
     DEFAULT_THRESHOLD_BP,
     TWO_TIER_KNOBS,
@@ -65,6 +66,7 @@ def from_policy(
     # that meaning undefined, so the thresholds fall back to an even split.
     thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
     r = spec.router
+    cache_entries, cache_bytes = _cache_bounds(policy)
     try:
         multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
         return RouterConfig(
@@ -85,9 +87,22 @@ def from_policy(
             max_outstanding_per_endpoint=r.saturation.max_in_flight_per_endpoint,
             saturation_waiting=r.saturation.queued_requests,
             multi_tier=multi_tier,
+            classifier_cache_entries=cache_entries,
+            classifier_cache_bytes=cache_bytes,
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
+    """`spec.router.classifierCache` (entries, bytes); an unset bound keeps the router's default."""
+    c = policy.spec.router.classifier_cache
+    entries = c.max_entries if c is not None else None
+    size = c.max_bytes if c is not None else None
+    return (
+        DEFAULT_CACHE_ENTRIES if entries is None else entries,
+        DEFAULT_CACHE_BYTES if size is None else size,
+    )
 
 
 def _tier(

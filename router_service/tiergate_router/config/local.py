@@ -95,6 +95,11 @@ class LocalOverrides:
     grpc_port: int | None = None
     # Timeouts, retries, breaker and saturation limits (`DISPATCH_FLAGS`), replacing the policy's or the defaults.
     dispatch: tuple[DispatchSetting, ...] = ()
+    # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
+    cache_entries: int | None = None
+    cache_bytes: int | None = None
+    # `--max-inflight-body-bytes`.
+    inflight_body_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ def local_config(
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp`, `--cost-weight-bp` and the dispatch flags on a built config. The N-tier mapping is kept as
-    built: a cost weight changes the choice among the mapped tiers, not the mapping."""
+    """`--threshold-bp`, `--cost-weight-bp`, the dispatch flags and the classifier cache's bounds on a built config.
+    The N-tier mapping is kept as built: a cost weight changes the choice among the mapped tiers, not the mapping."""
     if overrides.dispatch:
         try:
             # Field names come from DISPATCH_FLAGS (a unit test sets every one), values in each field's type.
@@ -171,6 +176,12 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
             raise ConfigError(f"command line: {e}") from e
     if overrides.threshold_bp is not None:
         cfg = dataclasses.replace(cfg, thresholds_bp=(overrides.threshold_bp,) * (len(cfg.tiers) - 1))
+    if overrides.cache_entries is not None:
+        cfg = dataclasses.replace(cfg, classifier_cache_entries=overrides.cache_entries)
+    if overrides.cache_bytes is not None:
+        cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
+    if overrides.inflight_body_bytes is not None:
+        cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
     if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
         cfg = dataclasses.replace(
             cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+from tiergate_router.classifier import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_ENTRIES
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -100,6 +101,14 @@ class RouterConfig:
     saturation_waiting: int = 0
     # Largest request body accepted; a 10 MB prompt is far beyond any served context and is refused with 413.
     max_body_bytes: int = 4 * 1024 * 1024
+    # Bytes of request bodies held at once (admission.ByteBudget): a request waits for room before its body is
+    # read. Memory per request is a few times its body (raw, parsed, prompt, forwarded), so this bounds the
+    # router's request memory whatever the concurrency; 64 MiB is 16 maximal bodies or thousands of usual ones.
+    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    # The classifier's result cache: at most this many verdicts and this many bytes (classifier.ScoreCache; 0 turns
+    # it off). Keys are digests, so neither depends on prompt sizes.
+    classifier_cache_entries: int = DEFAULT_CACHE_ENTRIES
+    classifier_cache_bytes: int = DEFAULT_CACHE_BYTES
     # The model name clients use for routed requests; tier names also work as model names (forcing that tier).
     routed_model_name: str = "tiergate"
     # Set when the classifier artifact is an N-tier one: the tiers are chosen by cost weight, not thresholds.
@@ -165,6 +174,13 @@ def validate(cfg: RouterConfig) -> None:
         raise ConfigError("max_outstanding_per_endpoint and saturation_waiting: must not be negative")
     if cfg.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes: must be at least 1024")
+    if cfg.max_inflight_body_bytes < cfg.max_body_bytes:
+        raise ConfigError(
+            f"max_inflight_body_bytes: {cfg.max_inflight_body_bytes} is less than one body (max_body_bytes "
+            f"{cfg.max_body_bytes})"
+        )
+    if cfg.classifier_cache_entries < 0 or cfg.classifier_cache_bytes < 0:
+        raise ConfigError("classifier_cache_entries and classifier_cache_bytes: must not be negative")
     mt = cfg.multi_tier
     if mt is not None:
         if len(mt.columns) != len(cfg.tiers) or len(set(mt.columns)) != len(mt.columns):
