@@ -25,6 +25,7 @@ from tests.support.operator_cluster import (
     condition,
     get_json,
     install_crd,
+    operator_running,
     policy,
     small_artifact,
     wait_ready,
@@ -40,11 +41,7 @@ DIGEST = "tiergate.io/router-inputs-digest"
 @pytest.fixture
 def operator(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
     install_crd(cluster)
-    op = Operator(cluster, tmp_path, "--namespace", namespace).start()
-    yield op
-    rc = op.stop()
-    print(op.log())
-    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
+    yield from operator_running(Operator(cluster, tmp_path, "--namespace", namespace))
 
 
 def _digest(cluster: DevCluster, ns: str) -> str:

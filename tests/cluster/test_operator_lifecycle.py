@@ -23,6 +23,7 @@ from tests.support.operator_cluster import (
     get_json,
     install_crd,
     kubectl_raw,
+    operator_running,
     policy,
     sample_doc,
     wait_for,
@@ -44,11 +45,7 @@ def operator(
 ) -> Iterator[Operator]:
     # Extra environment by indirect parametrisation, e.g. a resync too long to matter within a test.
     env: dict[str, str] = getattr(request, "param", {})
-    op = Operator(cluster, tmp_path, "--namespace", namespace, env=env).start()
-    yield op
-    rc = op.stop()
-    print(op.log())
-    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
+    yield from operator_running(Operator(cluster, tmp_path, "--namespace", namespace, env=env))
 
 
 def _pool_of_pods(cluster: DevCluster, ns: str, selector: str) -> list[str]:

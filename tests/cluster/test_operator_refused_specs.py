@@ -23,6 +23,7 @@ from tests.support.operator_cluster import (
     get_json,
     install_crd,
     kubectl_raw,
+    operator_running,
     policy,
     sample_doc,
     wait_ready,
@@ -37,11 +38,7 @@ ENV_FIELD = "spec.tiers[0].engine.env[0].valueFrom.configMapKeyRef"
 @pytest.fixture
 def operator(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
     install_crd(cluster)
-    op = Operator(cluster, tmp_path, "--namespace", namespace).start()
-    yield op
-    rc = op.stop()
-    print(op.log())
-    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
+    yield from operator_running(Operator(cluster, tmp_path, "--namespace", namespace))
 
 
 def _children(cluster: DevCluster, ns: str) -> dict[tuple[str, str], str]:

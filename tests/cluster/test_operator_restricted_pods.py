@@ -21,6 +21,7 @@ from tests.support.operator_cluster import (
     get_json,
     install_crd,
     kubectl_raw,
+    operator_running,
     policy,
 )
 from tiergate.devcluster.cluster import DevCluster, wait_for
@@ -45,11 +46,7 @@ def restricted(cluster: DevCluster, namespace: str) -> str:
 @pytest.fixture
 def operator(cluster: DevCluster, restricted: str, tmp_path: Path) -> Iterator[Operator]:
     install_crd(cluster)
-    op = Operator(cluster, tmp_path, "--namespace", restricted).start()
-    yield op
-    rc = op.stop()
-    print(op.log())
-    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
+    yield from operator_running(Operator(cluster, tmp_path, "--namespace", restricted))
 
 
 def _create_pod(cluster: DevCluster, ns: str, name: str, spec: dict[str, Any], *dry: str) -> Any:

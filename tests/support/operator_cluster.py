@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -197,3 +198,12 @@ class Operator:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def operator_running(op: Operator) -> Iterator[Operator]:
+    """Body of an `operator` fixture (`yield from operator_running(Operator(...))`): starts it, and after the test
+    stops it and fails the test if it exited with an error, printing its log either way."""
+    yield op.start()
+    rc = op.stop()
+    print(op.log())
+    assert rc in (0, None), f"operator exited {rc}:\n{op.log()}"
