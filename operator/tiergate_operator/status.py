@@ -291,7 +291,8 @@ def _reward_condition(
     a rollout or a lost replica of several does not turn it False; none, or a count of zero asked for, does."""
     if s.exists and s.ready > 0:
         return _condition(REWARD_MODEL_READY, True, REWARD_MODEL_AVAILABLE, _describe(s), generation, previous, now)
-    why = "0 replicas asked for (spec.bestOfN.rewardModel.replicas)" if s.exists and s.desired == 0 else _describe(s)
+    zero = f"{s.component.label}: 0 replicas asked for (spec.bestOfN.rewardModel.replicas)"
+    why = zero if s.exists and s.desired == 0 else _describe(s)
     msg = f"{why}; until a replica is ready the router answers best-of-N prompts from the reference tier"
     return _condition(REWARD_MODEL_READY, False, REWARD_MODEL_UNAVAILABLE, msg, generation, previous, now)
 

@@ -231,7 +231,7 @@ def test_reward_model_scaled_to_zero_is_unavailable_though_everything_asked_for_
     st = compute_status(p, deployments(chat_reward=dep("chat-reward", want=0)), [])
     c = cond(st, "RewardModelReady")
     assert (c["status"], c["reason"]) == ("False", "RewardModelUnavailable")
-    assert "0 replicas asked for" in c["message"]
+    assert f"reward model {REWARD_MODEL}: 0 replicas asked for" in c["message"]
     assert cond(st, "Ready")["status"] == "True"
 
 
