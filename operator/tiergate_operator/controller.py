@@ -27,7 +27,7 @@ from .errors import KubeError
 from .kube import Kube
 from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, needs_apply, reconcile, refuse_invalid
 from .references import configmaps_named
-from .status import DEGRADED, INVALID_SPEC, READY, invalid_spec
+from .status import DEGRADED, INVALID_SPEC, READY, REWARD_MODEL_READY, invalid_spec
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +293,10 @@ class Controller:
                 self._post(body, "Ready", c["message"])
             elif c["type"] == DEGRADED and c["status"] == "True":
                 self._post(body, c["reason"], c["message"], warning=True)
+            elif c["type"] == REWARD_MODEL_READY and (c["status"] == "True" or c["type"] in before):
+                # Losing it is a warning (best-of-N is off until it is back); a new policy's reward model that is not
+                # ready yet is only being created, which Progressing already says.
+                self._post(body, c["reason"], c["message"], warning=c["status"] != "True")
         if not (out.created or out.updated or out.deleted or out.status_written):
             return
         log.info(

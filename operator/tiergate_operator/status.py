@@ -6,6 +6,11 @@ Degraded   True when a component cannot become ready without outside help: pods 
            (no node with enough GPUs, no node in the pool), image pulls failing, crash loops, a rollout past its
            progress deadline. Reason and message name the component and quote the cluster's own words.
 
+RewardModelReady (only with spec.bestOfN) True while the reward model has a ready replica: it says whether best-of-N
+           is in effect, not whether the policy serves. Without a ready reward replica the router answers best-of-N
+           prompts from the reference tier, so the reason (RewardModelUnavailable) and message name the reward model
+           rather than leaving it to be found in Ready's list.
+
 A spec the operator refuses (refused_status) is not applied at all, so its children stay as the last good spec
 made them, and all three conditions say why with the field: InvalidSpec (the typed model rejects what the CRD let
 through, e.g. under an older CRD) or MissingReference (a ConfigMap the pods would read does not exist).
@@ -28,6 +33,10 @@ READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+REWARD_MODEL_READY = "RewardModelReady"
+# Reasons of RewardModelReady.
+REWARD_MODEL_AVAILABLE = "RewardModelAvailable"
+REWARD_MODEL_UNAVAILABLE = "RewardModelUnavailable"
 
 # Reasons of a refused spec (SpecProblem.reason).
 INVALID_SPEC = "InvalidSpec"
@@ -50,7 +59,7 @@ _MAX_MESSAGE = 1024
 class Component:
     """One deployed part of the policy: a tier's model server, the router or the reward model."""
 
-    label: str  # how messages name it: "tier large", "router", "reward model"
+    label: str  # how messages name it: "tier large", "router", "reward model <model>"
     deployment: str
     component: str
     tier: str | None
@@ -85,13 +94,11 @@ def components(policy: RoutingPolicy) -> list[Component]:
         Component("router", naming.router_name(policy.name), naming.COMPONENT_ROUTER, None, policy.spec.router.replicas)
     )
     if policy.spec.best_of_n is not None:
+        rm = policy.spec.best_of_n.reward_model
+        # Named by its model too: "reward model" alone says nothing to someone reading Ready's list of components.
         out.append(
             Component(
-                "reward model",
-                naming.reward_name(policy.name),
-                naming.COMPONENT_REWARD,
-                None,
-                policy.spec.best_of_n.reward_model.replicas,
+                f"reward model {rm.model}", naming.reward_name(policy.name), naming.COMPONENT_REWARD, None, rm.replicas
             )
         )
     return out
@@ -246,6 +253,10 @@ def compute_status(
     else:
         conds.append(_condition(DEGRADED, False, "Healthy", "no component is stuck", gen, previous, now))
 
+    reward = next((s for s in states if s.component.component == naming.COMPONENT_REWARD), None)
+    if reward is not None:
+        conds.append(_reward_condition(reward, gen, previous, now))
+
     status: dict[str, Any] = {
         "conditions": conds,
         "tiers": tiers,
@@ -254,9 +265,36 @@ def compute_status(
         "routerEndpoint": f"http://{naming.router_name(policy.name)}.{policy.namespace}.svc:"
         f"{policy.spec.router.http_port}/v1",
     }
+    if reward is not None:
+        status["rewardModel"] = reward_model_status(policy, reward)
     if gen is not None:
         status["observedGeneration"] = gen
     return status
+
+
+def reward_model_status(policy: RoutingPolicy, s: ComponentState) -> dict[str, Any]:
+    """`.status.rewardModel`: the reward model's replicas and the URL the router scores at (`naming.reward_url`)."""
+    assert policy.spec.best_of_n is not None
+    rm = policy.spec.best_of_n.reward_model
+    return {
+        "model": rm.model,
+        "desiredReplicas": s.desired,
+        "readyReplicas": s.ready,
+        "endpoint": naming.reward_url(policy.name, policy.namespace or "default", rm.port),
+    }
+
+
+def _reward_condition(
+    s: ComponentState, generation: int | None, previous: Mapping[str, Obj], now: str
+) -> dict[str, Any]:
+    """RewardModelReady: one ready replica is enough to score (the Service balances over whichever are ready), so
+    a rollout or a lost replica of several does not turn it False; none, or a count of zero asked for, does."""
+    if s.exists and s.ready > 0:
+        return _condition(REWARD_MODEL_READY, True, REWARD_MODEL_AVAILABLE, _describe(s), generation, previous, now)
+    zero = f"{s.component.label}: 0 replicas asked for (spec.bestOfN.rewardModel.replicas)"
+    why = zero if s.exists and s.desired == 0 else _describe(s)
+    msg = f"{why}; until a replica is ready the router answers best-of-N prompts from the reference tier"
+    return _condition(REWARD_MODEL_READY, False, REWARD_MODEL_UNAVAILABLE, msg, generation, previous, now)
 
 
 @dataclass(frozen=True)
@@ -290,6 +328,8 @@ def refused_status(
         _condition(READY, False, problem.reason, msg, generation, prev, now),
         _condition(PROGRESSING, False, problem.reason, "waiting for the spec to be fixed", generation, prev, now),
         _condition(DEGRADED, True, problem.reason, msg, generation, prev, now),
+        # What the others say about a child (RewardModelReady) still holds: the children were left alone.
+        *(c for t, c in prev.items() if t not in CONDITION_TYPES),
     ]
     if generation is not None:
         status["observedGeneration"] = generation

@@ -767,6 +767,17 @@ class TierStatus(_Observed):
     endpoint: str | None = None
 
 
+class RewardModelStatus(_Observed):
+    """The best-of-N reward model (present while spec.bestOfN is set)."""
+
+    model: str
+    """The model it serves, also its served model name (what the router names in its scoring calls)."""
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+    """In-cluster root URL of its server (the `<policy>-reward` Service), where the router posts `/pooling`."""
+
+
 class MixEntry(_Observed):
     tier: str
     share_basis_points: int
@@ -779,7 +790,8 @@ class RoutingPolicyStatus(_Observed):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Ready, Progressing and Degraded; reason and message name the child that is not ready and why."""
+    """Ready, Progressing and Degraded; reason and message name the child that is not ready and why. With bestOfN,
+    also RewardModelReady (False: no ready reward replica, the router answers from the reference tier)."""
     tiers: list[TierStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
@@ -787,6 +799,8 @@ class RoutingPolicyStatus(_Observed):
     """Per tier: desired and ready replicas and the in-cluster endpoint."""
     router_endpoint: str | None = None
     """The router's in-cluster URL (OpenAI-compatible HTTP)."""
+    reward_model: RewardModelStatus | None = None
+    """The best-of-N reward model: replicas and endpoint (condition RewardModelReady says whether it can score)."""
     tier_names: str | None = None
     """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None
