@@ -40,26 +40,10 @@ NS = (1, 2, 4, 8)
 # The timeout of every reward call here: far above any figure, so a slow machine measures instead of failing.
 TIMEOUT_S = 60.0
 PROMPT = "Explain in a few sentences why the sky is blue, for a curious ten-year-old."
-WORDS = [
-    "light",
-    "from",
-    "the",
-    "sun",
-    "is",
-    "scattered",
-    "by",
-    "the",
-    "air",
-    "and",
-    "blue",
-    "light",
-    "is",
-    "scattered",
-    "more",
-    "than",
-    "red",
-    "light",
-]
+WORDS = (
+    "light", "from", "the", "sun", "is", "scattered", "by", "the", "air", "and", "blue", "light", "is",
+    "scattered", "more", "than", "red", "light",
+)  # fmt: skip
 
 
 def answer(i: int, words: int) -> str:
