@@ -91,6 +91,11 @@ def check_artifact(text: str, where: str) -> str:
     what is wrong. Deliberately the checks `tiergate.routing.artifact.loads` makes first, without numpy: JSON, format,
     version, the checksum over the canonical JSON (so any edit or truncation is caught), kind, encoder and head.
     The tensors' shapes are the router's to check; a trained artifact with a matching checksum has them right."""
+    return str(_checked(text, where)["sha256"])
+
+
+def _checked(text: str, where: str) -> dict[str, Any]:
+    """`text` parsed, after `check_artifact`'s checks."""
     if len(text.encode("utf-8")) > MAX_BYTES:
         raise ValueError(f"{where}: {len(text)} bytes, more than a router artifact may hold ({MAX_BYTES})")
     try:
@@ -112,7 +117,25 @@ def check_artifact(text: str, where: str) -> str:
     members = (doc.get("head") or {}).get("members") if isinstance(doc.get("head"), dict) else None
     if not isinstance(members, list) or not members:
         raise ValueError(f"{where}: no head members")
-    return str(doc["sha256"])
+    return doc
+
+
+# The router's shipped default artifact, used when a policy names no classifier, is a two-tier one.
+DEFAULT_KIND = "two_tier"
+
+
+def two_tier_overflow(policy: RoutingPolicy, kind: str, where: str) -> str | None:
+    """Why a `kind` artifact cannot serve the policy's tiers as written, or None. A two-tier artifact's one score
+    separates the cheapest tier from the strongest only: the tiers between would never be chosen, and the router
+    refuses such a policy (`tiergate_router.config.knobs.two_tier_thresholds`), so the operator says so first."""
+    tiers = policy.spec.tiers
+    if kind != "two_tier" or len(tiers) <= 2:
+        return None
+    between = ", ".join(t.name for t in tiers[1:-1])
+    return (
+        f"{len(tiers)} tiers, but {where} is a two-tier artifact (one score: the cheapest or the strongest tier), so "
+        f"{between} would never be chosen; serve two tiers, or name an N-tier artifact in spec.router.classifier"
+    )
 
 
 def _key_text(cm: Obj, key: str) -> str | None:
@@ -146,10 +169,13 @@ def read_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | Class
         keys = sorted({*(cm.get("data") or {}), *(cm.get("binaryData") or {})})
         return ClassifierProblem(MISSING, f"{where}: no such key (keys: {', '.join(keys) or 'none'})")
     try:
-        sha = check_artifact(text, where)
+        doc = _checked(text, where)
     except ValueError as e:
         return ClassifierProblem(INVALID, str(e))
-    return ClassifierCopy(text, sha, where)
+    overflow = two_tier_overflow(policy, str(doc["kind"]), where)
+    if overflow is not None:
+        return ClassifierProblem(INVALID, f"spec.tiers: {overflow}")
+    return ClassifierCopy(text, str(doc["sha256"]), where)
 
 
 def read_copy(cm: Obj | None) -> ClassifierCopy | None:

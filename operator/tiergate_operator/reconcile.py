@@ -25,7 +25,7 @@ from .cache import ChildCache, Seen
 from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
 from .config import OperatorConfig
 from .kube import Kube
-from .references import missing_references
+from .references import missing_references, unservable_tiers
 from .status import SpecProblem, compute_status, refused_status, status_changed
 
 log = logging.getLogger(__name__)
@@ -72,8 +72,8 @@ class PolicyMemory:
     # The last good classifier artifact (what the operator's copy holds), and why the current one is not served.
     classifier: ClassifierCopy | None = None
     classifier_problem: ClassifierProblem | None = None
-    # Why the current generation is refused (a missing reference); None once it applied. Kept so that a
-    # status-only refresh (pods changing) does not paper over the refusal.
+    # Why the current generation is refused (a missing reference, tiers the default classifier cannot serve); None
+    # once it applied. Kept so that a status-only refresh (pods changing) does not paper over the refusal.
     refused: SpecProblem | None = None
 
 
@@ -158,7 +158,9 @@ def reconcile(
     deployments = cache.deployments(pk)
     if apply:
         # Before anything is built or applied: a refused generation changes no child (bad input loses nothing).
-        memory.refused = missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
+        memory.refused = unservable_tiers(policy) or missing_references(
+            policy, lambda name: kube.get("ConfigMap", ns, name)
+        )
     if not apply or memory.refused is not None:
         return _finish(kube, body, policy, memory, cache, out, deployments)
 

@@ -146,8 +146,7 @@ class Router:
             return choose_tier(score, cfg.tier_names, cfg.thresholds_bp), score
         if not isinstance(verdict, tuple) or len(verdict) <= max(mt.columns):
             raise ClassifierError("a two-tier score reached an N-tier config")
-        prices = [t.price for t in mt.artifact.tiers]
-        i, quality = choose_multi_tier(verdict, prices, mt.columns, mt.cost_weight_bp)
+        i, quality = choose_multi_tier(verdict, mt.prices, mt.columns, mt.cost_weight_bp)
         return cfg.tiers[i].name, quality
 
     def account_usage(self, tier: str, usage: object) -> None:

@@ -103,6 +103,19 @@ def test_broken_artifacts_are_refused_naming_the_configmap_and_key(text: str, fr
     assert fragment in found.message
 
 
+def test_a_two_tier_artifact_for_more_than_two_tiers_is_refused_an_n_tier_one_is_not() -> None:
+    def three(d: dict[str, Any]) -> None:
+        mid = dict(d["spec"]["tiers"][0], name="mid")
+        d["spec"]["tiers"].insert(1, mid)
+
+    found = oc.read_source(policy(three), user_cm(TWO_TIER.read_text()))
+    assert isinstance(found, oc.ClassifierProblem)
+    assert found.reason == oc.INVALID
+    assert found.message.startswith("spec.tiers: 3 tiers, but ConfigMap team-a/chat-router-artifact key router.json")
+    assert "mid would never be chosen" in found.message
+    assert isinstance(oc.read_source(policy(three), user_cm(MULTI_TIER.read_text())), oc.ClassifierCopy)
+
+
 def test_missing_configmap_or_key_and_binary_data() -> None:
     absent = oc.read_source(policy(), None)
     assert isinstance(absent, oc.ClassifierProblem)

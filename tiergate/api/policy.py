@@ -335,7 +335,10 @@ class Replicas(_Model):
 
 
 class TierPrice(_Model):
-    """Price per million tokens as an integer or a quoted decimal string ("0.15"); never a float."""
+    """Price per million tokens as an integer or a quoted decimal string ("0.15"); never a float. With an N-tier
+    classifier the router weighs input + output against each tier's predicted quality (the artifact's calibrated
+    cost weight and budgetPerMillion hold only for prices in the artifact's ratios; other prices need
+    costWeightBasisPoints); it also prices the estimated-cost metric."""
 
     input_per_million: Price
     output_per_million: Price
@@ -564,7 +567,9 @@ class Router(Placement):
     budget_per_million: Price | None = None
     """N-tier artifacts, instead of a cost weight: the highest average price per million tokens (input + output, as
     the tiers' prices) to spend; the router takes the calibrated cost weight with the best quality whose mean price
-    fits it, as `tiergate calibrate --budget` prints."""
+    fits it, as `tiergate calibrate --budget` prints. The calibration was measured at the artifact's tier prices:
+    tier prices k times those are compared as budget / k; prices in other ratios are refused (set
+    costWeightBasisPoints)."""
     fallback_order: list[TierName] = Field(
         default_factory=list, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
     )

@@ -1,12 +1,13 @@
 """Decision knobs shared by every way of building a config: what a loaded classifier artifact tells the config
 (its calibration, through the `ThresholdSource` / `MultiTierSource` protocols that
 `tiergate_router.artifact_classifier.LoadedClassifier` satisfies), the N-tier mapping, and the placeholder
-thresholds used when nothing sets them.
+threshold used when nothing sets it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -59,23 +60,68 @@ class LoadedSource(ThresholdSource, MultiTierSource, Protocol):
     def kind(self) -> str: ...
 
 
-def even_thresholds(n: int, two_tier_bp: int = DEFAULT_THRESHOLD_BP) -> tuple[int, ...]:
-    """Thresholds for `n` tiers when nothing sets them: two tiers split at `two_tier_bp`; more split the score
-    range evenly (a placeholder knob until a policy sets one; a two-tier artifact's score is the strong-tier
-    probability, so nothing calibrates the tiers between)."""
-    if n <= 1:
+def two_tier_thresholds(names: Sequence[str], threshold_bp: int, *, where: str) -> tuple[int, ...]:
+    """The thresholds of the tiers `names` under a two-tier artifact: none for one tier, `threshold_bp` for two.
+    More are refused (ConfigError naming `where` and the tiers between): the artifact's one score is the
+    probability that the strongest tier is needed, calibrated between the cheapest and the strongest only, so
+    nothing says where a middle tier would begin (splitting the score range evenly, as this once did for `--tier`,
+    routed by thresholds no data supports; repeating the one threshold, as it did for a policy, never chose the
+    middle tiers at all)."""
+    if len(names) <= 1:
         return ()
-    if n == 2:
-        return (two_tier_bp,)
-    return tuple(round(10000 * i / n) for i in range(1, n))
+    if len(names) == 2:
+        return (threshold_bp,)
+    between = ", ".join(names[1:-1])
+    raise ConfigError(
+        f"{where}: {len(names)} tiers, but a two-tier classifier artifact (one score: the cheapest or the strongest "
+        f"tier) calibrates nothing between the two, so {between} would never be chosen; serve two tiers with it, "
+        "or an N-tier artifact that predicts every tier's quality (`tiergate train --tiers M1,M2,... --prices "
+        "FILE`, named by spec.router.classifier or --router)"
+    )
 
 
-def multi_tier_for(tiers: Sequence[TierConfig], source: MultiTierSource, cost_weight_bp: int | None) -> MultiTier:
-    """The N-tier routing of `tiers` by `source`'s artifact (`cost_weight_bp` None: its calibrated default). Each
-    tier maps to the artifact tier named like its name, else like its served model name, else like its model (tier
-    names are DNS labels of at most 20 characters, artifact tiers are model names such as `llama-3.1-8b-instruct`).
-    The tiers may be any subset of the artifact's; the choice is made among those served. ConfigError names a tier
-    the artifact does not know, or two tiers on one. Computed once per config and carried in it."""
+# Relative slack when comparing a policy's prices with an artifact's: the policy's are exact decimals, the
+# artifact's sums of floats (input + output), so equal prices differ in the last bits only.
+PRICE_RTOL = 1e-9
+
+
+def price_factor(mine: Sequence[float], calibrated: Sequence[float]) -> tuple[float, int]:
+    """(k, -1) when `mine[i] == k * calibrated[i]` for every i with one k > 0; else (k, i), i the first tier off
+    the ratio k (the first tier's with a non-zero calibrated price; all zero: 1). Prices in the same ratios make
+    argmax(quality - lambda * price) choose alike at lambda and lambda / k, so an artifact's calibration holds for
+    them; other ratios it does not describe."""
+    base = next((i for i, c in enumerate(calibrated) if c > 0), None)
+    k = 1.0 if base is None else mine[base] / calibrated[base]
+    if math.isclose(k, 1.0, rel_tol=PRICE_RTOL):
+        k = 1.0  # the same prices: a budget is compared with the table as written, not off by a rounding error
+    if k <= 0:
+        return k, base if base is not None else 0
+    for i, (m, c) in enumerate(zip(mine, calibrated, strict=True)):
+        if not math.isclose(m, k * c, rel_tol=PRICE_RTOL, abs_tol=1e-12):
+            return k, i
+    return k, -1
+
+
+def multi_tier_for(
+    tiers: Sequence[TierConfig],
+    source: MultiTierSource,
+    cost_weight_bp: int | None,
+    *,
+    budget: float | None = None,
+) -> MultiTier:
+    """The N-tier routing of `tiers` by `source`'s artifact. Each tier maps to the artifact tier named like its
+    name, else like its served model name, else like its model (tier names are DNS labels of at most 20 characters,
+    artifact tiers are model names such as `llama-3.1-8b-instruct`). The tiers may be any subset of the artifact's;
+    the choice is made among those served. ConfigError names a tier the artifact does not know, or two tiers on one.
+    Computed once per config and carried in it.
+
+    Prices: each priced tier (a policy's) is weighed at its own price (input + output), an unpriced one (`--tier`)
+    at the artifact's price for its tier. The weight: `cost_weight_bp` as given (it means quality per $/Mtok of
+    these prices); else from the artifact's calibration, its default or the best point within `budget` ($/Mtok).
+    That table was measured at the artifact's prices, so it holds only for prices in the same ratios (k times the
+    artifact's, `price_factor`): then the budget is compared as budget / k and the choice made at the artifact's
+    prices with the calibrated weight, which chooses exactly as these prices do at weight / k. Prices in other
+    ratios are refused, naming the first tier off the ratio: no table describes them."""
     known = source.tier_names
     columns: list[int] = []
     for i, t in enumerate(tiers):
@@ -91,8 +137,36 @@ def multi_tier_for(tiers: Sequence[TierConfig], source: MultiTierSource, cost_we
             other = tiers[columns.index(col)].name
             raise ConfigError(f"tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as {other!r} does")
         columns.append(col)
-    bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
-    return MultiTier(source.artifact, tuple(columns), bp)
+    art_prices = [float(t.price) for t in source.artifact.tiers]
+    mine = [
+        art_prices[c] if t.price_per_mtok is None else t.price_per_mtok for t, c in zip(tiers, columns, strict=True)
+    ]
+    if cost_weight_bp is not None:
+        prices = list(art_prices)
+        for c, p in zip(columns, mine, strict=True):
+            prices[c] = p
+        return MultiTier(source.artifact, tuple(columns), cost_weight_bp, tuple(prices))
+    k, off = price_factor(mine, [art_prices[c] for c in columns])
+    if off >= 0:
+        need = "spec.router.budgetPerMillion" if budget is not None else "the artifact's default cost weight"
+        theirs = f"the artifact's {art_prices[columns[off]]:g} for {known[columns[off]]}"
+        ratio = f"{theirs} (or a positive multiple)" if k <= 0 or off == 0 else f"{k:g} x {theirs}, as the tiers before"
+        raise ConfigError(
+            f"tiers[{off}] ({tiers[off].name}).price: {mine[off]:g} $/Mtok (input + output) is not {ratio}; the "
+            f"artifact's calibration, measured at its own prices, does not describe these, and {need} comes from it. "
+            "Set a cost weight for these prices (spec.router.costWeightBasisPoints or --cost-weight-bp; `tiergate "
+            "eval --prices` draws the curve at them), or train the artifact with them (`tiergate train --prices`)"
+        )
+    if budget is None:
+        bp = source.default_cost_weight_bp
+    else:
+        try:
+            bp = source.cost_weight_for_budget_bp(budget / k)
+        except ConfigError as e:
+            if k == 1.0:
+                raise
+            raise ConfigError(f"{e} (the tiers' prices are {k:g} x the artifact's, so that is {budget:g} here)") from e
+    return MultiTier(source.artifact, tuple(columns), bp, tuple(art_prices))
 
 
 def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:

@@ -47,22 +47,34 @@ class TierConfig:
     model: str | None = None
     # Sent as `Authorization: Bearer <api_key>` (external endpoints with `apiKeySecretRef`). Never printed.
     api_key: str | None = field(default=None, repr=False)
-    # Dollars per million tokens, used only for the estimated-cost metric.
+    # Dollars per million tokens: the estimated-cost metric, and, when `priced`, the N-tier decision.
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
+    # Whether the prices above were given (a policy's tier always has them). A `--tier` flag's tier has none: an
+    # N-tier artifact then prices it at the artifact's own price for the tier it maps to.
+    priced: bool = False
+
+    @property
+    def price_per_mtok(self) -> float | None:
+        """The price the N-tier decision compares: input + output per million tokens, as the artifact's tier
+        prices are (`tiergate.training.data.load_prices`); None when not `priced`."""
+        return self.input_price_per_mtok + self.output_price_per_mtok if self.priced else None
 
 
 @dataclass(frozen=True)
 class MultiTier:
     """N-tier routing with a `multi_tier` artifact: the router picks argmax(quality - lambda * price) over the
-    artifact tiers this config serves (tiergate.routing.operating_points.choose_tiers, lambda = bp / 10000)."""
+    artifact tiers this config serves (tiergate.routing.operating_points.choose_tiers, lambda = bp / 10000), with
+    `prices`. `knobs.multi_tier_for` makes it and says which prices those are (the policy's, or the artifact's when
+    the policy's are the same up to one factor and the weight comes from the artifact's calibration: then both
+    give the same choice)."""
 
-    # The artifact (tiergate.routing.artifact.RouterArtifact): its tier prices are what the cost weight was
-    # calibrated against, so the choice uses them, not the policy's prices (those feed the cost metric only).
     artifact: RouterArtifact = field(compare=False, repr=False)
     # Per config tier (cheapest first), the index of the artifact tier it serves.
     columns: tuple[int, ...]
     cost_weight_bp: int
+    # Per artifact tier ($/Mtok, input + output), the price the choice weighs; only the served columns matter.
+    prices: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -187,6 +199,8 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError("multi_tier.columns: one distinct artifact tier per tier")
         if isinstance(mt.cost_weight_bp, bool) or mt.cost_weight_bp < 0:
             raise ConfigError(f"cost weight: {mt.cost_weight_bp} bp must be a non-negative integer")
+        if len(mt.prices) <= max(mt.columns) or any(not 0 <= mt.prices[c] < float("inf") for c in mt.columns):
+            raise ConfigError("multi_tier.prices: a finite non-negative price per artifact tier")
 
 
 def tier_at(
@@ -196,11 +210,14 @@ def tier_at(
     served_model: str | None = None,
     model: str | None = None,
     api_key: str | None = None,
-    price_per_mtok: tuple[float, float] = (0.0, 0.0),
+    price_per_mtok: tuple[float, float] | None = None,
 ) -> TierConfig:
     """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
-    (`TierConfig` itself also takes several URLs, or URLs and a Service, for callers that assemble tiers by hand.)"""
+    `price_per_mtok` (input, output) None: not priced (a `--tier` flag). (`TierConfig` itself also takes several
+    URLs, or URLs and a Service, for callers that assemble tiers by hand.)"""
     urls, service = ((endpoint,), None) if isinstance(endpoint, str) else ((), endpoint)
+    priced = price_per_mtok is not None
+    price_per_mtok = price_per_mtok or (0.0, 0.0)
     return TierConfig(
         name=name,
         base_urls=urls,
@@ -210,6 +227,7 @@ def tier_at(
         api_key=api_key,
         input_price_per_mtok=price_per_mtok[0],
         output_price_per_mtok=price_per_mtok[1],
+        priced=priced,
     )
 
 
