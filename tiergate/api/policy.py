@@ -770,6 +770,10 @@ class TierStatus(_Observed):
     desired_replicas: int = 0
     ready_replicas: int = 0
     endpoint: str | None = None
+    reachable: bool | None = None
+    """External tiers: whether `GET {endpoint}/models` got an answer below HTTP 500 at the operator's last check."""
+    message: str | None = None
+    """External tiers: what that check got (HTTP status, or the error)."""
 
 
 class MixEntry(_Observed):
