@@ -520,6 +520,18 @@ class ClassifierCache(_Model):
     """Bytes the cache may hold at most, each entry counted with its bookkeeping (0 turns the cache off)."""
 
 
+class BodyLimits(_Model):
+    """How much of request and answer bodies the router holds. Unset: the router's defaults (docs/router.md,
+    "Memory")."""
+
+    max_in_flight_request_bytes: Annotated[int, Field(ge=4 * 1024 * 1024, le=1 << 36, strict=True)] | None = None
+    """Bytes of request bodies (HTTP and gRPC) held at once; a request that does not fit waits its turn (HTTP 503
+    after requestSeconds). At least one maximal body (4 MiB); default 64 MiB."""
+    max_response_bytes: Annotated[int, Field(ge=1024, le=1 << 30, strict=True)] | None = None
+    """Largest non-streaming answer read from a tier; a larger one is HTTP 502 (gRPC UNAVAILABLE) naming the tier.
+    Default 16 MiB."""
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -579,6 +591,7 @@ class Router(Placement):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, json_schema_extra={"default": {}})
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     classifier_cache: ClassifierCache | None = None
+    body_limits: BodyLimits | None = None
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""

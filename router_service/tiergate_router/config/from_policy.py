@@ -21,7 +21,15 @@ from tiergate_router.config.knobs import (
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
-from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
+from tiergate_router.config.types import (
+    DEFAULT_INFLIGHT_BODY_BYTES,
+    DEFAULT_RESPONSE_BYTES,
+    RouterConfig,
+    ServiceRef,
+    TierConfig,
+    check_base_url,
+    tier_at,
+)
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -62,6 +70,7 @@ def from_policy(
     tiers = merge_tier_flags(policy_tiers, tier_flags)
     r = spec.router
     cache_entries, cache_bytes = _cache_bounds(policy)
+    inflight_bytes, response_bytes = _body_limits(policy)
     cost_weight, budget = _cost_weight_bp(policy, multi) if multi is not None else (None, None)
     if cost_weight_bp is not None:
         cost_weight, budget = cost_weight_bp, None
@@ -94,6 +103,8 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
+            max_inflight_body_bytes=inflight_bytes,
+            max_response_bytes=response_bytes,
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
@@ -107,6 +118,17 @@ def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
     return (
         DEFAULT_CACHE_ENTRIES if entries is None else entries,
         DEFAULT_CACHE_BYTES if size is None else size,
+    )
+
+
+def _body_limits(policy: RoutingPolicy) -> tuple[int, int]:
+    """`spec.router.bodyLimits` (request bytes in flight, answer bytes); an unset limit keeps the router's default."""
+    b = policy.spec.router.body_limits
+    inflight = b.max_in_flight_request_bytes if b is not None else None
+    response = b.max_response_bytes if b is not None else None
+    return (
+        DEFAULT_INFLIGHT_BODY_BYTES if inflight is None else inflight,
+        DEFAULT_RESPONSE_BYTES if response is None else response,
     )
 
 

@@ -98,8 +98,9 @@ class LocalOverrides:
     # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
     cache_entries: int | None = None
     cache_bytes: int | None = None
-    # `--max-inflight-body-bytes`.
+    # `--max-inflight-body-bytes` / `--max-response-bytes`: over the policy's spec.router.bodyLimits.
     inflight_body_bytes: int | None = None
+    response_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
     if overrides.inflight_body_bytes is not None:
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
+    if overrides.response_bytes is not None:
+        cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
     return cfg
 
 

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from tiergate.routing.artifact import RouterArtifact
 
 
+# Defaults of RouterConfig's body limits (spec.router.bodyLimits); their reasons are at the fields.
+DEFAULT_INFLIGHT_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServiceRef:
     """A Kubernetes Service whose ready pods (found through EndpointSlices) serve a tier."""
@@ -116,7 +121,11 @@ class RouterConfig:
     # Bytes of request bodies held at once (admission.ByteBudget): a request waits for room before its body is
     # read. Memory per request is a few times its body (raw, parsed, prompt, forwarded), so this bounds the
     # router's request memory whatever the concurrency; 64 MiB is 16 maximal bodies or thousands of usual ones.
-    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    max_inflight_body_bytes: int = DEFAULT_INFLIGHT_BODY_BYTES
+    # Largest non-streaming answer read from a tier (UpstreamTooLargeError, HTTP 502 naming the tier, beyond it). A
+    # long chat answer is a few hundred KB; 16 MiB leaves room for many choices or logprobs while bounding what one
+    # request can make the router hold. Streams are passed through chunk by chunk and need no cap.
+    max_response_bytes: int = DEFAULT_RESPONSE_BYTES
     # The classifier's result cache: at most this many verdicts and this many bytes (classifier.ScoreCache; 0 turns
     # it off). Keys are digests, so neither depends on prompt sizes.
     classifier_cache_entries: int = DEFAULT_CACHE_ENTRIES
@@ -191,6 +200,8 @@ def validate(cfg: RouterConfig) -> None:
             f"max_inflight_body_bytes: {cfg.max_inflight_body_bytes} is less than one body (max_body_bytes "
             f"{cfg.max_body_bytes})"
         )
+    if cfg.max_response_bytes < 1024:
+        raise ConfigError("max_response_bytes: must be at least 1024")
     if cfg.classifier_cache_entries < 0 or cfg.classifier_cache_bytes < 0:
         raise ConfigError("classifier_cache_entries and classifier_cache_bytes: must not be negative")
     mt = cfg.multi_tier
