@@ -123,20 +123,7 @@ def multi_tier_for(
     prices with the calibrated weight, which chooses exactly as these prices do at weight / k. Prices in other
     ratios are refused, naming the first tier off the ratio: no table describes them."""
     known = source.tier_names
-    columns: list[int] = []
-    for i, t in enumerate(tiers):
-        keys = [k for k in (t.name, t.served_model, t.model) if k]
-        col = next((known.index(k) for k in keys if k in known), None)
-        if col is None:
-            raise ConfigError(
-                f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source.source} by name, "
-                f"servedModelName or model ({', '.join(map(repr, dict.fromkeys(keys)))}); its tiers: "
-                f"{', '.join(known)}"
-            )
-        if col in columns:
-            other = tiers[columns.index(col)].name
-            raise ConfigError(f"tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as {other!r} does")
-        columns.append(col)
+    columns = _columns(tiers, known, source.source)
     art_prices = [float(t.price) for t in source.artifact.tiers]
     mine = [
         art_prices[c] if t.price_per_mtok is None else t.price_per_mtok for t, c in zip(tiers, columns, strict=True)
@@ -167,6 +154,25 @@ def multi_tier_for(
                 raise
             raise ConfigError(f"{e} (the tiers' prices are {k:g} x the artifact's, so that is {budget:g} here)") from e
     return MultiTier(source.artifact, tuple(columns), bp, tuple(art_prices))
+
+
+def _columns(tiers: Sequence[TierConfig], known: Sequence[str], source: Path) -> list[int]:
+    """Per tier, the index of the artifact tier (`known`) it serves (`multi_tier_for` gives the rule)."""
+    columns: list[int] = []
+    for i, t in enumerate(tiers):
+        keys = [k for k in (t.name, t.served_model, t.model) if k]
+        col = next((known.index(k) for k in keys if k in known), None)
+        if col is None:
+            raise ConfigError(
+                f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source} by name, "
+                f"servedModelName or model ({', '.join(map(repr, dict.fromkeys(keys)))}); its tiers: "
+                f"{', '.join(known)}"
+            )
+        if col in columns:
+            other = tiers[columns.index(col)].name
+            raise ConfigError(f"tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as {other!r} does")
+        columns.append(col)
+    return columns
 
 
 def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:
