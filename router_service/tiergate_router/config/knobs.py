@@ -7,11 +7,11 @@ threshold used when nothing sets it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from tiergate.routing.tiers import PRICE_WAY_OUT, artifact_tier, price_factor, price_mismatch
 from tiergate_router.config.types import MultiTier, RouterConfig, TierConfig
 from tiergate_router.errors import ConfigError
 
@@ -80,28 +80,6 @@ def two_tier_thresholds(names: Sequence[str], threshold_bp: int, *, where: str) 
     )
 
 
-# Relative slack when comparing a policy's prices with an artifact's: the policy's are exact decimals, the
-# artifact's sums of floats (input + output), so equal prices differ in the last bits only.
-PRICE_RTOL = 1e-9
-
-
-def price_factor(mine: Sequence[float], calibrated: Sequence[float]) -> tuple[float, int]:
-    """(k, -1) when `mine[i] == k * calibrated[i]` for every i with one k > 0; else (k, i), i the first tier off
-    the ratio k (the first tier's with a non-zero calibrated price; all zero: 1). Prices in the same ratios make
-    argmax(quality - lambda * price) choose alike at lambda and lambda / k, so an artifact's calibration holds for
-    them; other ratios it does not describe."""
-    base = next((i for i, c in enumerate(calibrated) if c > 0), None)
-    k = 1.0 if base is None else mine[base] / calibrated[base]
-    if math.isclose(k, 1.0, rel_tol=PRICE_RTOL):
-        k = 1.0  # the same prices: a budget is compared with the table as written, not off by a rounding error
-    if k <= 0:
-        return k, base if base is not None else 0
-    for i, (m, c) in enumerate(zip(mine, calibrated, strict=True)):
-        if not math.isclose(m, k * c, rel_tol=PRICE_RTOL, abs_tol=1e-12):
-            return k, i
-    return k, -1
-
-
 def multi_tier_for(
     tiers: Sequence[TierConfig],
     source: MultiTierSource,
@@ -119,9 +97,10 @@ def multi_tier_for(
     at the artifact's price for its tier. The weight: `cost_weight_bp` as given (it means quality per $/Mtok of
     these prices); else from the artifact's calibration, its default or the best point within `budget` ($/Mtok).
     That table was measured at the artifact's prices, so it holds only for prices in the same ratios (k times the
-    artifact's, `price_factor`): then the budget is compared as budget / k and the choice made at the artifact's
-    prices with the calibrated weight, which chooses exactly as these prices do at weight / k. Prices in other
-    ratios are refused, naming the first tier off the ratio: no table describes them."""
+    artifact's, `tiergate.routing.tiers.price_factor`): then the budget is compared as budget / k and the choice
+    made at the artifact's prices with the calibrated weight, which chooses exactly as these prices do at
+    weight / k. Prices in other ratios are refused, naming the first tier off the ratio: no table describes them.
+    The operator checks the same rules on an artifact it hands over (`tiergate_operator.classifier`)."""
     known = source.tier_names
     columns = _columns(tiers, known, source.source)
     art_prices = [float(t.price) for t in source.artifact.tiers]
@@ -136,13 +115,10 @@ def multi_tier_for(
     k, off = price_factor(mine, [art_prices[c] for c in columns])
     if off >= 0:
         need = "spec.router.budgetPerMillion" if budget is not None else "the artifact's default cost weight"
-        theirs = f"the artifact's {art_prices[columns[off]]:g} for {known[columns[off]]}"
-        ratio = f"{theirs} (or a positive multiple)" if k <= 0 or off == 0 else f"{k:g} x {theirs}, as the tiers before"
+        off_by = price_mismatch(mine[off], k, off == 0, art_prices[columns[off]], known[columns[off]])
         raise ConfigError(
-            f"tiers[{off}] ({tiers[off].name}).price: {mine[off]:g} $/Mtok (input + output) is not {ratio}; the "
-            f"artifact's calibration, measured at its own prices, does not describe these, and {need} comes from it. "
-            "Set a cost weight for these prices (spec.router.costWeightBasisPoints or --cost-weight-bp; `tiergate "
-            "eval --prices` draws the curve at them), or train the artifact with them (`tiergate train --prices`)"
+            f"tiers[{off}] ({tiers[off].name}).price: {off_by}; the artifact's calibration, measured at its own "
+            f"prices, does not describe these, and {need} comes from it. {PRICE_WAY_OUT}"
         )
     if budget is None:
         bp = source.default_cost_weight_bp
@@ -161,7 +137,7 @@ def _columns(tiers: Sequence[TierConfig], known: Sequence[str], source: Path) ->
     columns: list[int] = []
     for i, t in enumerate(tiers):
         keys = [k for k in (t.name, t.served_model, t.model) if k]
-        col = next((known.index(k) for k in keys if k in known), None)
+        col = artifact_tier(keys, known)
         if col is None:
             raise ConfigError(
                 f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source} by name, "
