@@ -27,6 +27,8 @@ from tiergate.api import naming
 from tiergate.api.errors import FieldError
 from tiergate.api.policy import RoutingPolicy
 
+from .external import ExternalCheck, models_url
+
 Obj = Mapping[str, Any]
 
 READY = "Ready"
@@ -37,6 +39,10 @@ REWARD_MODEL_READY = "RewardModelReady"
 # Reasons of RewardModelReady.
 REWARD_MODEL_AVAILABLE = "RewardModelAvailable"
 REWARD_MODEL_UNAVAILABLE = "RewardModelUnavailable"
+
+# An external tier whose endpoint does not answer (external.probe), and one not checked yet.
+EXTERNAL_UNREACHABLE = "ExternalTierUnreachable"
+EXTERNAL_CHECKING = "CheckingExternalTier"
 
 # Reasons of a refused spec (SpecProblem.reason).
 INVALID_SPEC = "InvalidSpec"
@@ -64,6 +70,8 @@ class Component:
     component: str
     tier: str | None
     desired: int | None  # None: an autoscaler owns the count; read it from the Deployment
+    # An external tier (`endpoint.url`): nothing deployed; its state is the operator's last check of this URL.
+    external_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,16 @@ def components(policy: RoutingPolicy) -> list[Component]:
             )
         )
     return out
+
+
+def external_state(tier: str, url: str, check: ExternalCheck | None) -> ComponentState:
+    """An external tier as a component: ready when the last check got an answer, Degraded when it did not, waiting
+    (not ready, no problem) until the first check is in."""
+    c = Component(f"tier {tier} (external)", "", "external", tier, 1, external_url=url)
+    if check is None:
+        return ComponentState(c, 1, 0, 0, True, False, None)
+    problem = None if check.ok else (EXTERNAL_UNREACHABLE, check.message)
+    return ComponentState(c, 1, int(check.ok), 1, True, True, problem)
 
 
 def _pods_of(c: Component, pods: Iterable[Obj]) -> list[Obj]:
@@ -193,8 +211,11 @@ def compute_status(
     previous_conditions: Sequence[Obj] = (),
     now: str = "1970-01-01T00:00:00Z",
     router_problem: tuple[str, str] | None = None,
+    external: Mapping[str, ExternalCheck | None] | None = None,
 ) -> dict[str, Any]:
     """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods.
+    `external` maps an external tier's name to the last check of its endpoint (`external.ExternalChecks`; absent or
+    None: not checked yet, so the tier is not counted ready).
     `router_problem` (reason, message): what keeps the router from serving what the policy says, seen by the
     operator rather than in a pod (a classifier artifact it refused). It is the router's problem before any of its
     pods' (a pod waiting for a classifier that never came is the symptom), so the policy is Degraded, not
@@ -207,17 +228,28 @@ def compute_status(
             dataclasses.replace(s, problem=router_problem) if s.component.component == naming.COMPONENT_ROUTER else s
             for s in states
         ]
+    for t in policy.spec.tiers:
+        if t.endpoint is not None:
+            states.append(external_state(t.name, t.endpoint.url, (external or {}).get(t.name)))
     by_tier = {s.component.tier: s for s in states if s.component.tier is not None}
 
     tiers: list[dict[str, Any]] = []
     ready_tiers = 0
     for t in policy.spec.tiers:
-        if t.external:
-            assert t.endpoint is not None
-            tiers.append({"name": t.name, "desiredReplicas": 0, "readyReplicas": 0, "endpoint": t.endpoint.url})
-            ready_tiers += 1
-            continue
         s = by_tier[t.name]
+        if t.endpoint is not None:
+            ready_tiers += s.is_ready
+            check = (external or {}).get(t.name)
+            entry: dict[str, Any] = {
+                "name": t.name,
+                "desiredReplicas": 0,
+                "readyReplicas": 0,
+                "endpoint": t.endpoint.url,
+            }
+            if check is not None:
+                entry.update(reachable=check.ok, message=check.message)
+            tiers.append(entry)
+            continue
         ready_tiers += s.is_ready
         tiers.append(
             {
@@ -236,10 +268,14 @@ def compute_status(
     else:
         first = (degraded or waiting)[0]
         reason = first.problem[0] if first.problem else ("Creating" if not first.exists else "RollingOut")
+        if first.problem is None and first.component.external_url is not None:
+            reason = EXTERNAL_CHECKING
         msg = "; ".join(_describe(s) for s in degraded + waiting)
         conds.append(_condition(READY, False, reason, msg, gen, previous, now))
     if waiting:
         reason = "Creating" if any(not s.exists for s in waiting) else "RollingOut"
+        if all(s.component.external_url is not None for s in waiting):
+            reason = EXTERNAL_CHECKING
         conds.append(
             _condition(PROGRESSING, True, reason, "; ".join(_describe(s) for s in waiting), gen, previous, now)
         )
@@ -338,6 +374,10 @@ def refused_status(
 
 def _describe(s: ComponentState) -> str:
     c = s.component
+    if c.external_url is not None:
+        if s.problem is not None:
+            return f"{c.label}: unreachable: {s.problem[1]}"
+        return f"{c.label}: " + (f"reachable ({models_url(c.external_url)})" if s.is_ready else "not checked yet")
     if not s.exists:
         return f"{c.label}: Deployment {c.deployment} not created yet"
     base = f"{c.label}: {s.ready}/{s.desired} ready"
@@ -349,7 +389,10 @@ def _describe(s: ComponentState) -> str:
 
 
 def _ready_summary(states: Sequence[ComponentState]) -> str:
-    return ", ".join(f"{s.component.label} {s.ready}/{s.desired}" for s in states)
+    return ", ".join(
+        f"{s.component.label} reachable" if s.component.external_url else f"{s.component.label} {s.ready}/{s.desired}"
+        for s in states
+    )
 
 
 def status_changed(old: Obj | None, new: Obj) -> bool:

@@ -16,8 +16,8 @@ from tiergate_router.config.knobs import (
     LoadedSource,
     MultiTierSource,
     ThresholdSource,
-    even_thresholds,
     multi_tier_for,
+    two_tier_thresholds,
     with_multi_tier,
 )
 from tiergate_router.config.local import (
@@ -71,7 +71,6 @@ __all__ = [
     "apply_overrides",
     "check_base_url",
     "dispatch_settings",
-    "even_thresholds",
     "from_policy",
     "listen",
     "load_policy_file",
@@ -85,6 +84,7 @@ __all__ = [
     "serve_config",
     "served_tier_names",
     "tier_at",
+    "two_tier_thresholds",
     "unserved_sections",
     "validate",
     "with_multi_tier",

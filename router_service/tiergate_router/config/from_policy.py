@@ -16,12 +16,20 @@ from tiergate_router.config.knobs import (
     TWO_TIER_KNOBS,
     MultiTierSource,
     ThresholdSource,
-    even_thresholds,
     multi_tier_for,
+    two_tier_thresholds,
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
-from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
+from tiergate_router.config.types import (
+    DEFAULT_INFLIGHT_BODY_BYTES,
+    DEFAULT_RESPONSE_BYTES,
+    RouterConfig,
+    ServiceRef,
+    TierConfig,
+    check_base_url,
+    tier_at,
+)
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +45,7 @@ def from_policy(
     multi: MultiTierSource | None = None,
     environ: Mapping[str, str] | None = None,
     tier_flags: Sequence[TierFlag] = (),
+    cost_weight_bp: int | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy to a RouterConfig.
 
@@ -48,27 +57,32 @@ def from_policy(
     artifact's calibration (`thresholds`). With a two-tier artifact and more than two tiers the score separates the
     cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
     the tiers map to the artifact's (`knobs.multi_tier_for`, once, over the final tiers) and the cost weight
-    chooses: `costWeightBasisPoints` as given, `budgetPerMillion` through the artifact's calibration, else its
-    calibrated default. A knob of the other artifact kind means nothing there and is refused, naming it. An external
-    tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default os.environ).
+    chooses, against the policy's tier prices: `cost_weight_bp` (`--cost-weight-bp`) or `costWeightBasisPoints` as
+    given, `budgetPerMillion` through the artifact's calibration, else its calibrated default (those two only for
+    prices in the artifact's ratios, see `multi_tier_for`). A two-tier artifact serves at most two tiers
+    (`knobs.two_tier_thresholds`). A knob of the other artifact kind means nothing there and is refused, naming it.
+    An external tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default
+    os.environ).
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
     policy_tiers = tuple(_tier(policy, i, t, ns, discovery, environ) for i, t in enumerate(spec.tiers))
     tiers = merge_tier_flags(policy_tiers, tier_flags)
-    cost_weight: int | None = None
-    if multi is not None:
-        cost_weight = _cost_weight_bp(policy, multi)
-        th = DEFAULT_THRESHOLD_BP  # unused: thresholds only apply to two-tier artifacts
-    else:
-        th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
-    # The policy's one threshold separates its cheapest tier from its strongest; a tier added by `--tier` leaves
-    # that meaning undefined, so the thresholds fall back to an even split.
-    thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
     r = spec.router
     cache_entries, cache_bytes = _cache_bounds(policy)
+    inflight_bytes, response_bytes = _body_limits(policy)
+    cost_weight, budget = _cost_weight_bp(policy, multi) if multi is not None else (None, None)
+    if cost_weight_bp is not None:
+        cost_weight, budget = cost_weight_bp, None
+    th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1) if multi is None else DEFAULT_THRESHOLD_BP
     try:
-        multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
+        multi_tier = None
+        if multi is not None:
+            multi_tier = multi_tier_for(tiers, multi, cost_weight, budget=budget)
+            thresholds_bp: tuple[int, ...] = (th,) * (len(tiers) - 1)  # unused: N-tier configs choose by weight
+        else:
+            where = "spec.tiers" if len(tiers) == len(policy_tiers) else "spec.tiers with --tier"
+            thresholds_bp = two_tier_thresholds([t.name for t in tiers], th, where=where)
         return RouterConfig(
             tiers=tiers,
             thresholds_bp=thresholds_bp,
@@ -89,6 +103,8 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
+            max_inflight_body_bytes=inflight_bytes,
+            max_response_bytes=response_bytes,
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
@@ -102,6 +118,17 @@ def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
     return (
         DEFAULT_CACHE_ENTRIES if entries is None else entries,
         DEFAULT_CACHE_BYTES if size is None else size,
+    )
+
+
+def _body_limits(policy: RoutingPolicy) -> tuple[int, int]:
+    """`spec.router.bodyLimits` (request bytes in flight, answer bytes); an unset limit keeps the router's default."""
+    b = policy.spec.router.body_limits
+    inflight = b.max_in_flight_request_bytes if b is not None else None
+    response = b.max_response_bytes if b is not None else None
+    return (
+        DEFAULT_INFLIGHT_BODY_BYTES if inflight is None else inflight,
+        DEFAULT_RESPONSE_BYTES if response is None else response,
     )
 
 
@@ -124,7 +151,8 @@ def _tier(
         served_model=t.model_name,
         model=t.model,
         api_key=api_key(t, i, environ),
-        # Decimal in the policy (exact money); float here, where it only feeds an estimated-cost counter.
+        # Decimal in the policy (exact money); float here, where it weighs against predicted quality (N-tier
+        # artifacts) and feeds an estimated-cost counter.
         price_per_mtok=(float(t.price.input_per_million), float(t.price.output_per_million)),
     )
 
@@ -133,8 +161,9 @@ def _knob(policy: RoutingPolicy) -> str | None:
     return next(iter(policy.spec.router.decision_knobs()), None)  # the policy model allows at most one
 
 
-def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None:
-    """An N-tier artifact's cost weight from the policy's knob (None: the artifact's calibrated default)."""
+def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> tuple[int | None, float | None]:
+    """An N-tier artifact's (cost weight, budget) from the policy's knob; (None, None): the artifact's calibrated
+    default. The budget becomes a weight in `multi_tier_for`, which knows the prices it is compared at."""
     r = policy.spec.router
     knob = _knob(policy)
     if knob in TWO_TIER_KNOBS:
@@ -144,11 +173,11 @@ def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None
             "instead, or neither for the artifact's calibrated default"
         )
     if r.cost_weight_basis_points is not None:
-        return int(r.cost_weight_basis_points)
+        return int(r.cost_weight_basis_points), None
     if r.budget_per_million is not None:
         # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
-        return multi.cost_weight_for_budget_bp(float(r.budget_per_million))
-    return None
+        return None, float(r.budget_per_million)
+    return None, None
 
 
 def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None, *, needed: bool) -> int:

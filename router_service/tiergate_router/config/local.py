@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, MultiTierSource, even_thresholds, multi_tier_for
+from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, MultiTierSource, multi_tier_for, two_tier_thresholds
 from tiergate_router.config.types import RouterConfig, TierConfig, check_base_url, tier_at
 from tiergate_router.errors import ConfigError
 
@@ -98,8 +98,9 @@ class LocalOverrides:
     # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
     cache_entries: int | None = None
     cache_bytes: int | None = None
-    # `--max-inflight-body-bytes`.
+    # `--max-inflight-body-bytes` / `--max-response-bytes`: over the policy's spec.router.bodyLimits.
     inflight_body_bytes: int | None = None
+    response_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -152,21 +153,24 @@ def local_config(
     *,
     threshold_bp: int = DEFAULT_THRESHOLD_BP,
     multi: MultiTierSource | None = None,
+    cost_weight_bp: int | None = None,
 ) -> RouterConfig:
-    """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). With more than two
-    tiers, thresholds split the score range evenly (`even_thresholds`); with an N-tier artifact (`multi`) the tiers
-    map to its tiers at its calibrated cost weight."""
+    """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). A two-tier artifact
+    serves at most two tiers (`knobs.two_tier_thresholds`); with an N-tier artifact (`multi`) the tiers map to its
+    tiers, priced at its prices (a flag carries none), at `cost_weight_bp` or else its calibrated default."""
     tiers = merge_tier_flags((), flags)
+    if multi is not None:
+        mt = multi_tier_for(tiers, multi, cost_weight_bp)
+        return RouterConfig(tiers=tiers, thresholds_bp=(threshold_bp,) * (len(tiers) - 1), multi_tier=mt)
     return RouterConfig(
-        tiers=tiers,
-        thresholds_bp=even_thresholds(len(tiers), threshold_bp),
-        multi_tier=multi_tier_for(tiers, multi, None) if multi is not None else None,
+        tiers=tiers, thresholds_bp=two_tier_thresholds([t.name for t in tiers], threshold_bp, where="--tier")
     )
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp`, `--cost-weight-bp`, the dispatch flags and the classifier cache's bounds on a built config.
-    The N-tier mapping is kept as built: a cost weight changes the choice among the mapped tiers, not the mapping."""
+    """`--threshold-bp`, the dispatch flags, the classifier cache's bounds and the body budget on a built config.
+    (`--cost-weight-bp` is not here: the weight decides which prices the N-tier choice uses, so the config is built
+    with it, `serve.serve_config`.)"""
     if overrides.dispatch:
         try:
             # Field names come from DISPATCH_FLAGS (a unit test sets every one), values in each field's type.
@@ -182,10 +186,8 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
     if overrides.inflight_body_bytes is not None:
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
-    if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
-        cfg = dataclasses.replace(
-            cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)
-        )
+    if overrides.response_bytes is not None:
+        cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
     return cfg
 
 

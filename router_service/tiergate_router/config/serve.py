@@ -26,20 +26,29 @@ def serve_config(
 ) -> RouterConfig:
     """The RouterConfig for `tiergate serve`. `classifier` is the loaded artifact (None with one tier: nothing to
     decide); an N-tier one makes the config choose by cost weight, and the two-tier knobs are refused for it. The
-    tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here; `--cost-weight-bp`
-    then overrides the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default."""
+    tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here, and `--cost-weight-bp`
+    replaces the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default there."""
     multi = classifier if classifier is not None and classifier.kind == "multi_tier" else None
     if multi is None and overrides.cost_weight_bp is not None:
         raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
     if multi is not None and overrides.threshold_bp is not None:
         raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
     if policy is not None:
-        cfg = from_policy(policy, discovery=discovery, thresholds=classifier, multi=multi, tier_flags=overrides.tiers)
+        cfg = from_policy(
+            policy,
+            discovery=discovery,
+            thresholds=classifier,
+            multi=multi,
+            tier_flags=overrides.tiers,
+            cost_weight_bp=overrides.cost_weight_bp,
+        )
     elif not overrides.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)
     else:
         default_bp = DEFAULT_THRESHOLD_BP
         if classifier is not None and multi is None:
             default_bp = classifier.default_threshold_bp
-        cfg = local_config(overrides.tiers, threshold_bp=default_bp, multi=multi)
+        cfg = local_config(
+            overrides.tiers, threshold_bp=default_bp, multi=multi, cost_weight_bp=overrides.cost_weight_bp
+        )
     return apply_overrides(cfg, overrides)
