@@ -44,6 +44,17 @@ if TYPE_CHECKING:
 CHARS_PER_TOKEN = 4
 # Costs are stated per 1k prompts: a per-prompt figure for cheap models is a few 1e-5 USD, unreadable in tables.
 PROMPTS_PER_UNIT = 1000
+# Cost weights swept for candidates' calibration tables and curves, basis points of quality per USD per 1k prompts.
+# Finer at the low end than the N-tier grid: candidates' costs span 200x (a 7B model's one answer ~0.08 $/1k
+# prompts, GPT-4's ~16), so the frontier model trades against cheap ones at weights of a few bp (16 $/1k x 5 bp
+# = 0.008 quality), which the N-tier grid's 25 bp first step would skip; beyond 1.0 only the cheapest are left.
+COST_WEIGHTS_BP: tuple[int, ...] = (
+    *range(0, 50, 1),
+    *range(50, 200, 5),
+    *range(200, 2000, 25),
+    *range(2000, 10000, 250),
+    *range(10000, 50001, 2500),
+)
 
 
 @dataclass(frozen=True)

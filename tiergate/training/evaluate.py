@@ -179,7 +179,16 @@ def plot_two_tier(report: dict[str, Any], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
+def plot_multi_tier(
+    report: dict[str, Any],
+    path: str,
+    title: str,
+    *,
+    xlabel: str = "mean price of the chosen model ($/Mtok, input + output)",
+    extra_curves: dict[str, list[dict[str, Any]]] | None = None,
+) -> None:
+    """The router's curve, each single tier, the oracle and the default point; `extra_curves` (label -> points with
+    `cost` and `quality`) are drawn beside the router's (e.g. the same router without some candidates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -188,6 +197,9 @@ def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     cs = sorted(report["curve"], key=lambda c: c["cost"])
     ax.plot([c["cost"] for c in cs], [c["quality"] for c in cs], "-o", markersize=3, label="router (lambda sweep)")
+    for label, pts in (extra_curves or {}).items():
+        es = sorted(pts, key=lambda c: c["cost"])
+        ax.plot([c["cost"] for c in es], [c["quality"] for c in es], "-s", markersize=3, label=label)
     for name, sp in report["single"].items():
         ax.scatter([sp["cost"]], [sp["quality"]], color="tab:gray", s=25, zorder=3)
         ax.annotate(name, (sp["cost"], sp["quality"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
@@ -196,7 +208,7 @@ def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
     ax.scatter(
         [report["cost"]], [report["quality"]], color="tab:red", marker="D", s=50, label="router default", zorder=4
     )
-    ax.set_xlabel("mean price of the chosen model ($/Mtok, input + output)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean quality")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
