@@ -99,13 +99,15 @@ class BudgetCV:
 
     Per outer fold the router is trained on the other folds exactly as `tiergate train` does (its calibration
     table out-of-fold on those rows), its cost weight chosen by `cost_weight_for_budget` (what `tiergate calibrate
-    --usd-per-1k-prompts` stores), and applied to the held-out fold. `router` holds each row's held-out outcome
-    and `router_cost` its true cost; `single` names the best single candidate whose mean cost on all rows fits the
-    budget, `single_outcomes` its per-row scores. `curve` pools the held-out choices per cost weight."""
+    --usd-per-1k-prompts` stores), and applied to the held-out fold. `router` holds each row's held-out outcome,
+    `router_cost` its true cost and `router_choice` the candidate chosen; `single` names the best single
+    candidate whose mean cost on all rows fits the budget, `single_outcomes` its per-row scores. `curve` pools the
+    held-out choices per cost weight."""
 
     budget: float
     router: FloatArray
     router_cost: FloatArray
+    router_choice: npt.NDArray[np.int64]
     cost_weights_bp: tuple[int, ...]
     single: str | None
     single_outcomes: FloatArray | None
@@ -150,6 +152,7 @@ def cross_validate_at_budget(
     ref = names.index(reference)
     routed = np.zeros(n, dtype=np.float64)
     routed_cost = np.zeros(n, dtype=np.float64)
+    routed_choice = np.zeros(n, dtype=np.int64)
     choices = np.zeros((len(COST_WEIGHTS_BP), n), dtype=np.int64)
     chosen_bp: list[int] = []
     truth = true_costs(data, measure_candidates(data, names, prices))
@@ -180,6 +183,7 @@ def cross_validate_at_budget(
         est_held = estimated_costs([data.prompts[i] for i in held], cands)
         pick = choose_rows(qpred, est_held, bp)
         routed[held] = data.scores[held, pick]
+        routed_choice[held] = pick
         routed_cost[held] = truth[held, pick] * PROMPTS_PER_UNIT
         for j, w in enumerate(COST_WEIGHTS_BP):
             choices[j, held] = choose_rows(qpred, est_held, w)
@@ -196,6 +200,7 @@ def cross_validate_at_budget(
         budget=budget,
         router=routed,
         router_cost=routed_cost,
+        router_choice=routed_choice,
         cost_weights_bp=tuple(chosen_bp),
         single=None if best is None else names[best],
         single_outcomes=None if best is None else data.scores[:, best].copy(),
