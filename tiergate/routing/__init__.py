@@ -11,6 +11,8 @@ Modules and their contracts (the router service depends on these; keep them stab
 - `scorer`: `Scorer` applies an artifact's head with numpy only: `score()` for two tiers, `quality()` and
   `choose()` for N tiers; thresholds in basis points.
 - `features`: prompt features computed from the text (`log_chars`), appended to the embedding.
+- `candidates`: BEST-Route (model, n) candidates of a `candidates` artifact, their per-prompt cost and the one
+  run-time rule that picks one (`choose_candidate`, `choose_rows`); costs in USD per 1k prompts.
 - `errors`: one exception type per boundary, all `RoutingError`.
 
 The offline toolchain (labels, data, fitting, evaluation, plots, the embedding cache, the `train`/`eval`/
