@@ -86,10 +86,21 @@ def test_train_calibrate_eval_exact_forms(tmp_path: Path, env: dict[str, str]) -
     fitting = [p for p in written["calibration"] if p["cost"] <= 2.5]
     assert out["expected"]["quality"] == max(p["quality"] for p in fitting)
 
+    # --data recomputes the table on outcome data (here the training rows again, in-sample) before choosing.
     r = _tiergate(
-        ["eval", "--data", str(data), "--tiers", TIERS, "--prices", str(prices), "--router", str(cal), "--json"], env
+        ["calibrate", "--router", str(art), "--usd-per-1k-prompts", "2.5", "--data", str(data), "--json"], env
     )
     assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["expected"]["usd_per_1k_prompts"] <= 2.5
+
+    png = tmp_path / "curve.png"
+    r = _tiergate(
+        ["eval", "--data", str(data), "--tiers", TIERS, "--prices", str(prices), "--router", str(cal), "--json",
+         "--plot", str(png)],
+        env,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     ev = json.loads(r.stdout)
     assert ev["kind"] == "candidates"
     assert ev["cost_weight_bp"] == out["cost_weight_bp"]

@@ -19,8 +19,9 @@ never costs more. Serving needs only the artifact, the integer knob and which ca
 serve (`allowed`); `tiergate calibrate --usd-per-1k-prompts B` turns a budget into the knob.
 
 Why a cost weight over predicted quality, not BEST-Route's "cheapest candidate with Pr[>= reference] >= t": both
-were measured by 5-fold cross-validation on alpacaeval-bon (docs/routing.md, "Best-of-N candidates"); the
-quality rule is the one the N-tier router already serves and calibrates, and it did no worse there.
+were measured by 5-fold cross-validation on alpacaeval-bon (docs/routing.md, "Best-of-N candidates"): they tie on
+all 12 candidates at every budget measured, and BEST-Route's rule was one prompt better without the 70B models,
+within noise. The quality rule is the one the N-tier router already serves and calibrates (one knob, one table).
 """
 
 from __future__ import annotations
