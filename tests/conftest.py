@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from tests.support.routing_files import require_routing_files
 from tests.support.waiting import wait_for
 from tiergate.devcluster import build, netns
 from tiergate.devcluster.cluster import DevCluster
@@ -37,18 +38,10 @@ def routing_data_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def routing_data() -> Path:
-    folder = routing_data_dir()
-    wanted = ("routellm-mmlu.jsonl", "routellm-gsm8k.jsonl", "llmrouter-train.jsonl", "llmrouter-models.json")
-    missing = [name for name in wanted if not (folder / name).is_file()]
-    if missing:
-        msg = (
-            f"routing data not found: {', '.join(missing)} missing in {folder}. Set TIERGATE_ROUTING_DATA to the "
-            "folder holding the converted RouteLLM and LLMRouter outcome files (README.md, 'Routing data')."
-        )
-        if os.environ.get("TIERGATE_REQUIRE_ROUTING_DATA") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return folder
+    return require_routing_files(
+        routing_data_dir(),
+        ("routellm-mmlu.jsonl", "routellm-gsm8k.jsonl", "llmrouter-train.jsonl", "llmrouter-models.json"),
+    )
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

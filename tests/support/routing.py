@@ -72,3 +72,79 @@ class FakeEncoder:
             v = np.random.default_rng(seed).normal(size=DIM)
             out[i] = v / np.linalg.norm(v)
         return out
+
+
+# (name, model, n, input $/Mtok, output $/Mtok, mean one-sample output tokens) of `tiny_candidates_artifact`.
+TINY_CANDIDATES = (
+    ("small@1", "small", 1, 0.2, 0.2, 300.0),
+    ("small@4", "small", 4, 0.2, 0.2, 300.0),
+    ("big@1", "big", 1, 10.0, 30.0, 500.0),
+)
+
+
+def tiny_candidates_artifact(seed: int = 0, reference: str = "big@1") -> RouterArtifact:
+    """A small `candidates` artifact (BEST-Route) over `TINY_CANDIDATES`, random head, for run-time tests."""
+    from dataclasses import replace
+
+    base = tiny_artifact("multi_tier", seed=seed, tiers=len(TINY_CANDIDATES))
+    tiers = [
+        Tier(
+            name=name,
+            price=pin + pout,
+            model=model,
+            n=n,
+            input_usd_per_mtok=pin,
+            output_usd_per_mtok=pout,
+            output_tokens=tok,
+        )
+        for name, model, n, pin, pout, tok in TINY_CANDIDATES
+    ]
+    return replace(base, kind="candidates", tiers=tiers, reference=reference)
+
+
+def candidate_rows(n: int = 60) -> list[dict[str, object]]:
+    """Synthetic BEST-Route outcome rows over small@1, small@4 and big@1 (prices: `CANDIDATE_PRICES`).
+
+    Three kinds of prompt, by row number modulo 10: "geo" (0-4) every candidate answers; "algebra" (5-8) small@1
+    fails, best of four small answers (small@4) and big@1 succeed; "proof" (9) only big@1 succeeds. Rows carry
+    `tokens` as the public data does (input = ceil(chars / 4); small@4's output is the returned answer's).
+    A router that knows the kinds gets every prompt right at ~1.7 $ per 1k prompts; the best single candidate
+    under 2.5 $ (small@4, ~0.29 $) gets 90 %."""
+    import math
+
+    templates = {
+        "geo": "What is the capital city of country number {i} in the atlas?",
+        "algebra": "Solve for x: {i} x + 7 = 3 x - {i}, and show each step of the working.",
+        "proof": "Prove that there are infinitely many primes p with p = {i} mod 4, in full rigour.",
+    }
+    rows: list[dict[str, object]] = []
+    for i in range(n):
+        kind = "geo" if i % 10 < 5 else "algebra" if i % 10 < 9 else "proof"
+        prompt = templates[kind].format(i=i)
+        t_in = math.ceil(len(prompt) / 4)
+        rows.append(
+            {
+                "id": f"c{i}",
+                "prompt": prompt,
+                "task": kind,
+                "split": "train",
+                "scores": {
+                    "small@1": float(kind == "geo"),
+                    "small@4": float(kind != "proof"),
+                    "big@1": 1.0,
+                },
+                "tokens": {
+                    "small@1": {"input": t_in, "output": 300 + i % 7},
+                    "small@4": {"input": t_in, "output": 350 + i % 7},
+                    "big@1": {"input": t_in, "output": 500},
+                },
+            }
+        )
+    return rows
+
+
+# Keyed by base model (alpacaeval-bon-models.json form): small@1 ~0.07 $/1k prompts, small@4 ~0.25, big@1 ~15.
+CANDIDATE_PRICES = {
+    "small": {"input_usd_per_mtok": 0.2, "output_usd_per_mtok": 0.2},
+    "big": {"input_usd_per_mtok": 10.0, "output_usd_per_mtok": 30.0},
+}

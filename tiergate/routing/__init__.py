@@ -13,6 +13,8 @@ Modules and their contracts (the router service depends on these; keep them stab
 - `features`: prompt features computed from the text (`log_chars`), appended to the embedding.
 - `tiers`: how a policy's tiers meet an N-tier artifact's (which artifact tier each serves, whether the prices are
   the artifact's up to one factor); standard library only, shared by the router and the operator.
+- `candidates`: BEST-Route (model, n) candidates of a `candidates` artifact, their per-prompt cost and the one
+  run-time rule that picks one (`choose_candidate`, `choose_rows`); costs in USD per 1k prompts.
 - `errors`: one exception type per boundary, all `RoutingError`.
 
 The offline toolchain (labels, data, fitting, evaluation, plots, the embedding cache, the `train`/`eval`/

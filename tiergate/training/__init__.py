@@ -8,6 +8,8 @@ Modules:
 - `calibration`: measuring an artifact's calibration table (`tiergate.routing.operating_points`) on data.
 - `metrics`: APGR, CPT, cost-quality points; `evaluate`: eval reports and PNG plots.
 - `embeddings`: the on-disk embedding cache around the MiniLM encoder (`cached_minilm`).
+- `candidate_data`: best-of-N candidate (`MODEL@N`) prices, one-sample output tokens and per-prompt costs;
+  `candidate_eval`: their eval report and k-fold cross-validation at a budget (USD per 1k prompts).
 - `common`, `cmd_train`, `cmd_eval`, `cmd_calibrate`: the subcommands.
 
 Layering: this package reads `tiergate.routing` (the run-time package: artifact, heads, operating points,

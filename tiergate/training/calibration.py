@@ -2,7 +2,8 @@
 
 `tiergate train` measures it on out-of-fold predictions, `tiergate calibrate --data` on other outcome data, and
 `tiergate eval` traces its N-tier curve the same way; every decision inside goes through `operating_points`'
-rules (`reaches`, `choose_tiers`), the ones the router serves with.
+rules (`reaches`, `choose_tiers`) or, for candidates, `tiergate.routing.candidates.choose_rows`: the ones the
+router serves with.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from tiergate.routing.candidates import COST_WEIGHTS_BP as CANDIDATE_COST_WEIGHTS_BP
 from tiergate.routing.operating_points import (
     COST_WEIGHTS_BP,
     CalibrationTable,
@@ -66,5 +68,24 @@ def cost_weight_table(
     points = []
     for bp in weights_bp:
         pt = tier_point(str(bp), choose_tiers(quality_pred, pr, bp), outcomes, pr)
+        points.append(CostWeightPoint(cost_weight_bp=bp, cost=pt.cost, quality=pt.quality, shares=tuple(pt.shares)))
+    return CalibrationTable(cost_weights=tuple(points))
+
+
+def candidate_cost_table(
+    quality_pred: npt.NDArray[np.float64],
+    outcomes: npt.NDArray[np.float64],
+    estimated_costs: npt.NDArray[np.float64],
+    true_costs: npt.NDArray[np.float64],
+    weights_bp: Sequence[int] = CANDIDATE_COST_WEIGHTS_BP,
+) -> CalibrationTable:
+    """Candidates: one point per cost weight, choosing with `candidates.choose_rows` on the router's cost
+    estimates (what serving sees) and measuring mean quality and the mean true cost in USD per 1k prompts."""
+    from tiergate.routing.candidates import PROMPTS_PER_UNIT, choose_rows
+
+    per_1k = true_costs * PROMPTS_PER_UNIT
+    points = []
+    for bp in weights_bp:
+        pt = tier_point(str(bp), choose_rows(quality_pred, estimated_costs, bp), outcomes, per_1k)
         points.append(CostWeightPoint(cost_weight_bp=bp, cost=pt.cost, quality=pt.quality, shares=tuple(pt.shares)))
     return CalibrationTable(cost_weights=tuple(points))

@@ -3,6 +3,7 @@
     tiergate calibrate [--router ARTIFACT] --share 0.3       # at most 30 % of prompts on the strong tier
     tiergate calibrate [--router ARTIFACT] --pgr 0.8         # recover 80 % of the weak-to-strong quality gap
     tiergate calibrate [--router ARTIFACT] --budget 0.5      # N tiers: mean price at most 0.5 $/Mtok
+    tiergate calibrate --router A --usd-per-1k-prompts 1.0 --write OUT   # candidates: mean cost per 1k prompts
     ... [--data FILE.jsonl --split test]                     # measure on this data instead of the artifact's table
     ... [--write OUT.json]                                   # also store it as the artifact's default
 
@@ -12,6 +13,10 @@ with the same function, `operating_points.cost_weight_for_budget`, so it serves 
 also stores the choice as the artifact's default, used when the policy sets no knob. The artifact's own table was
 measured out-of-fold on its training rows; `--data` recomputes the table on other outcome data (e.g. recent
 traffic) before choosing.
+
+Candidates (BEST-Route) artifacts take `--usd-per-1k-prompts B`: the best-quality point of the table (measured
+out-of-fold on the training rows, cost = mean USD per 1k prompts) whose cost is at most B, by the same
+`cost_weight_for_budget`; `--write` stores its cost weight as the artifact's default.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--share", type=float, help="two tiers: target share of strong-tier calls, 0..1")
     target.add_argument("--pgr", type=float, help="two tiers: target PGR (recovered quality gap), 0..1")
     target.add_argument("--budget", type=float, help="N tiers: mean price budget in $/Mtok")
+    target.add_argument(
+        "--usd-per-1k-prompts",
+        type=float,
+        metavar="B",
+        help="candidates (best-of-N) routers: mean cost budget in USD per 1k prompts",
+    )
     parser.add_argument("--data", action="append", metavar="FILE.jsonl", help="recompute the table on this data")
     parser.add_argument("--split", choices=["all", "train", "test"], default="all")
     parser.add_argument("--write", type=Path, metavar="OUT", help="write the artifact with this default to OUT")
@@ -87,8 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     art = load_artifact(router_path)
     calibration = _recalibrate(art, args) if args.data else art.calibration
     if art.kind == "two_tier":
-        if args.budget is not None:
-            raise RoutingError("--budget is for N-tier routers; a two-tier router takes --share or --pgr")
+        if args.budget is not None or args.usd_per_1k_prompts is not None:
+            raise RoutingError("a two-tier router takes --share or --pgr")
         tp = choose_two_tier(calibration, args.share, args.pgr)
         bp = tp.threshold_bp
         out: dict[str, Any] = {"router": router_path, "kind": art.kind, "threshold_bp": bp, "expected": asdict(tp)}
@@ -104,11 +115,17 @@ def _run(args: argparse.Namespace) -> int:
             )
             print(policy_snippet(args.policy_name, bp), end="")
     else:
-        if args.budget is None:
+        candidates = art.kind == "candidates"
+        if candidates and args.usd_per_1k_prompts is None:
+            raise RoutingError("a candidates router takes --usd-per-1k-prompts B (mean USD per 1k prompts)")
+        if not candidates and args.budget is None:
             raise RoutingError("an N-tier router takes --budget (mean $/Mtok)")
-        cp = choose_multi_tier(calibration, args.budget)
+        budget = args.usd_per_1k_prompts if candidates else args.budget
+        cp = choose_multi_tier(calibration, budget)
         bp = cp.cost_weight_bp
         expected = {"cost_weight_bp": bp, "cost": cp.cost, "quality": cp.quality, "shares": list(cp.shares)}
+        if candidates:
+            expected["usd_per_1k_prompts"] = cp.cost
         out = {"router": router_path, "kind": art.kind, "cost_weight_bp": bp, "expected": expected}
         if args.write:
             save_artifact(art.with_updates(default_cost_weight_bp=bp, calibration=calibration), args.write)
@@ -116,7 +133,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps(out, indent=1))
         else:
-            print(f"# cost weight {bp} bp: expected mean price {cp.cost:.3f} $/Mtok, quality {cp.quality:.4f}")
+            unit = "USD per 1k prompts" if candidates else "$/Mtok"
+            print(f"# cost weight {bp} bp: expected mean price {cp.cost:.3f} {unit}, quality {cp.quality:.4f}")
             if args.write:
                 print(f"# also stored as the artifact's default_cost_weight_bp in {args.write}")
             print(policy_snippet(args.policy_name, bp, "costWeightBasisPoints"), end="")
@@ -124,16 +142,27 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _recalibrate(art: RouterArtifact, args: argparse.Namespace) -> CalibrationTable:
+    from tiergate.routing.candidates import candidates_of
     from tiergate.routing.scorer import Scorer
-    from tiergate.training.calibration import cost_weight_table, threshold_table
+    from tiergate.training.calibration import candidate_cost_table, cost_weight_table, threshold_table
+    from tiergate.training.candidate_data import estimated_costs, token_columns, true_costs
     from tiergate.training.data import load_outcomes
     from tiergate.training.embeddings import cached_minilm
 
     names = [t.name for t in art.tiers]
-    data = load_outcomes(args.data, names, split=None if args.split == "all" else args.split)
+    columns = token_columns(names) if art.kind == "candidates" else ()
+    data = load_outcomes(args.data, names, split=None if args.split == "all" else args.split, token_columns=columns)
     enc = cached_minilm(cache_dir=args.cache_dir, threads=args.threads)
     scorer = Scorer(art, enc)
     emb = enc.encode(data.prompts)
+    if art.kind == "candidates":
+        cands = candidates_of(art)
+        return candidate_cost_table(
+            scorer.quality_embeddings(emb, data.prompts),
+            data.scores,
+            estimated_costs(data.prompts, cands),
+            true_costs(data, cands),
+        )
     if art.kind == "two_tier":
         return threshold_table(scorer.score_embeddings(emb, data.prompts), data.scores[:, 0], data.scores[:, 1])
     prices = [t.price for t in art.tiers]

@@ -2,6 +2,10 @@
 
     tiergate train --data A.jsonl [--data B.jsonl ...] --weak MODEL --strong MODEL --out router.json
     tiergate train --data A.jsonl --tiers M1,M2,... --prices prices.json --out router.json
+    tiergate train --data A.jsonl --tiers M1@1,M1@16,M2@1,... --prices prices.json --reference M2@1 --out router.json
+
+Tiers named `MODEL@N` (or `--reference` given) train a `candidates` router (BEST-Route, docs/routing.md): one
+quality output per candidate, calibrated in USD per 1k prompts from the rows' `tokens`.
 
 Only rows with `split == "train"` are used unless `--split all`. Every input is read and checked before any
 work starts, and the artifact is written atomically at the end, so a bad file or an interrupted run leaves the
@@ -16,9 +20,16 @@ import shlex
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from tiergate.routing.errors import DataError
-from tiergate.training.common import add_encoder_arguments, add_tier_arguments, guarded, tier_args
+from tiergate.routing.candidates import parse_candidate
+from tiergate.routing.errors import DataError, RoutingError
+from tiergate.training.candidate_data import check_reference
+from tiergate.training.common import TierArgs, add_encoder_arguments, add_tier_arguments, guarded, tier_args
+
+if TYPE_CHECKING:
+    from tiergate.routing.artifact import Tier
+    from tiergate.routing.candidates import Candidate
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +37,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--data", action="append", required=True, metavar="FILE.jsonl", help="outcome file (repeat for several)"
     )
     add_tier_arguments(parser)
+    parser.add_argument(
+        "--reference",
+        metavar="CANDIDATE",
+        help="candidates: the one-sample candidate (MODEL@1) the others are measured against, e.g. the frontier model",
+    )
     parser.add_argument("--out", required=True, type=Path, help="where to write the router artifact (JSON)")
     parser.add_argument(
         "--split", default="train", help='use rows with this split value; "all" for every row (default: train)'
@@ -81,12 +97,20 @@ def _run(args: argparse.Namespace) -> int:
     from tiergate.routing.artifact import EncoderSpec, RouterArtifact, Tier, save_artifact
     from tiergate.routing.encoder import MAX_TOKENS
     from tiergate.routing.features import head_inputs
+    from tiergate.training.candidate_data import (
+        estimated_costs,
+        load_candidate_prices,
+        measure_candidates,
+        token_columns,
+        true_costs,
+    )
     from tiergate.training.data import load_outcomes, load_prices
     from tiergate.training.embeddings import cached_minilm, tqdm_progress
     from tiergate.training.labels import check_two_classes
     from tiergate.training.train import (
         HeadConfig,
         TrainConfig,
+        build_candidates,
         build_multi_tier,
         build_two_tier,
         default_threshold_bp,
@@ -94,6 +118,9 @@ def _run(args: argparse.Namespace) -> int:
     )
 
     tiers = tier_args(args)
+    candidates = tiers.candidates or args.reference is not None
+    if candidates:
+        _check_candidates(tiers, args.reference)
     for name, val, low in (
         ("--neighbours", args.neighbours, 1),
         ("--epochs", args.epochs, 1),
@@ -113,8 +140,13 @@ def _run(args: argparse.Namespace) -> int:
         if not 0.0 <= val <= 1.0:
             raise DataError(f"{flag} must be in 0..1, got {val}")
     split = None if args.split == "all" else args.split
-    data = load_outcomes(args.data, tiers.models, split=split)
-    prices = load_prices(tiers.prices_file, tiers.models) if tiers.prices_file else [0.0, 1.0]
+    columns = token_columns(tiers.models) if candidates else ()
+    data = load_outcomes(args.data, tiers.models, split=split, token_columns=columns)
+    if candidates:
+        cands = measure_candidates(data, tiers.models, load_candidate_prices(str(tiers.prices_file), tiers.models))
+        prices = [c.input_usd_per_mtok + c.output_usd_per_mtok for c in cands]
+    else:
+        prices = load_prices(tiers.prices_file, tiers.models) if tiers.prices_file else [0.0, 1.0]
     if tiers.two_tier:
         # Deterministic label "strong strictly better": one value on every row leaves nothing to route.
         check_two_classes(
@@ -158,6 +190,19 @@ def _run(args: argparse.Namespace) -> int:
                 emb, data.scores[:, 0], data.scores[:, 1], cfg, progress=bar, tasks=data.tasks, head_x=head_x
             )
             default_bp, default_lambda = default_threshold_bp(calibration), 0
+        elif candidates:
+            members, calibration, default_lambda, metrics = build_candidates(
+                emb,
+                data.scores,
+                estimated_costs(data.prompts, cands),
+                true_costs(data, cands),
+                tiers.models.index(args.reference),
+                cfg,
+                progress=bar,
+                tasks=data.tasks,
+                head_x=head_x,
+            )
+            margin, default_bp = None, 5000
         else:
             members, calibration, default_lambda, metrics = build_multi_tier(
                 emb, data.scores, prices, cfg, progress=bar, tasks=data.tasks, head_x=head_x
@@ -168,10 +213,13 @@ def _run(args: argparse.Namespace) -> int:
     created = args.created or datetime.now(UTC).replace(microsecond=0).isoformat()
     art = RouterArtifact(
         encoder=EncoderSpec(id=enc.encoder_id, dim=enc.dim, max_tokens=MAX_TOKENS),
-        kind="two_tier" if tiers.two_tier else "multi_tier",
+        kind="two_tier" if tiers.two_tier else "candidates" if candidates else "multi_tier",
         label_mode=cfg.label_mode,
         label_margin=margin,
-        tiers=[Tier(name=m, price=p) for m, p in zip(tiers.models, prices, strict=True)],
+        tiers=[_candidate_tier(c) for c in cands]
+        if candidates
+        else [Tier(name=m, price=p) for m, p in zip(tiers.models, prices, strict=True)],
+        reference=args.reference if candidates else None,
         members=members,
         calibration=calibration,
         provenance={
@@ -199,10 +247,37 @@ def _run(args: argparse.Namespace) -> int:
     summary = (
         f"OOF APGR {metrics['oof_apgr']:.4f}, default threshold {default_bp} bp"
         if tiers.two_tier
-        else f"default cost weight {default_lambda} bp"
+        else f"default cost weight {default_lambda} bp" + (" per USD per 1k prompts" if candidates else "")
     )
     print(f"wrote {args.out} ({size} bytes, {len(data)} rows, label {cfg.label_mode}; {summary})", file=sys.stderr)
     return 0
+
+
+def _check_candidates(tiers: TierArgs, reference: str | None) -> None:
+    """Candidates need --tiers with --prices and a one-sample --reference among them (`RoutingError` otherwise)."""
+    if tiers.prices_file is None:
+        raise RoutingError("--reference (candidates) goes with --tiers C1,...,Ck and --prices FILE")
+    for name in tiers.models:
+        parse_candidate(name)
+    if reference is None:
+        raise RoutingError(
+            "candidate tiers (MODEL@N) need --reference C: the one-sample candidate the others are measured against"
+        )
+    check_reference(tiers.models, reference)
+
+
+def _candidate_tier(c: Candidate) -> Tier:
+    from tiergate.routing.artifact import Tier
+
+    return Tier(
+        name=c.name,
+        price=c.input_usd_per_mtok + c.output_usd_per_mtok,
+        model=c.model,
+        n=c.n,
+        input_usd_per_mtok=c.input_usd_per_mtok,
+        output_usd_per_mtok=c.output_usd_per_mtok,
+        output_tokens=c.output_tokens,
+    )
 
 
 def _version() -> str:

@@ -16,7 +16,7 @@ from tiergate.routing.errors import RoutingError
 
 @dataclass(frozen=True)
 class TierArgs:
-    """The tiers a command works on: two (weak, strong) or N with prices."""
+    """The tiers a command works on: two (weak, strong), N with prices, or candidates (`MODEL@N`) with prices."""
 
     models: list[str]
     prices_file: str | None
@@ -25,16 +25,26 @@ class TierArgs:
     def two_tier(self) -> bool:
         return self.prices_file is None and len(self.models) == 2
 
+    @property
+    def candidates(self) -> bool:
+        """`--tiers` names BEST-Route candidates (some `MODEL@N`): a `candidates` router, costs per prompt."""
+        return self.prices_file is not None and any("@" in m for m in self.models)
+
 
 def add_tier_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("tiers (either --weak/--strong, or --tiers with --prices)")
     g.add_argument("--weak", metavar="MODEL", help="the cheap model of a two-tier router")
     g.add_argument("--strong", metavar="MODEL", help="the expensive model of a two-tier router")
-    g.add_argument("--tiers", metavar="M1,M2,...", help="models of a multi-tier router, comma-separated")
+    g.add_argument(
+        "--tiers",
+        metavar="M1,M2,...",
+        help="models of a multi-tier router, comma-separated; MODEL@N names a best-of-N candidate (docs/routing.md)",
+    )
     g.add_argument(
         "--prices",
         metavar="FILE",
-        help="JSON {model: {input_usd_per_mtok, output_usd_per_mtok}} or {model: price}; price = input + output",
+        help="JSON {model: {input_usd_per_mtok, output_usd_per_mtok}} or {model: price}; price = input + output "
+        "(candidates need the input/output form, keyed by MODEL@N or MODEL)",
     )
 
 

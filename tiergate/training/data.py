@@ -51,6 +51,11 @@ class OutcomeSet:
     # (path, 1-based line) of every row, so later checks can name the line too.
     origins: list[tuple[str, int]] = field(default_factory=list)
     provenance: list[FileProvenance] = field(default_factory=list)
+    # `tokens` of the `token_columns` asked for (load_outcomes): `[n, len(token_columns)]` input and output token
+    # counts, NaN where a row gives none for that column; None when no columns were asked for.
+    token_columns: tuple[str, ...] = ()
+    tokens_in: npt.NDArray[np.float64] | None = None
+    tokens_out: npt.NDArray[np.float64] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -69,6 +74,9 @@ class OutcomeSet:
             scores=self.scores[m],
             origins=[self.origins[i] for i in pick],
             provenance=self.provenance,
+            token_columns=self.token_columns,
+            tokens_in=None if self.tokens_in is None else self.tokens_in[m],
+            tokens_out=None if self.tokens_out is None else self.tokens_out[m],
         )
 
 
@@ -83,17 +91,42 @@ def _require_str(obj: dict[str, Any], key: str, path: str, line: int, *, optiona
     return val
 
 
+def _row_tokens(obj: dict[str, Any], columns: Sequence[str], path: str, line: int) -> list[tuple[float, float]]:
+    """(input, output) token counts of each of `columns` in the row's optional `tokens`, NaN where absent."""
+    nan = float("nan")
+    tokens = obj.get("tokens")
+    if tokens is None:
+        return [(nan, nan)] * len(columns)
+    if not isinstance(tokens, dict):
+        raise DataError("field 'tokens' must be an object {model: {input, output}}", path=path, line=line)
+    out = []
+    for c in columns:
+        t = tokens.get(c)
+        if t is None:
+            out.append((nan, nan))
+            continue
+        vals = [t.get(k) if isinstance(t, dict) else None for k in ("input", "output")]
+        counts = [float(v) for v in vals if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(counts) != 2 or not all(math.isfinite(v) and v >= 0 for v in counts):
+            raise DataError(f"tokens of {c!r} must be {{input, output}} counts >= 0, got {t!r}", path=path, line=line)
+        out.append((counts[0], counts[1]))
+    return out
+
+
 def load_outcomes(
     paths: Sequence[str | Path],
     models: Sequence[str],
     *,
     split: str | None = None,
+    token_columns: Sequence[str] = (),
 ) -> OutcomeSet:
-    """Read outcome files, keeping rows of `split` (all rows when None) and the scores of `models`.
+    """Read outcome files, keeping rows of `split` (all rows when None) and the scores of `models`; with
+    `token_columns`, also the rows' `tokens` of those columns (NaN where a row gives none).
 
     Raises `DataError` naming file and line for: invalid JSON, a non-object line, a missing or mistyped field,
     a duplicate id within a file, a score that is not a number in [0, 1], and a row lacking a score for one of
-    `models` (an unknown model); also when no row is left after the split filter.
+    `models` (an unknown model), malformed `tokens` of a wanted column; also when no row is left after the split
+    filter.
     """
     import numpy as np
 
@@ -108,6 +141,7 @@ def load_outcomes(
     rows: list[list[float]] = []
     origins: list[tuple[str, int]] = []
     provenance: list[FileProvenance] = []
+    token_rows: list[list[tuple[float, float]]] = []
     for p in paths:
         path = str(p)
         try:
@@ -153,8 +187,10 @@ def load_outcomes(
                 if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not 0 <= v <= 1:
                     raise DataError(f"score of {m!r} must be a number in [0, 1], got {v!r}", path=path, line=lineno)
                 vals.append(float(v))
+            row_tokens = _row_tokens(obj, token_columns, path, lineno) if token_columns else []
             if split is not None and row_split != split:
                 continue
+            token_rows.append(row_tokens)
             used += 1
             ids.append(row_id)
             prompts.append(prompt)
@@ -166,6 +202,7 @@ def load_outcomes(
     if not rows:
         where = ", ".join(str(p) for p in paths)
         raise DataError(f"no rows{f' with split == {split!r}' if split else ''} in {where}")
+    tok = np.asarray(token_rows, dtype=np.float64).reshape(len(rows), len(token_columns), 2)
     return OutcomeSet(
         models=tuple(models),
         ids=ids,
@@ -175,6 +212,9 @@ def load_outcomes(
         scores=np.asarray(rows, dtype=np.float64).reshape(len(rows), len(models)),
         origins=origins,
         provenance=provenance,
+        token_columns=tuple(token_columns),
+        tokens_in=tok[:, :, 0] if token_columns else None,
+        tokens_out=tok[:, :, 1] if token_columns else None,
     )
 
 

@@ -179,7 +179,19 @@ def plot_two_tier(report: dict[str, Any], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
+def plot_multi_tier(
+    report: dict[str, Any],
+    path: str,
+    title: str,
+    *,
+    xlabel: str = "mean price of the chosen model ($/Mtok, input + output)",
+    extra_curves: dict[str, list[dict[str, Any]]] | None = None,
+    router_label: str = "router (lambda sweep)",
+    logx: bool = False,
+) -> None:
+    """The router's curve, each single tier, the oracle and the default point (each where the report has one);
+    `extra_curves` (label -> points with `cost` and `quality`) are drawn beside the router's (e.g. the same router
+    without some candidates); `logx` for costs spanning orders of magnitude (candidates)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,16 +199,23 @@ def plot_multi_tier(report: dict[str, Any], path: str, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=110)
     cs = sorted(report["curve"], key=lambda c: c["cost"])
-    ax.plot([c["cost"] for c in cs], [c["quality"] for c in cs], "-o", markersize=3, label="router (lambda sweep)")
+    ax.plot([c["cost"] for c in cs], [c["quality"] for c in cs], "-o", markersize=3, label=router_label)
+    for label, pts in (extra_curves or {}).items():
+        es = sorted(pts, key=lambda c: c["cost"])
+        ax.plot([c["cost"] for c in es], [c["quality"] for c in es], "-s", markersize=3, label=label)
     for name, sp in report["single"].items():
         ax.scatter([sp["cost"]], [sp["quality"]], color="tab:gray", s=25, zorder=3)
         ax.annotate(name, (sp["cost"], sp["quality"]), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    o = report["oracle"]
-    ax.scatter([o["cost"]], [o["quality"]], color="tab:green", marker="*", s=120, label="oracle", zorder=4)
-    ax.scatter(
-        [report["cost"]], [report["quality"]], color="tab:red", marker="D", s=50, label="router default", zorder=4
-    )
-    ax.set_xlabel("mean price of the chosen model ($/Mtok, input + output)")
+    if "oracle" in report:
+        o = report["oracle"]
+        ax.scatter([o["cost"]], [o["quality"]], color="tab:green", marker="*", s=120, label="oracle", zorder=4)
+    if "quality" in report:
+        ax.scatter(
+            [report["cost"]], [report["quality"]], color="tab:red", marker="D", s=50, label="router default", zorder=4
+        )
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("mean quality")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)

@@ -121,23 +121,26 @@ class TierPoint:
 
 
 def tier_point(name: str, choice: npt.NDArray[np.int64], scores: FloatArray, prices: FloatArray) -> TierPoint:
-    """Quality and cost of routing prompt i to tier `choice[i]`."""
+    """Quality and cost of routing prompt i to tier `choice[i]`; `prices` per tier `[m]`, or per prompt and tier
+    `[n, m]` (candidates: cost depends on the prompt's tokens)."""
     import numpy as np
 
     n, m = scores.shape
     c = np.asarray(choice, dtype=np.int64)
     q = float(scores[np.arange(n), c].mean())
-    cost = float(np.asarray(prices, dtype=np.float64)[c].mean())
+    pr = np.asarray(prices, dtype=np.float64)
+    cost = float((pr[np.arange(n), c] if pr.ndim == 2 else pr[c]).mean())
     shares = [float(v) for v in np.bincount(c, minlength=m) / n]
     return TierPoint(name=name, quality=q, cost=cost, shares=shares)
 
 
 def oracle_choice(scores: FloatArray, prices: FloatArray) -> npt.NDArray[np.int64]:
-    """Per prompt the best-scoring tier, the cheapest among ties (the cost-aware oracle)."""
+    """Per prompt the best-scoring tier, the cheapest among ties (the cost-aware oracle); `prices` `[m]` or
+    `[n, m]` as in `tier_point`."""
     import numpy as np
 
     best = scores.max(axis=1, keepdims=True)
     ok = scores >= best - 1e-12
-    price_if_ok = np.where(ok, np.asarray(prices, dtype=np.float64)[None, :], np.inf)
+    price_if_ok = np.where(ok, np.broadcast_to(np.asarray(prices, dtype=np.float64), scores.shape), np.inf)
     res: npt.NDArray[np.int64] = np.argmin(price_if_ok, axis=1).astype(np.int64)
     return res

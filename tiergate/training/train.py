@@ -15,7 +15,7 @@ from tiergate.routing.artifact import Feature, Layer, Member
 from tiergate.routing.errors import NoOperatingPoint
 from tiergate.routing.features import raw_features
 from tiergate.routing.operating_points import CalibrationTable, cost_weight_for_quality, threshold_for_pgr
-from tiergate.training.calibration import cost_weight_table, threshold_table
+from tiergate.training.calibration import candidate_cost_table, cost_weight_table, threshold_table
 
 if TYPE_CHECKING:
     import numpy as np
@@ -345,6 +345,33 @@ def default_threshold_bp(calibration: CalibrationTable, pgr_target: float = 0.8)
         return 0
 
 
+def quality_head(
+    x: npt.NDArray[np.float32],
+    values: npt.NDArray[np.float64],
+    cfg: TrainConfig,
+    progress: Any | None = None,
+    tasks: list[str] | None = None,
+    head_x: npt.NDArray[np.float32] | None = None,
+) -> tuple[list[Member], npt.NDArray[np.float64]]:
+    """A head regressing each column of `values` `[n, m]` (neighbourhood- and task-smoothed, labels.task_smoothed)
+    and its out-of-fold predictions `[n, m]` on the same rows: the N-tier and candidates heads."""
+    import numpy as np
+
+    from tiergate.training.labels import task_smoothed
+
+    m = values.shape[1]
+
+    def targets(mask: Any) -> npt.NDArray[np.float64]:
+        return task_smoothed(x[mask], values[mask], cfg.neighbours, _pick(tasks, mask), cfg.task_weight)
+
+    hx = x if head_x is None else head_x
+    raw = values if cfg.ridge_share > 0 else None
+    oof = _oof_predictions(hx, targets, m, cfg, progress, tasks, raw)
+    ridge = None if raw is None else (raw, cfg.ridge_share, cfg.ridge_lambda)
+    members = fit_head(hx, targets(np.ones(len(x), dtype=bool)), tasks, cfg.head, cfg.task_head, progress, ridge=ridge)
+    return members, oof
+
+
 def build_multi_tier(
     x: npt.NDArray[np.float32],
     scores: npt.NDArray[np.float64],
@@ -357,30 +384,57 @@ def build_multi_tier(
     """Head members, calibration rows (cost weight -> cost, quality, shares), default cost weight and metrics."""
     import numpy as np
 
-    from tiergate.training.labels import task_smoothed
-
-    m = scores.shape[1]
-
-    def targets(mask: Any) -> npt.NDArray[np.float64]:
-        return task_smoothed(x[mask], scores[mask], cfg.neighbours, _pick(tasks, mask), cfg.task_weight)
-
-    hx = x if head_x is None else head_x
-    raw = scores if cfg.ridge_share > 0 else None
-    oof = _oof_predictions(hx, targets, m, cfg, progress, tasks, raw)
-    ridge = None if raw is None else (raw, cfg.ridge_share, cfg.ridge_lambda)
-    members = fit_head(hx, targets(np.ones(len(x), dtype=bool)), tasks, cfg.head, cfg.task_head, progress, ridge=ridge)
+    members, oof = quality_head(x, scores, cfg, progress, tasks, head_x)
     pr = np.asarray(prices, dtype=np.float64)
     calibration = cost_weight_table(oof, scores, pr)
     single_q = scores.mean(axis=0)
     best = int(np.argmax(single_q))
-    # The default: the cheapest calibrated point as good as the best single tier (0, i.e. quality only, if none).
-    try:
-        default_bp = cost_weight_for_quality(calibration.cost_weights, float(single_q[best])).cost_weight_bp
-    except NoOperatingPoint:
-        default_bp = 0
+    default_bp = _default_cost_weight(calibration, float(single_q[best]))
     metrics = {
         "oof_best_single_quality": float(single_q[best]),
         "oof_best_single_cost": float(pr[best]),
         "folds": cfg.folds,
     }
     return members, calibration, default_bp, metrics
+
+
+def _default_cost_weight(calibration: CalibrationTable, best_single_quality: float) -> int:
+    """The default: the cheapest calibrated point as good as the best single tier (0, i.e. quality only, if none)."""
+    try:
+        return cost_weight_for_quality(calibration.cost_weights, best_single_quality).cost_weight_bp
+    except NoOperatingPoint:
+        return 0
+
+
+def build_candidates(
+    x: npt.NDArray[np.float32],
+    scores: npt.NDArray[np.float64],
+    estimated_costs: npt.NDArray[np.float64],
+    true_costs: npt.NDArray[np.float64],
+    reference: int,
+    cfg: TrainConfig,
+    progress: Any | None = None,
+    tasks: list[str] | None = None,
+    head_x: npt.NDArray[np.float32] | None = None,
+) -> tuple[list[Member], CalibrationTable, int, dict[str, Any]]:
+    """Candidates (BEST-Route): a quality head with one output per candidate (as N tiers), its calibration table
+    measured out-of-fold in USD per 1k prompts (`calibration.candidate_cost_table`: decided on the router's cost
+    estimates, measured on the rows' true costs), the default cost weight (cheapest point as good as the best
+    single candidate) and metrics. `reference` indexes the reference candidate (reported, not used to fit)."""
+    import numpy as np
+
+    from tiergate.routing.candidates import PROMPTS_PER_UNIT
+
+    members, oof = quality_head(x, scores, cfg, progress, tasks, head_x)
+    calibration = candidate_cost_table(oof, scores, estimated_costs, true_costs)
+    single_q = scores.mean(axis=0)
+    single_c = true_costs.mean(axis=0) * PROMPTS_PER_UNIT
+    best = int(np.argmax(single_q))
+    metrics = {
+        "oof_best_single_quality": float(single_q[best]),
+        "oof_best_single_usd_per_1k_prompts": float(single_c[best]),
+        "reference_quality": float(single_q[reference]),
+        "reference_usd_per_1k_prompts": float(single_c[reference]),
+        "folds": cfg.folds,
+    }
+    return members, calibration, _default_cost_weight(calibration, float(single_q[best])), metrics
