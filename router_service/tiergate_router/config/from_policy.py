@@ -16,12 +16,20 @@ from tiergate_router.config.knobs import (
     TWO_TIER_KNOBS,
     MultiTierSource,
     ThresholdSource,
+    candidate_routing_for,
     even_thresholds,
     multi_tier_for,
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
-from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
+from tiergate_router.config.types import (
+    BestOfNConfig,
+    RouterConfig,
+    ServiceRef,
+    TierConfig,
+    check_base_url,
+    tier_at,
+)
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +45,8 @@ def from_policy(
     multi: MultiTierSource | None = None,
     environ: Mapping[str, str] | None = None,
     tier_flags: Sequence[TierFlag] = (),
+    reward_url: str | None = None,
+    candidates: MultiTierSource | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy to a RouterConfig.
 
@@ -49,16 +59,20 @@ def from_policy(
     cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
     the tiers map to the artifact's (`knobs.multi_tier_for`, once, over the final tiers) and the cost weight
     chooses: `costWeightBasisPoints` as given, `budgetPerMillion` through the artifact's calibration, else its
-    calibrated default. A knob of the other artifact kind means nothing there and is refused, naming it. An external
+    calibrated default; a `candidates` artifact (`candidates`) takes the same cost-weight knobs and chooses
+    (tier, n). A knob of the other artifact kind means nothing there and is refused, naming it. An external
     tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default os.environ).
+    `spec.bestOfN` becomes `best_of_n` (`best_of_n_of`; `reward_url`, the `--reward-url` flag, wins over the reward
+    Service's address the operator deploys).
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
     policy_tiers = tuple(_tier(policy, i, t, ns, discovery, environ) for i, t in enumerate(spec.tiers))
     tiers = merge_tier_flags(policy_tiers, tier_flags)
     cost_weight: int | None = None
-    if multi is not None:
-        cost_weight = _cost_weight_bp(policy, multi)
+    by_weight = multi if multi is not None else candidates
+    if by_weight is not None:
+        cost_weight = _cost_weight_bp(policy, by_weight)
         th = DEFAULT_THRESHOLD_BP  # unused: thresholds only apply to two-tier artifacts
     else:
         th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
@@ -69,6 +83,7 @@ def from_policy(
     cache_entries, cache_bytes = _cache_bounds(policy)
     try:
         multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
+        routing = candidate_routing_for(tiers, candidates, cost_weight) if candidates is not None else None
         return RouterConfig(
             tiers=tiers,
             thresholds_bp=thresholds_bp,
@@ -89,9 +104,41 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
+            best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
+            candidates=routing,
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def reward_service_url(policy: RoutingPolicy, namespace: str) -> str:
+    """The root URL of the reward model the operator deploys for `spec.bestOfN` (its Service, `<policy>-reward`):
+    vLLM's pooling API is at `{url}/pooling`."""
+    from tiergate.api import naming
+
+    if policy.spec.best_of_n is None:
+        raise ConfigError("spec.bestOfN: not set, so there is no reward Service")
+    port = policy.spec.best_of_n.reward_model.port
+    return f"http://{naming.reward_name(policy.metadata.name)}.{namespace}.svc:{port}"
+
+
+def best_of_n_of(policy: RoutingPolicy, namespace: str, *, reward_url: str | None = None) -> BestOfNConfig | None:
+    """`spec.bestOfN` as the router's BestOfNConfig (None when unset): the reference tier defaults to the strongest
+    (last) tier, the reward model is reached at `reward_url` when given (`tiergate serve --reward-url`), else at the
+    Service the operator deploys, under the policy's `rewardModel.model` (the name vLLM serves it as)."""
+    b = policy.spec.best_of_n
+    if b is None:
+        return None
+    return BestOfNConfig(
+        tier=b.tier,
+        max_samples=b.max_samples,
+        reward_url=(reward_url or reward_service_url(policy, namespace)).rstrip("/"),
+        reward_model=b.reward_model.model,
+        reference_tier=b.reference_tier or policy.spec.strongest.name,
+        timeout_s=b.reward_timeout_milliseconds / 1000,
+        # Decimal in the policy (no floats in spec); the scores the reward model returns are floats.
+        min_reward=None if b.min_reward is None else float(b.min_reward),
+    )
 
 
 def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
@@ -192,12 +239,9 @@ def policy_classifier_path(policy: RoutingPolicy) -> Path | None:
 
 def unserved_sections(policy: RoutingPolicy) -> list[str]:
     """Parts of the policy this router version accepts but does not act on yet (logged, so nobody assumes they work):
-    best-of-N sampling with reward reranking, and shadow traffic to a baseline tier. The operator still deploys the
-    reward model they name."""
+    shadow traffic to a baseline tier."""
     spec = policy.spec
     out = []
-    if spec.best_of_n is not None:
-        out.append("spec.bestOfN (best-of-N with reward reranking)")
     if spec.shadow is not None:
         out.append("spec.shadow (shadow requests to a baseline tier)")
     return out
