@@ -26,7 +26,7 @@ def stub(bon: BestOfNHarness) -> Iterator[router_pb2_grpc.RouterServiceStub]:
 
 
 def samples(call: grpc.Call) -> str:
-    return dict(call.trailing_metadata() or ())["x-tiergate-samples"]
+    return str(dict(call.trailing_metadata() or ())["x-tiergate-samples"])
 
 
 def test_generate_returns_the_best_sample(bon: BestOfNHarness, stub: router_pb2_grpc.RouterServiceStub) -> None:

@@ -97,7 +97,8 @@ def test_streaming_sends_the_chosen_answer_as_chunks(bon: BestOfNHarness) -> Non
     usage = [ch.usage for ch in chunks if ch.usage is not None]
     assert [u.completion_tokens for u in usage] == [words(SAMPLES)]
     [sent] = bon.small.stats.requests
-    assert sent["stream"] is False and "stream_options" not in sent
+    assert sent["stream"] is False
+    assert "stream_options" not in sent
     assert sent["n"] == N
 
 
