@@ -18,6 +18,7 @@ from typing import Protocol, cast
 # name -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("tiergate_router.cmd_serve", "run the router (OpenAI HTTP + gRPC) locally or in a pod"),
+    "reward-server": ("tiergate_router.cmd_reward_server", "serve a reward model through vLLM's pooling API (CPU)"),
     "operator": ("tiergate_operator.cmd_operator", "run the Kubernetes operator against the current cluster"),
     "train": ("tiergate.training.cmd_train", "train a router artifact from per-prompt outcome data"),
     "eval": ("tiergate.training.cmd_eval", "cost-quality evaluation of a router on outcome data"),
