@@ -72,3 +72,31 @@ class FakeEncoder:
             v = np.random.default_rng(seed).normal(size=DIM)
             out[i] = v / np.linalg.norm(v)
         return out
+
+
+# (name, model, n, input $/Mtok, output $/Mtok, mean one-sample output tokens) of `tiny_candidates_artifact`.
+TINY_CANDIDATES = (
+    ("small@1", "small", 1, 0.2, 0.2, 300.0),
+    ("small@4", "small", 4, 0.2, 0.2, 300.0),
+    ("big@1", "big", 1, 10.0, 30.0, 500.0),
+)
+
+
+def tiny_candidates_artifact(seed: int = 0, reference: str = "big@1") -> RouterArtifact:
+    """A small `candidates` artifact (BEST-Route) over `TINY_CANDIDATES`, random head, for run-time tests."""
+    from dataclasses import replace
+
+    base = tiny_artifact("multi_tier", seed=seed, tiers=len(TINY_CANDIDATES))
+    tiers = [
+        Tier(
+            name=name,
+            price=pin + pout,
+            model=model,
+            n=n,
+            input_usd_per_mtok=pin,
+            output_usd_per_mtok=pout,
+            output_tokens=tok,
+        )
+        for name, model, n, pin, pout, tok in TINY_CANDIDATES
+    ]
+    return replace(base, kind="candidates", tiers=tiers, reference=reference)

@@ -7,11 +7,14 @@ Contract (the router service and the operator depend on it; bump `FORMAT_VERSION
       "format_version": 1,
       "encoder": {"id": "sentence-transformers/all-MiniLM-L6-v2", "dim": 384, "max_tokens": 256,
                   "pooling": "mean", "normalize": true},
-      "kind": "two_tier" | "multi_tier",
+      "kind": "two_tier" | "multi_tier" | "candidates",
       "label_mode": "deterministic" | "probabilistic" | "transformed" | "difference" | "quality",
       "label_margin": float | null,           # Hybrid LLM's t for "transformed", chosen from the data
       "features": [{"name": "log_chars", "mean": float, "std": float}],   # prompt features (features.py)
       "tiers": [{"name": str, "price": float}],   # two tiers: [weak, strong]; price in $/Mtok (input + output)
+                                              # candidates: also "model", "n", "input_usd_per_mtok",
+                                              # "output_usd_per_mtok", "output_tokens" (see below)
+      "reference": str,                       # candidates only: the reference (an `@1` candidate's name)
       "head": {"members": [ {"layers": [{"weight": TENSOR, "bias": TENSOR, "activation": "relu"|"identity"}],
                              "output": "sigmoid"|"identity"|"softmax", "table": TENSOR | absent,
                              "weight": float} ]},
@@ -39,6 +42,14 @@ ascending, measured on held-out training rows (the router's own out-of-fold scor
 strong-tier share and quality" is what the router will do on traffic like its training data. N tiers:
 `{"cost_weight_bp", "cost", "quality", "shares": [per tier]}`. Read into a typed
 `operating_points.CalibrationTable`, whose functions are the only readers.
+
+Candidates (`kind: "candidates"`, BEST-Route): each tier is a candidate `MODEL@N` (N answers of MODEL, the best
+one returned by a reward model), with its base `model`, `n` (>= 1), the model's list prices in USD per million
+input and output tokens and `output_tokens`, the mean one-sample output length measured on the training rows. The
+head has one output per candidate (predicted quality); the calibration rows are cost-weight points whose `cost`
+is mean USD per 1k prompts and whose weights are quality per USD per 1k prompts. `tiergate.routing.candidates` is
+the only run-time reader of these fields and holds the decision rule. The two other kinds carry none of these
+fields, so their files are byte-identical to what older versions wrote.
 
 Size: a 384-64-1 MLP ensemble of five is ~340 KiB of JSON, well under a ConfigMap's 1 MiB. `save_artifact`
 refuses to write anything over `MAX_BYTES` (900 KiB): a larger head belongs in an OCI image or a volume, with
@@ -112,6 +123,41 @@ class Feature:
 class Tier:
     name: str
     price: float
+    # Candidates artifacts only (None elsewhere, and then not written): see the module docstring.
+    model: str | None = None
+    n: int | None = None
+    input_usd_per_mtok: float | None = None
+    output_usd_per_mtok: float | None = None
+    output_tokens: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"name": self.name, "price": self.price}
+        if self.model is not None:
+            doc.update(
+                model=self.model,
+                n=self.n,
+                input_usd_per_mtok=self.input_usd_per_mtok,
+                output_usd_per_mtok=self.output_usd_per_mtok,
+                output_tokens=self.output_tokens,
+            )
+        return doc
+
+    @classmethod
+    def from_json(cls, t: dict[str, Any]) -> Tier:
+        if "model" not in t:
+            return cls(name=str(t["name"]), price=float(t["price"]))
+        n = t["n"]
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise ArtifactError(f"tier {t.get('name')!r}: n must be an integer, got {n!r}")
+        return cls(
+            name=str(t["name"]),
+            price=float(t["price"]),
+            model=str(t["model"]),
+            n=n,
+            input_usd_per_mtok=float(t["input_usd_per_mtok"]),
+            output_usd_per_mtok=float(t["output_usd_per_mtok"]),
+            output_tokens=float(t["output_tokens"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -128,6 +174,8 @@ class RouterArtifact:
     default_cost_weight_bp: int = 0
     metrics: dict[str, Any] = field(default_factory=dict)
     features: list[Feature] = field(default_factory=list)
+    # Candidates artifacts only: the reference candidate (an `@1` one), the quality every other is measured against.
+    reference: str | None = None
 
     @property
     def out_dim(self) -> int:
@@ -182,7 +230,7 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
         "label_mode": art.label_mode,
         "label_margin": art.label_margin,
         "features": [{"name": f.name, "mean": f.mean, "std": f.std} for f in art.features],
-        "tiers": [{"name": t.name, "price": t.price} for t in art.tiers],
+        "tiers": [t.to_json() for t in art.tiers],
         "head": {
             "members": [
                 {
@@ -207,6 +255,8 @@ def to_json_dict(art: RouterArtifact) -> dict[str, Any]:
         "provenance": art.provenance,
         "metrics": art.metrics,
     }
+    if art.kind == "candidates":
+        doc["reference"] = art.reference
     doc["sha256"] = digest(doc)
     return doc
 
@@ -278,7 +328,7 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
             kind=str(doc["kind"]),
             label_mode=str(doc["label_mode"]),
             label_margin=None if doc.get("label_margin") is None else float(doc["label_margin"]),
-            tiers=[Tier(name=str(t["name"]), price=float(t["price"])) for t in doc["tiers"]],
+            tiers=[Tier.from_json(t) for t in doc["tiers"]],
             features=[
                 Feature(name=str(f["name"]), mean=float(f["mean"]), std=float(f["std"]))
                 for f in doc.get("features", [])
@@ -304,6 +354,7 @@ def loads(data: bytes | str, *, source: str = "artifact") -> RouterArtifact:
             default_threshold_bp=int(doc["default_threshold_bp"]),
             default_cost_weight_bp=int(doc["default_cost_weight_bp"]),
             metrics=dict(doc.get("metrics") or {}),
+            reference=None if doc.get("reference") is None else str(doc["reference"]),
         )
     except ArtifactError as e:
         raise ArtifactError(f"{source}: {e}") from e
@@ -373,13 +424,40 @@ def validate(art: RouterArtifact) -> None:
         if not f.std > 0:
             raise ArtifactError(f"feature {f.name!r} has a non-positive std {f.std}")
     if (art.kind == "two_tier" and art.calibration.cost_weights) or (
-        art.kind == "multi_tier" and art.calibration.thresholds
+        art.kind != "two_tier" and art.calibration.thresholds
     ):
         raise ArtifactError(f"calibration table does not fit a {art.kind} artifact")
+    _validate_candidates(art)
     if not 0 <= art.default_threshold_bp <= 10000:
         raise ArtifactError(f"default_threshold_bp {art.default_threshold_bp} outside 0..10000")
     if art.default_cost_weight_bp < 0:
         raise ArtifactError(f"default_cost_weight_bp {art.default_cost_weight_bp} is negative")
+
+
+def _validate_candidates(art: RouterArtifact) -> None:
+    """A candidates artifact: every tier a complete candidate, the reference an `@1` one among them; the other
+    kinds carry no candidate fields at all (so nothing can mistake them for candidates)."""
+    import math
+
+    if art.kind != "candidates":
+        if art.reference is not None or any(t.model is not None for t in art.tiers):
+            raise ArtifactError(f"a {art.kind} artifact carries no reference or candidate fields")
+        return
+    for t in art.tiers:
+        if t.model is None or t.n is None or t.input_usd_per_mtok is None or t.output_usd_per_mtok is None:
+            raise ArtifactError(f"candidate {t.name!r}: needs model, n, input_usd_per_mtok and output_usd_per_mtok")
+        if t.output_tokens is None or t.n < 1:
+            raise ArtifactError(f"candidate {t.name!r}: needs output_tokens and n >= 1")
+        figures = (t.input_usd_per_mtok, t.output_usd_per_mtok, t.output_tokens)
+        if not all(math.isfinite(v) and v >= 0 for v in figures):
+            raise ArtifactError(f"candidate {t.name!r}: prices and output_tokens must be finite and >= 0")
+    ref = next((t for t in art.tiers if t.name == art.reference), None)
+    if ref is None:
+        raise ArtifactError(f"reference {art.reference!r} is not one of the candidates")
+    if ref.n != 1:
+        raise ArtifactError(f"reference {art.reference!r} must be a one-sample (@1) candidate, not n = {ref.n}")
+    if art.label_mode != "quality":
+        raise ArtifactError(f"a candidates artifact regresses quality; label mode {art.label_mode!r} does not fit")
 
 
 class ArtifactSlot:

@@ -13,7 +13,8 @@ FORMAT = "tiergate.router"
 FORMAT_VERSION = 1
 # A ConfigMap holds at most 1 MiB in total (keys, metadata and all); keep a margin for those.
 MAX_BYTES = 900 * 1024
-KINDS = ("two_tier", "multi_tier")
+# "candidates": BEST-Route (model, n) candidates, per-candidate prices and output tokens (routing/candidates.py).
+KINDS = ("two_tier", "multi_tier", "candidates")
 LABEL_MODES = ("deterministic", "probabilistic", "transformed", "difference", "quality")
 ACTIVATIONS = ("relu", "identity")
 OUTPUTS = ("sigmoid", "identity", "softmax")

@@ -13,6 +13,9 @@ Contract (the router service calls this):
   `choose(prompts, cost_weight_bp=None) -> int64 [n]` picks argmax(quality - lambda * price) with
   lambda = cost_weight_bp / 10000 (quality units per $/Mtok; default: the artifact's `default_cost_weight_bp`),
   by `operating_points.choose_tiers`; a budget becomes a cost weight through `operating_points` too.
+- Candidates (`kind == "candidates"`, BEST-Route): `quality(prompts)` as for N tiers, one column per candidate;
+  `choose` applies `candidates.choose_rows` (cost per prompt from the prompt's length, lambda per USD per 1k
+  prompts) over every candidate; a router that serves only some passes `allowed` to `candidates.choose_candidate`.
 - The `*_embeddings` variants take precomputed encoder output `[n, dim]` (for batching, caching and tests),
   plus the prompt texts when the artifact lists prompt `features` (features.py; e.g. `log_chars`).
 
@@ -113,9 +116,9 @@ class Scorer:
             raise RoutingError("this scorer has no encoder: pass embeddings to the *_embeddings methods")
         return self._encoder.encode(list(prompts))
 
-    def _need(self, kind: str) -> None:
-        if self.artifact.kind != kind:
-            raise RoutingError(f"this is a {self.artifact.kind} router; the call needs a {kind} one")
+    def _need(self, *kinds: str) -> None:
+        if self.artifact.kind not in kinds:
+            raise RoutingError(f"this is a {self.artifact.kind} router; the call needs a {' or '.join(kinds)} one")
 
     # Two tiers -------------------------------------------------------------------------------------------------
     def score_embeddings(
@@ -135,7 +138,7 @@ class Scorer:
     def quality_embeddings(
         self, emb: npt.NDArray[np.floating], texts: Sequence[str] | None = None
     ) -> npt.NDArray[np.float64]:
-        self._need("multi_tier")
+        self._need("multi_tier", "candidates")
         return head_forward(self.artifact, emb, texts)
 
     def quality(self, prompts: Sequence[str]) -> npt.NDArray[np.float64]:
@@ -145,7 +148,22 @@ class Scorer:
         self, emb: npt.NDArray[np.floating], cost_weight_bp: int | None = None, texts: Sequence[str] | None = None
     ) -> npt.NDArray[np.int64]:
         bp = self.artifact.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
+        if self.artifact.kind == "candidates":
+            return self._choose_candidates(self.quality_embeddings(emb, texts), texts, bp)
         return choose_tiers(self.quality_embeddings(emb, texts), [t.price for t in self.artifact.tiers], bp)
+
+    def _choose_candidates(
+        self, quality: npt.NDArray[np.float64], texts: Sequence[str] | None, bp: int
+    ) -> npt.NDArray[np.int64]:
+        import numpy as np
+
+        from tiergate.routing.candidates import candidate_costs, candidates_of, choose_rows, input_tokens
+
+        if texts is None or len(texts) != len(quality):
+            raise RoutingError("a candidates router prices each prompt by its length: pass the prompt texts")
+        cands = candidates_of(self.artifact)
+        costs = np.stack([candidate_costs(cands, input_tokens(t)) for t in texts])
+        return choose_rows(quality, costs, bp)
 
     def choose(self, prompts: Sequence[str], cost_weight_bp: int | None = None) -> npt.NDArray[np.int64]:
         return self.choose_embeddings(self._embed(prompts), cost_weight_bp, prompts)
