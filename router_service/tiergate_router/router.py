@@ -188,6 +188,7 @@ def _decide_candidate(verdict: Verdict, cfg: RouterConfig, prompt_text: str) -> 
     allowed candidates (`allowed_candidates`: served, and n > 1 only on the best-of-N tier within maxSamples); the
     score is the chosen candidate's head output."""
     from tiergate.routing.candidates import choose_candidate, input_tokens
+    from tiergate.routing.errors import RoutingError
 
     cr = cfg.candidates
     assert cr is not None
@@ -196,7 +197,7 @@ def _decide_candidate(verdict: Verdict, cfg: RouterConfig, prompt_text: str) -> 
     try:
         allowed = allowed_candidates(cfg)
         k = choose_candidate(verdict, cr.candidates, input_tokens(prompt_text), cr.cost_weight_bp, allowed)
-    except ValueError as e:
+    except (ValueError, RoutingError) as e:
         raise ClassifierError(f"no candidate to choose: {e}") from e
     tier_index = cr.tier_of[k]
     assert tier_index is not None  # choose_candidate never picks a disallowed candidate

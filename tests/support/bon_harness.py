@@ -1,17 +1,19 @@
-"""A router harness with best-of-N on its `small` tier, a scripted reward server, and fake tiers whose samples are
+"""A router harness with best-of-N on its `small` tier, a scripted reward server (tests/support/reward.py's
+FakeRewardServer: it scores by a function of the text, or misbehaves on cue), and fake tiers whose samples are
 known texts: what the best-of-N tests over HTTP and gRPC share."""
 
 from __future__ import annotations
 
 import dataclasses
 import socket
+from collections.abc import Callable
 
-from tests.support.fake_reward import FakeReward, RewardScript
 from tests.support.harness import Harness
+from tests.support.reward import FakeRewardServer, length_score
 from tiergate_router.config import BestOfNConfig
 
 # The samples the best-of-N tier (`small`) answers with, in the order it draws them. The scripted reward scores a
-# text by its length, so the longest sample is the best, and it is neither the first nor the last drawn.
+# text by its length (`length_score`), so the longest sample is the best; it is neither the first nor the last.
 SAMPLES = ("small short", "small a much longer and better answer", "small mid answer", "small tiny")
 BEST = SAMPLES[1]
 N = 4
@@ -36,18 +38,25 @@ class BestOfNHarness:
 
     def __init__(self) -> None:
         self.h = Harness((("small", 1), ("large", 1))).start()
-        self.reward = FakeReward()
+        self.reward = FakeRewardServer()
         self.h.call(self.reward.start())
         self.small = self.h.fakes["small"][0]
         self.large = self.h.fakes["large"][0]
 
     def configure(
-        self, *, script: RewardScript | None = None, reward_url: str | None = None, **changes: object
+        self,
+        *,
+        mode: str = "ok",
+        score: Callable[[str], float] = length_score,
+        reward_url: str | None = None,
+        **changes: object,
     ) -> BestOfNConfig:
-        """Best-of-N on `small` (N = 4) with the reward server at `reward_url` (default: the FakeReward, scripted
-        by `script`), `changes` replacing BestOfNConfig fields; the fake tiers back to their defaults, with
-        `small` answering SAMPLES."""
-        self.reward.script = script or RewardScript()
+        """Best-of-N on `small` (N = 4) with the reward server at `reward_url` (default: the FakeRewardServer, in
+        `mode`, scoring by `score`), `changes` replacing BestOfNConfig fields; the fake tiers back to their
+        defaults, with `small` answering SAMPLES."""
+        self.reward.mode = mode
+        self.reward.score = score
+        self.reward.requests.clear()
         self.small.behaviour = dataclasses.replace(
             self.small.behaviour, samples=SAMPLES, ignore_n=False, fail_status=None
         )

@@ -294,3 +294,49 @@ def test_the_candidates_are_mapped_to_tiers_by_model(monkeypatch: pytest.MonkeyP
     assert routing == CandidateRouting(CANDS, TIER_OF, 123)
     with pytest.raises(ConfigError, match="no tier serves a model"):
         candidate_routing_for((tier_at("other", "http://o/v1"),), Source(), 5)  # type: ignore[arg-type]
+
+
+def test_a_candidates_artifact_chooses_tier_and_n_within_the_best_of_n_bound(tmp_path: Path) -> None:
+    # The real path: a `candidates` artifact saved, loaded by the router's classifier loader, mapped onto the
+    # served tiers by `tiergate serve`'s config; its head is random, so what is checked is the bound on n.
+    from tests.support.routing import FakeEncoder, tiny_candidates_artifact
+    from tiergate.routing.artifact import save_artifact
+    from tiergate_router.artifact_classifier import load_classifier
+
+    path = tmp_path / "candidates.json"
+    save_artifact(tiny_candidates_artifact(seed=3), path)  # small@1, small@4, big@1
+    loaded = load_classifier(path, encoder_factory=lambda art: FakeEncoder())
+    assert loaded.kind == "candidates"
+    flags = ("--tier", "small=http://127.0.0.1:1/v1", "--tier", "big=http://127.0.0.1:2/v1", "--cost-weight-bp", "0")
+
+    def config(*argv: str) -> RouterConfig:
+        return serve_config(None, cmd_serve.overrides(parse_serve(*flags, *argv)), loaded)
+
+    cfg = config("--best-of-n", "small=4", "--reward-url", "http://127.0.0.1:9")
+    assert cfg.candidates is not None
+    assert cfg.candidates.tier_of == (0, 0, 1)
+    assert cfg.candidates.cost_weight_bp == 0
+    assert allowed_candidates(cfg) == (True, True, True)
+    # N = 2 < 4: small@4 may never be chosen; without best-of-N neither.
+    assert allowed_candidates(config("--best-of-n", "small=2", "--reward-url", "http://127.0.0.1:9")) == (
+        True,
+        False,
+        True,
+    )
+    assert allowed_candidates(config()) == (True, False, True)
+
+    async def routes(c: RouterConfig) -> set[tuple[str, int]]:
+        router = Router(c, loaded.classifier)
+        out = set()
+        for i in range(40):
+            r = await router.route("tiergate", f"prompt number {i} " * (i % 7 + 1))
+            out.add((r.chain[0], r.samples))
+        return out
+
+    # With N = 4 the head picks small@4 for some prompts (so the bound below has something to remove) ...
+    assert ("small", 4) in asyncio.run(routes(cfg))
+    # ... and with N = 2 never.
+    seen = asyncio.run(routes(config("--best-of-n", "small=2", "--reward-url", "http://127.0.0.1:9")))
+    assert seen <= {("small", 1), ("big", 1)}
+    with pytest.raises(ConfigError, match="--threshold-bp"):
+        config("--threshold-bp", "5000")

@@ -38,7 +38,7 @@ def test_generate_returns_the_best_sample(bon: BestOfNHarness, stub: router_pb2_
     assert samples(call) == str(N)
     [sent] = bon.small.stats.requests
     assert sent["n"] == N
-    assert len(bon.reward.script.requests) == 1
+    assert len(bon.reward.requests) == 1
 
 
 def test_generate_stream_sends_the_best_sample(bon: BestOfNHarness, stub: router_pb2_grpc.RouterServiceStub) -> None:
@@ -61,7 +61,7 @@ def test_one_sample_elsewhere(bon: BestOfNHarness, stub: router_pb2_grpc.RouterS
     call = stub.GenerateStream(router_pb2.GenerateRequest(prompt="easy", tier="small"))
     assert list(call)
     assert samples(call) == "1"
-    assert bon.reward.script.requests == []
+    assert bon.reward.requests == []
 
 
 def test_reward_model_down_the_reference_tier_answers(

@@ -1,7 +1,8 @@
 """Best-of-N through the official `openai` client: the router samples n answers from the best-of-N tier in one
 request, scores them with one reward call and returns the best; when the reward model cannot be used the
-reference tier answers. The reward server here is scripted (tests/support/fake_reward.py) so that it can fail on
-cue; its score is the rendered text's length, so the best sample is known (SAMPLES[1])."""
+reference tier answers. The reward server here is scripted (tests/support/reward.py's FakeRewardServer) so that it
+can fail on cue; its score is the rendered text's length, so the best sample is known (SAMPLES[1]). The same with
+the tiny real reward model behind `tiergate reward-server` is in test_router_best_of_n_reward_model.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import openai
 import pytest
 
 from tests.support.bon_harness import BEST, SAMPLES, BestOfNHarness, N, closed_port_url, words
-from tests.support.fake_reward import RewardScript
 
 EASY = [{"role": "user", "content": "What is 2+2?"}]
 
@@ -45,7 +45,7 @@ def test_the_best_sample_is_returned_with_the_samples_header(bon: BestOfNHarness
     [sent] = bon.small.stats.requests
     assert sent["n"] == N
     assert sent["stream"] is False
-    [scored] = bon.reward.script.requests
+    [scored] = bon.reward.requests
     assert len(scored["input"]) == N
     assert all(s in text for s, text in zip(SAMPLES, scored["input"], strict=True))
     assert scored["model"] == "fake-reward"  # asked from the server's /v1/models (no model configured)
@@ -58,7 +58,7 @@ def test_the_best_sample_is_returned_with_the_samples_header(bon: BestOfNHarness
 
 def test_the_reward_models_choice_wins_whatever_the_order(bon: BestOfNHarness) -> None:
     # Score the shortest text highest: the router follows the reward model, not the length or the position.
-    bon.configure(script=RewardScript(score=lambda text: -float(len(text))))
+    bon.configure(score=lambda text: -float(len(text)))
     out = client(bon).chat.completions.create(model="tiergate", messages=EASY)
     assert out.choices[0].message.content == "small tiny"
 
@@ -80,7 +80,7 @@ def test_other_tiers_and_forced_tiers_draw_one_sample(bon: BestOfNHarness) -> No
     assert forced.headers["x-tiergate-tier"] == "small"
     assert forced.headers["x-tiergate-samples"] == "1"
     assert "n" not in bon.small.stats.requests[-1]
-    assert bon.reward.script.requests == []
+    assert bon.reward.requests == []
 
 
 def test_streaming_sends_the_chosen_answer_as_chunks(bon: BestOfNHarness) -> None:
@@ -105,18 +105,18 @@ def test_streaming_sends_the_chosen_answer_as_chunks(bon: BestOfNHarness) -> Non
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
-        ("http500", "bad_response"),
+        ("http_500", "bad_response"),
         ("not_json", "bad_response"),
         ("wrong_count", "bad_response"),
         ("nan", "bad_response"),
-        ("strings", "bad_response"),
-        ("hang", "timeout"),
+        ("hold", "timeout"),
+        ("drop", "unavailable"),
     ],
 )
 def test_a_failing_reward_model_hands_the_request_to_the_reference_tier(
     bon: BestOfNHarness, mode: str, reason: str
 ) -> None:
-    bon.configure(script=RewardScript(mode=mode), timeout_s=0.3)
+    bon.configure(mode=mode, timeout_s=0.3)
     _escalated(bon, reason)
 
 
@@ -158,7 +158,7 @@ def _escalated(bon: BestOfNHarness, reason: str, *, reward_error: bool = True) -
 def test_escalation_stays_within_the_clients_deadline(bon: BestOfNHarness) -> None:
     # The reward model hangs and its own timeout is long: the router gives it at most half of what is left of the
     # request's deadline, so the reference tier still answers within the client's 2 s.
-    bon.configure(script=RewardScript(mode="hang"), timeout_s=60.0)
+    bon.configure(mode="hold", timeout_s=60.0)
     raw = client(bon).chat.completions.with_raw_response.create(
         model="tiergate", messages=EASY, extra_headers={"x-tiergate-timeout-ms": "2000"}
     )
@@ -175,7 +175,7 @@ def test_a_tier_that_ignores_n_is_answered_as_is(bon: BestOfNHarness) -> None:
     assert raw.headers["x-tiergate-tier"] == "small"
     assert raw.headers["x-tiergate-samples"] == "1"
     assert [c.message.content for c in raw.parse().choices] == [SAMPLES[0]]
-    assert bon.reward.script.requests == []  # nothing to choose from: no reward call
+    assert bon.reward.requests == []  # nothing to choose from: no reward call
     labels = {"tier": "small", "reason": "tier_ignored_n"}
     assert bon.metric("tiergate_router_best_of_n_skipped_total", labels) == before + 1
 
@@ -186,7 +186,7 @@ def test_a_clients_own_n_is_passed_through(bon: BestOfNHarness) -> None:
     assert raw.headers["x-tiergate-samples"] == "1"
     assert [c.message.content for c in raw.parse().choices] == list(SAMPLES[:2])
     assert bon.small.stats.requests[-1]["n"] == 2
-    assert bon.reward.script.requests == []
+    assert bon.reward.requests == []
 
 
 def test_when_the_best_of_n_tier_is_down_the_fallback_draws_one_sample(bon: BestOfNHarness) -> None:
@@ -198,7 +198,7 @@ def test_when_the_best_of_n_tier_is_down_the_fallback_draws_one_sample(bon: Best
     assert raw.headers["x-tiergate-samples"] == "1"
     [ref] = bon.large.stats.requests
     assert "n" not in ref
-    assert bon.reward.script.requests == []
+    assert bon.reward.requests == []
 
 
 def test_errors_carry_the_samples_header(bon: BestOfNHarness) -> None:
@@ -212,7 +212,7 @@ def test_errors_carry_the_samples_header(bon: BestOfNHarness) -> None:
         c.chat.completions.create(model="tiergate", messages=EASY)
     assert refused.value.response.headers["x-tiergate-tier"] == "small"
     assert refused.value.response.headers["x-tiergate-samples"] == "1"
-    assert bon.reward.script.requests == []
+    assert bon.reward.requests == []
     bon.small.behaviour.fail_status = 503
     bon.large.behaviour.fail_status = 503  # no tier answers: 503 from the router itself
     try:

@@ -1,5 +1,5 @@
 """`tiergate serve … --best-of-n TIER=N --reward-url URL` end to end: the real command in a subprocess, fake vLLM
-tiers in their own processes, a scripted reward server."""
+tiers in their own processes, a scripted reward server (FakeRewardServer)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.artifacts import constant_artifact
-from tests.support.fake_reward import FakeReward, RewardScript
 from tests.support.harness import LoopThread
 from tests.support.procs import FakeProcess, fake_tiers, small_and_large
+from tests.support.reward import FakeRewardServer
 from tests.support.router_serve import Serve
 
 
@@ -21,10 +21,10 @@ def tiers() -> Iterator[dict[str, FakeProcess]]:
 
 
 @pytest.fixture
-def reward() -> Iterator[FakeReward]:
+def reward() -> Iterator[FakeRewardServer]:
     thread = LoopThread()
     # The fake tier tags choice i > 0 of an answer `-s<i>-`: the reward model likes the third sample best.
-    r = FakeReward(script=RewardScript(score=lambda text: 1.0 if "small-s2-" in text else 0.0))
+    r = FakeRewardServer(score=lambda text: 1.0 if "small-s2-" in text else 0.0)
     thread.call(r.start())
     try:
         yield r
@@ -34,7 +34,7 @@ def reward() -> Iterator[FakeReward]:
 
 
 @pytest.mark.slow
-def test_serve_best_of_n_flags(tiers: dict[str, FakeProcess], reward: FakeReward, tmp_path: Path) -> None:
+def test_serve_best_of_n_flags(tiers: dict[str, FakeProcess], reward: FakeRewardServer, tmp_path: Path) -> None:
     art = constant_artifact(tmp_path / "router.json", bias=-3.0)  # score 0.05 -> small
     s = Serve(
         "--tier",
@@ -53,7 +53,7 @@ def test_serve_best_of_n_flags(tiers: dict[str, FakeProcess], reward: FakeReward
         assert tier == "small"
         assert body["tiergate"]["samples"] == 4  # type: ignore[index]
         assert body["choices"][0]["message"]["content"].startswith("small-s2-")  # type: ignore[index]
-        [scored] = reward.script.requests
+        [scored] = reward.requests
         assert len(scored["input"]) == 4
         tier, body = s.chat("anything", model="large")
         assert body["tiergate"]["samples"] == 1  # type: ignore[index]
