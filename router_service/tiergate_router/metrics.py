@@ -39,7 +39,8 @@ SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
 # Best-of-N: samples per request (1..16, the policy's bound).
 SAMPLE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
 # Reward scores have no common scale (a logit of one reward model, a probability of another): symmetric buckets
-# around 0 that resolve both the usual logit range (a few units) and a probability's [0, 1].
+# around 0 that resolve both the usual logit range (a few units) and a probability's [0, 1]. With buckets below 0
+# the client exports no `_sum` (OpenMetrics: a sum of signed values is no counter), only the buckets and count.
 REWARD_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
