@@ -1,4 +1,5 @@
-"""The router in front of a real vLLM: the CPU build of vLLM serving SmolLM2-135M-Instruct as the small tier.
+"""The router in front of a real vLLM: the CPU build of vLLM serving SmolLM2-135M-Instruct as the small tier; and
+best-of-N on it (n = 4 samples from vLLM, scored by `tiergate reward-server` with the tiny reward model).
 
 Slow: the first run builds vLLM's own virtual environment (scripts/vllm_cpu_venv.sh, ~4 minutes, cached under
 ~/.cache/tiergate), and vLLM takes about a minute to start. CI runs it (the `slow` marker is not deselected).
@@ -6,6 +7,7 @@ Slow: the first run builds vLLM's own virtual environment (scripts/vllm_cpu_venv
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import time
@@ -14,12 +16,18 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from tests.support.harness import Harness
+from tests.support.reward import RewardServerProcess, reward_server, tiny_reward_model
 from tests.support.router_serve import free_port
+from tiergate_router.config import BestOfNConfig
 from tiergate_router.dispatch import parse_waiting
+from tiergate_router.openai_server import HTTPServer
+from tiergate_router.reward import render_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
@@ -154,4 +162,90 @@ def test_router_in_front_of_real_vllm(vllm_url: str) -> None:
         with pytest.raises(openai.BadRequestError):
             c.completions.create(model="small", prompt="word " * 5000, max_tokens=4)
     finally:
+        h.stop()
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class RewardTee:
+    """Passes `/pooling` through to the real reward server and keeps what went by (the rendered samples and their
+    scores), so the test knows which of vLLM's n samples the reward model preferred."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        self.seen: list[tuple[list[str], list[float]]] = []
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.forward)
+        self.server = HTTPServer(app, "127.0.0.1", 0, shutdown_timeout=0.1)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+    async def forward(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        async with (
+            aiohttp.ClientSession() as s,
+            s.request(request.method, f"{self.target}{request.path}", data=body, headers=_JSON) as r,
+        ):
+            out = await r.read()
+            status, ctype = r.status, r.content_type
+        if request.path == "/pooling" and status == 200:
+            import json
+
+            texts = json.loads(body)["input"]
+            scores = [
+                float(d["data"][0] if isinstance(d["data"], list) else d["data"]) for d in json.loads(out)["data"]
+            ]
+            self.seen.append((texts, scores))
+        return web.Response(body=out, status=status, content_type=ctype)
+
+
+@pytest.fixture(scope="module")
+def tiny_reward(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RewardServerProcess]:
+    with reward_server("--model", str(tiny_reward_model(tmp_path_factory.mktemp("reward")))) as s:
+        yield s
+
+
+def test_best_of_n_on_real_vllm_with_the_reward_server(vllm_url: str, tiny_reward: RewardServerProcess) -> None:
+    """n = 4 samples in one request to vLLM, scored by `tiergate reward-server` in one batch, the best returned. No
+    assertion reads the wording; the samples differ or not as the model pleases (temperature 1), what is checked is
+    that the answer is the one the reward model scored highest among what vLLM sent back."""
+    h = Harness(tiers=(("small", 0), ("large", 1)), grpc=False, external={"small": [vllm_url]}).start()
+    tee = RewardTee(tiny_reward.url)
+    try:
+        h.call(tee.server.start())
+        server = h.server
+        assert server is not None
+        b = BestOfNConfig("small", 4, tee.url, None, "large", timeout_s=60.0)
+        cfg = dataclasses.replace(server.router.config, best_of_n=b)
+
+        async def apply() -> None:
+            server.router.apply_config(cfg)
+
+        h.call(apply())
+        c = openai.OpenAI(base_url=f"{h.url}/v1", api_key="unused", max_retries=0, timeout=300)
+        prompt = "Name a colour."
+        raw = c.chat.completions.with_raw_response.create(
+            model="tiergate",
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=12,
+            temperature=1.0,
+            extra_body={"min_tokens": 2},
+        )
+        comp = raw.parse()
+        assert raw.headers["x-tiergate-tier"] == "small"
+        assert raw.headers["x-tiergate-samples"] == "4"  # vLLM honoured n
+        assert "x-tiergate-escalation" not in raw.headers
+        assert [ch.index for ch in comp.choices] == [0]
+        content = comp.choices[0].message.content
+        assert content is not None
+        [(texts, scores)] = tee.seen  # one batched reward call with every sample
+        assert len(texts) == 4
+        assert render_pair(prompt, content) == texts[max(range(4), key=lambda i: (scores[i], -i))]
+        assert comp.usage is not None
+        assert 4 * 2 <= comp.usage.completion_tokens <= 4 * 12  # all four samples counted
+    finally:
+        h.call(tee.server.stop())
         h.stop()
