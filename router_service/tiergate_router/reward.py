@@ -11,9 +11,10 @@ The wire form (vLLM 0.32, `vllm/entrypoints/pooling/pooling/protocol.py`):
   (`messages`) renders through the reward model's chat template but takes one conversation per call, so n answers
   would be n calls; the router needs one. Each (prompt, answer) pair is therefore rendered to text by `render_pair`
   ("User: …\\n\\nAssistant: …"): a neutral form any reward model can read. It is model-agnostic on purpose: the
-  router does not have the reward model's tokenizer, and a reward model's own template would only shift every
-  score of a prompt alike (what matters for picking the best of n is their order, and the floor `minReward` is
-  set against scores of this same rendering).
+  router does not have the reward model's tokenizer to apply its chat template. A model scored outside its own
+  template may rank answers somewhat less well (not measured here: no real reward model is available offline);
+  what best-of-N uses is the order of one prompt's answers, all rendered alike, and the floor `minReward` is set
+  against scores of this same rendering.
 - `use_activation: false` asks for the raw logit (vLLM applies a sigmoid to a one-label classifier by default):
   reward models publish their scores as logits, and a sigmoid squashes the differences between good answers.
 - `truncate_prompt_tokens: -1` cuts a pair longer than the reward model's context to that context instead of
@@ -23,7 +24,8 @@ The wire form (vLLM 0.32, `vllm/entrypoints/pooling/pooling/protocol.py`):
 
 Every failure is a `RewardError` whose `reason` (REWARD_ERROR_REASONS, a metric label) says what happened:
 `timeout` (the deadline passed), `unavailable` (connection refused, reset or dropped), `bad_response` (an HTTP
-error status, a body that is not JSON, or scores that are not one finite number per answer).
+error status, a body that is not JSON or over MAX_RESPONSE_BYTES, or scores that are not one finite number per
+answer).
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ import aiohttp
 from tiergate_router.errors import RouterError
 
 REWARD_ERROR_REASONS = ("timeout", "unavailable", "bad_response")
+# The largest answer read: 16 scores take ~2 KB; a server sending megabytes is broken, and the router must not hold
+# them (one per request in flight).
+MAX_RESPONSE_BYTES = 1024**2
 
 
 class RewardError(RouterError):
@@ -149,7 +154,7 @@ class RewardClient:
             self._session = aiohttp.ClientSession()
         try:
             async with self._session.request(method, f"{self.url}{path}", json=payload) as r:
-                raw = await r.read()
+                raw = await _read_capped(r.content)
                 status = r.status
         except TimeoutError:
             raise
@@ -157,12 +162,26 @@ class RewardClient:
             raise RewardError("bad_response", f"{method} {path}: {e}") from e
         except (aiohttp.ClientError, OSError) as e:  # refused, reset, dropped mid-body
             raise RewardError("unavailable", f"{method} {self.url}{path}: {e!r}") from e
+        if raw is None:
+            raise RewardError("bad_response", f"{method} {path} answered more than {MAX_RESPONSE_BYTES} bytes")
         if status != 200:
             raise RewardError("bad_response", f"{method} {path} answered HTTP {status}: {_error_message(raw)}")
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, ValueError) as e:
             raise RewardError("bad_response", f"{method} {path} answered a body that is not JSON: {raw[:200]!r}") from e
+
+
+async def _read_capped(content: aiohttp.StreamReader) -> bytes | None:
+    """The whole body, or None once it passes MAX_RESPONSE_BYTES (the rest is not read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.read(64 * 1024):
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _error_message(raw: bytes) -> str:

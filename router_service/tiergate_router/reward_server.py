@@ -197,7 +197,8 @@ _WORD = re.compile(r"\w+")
 
 
 def split_pair(text: str) -> tuple[str, str]:
-    """(prompt, answer) of a text in `render_pair`'s form; a text in another form is all answer, no prompt."""
+    """(prompt, answer) of a text in `render_pair`'s form, split at the LAST "\n\nAssistant: " (a prompt that
+    flattens earlier turns holds some; a model's answer rarely does); a text in another form is all answer."""
     m = _PAIR.match(text)
     return (m["prompt"], m["answer"]) if m else ("", text)
 
@@ -249,11 +250,13 @@ class StandInScorer:
         tokens = sum(math.ceil(len(t) / 4) for t in texts)
         if self._embed is None:
             return Scored([lexical_relevance(p, a) for p, a in pairs], tokens)
-        vectors = self._embed([p for p, _ in pairs] + [a for _, a in pairs])
-        n = len(pairs)
+        # Each distinct text embedded once: best-of-n sends one prompt n times.
+        unique = list(dict.fromkeys(t for pair in pairs for t in pair))
+        row = {t: i for i, t in enumerate(unique)}
+        vectors = self._embed(unique)
         # Unit vectors (the encoder L2-normalises), so the dot product is the cosine, in [-1, 1]; an empty answer
         # gets -1, below every answer with words (an off-topic one can score slightly under 0).
-        return Scored([float(vectors[i] @ vectors[n + i]) if pairs[i][1].strip() else -1.0 for i in range(n)], tokens)
+        return Scored([float(vectors[row[p]] @ vectors[row[a]]) if a.strip() else -1.0 for p, a in pairs], tokens)
 
 
 # -- the request -----------------------------------------------------------------------------------------------
@@ -267,14 +270,13 @@ class PoolingRequest:
     limit: TokenLimit
 
 
-def _field(body: dict[str, Any], name: str, kinds: type | tuple[type, ...], default: Any) -> Any:
+def _field(body: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    """`body[name]` when present and of type `kind` (a JSON true is no integer here), `default` when absent or null."""
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) and bool not in (kinds if isinstance(kinds, tuple) else (kinds,)):
-        raise BadRequestError(f"`{name}` has the wrong type", param=name)
-    if not isinstance(value, kinds):
-        raise BadRequestError(f"`{name}` has the wrong type", param=name)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BadRequestError(f"`{name}` must be a {kind.__name__}", param=name)
     return value
 
 
@@ -323,8 +325,11 @@ def parse_pooling_request(body: object, scorer: RewardScorer) -> PoolingRequest:
     if body.get("dimensions") is not None:
         raise BadRequestError("dimensions is currently not supported", param="dimensions")
     truncate = _field(body, "truncate_prompt_tokens", int, None)
-    if truncate is not None and truncate < -1:
-        raise BadRequestError("`truncate_prompt_tokens` must be -1 or more", param="truncate_prompt_tokens")
+    if truncate is not None and truncate < 1 and truncate != -1:
+        raise BadRequestError(
+            "`truncate_prompt_tokens` must be -1 (the model's context) or a positive number of tokens",
+            param="truncate_prompt_tokens",
+        )
     if truncate is not None and truncate > scorer.max_model_len:
         raise BadRequestError(
             f"truncate_prompt_tokens={truncate} cannot be greater than max_model_len = {scorer.max_model_len}",
@@ -333,7 +338,7 @@ def parse_pooling_request(body: object, scorer: RewardScorer) -> PoolingRequest:
     side = _field(body, "truncation_side", str, "right")
     if side not in ("left", "right"):
         raise BadRequestError("`truncation_side` must be either 'left' or 'right'", param="truncation_side")
-    limit = TokenLimit(None if truncate is None else scorer.max_model_len if truncate in (-1, 0) else truncate, side)
+    limit = TokenLimit(None if truncate is None else scorer.max_model_len if truncate == -1 else truncate, side)
     use_activation = _field(body, "use_activation", bool, True)
     has_input, has_messages = body.get("input") is not None, body.get("messages") is not None
     if has_input == has_messages:

@@ -150,7 +150,7 @@ def reward_server(*args: str) -> Iterator[RewardServerProcess]:
 # -- a scripted pooling server --------------------------------------------------------------------------------------
 
 # What `FakeRewardServer.mode` can be: a correct answer, or one of the ways a reward server goes wrong.
-FAKE_MODES = ("ok", "wrong_count", "nan", "not_json", "http_500", "hold", "drop")
+FAKE_MODES = ("ok", "wrong_count", "nan", "not_json", "http_500", "hold", "drop", "huge")
 
 
 def length_score(text: str) -> float:
@@ -162,7 +162,8 @@ def length_score(text: str) -> float:
 class FakeRewardServer:
     """vLLM's `/pooling` (batch `input` form) and `/v1/models` on a loopback port of the running event loop.
 
-    `mode` (FAKE_MODES) scripts the answer: `hold` never answers (until `stop`), `drop` closes the connection.
+    `mode` (FAKE_MODES) scripts the answer: `hold` never answers (until `stop`), `drop` closes the connection,
+    `huge` sends the right scores inside a body over the client's size limit.
     `requests` keeps every `/pooling` body.
     """
 
@@ -216,6 +217,10 @@ class FakeRewardServer:
             scores = scores[:-1]
         elif self.mode == "nan":
             scores[0] = math.nan
+        elif self.mode == "huge":  # right scores, then 2 MiB of padding in a field nobody reads
+            return web.json_response(
+                {"data": [{"index": i, "data": [s]} for i, s in enumerate(scores)], "pad": "x" * 2**21}
+            )
         items = [{"index": i, "object": "pooling", "data": [s]} for i, s in enumerate(scores)]
         # json.dumps writes NaN as the bare token NaN (not JSON, but what a careless server sends).
         return web.json_response(

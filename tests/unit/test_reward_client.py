@@ -80,7 +80,7 @@ def test_no_answers_no_call() -> None:
     assert _with_fake("ok", check).requests == []
 
 
-@pytest.mark.parametrize("mode", ["wrong_count", "nan", "not_json", "http_500"])
+@pytest.mark.parametrize("mode", ["wrong_count", "nan", "not_json", "http_500", "huge"])
 def test_garbage_is_bad_response(mode: str) -> None:
     async def check(fake: FakeRewardServer) -> None:
         client = RewardClient(fake.url, "fake-reward")

@@ -17,6 +17,15 @@ import pytest
 
 from tests.support.reward import RewardServerProcess, direct_scores, reward_server, tiny_reward_model
 from tiergate_router.reward import RewardClient, render_pair
+from tiergate_router.reward_server import (
+    StandInScorer,
+    TokenLimit,
+    UnscorableInputError,
+    cut_tokens,
+    lexical_relevance,
+    render_messages,
+    split_pair,
+)
 
 PROMPT = "What is the capital of France?"
 ANSWERS = ["Paris.", "The capital of France is Paris.", "I like trains.", ""]
@@ -114,6 +123,7 @@ def test_too_long_is_refused_unless_truncation_is_asked_for(server: RewardServer
         ({"input": ["x"], "use_activation": "no"}, 400, "use_activation"),
         ({"input": ["x"], "model": 3}, 400, "model"),
         ({"input": ["x"], "truncate_prompt_tokens": -2}, 400, "truncate_prompt_tokens"),
+        ({"input": ["x"], "truncate_prompt_tokens": 0}, 400, "truncate_prompt_tokens"),
         ({"input": ["x"], "truncate_prompt_tokens": 5000}, 400, "truncate_prompt_tokens"),
         ({"input": ["x"], "truncate_prompt_tokens": True}, 400, "truncate_prompt_tokens"),
         ({"input": ["x"], "truncation_side": "middle"}, 400, "truncation_side"),
@@ -202,3 +212,66 @@ def test_a_bad_model_folder_exits_2(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert "cannot load a sequence-classification model" in r.stderr
+
+
+# -- the pure parts, without a server ------------------------------------------------------------------------------
+
+
+def test_stand_in_reads_the_rendered_pair_back() -> None:
+    # the last "Assistant:" turn is the answer: a flattened conversation before it belongs to the prompt
+    history = "a\n\nAssistant: b\n\nUser: c"
+    assert split_pair(render_pair(history, "d\n\ne")) == (history, "d\n\ne")
+    assert split_pair("no such form") == ("", "no such form")
+    assert render_messages([{"role": "user", "content": "p"}, {"role": "assistant", "content": "a"}]) == (
+        render_pair("p", "a")
+    )
+
+
+def test_stand_in_without_minilm_scores_word_overlap() -> None:
+    scorer = StandInScorer(None)
+    assert "word-overlap" in scorer.description
+    assert "not a reward model" in scorer.description
+    texts = [render_pair(PROMPT, a) for a in ("the capital of France is Paris", "bananas are yellow", "")]
+    scored = scorer.score(texts, add_special_tokens=True, limit=TokenLimit(None))
+    on_topic, off_topic, empty = scored.scores
+    assert on_topic > off_topic == empty == 0.0
+    assert lexical_relevance("a b", "a b") == pytest.approx(1.0)
+
+
+def test_stand_in_embeds_each_distinct_text_once() -> None:
+    import numpy as np
+
+    seen: list[list[str]] = []
+
+    def embed(texts: list[str]) -> np.ndarray[Any, np.dtype[np.float32]]:
+        seen.append(texts)
+        # unit vectors: the prompt on the x axis, answers at a known angle to it
+        return np.array([[1.0, 0.0] if t == "p" else [0.6, 0.8] for t in texts], dtype=np.float32)
+
+    scored = StandInScorer(embed).score(
+        [render_pair("p", "x"), render_pair("p", "x"), render_pair("p", " ")],
+        add_special_tokens=True,
+        limit=TokenLimit(None),
+    )
+    assert seen == [["p", "x", " "]]
+    assert scored.scores == pytest.approx([0.6, 0.6, -1.0])
+
+
+@pytest.mark.parametrize(
+    ("limit", "want"),
+    [
+        (TokenLimit(None), None),
+        (TokenLimit(3), [1, 2, 3]),
+        (TokenLimit(3, "left"), [4, 5, 6]),
+        (TokenLimit(9), [1, 2, 3, 4, 5]),
+    ],
+)
+def test_cut_tokens(limit: TokenLimit, want: list[int] | None) -> None:
+    ids = [1, 2, 3, 4, 5, 6]
+    if want is None:
+        with pytest.raises(UnscorableInputError, match="more than the model's context of 5"):
+            cut_tokens(0, ids, limit, 5)
+    else:
+        assert cut_tokens(0, ids, limit, 5) == want
+    with pytest.raises(UnscorableInputError, match="no tokens"):
+        cut_tokens(2, [], limit, 5)
