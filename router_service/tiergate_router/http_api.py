@@ -303,6 +303,7 @@ class OpenAIHandlers:
             resp.headers["Cache-Control"] = "no-cache"
             await resp.prepare(request)
             first = True
+            accounted = False
             t_up = time.perf_counter()
             try:
                 async for chunk in up.chunks():
@@ -310,6 +311,12 @@ class OpenAIHandlers:
                         m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
                         first = False
                     scanner.feed(chunk)
+                    if not accounted and scanner.usage is not None:
+                        # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
+                        # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
+                        # stream's end, and whoever reads /metrics once the stream is over must see the tokens.
+                        self.router.account_usage(up.tier, scanner.usage)
+                        accounted = True
                     await resp.write(chunk)
             except UpstreamStreamError as e:
                 # Headers are gone already: end the stream with an error event the client can see.
@@ -323,7 +330,6 @@ class OpenAIHandlers:
             await resp.write_eof()
         finally:
             up.close()
-        self.router.account_usage(up.tier, scanner.usage)
         res.outcome = "success"
         return resp
 

@@ -8,13 +8,9 @@ Slow: the first run builds vLLM's own virtual environment (scripts/vllm_cpu_venv
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import time
-import urllib.error
+import json
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import openai
@@ -23,13 +19,12 @@ from aiohttp import web
 
 from tests.support.harness import Harness
 from tests.support.reward import RewardServerProcess, reward_server, tiny_reward_model
-from tests.support.router_serve import free_port
+from tests.support.vllm_real import vllm_server
 from tiergate_router.config import BestOfNConfig
 from tiergate_router.dispatch import parse_waiting
 from tiergate_router.openai_server import HTTPServer
-from tiergate_router.reward import render_pair
+from tiergate_router.reward import parse_scores, render_pair
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
@@ -37,63 +32,10 @@ pytestmark = pytest.mark.slow
 def vllm_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from tiergate_router.demo.models import ensure_smollm2
 
-    model = ensure_smollm2()
-    venv = (
-        subprocess.run(
-            [str(ROOT / "scripts" / "vllm_cpu_venv.sh")], check=True, capture_output=True, text=True, timeout=1800
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
-    port = free_port()
     log = tmp_path_factory.mktemp("vllm") / "vllm.log"
-    env = dict(
-        os.environ,
-        VLLM_CPU_KVCACHE_SPACE="1",
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        VLLM_NO_USAGE_STATS="1",
-        DO_NOT_TRACK="1",
-    )
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [
-                f"{venv}/bin/python",
-                "-m",
-                "vllm.entrypoints.openai.api_server",
-                "--model",
-                str(model),
-                "--served-model-name",
-                "smollm2",
-                "--enforce-eager",
-                "--max-model-len",
-                "2048",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2).read()
-                break
-            except (urllib.error.URLError, OSError):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"vLLM did not start: {log.read_text()[-4000:]}") from None
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    args = ("--served-model-name", "smollm2", "--enforce-eager", "--max-model-len", "2048")
+    with vllm_server(ensure_smollm2(), *args, log=log) as root:
+        yield f"{root}/v1"
 
 
 def test_router_in_front_of_real_vllm(vllm_url: str) -> None:
@@ -192,13 +134,8 @@ class RewardTee:
             out = await r.read()
             status, ctype = r.status, r.content_type
         if request.path == "/pooling" and status == 200:
-            import json
-
             texts = json.loads(body)["input"]
-            scores = [
-                float(d["data"][0] if isinstance(d["data"], list) else d["data"]) for d in json.loads(out)["data"]
-            ]
-            self.seen.append((texts, scores))
+            self.seen.append((texts, parse_scores(json.loads(out), len(texts))))
         return web.Response(body=out, status=status, content_type=ctype)
 
 
