@@ -486,7 +486,13 @@ def build_router_rolebinding(policy: RoutingPolicy) -> Obj:
 
 def router_args(policy: RoutingPolicy) -> list[str]:
     """`tiergate serve` flags (tiergate_router.cmd_serve): listen on all addresses (its default is loopback), ports
-    from the policy, the policy file the ConfigMap mounts (hot-reloaded), EndpointSlice discovery on."""
+    from the policy, the policy file the ConfigMap mounts (hot-reloaded), EndpointSlice discovery on.
+
+    No `--reward-url` for best-of-N: the router derives the reward Service's URL from the policy file itself
+    (`naming.reward_url` of the policy's name, namespace and `bestOfN.rewardModel.port`), the same function the
+    operator reports in `status.rewardModel.endpoint`. A flag would be a second copy of what the file says, fixed
+    for the pod's life: adding or removing bestOfN would then need a router rollout, and until it finished the old
+    pods would hold a flag that the reloaded policy contradicts."""
     r = policy.spec.router
     return [
         "serve",
@@ -617,6 +623,12 @@ def _reward(policy: RoutingPolicy) -> RewardModel:
 
 
 def build_reward_deployment(policy: RoutingPolicy) -> Obj:
+    """vLLM's pooling runner (`--runner pooling`: `/pooling` and `/classify` instead of generation) serving
+    `rewardModel.model` under that same name, which is what the router names in its scoring calls; on
+    `rewardModel.port`, which the Service and `naming.reward_url` use. The same restricted pod as a tier's
+    (`_engine_pod`), placed by the reward model's own pool, selector and tolerations. `rewardModel.args` come last,
+    so they can add what a particular reward model needs (`--trust-remote-code`, `--max-model-len`,
+    `--pooler-config`)."""
     rm = _reward(policy)
     name = naming.reward_name(policy.name)
     labels = common_labels(policy, naming.COMPONENT_REWARD, ENGINE_APP)
@@ -625,7 +637,6 @@ def build_reward_deployment(policy: RoutingPolicy) -> Obj:
         model=rm.model,
         served_name=rm.model,
         port=rm.port,
-        # vLLM serves reward models through its pooling runner (`/pooling`, `/classify`).
         extra_args=["--runner", "pooling", *rm.args],
         env=[],
         resources=_resources(rm.gpus, None, None),

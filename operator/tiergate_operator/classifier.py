@@ -28,6 +28,7 @@ from tiergate.api.policy import RoutingPolicy
 
 # The format's standard-library half (the operator image has no numpy): one definition of what the router loads.
 from tiergate.routing.format import FORMAT, FORMAT_VERSION, KINDS, MAX_BYTES, digest
+from tiergate.routing.tiers import PRICE_WAY_OUT, artifact_tier, price_factor, price_mismatch
 
 # On the router's pod template: changes exactly when an input the router reads only at start changes.
 ROUTER_INPUTS_ANNOTATION = "tiergate.io/router-inputs-digest"
@@ -91,6 +92,11 @@ def check_artifact(text: str, where: str) -> str:
     what is wrong. Deliberately the checks `tiergate.routing.artifact.loads` makes first, without numpy: JSON, format,
     version, the checksum over the canonical JSON (so any edit or truncation is caught), kind, encoder and head.
     The tensors' shapes are the router's to check; a trained artifact with a matching checksum has them right."""
+    return str(_checked(text, where)["sha256"])
+
+
+def _checked(text: str, where: str) -> dict[str, Any]:
+    """`text` parsed, after `check_artifact`'s checks."""
     if len(text.encode("utf-8")) > MAX_BYTES:
         raise ValueError(f"{where}: {len(text)} bytes, more than a router artifact may hold ({MAX_BYTES})")
     try:
@@ -112,7 +118,74 @@ def check_artifact(text: str, where: str) -> str:
     members = (doc.get("head") or {}).get("members") if isinstance(doc.get("head"), dict) else None
     if not isinstance(members, list) or not members:
         raise ValueError(f"{where}: no head members")
-    return str(doc["sha256"])
+    return doc
+
+
+# The router's shipped default artifact, used when a policy names no classifier, is a two-tier one.
+DEFAULT_KIND = "two_tier"
+
+
+def two_tier_overflow(policy: RoutingPolicy, kind: str, where: str) -> str | None:
+    """Why a `kind` artifact cannot serve the policy's tiers as written, or None. A two-tier artifact's one score
+    separates the cheapest tier from the strongest only: the tiers between would never be chosen, and the router
+    refuses such a policy (`tiergate_router.config.knobs.two_tier_thresholds`), so the operator says so first."""
+    tiers = policy.spec.tiers
+    if kind != "two_tier" or len(tiers) <= 2:
+        return None
+    between = ", ".join(t.name for t in tiers[1:-1])
+    return (
+        f"{len(tiers)} tiers, but {where} is a two-tier artifact (one score: the cheapest or the strongest tier), so "
+        f"{between} would never be chosen; serve two tiers, or name an N-tier artifact in spec.router.classifier"
+    )
+
+
+# The decision knobs (API names) that act on a two-tier artifact's score; the others choose among N tiers. As
+# `tiergate_router.config.knobs.TWO_TIER_KNOBS` (a unit test holds the two equal).
+TWO_TIER_KNOBS = ("thresholdBasisPoints", "targetStrongShareBasisPoints")
+
+
+def artifact_misfit(policy: RoutingPolicy, doc: Mapping[str, Any], where: str) -> str | None:
+    """Why the router would refuse this policy with this artifact (`doc`, checked), naming the field; None when it
+    would serve it. The router's rules (`tiergate_router.config`), checked where the operator can see them, so
+    that the policy says so instead of a router pod crash-looping on start: a knob of the other artifact kind;
+    more than two tiers under a two-tier artifact; for an N-tier one, a tier it does not know or two tiers on one
+    (`tiergate.routing.tiers.artifact_tier`), and without a cost weight, prices its calibration does not describe
+    (`price_factor`). Not checked: whether a budget is affordable (the router says so; the last good policy keeps
+    serving on a reload)."""
+    kind = str(doc.get("kind"))
+    knob = next(iter(policy.spec.router.decision_knobs()), None)
+    if kind == "two_tier":
+        if knob is not None and knob not in TWO_TIER_KNOBS:
+            return f"spec.router.{knob}: an N-tier knob, but {where} is a two-tier artifact (set thresholdBasisPoints)"
+        overflow = two_tier_overflow(policy, kind, where)
+        return None if overflow is None else f"spec.tiers: {overflow}"
+    if knob in TWO_TIER_KNOBS:
+        return f"spec.router.{knob}: a two-tier knob, but {where} is an N-tier artifact (set costWeightBasisPoints)"
+    try:
+        known = [str(t["name"]) for t in doc["tiers"]]
+        art_prices = [float(t["price"]) for t in doc["tiers"]]
+    except (KeyError, TypeError, ValueError):
+        return f"{where}: its tiers are not a list of {{name, price}}"
+    columns: list[int] = []
+    for i, t in enumerate(policy.spec.tiers):
+        col = artifact_tier((t.name, t.model_name, t.model), known)
+        if col is None:
+            return f"spec.tiers[{i}] ({t.name}): matches no tier of {where} by name, servedModelName or model"
+        if col in columns:
+            return f"spec.tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as another tier does"
+        columns.append(col)
+    if policy.spec.router.cost_weight_basis_points is not None:
+        return None
+    mine = [float(t.price.input_per_million) + float(t.price.output_per_million) for t in policy.spec.tiers]
+    k, off = price_factor(mine, [art_prices[c] for c in columns])
+    if off < 0:
+        return None
+    need = "spec.router.budgetPerMillion" if knob == "budgetPerMillion" else "the artifact's default cost weight"
+    off_by = price_mismatch(mine[off], k, off == 0, art_prices[columns[off]], known[columns[off]])
+    return (
+        f"spec.tiers[{off}].price: {off_by}; the calibration of {where}, measured at its own prices, does not "
+        f"describe these, and {need} comes from it. {PRICE_WAY_OUT}"
+    )
 
 
 def _key_text(cm: Obj, key: str) -> str | None:
@@ -146,10 +219,13 @@ def read_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | Class
         keys = sorted({*(cm.get("data") or {}), *(cm.get("binaryData") or {})})
         return ClassifierProblem(MISSING, f"{where}: no such key (keys: {', '.join(keys) or 'none'})")
     try:
-        sha = check_artifact(text, where)
+        doc = _checked(text, where)
     except ValueError as e:
         return ClassifierProblem(INVALID, str(e))
-    return ClassifierCopy(text, sha, where)
+    misfit = artifact_misfit(policy, doc, where)
+    if misfit is not None:
+        return ClassifierProblem(INVALID, misfit)
+    return ClassifierCopy(text, str(doc["sha256"]), where)
 
 
 def read_copy(cm: Obj | None) -> ClassifierCopy | None:

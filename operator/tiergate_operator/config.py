@@ -52,10 +52,16 @@ class OperatorConfig:
     """Serve kopf's liveness endpoint on this port (GET /healthz); None: no endpoint."""
     kubeconfig: str | None = None
     """Explicit kubeconfig path; None: in-cluster credentials when running in a pod, else KUBECONFIG/~/.kube."""
+    external_check_seconds: float = 30.0
+    """How often each external tier's endpoint is checked (`GET {url}/models`) for status (external.py)."""
+    external_check_timeout_seconds: float = 5.0
+    """How long one such check may take before the endpoint counts as unreachable."""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
             raise ConfigError(f"resync_seconds must be positive, got {self.resync_seconds}")
+        if self.external_check_seconds <= 0 or self.external_check_timeout_seconds <= 0:
+            raise ConfigError("external_check_seconds and external_check_timeout_seconds must be positive")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if not 0 < self.lease_retry_period_seconds < self.lease_renew_deadline_seconds < self.lease_duration_seconds:
@@ -88,6 +94,8 @@ class OperatorConfig:
             "LEASE_RENEW_DEADLINE_SECONDS": ("lease_renew_deadline_seconds", float),
             "LEASE_RETRY_PERIOD_SECONDS": ("lease_retry_period_seconds", float),
             "HEALTH_PORT": ("health_port", int),
+            "EXTERNAL_CHECK_SECONDS": ("external_check_seconds", float),
+            "EXTERNAL_CHECK_TIMEOUT_SECONDS": ("external_check_timeout_seconds", float),
         }
         for suffix, (attr, cast) in casts.items():
             raw = env.get(ENV_PREFIX + suffix)

@@ -24,10 +24,11 @@ from tiergate.api.policy import KIND
 from .cache import ChildCache
 from .config import OperatorConfig
 from .errors import KubeError
+from .external import ExternalChecks
 from .kube import Kube
 from .reconcile import Outcome, PolicyMemory, describe_keys, event_body, needs_apply, reconcile, refuse_invalid
 from .references import configmaps_named
-from .status import DEGRADED, INVALID_SPEC, READY, invalid_spec
+from .status import DEGRADED, INVALID_SPEC, READY, REWARD_MODEL_READY, invalid_spec
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ class Controller:
         kube: Kube,
         cache: ChildCache,
         clock: Callable[[], float] = time.monotonic,
+        external: ExternalChecks | None = None,
     ) -> None:
         self.cfg = cfg
         self.kube = kube
@@ -69,6 +71,13 @@ class Controller:
         self._memory: dict[PolicyKey, PolicyMemory] = {}
         self._failures: dict[PolicyKey, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        # External tiers' endpoints, checked by a loop of their own (run), read by reconciles without I/O.
+        self.external = external or ExternalChecks(
+            interval_s=cfg.external_check_seconds, timeout_s=cfg.external_check_timeout_seconds
+        )
+        # Probes wait on the network, not on the API server: a pool of their own, so a hanging endpoint never
+        # holds a reconcile thread.
+        self._probe_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="external-check")
         self.reconciles = 0  # counters, for logs and the benchmark
         self.errors = 0
 
@@ -180,14 +189,23 @@ class Controller:
             self._queue.put_nowait(key)
         workers = [asyncio.create_task(self._worker(), name=f"reconcile-worker-{i}") for i in range(self.cfg.workers)]
         resync = asyncio.create_task(self._resync(), name="resync")
+        checks = asyncio.create_task(self.external.run(self._probe_pool, self._external_changed), name="external")
         try:
             await stop.wait()
         finally:
-            for t in [*workers, resync]:
+            for t in [*workers, resync, checks]:
                 t.cancel()
-            await asyncio.gather(*workers, resync, return_exceptions=True)
+            await asyncio.gather(*workers, resync, checks, return_exceptions=True)
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._apply_pool.shutdown(wait=False, cancel_futures=True)
+            self._probe_pool.shutdown(wait=False, cancel_futures=True)
+
+    def _external_changed(self, url: str) -> None:
+        """A check of `url` came out differently: refresh the status of every policy whose tiers name it."""
+        for key, body in list(self._bodies.items()):
+            tiers = (body.get("spec") or {}).get("tiers") or []
+            if any(isinstance(t, dict) and (t.get("endpoint") or {}).get("url") == url for t in tiers):
+                self.enqueue(key, apply=False)
 
     async def _resync(self) -> None:
         while True:
@@ -239,7 +257,9 @@ class Controller:
         self._need_apply.discard(key)
         self.reconciles += 1
         try:
-            out = reconcile(self.kube, body, self.cfg, mem, self.cache, apply=apply, pool=self._apply_pool)
+            out = reconcile(
+                self.kube, body, self.cfg, mem, self.cache, apply=apply, pool=self._apply_pool, external=self.external
+            )
         except PolicyValidationError as e:
             # The CRD's schema should have refused this; an older CRD may not have. Retrying will not help, the
             # next spec change will. Nothing was applied; the status says so, naming the field.
@@ -293,6 +313,10 @@ class Controller:
                 self._post(body, "Ready", c["message"])
             elif c["type"] == DEGRADED and c["status"] == "True":
                 self._post(body, c["reason"], c["message"], warning=True)
+            elif c["type"] == REWARD_MODEL_READY and (c["status"] == "True" or c["type"] in before):
+                # Losing it is a warning (best-of-N is off until it is back); a new policy's reward model that is not
+                # ready yet is only being created, which Progressing already says.
+                self._post(body, c["reason"], c["message"], warning=c["status"] != "True")
         if not (out.created or out.updated or out.deleted or out.status_written):
             return
         log.info(

@@ -24,8 +24,9 @@ from .builders import KIND_ORDER, build_children, child_key
 from .cache import ChildCache, Seen
 from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
 from .config import OperatorConfig
+from .external import ExternalCheck, ExternalChecks
 from .kube import Kube
-from .references import missing_references
+from .references import missing_references, unservable_tiers
 from .status import SpecProblem, compute_status, refused_status, status_changed
 
 log = logging.getLogger(__name__)
@@ -72,8 +73,8 @@ class PolicyMemory:
     # The last good classifier artifact (what the operator's copy holds), and why the current one is not served.
     classifier: ClassifierCopy | None = None
     classifier_problem: ClassifierProblem | None = None
-    # Why the current generation is refused (a missing reference); None once it applied. Kept so that a
-    # status-only refresh (pods changing) does not paper over the refusal.
+    # Why the current generation is refused (a missing reference, tiers the default classifier cannot serve); None
+    # once it applied. Kept so that a status-only refresh (pods changing) does not paper over the refusal.
     refused: SpecProblem | None = None
 
 
@@ -139,6 +140,7 @@ def reconcile(
     *,
     apply: bool = True,
     pool: Executor | None = None,
+    external: ExternalChecks | None = None,
 ) -> Outcome:
     """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
 
@@ -158,9 +160,11 @@ def reconcile(
     deployments = cache.deployments(pk)
     if apply:
         # Before anything is built or applied: a refused generation changes no child (bad input loses nothing).
-        memory.refused = missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
+        memory.refused = unservable_tiers(policy) or missing_references(
+            policy, lambda name: kube.get("ConfigMap", ns, name)
+        )
     if not apply or memory.refused is not None:
-        return _finish(kube, body, policy, memory, cache, out, deployments)
+        return _finish(kube, body, policy, memory, cache, out, deployments, external)
 
     desired = build_children(policy, resolve_classifier(kube, policy, memory))
     wanted = {child_key(o) for o in desired}
@@ -213,7 +217,7 @@ def reconcile(
         if key[0] == "Deployment":
             deployments.pop(key[1], None)
 
-    return _finish(kube, body, policy, memory, cache, out, deployments)
+    return _finish(kube, body, policy, memory, cache, out, deployments, external)
 
 
 def resolve_classifier(kube: Kube, policy: RoutingPolicy, memory: PolicyMemory) -> ClassifierCopy | None:
@@ -255,6 +259,7 @@ def _finish(
     cache: ChildCache,
     out: Outcome,
     deployments: dict[str, Obj],
+    external: ExternalChecks | None,
 ) -> Outcome:
     pods = cache.pods((policy.namespace or "default", policy.name))
     # Our last write is newer than the body when the watch has not brought it back yet.
@@ -271,11 +276,22 @@ def _finish(
             out.previous_conditions,
             now_rfc3339(),
             router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
+            external=external_verdicts(policy, external),
         )
     out.status = status
     out.status_written = _write_status(kube, body, memory, current, status)
     memory.reconciled_generation = policy.metadata.generation
     return out
+
+
+def external_verdicts(policy: RoutingPolicy, checks: ExternalChecks | None) -> dict[str, ExternalCheck | None]:
+    """The last check of each external tier's endpoint, by tier name (None: not checked yet), its URLs registered
+    for checking. No I/O: the checks run in `ExternalChecks.run`."""
+    urls = {t.name: t.endpoint.url for t in policy.spec.tiers if t.endpoint is not None}
+    if checks is None:
+        return dict.fromkeys(urls)
+    checks.want(urls.values())
+    return {name: checks.get(url) for name, url in urls.items()}
 
 
 def _write_status(kube: Kube, body: Mapping[str, Any], memory: PolicyMemory, current: Obj, status: Obj) -> bool:

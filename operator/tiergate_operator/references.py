@@ -20,8 +20,8 @@ from typing import Any
 
 from tiergate.api.policy import RoutingPolicy
 
-from .classifier import source_of
-from .status import MISSING_REFERENCE, SpecProblem
+from .classifier import DEFAULT_KIND, TWO_TIER_KNOBS, source_of, two_tier_overflow
+from .status import INVALID_SPEC, MISSING_REFERENCE, SpecProblem
 
 Obj = Mapping[str, Any]
 
@@ -57,6 +57,23 @@ def missing_references(policy: RoutingPolicy, get_config_map: Callable[[str], Ob
     if not problems:
         return None
     return SpecProblem(MISSING_REFERENCE, problems[0][0], "; ".join(f"{f}: {m}" for f, m in problems))
+
+
+def unservable_tiers(policy: RoutingPolicy) -> SpecProblem | None:
+    """A policy that names no classifier gets the router's shipped two-tier default, which takes no N-tier knob and
+    cannot choose among more than two tiers (`classifier.two_tier_overflow`): refused as an invalid spec naming the
+    field, as the router would refuse it. (A classifier
+    ConfigMap's artifact is checked with the artifact: ClassifierInvalid. A path inside the router image is the
+    router's to check: it refuses the policy.)"""
+    if policy.spec.router.classifier is not None:
+        return None
+    knob = next(iter(policy.spec.router.decision_knobs()), None)
+    if knob is not None and knob not in TWO_TIER_KNOBS:
+        field = f"spec.router.{knob}"
+        kinds = "an N-tier knob, but the shipped default router (no spec.router.classifier) is a two-tier artifact"
+        return SpecProblem(INVALID_SPEC, field, f"{field}: {kinds}")
+    why = two_tier_overflow(policy, DEFAULT_KIND, "the shipped default router (no spec.router.classifier)")
+    return None if why is None else SpecProblem(INVALID_SPEC, "spec.tiers", f"spec.tiers: {why}")
 
 
 def configmaps_named(body: Obj) -> set[str]:

@@ -6,6 +6,11 @@ Degraded   True when a component cannot become ready without outside help: pods 
            (no node with enough GPUs, no node in the pool), image pulls failing, crash loops, a rollout past its
            progress deadline. Reason and message name the component and quote the cluster's own words.
 
+RewardModelReady (only with spec.bestOfN) True while the reward model has a ready replica: it says whether best-of-N
+           is in effect, not whether the policy serves. Without a ready reward replica the router answers best-of-N
+           prompts from the reference tier, so the reason (RewardModelUnavailable) and message name the reward model
+           rather than leaving it to be found in Ready's list.
+
 A spec the operator refuses (refused_status) is not applied at all, so its children stay as the last good spec
 made them, and all three conditions say why with the field: InvalidSpec (the typed model rejects what the CRD let
 through, e.g. under an older CRD) or MissingReference (a ConfigMap the pods would read does not exist).
@@ -22,12 +27,22 @@ from tiergate.api import naming
 from tiergate.api.errors import FieldError
 from tiergate.api.policy import RoutingPolicy
 
+from .external import ExternalCheck, models_url
+
 Obj = Mapping[str, Any]
 
 READY = "Ready"
 PROGRESSING = "Progressing"
 DEGRADED = "Degraded"
 CONDITION_TYPES = (READY, PROGRESSING, DEGRADED)
+REWARD_MODEL_READY = "RewardModelReady"
+# Reasons of RewardModelReady.
+REWARD_MODEL_AVAILABLE = "RewardModelAvailable"
+REWARD_MODEL_UNAVAILABLE = "RewardModelUnavailable"
+
+# An external tier whose endpoint does not answer (external.probe), and one not checked yet.
+EXTERNAL_UNREACHABLE = "ExternalTierUnreachable"
+EXTERNAL_CHECKING = "CheckingExternalTier"
 
 # Reasons of a refused spec (SpecProblem.reason).
 INVALID_SPEC = "InvalidSpec"
@@ -50,11 +65,13 @@ _MAX_MESSAGE = 1024
 class Component:
     """One deployed part of the policy: a tier's model server, the router or the reward model."""
 
-    label: str  # how messages name it: "tier large", "router", "reward model"
+    label: str  # how messages name it: "tier large", "router", "reward model <model>"
     deployment: str
     component: str
     tier: str | None
     desired: int | None  # None: an autoscaler owns the count; read it from the Deployment
+    # An external tier (`endpoint.url`): nothing deployed; its state is the operator's last check of this URL.
+    external_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,16 +102,24 @@ def components(policy: RoutingPolicy) -> list[Component]:
         Component("router", naming.router_name(policy.name), naming.COMPONENT_ROUTER, None, policy.spec.router.replicas)
     )
     if policy.spec.best_of_n is not None:
+        rm = policy.spec.best_of_n.reward_model
+        # Named by its model too: "reward model" alone says nothing to someone reading Ready's list of components.
         out.append(
             Component(
-                "reward model",
-                naming.reward_name(policy.name),
-                naming.COMPONENT_REWARD,
-                None,
-                policy.spec.best_of_n.reward_model.replicas,
+                f"reward model {rm.model}", naming.reward_name(policy.name), naming.COMPONENT_REWARD, None, rm.replicas
             )
         )
     return out
+
+
+def external_state(tier: str, url: str, check: ExternalCheck | None) -> ComponentState:
+    """An external tier as a component: ready when the last check got an answer, Degraded when it did not, waiting
+    (not ready, no problem) until the first check is in."""
+    c = Component(f"tier {tier} (external)", "", "external", tier, 1, external_url=url)
+    if check is None:
+        return ComponentState(c, 1, 0, 0, True, False, None)
+    problem = None if check.ok else (EXTERNAL_UNREACHABLE, check.message)
+    return ComponentState(c, 1, int(check.ok), 1, True, True, problem)
 
 
 def _pods_of(c: Component, pods: Iterable[Obj]) -> list[Obj]:
@@ -186,8 +211,11 @@ def compute_status(
     previous_conditions: Sequence[Obj] = (),
     now: str = "1970-01-01T00:00:00Z",
     router_problem: tuple[str, str] | None = None,
+    external: Mapping[str, ExternalCheck | None] | None = None,
 ) -> dict[str, Any]:
     """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods.
+    `external` maps an external tier's name to the last check of its endpoint (`external.ExternalChecks`; absent or
+    None: not checked yet, so the tier is not counted ready).
     `router_problem` (reason, message): what keeps the router from serving what the policy says, seen by the
     operator rather than in a pod (a classifier artifact it refused). It is the router's problem before any of its
     pods' (a pod waiting for a classifier that never came is the symptom), so the policy is Degraded, not
@@ -200,17 +228,28 @@ def compute_status(
             dataclasses.replace(s, problem=router_problem) if s.component.component == naming.COMPONENT_ROUTER else s
             for s in states
         ]
+    for t in policy.spec.tiers:
+        if t.endpoint is not None:
+            states.append(external_state(t.name, t.endpoint.url, (external or {}).get(t.name)))
     by_tier = {s.component.tier: s for s in states if s.component.tier is not None}
 
     tiers: list[dict[str, Any]] = []
     ready_tiers = 0
     for t in policy.spec.tiers:
-        if t.external:
-            assert t.endpoint is not None
-            tiers.append({"name": t.name, "desiredReplicas": 0, "readyReplicas": 0, "endpoint": t.endpoint.url})
-            ready_tiers += 1
-            continue
         s = by_tier[t.name]
+        if t.endpoint is not None:
+            ready_tiers += s.is_ready
+            check = (external or {}).get(t.name)
+            entry: dict[str, Any] = {
+                "name": t.name,
+                "desiredReplicas": 0,
+                "readyReplicas": 0,
+                "endpoint": t.endpoint.url,
+            }
+            if check is not None:
+                entry.update(reachable=check.ok, message=check.message)
+            tiers.append(entry)
+            continue
         ready_tiers += s.is_ready
         tiers.append(
             {
@@ -229,10 +268,14 @@ def compute_status(
     else:
         first = (degraded or waiting)[0]
         reason = first.problem[0] if first.problem else ("Creating" if not first.exists else "RollingOut")
+        if first.problem is None and first.component.external_url is not None:
+            reason = EXTERNAL_CHECKING
         msg = "; ".join(_describe(s) for s in degraded + waiting)
         conds.append(_condition(READY, False, reason, msg, gen, previous, now))
     if waiting:
         reason = "Creating" if any(not s.exists for s in waiting) else "RollingOut"
+        if all(s.component.external_url is not None for s in waiting):
+            reason = EXTERNAL_CHECKING
         conds.append(
             _condition(PROGRESSING, True, reason, "; ".join(_describe(s) for s in waiting), gen, previous, now)
         )
@@ -246,6 +289,10 @@ def compute_status(
     else:
         conds.append(_condition(DEGRADED, False, "Healthy", "no component is stuck", gen, previous, now))
 
+    reward = next((s for s in states if s.component.component == naming.COMPONENT_REWARD), None)
+    if reward is not None:
+        conds.append(_reward_condition(reward, gen, previous, now))
+
     status: dict[str, Any] = {
         "conditions": conds,
         "tiers": tiers,
@@ -254,9 +301,36 @@ def compute_status(
         "routerEndpoint": f"http://{naming.router_name(policy.name)}.{policy.namespace}.svc:"
         f"{policy.spec.router.http_port}/v1",
     }
+    if reward is not None:
+        status["rewardModel"] = reward_model_status(policy, reward)
     if gen is not None:
         status["observedGeneration"] = gen
     return status
+
+
+def reward_model_status(policy: RoutingPolicy, s: ComponentState) -> dict[str, Any]:
+    """`.status.rewardModel`: the reward model's replicas and the URL the router scores at (`naming.reward_url`)."""
+    assert policy.spec.best_of_n is not None
+    rm = policy.spec.best_of_n.reward_model
+    return {
+        "model": rm.model,
+        "desiredReplicas": s.desired,
+        "readyReplicas": s.ready,
+        "endpoint": naming.reward_url(policy.name, policy.namespace or "default", rm.port),
+    }
+
+
+def _reward_condition(
+    s: ComponentState, generation: int | None, previous: Mapping[str, Obj], now: str
+) -> dict[str, Any]:
+    """RewardModelReady: one ready replica is enough to score (the Service balances over whichever are ready), so
+    a rollout or a lost replica of several does not turn it False; none, or a count of zero asked for, does."""
+    if s.exists and s.ready > 0:
+        return _condition(REWARD_MODEL_READY, True, REWARD_MODEL_AVAILABLE, _describe(s), generation, previous, now)
+    zero = f"{s.component.label}: 0 replicas asked for (spec.bestOfN.rewardModel.replicas)"
+    why = zero if s.exists and s.desired == 0 else _describe(s)
+    msg = f"{why}; until a replica is ready the router answers best-of-N prompts from the reference tier"
+    return _condition(REWARD_MODEL_READY, False, REWARD_MODEL_UNAVAILABLE, msg, generation, previous, now)
 
 
 @dataclass(frozen=True)
@@ -290,6 +364,8 @@ def refused_status(
         _condition(READY, False, problem.reason, msg, generation, prev, now),
         _condition(PROGRESSING, False, problem.reason, "waiting for the spec to be fixed", generation, prev, now),
         _condition(DEGRADED, True, problem.reason, msg, generation, prev, now),
+        # What the others say about a child (RewardModelReady) still holds: the children were left alone.
+        *(c for t, c in prev.items() if t not in CONDITION_TYPES),
     ]
     if generation is not None:
         status["observedGeneration"] = generation
@@ -298,6 +374,10 @@ def refused_status(
 
 def _describe(s: ComponentState) -> str:
     c = s.component
+    if c.external_url is not None:
+        if s.problem is not None:
+            return f"{c.label}: unreachable: {s.problem[1]}"
+        return f"{c.label}: " + (f"reachable ({models_url(c.external_url)})" if s.is_ready else "not checked yet")
     if not s.exists:
         return f"{c.label}: Deployment {c.deployment} not created yet"
     base = f"{c.label}: {s.ready}/{s.desired} ready"
@@ -309,7 +389,10 @@ def _describe(s: ComponentState) -> str:
 
 
 def _ready_summary(states: Sequence[ComponentState]) -> str:
-    return ", ".join(f"{s.component.label} {s.ready}/{s.desired}" for s in states)
+    return ", ".join(
+        f"{s.component.label} reachable" if s.component.external_url else f"{s.component.label} {s.ready}/{s.desired}"
+        for s in states
+    )
 
 
 def status_changed(old: Obj | None, new: Obj) -> bool:

@@ -3,9 +3,11 @@
 Every request's body (at most `max_body_bytes`) and what is made from it (the parsed JSON, the prompt text, the
 body forwarded to the tier) live until its answer is done, so without a bound the router's memory grows with the
 number of requests in flight. A request reserves its body's size (its Content-Length, or the body limit when it
-sends none) before the body is read and gives it back when its answer ends; a request that does not fit waits,
-first come first served, with its body still in the kernel's socket buffer. Waiting rather than refusing: a burst
-of large prompts is slowed, not failed, and the router's memory is the baseline plus a fixed multiple of the budget.
+sends none; a gRPC request its message's size) before the body is read and gives it back when its answer ends; a
+request that does not fit waits, first come first served, with its body still in the kernel's socket buffer (a
+gRPC message is already read: there the budget bounds what is made from it). One budget serves both front ends
+(`Router.body_budget`). Waiting rather than refusing: a burst of large prompts is slowed, not failed, and the
+router's memory is the baseline plus a fixed multiple of the budget.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ class ByteBudget:
     @property
     def waiting(self) -> int:
         return len(self._waiters)
+
+    def resize(self, limit: int) -> None:
+        """A new limit (a policy reload). Bytes already held stay held; a larger limit lets waiters in at once, a
+        smaller one holds new requests back until enough is given back."""
+        if limit < 1:
+            raise ValueError(f"byte budget must be positive, got {limit}")
+        self.limit = limit
+        self._wake()
 
     @contextlib.asynccontextmanager
     async def hold(self, n: int, timeout_s: float | None = None) -> AsyncIterator[None]:

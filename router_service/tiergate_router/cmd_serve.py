@@ -122,7 +122,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         metavar="BYTES",
-        help="request bodies held at once; more requests wait their turn (default 67108864, at least 4 MiB)",
+        help="request bodies (HTTP and gRPC) held at once; more requests wait their turn (default: the policy's "
+        "spec.router.bodyLimits.maxInFlightRequestBytes, else 67108864; at least 4 MiB)",
+    )
+    parser.add_argument(
+        "--max-response-bytes",
+        type=int,
+        default=None,
+        metavar="BYTES",
+        help="largest non-streaming answer read from a tier, else HTTP 502 (default: the policy's "
+        "spec.router.bodyLimits.maxResponseBytes, else 16777216)",
     )
     parser.add_argument(
         "--encoder",
@@ -217,6 +226,7 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         cache_entries=args.classifier_cache_entries,
         cache_bytes=args.classifier_cache_bytes,
         inflight_body_bytes=args.max_inflight_body_bytes,
+        response_bytes=args.max_response_bytes,
     )
 
 

@@ -36,8 +36,9 @@ def choose_multi_tier(
 ) -> tuple[int, float]:
     """N-tier choice: (index into `columns`, i.e. the config tier, and that tier's predicted quality).
 
-    `quality` holds the artifact head's prediction for every artifact tier and `prices` the artifact's tier prices
-    (what the cost weight was calibrated against); tiers the config does not serve are set to -inf, so
+    `quality` holds the artifact head's prediction for every artifact tier and `prices` the price of each
+    (`config.MultiTier.prices`: the policy's, or the artifact's where they choose alike); tiers the config does not
+    serve are set to -inf, so
     `operating_points.choose_tiers` (argmax of quality - lambda * price, ties to the cheaper tier) chooses among
     the served ones: one rule for evaluation, calibration and serving.
     """

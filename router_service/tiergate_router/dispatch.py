@@ -43,6 +43,7 @@ from tiergate_router.errors import (
     NoTierAvailableError,
     RetryBudgetExhaustedError,
     UpstreamStreamError,
+    UpstreamTooLargeError,
 )
 from tiergate_router.metrics import RouterMetrics
 from tiergate_router.pool import Endpoint, TierPool
@@ -131,6 +132,29 @@ class UpstreamStream:
         else:
             self._resp.release()
         self._dispatcher._finish(self._ep)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, tier: str, url: str, attempts: list[str]) -> bytes:
+    """The whole answer, or UpstreamTooLargeError as soon as it is known to exceed `limit` bytes (its
+    Content-Length, else the bytes read so far): a tier never makes the router hold more than `limit` for one
+    answer. (Bytes as sent: the session does not decompress.)"""
+
+    def too_large(size: str) -> UpstreamTooLargeError:
+        attempts.append(f"{tier} {url}: answer of {size} bytes, over the limit of {limit}")
+        return UpstreamTooLargeError(
+            f"tier {tier} ({url}) answered with more than the router's limit of {limit} bytes ({size}; "
+            "spec.router.bodyLimits.maxResponseBytes, --max-response-bytes)",
+            attempts,
+        )
+
+    if resp.content_length is not None and resp.content_length > limit:
+        raise too_large(str(resp.content_length))
+    buf = bytearray()
+    async for chunk in resp.content.iter_chunked(65536):
+        buf += chunk
+        if len(buf) > limit:
+            raise too_large(f"at least {len(buf)}")
+    return bytes(buf)
 
 
 def _auth(tier: TierConfig) -> dict[str, str] | None:
@@ -461,7 +485,7 @@ class Dispatcher:
             ctype = resp.headers.get("Content-Type", "application/json")
             if not stream or resp.status != 200:
                 try:
-                    data = await resp.read()
+                    data = await _read_capped(resp, cfg.max_response_bytes, tier.name, ep.base_url, attempts)
                 except (aiohttp.ClientError, TimeoutError) as e:
                     raise _TryNext(
                         f"response cut short: {e!r}", endpoint_failed=True, budgeted=isinstance(e, TimeoutError)

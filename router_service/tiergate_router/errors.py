@@ -61,8 +61,18 @@ class DeadlineExceededError(NoTierAvailableError):
     code = "deadline_exceeded"
 
 
+class UpstreamTooLargeError(NoTierAvailableError):
+    """A tier's non-streaming answer was larger than the router reads (`max_response_bytes`): HTTP 502 naming the
+    tier. Not retried: the same request would most likely bring the same answer again, at the same cost."""
+
+    status = 502
+    code = "upstream_response_too_large"
+
+
 def outcome_of(e: NoTierAvailableError) -> str:
     """The `outcome` label (metrics.OUTCOMES) of a request no tier answered."""
+    if isinstance(e, UpstreamTooLargeError):
+        return "upstream_error"
     return "deadline_exceeded" if isinstance(e, DeadlineExceededError) else "unavailable"
 
 

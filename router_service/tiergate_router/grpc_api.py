@@ -9,18 +9,20 @@ comes as one chunk with the whole chosen text (`tiergate_router.best_of_n`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, Message
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
 from tiergate_router._proto import router_pb2, router_pb2_grpc
+from tiergate_router.admission import BudgetTimeout
 from tiergate_router.best_of_n import SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
 from tiergate_router.errors import (
     BadRequestError,
@@ -94,6 +96,20 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         text, finish_reason, usage = chosen(answer)
         return answer, text, finish_reason, usage or {}
 
+    @contextlib.asynccontextmanager
+    async def _admitted(self, req: Message, context: Any) -> AsyncIterator[None]:
+        """Hold the request's bytes in the router's body budget (`Router.body_budget`, shared with HTTP) until its
+        answer is done. gRPC has read the whole message already; what the budget bounds is everything made from it
+        (the OpenAI body, the prompt, the forwarded JSON) while the request is in flight. RESOURCE_EXHAUSTED when no
+        room comes within the request timeout, as HTTP's 503."""
+        cfg = self.router.config
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await stack.enter_async_context(self.router.body_budget.hold(req.ByteSize(), cfg.request_timeout_s))
+            except BudgetTimeout as e:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"router busy: {e}")
+            yield
+
     async def _prepare(
         self, req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, context: Any, *, stream: bool
     ) -> tuple[dict[str, Any], Any, str]:
@@ -113,6 +129,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return body, route, parsed.prompt_text
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: Any) -> router_pb2.ClassifyResponse:
+        async with self._admitted(request, context):
+            return await self._classify(request, context)
+
+    async def _classify(self, request: router_pb2.ClassifyRequest, context: Any) -> router_pb2.ClassifyResponse:
         cfg = self.router.config
         try:
             body = request_to_body(request, stream=False, model=cfg.routed_model_name)
@@ -131,6 +151,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
+        async with self._admitted(request, context):
+            return await self._generate(request, context)
+
+    async def _generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
         t0 = time.perf_counter()
         body, route, prompt_text = await self._prepare(request, context, stream=False)
         m = self.router.metrics
@@ -187,6 +211,13 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
 
     async def GenerateStream(
+        self, request: router_pb2.GenerateRequest, context: Any
+    ) -> AsyncIterator[router_pb2.GenerateChunk]:
+        async with self._admitted(request, context):
+            async for chunk in self._generate_stream(request, context):
+                yield chunk
+
+    async def _generate_stream(
         self, request: router_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         t0 = time.perf_counter()

@@ -76,8 +76,8 @@ async def _tier_header_and_errors(request: web.Request, handler: Handler) -> web
 
 
 def _admission(router: Router, budget: ByteBudget) -> Middleware:
-    """Requests with a body wait for room in the router's in-flight body budget (sized from the config at start);
-    one that waits longer than the request timeout gets 503."""
+    """Requests with a body wait for room in the router's in-flight body budget (`Router.body_budget`, shared with
+    gRPC); one that waits longer than the request timeout gets 503."""
 
     @web.middleware
     async def admit(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -342,7 +342,7 @@ def build_app(router: Router) -> web.Application:
     # client_max_size only bounds aiohttp's own body reads; read_body enforces the router's limit itself so the
     # client gets an OpenAI-style 413 instead of a plain-text one.
     h = OpenAIHandlers(router)
-    budget = ByteBudget(router.config.max_inflight_body_bytes)
+    budget = router.body_budget  # shared with the gRPC front end
     app = build_openai_app(
         h,
         middlewares=[_tier_header_and_errors, _admission(router, budget)],

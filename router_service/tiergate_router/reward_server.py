@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -377,7 +378,9 @@ class RewardServer:
 
     def __init__(self, scorer: RewardScorer) -> None:
         self.scorer = scorer
-        self._lock = asyncio.Lock()
+        # A thread lock, taken in the worker thread: a client that goes away cancels its handler, not the thread's
+        # forward pass, so an asyncio lock would let the next request's pass run beside the abandoned one.
+        self._lock = threading.Lock()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -391,18 +394,21 @@ class RewardServer:
             body = await request.json()
         except ValueError:
             return error_response(400, "the body is not valid JSON")
+        except web.HTTPRequestEntityTooLarge:
+            return error_response(413, f"the body is larger than {MAX_BODY_BYTES} bytes", param="input")
         try:
             req = parse_pooling_request(body, self.scorer)
-            async with self._lock:
-                scored = await asyncio.to_thread(
-                    self.scorer.score, req.texts, add_special_tokens=req.add_special_tokens, limit=req.limit
-                )
+            scored = await asyncio.to_thread(self._score, req)
         except BadRequestError as e:
             return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code)
         except UnscorableInputError as e:
             return error_response(400, str(e), param="input")
         scores = [_sigmoid(s) for s in scored.scores] if req.use_activation else scored.scores
         return web.json_response(pooling_response(self.scorer.name, scores, scored.prompt_tokens))
+
+    def _score(self, req: PoolingRequest) -> Scored:
+        with self._lock:
+            return self.scorer.score(req.texts, add_special_tokens=req.add_special_tokens, limit=req.limit)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         card: dict[str, Any] = {"root": self.scorer.name, "max_model_len": self.scorer.max_model_len}

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from tiergate_router.admission import ByteBudget
 from tiergate_router.classifier import Classifier, MicroBatcher, Verdict
 from tiergate_router.config import RouterConfig
 from tiergate_router.config.types import allowed_candidates
@@ -47,6 +48,8 @@ class Router:
             batch_hist = self.metrics.classifier_batch_size
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
+        # Request bodies held at once, by both front ends (admission.py); resized when a reload changes the limit.
+        self.body_budget = ByteBudget(config.max_inflight_body_bytes)
         self._background: list[asyncio.Task[None]] = []
         self._size_cache(config)
 
@@ -74,6 +77,7 @@ class Router:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
         self._size_cache(config)
+        self.body_budget.resize(config.max_inflight_body_bytes)
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):
@@ -156,8 +160,7 @@ class Router:
             return choose_tier(score, cfg.tier_names, cfg.thresholds_bp), score
         if not isinstance(verdict, tuple) or len(verdict) <= max(mt.columns):
             raise ClassifierError("a two-tier score reached an N-tier config")
-        prices = [t.price for t in mt.artifact.tiers]
-        i, quality = choose_multi_tier(verdict, prices, mt.columns, mt.cost_weight_bp)
+        i, quality = choose_multi_tier(verdict, mt.prices, mt.columns, mt.cost_weight_bp)
         return cfg.tiers[i].name, quality
 
     def account_usage(self, tier: str, usage: object) -> None:

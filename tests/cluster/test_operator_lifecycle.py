@@ -4,7 +4,9 @@ tiers go, deleted policies are garbage-collected, deleted children come back, st
 from __future__ import annotations
 
 import copy
+import http.server
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -270,25 +272,63 @@ def test_autoscaler_owned_replicas_are_left_alone(cluster: DevCluster, namespace
     assert "tiergate-operator" not in managers
 
 
-def test_external_tier_deploys_nothing_and_counts_ready(
+@pytest.mark.parametrize("operator", [{"TIERGATE_OPERATOR_EXTERNAL_CHECK_SECONDS": "1"}], indirect=True)
+def test_external_tier_deploys_nothing_and_counts_ready_by_a_real_check(
     cluster: DevCluster, namespace: str, operator: Operator
 ) -> None:
-    classifier_configmap(cluster, namespace)
-    doc = sample_doc()
-    doc["spec"]["tiers"].append(
-        {
-            "name": "frontier",
+    """An external tier is ready in status when its endpoint answers `GET /models` (a server on loopback, which the
+    operator, a process on this host, reaches), and Degraded, naming the tier and the error, when it stops."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Models)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        classifier_configmap(cluster, namespace)
+        doc = sample_doc()
+        # The strongest tier served elsewhere (the sample's classifier is two-tier: two tiers).
+        doc["spec"]["tiers"][1] = {
+            "name": "large",
             "model": "gpt-5",
-            "endpoint": {"url": "https://api.example.com/v1"},
+            "endpoint": {"url": url},
             "price": {"inputPerMillion": "1.25", "outputPerMillion": 10},
         }
-    )
-    apply_policy(cluster, namespace, doc)
-    p = wait_ready(cluster, namespace, "chat")
-    assert p["status"]["readyTiers"] == "3/3"
-    assert not any("frontier" in n for _, n in child_keys(children(cluster, namespace, "chat")))
-    r = kubectl_raw(cluster, "get", "rp", "chat", "-n", namespace, "-o", "jsonpath={.spec.tiers[2].price}")
-    assert json.loads(r.stdout) == {"inputPerMillion": "1.25", "outputPerMillion": 10}
+        apply_policy(cluster, namespace, doc)
+        p = wait_ready(cluster, namespace, "chat")
+        assert p["status"]["readyTiers"] == "2/2"
+        large = p["status"]["tiers"][1]
+        assert (large["reachable"], large["message"]) == (True, f"GET {url}/models: HTTP 200")
+        assert not any("large" in n for _, n in child_keys(children(cluster, namespace, "chat")))
+        r = kubectl_raw(cluster, "get", "rp", "chat", "-n", namespace, "-o", "jsonpath={.spec.tiers[1].price}")
+        assert json.loads(r.stdout) == {"inputPerMillion": "1.25", "outputPerMillion": 10}
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    def unreachable() -> dict[str, Any] | None:
+        c = condition(policy(cluster, namespace, "chat"), "Degraded")
+        return c if c.get("status") == "True" else None
+
+    c = wait_for("Degraded for the external tier", unreachable, timeout=60)
+    assert c["reason"] == "ExternalTierUnreachable"
+    assert f"tier large (external): unreachable: GET {url}/models: " in c["message"], c["message"]
+    p = policy(cluster, namespace, "chat")
+    assert p is not None
+    assert p["status"]["readyTiers"] == "1/2"
+    assert p["status"]["tiers"][1]["reachable"] is False
+
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server's model list, all an external tier's check asks for."""
+
+    def do_GET(self) -> None:
+        body = b'{"object": "list", "data": [{"id": "gpt-5", "object": "model"}]}'
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 def test_all_namespaces_by_default(cluster: DevCluster, crd: None, namespace: str, tmp_path: Path) -> None:

@@ -136,3 +136,35 @@ def test_refused_specs_show_in_status_and_change_no_child(
         )
     finally:
         install_crd(cluster)
+
+
+def test_more_tiers_than_a_two_tier_classifier_chooses_among_are_refused(
+    cluster: DevCluster, namespace: str, operator: Operator
+) -> None:
+    """Three tiers under a two-tier artifact (one score: cheapest or strongest) would never route to the middle one:
+    with the classifier ConfigMap's two-tier artifact the policy is ClassifierInvalid (no copy served), and with no
+    classifier (the shipped default is two-tier) InvalidSpec on spec.tiers, nothing applied."""
+    ns = namespace
+    classifier_configmap(cluster, ns)  # a two-tier artifact
+    doc = sample_doc()
+    mid = copy.deepcopy(doc["spec"]["tiers"][0])
+    mid["name"] = "mid"
+    doc["spec"]["tiers"].insert(1, mid)
+    apply_policy(cluster, ns, doc)
+    p = _refused(cluster, ns, "ClassifierInvalid")
+    message = condition(p, "Degraded")["message"]
+    assert "spec.tiers: 3 tiers, but ConfigMap" in message, message
+    assert "mid would never be chosen" in message, message
+    copies = [
+        c for c in get_json(cluster, "configmaps", "-n", ns)["items"] if c["metadata"]["name"].endswith("-classifier")
+    ]
+    assert copies == []  # the refused artifact was not copied for the router
+
+    del doc["spec"]["router"]["classifier"]
+    apply_policy(cluster, ns, doc)
+    p = _refused(cluster, ns, "InvalidSpec")
+    for type_ in ("Ready", "Degraded"):
+        c = condition(p, type_)
+        assert "spec.tiers: 3 tiers, but the shipped default router" in c["message"], c["message"]
+        assert "mid would never be chosen" in c["message"]
+    assert any("spec.tiers" in m for m in wait_for("an InvalidSpec Event", lambda: _warned(cluster, ns, "InvalidSpec")))

@@ -210,22 +210,103 @@ def _holder(cluster: DevCluster, ns: str) -> str | None:
     return None
 
 
+def _rbac(doc: str) -> dict[str, Any]:
+    obj: dict[str, Any] = yaml.safe_load((ROOT / "manifests" / "rbac" / doc).read_text())
+    return obj
+
+
+def _leader_election_rbac(cluster: DevCluster, system_ns: str) -> None:
+    """The shipped leader-election Role and RoleBinding, in `system_ns`, for the ServiceAccount `op` there."""
+    for doc in ("leader_election_role.yaml", "leader_election_role_binding.yaml"):
+        obj = _rbac(doc)
+        obj["metadata"]["namespace"] = system_ns
+        for subject in obj.get("subjects", []):
+            subject.update(name="op", namespace=system_ns)
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+
+
+def _token_kubeconfig(cluster: DevCluster, system_ns: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as nothing but the ServiceAccount `op` of `system_ns` (a bound token)."""
+    token = cluster.kubectl("create", "token", "op", "-n", system_ns, "--duration=1h").strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    cluster_entry = admin["clusters"][0]
+    kc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [cluster_entry],
+        "users": [{"name": "op", "user": {"token": token}}],
+        "contexts": [
+            {"name": "op", "context": {"cluster": cluster_entry["name"], "user": "op", "namespace": system_ns}}
+        ],
+        "current-context": "op",
+    }
+    path.write_text(yaml.safe_dump(kc))
+    return path
+
+
+def _can(cluster: DevCluster, kc: Path, *args: str) -> bool:
+    return cluster.kubectl("auth", "can-i", *args, kubeconfig=kc, check=False).strip() == "yes"
+
+
+def _run_limited_operator(
+    cluster: DevCluster, op: Operator, system_ns: str, workload_ns: str, identity: str, *, all_namespaces: bool = False
+) -> None:
+    """Start `op`, wait for it to hold the Lease in `system_ns`, bring the sample up in `workload_ns`, and fail on
+    any Forbidden or any warning or error of its own about that namespace (a failing watch is logged as a warning,
+    so a missing verb shows; so does a RoleBinding applied before its Role, which only an identity without `bind`
+    notices)."""
+    op.start()
+    try:
+        wait_for("the lease held", lambda: _holder(cluster, system_ns) == identity, timeout=60)
+        apply_policy(cluster, workload_ns, sample_doc())
+        wait_ready(cluster, workload_ns, "chat")
+        assert len(children(cluster, workload_ns, "chat")) == SAMPLE_CHILDREN
+        log = op.log()
+        # An all-namespaces operator also sees policies of other tests' namespaces being deleted, which the API
+        # server refuses to fill ("forbidden: ... because it is being terminated"): that is not RBAC.
+        forbidden = [ln for ln in log.splitlines() if "forbidden" in ln.lower() and "being terminated" not in ln]
+        assert forbidden == [], log
+        # Its own warnings and errors; watching all namespaces, those about this namespace or the Lease (other
+        # tests' namespaces may be going away under it).
+        mine = (workload_ns, "lease") if all_namespaces else ("",)
+        problems = [
+            ln
+            for ln in log.splitlines()
+            if " tiergate_operator." in ln
+            and (" WARNING " in ln or " ERROR " in ln)
+            and any(m in ln.lower() for m in mine)
+        ]
+        assert problems == [], log
+    finally:
+        op.stop()
+
+
+# Verbs the shipped RBAC must not grant, in any of the modes (the workload namespace's and the cluster's).
+BEYOND = [
+    ("list", "secrets"),
+    ("get", "secrets"),
+    ("update", "deployments"),
+    ("create", "pods"),
+    ("delete", "pods"),
+    ("patch", "routingpolicies.tiergate.io"),
+    ("delete", "routingpolicies.tiergate.io"),
+    ("get", "leases"),
+    ("create", "roles.rbac.authorization.k8s.io", "--subresource=bind"),
+    ("escalate", "roles.rbac.authorization.k8s.io"),
+]
+
+
 def test_operator_works_with_only_the_shipped_rbac(
     cluster: DevCluster, crd: None, namespace: str, tmp_path: Path
 ) -> None:
     """Run the operator, with leader election, as a ServiceAccount bound to manifests/rbac/role.yaml and the
     leader-election Role (and nothing else)."""
-    role = yaml.safe_load((ROOT / "manifests" / "rbac" / "role.yaml").read_text())
+    role = _rbac("role.yaml")
     role["metadata"]["name"] = f"tiergate-operator-{namespace}"
     cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
     try:
         cluster.kubectl("create", "serviceaccount", "op", "-n", namespace)
-        for doc in ("leader_election_role.yaml", "leader_election_role_binding.yaml"):
-            obj = yaml.safe_load((ROOT / "manifests" / "rbac" / doc).read_text())
-            obj["metadata"]["namespace"] = namespace
-            for subject in obj.get("subjects", []):
-                subject.update(name="op", namespace=namespace)
-            cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
+        _leader_election_rbac(cluster, namespace)
         cluster.kubectl(
             "create",
             "rolebinding",
@@ -235,28 +316,12 @@ def test_operator_works_with_only_the_shipped_rbac(
             f"--clusterrole={role['metadata']['name']}",
             f"--serviceaccount={namespace}:op",
         )
-        token = cluster.kubectl("create", "token", "op", "-n", namespace, "--duration=1h").strip()
-        admin = yaml.safe_load(cluster.kubeconfig.read_text())
-        cluster_entry = admin["clusters"][0]
-        kc = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [cluster_entry],
-            "users": [{"name": "op", "user": {"token": token}}],
-            "contexts": [
-                {"name": "op", "context": {"cluster": cluster_entry["name"], "user": "op", "namespace": namespace}}
-            ],
-            "current-context": "op",
-        }
-        kc_path = tmp_path / "op.kubeconfig"
-        kc_path.write_text(yaml.safe_dump(kc))
+        kc_path = _token_kubeconfig(cluster, namespace, tmp_path / "op.kubeconfig")
         # Sanity: this identity really is limited (it cannot read Secrets).
-        denied = cluster.kubectl("auth", "can-i", "list", "secrets", "-n", namespace, kubeconfig=kc_path, check=False)
-        assert denied.strip() != "yes"
+        assert not _can(cluster, kc_path, "list", "secrets", "-n", namespace)
         # The leader-election Role grants the one Lease and no other (nor deleting it).
         for verb, what in (("update", "leases/other"), ("delete", "leases/tiergate-operator"), ("list", "leases")):
-            can = cluster.kubectl("auth", "can-i", verb, what, "-n", namespace, kubeconfig=kc_path, check=False)
-            assert can.strip() != "yes", f"{verb} {what}"
+            assert not _can(cluster, kc_path, verb, what, "-n", namespace), f"{verb} {what}"
         classifier_configmap(cluster, namespace)
         op = Operator(
             cluster,
@@ -270,21 +335,73 @@ def test_operator_works_with_only_the_shipped_rbac(
             namespace,
             env={"POD_NAME": "op-rbac"},
         )
-        op.start()
-        try:
-            wait_for("the lease held", lambda: _holder(cluster, namespace) == "op-rbac", timeout=60)
-            apply_policy(cluster, namespace, sample_doc())
-            wait_ready(cluster, namespace, "chat")
-            assert len(children(cluster, namespace, "chat")) == SAMPLE_CHILDREN
-            log = op.log()
-            assert "forbidden" not in log.lower(), log
-            # Nothing went wrong on the way either: no failed reconcile or watch (a RoleBinding applied before its
-            # Role, which only an identity without `bind` notices, or a verb missing for a watch).
-            problems = [
-                ln for ln in log.splitlines() if " tiergate_operator." in ln and (" WARNING " in ln or " ERROR " in ln)
-            ]
-            assert problems == [], log
-        finally:
-            op.stop()
+        _run_limited_operator(cluster, op, namespace, namespace, "op-rbac")
     finally:
         cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def test_cluster_wide_operator_works_with_exactly_the_shipped_cluster_rbac(
+    cluster: DevCluster, crd: None, namespace: str, tmp_path: Path
+) -> None:
+    """The default install: the ClusterRole bound by the shipped ClusterRoleBinding, the operator watching every
+    namespace, its Lease in its own namespace. It brings a policy in another namespace to Ready with nothing else
+    granted, and the API server refuses it everything beyond: Secrets, PUTs, pods, policy specs, any other Lease,
+    Leases outside its namespace, binding or escalating Roles, cluster-scoped objects."""
+    system_ns, workload_ns = namespace, f"{namespace}-w"
+    suffix = namespace[-40:]
+    role = _rbac("role.yaml")
+    role["metadata"]["name"] = f"tiergate-operator-{suffix}"
+    binding = _rbac("role_binding.yaml")
+    assert binding["kind"] == "ClusterRoleBinding"  # the shipped default is cluster-wide
+    binding["metadata"]["name"] = f"tiergate-operator-{suffix}"
+    binding["roleRef"]["name"] = role["metadata"]["name"]
+    (subject,) = binding["subjects"]
+    subject.update(name="op", namespace=system_ns)
+    cluster.kubectl("create", "namespace", workload_ns)
+    try:
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(role))
+        cluster.kubectl("create", "serviceaccount", "op", "-n", system_ns)
+        cluster.kubectl("apply", "-f", "-", input=json.dumps(binding))
+        _leader_election_rbac(cluster, system_ns)
+        kc = _token_kubeconfig(cluster, system_ns, tmp_path / "op.kubeconfig")
+
+        # What it needs, everywhere: its children's kinds in any namespace, its own Lease.
+        assert _can(cluster, kc, "list", "deployments", "--all-namespaces")
+        assert _can(cluster, kc, "patch", "routingpolicies.tiergate.io", "--subresource=status", "-n", workload_ns)
+        assert _can(cluster, kc, "update", "leases/tiergate-operator", "-n", system_ns)
+        # Nothing beyond it, in the workload namespace, across all namespaces, or on the cluster.
+        for verb, what, *extra in BEYOND:
+            assert not _can(cluster, kc, verb, what, *extra, "-n", workload_ns), f"{verb} {what} in {workload_ns}"
+            assert not _can(cluster, kc, verb, what, *extra, "--all-namespaces"), f"{verb} {what} everywhere"
+        for verb, what in (("update", "leases/other"), ("delete", "leases/tiergate-operator"), ("list", "leases")):
+            assert not _can(cluster, kc, verb, what, "-n", system_ns), f"{verb} {what} in {system_ns}"
+        for verb, what in (
+            ("create", "namespaces"),
+            ("delete", "namespaces"),
+            ("create", "clusterroles"),
+            ("create", "clusterrolebindings"),
+            ("create", "customresourcedefinitions"),
+            ("get", "nodes"),
+        ):
+            assert not _can(cluster, kc, verb, what), f"{verb} {what}"
+
+        classifier_configmap(cluster, workload_ns)
+        op = Operator(
+            cluster,
+            tmp_path,
+            "--kubeconfig",
+            str(kc),
+            "--leader-elect",
+            "--lease-namespace",
+            system_ns,
+            env={"POD_NAME": "op-cluster-rbac"},
+        )
+        _run_limited_operator(cluster, op, system_ns, workload_ns, "op-cluster-rbac", all_namespaces=True)
+        assert "watching all namespaces" in op.log()
+    finally:
+        cluster.kubectl("delete", "namespace", workload_ns, "--wait=false", "--ignore-not-found", check=False)
+        for kind, name in (
+            ("clusterrolebinding", binding["metadata"]["name"]),
+            ("clusterrole", role["metadata"]["name"]),
+        ):
+            cluster.kubectl("delete", kind, name, "--ignore-not-found", check=False)

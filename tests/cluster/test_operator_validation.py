@@ -117,6 +117,18 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.router.fallbackOrder[1]",
     ),
     (
+        "in-flight-budget-below-one-body",
+        _set(router, "bodyLimits", {"maxInFlightRequestBytes": 1024 * 1024}),
+        "spec.router.bodyLimits.maxInFlightRequestBytes",
+        "spec.router.bodyLimits.maxInFlightRequestBytes",
+    ),
+    (
+        "response-cap-as-quantity",
+        _set(router, "bodyLimits", {"maxResponseBytes": "16Mi"}),
+        "spec.router.bodyLimits.maxResponseBytes",
+        "spec.router.bodyLimits.maxResponseBytes",
+    ),
+    (
         "fractional-timeout",
         _set(lambda d: d["spec"]["router"]["timeouts"], "requestSeconds", 1.5),
         "spec.router.timeouts.requestSeconds",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 def constant_artifact(path: Path, bias: float, *, default_threshold_bp: int = 5000) -> Path:
@@ -54,3 +55,21 @@ def constant_multi_tier_artifact(
     )
     save_artifact(art, path)
     return path
+
+
+# The sample policy's tiers as the shipped N-tier artifact's: served model names and half of its prices (input and
+# output each, so that input + output is the artifact's price).
+SAMPLE_AS_SHIPPED_N_TIER = {
+    "small": ("gemma-2-9b-it", "0.1"),
+    "mid": ("llama-3.1-8b-instruct", "0.2"),
+    "large": ("llama-3.1-nemotron-51b-instruct", "0.9"),
+}
+
+
+def fit_to_shipped_n_tier(doc: dict[str, Any]) -> None:
+    """The sample policy (a raw document, changed in place) made servable by the shipped N-tier artifact: tiers it
+    knows (`small`, `mid`, `large`), at its prices, without the sample's two-tier knob."""
+    doc["spec"]["router"].pop("targetStrongShareBasisPoints", None)
+    for t in doc["spec"]["tiers"]:
+        model, half = SAMPLE_AS_SHIPPED_N_TIER[t["name"]]
+        t.update(servedModelName=model, price={"inputPerMillion": half, "outputPerMillion": half})

@@ -29,10 +29,14 @@ def vllm_venv() -> Path:
 
 
 @contextmanager
-def vllm_server(model: Path, *args: str, log: Path) -> Iterator[str]:
+def vllm_server(model: Path | None, *args: str, log: Path, port: int | None = None) -> Iterator[str]:
     """`python -m vllm.entrypoints.openai.api_server --model MODEL ARGS` until the block ends; yields the server
-    root (`http://127.0.0.1:PORT`) once `/v1/models` answers. Its output goes to `log` (quoted on failure)."""
-    port = free_port()
+    root (`http://127.0.0.1:PORT`) once `/v1/models` answers. Its output goes to `log` (quoted on failure).
+    With `model` None, `args` are a whole command line (a Deployment's, `--model`, `--host 127.0.0.1` and
+    `--port PORT` included) and `port` says where it listens."""
+    if model is None and port is None:
+        raise ValueError("a whole command line needs its port")
+    port = free_port() if port is None else port
     env = dict(
         os.environ,
         VLLM_CPU_KVCACHE_SPACE="1",
@@ -41,11 +45,10 @@ def vllm_server(model: Path, *args: str, log: Path) -> Iterator[str]:
         VLLM_NO_USAGE_STATS="1",
         DO_NOT_TRACK="1",
     )
-    argv = [str(vllm_venv() / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model)]
+    argv = [str(vllm_venv() / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server"]
+    own = list(args) if model is None else ["--model", str(model), *args, "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
-        proc = subprocess.Popen(
-            [*argv, *args, "--host", "127.0.0.1", "--port", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
-        )
+        proc = subprocess.Popen([*argv, *own], stdout=out, stderr=subprocess.STDOUT, env=env)
     root = f"http://127.0.0.1:{port}"
 
     def ready() -> bool:

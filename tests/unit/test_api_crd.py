@@ -133,6 +133,7 @@ def test_crd_shape() -> None:
     cols = {c["name"]: c["jsonPath"] for c in v["additionalPrinterColumns"]}
     assert cols["Tiers"] == ".status.tierNames"
     assert "Ready" in cols
+    assert cols["Reward"] == '.status.conditions[?(@.type=="RewardModelReady")].status'
     assert cols["Age"] == ".metadata.creationTimestamp"
     tiers = v["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["tiers"]
     assert tiers["x-kubernetes-list-type"] == "map"

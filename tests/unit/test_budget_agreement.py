@@ -57,14 +57,19 @@ def _documented_rule(budget: float) -> int | None:
 def _router_weight(budget: str) -> int | None:
     art = _artifact()
     loaded = LoadedClassifier(MicroBatcher(lambda prompts: []), DEFAULT_MULTI_TIER, art, Scorer(art, None))
-    price = {"inputPerMillion": "0.1", "outputPerMillion": "0.2"}
+    # The artifact's own prices (0.2 and 1.8 $/Mtok), which its calibration was measured at.
     tiers = [
-        {"name": "gemma", "model": "gemma-2-9b-it", "endpoint": {"url": "http://a/v1"}, "price": price},
+        {
+            "name": "gemma",
+            "model": "gemma-2-9b-it",
+            "endpoint": {"url": "http://a/v1"},
+            "price": {"inputPerMillion": "0.1", "outputPerMillion": "0.1"},
+        },
         {
             "name": "nemo",
             "model": "llama-3.1-nemotron-51b-instruct",
             "endpoint": {"url": "http://b/v1"},
-            "price": price,
+            "price": {"inputPerMillion": "0.9", "outputPerMillion": "0.9"},
         },
     ]
     doc: dict[str, Any] = {

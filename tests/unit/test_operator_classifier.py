@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.support.artifacts import fit_to_shipped_n_tier as n_tier_fit
 from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate_operator import builders as b
 from tiergate_operator import classifier as oc
@@ -47,7 +48,7 @@ def user_cm(text: str | None, key: str = "router.json", name: str = "chat-router
 
 
 def good(path: Path = TWO_TIER) -> oc.ClassifierCopy:
-    found = oc.read_source(policy(), user_cm(path.read_text()))
+    found = oc.read_source(policy(n_tier_fit if path == MULTI_TIER else None), user_cm(path.read_text()))
     assert isinstance(found, oc.ClassifierCopy)
     return found
 
@@ -101,6 +102,71 @@ def test_broken_artifacts_are_refused_naming_the_configmap_and_key(text: str, fr
     assert found.reason == oc.INVALID
     assert "ConfigMap team-a/chat-router-artifact key router.json" in found.message
     assert fragment in found.message
+
+
+def test_a_two_tier_artifact_for_more_than_two_tiers_is_refused_an_n_tier_one_is_not() -> None:
+    def three(d: dict[str, Any]) -> None:
+        mid = dict(d["spec"]["tiers"][0], name="mid")
+        d["spec"]["tiers"].insert(1, mid)
+
+    found = oc.read_source(policy(three), user_cm(TWO_TIER.read_text()))
+    assert isinstance(found, oc.ClassifierProblem)
+    assert found.reason == oc.INVALID
+    assert found.message.startswith("spec.tiers: 3 tiers, but ConfigMap team-a/chat-router-artifact key router.json")
+    assert "mid would never be chosen" in found.message
+    n_tier = oc.read_source(policy(_both(three, n_tier_fit)), user_cm(MULTI_TIER.read_text()))
+    assert isinstance(n_tier, oc.ClassifierCopy)
+
+
+def test_an_n_tier_artifact_is_refused_for_what_the_router_would_refuse() -> None:
+    """Named tiers it does not know, a two-tier knob, prices its calibration does not describe: ClassifierInvalid
+    naming the field (test_operator_router_agree.py holds these verdicts equal to the router's)."""
+    art = user_cm(MULTI_TIER.read_text())
+
+    def problem(*mutations: Callable[[dict[str, Any]], None]) -> str:
+        found = oc.read_source(policy(_both(n_tier_fit, *mutations)), art)
+        assert isinstance(found, oc.ClassifierProblem)
+        assert found.reason == oc.INVALID
+        return found.message
+
+    knob = problem(lambda d: d["spec"]["router"].update(thresholdBasisPoints=5000))
+    assert knob.startswith("spec.router.thresholdBasisPoints: a two-tier knob, but ConfigMap team-a/chat-router-")
+    unknown = problem(lambda d: d["spec"]["tiers"][1].update(servedModelName="gpt-9", model="org/gpt-9"))
+    assert unknown.startswith("spec.tiers[1] (large): matches no tier of ConfigMap team-a/chat-router-artifact")
+    twice = problem(lambda d: d["spec"]["tiers"][1].update(servedModelName="gemma-2-9b-it"))
+    assert "spec.tiers[1] (large): maps to artifact tier 'gemma-2-9b-it'" in twice
+    priced = problem(lambda d: d["spec"]["tiers"][1]["price"].update(inputPerMillion="5"))
+    assert priced.startswith("spec.tiers[1].price: 5.9 $/Mtok (input + output) is not 1 x the artifact's 1.8 for")
+    assert "costWeightBasisPoints" in priced
+    budget = problem(
+        lambda d: d["spec"]["tiers"][1]["price"].update(inputPerMillion="5"),
+        lambda d: d["spec"]["router"].update(budgetPerMillion="1"),
+    )
+    assert "spec.router.budgetPerMillion comes from it" in budget
+    # The same prices with a cost weight: served (the weight is taken against them).
+    weighted = _both(
+        n_tier_fit,
+        lambda d: d["spec"]["tiers"][1]["price"].update(inputPerMillion="5"),
+        lambda d: d["spec"]["router"].update(costWeightBasisPoints=500),
+    )
+    assert isinstance(oc.read_source(policy(weighted), art), oc.ClassifierCopy)
+
+    # Prices in the artifact's ratios (all doubled): its calibration holds, served.
+    def doubled(d: dict[str, Any]) -> None:
+        for t in d["spec"]["tiers"]:
+            t["price"]["outputPerMillion"] = f"{3 * float(t['price']['inputPerMillion']):.6f}"  # in + out: 2 x
+
+    assert isinstance(oc.read_source(policy(_both(n_tier_fit, doubled)), art), oc.ClassifierCopy)
+
+
+def test_a_two_tier_artifact_is_refused_with_an_n_tier_knob() -> None:
+    def weight(d: dict[str, Any]) -> None:
+        d["spec"]["router"].pop("targetStrongShareBasisPoints")
+        d["spec"]["router"]["costWeightBasisPoints"] = 5
+
+    found = oc.read_source(policy(weight), user_cm(TWO_TIER.read_text()))
+    assert isinstance(found, oc.ClassifierProblem)
+    assert found.message.startswith("spec.router.costWeightBasisPoints: an N-tier knob, but ConfigMap team-a/")
 
 
 def test_missing_configmap_or_key_and_binary_data() -> None:

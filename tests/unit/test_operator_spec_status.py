@@ -220,6 +220,34 @@ def test_a_missing_reference_applies_nothing_until_the_configmap_appears() -> No
     assert conds["Ready"]["reason"] != MISSING_REFERENCE
 
 
+def _three_tiers(doc: dict[str, Any]) -> dict[str, Any]:
+    mid = copy.deepcopy(doc["spec"]["tiers"][0])
+    mid["name"] = "mid"
+    doc["spec"]["tiers"].insert(1, mid)
+    return doc
+
+
+def test_more_than_two_tiers_under_the_default_two_tier_classifier_are_an_invalid_spec() -> None:
+    """The shipped default router scores one number (cheapest or strongest): a tier between would never be chosen
+    and the router refuses such a policy, so the operator refuses it first, naming spec.tiers and that tier."""
+    kube, cache, mem = FakeKube(), ChildCache(WATCHED_KINDS), PolicyMemory()
+    doc = _three_tiers(body())
+    del doc["spec"]["router"]["classifier"]
+    reconcile(kube, doc, OperatorConfig(), mem, cache)  # type: ignore[arg-type]
+    assert kube.applied == []
+    assert mem.refused is not None
+    assert (mem.refused.reason, mem.refused.field) == (INVALID_SPEC, "spec.tiers")
+    conds = conditions(kube.statuses[-1])
+    assert conds["Degraded"]["reason"] == INVALID_SPEC
+    assert "spec.tiers: 3 tiers, but the shipped default router" in conds["Degraded"]["message"]
+    assert "mid would never be chosen" in conds["Degraded"]["message"]
+    # With a classifier named (an N-tier artifact, say) the operator applies; the artifact decides.
+    doc["spec"]["router"]["classifier"] = {"path": "/models/multi.json"}
+    reconcile(kube, doc, OperatorConfig(), mem, cache)  # type: ignore[arg-type]
+    assert mem.refused is None
+    assert ("Deployment", "chat-tier-mid") in kube.applied
+
+
 def test_an_invalid_spec_is_reported_in_status_once_and_nothing_applied() -> None:
     async def go() -> None:
         kube = FakeKube()

@@ -18,6 +18,7 @@ import pytest
 from tests.support.reward import RewardServerProcess, direct_scores, reward_server, tiny_reward_model
 from tiergate_router.reward import RewardClient, render_pair
 from tiergate_router.reward_server import (
+    MAX_BODY_BYTES,
     StandInScorer,
     TokenLimit,
     UnscorableInputError,
@@ -150,6 +151,14 @@ def test_not_json_is_a_400(server: RewardServerProcess) -> None:
         urllib.request.urlopen(req, timeout=30)
     assert e.value.code == 400
     assert "not valid JSON" in json.loads(e.value.read())["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_413(server: RewardServerProcess) -> None:
+    # Just over the limit: the few bytes the server leaves unread fit in the socket buffers, so the client has sent
+    # everything when the 413 comes (a body far over it could meet a reset while still sending).
+    status, reply = _post(server.url, {"input": ["x" * (MAX_BODY_BYTES + 1)]})
+    assert status == 413
+    assert reply["error"]["param"] == "input"
 
 
 def test_models_and_health(server: RewardServerProcess) -> None:

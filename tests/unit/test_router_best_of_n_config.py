@@ -43,7 +43,6 @@ def policy_doc(best_of_n: dict[str, Any] | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "tiers": [
             {"name": "small", "model": "org/small", "endpoint": {"url": "http://small.example/v1"}, "price": PRICE},
-            {"name": "mid", "model": "org/mid", "endpoint": {"url": "http://mid.example/v1"}, "price": PRICE},
             {"name": "large", "model": "org/large", "endpoint": {"url": "http://large.example/v1"}, "price": PRICE},
         ],
         "router": {"thresholdBasisPoints": 5000},
@@ -69,9 +68,9 @@ def test_policy_best_of_n_defaults_and_fields() -> None:
     b = policy({}).spec.best_of_n
     assert b is not None
     assert (b.reference_tier, b.reward_timeout_milliseconds, b.min_reward) == (None, 3000, None)
-    b = policy({"referenceTier": "mid", "rewardTimeoutMilliseconds": 250, "minReward": "-1.5"}).spec.best_of_n
+    b = policy({"referenceTier": "small", "rewardTimeoutMilliseconds": 250, "minReward": "-1.5"}).spec.best_of_n
     assert b is not None
-    assert (b.reference_tier, b.reward_timeout_milliseconds, b.min_reward) == ("mid", 250, "-1.5")
+    assert (b.reference_tier, b.reward_timeout_milliseconds, b.min_reward) == ("small", 250, "-1.5")
 
 
 @pytest.mark.parametrize(
@@ -116,14 +115,14 @@ def test_from_policy_reaches_the_reward_service_the_operator_deploys() -> None:
         min_reward=None,
     )
     cfg = from_policy(
-        policy({"referenceTier": "mid", "rewardTimeoutMilliseconds": 250, "minReward": "-0.25"}),
+        policy({"referenceTier": "small", "rewardTimeoutMilliseconds": 250, "minReward": "-0.25"}),
         reward_url="http://reward.example:9000/",
     )
     b = cfg.best_of_n
     assert b is not None
     assert (b.reward_url, b.reference_tier, b.timeout_s, b.min_reward) == (
         "http://reward.example:9000",
-        "mid",
+        "small",
         0.25,
         -0.25,
     )
@@ -168,8 +167,8 @@ def test_serve_flags_turn_best_of_n_on() -> None:
 
 
 def test_serve_flags_refine_the_policys_best_of_n() -> None:
-    cfg = local("--best-of-n", "mid=2", "--reward-url", "http://127.0.0.1:9", pol=policy({"minReward": "1"}))
-    assert cfg.best_of_n == BestOfNConfig("mid", 2, "http://127.0.0.1:9", "org/reward", "large", 3.0, 1.0)
+    cfg = local("--best-of-n", "large=2", "--reward-url", "http://127.0.0.1:9", pol=policy({"minReward": "1"}))
+    assert cfg.best_of_n == BestOfNConfig("large", 2, "http://127.0.0.1:9", "org/reward", "large", 3.0, 1.0)
     cfg = local("--reward-timeout-ms", "100", pol=policy({}))
     b = cfg.best_of_n
     assert b is not None

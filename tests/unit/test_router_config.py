@@ -4,6 +4,7 @@ N-tier mappings (built once, over the tiers `--tier` leaves), the local override
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,6 @@ def policy(
                 "tiers": tiers
                 or [
                     {"name": "small", "model": "org/small", "price": {"inputPerMillion": "0.1", "outputPerMillion": 1}},
-                    {"name": "mid", "model": "org/mid", "price": {"inputPerMillion": 1, "outputPerMillion": 2}},
                     {"name": "large", "model": "org/large", "price": {"inputPerMillion": 3, "outputPerMillion": 4}},
                 ],
                 "router": router or {},
@@ -115,40 +115,51 @@ def policy(
     )
 
 
-def served(*names: str) -> list[dict[str, Any]]:
+# The shipped N-tier artifact's prices ($/Mtok, input + output), which its calibration was measured at.
+SHIPPED_PRICES = {t["name"]: t["price"] for t in json.loads(SHIPPED_MULTI.read_text())["tiers"]}
+
+
+def served(*names: str, prices: dict[str, float] | None = None) -> list[dict[str, Any]]:
+    """Tiers with external endpoints serving `names`, priced as in `prices`, else as the shipped artifact prices
+    them (split evenly into input and output), else at 1 + 1 $/Mtok."""
     """Policy tiers at external URLs serving the shipped N-tier artifact's tiers of these names."""
     return [
         {
             "name": f"t{i}",
             "model": name,
             "endpoint": {"url": f"http://t{i}.example/v1/"},
-            "price": {"inputPerMillion": 1, "outputPerMillion": 1},
+            "price": _price((prices or {}).get(name, SHIPPED_PRICES.get(name, 2.0))),
         }
         for i, name in enumerate(names)
     ]
 
 
+def _price(total: float) -> dict[str, str]:
+    half = f"{total / 2:.9f}"
+    return {"inputPerMillion": half, "outputPerMillion": half}
+
+
 # -- two-tier knobs ------------------------------------------------------------------------------------------------
 
 
-def test_threshold_knob_is_taken_as_given_for_every_tier_gap() -> None:
+def test_threshold_knob_is_taken_as_given() -> None:
     src = TwoTier()
     cfg = from_policy(policy({"thresholdBasisPoints": 1234}), thresholds=src)
-    assert cfg.thresholds_bp == (1234, 1234)
+    assert cfg.thresholds_bp == (1234,)
     assert src.shares == []  # the calibration is not consulted
     # ... and needs no artifact at all
-    assert from_policy(policy({"thresholdBasisPoints": 1234})).thresholds_bp == (1234, 1234)
+    assert from_policy(policy({"thresholdBasisPoints": 1234})).thresholds_bp == (1234,)
 
 
 def test_share_knob_goes_through_the_artifacts_calibration() -> None:
     src = TwoTier()
     cfg = from_policy(policy({"targetStrongShareBasisPoints": 3000}), thresholds=src)
     assert src.shares == [3000]
-    assert cfg.thresholds_bp == (7000, 7000)
+    assert cfg.thresholds_bp == (7000,)
 
 
 def test_no_knob_takes_the_artifacts_default_threshold_or_is_refused_without_one() -> None:
-    assert from_policy(policy(), thresholds=TwoTier()).thresholds_bp == (4200, 4200)
+    assert from_policy(policy(), thresholds=TwoTier()).thresholds_bp == (4200,)
     with pytest.raises(ConfigError, match="calibration is needed"):
         from_policy(policy())
     # One tier: nothing to decide, so `tiergate serve` loads no artifact and none is needed.
@@ -246,11 +257,19 @@ def test_serve_refuses_knob_flags_of_the_other_artifact_kind(multi_artifact: Rou
         serve_config(None, LocalOverrides(tiers=flags, threshold_bp=1), NTier(multi_artifact))
 
 
-def test_a_tier_added_by_flag_to_a_two_tier_policy_splits_the_score_evenly() -> None:
+def test_a_two_tier_artifact_over_three_tiers_is_refused_naming_the_tiers_between() -> None:
+    """Its one score separates the cheapest tier from the strongest: a tier between would never be chosen, so the
+    policy (or the flags) are refused rather than served other than written."""
     two = policy({"thresholdBasisPoints": 4000}, served("a", "b"))
     assert serve_config(two, LocalOverrides(), TwoTier()).thresholds_bp == (4000,)
-    cfg = serve_config(two, LocalOverrides(tiers=(("c", "http://c/v1"),)), TwoTier())
-    assert cfg.thresholds_bp == (3333, 6667)
+    with pytest.raises(ConfigError, match=r"policy p: spec.tiers with --tier: 3 tiers, .*so t1 would never be chosen"):
+        serve_config(two, LocalOverrides(tiers=(("c", "http://c/v1"),)), TwoTier())
+    three = policy({"thresholdBasisPoints": 4000}, served("a", "b", "c", "d"))
+    with pytest.raises(ConfigError, match=r"policy p: spec.tiers: 4 tiers, but a two-tier .* so t1, t2 would never"):
+        from_policy(three, thresholds=TwoTier())
+    flags = (("s", "http://s/v1"), ("m", "http://m/v1"), ("l", "http://l/v1"))
+    with pytest.raises(ConfigError, match=r"--tier: 3 tiers, but a two-tier .* so m would never be chosen"):
+        serve_config(None, LocalOverrides(tiers=flags), TwoTier())
 
 
 # -- tiers, secrets, listeners ---------------------------------------------------------------------------------------

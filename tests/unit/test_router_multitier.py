@@ -27,8 +27,10 @@ from tiergate_router.artifact_classifier import LoadedClassifier
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import ConfigError, from_policy
 from tiergate_router.decision import choose_multi_tier
+from tiergate_router.router import Router
 
 SHIPPED = DEFAULT_MULTI_TIER
+SHIPPED_PRICES = {t["name"]: t["price"] for t in json.loads(SHIPPED.read_text())["tiers"]}
 # Three of the shipped artifact's nine tiers (prices 0.2, 0.4 and 1.8 $/Mtok there).
 SERVED = {"gemma": "gemma-2-9b-it", "llama8b": "llama-3.1-8b-instruct", "nemo51b": "llama-3.1-nemotron-51b-instruct"}
 PROMPTS = [
@@ -55,12 +57,19 @@ def policy_doc(tiers: list[dict[str, Any]], router: dict[str, Any] | None = None
     }
 
 
-def tier_doc(name: str, url: str, *, served: str | None = None, model: str | None = None) -> dict[str, Any]:
+def tier_doc(
+    name: str, url: str, *, served: str | None = None, model: str | None = None, price: str | None = None
+) -> dict[str, Any]:
+    """A tier priced at `price` (input and output $/Mtok each), else at what the shipped artifact charges for the
+    tier it maps to (its calibration's prices), else at 0.1 + 0.1."""
+    if price is None:
+        total = SHIPPED_PRICES.get(served or model or name, 0.2)
+        price = f"{total / 2:.9f}"
     doc: dict[str, Any] = {
         "name": name,
         "model": model or f"org/{name}",
         "endpoint": {"url": url},
-        "price": {"inputPerMillion": "0.1", "outputPerMillion": "0.2"},
+        "price": {"inputPerMillion": price, "outputPerMillion": price},
     }
     if served is not None:
         doc["servedModelName"] = served
@@ -184,7 +193,7 @@ def test_choice_is_the_artifacts_rule_restricted_to_the_served_tiers() -> None:
 def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> None:
     art = constant_multi_tier_artifact(tmp_path / "m.json", [("a", 0.1), ("b", 1.0), ("c", 2.0)], [0.5, 0.6, 0.9])
     src = Source(art, load_artifact(art))
-    doc = policy_doc([tier_doc("c", "http://c/v1"), tier_doc("a", "http://a/v1")])
+    doc = policy_doc([tier_doc("c", "http://c/v1", price="1"), tier_doc("a", "http://a/v1", price="0.05")])
     cfg = from_policy(RoutingPolicy.model_validate(doc), multi=src)
     assert cfg.multi_tier is not None
     assert cfg.multi_tier.columns == (2, 0)
@@ -193,6 +202,90 @@ def test_mapping_follows_the_config_tiers_after_tier_flags(tmp_path: Path) -> No
     assert cfg2.multi_tier is not None
     assert cfg2.tier_names == ("c", "a", "b")
     assert cfg2.multi_tier.columns == (2, 0, 1)
+
+
+def test_the_policys_prices_are_the_prices_the_choice_weighs(tmp_path: Path) -> None:
+    """The same predicted qualities and cost weight, two price lists: the artifact's (0.1, 1, 2 $/Mtok) choose
+    `mid`; a policy that buys `top` for 0.2 $/Mtok chooses `top`. Through the router's own decision."""
+    tiers = [("cheap", 0.1), ("mid", 1.0), ("top", 2.0)]
+    art = constant_multi_tier_artifact(tmp_path / "m.json", tiers, [0.5, 0.7, 0.75])
+    src = Source(art, load_artifact(art))
+    verdict = (0.5, 0.7, 0.75)
+
+    def chosen(top_price: str) -> tuple[str, tuple[float, ...]]:
+        tiers = [
+            tier_doc("cheap", "http://a/v1", price="0.05"),
+            tier_doc("mid", "http://b/v1", price="0.5"),
+            tier_doc("top", "http://c/v1", price=top_price),
+        ]
+        cfg = from_policy(RoutingPolicy.model_validate(policy_doc(tiers, {"costWeightBasisPoints": 1000})), multi=src)
+        assert cfg.multi_tier is not None
+        return Router._decide(verdict, cfg)[0], cfg.multi_tier.prices
+
+    # lambda 0.1: 0.5 - 0.01, 0.7 - 0.1, 0.75 - 0.2 -> mid; with top at 0.2: 0.75 - 0.02 -> top
+    assert chosen("1") == ("mid", (0.1, 1.0, 2.0))
+    assert chosen("0.1") == ("top", (0.1, 1.0, 0.2))
+
+
+def test_prices_the_calibration_does_not_describe_need_a_cost_weight(tmp_path: Path) -> None:
+    """The calibrated default weight and budgetPerMillion were measured at the artifact's prices: prices in other
+    ratios are refused, naming the tier and the way out; a cost weight (policy or --cost-weight-bp) is taken as
+    given against them."""
+    art = constant_multi_tier_artifact(tmp_path / "m.json", [("cheap", 0.1), ("top", 2.0)], [0.5, 0.8])
+    src = Source(art, load_artifact(art))
+    tiers = [tier_doc("cheap", "http://a/v1", price="0.05"), tier_doc("top", "http://c/v1", price="0.1")]
+    for router, what in (({}, "the artifact's default cost weight"), ({"budgetPerMillion": 1}, "budgetPerMillion")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"policy multi: tiers\[1\] \(top\).price: 0.2 \$/Mtok \(input \+ output\) is not 1 x the "
+            rf"artifact's 2 for top, as the tiers before; .*{what} comes from it. Set a cost weight",
+        ):
+            from_policy(RoutingPolicy.model_validate(policy_doc(tiers, router)), multi=src)
+    cfg = from_policy(RoutingPolicy.model_validate(policy_doc(tiers, {"costWeightBasisPoints": 10})), multi=src)
+    assert cfg.multi_tier is not None
+    assert (cfg.multi_tier.prices, cfg.multi_tier.cost_weight_bp) == ((0.1, 0.2), 10)
+    cfg = from_policy(RoutingPolicy.model_validate(policy_doc(tiers)), multi=src, cost_weight_bp=20)
+    assert cfg.multi_tier is not None
+    assert (cfg.multi_tier.prices, cfg.multi_tier.cost_weight_bp) == ((0.1, 0.2), 20)
+
+
+def test_prices_in_the_artifacts_ratios_keep_its_calibration_exactly(tmp_path: Path) -> None:
+    """Prices k times the artifact's choose at weight w exactly as the artifact's prices do at w * k: the router
+    keeps the calibrated weight on the artifact's prices, and compares a budget as budget / k with the table."""
+    from tiergate.routing.artifact import Tier as ArtTier
+    from tiergate.routing.artifact import save_artifact
+    from tiergate.routing.operating_points import CalibrationTable, CostWeightPoint
+
+    path = constant_multi_tier_artifact(tmp_path / "m.json", [("cheap", 0.1), ("top", 2.0)], [0.5, 0.8])
+    base = load_artifact(path)
+    table = CalibrationTable(
+        cost_weights=(CostWeightPoint(0, 2.0, 0.8, (0.0, 1.0)), CostWeightPoint(2000, 0.1, 0.5, (1.0, 0.0)))
+    )
+    save_artifact(base.with_updates(calibration=table, tiers=[ArtTier("cheap", 0.1), ArtTier("top", 2.0)]), path)
+    src = Source(path, load_artifact(path))
+    doubled = [tier_doc("cheap", "http://a/v1", price="0.1"), tier_doc("top", "http://c/v1", price="2")]
+
+    def weight(router: dict[str, Any]) -> tuple[int, tuple[float, ...]]:
+        cfg = from_policy(RoutingPolicy.model_validate(policy_doc(doubled, router)), multi=src)
+        assert cfg.multi_tier is not None
+        return cfg.multi_tier.cost_weight_bp, cfg.multi_tier.prices
+
+    assert weight({}) == (src.default_cost_weight_bp, (0.1, 2.0))
+    # 3 $/Mtok at these prices is 1.5 at the artifact's: only the cheap point (0.1) fits; 4 buys the top (2.0 x 2).
+    assert weight({"budgetPerMillion": 3}) == (2000, (0.1, 2.0))
+    assert weight({"budgetPerMillion": 4}) == (0, (0.1, 2.0))
+    with pytest.raises(ConfigError, match=r"the tiers' prices are 2 x the artifact's, so that is 0.1 here"):
+        weight({"budgetPerMillion": "0.1"})
+
+
+def test_tiers_from_flags_are_priced_at_the_artifacts_prices(tmp_path: Path) -> None:
+    art = constant_multi_tier_artifact(tmp_path / "m.json", [("a", 0.1), ("b", 1.0), ("c", 2.0)], [0.5, 0.6, 0.9])
+    src = Source(art, load_artifact(art))
+    doc = policy_doc([tier_doc("a", "http://a/v1", price="0.05")])
+    cfg = from_policy(RoutingPolicy.model_validate(doc), multi=src, tier_flags=[("c", "http://c/v1")])
+    assert cfg.multi_tier is not None
+    assert [cfg.multi_tier.prices[c] for c in cfg.multi_tier.columns] == [0.1, 2.0]
+    assert cfg.tiers[1].price_per_mtok is None  # unpriced: the cost metric counts nothing for it either
 
 
 # -- end to end: `tiergate serve` with real artifacts, the real encoder, fake vLLM tiers over HTTP ---------------

@@ -212,8 +212,10 @@ def test_tier_flags() -> None:
     for bad in ("small", "=http://x/v1", "small=", "small=ftp://x/v1", "small=http://x/"):
         with pytest.raises(ConfigError):
             parse_tier_flag(bad)
-    cfg = local_config([("s", "http://a/v1"), ("m", "http://b/v1"), ("l", "http://c/v1")])
-    assert cfg.thresholds_bp == (3333, 6667)
+    assert local_config([("s", "http://a/v1"), ("l", "http://c/v1")], threshold_bp=4100).thresholds_bp == (4100,)
+    # Three tiers under a two-tier artifact: nothing calibrates the middle one (test_router_config has the rest).
+    with pytest.raises(ConfigError, match=r"--tier: 3 tiers, .* so m would never be chosen"):
+        local_config([("s", "http://a/v1"), ("m", "http://b/v1"), ("l", "http://c/v1")])
 
 
 class _Thresholds:

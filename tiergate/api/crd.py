@@ -119,6 +119,7 @@ def build_crd() -> dict[str, Any]:
         ],
     }
     ready = '.status.conditions[?(@.type=="Ready")]'
+    reward = '.status.conditions[?(@.type=="RewardModelReady")]'
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
@@ -149,6 +150,8 @@ def build_crd() -> dict[str, Any]:
                         {"name": "Ready", "type": "string", "jsonPath": f"{ready}.status"},
                         {"name": "Reason", "type": "string", "jsonPath": f"{ready}.reason", "priority": 1},
                         {"name": "Router", "type": "string", "jsonPath": ".status.routerEndpoint", "priority": 1},
+                        # Empty without bestOfN; False: best-of-N prompts go to the reference tier.
+                        {"name": "Reward", "type": "string", "jsonPath": f"{reward}.status", "priority": 1},
                         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
                     ],
                     "schema": {"openAPIV3Schema": root},

@@ -61,6 +61,14 @@ def tier_service_url(policy: str, namespace: str, tier: str, port: int) -> str:
     return f"http://{tier_name(policy, tier)}.{namespace}.svc:{port}/v1"
 
 
+def reward_url(policy: str, namespace: str, port: int) -> str:
+    """In-cluster root URL of the reward model's server (the `P-reward` Service), where the router's reward client
+    posts `/pooling`. No `/v1`: vLLM serves its pooling API at the root. The router derives it from the policy it
+    reads (`spec.bestOfN.rewardModel.port`, the policy's namespace); the operator passes no flag for it, so a
+    policy reload that changes it needs no router rollout. `tiergate serve --reward-url` replaces it."""
+    return f"http://{reward_name(policy)}.{namespace}.svc:{port}"
+
+
 def api_key_env(tier: str) -> str:
     """Environment variable holding an external tier's API key in the router container: the operator fills it from
     the tier's `endpoint.apiKeySecretRef` Secret, the router sends it as `Authorization: Bearer <key>`. Tier names

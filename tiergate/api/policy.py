@@ -337,7 +337,10 @@ class Replicas(_Model):
 
 
 class TierPrice(_Model):
-    """Price per million tokens as an integer or a quoted decimal string ("0.15"); never a float."""
+    """Price per million tokens as an integer or a quoted decimal string ("0.15"); never a float. With an N-tier
+    classifier the router weighs input + output against each tier's predicted quality (the artifact's calibrated
+    cost weight and budgetPerMillion hold only for prices in the artifact's ratios; other prices need
+    costWeightBasisPoints); it also prices the estimated-cost metric."""
 
     input_per_million: Price
     output_per_million: Price
@@ -519,6 +522,18 @@ class ClassifierCache(_Model):
     """Bytes the cache may hold at most, each entry counted with its bookkeeping (0 turns the cache off)."""
 
 
+class BodyLimits(_Model):
+    """How much of request and answer bodies the router holds. Unset: the router's defaults (docs/router.md,
+    "Memory")."""
+
+    max_in_flight_request_bytes: Annotated[int, Field(ge=4 * 1024 * 1024, le=1 << 36, strict=True)] | None = None
+    """Bytes of request bodies (HTTP and gRPC) held at once; a request that does not fit waits its turn (HTTP 503
+    after requestSeconds). At least one maximal body (4 MiB); default 64 MiB."""
+    max_response_bytes: Annotated[int, Field(ge=1024, le=1 << 30, strict=True)] | None = None
+    """Largest non-streaming answer read from a tier; a larger one is HTTP 502 (gRPC UNAVAILABLE) naming the tier.
+    Default 16 MiB."""
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -566,7 +581,9 @@ class Router(Placement):
     budget_per_million: Price | None = None
     """N-tier artifacts, instead of a cost weight: the highest average price per million tokens (input + output, as
     the tiers' prices) to spend; the router takes the calibrated cost weight with the best quality whose mean price
-    fits it, as `tiergate calibrate --budget` prints."""
+    fits it, as `tiergate calibrate --budget` prints. The calibration was measured at the artifact's tier prices:
+    tier prices k times those are compared as budget / k; prices in other ratios are refused (set
+    costWeightBasisPoints)."""
     fallback_order: list[TierName] = Field(
         default_factory=list, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
     )
@@ -576,6 +593,7 @@ class Router(Placement):
     circuit_breaker: CircuitBreaker = Field(default_factory=CircuitBreaker, json_schema_extra={"default": {}})
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     classifier_cache: ClassifierCache | None = None
+    body_limits: BodyLimits | None = None
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""
@@ -786,6 +804,21 @@ class TierStatus(_Observed):
     desired_replicas: int = 0
     ready_replicas: int = 0
     endpoint: str | None = None
+    reachable: bool | None = None
+    """External tiers: whether `GET {endpoint}/models` got an answer below HTTP 500 at the operator's last check."""
+    message: str | None = None
+    """External tiers: what that check got (HTTP status, or the error)."""
+
+
+class RewardModelStatus(_Observed):
+    """The best-of-N reward model (present while spec.bestOfN is set)."""
+
+    model: str
+    """The model it serves, also its served model name (what the router names in its scoring calls)."""
+    desired_replicas: int = 0
+    ready_replicas: int = 0
+    endpoint: str | None = None
+    """In-cluster root URL of its server (the `<policy>-reward` Service), where the router posts `/pooling`."""
 
 
 class MixEntry(_Observed):
@@ -800,7 +833,8 @@ class RoutingPolicyStatus(_Observed):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
-    """Ready, Progressing and Degraded; reason and message name the child that is not ready and why."""
+    """Ready, Progressing and Degraded; reason and message name the child that is not ready and why. With bestOfN,
+    also RewardModelReady (False: no ready reward replica, the router answers from the reference tier)."""
     tiers: list[TierStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
@@ -808,6 +842,8 @@ class RoutingPolicyStatus(_Observed):
     """Per tier: desired and ready replicas and the in-cluster endpoint."""
     router_endpoint: str | None = None
     """The router's in-cluster URL (OpenAI-compatible HTTP)."""
+    reward_model: RewardModelStatus | None = None
+    """The best-of-N reward model: replicas and endpoint (condition RewardModelReady says whether it can score)."""
     tier_names: str | None = None
     """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None

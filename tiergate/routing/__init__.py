@@ -11,6 +11,8 @@ Modules and their contracts (the router service depends on these; keep them stab
 - `scorer`: `Scorer` applies an artifact's head with numpy only: `score()` for two tiers, `quality()` and
   `choose()` for N tiers; thresholds in basis points.
 - `features`: prompt features computed from the text (`log_chars`), appended to the embedding.
+- `tiers`: how a policy's tiers meet an N-tier artifact's (which artifact tier each serves, whether the prices are
+  the artifact's up to one factor); standard library only, shared by the router and the operator.
 - `errors`: one exception type per boundary, all `RoutingError`.
 
 The offline toolchain (labels, data, fitting, evaluation, plots, the embedding cache, the `train`/`eval`/

@@ -24,8 +24,8 @@ from tiergate_router.config.knobs import (
     MultiTierSource,
     ThresholdSource,
     candidate_routing_for,
-    even_thresholds,
     multi_tier_for,
+    two_tier_thresholds,
     with_multi_tier,
 )
 from tiergate_router.config.local import (
@@ -96,7 +96,6 @@ __all__ = [
     "candidate_routing_for",
     "check_base_url",
     "dispatch_settings",
-    "even_thresholds",
     "from_policy",
     "listen",
     "load_policy_file",
@@ -114,6 +113,7 @@ __all__ = [
     "serve_config",
     "served_tier_names",
     "tier_at",
+    "two_tier_thresholds",
     "unserved_sections",
     "validate",
     "with_multi_tier",

@@ -17,12 +17,14 @@ from tiergate_router.config.knobs import (
     MultiTierSource,
     ThresholdSource,
     candidate_routing_for,
-    even_thresholds,
     multi_tier_for,
+    two_tier_thresholds,
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
 from tiergate_router.config.types import (
+    DEFAULT_INFLIGHT_BODY_BYTES,
+    DEFAULT_RESPONSE_BYTES,
     BestOfNConfig,
     RouterConfig,
     ServiceRef,
@@ -45,6 +47,7 @@ def from_policy(
     multi: MultiTierSource | None = None,
     environ: Mapping[str, str] | None = None,
     tier_flags: Sequence[TierFlag] = (),
+    cost_weight_bp: int | None = None,
     reward_url: str | None = None,
     candidates: MultiTierSource | None = None,
 ) -> RouterConfig:
@@ -58,32 +61,40 @@ def from_policy(
     artifact's calibration (`thresholds`). With a two-tier artifact and more than two tiers the score separates the
     cheapest tier from the strongest, and the tiers between serve as fallbacks. With an N-tier artifact (`multi`)
     the tiers map to the artifact's (`knobs.multi_tier_for`, once, over the final tiers) and the cost weight
-    chooses: `costWeightBasisPoints` as given, `budgetPerMillion` through the artifact's calibration, else its
-    calibrated default; a `candidates` artifact (`candidates`) takes the same cost-weight knobs and chooses
-    (tier, n). A knob of the other artifact kind means nothing there and is refused, naming it. An external
-    tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default os.environ).
-    `spec.bestOfN` becomes `best_of_n` (`best_of_n_of`; `reward_url`, the `--reward-url` flag, wins over the reward
-    Service's address the operator deploys).
+    chooses, against the policy's tier prices: `cost_weight_bp` (`--cost-weight-bp`) or `costWeightBasisPoints` as
+    given, `budgetPerMillion` through the artifact's calibration, else its calibrated default (those two only for
+    prices in the artifact's ratios, see `multi_tier_for`). A `candidates` artifact (`candidates`) chooses (tier, n)
+    by its own cost weight (`--cost-weight-bp`, `costWeightBasisPoints`, else its calibrated default). A two-tier
+    artifact serves at most two tiers (`knobs.two_tier_thresholds`). A knob of the other artifact kind means nothing
+    there and is refused, naming it. An external tier's `apiKeySecretRef` is read from the environment
+    (`secrets.api_key`; `environ`, default os.environ). `spec.bestOfN` becomes `best_of_n` (`best_of_n_of`;
+    `reward_url`, the `--reward-url` flag, wins over the reward Service's address the operator deploys).
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
     policy_tiers = tuple(_tier(policy, i, t, ns, discovery, environ) for i, t in enumerate(spec.tiers))
     tiers = merge_tier_flags(policy_tiers, tier_flags)
-    cost_weight: int | None = None
-    by_weight = multi if multi is not None else candidates
-    if by_weight is not None:
-        cost_weight = _cost_weight_bp(policy, by_weight)
-        th = DEFAULT_THRESHOLD_BP  # unused: thresholds only apply to two-tier artifacts
-    else:
-        th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
-    # The policy's one threshold separates its cheapest tier from its strongest; a tier added by `--tier` leaves
-    # that meaning undefined, so the thresholds fall back to an even split.
-    thresholds_bp = (th,) * (len(tiers) - 1) if len(tiers) == len(policy_tiers) else even_thresholds(len(tiers))
     r = spec.router
     cache_entries, cache_bytes = _cache_bounds(policy)
+    inflight_bytes, response_bytes = _body_limits(policy)
+    cost_weight, budget = _cost_weight_bp(policy, multi) if multi is not None else (None, None)
+    if cost_weight_bp is not None:
+        cost_weight, budget = cost_weight_bp, None
+    by_weight = multi is not None or candidates is not None
+    th = DEFAULT_THRESHOLD_BP if by_weight else _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
     try:
-        multi_tier = multi_tier_for(tiers, multi, cost_weight) if multi is not None else None
-        routing = candidate_routing_for(tiers, candidates, cost_weight) if candidates is not None else None
+        multi_tier = None
+        routing = None
+        if multi is not None:
+            multi_tier = multi_tier_for(tiers, multi, cost_weight, budget=budget)
+            thresholds_bp: tuple[int, ...] = (th,) * (len(tiers) - 1)  # unused: N-tier configs choose by weight
+        elif candidates is not None:
+            weight = _candidate_weight_bp(policy, candidates, cost_weight_bp)
+            routing = candidate_routing_for(tiers, candidates, weight)
+            thresholds_bp = (th,) * (len(tiers) - 1)  # unused: candidates configs choose by weight
+        else:
+            where = "spec.tiers" if len(tiers) == len(policy_tiers) else "spec.tiers with --tier"
+            thresholds_bp = two_tier_thresholds([t.name for t in tiers], th, where=where)
         return RouterConfig(
             tiers=tiers,
             thresholds_bp=thresholds_bp,
@@ -104,6 +115,8 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
+            max_inflight_body_bytes=inflight_bytes,
+            max_response_bytes=response_bytes,
             best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
             candidates=routing,
         )
@@ -112,14 +125,13 @@ def from_policy(
 
 
 def reward_service_url(policy: RoutingPolicy, namespace: str) -> str:
-    """The root URL of the reward model the operator deploys for `spec.bestOfN` (its Service, `<policy>-reward`):
-    vLLM's pooling API is at `{url}/pooling`."""
+    """The root URL of the reward model the operator deploys for `spec.bestOfN` (its Service, `<policy>-reward`;
+    `naming.reward_url`, the address the operator reports too): vLLM's pooling API is at `{url}/pooling`."""
     from tiergate.api import naming
 
     if policy.spec.best_of_n is None:
         raise ConfigError("spec.bestOfN: not set, so there is no reward Service")
-    port = policy.spec.best_of_n.reward_model.port
-    return f"http://{naming.reward_name(policy.metadata.name)}.{namespace}.svc:{port}"
+    return naming.reward_url(policy.metadata.name, namespace, policy.spec.best_of_n.reward_model.port)
 
 
 def best_of_n_of(policy: RoutingPolicy, namespace: str, *, reward_url: str | None = None) -> BestOfNConfig | None:
@@ -152,6 +164,17 @@ def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
     )
 
 
+def _body_limits(policy: RoutingPolicy) -> tuple[int, int]:
+    """`spec.router.bodyLimits` (request bytes in flight, answer bytes); an unset limit keeps the router's default."""
+    b = policy.spec.router.body_limits
+    inflight = b.max_in_flight_request_bytes if b is not None else None
+    response = b.max_response_bytes if b is not None else None
+    return (
+        DEFAULT_INFLIGHT_BODY_BYTES if inflight is None else inflight,
+        DEFAULT_RESPONSE_BYTES if response is None else response,
+    )
+
+
 def _tier(
     policy: RoutingPolicy, i: int, t: Tier, ns: str, discovery: bool, environ: Mapping[str, str] | None
 ) -> TierConfig:
@@ -171,7 +194,8 @@ def _tier(
         served_model=t.model_name,
         model=t.model,
         api_key=api_key(t, i, environ),
-        # Decimal in the policy (exact money); float here, where it only feeds an estimated-cost counter.
+        # Decimal in the policy (exact money); float here, where it weighs against predicted quality (N-tier
+        # artifacts) and feeds an estimated-cost counter.
         price_per_mtok=(float(t.price.input_per_million), float(t.price.output_per_million)),
     )
 
@@ -180,8 +204,9 @@ def _knob(policy: RoutingPolicy) -> str | None:
     return next(iter(policy.spec.router.decision_knobs()), None)  # the policy model allows at most one
 
 
-def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None:
-    """An N-tier artifact's cost weight from the policy's knob (None: the artifact's calibrated default)."""
+def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> tuple[int | None, float | None]:
+    """An N-tier artifact's (cost weight, budget) from the policy's knob; (None, None): the artifact's calibrated
+    default. The budget becomes a weight in `multi_tier_for`, which knows the prices it is compared at."""
     r = policy.spec.router
     knob = _knob(policy)
     if knob in TWO_TIER_KNOBS:
@@ -191,11 +216,25 @@ def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> int | None
             "instead, or neither for the artifact's calibrated default"
         )
     if r.cost_weight_basis_points is not None:
-        return int(r.cost_weight_basis_points)
+        return int(r.cost_weight_basis_points), None
     if r.budget_per_million is not None:
         # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
-        return multi.cost_weight_for_budget_bp(float(r.budget_per_million))
-    return None
+        return None, float(r.budget_per_million)
+    return None, None
+
+
+def _candidate_weight_bp(policy: RoutingPolicy, source: MultiTierSource, flag_bp: int | None) -> int | None:
+    """A `candidates` artifact's cost weight: `--cost-weight-bp`, else `costWeightBasisPoints`, else None (the
+    artifact's calibrated default, which `tiergate calibrate --usd-per-1k-prompts` sets). `budgetPerMillion` is
+    refused: it is a price per million tokens, and a candidates artifact is calibrated in USD per 1k prompts."""
+    weight, budget = _cost_weight_bp(policy, source)
+    if budget is not None:
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.budgetPerMillion is a price per million tokens, but "
+            f"{source.source} is a candidates artifact, calibrated in USD per 1k prompts: set costWeightBasisPoints, "
+            "or store the operating point in the artifact (tiergate calibrate --usd-per-1k-prompts B --write OUT)"
+        )
+    return flag_bp if flag_bp is not None else weight
 
 
 def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None, *, needed: bool) -> int:

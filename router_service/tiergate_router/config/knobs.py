@@ -1,7 +1,7 @@
 """Decision knobs shared by every way of building a config: what a loaded classifier artifact tells the config
 (its calibration, through the `ThresholdSource` / `MultiTierSource` protocols that
 `tiergate_router.artifact_classifier.LoadedClassifier` satisfies), the N-tier mapping, and the placeholder
-thresholds used when nothing sets them.
+threshold used when nothing sets it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from tiergate.routing.tiers import PRICE_WAY_OUT, artifact_tier, price_factor, price_mismatch
 from tiergate_router.config.types import CandidateRouting, MultiTier, RouterConfig, TierConfig
 from tiergate_router.errors import ConfigError
 
@@ -59,31 +60,87 @@ class LoadedSource(ThresholdSource, MultiTierSource, Protocol):
     def kind(self) -> str: ...
 
 
-def even_thresholds(n: int, two_tier_bp: int = DEFAULT_THRESHOLD_BP) -> tuple[int, ...]:
-    """Thresholds for `n` tiers when nothing sets them: two tiers split at `two_tier_bp`; more split the score
-    range evenly (a placeholder knob until a policy sets one; a two-tier artifact's score is the strong-tier
-    probability, so nothing calibrates the tiers between)."""
-    if n <= 1:
+def two_tier_thresholds(names: Sequence[str], threshold_bp: int, *, where: str) -> tuple[int, ...]:
+    """The thresholds of the tiers `names` under a two-tier artifact: none for one tier, `threshold_bp` for two.
+    More are refused (ConfigError naming `where` and the tiers between): the artifact's one score is the
+    probability that the strongest tier is needed, calibrated between the cheapest and the strongest only, so
+    nothing says where a middle tier would begin (splitting the score range evenly, as this once did for `--tier`,
+    routed by thresholds no data supports; repeating the one threshold, as it did for a policy, never chose the
+    middle tiers at all)."""
+    if len(names) <= 1:
         return ()
-    if n == 2:
-        return (two_tier_bp,)
-    return tuple(round(10000 * i / n) for i in range(1, n))
+    if len(names) == 2:
+        return (threshold_bp,)
+    between = ", ".join(names[1:-1])
+    raise ConfigError(
+        f"{where}: {len(names)} tiers, but a two-tier classifier artifact (one score: the cheapest or the strongest "
+        f"tier) calibrates nothing between the two, so {between} would never be chosen; serve two tiers with it, "
+        "or an N-tier artifact that predicts every tier's quality (`tiergate train --tiers M1,M2,... --prices "
+        "FILE`, named by spec.router.classifier or --router)"
+    )
 
 
-def multi_tier_for(tiers: Sequence[TierConfig], source: MultiTierSource, cost_weight_bp: int | None) -> MultiTier:
-    """The N-tier routing of `tiers` by `source`'s artifact (`cost_weight_bp` None: its calibrated default). Each
-    tier maps to the artifact tier named like its name, else like its served model name, else like its model (tier
-    names are DNS labels of at most 20 characters, artifact tiers are model names such as `llama-3.1-8b-instruct`).
-    The tiers may be any subset of the artifact's; the choice is made among those served. ConfigError names a tier
-    the artifact does not know, or two tiers on one. Computed once per config and carried in it."""
+def multi_tier_for(
+    tiers: Sequence[TierConfig],
+    source: MultiTierSource,
+    cost_weight_bp: int | None,
+    *,
+    budget: float | None = None,
+) -> MultiTier:
+    """The N-tier routing of `tiers` by `source`'s artifact. Each tier maps to the artifact tier named like its
+    name, else like its served model name, else like its model (tier names are DNS labels of at most 20 characters,
+    artifact tiers are model names such as `llama-3.1-8b-instruct`). The tiers may be any subset of the artifact's;
+    the choice is made among those served. ConfigError names a tier the artifact does not know, or two tiers on one.
+    Computed once per config and carried in it.
+
+    Prices: each priced tier (a policy's) is weighed at its own price (input + output), an unpriced one (`--tier`)
+    at the artifact's price for its tier. The weight: `cost_weight_bp` as given (it means quality per $/Mtok of
+    these prices); else from the artifact's calibration, its default or the best point within `budget` ($/Mtok).
+    That table was measured at the artifact's prices, so it holds only for prices in the same ratios (k times the
+    artifact's, `tiergate.routing.tiers.price_factor`): then the budget is compared as budget / k and the choice
+    made at the artifact's prices with the calibrated weight, which chooses exactly as these prices do at
+    weight / k. Prices in other ratios are refused, naming the first tier off the ratio: no table describes them.
+    The operator checks the same rules on an artifact it hands over (`tiergate_operator.classifier`)."""
     known = source.tier_names
+    columns = _columns(tiers, known, source.source)
+    art_prices = [float(t.price) for t in source.artifact.tiers]
+    mine = [
+        art_prices[c] if t.price_per_mtok is None else t.price_per_mtok for t, c in zip(tiers, columns, strict=True)
+    ]
+    if cost_weight_bp is not None:
+        prices = list(art_prices)
+        for c, p in zip(columns, mine, strict=True):
+            prices[c] = p
+        return MultiTier(source.artifact, tuple(columns), cost_weight_bp, tuple(prices))
+    k, off = price_factor(mine, [art_prices[c] for c in columns])
+    if off >= 0:
+        need = "spec.router.budgetPerMillion" if budget is not None else "the artifact's default cost weight"
+        off_by = price_mismatch(mine[off], k, off == 0, art_prices[columns[off]], known[columns[off]])
+        raise ConfigError(
+            f"tiers[{off}] ({tiers[off].name}).price: {off_by}; the artifact's calibration, measured at its own "
+            f"prices, does not describe these, and {need} comes from it. {PRICE_WAY_OUT}"
+        )
+    if budget is None:
+        bp = source.default_cost_weight_bp
+    else:
+        try:
+            bp = source.cost_weight_for_budget_bp(budget / k)
+        except ConfigError as e:
+            if k == 1.0:
+                raise
+            raise ConfigError(f"{e} (the tiers' prices are {k:g} x the artifact's, so that is {budget:g} here)") from e
+    return MultiTier(source.artifact, tuple(columns), bp, tuple(art_prices))
+
+
+def _columns(tiers: Sequence[TierConfig], known: Sequence[str], source: Path) -> list[int]:
+    """Per tier, the index of the artifact tier (`known`) it serves (`multi_tier_for` gives the rule)."""
     columns: list[int] = []
     for i, t in enumerate(tiers):
         keys = [k for k in (t.name, t.served_model, t.model) if k]
-        col = next((known.index(k) for k in keys if k in known), None)
+        col = artifact_tier(keys, known)
         if col is None:
             raise ConfigError(
-                f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source.source} by name, "
+                f"tiers[{i}] ({t.name}): matches no tier of the N-tier artifact {source} by name, "
                 f"servedModelName or model ({', '.join(map(repr, dict.fromkeys(keys)))}); its tiers: "
                 f"{', '.join(known)}"
             )
@@ -91,8 +148,7 @@ def multi_tier_for(tiers: Sequence[TierConfig], source: MultiTierSource, cost_we
             other = tiers[columns.index(col)].name
             raise ConfigError(f"tiers[{i}] ({t.name}): maps to artifact tier {known[col]!r}, as {other!r} does")
         columns.append(col)
-    bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
-    return MultiTier(source.artifact, tuple(columns), bp)
+    return columns
 
 
 def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: int | None = None) -> RouterConfig:

@@ -19,8 +19,8 @@ from tiergate_router.config.knobs import (
     DEFAULT_THRESHOLD_BP,
     MultiTierSource,
     candidate_routing_for,
-    even_thresholds,
     multi_tier_for,
+    two_tier_thresholds,
 )
 from tiergate_router.config.types import (
     MAX_SAMPLES,
@@ -194,8 +194,9 @@ class LocalOverrides:
     # `--classifier-cache-entries` / `--classifier-cache-bytes`: over the policy's spec.router.classifierCache.
     cache_entries: int | None = None
     cache_bytes: int | None = None
-    # `--max-inflight-body-bytes`.
+    # `--max-inflight-body-bytes` / `--max-response-bytes`: over the policy's spec.router.bodyLimits.
     inflight_body_bytes: int | None = None
+    response_bytes: int | None = None
     # `--best-of-n TIER=N --reward-url URL` and the other best-of-N flags.
     best_of_n: BestOfNFlags = BestOfNFlags()
 
@@ -250,24 +251,30 @@ def local_config(
     *,
     threshold_bp: int = DEFAULT_THRESHOLD_BP,
     multi: MultiTierSource | None = None,
+    cost_weight_bp: int | None = None,
     candidates: MultiTierSource | None = None,
 ) -> RouterConfig:
-    """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). With more than two
-    tiers, thresholds split the score range evenly (`even_thresholds`); with an N-tier artifact (`multi`) the tiers
-    map to its tiers at its calibrated cost weight."""
+    """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). A two-tier artifact
+    serves at most two tiers (`knobs.two_tier_thresholds`); with an N-tier artifact (`multi`) the tiers map to its
+    tiers, priced at its prices (a flag carries none), at `cost_weight_bp` or else its calibrated default; with a
+    `candidates` artifact (`candidates`) the tiers serve its candidates' models, at the same weight."""
     tiers = merge_tier_flags((), flags)
+    if multi is not None:
+        mt = multi_tier_for(tiers, multi, cost_weight_bp)
+        return RouterConfig(tiers=tiers, thresholds_bp=(threshold_bp,) * (len(tiers) - 1), multi_tier=mt)
     return RouterConfig(
         tiers=tiers,
-        thresholds_bp=even_thresholds(len(tiers), threshold_bp),
-        multi_tier=multi_tier_for(tiers, multi, None) if multi is not None else None,
-        candidates=candidate_routing_for(tiers, candidates, None) if candidates is not None else None,
+        thresholds_bp=(threshold_bp,) * (len(tiers) - 1)
+        if candidates is not None  # unused: a candidates artifact chooses by weight
+        else two_tier_thresholds([t.name for t in tiers], threshold_bp, where="--tier"),
+        candidates=candidate_routing_for(tiers, candidates, cost_weight_bp) if candidates is not None else None,
     )
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp`, `--cost-weight-bp`, the dispatch flags, the classifier cache's bounds and the best-of-N
-    flags (`apply_best_of_n`) on a built config.
-    The N-tier mapping is kept as built: a cost weight changes the choice among the mapped tiers, not the mapping."""
+    """`--threshold-bp`, the dispatch flags, the classifier cache's bounds, the body budget and the best-of-N flags
+    (`apply_best_of_n`) on a built config. (`--cost-weight-bp` is not here: the weight decides which prices the
+    N-tier choice uses, so the config is built with it, `serve.serve_config`.)"""
     if overrides.dispatch:
         try:
             # Field names come from DISPATCH_FLAGS (a unit test sets every one), values in each field's type.
@@ -283,15 +290,9 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, classifier_cache_bytes=overrides.cache_bytes)
     if overrides.inflight_body_bytes is not None:
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
+    if overrides.response_bytes is not None:
+        cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
-    if overrides.cost_weight_bp is not None and cfg.multi_tier is not None:
-        cfg = dataclasses.replace(
-            cfg, multi_tier=dataclasses.replace(cfg.multi_tier, cost_weight_bp=overrides.cost_weight_bp)
-        )
-    if overrides.cost_weight_bp is not None and cfg.candidates is not None:
-        cfg = dataclasses.replace(
-            cfg, candidates=dataclasses.replace(cfg.candidates, cost_weight_bp=overrides.cost_weight_bp)
-        )
     return cfg
 
 

@@ -26,8 +26,9 @@ def serve_config(
 ) -> RouterConfig:
     """The RouterConfig for `tiergate serve`. `classifier` is the loaded artifact (None with one tier: nothing to
     decide); an N-tier one makes the config choose by cost weight, and the two-tier knobs are refused for it. The
-    tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here; `--cost-weight-bp`
-    then overrides the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default."""
+    tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here, and `--cost-weight-bp`
+    replaces the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default there. A
+    `candidates` artifact chooses (tier, n) by a cost weight too (its own, calibrated in USD per 1k prompts)."""
     kind = classifier.kind if classifier is not None else None
     multi = classifier if kind == "multi_tier" else None
     cands = classifier if kind == "candidates" else None
@@ -44,6 +45,7 @@ def serve_config(
             multi=multi,
             candidates=cands,
             tier_flags=overrides.tiers,
+            cost_weight_bp=overrides.cost_weight_bp,
             reward_url=overrides.best_of_n.reward_url,
         )
     elif not overrides.tiers:
@@ -52,5 +54,11 @@ def serve_config(
         default_bp = DEFAULT_THRESHOLD_BP
         if classifier is not None and kind == "two_tier":
             default_bp = classifier.default_threshold_bp
-        cfg = local_config(overrides.tiers, threshold_bp=default_bp, multi=multi, candidates=cands)
+        cfg = local_config(
+            overrides.tiers,
+            threshold_bp=default_bp,
+            multi=multi,
+            cost_weight_bp=overrides.cost_weight_bp,
+            candidates=cands,
+        )
     return apply_overrides(cfg, overrides)

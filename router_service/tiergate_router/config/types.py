@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from tiergate.routing.candidates import Candidate
 
 
+# Defaults of RouterConfig's body limits (spec.router.bodyLimits); their reasons are at the fields.
+DEFAULT_INFLIGHT_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_RESPONSE_BYTES = 16 * 1024 * 1024
+
+
 @dataclass(frozen=True)
 class ServiceRef:
     """A Kubernetes Service whose ready pods (found through EndpointSlices) serve a tier."""
@@ -49,22 +54,34 @@ class TierConfig:
     model: str | None = None
     # Sent as `Authorization: Bearer <api_key>` (external endpoints with `apiKeySecretRef`). Never printed.
     api_key: str | None = field(default=None, repr=False)
-    # Dollars per million tokens, used only for the estimated-cost metric.
+    # Dollars per million tokens: the estimated-cost metric, and, when `priced`, the N-tier decision.
     input_price_per_mtok: float = 0.0
     output_price_per_mtok: float = 0.0
+    # Whether the prices above were given (a policy's tier always has them). A `--tier` flag's tier has none: an
+    # N-tier artifact then prices it at the artifact's own price for the tier it maps to.
+    priced: bool = False
+
+    @property
+    def price_per_mtok(self) -> float | None:
+        """The price the N-tier decision compares: input + output per million tokens, as the artifact's tier
+        prices are (`tiergate.training.data.load_prices`); None when not `priced`."""
+        return self.input_price_per_mtok + self.output_price_per_mtok if self.priced else None
 
 
 @dataclass(frozen=True)
 class MultiTier:
     """N-tier routing with a `multi_tier` artifact: the router picks argmax(quality - lambda * price) over the
-    artifact tiers this config serves (tiergate.routing.operating_points.choose_tiers, lambda = bp / 10000)."""
+    artifact tiers this config serves (tiergate.routing.operating_points.choose_tiers, lambda = bp / 10000), with
+    `prices`. `knobs.multi_tier_for` makes it and says which prices those are (the policy's, or the artifact's when
+    the policy's are the same up to one factor and the weight comes from the artifact's calibration: then both
+    give the same choice)."""
 
-    # The artifact (tiergate.routing.artifact.RouterArtifact): its tier prices are what the cost weight was
-    # calibrated against, so the choice uses them, not the policy's prices (those feed the cost metric only).
     artifact: RouterArtifact = field(compare=False, repr=False)
     # Per config tier (cheapest first), the index of the artifact tier it serves.
     columns: tuple[int, ...]
     cost_weight_bp: int
+    # Per artifact tier ($/Mtok, input + output), the price the choice weighs; only the served columns matter.
+    prices: tuple[float, ...]
 
 
 @dataclass(frozen=True)
@@ -141,7 +158,11 @@ class RouterConfig:
     # Bytes of request bodies held at once (admission.ByteBudget): a request waits for room before its body is
     # read. Memory per request is a few times its body (raw, parsed, prompt, forwarded), so this bounds the
     # router's request memory whatever the concurrency; 64 MiB is 16 maximal bodies or thousands of usual ones.
-    max_inflight_body_bytes: int = 64 * 1024 * 1024
+    max_inflight_body_bytes: int = DEFAULT_INFLIGHT_BODY_BYTES
+    # Largest non-streaming answer read from a tier (UpstreamTooLargeError, HTTP 502 naming the tier, beyond it). A
+    # long chat answer is a few hundred KB; 16 MiB leaves room for many choices or logprobs while bounding what one
+    # request can make the router hold. Streams are passed through chunk by chunk and need no cap.
+    max_response_bytes: int = DEFAULT_RESPONSE_BYTES
     # The classifier's result cache: at most this many verdicts and this many bytes (classifier.ScoreCache; 0 turns
     # it off). Keys are digests, so neither depends on prompt sizes.
     classifier_cache_entries: int = DEFAULT_CACHE_ENTRIES
@@ -220,6 +241,8 @@ def validate(cfg: RouterConfig) -> None:
             f"max_inflight_body_bytes: {cfg.max_inflight_body_bytes} is less than one body (max_body_bytes "
             f"{cfg.max_body_bytes})"
         )
+    if cfg.max_response_bytes < 1024:
+        raise ConfigError("max_response_bytes: must be at least 1024")
     if cfg.classifier_cache_entries < 0 or cfg.classifier_cache_bytes < 0:
         raise ConfigError("classifier_cache_entries and classifier_cache_bytes: must not be negative")
     mt = cfg.multi_tier
@@ -228,6 +251,8 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError("multi_tier.columns: one distinct artifact tier per tier")
         if isinstance(mt.cost_weight_bp, bool) or mt.cost_weight_bp < 0:
             raise ConfigError(f"cost weight: {mt.cost_weight_bp} bp must be a non-negative integer")
+        if len(mt.prices) <= max(mt.columns) or any(not 0 <= mt.prices[c] < float("inf") for c in mt.columns):
+            raise ConfigError("multi_tier.prices: a finite non-negative price per artifact tier")
     if cfg.best_of_n is not None:
         _validate_best_of_n(cfg.best_of_n, names)
     cr = cfg.candidates
@@ -283,11 +308,14 @@ def tier_at(
     served_model: str | None = None,
     model: str | None = None,
     api_key: str | None = None,
-    price_per_mtok: tuple[float, float] = (0.0, 0.0),
+    price_per_mtok: tuple[float, float] | None = None,
 ) -> TierConfig:
     """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
-    (`TierConfig` itself also takes several URLs, or URLs and a Service, for callers that assemble tiers by hand.)"""
+    `price_per_mtok` (input, output) None: not priced (a `--tier` flag). (`TierConfig` itself also takes several
+    URLs, or URLs and a Service, for callers that assemble tiers by hand.)"""
     urls, service = ((endpoint,), None) if isinstance(endpoint, str) else ((), endpoint)
+    priced = price_per_mtok is not None
+    price_per_mtok = price_per_mtok or (0.0, 0.0)
     return TierConfig(
         name=name,
         base_urls=urls,
@@ -297,6 +325,7 @@ def tier_at(
         api_key=api_key,
         input_price_per_mtok=price_per_mtok[0],
         output_price_per_mtok=price_per_mtok[1],
+        priced=priced,
     )
 
 
