@@ -12,8 +12,9 @@ Printed:
    n samples, which a zero-latency tier makes free);
 2. pairs scored per second: `RewardClient.score` calls of 16 answers (best-of-N's largest batch) at concurrency 4
    for S seconds, per scorer;
-3. the same added latency measured through the router (`router_added_latency`), once best-of-N runs in the router:
-   the hook is below, and prints "not measured" until it is filled in.
+3. the same added latency measured through the router (`router_added_latency`): `tiergate serve --best-of-n
+   small=N --reward-url URL` in front of the fake tier, a routed request (n samples, reranked) against one that
+   forces the tier (one sample), pair by pair.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tests.support.procs import FakeProcess
 from tests.support.reward import reward_server, tiny_reward_model
+from tests.support.router_serve import Serve
 from tiergate_router.reward import RewardClient
 
 NS = (1, 2, 4, 8)
@@ -111,11 +113,24 @@ async def pairs_per_second(client: RewardClient, words: int, seconds: float, con
 
 
 def router_added_latency(tier_url: str, reward_url: str, n: int, requests: int) -> list[float] | None:
-    """HOOK for best-of-N in the router: start `tiergate serve --tier small=TIER_URL --best-of-n small=N
-    --reward-url REWARD_URL` (tests.support.router_serve.Serve), time chat completions through it with and without
-    best-of-n, and return the per-request differences in seconds. Returns None (not measured) until the router
-    serves best-of-N."""
-    return None
+    """Best-of-N through the router: `tiergate serve --tier small=TIER_URL --best-of-n small=N --reward-url
+    REWARD_URL` (one tier: every routed request is sampled N times), each routed request timed beside a request that
+    forces the same tier (`model: small`, one sample, no reward call); returns the per-pair differences in seconds:
+    what best-of-n adds end to end (the n-choice answer, the reward call, the reranking)."""
+    s = Serve("--tier", f"small={tier_url}", "--best-of-n", f"small={n}", "--reward-url", reward_url)
+
+    def once(model: str) -> float:
+        t0 = time.perf_counter()
+        s.chat(PROMPT, model=model)
+        return time.perf_counter() - t0
+
+    try:
+        for _ in range(3):
+            once("tiergate")
+            once("small")
+        return [once("tiergate") - once("small") for _ in range(requests)]
+    finally:
+        s.stop()
 
 
 async def measure(args: argparse.Namespace, tier: FakeProcess, scorers: dict[str, str]) -> None:

@@ -96,8 +96,10 @@ def load_classifier(
         art = load_artifact(src)
     except (RoutingError, OSError, ValueError) as e:
         raise ClassifierError(f"cannot load router artifact {src}: {e}") from e
-    if art.kind not in ("two_tier", "multi_tier"):
-        raise ClassifierError(f"{src}: a {art.kind} artifact; the router serves two_tier and multi_tier artifacts")
+    if art.kind not in ("two_tier", "multi_tier", "candidates"):
+        raise ClassifierError(
+            f"{src}: a {art.kind} artifact; the router serves two_tier, multi_tier and candidates artifacts"
+        )
     try:
         enc = encoder_factory(art) if encoder_factory is not None else _encoder(art, encoder)
         scorer = Scorer(art, enc)
@@ -114,7 +116,7 @@ def load_classifier(
     cut = prompt_chars(int(art.encoder.max_tokens))
     batcher: MicroBatcher[Any] = (
         MicroBatcher(quality, max_batch=max_batch, max_wait_s=max_wait_s, max_chars=cut)
-        if art.kind == "multi_tier"
+        if art.kind in ("multi_tier", "candidates")  # one predicted quality per tier / candidate
         else MicroBatcher(score, max_batch=max_batch, max_wait_s=max_wait_s, max_chars=cut)
     )
     return LoadedClassifier(batcher, src, art, scorer)

@@ -1,6 +1,7 @@
 """`tiergate serve`: run the router (OpenAI-compatible HTTP, /metrics and gRPC).
 
     tiergate serve [-f POLICY.yaml] [--tier NAME=BASE_URL]... [--host HOST] [--port PORT]
+                   [--best-of-n TIER=N --reward-url URL]
 
 `-f` reads a RoutingPolicy manifest (tiers with `endpoint` URLs, or tiers the operator deploys, reached through
 their Services) and reloads it when it changes; each `--tier` adds an OpenAI-compatible tier (base URL ending in
@@ -70,6 +71,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="N-tier artifacts: the cost weight lambda in basis points (default: the artifact's calibrated one)",
+    )
+    bon = parser.add_argument_group(
+        "best-of-N", "sample several answers on one tier, return the one a reward model scores highest (spec.bestOfN)"
+    )
+    bon.add_argument(
+        "--best-of-n",
+        default=None,
+        metavar="TIER=N",
+        help="what the router sends to TIER gets up to N samples (1..16), reranked by the reward model",
+    )
+    bon.add_argument(
+        "--reward-url",
+        default=None,
+        metavar="URL",
+        help="root URL of the reward server (vLLM's pooling API or `tiergate reward-server`), e.g. "
+        "http://127.0.0.1:8090 (default with a policy: the reward Service the operator deploys)",
+    )
+    bon.add_argument("--reward-model", default=None, metavar="NAME", help="reward model name (default: ask the server)")
+    bon.add_argument("--reward-timeout-ms", type=int, default=None, metavar="MS", help="reward deadline (default 3000)")
+    bon.add_argument(
+        "--min-reward", default=None, metavar="R", help="best score below R: the reference tier answers instead"
+    )
+    bon.add_argument(
+        "--reference-tier", default=None, metavar="TIER", help="answers when best-of-N cannot (default: strongest)"
     )
     from tiergate_router.config.local import DISPATCH_FLAGS
 
@@ -174,8 +199,23 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
     """The flags that change the configuration or the listeners, typed (`--tier` checked: ConfigError names the bad
     one)."""
     from tiergate_router.config import DISPATCH_FLAGS, LocalOverrides, dispatch_settings, parse_tier_flags
+    from tiergate_router.config.local import (
+        BestOfNFlags,
+        parse_best_of_n_flag,
+        parse_min_reward,
+        parse_reward_url,
+    )
 
+    best_of_n = BestOfNFlags(
+        tier_n=None if args.best_of_n is None else parse_best_of_n_flag(args.best_of_n),
+        reward_url=None if args.reward_url is None else parse_reward_url(args.reward_url),
+        reward_model=args.reward_model,
+        timeout_ms=args.reward_timeout_ms,
+        min_reward=None if args.min_reward is None else parse_min_reward(args.min_reward),
+        reference_tier=args.reference_tier,
+    )
     return LocalOverrides(
+        best_of_n=best_of_n,
         tiers=parse_tier_flags(args.tier),
         dispatch=dispatch_settings({f.dest: getattr(args, f.dest) for f in DISPATCH_FLAGS}),
         threshold_bp=args.threshold_bp,
@@ -192,8 +232,13 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
 
 def _knob(cfg: RouterConfig) -> str:
     if cfg.multi_tier is not None:
-        return f"N-tier artifact, cost weight {cfg.multi_tier.cost_weight_bp} bp"
-    return f"threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp"
+        knob = f"N-tier artifact, cost weight {cfg.multi_tier.cost_weight_bp} bp"
+    else:
+        knob = f"threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp"
+    b = cfg.best_of_n
+    if b is not None:
+        knob += f"; best-of-{b.max_samples} on {b.tier}, reward model at {b.reward_url}, reference {b.reference_tier}"
+    return knob
 
 
 def _warn_unserved(policy: RoutingPolicy | None) -> None:

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,10 +262,18 @@ class Dispatcher:
     # -- dispatch ---------------------------------------------------------------------------------------------
 
     async def complete(
-        self, chain: list[str], path: str, body: dict[str, Any], *, timeout_s: float | None = None
+        self,
+        chain: list[str],
+        path: str,
+        body: dict[str, Any],
+        *,
+        timeout_s: float | None = None,
+        tier_bodies: Mapping[str, dict[str, Any]] | None = None,
     ) -> UpstreamReply:
-        """The first complete answer along `chain`; `timeout_s` is the client's own deadline (None: the config's)."""
-        result = await self._run_chain(chain, path, body, stream=False, timeout_s=timeout_s)
+        """The first complete answer along `chain`; `timeout_s` is the client's own deadline (None: the config's).
+        `tier_bodies` sends a tier its own body instead of `body` (best-of-N: `n` samples from its tier only, a
+        fallback tier gets the plain request)."""
+        result = await self._run_chain(chain, path, body, stream=False, timeout_s=timeout_s, tier_bodies=tier_bodies)
         assert isinstance(result, UpstreamReply)
         return result
 
@@ -285,7 +293,14 @@ class Dispatcher:
         return self._retrying < allowed
 
     async def _run_chain(
-        self, chain: list[str], path: str, body: dict[str, Any], *, stream: bool, timeout_s: float | None
+        self,
+        chain: list[str],
+        path: str,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        timeout_s: float | None,
+        tier_bodies: Mapping[str, dict[str, Any]] | None = None,
     ) -> UpstreamReply | UpstreamStream:
         cfg = self.config
         now = self._clock()
@@ -340,8 +355,9 @@ class Dispatcher:
                         if remaining <= 0:
                             break
                         limit = try_limit(remaining, cfg.per_try_timeout_s, client_deadline=deadline < own_deadline)
+                        sent = tier_bodies.get(tier_name, body) if tier_bodies else body
                         return await self._attempt(
-                            tier, ep, path, body, stream=stream, fallback=i > 0, attempts=attempts, limit=limit
+                            tier, ep, path, sent, stream=stream, fallback=i > 0, attempts=attempts, limit=limit
                         )
                     except _TryNext as e:
                         attempts.append(f"{tier_name} {ep.base_url}: {e.reason}")

@@ -2,6 +2,9 @@
 
 Messages are converted to the same OpenAI chat body the HTTP API forwards, so both front ends share routing,
 dispatch, fallback and metrics; upstream answers are converted back to messages here, at the edge.
+Every Generate / GenerateStream call ends with the trailing metadata `x-tiergate-samples` (as the HTTP header: the
+samples the answer was chosen from, 1 without best-of-N, 0 when no tier answered); a best-of-N answer streamed
+comes as one chunk with the whole chosen text (`tiergate_router.best_of_n`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.admission import BudgetTimeout
+from tiergate_router.best_of_n import SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
 from tiergate_router.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -27,7 +31,7 @@ from tiergate_router.errors import (
     UpstreamStreamError,
     outcome_of,
 )
-from tiergate_router.router import Router
+from tiergate_router.router import Route, Router
 from tiergate_router.validation import parse_chat
 
 SERVICE_NAME = router_pb2.DESCRIPTOR.services_by_name["RouterService"].full_name
@@ -71,6 +75,26 @@ def _status(e: BadRequestError) -> grpc.StatusCode:
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
+        self.best_of_n = BestOfN(router)
+
+    async def _best_of_n(
+        self, route: Route, body: dict[str, Any], prompt_text: str, context: Any
+    ) -> tuple[Answer, str, str, dict[str, Any]]:
+        """A best-of-N answer and its (text, finish reason, usage) (aborts when the tier answered an error); the
+        caller counts the request."""
+        answer = await self.best_of_n.answer(
+            route, "/chat/completions", body, prompt_text, timeout_s=context.time_remaining()
+        )
+        for tier, usage in answer.usages:
+            self.router.account_usage(tier, usage)
+        _samples(context, answer.samples)
+        if answer.obj is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT if answer.status < 500 else grpc.StatusCode.UNAVAILABLE,
+                f"tier {answer.tier} answered HTTP {answer.status}: {answer.body[:500]!r}",
+            )
+        text, finish_reason, usage = chosen(answer)
+        return answer, text, finish_reason, usage or {}
 
     @contextlib.asynccontextmanager
     async def _admitted(self, req: Message, context: Any) -> AsyncIterator[None]:
@@ -88,8 +112,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def _prepare(
         self, req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, context: Any, *, stream: bool
-    ) -> tuple[dict[str, Any], Any]:
+    ) -> tuple[dict[str, Any], Any, str]:
         cfg = self.router.config
+        _samples(context, 0)
         model = req.tier if isinstance(req, router_pb2.GenerateRequest) and req.tier else cfg.routed_model_name
         try:
             body = request_to_body(req, stream=stream, model=model)
@@ -101,7 +126,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             self.router.metrics.requests.labels("none", "none", "client_error").inc()
             await context.abort(_status(e), e.message)
             raise AssertionError("unreachable") from e
-        return body, route
+        return body, route, parsed.prompt_text
 
     async def Classify(self, request: router_pb2.ClassifyRequest, context: Any) -> router_pb2.ClassifyResponse:
         async with self._admitted(request, context):
@@ -131,14 +156,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
 
     async def _generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
         t0 = time.perf_counter()
-        body, route = await self._prepare(request, context, stream=False)
+        body, route, prompt_text = await self._prepare(request, context, stream=False)
         m = self.router.metrics
         tier, outcome = "none", "upstream_error"
         try:
+            if wants_best_of_n(self.router, route, body):
+                answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context)
+                tier, outcome = answer.tier, "success"
+                return router_pb2.GenerateResponse(
+                    text=text,
+                    tier=answer.tier,
+                    score=route.score or 0.0,
+                    finish_reason=finish_reason,
+                    usage=_usage(usage),
+                    model=str((answer.obj or {}).get("model", "")),
+                    fallback=answer.fallback,
+                )
             reply = await self.router.dispatcher.complete(
                 route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
             )
             tier = reply.tier
+            _samples(context, 1)
             if reply.status != 200:
                 outcome = "client_error" if reply.status < 500 else "upstream_error"
                 await context.abort(
@@ -160,9 +198,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 tier=reply.tier,
                 score=route.score or 0.0,
                 finish_reason=choice.get("finish_reason") or "",
-                usage=router_pb2.Usage(
-                    prompt_tokens=usage.get("prompt_tokens", 0), completion_tokens=usage.get("completion_tokens", 0)
-                ),
+                usage=_usage(usage),
                 model=str(obj.get("model", "")),
                 fallback=reply.fallback,
             )
@@ -185,10 +221,29 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         t0 = time.perf_counter()
-        body, route = await self._prepare(request, context, stream=True)
+        body, route, prompt_text = await self._prepare(request, context, stream=True)
         m = self.router.metrics
         tier, outcome = "none", "upstream_error"
         try:
+            if wants_best_of_n(self.router, route, body):
+                try:
+                    answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context)
+                except NoTierAvailableError as e:
+                    outcome = outcome_of(e)
+                    await context.abort(_unavailable_status(e), str(e))
+                    raise
+                tier = answer.tier
+                m.ttft_seconds.labels(tier).observe(time.perf_counter() - t0)
+                yield router_pb2.GenerateChunk(
+                    delta=text,
+                    tier=tier,
+                    score=route.score or 0.0,
+                    finish_reason=finish_reason,
+                    usage=_usage(usage),
+                    fallback=answer.fallback,
+                )
+                outcome = "success"
+                return
             try:
                 up = await self.router.dispatcher.open_stream(
                     route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
@@ -198,6 +253,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(_unavailable_status(e), str(e))
                 raise
             tier = up.tier
+            _samples(context, 1)
             score = route.score or 0.0
             buf = b""
             first = True
@@ -229,6 +285,17 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         finally:
             m.requests.labels(tier, route.decision, outcome).inc()
             m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+
+
+def _samples(context: Any, n: int) -> None:
+    """The `x-tiergate-samples` trailing metadata (sent with the status, also when the call is aborted)."""
+    context.set_trailing_metadata(((SAMPLES_HEADER, str(n)),))
+
+
+def _usage(usage: dict[str, Any]) -> router_pb2.Usage:
+    return router_pb2.Usage(
+        prompt_tokens=int(usage.get("prompt_tokens") or 0), completion_tokens=int(usage.get("completion_tokens") or 0)
+    )
 
 
 def _sse_to_chunk(line: bytes, tier: str, score: float, fallback: bool) -> router_pb2.GenerateChunk | None:

@@ -2,9 +2,11 @@
 /health, /ready. Handlers only translate: validation is in `validation`, decisions in `router`, sending in
 `dispatch`.
 
-Every response carries `x-tiergate-tier` (the tier that answered, or `none`); routed answers also carry
-`x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback`, and non-streaming JSON answers an extra
-top-level `tiergate` object with the same facts (OpenAI clients ignore unknown fields).
+Every response carries `x-tiergate-tier` (the tier that answered, or `none`) and `x-tiergate-samples` (the samples
+the answer was chosen from: 1 without best-of-N, 0 when no tier answered); routed answers also carry
+`x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback` (and `x-tiergate-escalation` when best-of-N
+handed the request to the reference tier), and non-streaming JSON answers an extra top-level `tiergate` object with
+the same facts (OpenAI clients ignore unknown fields).
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
+from tiergate_router.best_of_n import ESCALATION_HEADER, SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
 from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError, outcome_of
 from tiergate_router.metrics import CONTENT_TYPE
-from tiergate_router.openai_server import build_openai_app, error_response, models_body, sse_event
+from tiergate_router.openai_server import (
+    CompletionStream,
+    build_openai_app,
+    error_response,
+    models_body,
+    sse_event,
+    wants_usage,
+)
 from tiergate_router.router import Route, Router, SSEUsageScanner
 from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
@@ -36,7 +46,7 @@ TIER_HEADER = "x-tiergate-tier"
 # router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
 TIMEOUT_HEADER = "x-tiergate-timeout-ms"
 # On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
-NO_TIER: Mapping[str, str] = {TIER_HEADER: "none"}
+NO_TIER: Mapping[str, str] = {TIER_HEADER: "none", SAMPLES_HEADER: "0"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -59,8 +69,9 @@ async def _tier_header_and_errors(request: web.Request, handler: Handler) -> web
         return error_response(
             500, "internal router error", type_="server_error", code="internal_error", headers=NO_TIER
         )
-    if not resp.prepared and TIER_HEADER not in resp.headers:
-        resp.headers[TIER_HEADER] = "none"
+    if not resp.prepared:
+        for name, value in NO_TIER.items():
+            resp.headers.setdefault(name, value)
     return resp
 
 
@@ -112,11 +123,34 @@ def client_timeout_s(value: str | None) -> float | None:
     return int(value) / 1000
 
 
-def _route_headers(route: Route, tier: str, fallback: bool) -> dict[str, str]:
-    h = {TIER_HEADER: tier, "x-tiergate-decision": route.decision, "x-tiergate-fallback": str(fallback).lower()}
+def _route_headers(
+    route: Route, tier: str, fallback: bool, samples: int = 1, escalation: str | None = None
+) -> dict[str, str]:
+    h = {
+        TIER_HEADER: tier,
+        SAMPLES_HEADER: str(samples),
+        "x-tiergate-decision": route.decision,
+        "x-tiergate-fallback": str(fallback).lower(),
+    }
     if route.score is not None:
         h["x-tiergate-score"] = f"{route.score:.4f}"
+    if escalation is not None:
+        h[ESCALATION_HEADER] = escalation
     return h
+
+
+def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: str | None) -> dict[str, Any]:
+    """The top-level `tiergate` object of a JSON answer: the same facts as the headers."""
+    out: dict[str, Any] = {
+        "tier": tier,
+        "score": route.score,
+        "decision": route.decision,
+        "fallback": fallback,
+        "samples": samples,
+    }
+    if escalation is not None:
+        out["escalation"] = escalation
+    return out
 
 
 @dataclass
@@ -128,6 +162,7 @@ class _Result:
 class OpenAIHandlers:
     def __init__(self, router: Router) -> None:
         self.router = router
+        self.best_of_n = BestOfN(router)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/chat/completions", parse_chat)
@@ -169,6 +204,12 @@ class OpenAIHandlers:
         # cancelled mid-stream is still counted against the tier that was serving it.
         res = _Result()
         try:
+            if wants_best_of_n(self.router, route, parsed.body):
+                answer = await self.best_of_n.answer(route, path, parsed.body, parsed.prompt_text, timeout_s=timeout_s)
+                res.tier = answer.tier
+                if parsed.stream and answer.obj is not None:
+                    return await self._answer_stream(request, route, path, parsed, answer, t0, res)
+                return self._answer_response(route, answer, res)
             if not parsed.stream:
                 return await self._complete(route, path, parsed, res, timeout_s)
             return await self._stream(request, route, path, parsed, t0, res, timeout_s)
@@ -196,17 +237,51 @@ class OpenAIHandlers:
                 obj = None
             if isinstance(obj, dict):
                 self.router.account_usage(reply.tier, obj.get("usage"))
-                obj["tiergate"] = {
-                    "tier": reply.tier,
-                    "score": route.score,
-                    "decision": route.decision,
-                    "fallback": reply.fallback,
-                }
+                obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
-        res.outcome = "success" if reply.status < 400 else "client_error" if reply.status < 500 else "upstream_error"
+        res.outcome = _outcome(reply.status)
         resp = web.Response(body=body, status=reply.status, headers=headers)
         resp.headers["Content-Type"] = reply.content_type
         return resp
+
+    def _answer_response(self, route: Route, answer: Answer, res: _Result) -> web.Response:
+        """A best-of-N answer as one JSON response (also to a streaming client when a tier answered an error)."""
+        for tier, usage in answer.usages:
+            self.router.account_usage(tier, usage)
+        headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
+        body = answer.body
+        if answer.obj is not None:
+            facts = _facts(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
+            body = json.dumps(dict(answer.obj, tiergate=facts), ensure_ascii=False).encode()
+        res.outcome = _outcome(answer.status)
+        resp = web.Response(body=body, status=answer.status, headers=headers)
+        resp.headers["Content-Type"] = answer.content_type
+        return resp
+
+    async def _answer_stream(
+        self,
+        request: web.Request,
+        route: Route,
+        path: str,
+        parsed: ParsedRequest,
+        answer: Answer,
+        t0: float,
+        res: _Result,
+    ) -> web.StreamResponse:
+        """A best-of-N answer to a streaming client: sampled whole upstream, then sent as server-sent events in the
+        usual shape (role, the chosen text in one chunk, the finish reason, the usage when asked for, [DONE])."""
+        for tier, usage in answer.usages:
+            self.router.account_usage(tier, usage)
+        text, finish_reason, usage = chosen(answer)
+        headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
+        headers["Cache-Control"] = "no-cache"
+        model = str((answer.obj or {}).get("model") or parsed.model)
+        stream = await CompletionStream.open(request, model, chat=path == "/chat/completions", headers=headers)
+        self.router.metrics.ttft_seconds.labels(answer.tier).observe(time.perf_counter() - t0)
+        await stream.text(text)
+        await stream.finish(finish_reason, usage if wants_usage(parsed.body) else None)
+        res.outcome = "success"
+        return stream.response
 
     async def _stream(
         self,
@@ -228,6 +303,7 @@ class OpenAIHandlers:
             resp.headers["Cache-Control"] = "no-cache"
             await resp.prepare(request)
             first = True
+            accounted = False
             t_up = time.perf_counter()
             try:
                 async for chunk in up.chunks():
@@ -235,6 +311,12 @@ class OpenAIHandlers:
                         m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
                         first = False
                     scanner.feed(chunk)
+                    if not accounted and scanner.usage is not None:
+                        # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
+                        # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
+                        # stream's end, and whoever reads /metrics once the stream is over must see the tokens.
+                        self.router.account_usage(up.tier, scanner.usage)
+                        accounted = True
                     await resp.write(chunk)
             except UpstreamStreamError as e:
                 # Headers are gone already: end the stream with an error event the client can see.
@@ -248,9 +330,12 @@ class OpenAIHandlers:
             await resp.write_eof()
         finally:
             up.close()
-        self.router.account_usage(up.tier, scanner.usage)
         res.outcome = "success"
         return resp
+
+
+def _outcome(status: int) -> str:
+    return "success" if status < 400 else "client_error" if status < 500 else "upstream_error"
 
 
 def build_app(router: Router) -> web.Application:

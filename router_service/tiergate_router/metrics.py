@@ -36,6 +36,12 @@ LATENCY_BUCKETS = (
     120.0,
 )
 SCORE_BUCKETS = tuple(i / 20 for i in range(1, 21))
+# Best-of-N: samples per request (1..16, the policy's bound).
+SAMPLE_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+# Reward scores have no common scale (a logit of one reward model, a probability of another): symmetric buckets
+# around 0 that resolve both the usual logit range (a few units) and a probability's [0, 1]. With buckets below 0
+# the client exports no `_sum` (OpenMetrics: a sum of signed values is no counter), only the buckets and count.
+REWARD_BUCKETS = (-10.0, -5.0, -2.0, -1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -119,6 +125,41 @@ class RouterMetrics:
             f"{p}_classifier_info",
             "The classifier artifact this router serves (read at start): its sha256, kind and file",
             ["sha256", "kind", "source"],
+            registry=r,
+        )
+
+        # Best-of-N (spec.bestOfN): what was chosen, what the reward model said, and when it could not be used.
+        self.best_of_n_samples = Histogram(
+            f"{p}_best_of_n_samples",
+            "Samples chosen per routed request, by the tier chosen (1 = no best-of-N), while best-of-N is configured",
+            ["tier"],
+            buckets=SAMPLE_BUCKETS,
+            registry=r,
+        )
+        self.reward_score = Histogram(
+            f"{p}_reward_score", "Reward model scores of best-of-N samples", buckets=REWARD_BUCKETS, registry=r
+        )
+        self.reward_seconds = Histogram(
+            f"{p}_reward_seconds",
+            "Time of one batched reward call (all samples of a request), failed ones included",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.reward_errors = Counter(
+            f"{p}_reward_errors", "Reward calls that gave no usable scores, by reason", ["reason"], registry=r
+        )
+        self.best_of_n_escalations = Counter(
+            f"{p}_best_of_n_escalations",
+            "Best-of-N requests answered by the reference tier instead, by reason (a reward error's reason, or "
+            "below_min_reward)",
+            ["reason"],
+            registry=r,
+        )
+        self.best_of_n_skipped = Counter(
+            f"{p}_best_of_n_skipped",
+            "Requests chosen for best-of-N that were answered without reranking, by reason (tier_ignored_n: the "
+            "tier sent one choice back; client_n: the client asked for n itself; fallback: another tier answered)",
+            ["tier", "reason"],
             registry=r,
         )
 

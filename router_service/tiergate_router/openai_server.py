@@ -181,9 +181,11 @@ class CompletionStream:
         self.created = int(time.time())
 
     @classmethod
-    async def open(cls, request: web.Request, model: str, *, chat: bool) -> CompletionStream:
-        """Send the headers (and, for chat, the role chunk)."""
-        response = web.StreamResponse(headers={"Content-Type": SSE_CONTENT_TYPE})
+    async def open(
+        cls, request: web.Request, model: str, *, chat: bool, headers: Mapping[str, str] | None = None
+    ) -> CompletionStream:
+        """Send the headers (`headers` beside the content type) and, for chat, the role chunk."""
+        response = web.StreamResponse(headers={**(headers or {}), "Content-Type": SSE_CONTENT_TYPE})
         await response.prepare(request)
         stream = cls(response, model, chat=chat)
         if chat:

@@ -16,6 +16,7 @@ from typing import Any
 from tiergate_router.admission import ByteBudget
 from tiergate_router.classifier import Classifier, MicroBatcher, Verdict
 from tiergate_router.config import RouterConfig
+from tiergate_router.config.types import allowed_candidates
 from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_chain
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
@@ -35,6 +36,8 @@ class Route:
     # The tier the classifier chose, or "forced" / "classifier_error".
     decision: str
     chain: list[str]
+    # Samples to draw on the chosen tier (chain[0]) for best-of-N; 1: one answer, as always.
+    samples: int = 1
 
 
 class Router:
@@ -124,11 +127,16 @@ class Router:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
         if len(cfg.tiers) == 1:
-            return Route(None, cfg.tiers[0].name, [cfg.tiers[0].name])
+            only = cfg.tiers[0].name
+            return Route(None, only, [only], samples_without_heads(cfg, only))
         t0 = time.perf_counter()
         try:
             verdict = (await self.classifier.score([prompt_text]))[0]
-            chosen, score = self._decide(verdict, cfg)
+            if cfg.candidates is not None:
+                chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text)
+            else:
+                chosen, score = self._decide(verdict, cfg)
+                samples = samples_without_heads(cfg, chosen)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
             log.warning("classification failed, routing to the strongest tier: %s", e)
@@ -136,7 +144,9 @@ class Router:
             return Route(None, "classifier_error", fallback_chain(strongest, cfg.tier_names, cfg.fallback_order))
         self.metrics.classification_seconds.observe(time.perf_counter() - t0)
         self.metrics.score.observe(score)
-        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order))
+        if cfg.best_of_n is not None:
+            self.metrics.best_of_n_samples.labels(chosen).observe(samples)
+        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), samples)
 
     @staticmethod
     def _decide(verdict: Verdict, cfg: RouterConfig) -> tuple[str, float]:
@@ -167,6 +177,34 @@ class Router:
         self.metrics.tokens.labels(tier, "prompt").inc(p)
         self.metrics.tokens.labels(tier, "completion").inc(c)
         self.metrics.cost.labels(tier).inc((p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6)
+
+
+def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:
+    """The documented rule for classifiers without candidate heads (two_tier and multi_tier artifacts, the shipped
+    defaults): a prompt the classifier sends to the best-of-N tier gets maxSamples samples, any other tier one."""
+    b = cfg.best_of_n
+    return b.max_samples if b is not None and chosen == b.tier else 1
+
+
+def _decide_candidate(verdict: Verdict, cfg: RouterConfig, prompt_text: str) -> tuple[str, float, int]:
+    """(tier, score, n) with a `candidates` artifact: `tiergate.routing.candidates.choose_candidate` over the
+    allowed candidates (`allowed_candidates`: served, and n > 1 only on the best-of-N tier within maxSamples); the
+    score is the chosen candidate's head output."""
+    from tiergate.routing.candidates import choose_candidate, input_tokens
+    from tiergate.routing.errors import RoutingError
+
+    cr = cfg.candidates
+    assert cr is not None
+    if not isinstance(verdict, tuple) or len(verdict) != len(cr.candidates):
+        raise ClassifierError("the classifier's output does not match the candidates artifact")
+    try:
+        allowed = allowed_candidates(cfg)
+        k = choose_candidate(verdict, cr.candidates, input_tokens(prompt_text), cr.cost_weight_bp, allowed)
+    except (ValueError, RoutingError) as e:
+        raise ClassifierError(f"no candidate to choose: {e}") from e
+    tier_index = cr.tier_of[k]
+    assert tier_index is not None  # choose_candidate never picks a disallowed candidate
+    return cfg.tiers[tier_index].name, float(verdict[k]), cr.candidates[k].n
 
 
 # Longest partial SSE line kept while scanning for usage. A usage event is a few hundred bytes; a tier that streams

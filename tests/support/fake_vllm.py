@@ -53,6 +53,11 @@ class Behaviour:
     hold: asyncio.Event | None = None
     # Keep every request body in `Stats.requests` (tests read them); a load test of megabyte prompts turns it off.
     record: bool = True
+    # Best-of-N: the texts of the choices a request with `n` gets (choice i: samples[i % len]); None: generated
+    # words, choice i > 0 tagged `-s<i>`. vLLM answers `n` with n choices and usage summed over all of them.
+    samples: tuple[str, ...] | None = None
+    # Answer one choice whatever `n` asks (an OpenAI-compatible server without sampling of several).
+    ignore_n: bool = False
 
 
 @dataclass
@@ -148,26 +153,40 @@ class FakeVLLM(ModelServer):
                     await asyncio.sleep(b.latency_s)
                 if body.get("stream"):
                     return await self._stream(request, body, chat, n_prompt, n_out)
-                words = [f"{self.name}-tok{i}" for i in range(n_out)]
+                n = body.get("n")
+                n_choices = 1 if b.ignore_n or not isinstance(n, int) or n < 1 else n
+                texts = [self._text(i, n_out) for i in range(n_choices)]
+                out_tokens = sum(len(t.split()) for t in texts)
                 self.stats.prompt_tokens += n_prompt
-                self.stats.generation_tokens += n_out
+                self.stats.generation_tokens += out_tokens
                 self.stats.completed += 1
-                return web.json_response(
-                    completion_body(
-                        self.model,
-                        chat=chat,
-                        text=" ".join(words),
-                        finish_reason="length",
-                        prompt_tokens=n_prompt,
-                        completion_tokens=n_out,
-                    )
+                answer = completion_body(
+                    self.model,
+                    chat=chat,
+                    text=texts[0],
+                    finish_reason="length",
+                    prompt_tokens=n_prompt,
+                    completion_tokens=out_tokens,
                 )
+                first = answer["choices"][0]
+                answer["choices"] = [
+                    {**first, "index": i, **({"message": {"role": "assistant", "content": t}} if chat else {"text": t})}
+                    for i, t in enumerate(texts)
+                ]
+                return web.json_response(answer)
             finally:
                 self.stats.running -= 1
                 self._release_slot()
         except asyncio.CancelledError:
             self.stats.aborted += 1
             raise
+
+    def _text(self, i: int, n_out: int) -> str:
+        """The text of choice `i` of an answer of `n_out` tokens."""
+        if self.behaviour.samples is not None:
+            return self.behaviour.samples[i % len(self.behaviour.samples)]
+        tag = self.name if i == 0 else f"{self.name}-s{i}"
+        return " ".join(f"{tag}-tok{k}" for k in range(n_out))
 
     async def _acquire_slot(self) -> None:
         if self.behaviour.max_running <= 0:

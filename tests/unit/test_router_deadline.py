@@ -209,5 +209,5 @@ def test_retries_stop_when_the_retry_budget_is_spent(harness: Harness) -> None:
     assert b_body["error"]["code"] == "retry_budget_exhausted"
     assert h.metric("tiergate_router_retry_budget_exhausted_total", {"tier": "large"}) == 1
     assert c_status == 200
-    assert c_body["tiergate"] == {"tier": "large", "score": None, "decision": "forced", "fallback": True}
+    assert c_body["tiergate"] == {"tier": "large", "score": None, "decision": "forced", "fallback": True, "samples": 1}
     assert h.metric("tiergate_router_retry_budget_exhausted_total", {"tier": "large"}) == 1

@@ -65,6 +65,8 @@ QUANTITY_PATTERN = (
 )
 ENV_NAME_PATTERN = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 URL_PATTERN = r"^https?://[^\s/$.?#][^\s]*$"
+# A decimal that may be negative (reward scores: each reward model has its own scale), as a quoted string.
+SIGNED_DECIMAL_PATTERN = r"^-?[0-9]+(\.[0-9]{1,9})?$"
 
 _PRICE_RE = re.compile(PRICE_PATTERN)
 _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
@@ -641,6 +643,15 @@ class BestOfN(_Model):
     max_samples: Annotated[int, Field(ge=1, le=MAX_BEST_OF_N, strict=True)]
     """Maximum number of candidates sampled per request: the N of best-of-N (1..16)."""
     reward_model: RewardModel
+    reference_tier: TierName | None = None
+    """The tier that answers (one sample) when the reward model is slow, down or answers garbage, or the best
+    sample scores below minReward; must name a tier in spec.tiers. Unset: the last (strongest) tier."""
+    reward_timeout_milliseconds: Annotated[int, Field(ge=1, le=600_000, strict=True)] = 3000
+    """How long the router waits for the reward model's scores before the reference tier answers instead."""
+    min_reward: Annotated[str, Field(pattern=SIGNED_DECIMAL_PATTERN, max_length=32)] | None = None
+    """The lowest acceptable reward of the best sample, as a quoted decimal string (e.g. "-1.5": reward scales
+    differ per model, so it may be negative); a best sample below it is replaced by the reference tier's answer.
+    Unset: any score is accepted."""
 
 
 class Shadow(_Model):
@@ -672,6 +683,13 @@ class RoutingPolicySpec(_Model):
             "x-kubernetes-validations": [
                 _names_a_tier("bestOfN.tier", "bestOfN.tier"),
                 _names_a_tier("shadow.baselineTier", "shadow.baselineTier"),
+                {
+                    "rule": "!has(self.bestOfN) || !has(self.bestOfN.referenceTier) || "
+                    "self.tiers.exists(t, t.name == self.bestOfN.referenceTier)",
+                    "message": "bestOfN.referenceTier must name a tier in spec.tiers",
+                    "fieldPath": ".bestOfN.referenceTier",
+                    "reason": "FieldValueInvalid",
+                },
                 {
                     "rule": "!has(self.router) || !has(self.router.fallbackOrder) || "
                     "self.router.fallbackOrder.all(f, self.tiers.exists(t, t.name == f))",
@@ -706,6 +724,9 @@ class RoutingPolicySpec(_Model):
                 raise _At(f"router.fallbackOrder[{i}]", f"names no tier: {f!r} (tiers: {', '.join(names)})")
         if self.best_of_n is not None and self.best_of_n.tier not in seen:
             raise _At("bestOfN.tier", f"names no tier: {self.best_of_n.tier!r} (tiers: {', '.join(names)})")
+        ref = self.best_of_n.reference_tier if self.best_of_n is not None else None
+        if ref is not None and ref not in seen:
+            raise _At("bestOfN.referenceTier", f"names no tier: {ref!r} (tiers: {', '.join(names)})")
         if self.shadow is not None and self.shadow.baseline_tier not in seen:
             raise _At(
                 "shadow.baselineTier", f"names no tier: {self.shadow.baseline_tier!r} (tiers: {', '.join(names)})"

@@ -16,6 +16,7 @@ from tiergate_router.config.knobs import (
     TWO_TIER_KNOBS,
     MultiTierSource,
     ThresholdSource,
+    candidate_routing_for,
     multi_tier_for,
     two_tier_thresholds,
 )
@@ -24,6 +25,7 @@ from tiergate_router.config.secrets import api_key
 from tiergate_router.config.types import (
     DEFAULT_INFLIGHT_BODY_BYTES,
     DEFAULT_RESPONSE_BYTES,
+    BestOfNConfig,
     RouterConfig,
     ServiceRef,
     TierConfig,
@@ -46,6 +48,8 @@ def from_policy(
     environ: Mapping[str, str] | None = None,
     tier_flags: Sequence[TierFlag] = (),
     cost_weight_bp: int | None = None,
+    reward_url: str | None = None,
+    candidates: MultiTierSource | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy to a RouterConfig.
 
@@ -59,10 +63,12 @@ def from_policy(
     the tiers map to the artifact's (`knobs.multi_tier_for`, once, over the final tiers) and the cost weight
     chooses, against the policy's tier prices: `cost_weight_bp` (`--cost-weight-bp`) or `costWeightBasisPoints` as
     given, `budgetPerMillion` through the artifact's calibration, else its calibrated default (those two only for
-    prices in the artifact's ratios, see `multi_tier_for`). A two-tier artifact serves at most two tiers
-    (`knobs.two_tier_thresholds`). A knob of the other artifact kind means nothing there and is refused, naming it.
-    An external tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default
-    os.environ).
+    prices in the artifact's ratios, see `multi_tier_for`). A `candidates` artifact (`candidates`) chooses (tier, n)
+    by its own cost weight (`--cost-weight-bp`, `costWeightBasisPoints`, else its calibrated default). A two-tier
+    artifact serves at most two tiers (`knobs.two_tier_thresholds`). A knob of the other artifact kind means nothing
+    there and is refused, naming it. An external tier's `apiKeySecretRef` is read from the environment
+    (`secrets.api_key`; `environ`, default os.environ). `spec.bestOfN` becomes `best_of_n` (`best_of_n_of`;
+    `reward_url`, the `--reward-url` flag, wins over the reward Service's address the operator deploys).
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
@@ -74,12 +80,18 @@ def from_policy(
     cost_weight, budget = _cost_weight_bp(policy, multi) if multi is not None else (None, None)
     if cost_weight_bp is not None:
         cost_weight, budget = cost_weight_bp, None
-    th = _threshold_bp(policy, thresholds, needed=len(tiers) > 1) if multi is None else DEFAULT_THRESHOLD_BP
+    by_weight = multi is not None or candidates is not None
+    th = DEFAULT_THRESHOLD_BP if by_weight else _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
     try:
         multi_tier = None
+        routing = None
         if multi is not None:
             multi_tier = multi_tier_for(tiers, multi, cost_weight, budget=budget)
             thresholds_bp: tuple[int, ...] = (th,) * (len(tiers) - 1)  # unused: N-tier configs choose by weight
+        elif candidates is not None:
+            weight = _candidate_weight_bp(policy, candidates, cost_weight_bp)
+            routing = candidate_routing_for(tiers, candidates, weight)
+            thresholds_bp = (th,) * (len(tiers) - 1)  # unused: candidates configs choose by weight
         else:
             where = "spec.tiers" if len(tiers) == len(policy_tiers) else "spec.tiers with --tier"
             thresholds_bp = two_tier_thresholds([t.name for t in tiers], th, where=where)
@@ -105,9 +117,40 @@ def from_policy(
             classifier_cache_bytes=cache_bytes,
             max_inflight_body_bytes=inflight_bytes,
             max_response_bytes=response_bytes,
+            best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
+            candidates=routing,
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def reward_service_url(policy: RoutingPolicy, namespace: str) -> str:
+    """The root URL of the reward model the operator deploys for `spec.bestOfN` (its Service, `<policy>-reward`;
+    `naming.reward_url`, the address the operator reports too): vLLM's pooling API is at `{url}/pooling`."""
+    from tiergate.api import naming
+
+    if policy.spec.best_of_n is None:
+        raise ConfigError("spec.bestOfN: not set, so there is no reward Service")
+    return naming.reward_url(policy.metadata.name, namespace, policy.spec.best_of_n.reward_model.port)
+
+
+def best_of_n_of(policy: RoutingPolicy, namespace: str, *, reward_url: str | None = None) -> BestOfNConfig | None:
+    """`spec.bestOfN` as the router's BestOfNConfig (None when unset): the reference tier defaults to the strongest
+    (last) tier, the reward model is reached at `reward_url` when given (`tiergate serve --reward-url`), else at the
+    Service the operator deploys, under the policy's `rewardModel.model` (the name vLLM serves it as)."""
+    b = policy.spec.best_of_n
+    if b is None:
+        return None
+    return BestOfNConfig(
+        tier=b.tier,
+        max_samples=b.max_samples,
+        reward_url=(reward_url or reward_service_url(policy, namespace)).rstrip("/"),
+        reward_model=b.reward_model.model,
+        reference_tier=b.reference_tier or policy.spec.strongest.name,
+        timeout_s=b.reward_timeout_milliseconds / 1000,
+        # Decimal in the policy (no floats in spec); the scores the reward model returns are floats.
+        min_reward=None if b.min_reward is None else float(b.min_reward),
+    )
 
 
 def _cache_bounds(policy: RoutingPolicy) -> tuple[int, int]:
@@ -180,6 +223,20 @@ def _cost_weight_bp(policy: RoutingPolicy, multi: MultiTierSource) -> tuple[int 
     return None, None
 
 
+def _candidate_weight_bp(policy: RoutingPolicy, source: MultiTierSource, flag_bp: int | None) -> int | None:
+    """A `candidates` artifact's cost weight: `--cost-weight-bp`, else `costWeightBasisPoints`, else None (the
+    artifact's calibrated default, which `tiergate calibrate --usd-per-1k-prompts` sets). `budgetPerMillion` is
+    refused: it is a price per million tokens, and a candidates artifact is calibrated in USD per 1k prompts."""
+    weight, budget = _cost_weight_bp(policy, source)
+    if budget is not None:
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.budgetPerMillion is a price per million tokens, but "
+            f"{source.source} is a candidates artifact, calibrated in USD per 1k prompts: set costWeightBasisPoints, "
+            "or store the operating point in the artifact (tiergate calibrate --usd-per-1k-prompts B --write OUT)"
+        )
+    return flag_bp if flag_bp is not None else weight
+
+
 def _threshold_bp(policy: RoutingPolicy, thresholds: ThresholdSource | None, *, needed: bool) -> int:
     """A two-tier artifact's threshold from the policy's knob, else the artifact's calibrated default. With one
     tier there is nothing to decide (`needed` False): no artifact is loaded and any threshold will do."""
@@ -221,12 +278,9 @@ def policy_classifier_path(policy: RoutingPolicy) -> Path | None:
 
 def unserved_sections(policy: RoutingPolicy) -> list[str]:
     """Parts of the policy this router version accepts but does not act on yet (logged, so nobody assumes they work):
-    best-of-N sampling with reward reranking, and shadow traffic to a baseline tier. The operator still deploys the
-    reward model they name."""
+    shadow traffic to a baseline tier."""
     spec = policy.spec
     out = []
-    if spec.best_of_n is not None:
-        out.append("spec.bestOfN (best-of-N with reward reranking)")
     if spec.shadow is not None:
         out.append("spec.shadow (shadow requests to a baseline tier)")
     return out

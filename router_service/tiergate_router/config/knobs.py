@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from tiergate.routing.tiers import PRICE_WAY_OUT, artifact_tier, price_factor, price_mismatch
-from tiergate_router.config.types import MultiTier, RouterConfig, TierConfig
+from tiergate_router.config.types import CandidateRouting, MultiTier, RouterConfig, TierConfig
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -155,3 +155,25 @@ def with_multi_tier(cfg: RouterConfig, source: MultiTierSource, cost_weight_bp: 
     """`cfg` routed by the N-tier artifact `source`, its tiers mapped afresh (`multi_tier_for`): for a config whose
     tiers are final and whose classifier changes. Building a config from a policy or flags maps its tiers already."""
     return dataclasses.replace(cfg, multi_tier=multi_tier_for(cfg.tiers, source, cost_weight_bp))
+
+
+def candidate_routing_for(
+    tiers: Sequence[TierConfig], source: MultiTierSource, cost_weight_bp: int | None
+) -> CandidateRouting:
+    """(tier, n) routing of `tiers` by `source`'s `candidates` artifact (`cost_weight_bp` None: its calibrated
+    default). Each candidate `MODEL@N` maps to the tier whose name, servedModelName or model is its MODEL (as
+    `multi_tier_for` matches); candidates of models no tier serves are never chosen. ConfigError when no candidate
+    maps to a tier."""
+    from tiergate.routing.candidates import candidates_of
+
+    cands = candidates_of(source.artifact)
+    tier_of: list[int | None] = []
+    for c in cands:
+        tier_of.append(next((i for i, t in enumerate(tiers) if c.model in (t.name, t.served_model, t.model)), None))
+    if all(i is None for i in tier_of):
+        raise ConfigError(
+            f"no tier serves a model of the candidates artifact {source.source} (its models: "
+            f"{', '.join(dict.fromkeys(c.model for c in cands))}); name tiers, servedModelName or model after them"
+        )
+    bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
+    return CandidateRouting(cands, tuple(tier_of), bp)

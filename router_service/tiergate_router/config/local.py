@@ -1,5 +1,6 @@
 """What `tiergate serve`'s flags change: `--tier NAME=BASE_URL` tiers (alone, or on top of a policy's),
-`--threshold-bp` / `--cost-weight-bp`, the dispatch limits (`DISPATCH_FLAGS`: deadline, per-try timeout, retries,
+`--threshold-bp` / `--cost-weight-bp`, best-of-N (`--best-of-n TIER=N --reward-url URL` and its details), the
+dispatch limits (`DISPATCH_FLAGS`: deadline, per-try timeout, retries,
 retry budget, backoff, breaker, saturation) and where to listen (`--host`, `--port`, `--grpc-port`).
 
 Argument parsing itself stays in `tiergate_router.cmd_serve`; this module gives the flags their meaning, as pure
@@ -9,12 +10,26 @@ functions over typed values.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, MultiTierSource, multi_tier_for, two_tier_thresholds
-from tiergate_router.config.types import RouterConfig, TierConfig, check_base_url, tier_at
+from tiergate_router.config.knobs import (
+    DEFAULT_THRESHOLD_BP,
+    MultiTierSource,
+    candidate_routing_for,
+    multi_tier_for,
+    two_tier_thresholds,
+)
+from tiergate_router.config.types import (
+    MAX_SAMPLES,
+    BestOfNConfig,
+    RouterConfig,
+    TierConfig,
+    check_base_url,
+    tier_at,
+)
 from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -76,6 +91,87 @@ def dispatch_settings(given: Mapping[str, int | None]) -> tuple[DispatchSetting,
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class BestOfNFlags:
+    """`tiergate serve --best-of-n TIER=N --reward-url URL [--reward-model M] [--reward-timeout-ms MS]
+    [--min-reward R] [--reference-tier T]`: best-of-N without a policy, or over the policy's spec.bestOfN (each flag
+    replaces its field). None means "not given"."""
+
+    # (tier, N) from `--best-of-n TIER=N`.
+    tier_n: tuple[str, int] | None = None
+    reward_url: str | None = None
+    reward_model: str | None = None
+    timeout_ms: int | None = None
+    min_reward: float | None = None
+    reference_tier: str | None = None
+
+    @property
+    def given(self) -> bool:
+        return any(v is not None for v in dataclasses.astuple(self))
+
+
+def parse_best_of_n_flag(value: str) -> tuple[str, int]:
+    """`TIER=N` from `tiergate serve --best-of-n` -> (tier, N), N in 1..16."""
+    tier, sep, n = value.partition("=")
+    if not sep or not tier or not n.isascii() or not n.isdigit() or not 1 <= int(n) <= MAX_SAMPLES:
+        raise ConfigError(f"--best-of-n {value!r}: expected TIER=N with N in 1..{MAX_SAMPLES}, e.g. small=4")
+    return tier, int(n)
+
+
+def parse_reward_url(value: str) -> str:
+    """`--reward-url`: the reward server's root (`http://host:port`; the router posts to `{url}/pooling`)."""
+    url = value.rstrip("/")
+    if url.endswith("/v1") or url.endswith("/pooling"):
+        raise ConfigError(f"--reward-url {value!r}: give the server's root, e.g. http://127.0.0.1:8090")
+    return url
+
+
+def parse_min_reward(value: str) -> float:
+    """`--min-reward`: a decimal, possibly negative (reward scales differ per model)."""
+    try:
+        out = float(value)
+    except ValueError as e:
+        raise ConfigError(f"--min-reward {value!r}: not a number") from e
+    if not math.isfinite(out):
+        raise ConfigError(f"--min-reward {value!r}: must be finite")
+    return out
+
+
+def apply_best_of_n(cfg: RouterConfig, flags: BestOfNFlags) -> RouterConfig:
+    """`cfg` with the best-of-N flags applied over its `best_of_n` (the policy's spec.bestOfN), or best-of-N turned
+    on by `--best-of-n TIER=N --reward-url URL` (the reference tier defaults to the strongest, the last, tier)."""
+    if not flags.given:
+        return cfg
+    base = cfg.best_of_n
+    if base is None:
+        if flags.tier_n is None or flags.reward_url is None:
+            raise ConfigError(
+                "best-of-N flags: without spec.bestOfN in a policy, give both --best-of-n TIER=N and --reward-url URL"
+            )
+        base = BestOfNConfig(
+            tier=flags.tier_n[0],
+            max_samples=flags.tier_n[1],
+            reward_url=flags.reward_url,
+            reward_model=None,
+            reference_tier=cfg.tiers[-1].name,
+        )
+    changes: dict[str, Any] = {}
+    if flags.tier_n is not None:
+        changes["tier"], changes["max_samples"] = flags.tier_n
+    if flags.timeout_ms is not None:
+        if flags.timeout_ms < 1:
+            raise ConfigError(f"--reward-timeout-ms: {flags.timeout_ms} must be at least 1")
+        changes["timeout_s"] = flags.timeout_ms / 1000
+    for name in ("reward_url", "reward_model", "min_reward", "reference_tier"):
+        value = getattr(flags, name)
+        if value is not None:
+            changes[name] = value
+    try:
+        return dataclasses.replace(cfg, best_of_n=dataclasses.replace(base, **changes))
+    except ConfigError as e:
+        raise ConfigError(f"command line: {e}") from e
+
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_HTTP_PORT = 8080
 DEFAULT_GRPC_PORT = 50051
@@ -101,6 +197,8 @@ class LocalOverrides:
     # `--max-inflight-body-bytes` / `--max-response-bytes`: over the policy's spec.router.bodyLimits.
     inflight_body_bytes: int | None = None
     response_bytes: int | None = None
+    # `--best-of-n TIER=N --reward-url URL` and the other best-of-N flags.
+    best_of_n: BestOfNFlags = BestOfNFlags()
 
 
 @dataclass(frozen=True)
@@ -154,23 +252,29 @@ def local_config(
     threshold_bp: int = DEFAULT_THRESHOLD_BP,
     multi: MultiTierSource | None = None,
     cost_weight_bp: int | None = None,
+    candidates: MultiTierSource | None = None,
 ) -> RouterConfig:
     """RouterConfig for `tiergate serve --tier NAME=URL ...` without a policy (cheapest first). A two-tier artifact
     serves at most two tiers (`knobs.two_tier_thresholds`); with an N-tier artifact (`multi`) the tiers map to its
-    tiers, priced at its prices (a flag carries none), at `cost_weight_bp` or else its calibrated default."""
+    tiers, priced at its prices (a flag carries none), at `cost_weight_bp` or else its calibrated default; with a
+    `candidates` artifact (`candidates`) the tiers serve its candidates' models, at the same weight."""
     tiers = merge_tier_flags((), flags)
     if multi is not None:
         mt = multi_tier_for(tiers, multi, cost_weight_bp)
         return RouterConfig(tiers=tiers, thresholds_bp=(threshold_bp,) * (len(tiers) - 1), multi_tier=mt)
     return RouterConfig(
-        tiers=tiers, thresholds_bp=two_tier_thresholds([t.name for t in tiers], threshold_bp, where="--tier")
+        tiers=tiers,
+        thresholds_bp=(threshold_bp,) * (len(tiers) - 1)
+        if candidates is not None  # unused: a candidates artifact chooses by weight
+        else two_tier_thresholds([t.name for t in tiers], threshold_bp, where="--tier"),
+        candidates=candidate_routing_for(tiers, candidates, cost_weight_bp) if candidates is not None else None,
     )
 
 
 def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfig:
-    """`--threshold-bp`, the dispatch flags, the classifier cache's bounds and the body budget on a built config.
-    (`--cost-weight-bp` is not here: the weight decides which prices the N-tier choice uses, so the config is built
-    with it, `serve.serve_config`.)"""
+    """`--threshold-bp`, the dispatch flags, the classifier cache's bounds, the body budget and the best-of-N flags
+    (`apply_best_of_n`) on a built config. (`--cost-weight-bp` is not here: the weight decides which prices the
+    N-tier choice uses, so the config is built with it, `serve.serve_config`.)"""
     if overrides.dispatch:
         try:
             # Field names come from DISPATCH_FLAGS (a unit test sets every one), values in each field's type.
@@ -188,6 +292,7 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
     if overrides.response_bytes is not None:
         cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
+    cfg = apply_best_of_n(cfg, overrides.best_of_n)
     return cfg
 
 

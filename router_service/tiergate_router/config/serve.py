@@ -27,28 +27,38 @@ def serve_config(
     """The RouterConfig for `tiergate serve`. `classifier` is the loaded artifact (None with one tier: nothing to
     decide); an N-tier one makes the config choose by cost weight, and the two-tier knobs are refused for it. The
     tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here, and `--cost-weight-bp`
-    replaces the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default there."""
-    multi = classifier if classifier is not None and classifier.kind == "multi_tier" else None
-    if multi is None and overrides.cost_weight_bp is not None:
-        raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) artifacts only")
-    if multi is not None and overrides.threshold_bp is not None:
-        raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
+    replaces the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default there. A
+    `candidates` artifact chooses (tier, n) by a cost weight too (its own, calibrated in USD per 1k prompts)."""
+    kind = classifier.kind if classifier is not None else None
+    multi = classifier if kind == "multi_tier" else None
+    cands = classifier if kind == "candidates" else None
+    if multi is None and cands is None and overrides.cost_weight_bp is not None:
+        raise ConfigError("--cost-weight-bp: applies to N-tier (multi_tier) and candidates artifacts only")
+    if (multi is not None or cands is not None) and overrides.threshold_bp is not None:
+        what = "an N-tier" if multi is not None else "a candidates"
+        raise ConfigError(f"--threshold-bp: {what} artifact chooses by cost weight; use --cost-weight-bp")
     if policy is not None:
         cfg = from_policy(
             policy,
             discovery=discovery,
-            thresholds=classifier,
+            thresholds=classifier if kind == "two_tier" else None,
             multi=multi,
+            candidates=cands,
             tier_flags=overrides.tiers,
             cost_weight_bp=overrides.cost_weight_bp,
+            reward_url=overrides.best_of_n.reward_url,
         )
     elif not overrides.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)
     else:
         default_bp = DEFAULT_THRESHOLD_BP
-        if classifier is not None and multi is None:
+        if classifier is not None and kind == "two_tier":
             default_bp = classifier.default_threshold_bp
         cfg = local_config(
-            overrides.tiers, threshold_bp=default_bp, multi=multi, cost_weight_bp=overrides.cost_weight_bp
+            overrides.tiers,
+            threshold_bp=default_bp,
+            multi=multi,
+            cost_weight_bp=overrides.cost_weight_bp,
+            candidates=cands,
         )
     return apply_overrides(cfg, overrides)

@@ -8,6 +8,7 @@ from the policy and a tier from `--tier` cannot drift apart in what they carry.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -18,6 +19,7 @@ from tiergate_router.errors import ConfigError
 
 if TYPE_CHECKING:
     from tiergate.routing.artifact import RouterArtifact
+    from tiergate.routing.candidates import Candidate
 
 
 # Defaults of RouterConfig's body limits (spec.router.bodyLimits); their reasons are at the fields.
@@ -83,6 +85,41 @@ class MultiTier:
 
 
 @dataclass(frozen=True)
+class CandidateRouting:
+    """(tier, n) routing with a `candidates` artifact (BEST-Route): the router picks one candidate `MODEL@N` per
+    prompt with `tiergate.routing.candidates.choose_candidate` at `cost_weight_bp`, among those whose model a tier
+    serves (`tier_of`) and whose n this config allows (`allowed_candidates`: n > 1 only on the best-of-N tier, and
+    at most its maxSamples)."""
+
+    candidates: tuple[Candidate, ...]
+    # Per candidate, the index of the config tier serving its model (matched like the N-tier mapping); None: none.
+    tier_of: tuple[int | None, ...]
+    cost_weight_bp: int
+
+
+@dataclass(frozen=True)
+class BestOfNConfig:
+    """Best-of-N sampling (`spec.bestOfN`, `tiergate serve --best-of-n TIER=N --reward-url URL`): the prompts routed
+    to `tier` get up to `max_samples` answers drawn in one request, and the one the reward model scores highest is
+    returned. When the reward model is slow (`timeout_s`), down or answers garbage, or the best score is below
+    `min_reward`, `reference_tier` answers the request instead (one sample)."""
+
+    tier: str
+    max_samples: int
+    # The reward server's root URL (vLLM's pooling API: the client posts to `{reward_url}/pooling`).
+    reward_url: str
+    # The reward model's name on that server; None asks it (`GET /v1/models`) once.
+    reward_model: str | None
+    reference_tier: str
+    timeout_s: float = 3.0
+    min_reward: float | None = None
+
+
+# The most samples one request may draw (the policy's spec.bestOfN.maxSamples bound, MAX_BEST_OF_N).
+MAX_SAMPLES = 16
+
+
+@dataclass(frozen=True)
 class RouterConfig:
     tiers: tuple[TierConfig, ...]
     # Score thresholds in basis points between consecutive tiers (len(tiers) - 1 values, ascending): a prompt goes
@@ -134,6 +171,10 @@ class RouterConfig:
     routed_model_name: str = "tiergate"
     # Set when the classifier artifact is an N-tier one: the tiers are chosen by cost weight, not thresholds.
     multi_tier: MultiTier | None = None
+    # Best-of-N sampling with reward reranking on one tier; None: one sample per request.
+    best_of_n: BestOfNConfig | None = None
+    # Set when the classifier artifact is a `candidates` one: (tier, n) chosen per prompt by its heads.
+    candidates: CandidateRouting | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -212,6 +253,52 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError(f"cost weight: {mt.cost_weight_bp} bp must be a non-negative integer")
         if len(mt.prices) <= max(mt.columns) or any(not 0 <= mt.prices[c] < float("inf") for c in mt.columns):
             raise ConfigError("multi_tier.prices: a finite non-negative price per artifact tier")
+    if cfg.best_of_n is not None:
+        _validate_best_of_n(cfg.best_of_n, names)
+    cr = cfg.candidates
+    if cr is not None:
+        if len(cr.tier_of) != len(cr.candidates):
+            raise ConfigError("candidates.tier_of: one entry per candidate")
+        if isinstance(cr.cost_weight_bp, bool) or cr.cost_weight_bp < 0:
+            raise ConfigError(f"cost weight: {cr.cost_weight_bp} bp must be a non-negative integer")
+        if not any(allowed_candidates(cfg)):
+            raise ConfigError(
+                "candidates: no candidate of the artifact can be served: none is one sample of a served tier's "
+                "model, nor best-of-n on the best-of-N tier within its maxSamples"
+            )
+
+
+def allowed_candidates(cfg: RouterConfig) -> tuple[bool, ...]:
+    """Which candidates of `cfg.candidates` the router may choose: a served tier's model, with n = 1, or n up to
+    maxSamples on the best-of-N tier (so the chosen n never exceeds N)."""
+    cr = cfg.candidates
+    if cr is None:
+        return ()
+    b = cfg.best_of_n
+    out = []
+    for c, ti in zip(cr.candidates, cr.tier_of, strict=True):
+        if ti is None:
+            out.append(False)
+        elif c.n == 1:
+            out.append(True)
+        else:
+            out.append(b is not None and cfg.tiers[ti].name == b.tier and c.n <= b.max_samples)
+    return tuple(out)
+
+
+def _validate_best_of_n(b: BestOfNConfig, names: list[str]) -> None:
+    for what, tier in (("tier", b.tier), ("reference_tier", b.reference_tier)):
+        if tier not in names:
+            raise ConfigError(f"best_of_n.{what}: unknown tier {tier!r} (tiers: {', '.join(names)})")
+    if isinstance(b.max_samples, bool) or not 1 <= b.max_samples <= MAX_SAMPLES:
+        raise ConfigError(f"best_of_n.max_samples: {b.max_samples} is outside 1..{MAX_SAMPLES}")
+    parsed = urlparse(b.reward_url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise ConfigError(f"best_of_n.reward_url: {b.reward_url!r} is not an http(s) URL")
+    if not b.timeout_s > 0:
+        raise ConfigError("best_of_n.timeout_s: must be positive")
+    if b.min_reward is not None and not math.isfinite(b.min_reward):
+        raise ConfigError("best_of_n.min_reward: must be a finite number")
 
 
 def tier_at(
