@@ -21,7 +21,13 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
-from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError, outcome_of
+from tiergate_router.errors import (
+    BadRequestError,
+    NoTierAvailableError,
+    TenantRefusedError,
+    UpstreamStreamError,
+    outcome_of,
+)
 from tiergate_router.metrics import CONTENT_TYPE
 from tiergate_router.openai_server import build_openai_app, error_response, models_body, sse_event
 from tiergate_router.router import Route, Router, SSEUsageScanner
@@ -42,6 +48,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _from_bad_request(e: BadRequestError) -> web.Response:
     return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code, headers=NO_TIER)
+
+
+def _refused(e: TenantRefusedError) -> web.Response:
+    """A tenant refusal: OpenAI's error body; Retry-After (seconds) on 429/503 and `x-tiergate-limit` naming the limit
+    hit; 401 also carries WWW-Authenticate, as RFC 6750 asks."""
+    headers = dict(NO_TIER)
+    if e.retry_after_s is not None:
+        headers["Retry-After"] = str(e.retry_after_s)
+    if e.limit is not None:
+        headers["x-tiergate-limit"] = e.limit
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tiergate"'
+    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code, headers=headers)
 
 
 @web.middleware
@@ -158,13 +177,18 @@ class OpenAIHandlers:
         t0 = time.perf_counter()
         m = self.router.metrics
         try:
+            # Before the body is read: an unauthenticated client costs the router no more than its headers.
+            principal = self.router.gate.authenticate(request.headers.get("Authorization"))
             timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
-            route = await self.router.route(parsed.model, parsed.prompt_text)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
+        except TenantRefusedError as e:
+            m.requests.labels("none", "none", "client_error").inc()
+            return _refused(e)
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
         res = _Result()
@@ -195,7 +219,7 @@ class OpenAIHandlers:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
-                self.router.account_usage(reply.tier, obj.get("usage"))
+                self.router.account_usage(reply.tier, obj.get("usage"), route.access)
                 obj["tiergate"] = {
                     "tier": reply.tier,
                     "score": route.score,
@@ -248,7 +272,7 @@ class OpenAIHandlers:
             await resp.write_eof()
         finally:
             up.close()
-        self.router.account_usage(up.tier, scanner.usage)
+        self.router.account_usage(up.tier, scanner.usage, route.access)
         res.outcome = "success"
         return resp
 

@@ -19,6 +19,15 @@ from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_ch
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
+from tiergate_router.tenants import (
+    OPEN,
+    UNAUTHENTICATED,
+    Access,
+    Principal,
+    TenantGate,
+    restrict_chain,
+    restrict_choice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +43,8 @@ class Route:
     # The tier the classifier chose, or "forced" / "classifier_error".
     decision: str
     chain: list[str]
+    # What the tenant may use, and whom to charge (tenants.Access); OPEN without tenants.
+    access: Access = OPEN
 
 
 class Router:
@@ -44,7 +55,10 @@ class Router:
             batch_hist = self.metrics.classifier_batch_size
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
+        self.gate = TenantGate(config.tenancy, self.metrics.registry)
         self._background: list[asyncio.Task[None]] = []
+        # Charges to tenants still being written to the limit store (kept referenced until done).
+        self._charges: set[asyncio.Task[None]] = set()
         self._size_cache(config)
 
     @property
@@ -53,6 +67,7 @@ class Router:
 
     async def start(self, *, scrape_interval_s: float = 1.0) -> None:
         await self.dispatcher.start()
+        await self.gate.start()
         if self.config.saturation_waiting > 0:
             self._background.append(
                 asyncio.get_running_loop().create_task(self.dispatcher.run_scraper(scrape_interval_s))
@@ -64,12 +79,14 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._background.clear()
+        await self.gate.aclose()
         await self.dispatcher.aclose()
         await self.classifier.aclose()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
+        self.gate.apply(config.tenancy)
         self._size_cache(config)
 
     def _size_cache(self, config: RouterConfig) -> None:
@@ -114,17 +131,34 @@ class Router:
             code="model_not_found",
         )
 
-    async def route(self, model: str, prompt_text: str) -> Route:
+    async def route(self, model: str, prompt_text: str, principal: Principal = UNAUTHENTICATED) -> Route:
+        """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
+        admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
+        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`)."""
         cfg = self.config
         forced = self.resolve_model(model)
+        access = await self.gate.admit(principal, forced) if principal.tenant is not None else OPEN
+        route = await self._route(cfg, forced, prompt_text, access)
+        if access is OPEN:
+            return route
+        # A tier the client named (and may use) is served as named, also while the budget is low; once it is spent
+        # with CheapestTier, the cheapest allowed tier serves whatever was asked.
+        chosen = route.chain[0]
+        if forced is None or access.cheapest_only:
+            chosen = restrict_choice(chosen, cfg.tier_names, access)
+        chain = restrict_chain(fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), access)
+        decision = "budget_spent" if access.cheapest_only else "budget_low" if access.cheaper else route.decision
+        return Route(route.score, decision, chain, access)
+
+    async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
-        if len(cfg.tiers) == 1:
+        if len(cfg.tiers) == 1 or access.cheapest_only:
             return Route(None, cfg.tiers[0].name, [cfg.tiers[0].name])
         t0 = time.perf_counter()
         try:
             verdict = (await self.classifier.score([prompt_text]))[0]
-            chosen, score = self._decide(verdict, cfg)
+            chosen, score = self._decide(verdict, cfg, access)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
             log.warning("classification failed, routing to the strongest tier: %s", e)
@@ -135,9 +169,10 @@ class Router:
         return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order))
 
     @staticmethod
-    def _decide(verdict: Verdict, cfg: RouterConfig) -> tuple[str, float]:
+    def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
         """(chosen tier, score). Two tiers: the score against the thresholds. N tiers: the artifact's choice by
-        cost weight, and the score is the chosen tier's predicted quality."""
+        cost weight (the tenant's, when it has one), among the tiers the tenant may use, and the score is the
+        chosen tier's predicted quality."""
         mt = cfg.multi_tier
         if mt is None:
             if isinstance(verdict, tuple):
@@ -147,11 +182,17 @@ class Router:
         if not isinstance(verdict, tuple) or len(verdict) <= max(mt.columns):
             raise ClassifierError("a two-tier score reached an N-tier config")
         prices = [t.price for t in mt.artifact.tiers]
-        i, quality = choose_multi_tier(verdict, prices, mt.columns, mt.cost_weight_bp)
-        return cfg.tiers[i].name, quality
+        served = [i for i, t in enumerate(cfg.tiers) if access.tiers is None or t.name in access.tiers]
+        if not served:
+            served = list(range(len(cfg.tiers)))  # restrict_choice refuses this tenant with 403
+        weight = mt.cost_weight_bp if access.cost_weight_bp is None else access.cost_weight_bp
+        j, quality = choose_multi_tier(verdict, prices, [mt.columns[i] for i in served], weight)
+        return cfg.tiers[served[j]].name, quality
 
-    def account_usage(self, tier: str, usage: object) -> None:
-        """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed)."""
+    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> None:
+        """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to
+        the request's tenant (`gate.charge`, a task whose first step writes its Redis command: on the loop's next turn,
+        before anything read after this)."""
         if not isinstance(usage, dict):
             return
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -163,7 +204,11 @@ class Router:
             return
         self.metrics.tokens.labels(tier, "prompt").inc(p)
         self.metrics.tokens.labels(tier, "completion").inc(c)
-        self.metrics.cost.labels(tier).inc((p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6)
+        dollars = (p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6
+        self.metrics.cost.labels(tier).inc(dollars)
+        if access.tenant is not None:
+            self._charges.add(charge := asyncio.get_running_loop().create_task(self.gate.charge(access, p, c, dollars)))
+            charge.add_done_callback(self._charges.discard)
 
 
 # Longest partial SSE line kept while scanning for usage. A usage event is a few hundred bytes; a tier that streams

@@ -66,3 +66,15 @@ def api_key_env(tier: str) -> str:
     the tier's `endpoint.apiKeySecretRef` Secret, the router sends it as `Authorization: Bearer <key>`. Tier names
     are DNS labels (lower case, digits, `-`), so upper-casing and `-` -> `_` is one-to-one and a valid shell name."""
     return "TIERGATE_API_KEY_" + tier.upper().replace("-", "_")
+
+
+# Tenants' API keys in the router pod: one file per tenant, named after the tenant, from a projected volume of the
+# tenants' Secrets. The kubelet rewrites the files when a Secret changes, and the router re-reads them, so a rotated
+# key takes effect without a restart and the router needs no permission to read Secrets.
+TENANT_KEYS_DIR = "/etc/tiergate/tenant-keys"
+
+
+def tenant_key_env(tenant: str) -> str:
+    """Environment variable holding a tenant's API key in local mode (`tiergate serve -f POLICY.yaml`): the name
+    upper-cased, `-` -> `_` (tenant names are DNS labels, so this is one-to-one)."""
+    return "TIERGATE_TENANT_KEY_" + tenant.upper().replace("-", "_")

@@ -21,6 +21,7 @@ from tiergate_router.config.knobs import (
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
+from tiergate_router.config.tenancy import tenancy_from_policy
 from tiergate_router.config.types import RouterConfig, ServiceRef, TierConfig, check_base_url, tier_at
 from tiergate_router.errors import ConfigError
 
@@ -37,6 +38,7 @@ def from_policy(
     multi: MultiTierSource | None = None,
     environ: Mapping[str, str] | None = None,
     tier_flags: Sequence[TierFlag] = (),
+    tenant_keys_dir: Path | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy to a RouterConfig.
 
@@ -51,6 +53,7 @@ def from_policy(
     chooses: `costWeightBasisPoints` as given, `budgetPerMillion` through the artifact's calibration, else its
     calibrated default. A knob of the other artifact kind means nothing there and is refused, naming it. An external
     tier's `apiKeySecretRef` is read from the environment (`secrets.api_key`; `environ`, default os.environ).
+    Tenants: `tenancy.tenancy_from_policy`, their keys from the environment or files in `tenant_keys_dir`.
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
@@ -89,6 +92,7 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
+            tenancy=tenancy_from_policy(policy, n_tier=multi is not None, keys_dir=tenant_keys_dir),
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e

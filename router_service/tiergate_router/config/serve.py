@@ -3,8 +3,10 @@ classifier, composed in one pure function, used at start-up and on every policy 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiergate.api.naming import TENANT_KEYS_DIR
 from tiergate_router.config.from_policy import from_policy
 from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, LoadedSource
 from tiergate_router.config.local import LocalOverrides, apply_overrides, local_config
@@ -34,7 +36,14 @@ def serve_config(
     if multi is not None and overrides.threshold_bp is not None:
         raise ConfigError("--threshold-bp: an N-tier artifact chooses by cost weight; use --cost-weight-bp")
     if policy is not None:
-        cfg = from_policy(policy, discovery=discovery, thresholds=classifier, multi=multi, tier_flags=overrides.tiers)
+        cfg = from_policy(
+            policy,
+            discovery=discovery,
+            thresholds=classifier,
+            multi=multi,
+            tier_flags=overrides.tiers,
+            tenant_keys_dir=Path(TENANT_KEYS_DIR),
+        )
     elif not overrides.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)
     else:

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 from tiergate_router.classifier import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_ENTRIES
 from tiergate_router.errors import ConfigError
+from tiergate_router.tenants import Tenancy
 
 if TYPE_CHECKING:
     from tiergate.routing.artifact import RouterArtifact
@@ -113,6 +114,8 @@ class RouterConfig:
     routed_model_name: str = "tiergate"
     # Set when the classifier artifact is an N-tier one: the tiers are chosen by cost weight, not thresholds.
     multi_tier: MultiTier | None = None
+    # Tenants, their keys, limits and budgets (tiergate_router.tenants); the default lets everyone in.
+    tenancy: Tenancy = field(default_factory=Tenancy)
 
     def __post_init__(self) -> None:
         validate(self)
