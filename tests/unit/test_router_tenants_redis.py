@@ -1,0 +1,246 @@
+"""Tenant limits shared through a real `redis-server` on loopback: the Lua token buckets, the fallback to
+per-replica limits while Redis is down (and failing closed where the policy says so), and two `tiergate serve`
+processes holding one tenant's requests-per-minute limit together under concurrent load, with Redis killed
+mid-run and started again."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+
+from tests.support.procs import FakeProcess, fake_tiers
+from tests.support.redis_server import RedisServer, redis_server
+from tests.support.router_serve import Serve
+from tests.support.waiting import wait_for
+from tiergate_router.limits import Limiter, RedisStore, StoreUnavailable, bucket_keys
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from redis_server(tmp_path_factory.mktemp("redis"))
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_request_bucket_admits_the_limit_then_says_when_to_retry(redis: RedisServer) -> None:
+    async def go() -> list[Any]:
+        store = RedisStore(redis.address)
+        keys = bucket_keys("t/p", "req", "20261202")
+        try:
+            return [await store.admit(keys, 5, 0) for _ in range(6)]
+        finally:
+            await store.aclose()
+
+    verdicts = run(go())
+    assert [v.allowed for v in verdicts] == [True] * 5 + [False]
+    assert verdicts[-1].limit == "requests"
+    assert 0 < verdicts[-1].retry_after_ms <= 12_000  # 5 a minute: one back within 12 s
+
+
+def test_tokens_are_charged_after_the_fact_and_spend_adds_up(redis: RedisServer) -> None:
+    async def go() -> tuple[bool, bool, str, int]:
+        store = RedisStore(redis.address)
+        keys = bucket_keys("t/p", "tok", "20261202")
+        try:
+            first = await store.admit(keys, 0, 10)
+            await store.charge(keys, 10, 15, 100)
+            await store.charge(keys, 10, 0, 250)
+            second = await store.admit(keys, 0, 10)
+            return first.allowed, second.allowed, second.limit, second.spent_nano
+        finally:
+            await store.aclose()
+
+    assert run(go()) == (True, False, "tokens", 350)
+
+
+def test_a_flushed_script_cache_is_loaded_again(redis: RedisServer) -> None:
+    async def go() -> bool:
+        store = RedisStore(redis.address)
+        try:
+            await store.admit(bucket_keys("t/p", "flush", "d"), 5, 0)
+            redis.command("SCRIPT", "FLUSH")
+            return (await store.admit(bucket_keys("t/p", "flush", "d"), 5, 0)).allowed
+        finally:
+            await store.aclose()
+
+    assert run(go())
+
+
+def test_unreachable_store_falls_back_to_per_replica_limits_or_fails_closed(tmp_path: Path) -> None:
+    down = RedisServer(tmp_path)
+    down.kill()
+
+    async def go() -> tuple[list[bool], bool]:
+        keys = bucket_keys("t/p", "x", "d")
+        fallback = Limiter(down.address, replicas=2, fail_closed=False)
+        closed = Limiter(down.address, replicas=2, fail_closed=True)
+        try:
+            allowed = [(await fallback.admit(keys, 4, 0)).allowed for _ in range(3)]
+            try:
+                await closed.admit(keys, 4, 0)
+                refused = False
+            except StoreUnavailable:
+                refused = True
+            return allowed, refused and not fallback.store_up
+        finally:
+            await fallback.aclose()
+            await closed.aclose()
+
+    allowed, closed_refused = run(go())
+    assert allowed == [True, True, False]  # 4 a minute over 2 replicas: 2 here
+    assert closed_refused
+
+
+# --- two router processes --------------------------------------------------------------------------------------
+
+RPM = 120
+KEY = "sk-shared-tenant-key"
+
+
+@pytest.fixture(scope="module")
+def tier() -> Iterator[dict[str, FakeProcess]]:
+    yield from fake_tiers({"only": FakeProcess("only-model", name="only")})
+
+
+def _policy(url: str, redis_address: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "tiergate.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": "shared", "namespace": "test"},
+        "spec": {
+            "tiers": [
+                {
+                    "name": "only",
+                    "model": "only-model",
+                    "servedModelName": "only-model",
+                    "endpoint": {"url": url},
+                    "price": {"inputPerMillion": 1, "outputPerMillion": 2},
+                }
+            ],
+            "router": {"replicas": 2},
+            "tenants": [
+                {
+                    "name": "team-a",
+                    "apiKeySecretRef": {"name": "team-a-key", "key": "apiKey"},
+                    "limits": {"requestsPerMinute": RPM},
+                }
+            ],
+            "limitStore": {"redisAddress": redis_address},
+        },
+    }
+
+
+@pytest.fixture
+def routers(tier: dict[str, FakeProcess], redis: RedisServer, tmp_path: Path) -> Iterator[list[Serve]]:
+    redis.command("FLUSHALL")
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(_policy(tier["only"].base_url, redis.address)))
+    env = {"TIERGATE_TENANT_KEY_TEAM_A": KEY}
+    started: list[Serve] = []
+    try:
+        for _ in range(2):
+            started.append(Serve("-f", str(pol), env=env))
+        yield started
+    finally:
+        for s in started:
+            s.stop()
+
+
+def _hammer(routers: list[Serve], total: int, threads: int = 8) -> tuple[int, int, list[str]]:
+    """`total` requests spread over both routers from `threads` threads: (admitted, refused with 429, anything
+    else that happened, which must stay empty: no request may be lost)."""
+    counts = {"ok": 0, "429": 0}
+    other: list[str] = []
+    lock = threading.Lock()
+    clients = [
+        openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key=KEY, max_retries=0, timeout=30) for s in routers
+    ]
+
+    def worker(i: int) -> None:
+        for n in range(i, total, threads):
+            c = clients[n % len(clients)]
+            try:
+                c.chat.completions.create(model="tiergate", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+                kind = "ok"
+            except openai.RateLimitError as e:
+                kind = "429"
+                assert int(e.response.headers["Retry-After"]) >= 1
+            except Exception as e:
+                with lock:
+                    other.append(repr(e))
+                continue
+            with lock:
+                counts[kind] += 1
+
+    ts = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return counts["ok"], counts["429"], other
+
+
+def _refill(seconds: float) -> float:
+    """Requests the bucket regains in `seconds` (it refills continuously at RPM per minute)."""
+    return RPM * seconds / 60
+
+
+@pytest.mark.slow
+def test_two_routers_sharing_redis_hold_the_limit_under_concurrent_load(routers: list[Serve]) -> None:
+    t0 = time.monotonic()
+    admitted, refused, other = _hammer(routers, 3 * RPM)
+    elapsed = time.monotonic() - t0
+    assert other == []
+    assert admitted + refused == 3 * RPM
+    # A full bucket (one minute's worth) plus what refilled while the load ran; within 5 % of the limit.
+    assert RPM <= admitted <= RPM + _refill(elapsed) + 0.05 * RPM
+    for s in routers:
+        assert "tiergate_router_limit_store_up 1.0" in s.metrics()
+
+
+@pytest.mark.slow
+def test_redis_killed_mid_run_falls_back_per_replica_then_recovers(routers: list[Serve], redis: RedisServer) -> None:
+    t0 = time.monotonic()
+    admitted, _, other = _hammer(routers, RPM // 2)
+    assert other == []
+    assert admitted == RPM // 2  # half the bucket: all admitted, through Redis
+    redis.kill()
+    # Redis down: each router admits at most its share (RPM / 2 replicas) plus its refill; nothing is lost.
+    admitted_down, refused_down, other = _hammer(routers, 2 * RPM)
+    assert other == []
+    down_elapsed = time.monotonic() - t0
+    assert admitted_down + refused_down == 2 * RPM
+    # The documented bound: during an outage at most one more minute's worth (each replica's full share).
+    # Each replica starts the outage with a full bucket of its share and gets more requests than that.
+    assert RPM <= admitted_down <= RPM + _refill(down_elapsed) + 0.05 * RPM
+    for s in routers:
+        assert "tiergate_router_limit_store_up 0.0" in s.metrics()
+    redis.start()
+    # Recovery: the next admission reaches Redis again (a down store is retried at most once a second).
+    for s in routers:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key=KEY, max_retries=0)
+
+        def back(c: openai.OpenAI = c, s: Serve = s) -> bool:
+            try:
+                c.chat.completions.create(model="tiergate", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+            except openai.RateLimitError:
+                pass
+            return "tiergate_router_limit_store_up 1.0" in s.metrics()
+
+        wait_for("the router to use Redis again", back, interval=0.3)
+    # Redis restarted empty (no persistence): a full bucket again, shared by both routers.
+    t1 = time.monotonic()
+    admitted_after, _, other = _hammer(routers, 2 * RPM)
+    assert other == []
+    # Less the (at most two) recovery probes that reached it; plus what refilled meanwhile.
+    assert RPM - 2 <= admitted_after <= RPM + _refill(time.monotonic() - t1) + 0.05 * RPM
