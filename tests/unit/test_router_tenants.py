@@ -10,7 +10,10 @@ max_tokens (at most 8) completion tokens for a prompt of one token per word.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import grpc
@@ -18,6 +21,7 @@ import openai
 import pytest
 
 from tests.support.harness import Harness
+from tests.support.router_serve import free_port
 from tests.support.waiting import wait_for, write_atomically
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.tenants import BudgetConfig, Tenancy, TenantConfig
@@ -79,6 +83,18 @@ def ask(h: Harness, tenant: str, content: str = "HARD", model: str = "tiergate")
     return str(raw.headers["x-tiergate-tier"])
 
 
+def post_without_key(h: Harness, content: str = "hi") -> tuple[int, Mapping[str, str]]:
+    body = {"model": "tiergate", "messages": [{"role": "user", "content": content}]}
+    req = urllib.request.Request(
+        f"{h.url}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers
+
+
 def test_no_key_and_a_wrong_key_are_401(harness: Harness) -> None:
     with pytest.raises(openai.AuthenticationError) as e:
         client(harness, "sk-not-a-tenant").chat.completions.create(
@@ -88,18 +104,9 @@ def test_no_key_and_a_wrong_key_are_401(harness: Harness) -> None:
     assert e.value.code == "invalid_api_key"
     assert "sk-not-a-tenant" not in str(e.value)
     # The openai client always sends a key; a raw request without one:
-    import urllib.error
-    import urllib.request
-
-    req = urllib.request.Request(
-        f"{harness.url}/v1/chat/completions",
-        data=b'{"model":"tiergate","messages":[{"role":"user","content":"hi"}]}',
-        headers={"Content-Type": "application/json"},
-    )
-    with pytest.raises(urllib.error.HTTPError) as h:
-        urllib.request.urlopen(req, timeout=10)
-    assert h.value.code == 401
-    assert h.value.headers["WWW-Authenticate"].startswith("Bearer")
+    status, headers = post_without_key(harness)
+    assert status == 401
+    assert headers["WWW-Authenticate"].startswith("Bearer")
     assert harness.metric("tiergate_router_tenant_refusals_total", {"tenant": "none", "reason": "invalid_key"}) >= 1
 
 
@@ -225,3 +232,32 @@ def test_a_tenant_removed_from_the_policy_is_refused_at_once(harness: Harness, k
     with pytest.raises(openai.AuthenticationError):
         ask(harness, "leaving", "easy")
     assert ask(harness, "alpha", "easy") == "small"
+
+
+def test_allowed_unauthenticated_access_and_a_store_that_fails_closed(tmp_path: Path) -> None:
+    (tmp_path / "closed").write_text("sk-closed-key")
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    t = Tenancy(
+        tenants=(TenantConfig("closed", requests_per_minute=10),),
+        allow_unauthenticated=True,
+        redis_address=dead,
+        fail_closed=True,
+        keys_dir=tmp_path,
+    )
+    h = Harness(config_overrides={"tenancy": t}, grpc=False).start()
+    try:
+        # No key: served (the policy says Allow), on every tier; a key that is sent must be valid.
+        status, headers = post_without_key(h, "HARD")
+        assert (status, headers["x-tiergate-tier"]) == (200, "large")
+        with pytest.raises(openai.AuthenticationError):
+            client(h, "sk-wrong").chat.completions.create(model="tiergate", messages=[{"role": "user", "content": "x"}])
+        # The tenant's limits cannot be checked and the policy fails closed: 503 with Retry-After.
+        with pytest.raises(openai.InternalServerError) as e:
+            client(h, "sk-closed-key").chat.completions.create(
+                model="tiergate", messages=[{"role": "user", "content": "x"}]
+            )
+        assert e.value.status_code == 503
+        assert e.value.response.headers["Retry-After"] == "1"
+        assert h.metric("tiergate_router_limit_store_up") == 0
+    finally:
+        h.stop()
