@@ -31,7 +31,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from tiergate_router.errors import TenantRefusedError
-from tiergate_router.limits import BucketKeys, Limiter, StoreUnavailable, bucket_keys
+from tiergate_router.limits import BucketKeys, Limiter, StoreUnavailable, Verdict, bucket_keys
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ NANO = 1_000_000_000
 # How often key files are re-read: a rotated key is honoured within a second of the kubelet writing it.
 KEY_REFRESH_S = 1.0
 ANONYMOUS = "anonymous"
+UNLIMITED = Verdict(True, 0, "", 0)
 
 
 def key_env(tenant: str) -> str:
@@ -345,7 +346,12 @@ class TenantGate:
             )
         keys = bucket_keys(self.tenancy.scope, t.name, utc_day())
         try:
-            v = await self.limiter.admit(keys, t.requests_per_minute, t.tokens_per_minute)
+            # A tenant with neither limits nor budget has nothing to count: no round trip to the store.
+            v = (
+                await self.limiter.admit(keys, t.requests_per_minute, t.tokens_per_minute)
+                if t.requests_per_minute or t.tokens_per_minute or t.budget is not None
+                else UNLIMITED
+            )
         except StoreUnavailable as e:
             m.store_up.set(0)
             m.refusals.labels(t.name, "limit_store_unavailable").inc()

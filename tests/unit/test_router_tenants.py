@@ -261,3 +261,41 @@ def test_allowed_unauthenticated_access_and_a_store_that_fails_closed(tmp_path: 
         assert h.metric("tiergate_router_limit_store_up") == 0
     finally:
         h.stop()
+
+
+def test_n_tier_choice_keeps_to_the_tenants_tiers_and_cost_weight(tmp_path: Path) -> None:
+    from tests.support.artifacts import constant_multi_tier_artifact
+    from tiergate.routing.artifact import load_artifact
+    from tiergate_router.config import MultiTier, RouterConfig, TierConfig
+    from tiergate_router.router import Router
+    from tiergate_router.tenants import Access
+
+    path = constant_multi_tier_artifact(tmp_path / "m.json", [("a", 0.1), ("b", 1.0), ("c", 2.0)], [0.5, 0.7, 0.9])
+    tiers = tuple(TierConfig(n, base_urls=(f"http://{n}:1/v1",)) for n in "abc")
+    cfg = RouterConfig(
+        tiers=tiers,
+        thresholds_bp=(3333, 6667),
+        multi_tier=MultiTier(load_artifact(path), (0, 1, 2), 0),
+    )
+    verdict = (0.5, 0.7, 0.9)
+    assert Router._decide(verdict, cfg)[0] == "c"  # quality alone
+    assert Router._decide(verdict, cfg, Access(tiers=frozenset({"a", "b"})))[0] == "b"
+    # A tighter cost weight (the tenant's, or its budget's while low): 0.9 - 0.5 * 2 < 0.5 - 0.5 * 0.1
+    assert Router._decide(verdict, cfg, Access(cost_weight_bp=5000))[0] == "a"
+
+
+def test_budget_states() -> None:
+    from tiergate_router.tenants import budget_access
+
+    low_weight = TenantConfig("t", budget=dataclasses.replace(BUDGET, low_cost_weight_bp=4000))
+    assert budget_access(low_weight, 99_999) == ("ok", None)  # 100_001 of 200_000 left: not below half
+    state, access = budget_access(low_weight, 100_001)
+    assert state == "low"
+    assert access is not None
+    assert access.cost_weight_bp == 4000
+    assert not access.cheaper
+    state, access = budget_access(TenantConfig("t", budget=BUDGET), 100_001)
+    assert access is not None
+    assert access.cheaper
+    assert budget_access(TenantConfig("t", budget=BUDGET), 200_000)[0] == "spent"
+    assert budget_access(TenantConfig("t"), 10**12) == ("ok", None)
