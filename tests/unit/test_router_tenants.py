@@ -35,6 +35,7 @@ KEYS = {
     "grpc-rated": "sk-grpc-0123456789",
     "rotating": "sk-rotating-old",
     "leaving": "sk-leaving-0123456789",
+    "streamer": "sk-streamer-0123456789",
 }
 # 200 micro-dollars a day; low below half of it.
 BUDGET = BudgetConfig(daily_nano_usd=200_000, low_remaining_bp=5000)
@@ -50,6 +51,7 @@ def tenancy(keys_dir: Path, *, without: str | None = None) -> Tenancy:
         TenantConfig("grpc-rated", tiers=frozenset({"small"}), requests_per_minute=1),
         TenantConfig("rotating"),
         TenantConfig("leaving"),
+        TenantConfig("streamer", tokens_per_minute=10),
     )
     return Tenancy(
         tenants=tuple(t for t in tenants if t.name != without), allow_unauthenticated=False, keys_dir=keys_dir
@@ -146,6 +148,25 @@ def test_over_the_token_limit_is_429_after_the_tokens_are_counted(harness: Harne
     assert e.value.response.headers["x-tiergate-limit"] == "tokens_per_minute"
     assert int(e.value.response.headers["Retry-After"]) == 54  # 9 tokens at 10 a minute
     assert harness.metric("tiergate_router_tenant_tokens_total", {"tenant": "tokens", "kind": "completion"}) == 16
+
+
+def test_streamed_tokens_count_too(harness: Harness) -> None:
+    c = client(harness, KEYS["streamer"])
+    for _ in range(2):  # 9 tokens each, reported in the stream's last chunk
+        stream = c.chat.completions.create(
+            model="tiergate",
+            messages=[{"role": "user", "content": "x"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        assert [chunk.usage.total_tokens for chunk in stream if chunk.usage is not None] == [9]
+    # A stream is charged after its last byte went out: wait until it was, rather than race the next request.
+    labels = {"tenant": "streamer", "kind": "completion"}
+    wait_for("both streams charged", lambda: harness.metric("tiergate_router_tenant_tokens_total", labels) == 16)
+    with pytest.raises(openai.RateLimitError) as e:
+        ask(harness, "streamer", "x")
+    assert e.value.response.headers["x-tiergate-limit"] == "tokens_per_minute"
 
 
 def _spend_until(harness: Harness, tenant: str) -> list[str]:
