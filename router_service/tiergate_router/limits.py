@@ -124,7 +124,7 @@ def _verdict(reply: RespValue) -> Verdict:
 class RedisStore:
     """The counters in Redis, through the `LUA` script (EVALSHA, loaded with EVAL on the first NOSCRIPT)."""
 
-    def __init__(self, address: str, *, timeout_s: float = 0.25) -> None:
+    def __init__(self, address: str, *, timeout_s: float = 0.5) -> None:
         self.conn = RedisConnection(address, timeout_s=timeout_s)
 
     def _args(self, mode: str, keys: BucketKeys, rpm: int, tpm: int, tokens: int, nano: int) -> list[str | int]:

@@ -67,7 +67,9 @@ class RedisConnection:
     """One connection to `host:port`, opened on first use and again after it is lost (at most once per
     `retry_s`, so a down server costs one failed connect a second, not one per request)."""
 
-    def __init__(self, address: str, *, timeout_s: float = 0.25, retry_s: float = 1.0) -> None:
+    # 500 ms: far above a loopback or in-cluster round trip (well under a millisecond) even on a loaded node, and what
+    # at most one request a second pays while a server hangs (a refused connection fails at once).
+    def __init__(self, address: str, *, timeout_s: float = 0.5, retry_s: float = 1.0) -> None:
         host, _, port = address.rpartition(":")
         self.host, self.port = host, int(port)
         self.timeout_s = timeout_s
@@ -93,18 +95,21 @@ class RedisConnection:
                 raise RedisUnavailable(f"Redis at {self.host}:{self.port} is down (retrying within {self.retry_s}s)")
             self._next_try = loop.time() + self.retry_s
             try:
-                reader, self._writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), self.timeout_s
-                )
+                reader, writer = await asyncio.wait_for(asyncio.open_connection(self.host, self.port), self.timeout_s)
             except (OSError, TimeoutError) as e:
                 raise RedisUnavailable(f"cannot connect to Redis at {self.host}:{self.port}: {e}") from e
-            self._reader_task = loop.create_task(self._read_loop(reader))
+            # Each connection has its own queue of waiting commands: a reader still draining a dropped connection
+            # must never answer the commands of the next one.
+            self._writer, self._pending = writer, deque()
+            self._reader_task = loop.create_task(self._read_loop(reader, writer, self._pending))
 
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+    async def _read_loop(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, pending: deque[asyncio.Future[RespValue]]
+    ) -> None:
         try:
             while True:
                 value = await read_reply(reader)
-                fut = self._pending.popleft()
+                fut = pending.popleft()
                 if fut.done():
                     continue
                 if isinstance(value, RedisError):
@@ -112,14 +117,17 @@ class RedisConnection:
                 else:
                     fut.set_result(value)
         except (OSError, asyncio.IncompleteReadError, RedisUnavailable, IndexError, ValueError) as e:
-            self._drop(RedisUnavailable(f"lost the connection to Redis: {e!r}"))
+            # Only this loop's own connection: after a timeout dropped it, a new one may already be in use.
+            if self._writer is writer:
+                self._drop(RedisUnavailable(f"lost the connection to Redis: {e!r}"))
 
     def _drop(self, error: Exception) -> None:
         if self._writer is not None:
             self._writer.close()
         self._writer = None
-        while self._pending:
-            fut = self._pending.popleft()
+        pending, self._pending = self._pending, deque()
+        while pending:
+            fut = pending.popleft()
             if not fut.done():
                 fut.set_exception(error)
                 # Nobody may be waiting on a command sent without awaiting its answer: don't let asyncio log it.
@@ -150,8 +158,9 @@ class RedisConnection:
             return await asyncio.wait_for(asyncio.shield(fut), self.timeout_s)
         except TimeoutError as e:
             # An answer that does not come in time may never come: later answers would be matched to the wrong
-            # commands, so the connection is dropped and opened afresh.
-            self._drop(RedisUnavailable("Redis did not answer in time"))
+            # commands, so the connection is dropped and opened afresh (unless it was already replaced).
+            if fut in self._pending:
+                self._drop(RedisUnavailable("Redis did not answer in time"))
             raise RedisUnavailable(f"Redis at {self.host}:{self.port} did not answer within {self.timeout_s}s") from e
 
     async def aclose(self) -> None:

@@ -137,7 +137,7 @@ class Router:
         decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`)."""
         cfg = self.config
         forced = self.resolve_model(model)
-        access = await self.gate.admit(principal, forced) if principal.tenant is not None else OPEN
+        access = await self.gate.admit(principal, forced)
         route = await self._route(cfg, forced, prompt_text, access)
         if access is OPEN:
             return route

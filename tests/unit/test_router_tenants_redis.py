@@ -245,3 +245,49 @@ def test_redis_killed_mid_run_falls_back_per_replica_then_recovers(routers: list
     assert other == []
     # Less the (at most two) recovery probes that reached it; plus what refilled meanwhile.
     assert RPM - 2 <= admitted_after <= RPM + _refill(time.monotonic() - t1) + 0.05 * RPM
+
+
+def test_a_late_answer_on_a_dropped_connection_never_answers_the_next_one() -> None:
+    """The RESP client drops a connection whose answer does not come in time; an answer that comes afterwards must
+    not be matched to a command of the new connection."""
+    from tiergate_router.resp import RedisConnection, RedisUnavailable
+
+    async def go() -> tuple[bool, Any, Any]:
+        release = asyncio.Event()
+        connections = 0
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal connections
+            connections += 1
+            first = connections == 1
+            while header := await reader.readline():  # *N, then a length line and a value line per argument
+                args = []
+                for _ in range(int(header[1:])):
+                    await reader.readline()
+                    args.append((await reader.readline()).strip())
+                if args == [b"PING"]:
+                    if first:
+                        await release.wait()
+                        writer.write(b"+LATE\r\n")
+                    else:
+                        writer.write(b"+PONG\r\n")
+                    await writer.drain()
+
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        conn = RedisConnection(f"127.0.0.1:{port}", timeout_s=0.2, retry_s=0.0)
+        try:
+            try:
+                await conn.execute("PING")
+                timed_out = False
+            except RedisUnavailable:
+                timed_out = True
+            second = await conn.execute("PING")
+            release.set()
+            third = await conn.execute("PING")
+            return timed_out, second, third
+        finally:
+            await conn.aclose()
+            server.close()
+
+    assert run(go()) == (True, "PONG", "PONG")
