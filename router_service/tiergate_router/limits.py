@@ -10,7 +10,7 @@ When Redis cannot be reached (`RedisStore` raises `StoreUnavailable`), `Limiter`
 counts on its own with every limit divided by the replica count (`LocalStore`): with R replicas behind a balancing
 Service the door stays about as closed as with Redis. The documented bound: during an outage a tenant may get up to
 one extra minute's worth (each replica starts with a full bucket of its share), and what was counted locally is not
-written back to Redis when it returns.
+written back to Redis when it returns. The day's spend continues from what Redis last reported.
 """
 
 from __future__ import annotations
@@ -175,6 +175,8 @@ class LocalStore:
         self.replicas = max(1, replicas)
         self._buckets: dict[str, _Bucket] = {}
         self._spend: dict[str, int] = {}
+        # Per spend key, the day's spend Redis last reported: an outage continues from it instead of from zero.
+        self.baseline: dict[str, int] = {}
 
     def _share(self, limit: int) -> int:
         return max(1, math.ceil(limit / self.replicas)) if limit > 0 else 0
@@ -187,9 +189,9 @@ class LocalStore:
         return b
 
     def spent(self, keys: BucketKeys) -> int:
-        # The spend of a day counted here is kept per replica: the budget's share is divided like the limits
-        # (see `Limiter`), so multiplying back gives the whole policy's estimate.
-        return self._spend.get(keys.spend, 0) * self.replicas
+        # What Redis last said, plus this replica's own count since, scaled up: each replica counts its share (the
+        # requests are spread over the replicas), so multiplying back estimates the whole policy's spend.
+        return self.baseline.get(keys.spend, 0) + self._spend.get(keys.spend, 0) * self.replicas
 
     async def admit(self, keys: BucketKeys, rpm: int, tpm: int) -> Verdict:
         now = time.monotonic() * 1000
@@ -216,6 +218,7 @@ class LocalStore:
             if keys.spend not in self._spend:
                 day = keys.spend.rsplit(":", 1)[-1]
                 self._spend = {k: v for k, v in self._spend.items() if k.endswith(day)}
+                self.baseline = {k: v for k, v in self.baseline.items() if k.endswith(day)}
             self._spend[keys.spend] = self._spend.get(keys.spend, 0) + nano
 
 
@@ -250,6 +253,7 @@ class Limiter:
             try:
                 v = await self.redis.admit(keys, rpm, tpm)
                 self._up()
+                self.local.baseline[keys.spend] = v.spent_nano
                 return v
             except StoreUnavailable as e:
                 self._down(e)

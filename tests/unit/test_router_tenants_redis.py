@@ -291,3 +291,24 @@ def test_a_late_answer_on_a_dropped_connection_never_answers_the_next_one() -> N
             server.close()
 
     assert run(go()) == (True, "PONG", "PONG")
+
+
+def test_an_outage_continues_the_days_spend_from_what_redis_said(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)
+
+    async def go() -> tuple[int, int, int]:
+        keys = bucket_keys("t/p", "spender", "d")
+        lim = Limiter(server.address, replicas=2, fail_closed=False)
+        try:
+            await lim.charge(keys, 0, 0, 1000)
+            seen = (await lim.admit(keys, 0, 0)).spent_nano
+            server.kill()
+            during = (await lim.admit(keys, 0, 0)).spent_nano
+            await lim.charge(keys, 0, 0, 10)  # counted here, times the 2 replicas
+            after = (await lim.admit(keys, 0, 0)).spent_nano
+            return seen, during, after
+        finally:
+            await lim.aclose()
+            server.kill()
+
+    assert run(go()) == (1000, 1000, 1020)
