@@ -129,3 +129,18 @@ def test_operator_mounts_tenant_keys_and_grants_no_secret_access() -> None:
     assert all("secrets" not in r["resources"] for r in role["rules"])
     no_tenants = builders.build_router_deployment(load(lambda s: s.pop("tenants")))
     assert all(v["name"] != "tenant-keys" for v in no_tenants["spec"]["template"]["spec"]["volumes"])
+
+
+def test_the_tenants_sample_loads_and_builds() -> None:
+    from pathlib import Path
+
+    from tiergate.api.policy import load_policy
+
+    sample = (
+        Path(__file__).resolve().parents[2] / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy_tenants.yaml"
+    )
+    p = load_policy(sample)
+    assert [t.name for t in p.spec.tenants] == ["search", "assistant"]
+    tenancy = from_policy(p).tenancy
+    assert tenancy.tenant("search").tiers == frozenset({"small"})
+    assert tenancy.redis_address == "tiergate-tiergate-redis.tiergate-system.svc:6379"
