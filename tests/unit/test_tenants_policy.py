@@ -4,6 +4,7 @@ them (`from_policy`), and what the operator mounts for them."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -132,8 +133,6 @@ def test_operator_mounts_tenant_keys_and_grants_no_secret_access() -> None:
 
 
 def test_the_tenants_sample_loads_and_builds() -> None:
-    from pathlib import Path
-
     from tiergate.api.policy import load_policy
 
     sample = (
@@ -144,3 +143,26 @@ def test_the_tenants_sample_loads_and_builds() -> None:
     tenancy = from_policy(p).tenancy
     assert tenancy.tenant("search").tiers == frozenset({"small"})
     assert tenancy.redis_address == "tiergate-tiergate-redis.tiergate-system.svc:6379"
+
+
+def test_a_tenants_price_budget_becomes_its_cost_weight_through_the_artifact(tmp_path: Path) -> None:
+    from tests.support.artifacts import constant_multi_tier_artifact
+    from tiergate.routing.artifact import load_artifact
+    from tiergate_router.artifact_classifier import LoadedClassifier
+    from tiergate_router.classifier import MicroBatcher
+
+    art = constant_multi_tier_artifact(tmp_path / "m.json", [("small", 0.1), ("large", 2.0)], [0.5, 0.9])
+    multi = LoadedClassifier(MicroBatcher(lambda prompts: []), art, load_artifact(art), scorer=None)
+
+    def knobs(s: dict[str, Any]) -> None:
+        s["router"] = {"replicas": 1}
+        s["tenants"][0]["budgetPerMillion"] = "0.5"
+        s["tenants"][1]["costWeightBasisPoints"] = 700
+
+    t = from_policy(load(knobs), multi=multi).tenancy
+    assert t.tenant("team-a").cost_weight_bp == multi.cost_weight_for_budget_bp(0.5)
+    assert t.tenant("team-b").cost_weight_bp == 700
+    with pytest.raises(ConfigError, match=r"tenants\[0\]\.budgetPerMillion"):
+        from_policy(load(lambda s: s["tenants"][0].update(budgetPerMillion="0.5")))
+    with pytest.raises(PolicyValidationError):
+        load(lambda s: s["tenants"][0].update(budgetPerMillion="0.5", costWeightBasisPoints=10))

@@ -679,6 +679,17 @@ class TenantBudget(_Model):
 class Tenant(_Model):
     """A client team: its API key, the tiers it may use, its limits and its daily budget."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.costWeightBasisPoints) && has(self.budgetPerMillion))",
+                    "message": "set at most one of costWeightBasisPoints, budgetPerMillion",
+                }
+            ]
+        }
+    )
+
     name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
     """Tenant name (DNS label): the metric label, and in local mode the key's environment variable
     TIERGATE_TENANT_KEY_<NAME> (upper-cased, `-` as `_`)."""
@@ -691,8 +702,17 @@ class Tenant(_Model):
     """Tiers the tenant may use (absent: all). Routed requests choose among them; naming another one is 403."""
     cost_weight_basis_points: BasisPoints | None = None
     """N-tier artifacts: the tenant's own cost weight, instead of the policy's."""
+    budget_per_million: Price | None = None
+    """N-tier artifacts, instead of a cost weight: the tenant's own average price budget per million tokens (as the
+    policy's spec.router.budgetPerMillion), instead of the policy's knob."""
     limits: TenantLimits = Field(default_factory=TenantLimits, json_schema_extra={"default": {}})
     budget: TenantBudget | None = None
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> Tenant:
+        if self.cost_weight_basis_points is not None and self.budget_per_million is not None:
+            raise ValueError("set at most one of costWeightBasisPoints, budgetPerMillion")
+        return self
 
 
 class UnauthenticatedAccess(StrEnum):

@@ -92,7 +92,7 @@ def from_policy(
             multi_tier=multi_tier,
             classifier_cache_entries=cache_entries,
             classifier_cache_bytes=cache_bytes,
-            tenancy=tenancy_from_policy(policy, n_tier=multi is not None, keys_dir=tenant_keys_dir),
+            tenancy=tenancy_from_policy(policy, multi=multi, keys_dir=tenant_keys_dir),
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e

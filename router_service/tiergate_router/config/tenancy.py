@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiergate_router.config.knobs import MultiTierSource
 from tiergate_router.errors import ConfigError
 from tiergate_router.tenants import NANO, BudgetConfig, Tenancy, TenantConfig
 
@@ -12,15 +13,16 @@ if TYPE_CHECKING:
     from tiergate.api.policy import RoutingPolicy, Tenant
 
 
-def tenancy_from_policy(policy: RoutingPolicy, *, n_tier: bool, keys_dir: Path | None) -> Tenancy:
-    """The policy's tenants for the router. A tenant's own cost weight applies to N-tier artifacts only and is
-    refused with a two-tier one (like the policy's knob); a budget's low cost weight falls back to "one tier
-    cheaper" there, as documented. `keys_dir`: where the operator mounts the tenants' keys (None: environment
-    only)."""
+def tenancy_from_policy(policy: RoutingPolicy, *, multi: MultiTierSource | None, keys_dir: Path | None) -> Tenancy:
+    """The policy's tenants for the router. A tenant's own cost weight or price budget applies to N-tier artifacts
+    (`multi`) only and is refused with a two-tier one (like the policy's knobs); a price budget becomes a cost weight
+    through the artifact's calibration, as the policy's does. A budget's low cost weight falls back to "one tier
+    cheaper" with a two-tier artifact, as documented. `keys_dir`: where the operator mounts the tenants' keys (None:
+    environment only)."""
     from tiergate.api.policy import LimitStoreUnavailable
 
     spec = policy.spec
-    tenants = tuple(_tenant(i, t, n_tier) for i, t in enumerate(spec.tenants))
+    tenants = tuple(_tenant(i, t, multi) for i, t in enumerate(spec.tenants))
     store = spec.limit_store
     return Tenancy(
         tenants=tenants,
@@ -33,14 +35,23 @@ def tenancy_from_policy(policy: RoutingPolicy, *, n_tier: bool, keys_dir: Path |
     )
 
 
-def _tenant(i: int, t: Tenant, n_tier: bool) -> TenantConfig:
+def _tenant(i: int, t: Tenant, multi: MultiTierSource | None) -> TenantConfig:
     from tiergate.api.policy import BudgetSpent
 
-    if t.cost_weight_basis_points is not None and not n_tier:
-        raise ConfigError(
-            f"spec.tenants[{i}].costWeightBasisPoints: applies to N-tier artifacts only, and this router's classifier "
-            "is a two-tier one"
-        )
+    n_tier = multi is not None
+    for knob, value in (
+        ("costWeightBasisPoints", t.cost_weight_basis_points),
+        ("budgetPerMillion", t.budget_per_million),
+    ):
+        if value is not None and multi is None:
+            raise ConfigError(
+                f"spec.tenants[{i}].{knob}: applies to N-tier artifacts only, and this router's classifier is a "
+                "two-tier one"
+            )
+    cost_weight = t.cost_weight_basis_points
+    if t.budget_per_million is not None and multi is not None:
+        # Decimal in the policy; the calibration table holds float prices, and one budget comparison is all.
+        cost_weight = multi.cost_weight_for_budget_bp(float(t.budget_per_million))
     b = t.budget
     budget = None
     if b is not None:
@@ -56,6 +67,6 @@ def _tenant(i: int, t: Tenant, n_tier: bool) -> TenantConfig:
         tiers=frozenset(t.tiers) if t.tiers is not None else None,
         requests_per_minute=t.limits.requests_per_minute or 0,
         tokens_per_minute=t.limits.tokens_per_minute or 0,
-        cost_weight_bp=t.cost_weight_basis_points,
+        cost_weight_bp=cost_weight,
         budget=budget,
     )
