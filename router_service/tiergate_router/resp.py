@@ -79,6 +79,7 @@ class RedisConnection:
         self._reader_task: asyncio.Task[None] | None = None
         self._connecting: asyncio.Lock | None = None
         self._next_try = 0.0
+        self._closed = False
 
     @property
     def connected(self) -> bool:
@@ -90,6 +91,9 @@ class RedisConnection:
         async with self._connecting:
             if self.connected:
                 return
+            if self._closed:
+                # A store replaced by a policy reload: a late charge must not open a connection nobody closes.
+                raise RedisUnavailable("connection closed")
             loop = asyncio.get_running_loop()
             if loop.time() < self._next_try:
                 raise RedisUnavailable(f"Redis at {self.host}:{self.port} is down (retrying within {self.retry_s}s)")
@@ -164,6 +168,7 @@ class RedisConnection:
             raise RedisUnavailable(f"Redis at {self.host}:{self.port} did not answer within {self.timeout_s}s") from e
 
     async def aclose(self) -> None:
+        self._closed = True
         self._drop(RedisUnavailable("closed"))
         if self._reader_task is not None:
             self._reader_task.cancel()
