@@ -36,6 +36,7 @@ KEYS = {
     "rotating": "sk-rotating-old",
     "leaving": "sk-leaving-0123456789",
     "streamer": "sk-streamer-0123456789",
+    "grpc-tokens": "sk-grpc-tokens-0123456789",
 }
 # 200 micro-dollars a day; low below half of it.
 BUDGET = BudgetConfig(daily_nano_usd=200_000, low_remaining_bp=5000)
@@ -52,6 +53,7 @@ def tenancy(keys_dir: Path, *, without: str | None = None) -> Tenancy:
         TenantConfig("rotating"),
         TenantConfig("leaving"),
         TenantConfig("streamer", tokens_per_minute=10),
+        TenantConfig("grpc-tokens", tokens_per_minute=10),
     )
     return Tenancy(
         tenants=tuple(t for t in tenants if t.name != without), allow_unauthenticated=False, keys_dir=keys_dir
@@ -221,6 +223,21 @@ def test_grpc_refusals(harness: Harness) -> None:
         trailers = dict(e.value.trailing_metadata() or ())
         assert 1 <= int(trailers["retry-after"]) <= 60
         assert trailers["x-tiergate-limit"] == "requests_per_minute"
+
+
+def test_grpc_token_limit(harness: Harness) -> None:
+    with grpc.insecure_channel(harness.grpc_target) as ch:
+        stub = router_pb2_grpc.RouterServiceStub(ch)
+        auth = (("authorization", f"Bearer {KEYS['grpc-tokens']}"),)
+        req = router_pb2.GenerateRequest(prompt="x", max_tokens=8)
+        assert stub.Generate(req, metadata=auth).usage.completion_tokens == 8  # 9 of 10 tokens
+        stub.Generate(req, metadata=auth)  # one token left: admitted, then 8 in debt
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Generate(req, metadata=auth)
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        trailers = dict(e.value.trailing_metadata() or ())
+        assert trailers["x-tiergate-limit"] == "tokens_per_minute"
+        assert int(trailers["retry-after"]) == 54
 
 
 def test_a_rotated_key_takes_effect_without_a_restart(harness: Harness, keys_dir: Path) -> None:

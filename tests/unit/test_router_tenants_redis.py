@@ -312,3 +312,31 @@ def test_an_outage_continues_the_days_spend_from_what_redis_said(tmp_path: Path)
             server.kill()
 
     assert run(go()) == (1000, 1000, 1020)
+
+
+@pytest.mark.slow
+def test_serve_policy_reload_refuses_a_removed_tenant_at_once(tier: dict[str, FakeProcess], tmp_path: Path) -> None:
+    """The real reload path of `tiergate serve -f` (the policy file the operator mounts): a tenant taken out of the
+    policy is refused from the reload on, the others keep their keys (TIERGATE_TENANT_KEY_<NAME>, local mode)."""
+    from tests.support.router_serve import RELOADED_ONCE
+    from tests.support.waiting import write_atomically
+
+    doc = _policy(tier["only"].base_url, "127.0.0.1:1")
+    del doc["spec"]["limitStore"]
+    doc["spec"]["tenants"].append({"name": "team-b", "apiKeySecretRef": {"name": "b", "key": "apiKey"}})
+    pol = tmp_path / "policy.yaml"
+    pol.write_text(yaml.safe_dump(doc))
+    s = Serve("-f", str(pol), env={"TIERGATE_TENANT_KEY_TEAM_A": KEY, "TIERGATE_TENANT_KEY_TEAM_B": "sk-b"})
+    try:
+        b = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key="sk-b", max_retries=0)
+        a = openai.OpenAI(base_url=f"http://127.0.0.1:{s.port}/v1", api_key=KEY, max_retries=0)
+        msg: list[Any] = [{"role": "user", "content": "x"}]
+        assert b.chat.completions.create(model="tiergate", messages=msg).choices
+        doc["spec"]["tenants"].pop()
+        write_atomically(pol, yaml.safe_dump(doc))
+        wait_for("the policy reloaded", lambda: RELOADED_ONCE in s.metrics(), interval=0.2)
+        with pytest.raises(openai.AuthenticationError):
+            b.chat.completions.create(model="tiergate", messages=msg)
+        assert a.chat.completions.create(model="tiergate", messages=msg).choices
+    finally:
+        s.stop()
