@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tiergate_router.resp import RedisConnection, RedisError, RedisUnavailable, RespValue
+from tiergate.api import naming
+from tiergate.resp import RedisConnection, RedisError, RedisUnavailable, RespValue
 
 log = logging.getLogger(__name__)
 
@@ -100,10 +101,9 @@ class BucketKeys:
 
 
 def bucket_keys(scope: str, tenant: str, day: str) -> BucketKeys:
-    """Keys of one tenant's counters. The hash tag `{scope/tenant}` keeps them in one Redis Cluster slot (a Lua
-    script may only touch keys of one slot)."""
-    tag = f"tiergate:{{{scope}/{tenant}}}"
-    return BucketKeys(f"{tag}:rq", f"{tag}:tok", f"{tag}:spend:{day}")
+    """Keys of one tenant's counters (`tiergate.api.naming`: the operator reads the spend under the same name)."""
+    tag = naming.tenant_key_prefix(scope, tenant)
+    return BucketKeys(f"{tag}:rq", f"{tag}:tok", naming.tenant_spend_key(scope, tenant, day))
 
 
 class Store(Protocol):

@@ -55,7 +55,7 @@ class RedisServer:
 
     def command(self, *args: str) -> bytes:
         """One command over a fresh connection; the raw reply (for a test to inspect or flush state)."""
-        from tiergate_router.resp import encode_command
+        from tiergate.resp import encode_command
 
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
             s.sendall(encode_command(*args))

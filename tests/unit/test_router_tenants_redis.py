@@ -250,7 +250,7 @@ def test_redis_killed_mid_run_falls_back_per_replica_then_recovers(routers: list
 def test_a_late_answer_on_a_dropped_connection_never_answers_the_next_one() -> None:
     """The RESP client drops a connection whose answer does not come in time; an answer that comes afterwards must
     not be matched to a command of the new connection."""
-    from tiergate_router.resp import RedisConnection, RedisUnavailable
+    from tiergate.resp import RedisConnection, RedisUnavailable
 
     async def go() -> tuple[bool, Any, Any]:
         release = asyncio.Event()
@@ -340,3 +340,59 @@ def test_serve_policy_reload_refuses_a_removed_tenant_at_once(tier: dict[str, Fa
         assert a.chat.completions.create(model="tiergate", messages=msg).choices
     finally:
         s.stop()
+
+
+def test_operator_writes_todays_spend_per_tenant_into_the_status(redis: RedisServer) -> None:
+    """What the routers counted (the same keys), read by the operator's reporter and written as status.tenants."""
+    import datetime as dt
+
+    from tiergate.api.policy import parse_policy
+    from tiergate_operator.tenant_spend import SpendReporter, spend_entries
+
+    doc = _policy("http://only:8000/v1", redis.address)
+    doc["metadata"]["uid"] = "u"
+    doc["spec"]["tenants"][0]["budget"] = {"dailyUsd": "0.000002", "lowRemainingBasisPoints": 5000}
+    doc["spec"]["tenants"].append(
+        {"name": "idle", "apiKeySecretRef": {"name": "i", "key": "k"}, "budget": {"dailyUsd": "3"}}
+    )
+    doc["spec"]["tenants"].append({"name": "no-budget", "apiKeySecretRef": {"name": "n", "key": "k"}})
+    day = dt.date(2026, 12, 2)
+
+    async def charge() -> None:
+        lim = Limiter(redis.address, replicas=2, fail_closed=False)
+        try:  # what a router charges for team-a today: 1.5 micro-dollars of 2
+            await lim.charge(bucket_keys("test/shared", "team-a", "20261202"), 0, 0, 1500)
+        finally:
+            await lim.aclose()
+
+    class FakeKube:
+        def __init__(self) -> None:
+            self.patches: list[tuple[str, str, str, dict[str, Any]]] = []
+
+        def patch_status(self, kind: str, ns: str, name: str, status: dict[str, Any]) -> dict[str, Any]:
+            self.patches.append((kind, ns, name, status))
+            return {}
+
+    redis.command("FLUSHALL")
+    run(charge())
+    kube = FakeKube()
+    reporter = SpendReporter(kube, lambda: [doc], today=lambda: day)  # type: ignore[arg-type]
+
+    async def twice() -> tuple[int, int]:
+        try:
+            return await reporter.report_all(), await reporter.report_all()
+        finally:
+            for conn in reporter._conns.values():
+                await conn.aclose()
+
+    assert run(twice()) == (1, 0)  # the second pass finds nothing new to write
+    expected = [
+        {"name": "team-a", "day": "2026-12-02", "spentUsd": "0.0000015", "dailyUsd": "0.000002", "state": "Low"},
+        {"name": "idle", "day": "2026-12-02", "spentUsd": "0", "dailyUsd": "3", "state": "Ok"},
+    ]
+    assert kube.patches == [("RoutingPolicy", "test", "shared", {"tenants": expected})]
+    policy = parse_policy(doc)
+    assert spend_entries(policy, {"team-a": 2000}, day)[0]["state"] == "Spent"
+    status = parse_policy({**doc, "status": {"tenants": expected}}).status
+    assert status is not None
+    assert [t.name for t in status.tenants] == ["team-a", "idle"]

@@ -78,3 +78,20 @@ def tenant_key_env(tenant: str) -> str:
     """Environment variable holding a tenant's API key in local mode (`tiergate serve -f POLICY.yaml`): the name
     upper-cased, `-` -> `_` (tenant names are DNS labels, so this is one-to-one)."""
     return "TIERGATE_TENANT_KEY_" + tenant.upper().replace("-", "_")
+
+
+def limit_scope(namespace: str | None, policy: str) -> str:
+    """The part of a tenant's limit-store keys that names its policy: replicas of one policy share counters,
+    other policies on the same Redis don't."""
+    return f"{namespace or 'default'}/{policy}"
+
+
+def tenant_key_prefix(scope: str, tenant: str) -> str:
+    """Prefix of a tenant's keys in the limit store (the routers write them, the operator reads the spend). The
+    hash tag `{scope/tenant}` keeps them in one Redis Cluster slot: a Lua script may only touch keys of one slot."""
+    return f"tiergate:{{{scope}/{tenant}}}"
+
+
+def tenant_spend_key(scope: str, tenant: str, day: str) -> str:
+    """The tenant's spend on UTC day `day` (YYYYMMDD), in nano-dollars (an integer counter)."""
+    return f"{tenant_key_prefix(scope, tenant)}:spend:{day}"

@@ -914,6 +914,27 @@ class MixEntry(_Observed):
     share_basis_points: int
 
 
+class TenantSpendState(StrEnum):
+    OK = "Ok"
+    LOW = "Low"
+    SPENT = "Spent"
+
+
+class TenantStatus(_Observed):
+    """A tenant's spend today (UTC), as the routers counted it in the limit store (tenants with a budget, policies
+    with spec.limitStore only)."""
+
+    name: str
+    day: str
+    """The UTC day, YYYY-MM-DD."""
+    spent_usd: str
+    """USD spent that day, a decimal string."""
+    daily_usd: str
+    """The tenant's daily budget, as in its spec."""
+    state: TenantSpendState
+    """Ok, Low (routed cheaper) or Spent."""
+
+
 class RoutingPolicyStatus(_Observed):
     observed_generation: int | None = None
     """The spec generation this status describes."""
@@ -938,6 +959,11 @@ class RoutingPolicyStatus(_Observed):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["tier"]},
     )
     """Observed share of requests per tier, reported by the router."""
+    tenants: list[TenantStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Per tenant with a daily budget: today's spend (the operator reads it from the limit store every minute)."""
 
 
 class RoutingPolicy(_Observed):

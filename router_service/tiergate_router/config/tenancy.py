@@ -19,6 +19,7 @@ def tenancy_from_policy(policy: RoutingPolicy, *, multi: MultiTierSource | None,
     through the artifact's calibration, as the policy's does. A budget's low cost weight falls back to "one tier
     cheaper" with a two-tier artifact, as documented. `keys_dir`: where the operator mounts the tenants' keys (None:
     environment only)."""
+    from tiergate.api import naming
     from tiergate.api.policy import LimitStoreUnavailable
 
     spec = policy.spec
@@ -30,7 +31,7 @@ def tenancy_from_policy(policy: RoutingPolicy, *, multi: MultiTierSource | None,
         redis_address=store.redis_address if store is not None else None,
         fail_closed=store is not None and store.when_unavailable is LimitStoreUnavailable.REFUSE,
         replicas=max(1, spec.router.replicas),
-        scope=f"{policy.metadata.namespace or 'default'}/{policy.metadata.name}",
+        scope=naming.limit_scope(policy.metadata.namespace, policy.metadata.name),
         keys_dir=keys_dir,
     )
 
