@@ -523,6 +523,33 @@ def _api_key_env(policy: RoutingPolicy) -> list[Obj]:
     return out
 
 
+def _tenant_keys_volume(policy: RoutingPolicy) -> list[Obj]:
+    """The tenants' API keys as one projected volume, a file per tenant named after it (what the router reads:
+    `naming.TENANT_KEYS_DIR`/<tenant>). A volume, not environment variables as for external tiers: the kubelet
+    rewrites a mounted Secret when it changes, so a rotated key takes effect without a restart, and the router needs
+    no permission to read Secrets. `optional`: a tenant whose Secret is missing is refused, not the router stopped."""
+    if not policy.spec.tenants:
+        return []
+    sources = [
+        {
+            "secret": {
+                "name": t.api_key_secret_ref.name,
+                "items": [{"key": t.api_key_secret_ref.key, "path": t.name}],
+                "optional": True,
+            }
+        }
+        for t in policy.spec.tenants
+    ]
+    # 0440 with the pod's fsGroup: readable by the router's group, by nobody else.
+    return [{"name": "tenant-keys", "projected": {"sources": sources, "defaultMode": 0o440}}]
+
+
+def _tenant_keys_mount(policy: RoutingPolicy) -> list[Obj]:
+    if not policy.spec.tenants:
+        return []
+    return [{"name": "tenant-keys", "mountPath": naming.TENANT_KEYS_DIR, "readOnly": True}]
+
+
 def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | None = None) -> Obj:
     """The router. A classifier ConfigMap is mounted from the operator's checked copy (`classifier`, the last good
     artifact; None before any was good, and the pod waits for the copy), under the key the policy names. The pod
@@ -543,6 +570,7 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
         mounts.append({"name": "classifier", "mountPath": naming.CLASSIFIER_MOUNT_DIR, "readOnly": True})
         items = [{"key": COPY_KEY, "path": cm.key}]
         volumes.append({"name": "classifier", "configMap": {"name": copy_name(policy), "items": items}})
+    mounts, volumes = [*mounts, *_tenant_keys_mount(policy)], [*volumes, *_tenant_keys_volume(policy)]
     container: Obj = {
         "name": ROUTER_CONTAINER,
         "image": r.image,

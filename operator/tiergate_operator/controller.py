@@ -81,6 +81,10 @@ class Controller:
         self.reconciles = 0  # counters, for logs and the benchmark
         self.errors = 0
 
+    def policy_bodies(self) -> list[dict[str, Any]]:
+        """The latest body of every policy kopf delivered (for readers beside the reconciler: the spend reporter)."""
+        return list(self._bodies.values())
+
     # --- event side (called from kopf handlers, on the event loop) -------------------------------------------
 
     def enqueue(self, key: PolicyKey, delay: float = 0.0, *, apply: bool = True) -> None:

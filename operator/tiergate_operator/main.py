@@ -18,6 +18,7 @@ from .handlers import configure_settings, login_handler, register
 from .health import start_health_server
 from .kube import Kube, load_api_client
 from .leader import LeaderElector
+from .tenant_spend import SpendReporter
 from .watches import WATCHED_KINDS, ChildWatches, SourceWatch
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,8 @@ async def _reconcile_until_stopped(
     sources = SourceWatch(kube, cfg.namespace, loop, controller.source_event)
     sources.start()
     tasks = [kopf_task, asyncio.create_task(controller.run(stop), name="controller")]
+    # status.tenants (today's spend per tenant with a budget), written by the leader like every other status.
+    tasks.append(asyncio.create_task(SpendReporter(kube, controller.policy_bodies).run(stop), name="tenant-spend"))
     lost = False
     if elector is not None:
         tasks.append(asyncio.create_task(elector.hold(stop), name="lease"))

@@ -401,6 +401,7 @@ def status_changed(old: Obj | None, new: Obj) -> bool:
     def strip(st: Obj | None) -> dict[str, Any]:
         st = dict(st or {})
         st.pop("observedMix", None)  # written by the router, not by us
+        st.pop("tenants", None)  # written by the spend reporter (tenant_spend.py), on its own clock
         st["conditions"] = [
             {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in (st.get("conditions") or [])
         ]

@@ -30,6 +30,7 @@ from tiergate_router.dispatch import UpstreamReply
 from tiergate_router.errors import DeadlineExceededError
 from tiergate_router.reward import RewardClient, RewardError
 from tiergate_router.router import Route, Router
+from tiergate_router.tenants import Access
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ class BestOfN:
                 len(texts),
                 usages=[(reply.tier, obj.get("usage"))],
             )
-        return await self._escalate(reason, path, plain, obj, reply, deadline - clock())
+        return await self._escalate(reason, path, plain, obj, reply, deadline - clock(), route.access)
 
     async def _rerank(self, prompt: str, texts: list[str], remaining_s: float) -> tuple[str | None, int]:
         """(None, index of the best text), or (the escalation reason, -1)."""
@@ -232,6 +233,7 @@ class BestOfN:
         sampled: dict[str, Any],
         reply: UpstreamReply,
         remaining_s: float,
+        access: Access,
     ) -> Answer:
         """The reference tier answers the original request (one sample), in what is left of the deadline."""
         router = self.router
@@ -241,7 +243,7 @@ class BestOfN:
         router.metrics.best_of_n_escalations.labels(reason).inc()
         spent = (reply.tier, sampled.get("usage"))
         if remaining_s <= 0:
-            router.account_usage(*spent)
+            router.account_usage(*spent, access)
             raise DeadlineExceededError(
                 f"deadline exceeded: best-of-N on {reply.tier} needed the reference tier ({reason}) and no time was "
                 "left",
@@ -251,7 +253,7 @@ class BestOfN:
         try:
             ref = await router.dispatcher.complete(chain, path, plain, timeout_s=remaining_s)
         except BaseException:
-            router.account_usage(*spent)
+            router.account_usage(*spent, access)
             raise
         obj = _parse(ref)
         if obj is None:

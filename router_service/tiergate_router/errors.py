@@ -78,3 +78,32 @@ def outcome_of(e: NoTierAvailableError) -> str:
 
 class UpstreamStreamError(RouterError):
     """A tier failed after the response had started streaming to the client (nothing can be retried then)."""
+
+
+class TenantRefusedError(RouterError):
+    """A tenant's request refused at the front door: no or a wrong key (401), a tier it may not use (403), over a
+    limit or its budget (429), or the limit store down with the policy failing closed (503). `retry_after_s` is the
+    Retry-After the client gets; `limit` names the limit that was hit (`requests_per_minute`, `tokens_per_minute`,
+    `daily_budget`)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int,
+        code: str,
+        type_: str | None = None,
+        param: str | None = None,
+        retry_after_s: int | None = None,
+        limit: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.code = code
+        self.type = type_ or {401: "invalid_request_error", 403: "permission_error", 429: "requests"}.get(
+            status, "server_error"
+        )
+        self.param = param
+        self.retry_after_s = retry_after_s
+        self.limit = limit

@@ -28,6 +28,7 @@ from tiergate_router.errors import (
     BadRequestError,
     DeadlineExceededError,
     NoTierAvailableError,
+    TenantRefusedError,
     UpstreamStreamError,
     outcome_of,
 )
@@ -72,6 +73,33 @@ def _status(e: BadRequestError) -> grpc.StatusCode:
     return grpc.StatusCode.INVALID_ARGUMENT
 
 
+_REFUSED_STATUS = {
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+def _authorization(context: Any) -> str | None:
+    """The `authorization` metadata (`Bearer KEY`, as HTTP's header); gRPC metadata keys are lower case."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return str(value)
+    return None
+
+
+async def _abort_refused(context: Any, e: TenantRefusedError) -> None:
+    """A tenant refusal as a gRPC status, with `retry-after` (seconds) and `x-tiergate-limit` trailing metadata."""
+    trailers = []
+    if e.retry_after_s is not None:
+        trailers.append(("retry-after", str(e.retry_after_s)))
+    if e.limit is not None:
+        trailers.append(("x-tiergate-limit", e.limit))
+    if trailers:
+        context.set_trailing_metadata(tuple(trailers))
+    await context.abort(_REFUSED_STATUS.get(e.status, grpc.StatusCode.UNAVAILABLE), e.message)
+
+
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -86,7 +114,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             route, "/chat/completions", body, prompt_text, timeout_s=context.time_remaining()
         )
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage)
+            self.router.account_usage(tier, usage, route.access)
         _samples(context, answer.samples)
         if answer.obj is None:
             await context.abort(
@@ -117,14 +145,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         _samples(context, 0)
         model = req.tier if isinstance(req, router_pb2.GenerateRequest) and req.tier else cfg.routed_model_name
         try:
+            principal = self.router.gate.authenticate(_authorization(context))
             body = request_to_body(req, stream=stream, model=model)
             if req.ByteSize() > cfg.max_body_bytes:
                 raise BadRequestError(f"request exceeds the router's limit of {cfg.max_body_bytes} bytes", status=413)
             parsed = parse_chat(body)
-            route = await self.router.route(parsed.model, parsed.prompt_text)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
         except BadRequestError as e:
             self.router.metrics.requests.labels("none", "none", "client_error").inc()
             await context.abort(_status(e), e.message)
+            raise AssertionError("unreachable") from e
+        except TenantRefusedError as e:
+            self.router.metrics.requests.labels("none", "none", "client_error").inc()
+            await _abort_refused(context, e)
             raise AssertionError("unreachable") from e
         return body, route, parsed.prompt_text
 
@@ -135,12 +168,16 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     async def _classify(self, request: router_pb2.ClassifyRequest, context: Any) -> router_pb2.ClassifyResponse:
         cfg = self.router.config
         try:
+            principal = self.router.gate.authenticate(_authorization(context))
             body = request_to_body(request, stream=False, model=cfg.routed_model_name)
             parsed = parse_chat(body)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
         except BadRequestError as e:
             await context.abort(_status(e), e.message)
             raise AssertionError("unreachable") from e
-        route = await self.router.route(parsed.model, parsed.prompt_text)
+        except TenantRefusedError as e:
+            await _abort_refused(context, e)
+            raise AssertionError("unreachable") from e
         score = route.score if route.score is not None else 1.0
         tier = route.chain[0]
         return router_pb2.ClassifyResponse(
@@ -191,7 +228,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"tier {reply.tier} sent an unreadable answer")
                 raise
             usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
-            self.router.account_usage(reply.tier, usage)
+            self.router.account_usage(reply.tier, usage, route.access)
             outcome = "success"
             return router_pb2.GenerateResponse(
                 text=text,
@@ -275,6 +312,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                     "prompt_tokens": msg.usage.prompt_tokens,
                                     "completion_tokens": msg.usage.completion_tokens,
                                 },
+                                route.access,
                             )
                         yield msg
             except UpstreamStreamError as e:

@@ -24,7 +24,13 @@ from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
 from tiergate_router.best_of_n import ESCALATION_HEADER, SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
-from tiergate_router.errors import BadRequestError, NoTierAvailableError, UpstreamStreamError, outcome_of
+from tiergate_router.errors import (
+    BadRequestError,
+    NoTierAvailableError,
+    TenantRefusedError,
+    UpstreamStreamError,
+    outcome_of,
+)
 from tiergate_router.metrics import CONTENT_TYPE
 from tiergate_router.openai_server import (
     CompletionStream,
@@ -52,6 +58,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 def _from_bad_request(e: BadRequestError) -> web.Response:
     return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code, headers=NO_TIER)
+
+
+def _refused(e: TenantRefusedError) -> web.Response:
+    """A tenant refusal: OpenAI's error body; Retry-After (seconds) on 429/503 and `x-tiergate-limit` naming the limit
+    hit; 401 also carries WWW-Authenticate, as RFC 6750 asks."""
+    headers = dict(NO_TIER)
+    if e.retry_after_s is not None:
+        headers["Retry-After"] = str(e.retry_after_s)
+    if e.limit is not None:
+        headers["x-tiergate-limit"] = e.limit
+    if e.status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="tiergate"'
+    return error_response(e.status, e.message, type_=e.type, param=e.param, code=e.code, headers=headers)
 
 
 @web.middleware
@@ -193,13 +212,18 @@ class OpenAIHandlers:
         t0 = time.perf_counter()
         m = self.router.metrics
         try:
+            # Before the body is read: an unauthenticated client costs the router no more than its headers.
+            principal = self.router.gate.authenticate(request.headers.get("Authorization"))
             timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
-            route = await self.router.route(parsed.model, parsed.prompt_text)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
+        except TenantRefusedError as e:
+            m.requests.labels("none", "none", "client_error").inc()
+            return _refused(e)
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
         res = _Result()
@@ -236,7 +260,7 @@ class OpenAIHandlers:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
-                self.router.account_usage(reply.tier, obj.get("usage"))
+                self.router.account_usage(reply.tier, obj.get("usage"), route.access)
                 obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
         res.outcome = _outcome(reply.status)
@@ -247,7 +271,7 @@ class OpenAIHandlers:
     def _answer_response(self, route: Route, answer: Answer, res: _Result) -> web.Response:
         """A best-of-N answer as one JSON response (also to a streaming client when a tier answered an error)."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage)
+            self.router.account_usage(tier, usage, route.access)
         headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
         body = answer.body
         if answer.obj is not None:
@@ -271,7 +295,7 @@ class OpenAIHandlers:
         """A best-of-N answer to a streaming client: sampled whole upstream, then sent as server-sent events in the
         usual shape (role, the chosen text in one chunk, the finish reason, the usage when asked for, [DONE])."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage)
+            self.router.account_usage(tier, usage, route.access)
         text, finish_reason, usage = chosen(answer)
         headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
         headers["Cache-Control"] = "no-cache"
@@ -315,7 +339,7 @@ class OpenAIHandlers:
                         # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
                         # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
                         # stream's end, and whoever reads /metrics once the stream is over must see the tokens.
-                        self.router.account_usage(up.tier, scanner.usage)
+                        self.router.account_usage(up.tier, scanner.usage, route.access)
                         accounted = True
                     await resp.write(chunk)
             except UpstreamStreamError as e:

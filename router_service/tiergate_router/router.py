@@ -21,6 +21,15 @@ from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_ch
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
+from tiergate_router.tenants import (
+    OPEN,
+    UNAUTHENTICATED,
+    Access,
+    Principal,
+    TenantGate,
+    restrict_chain,
+    restrict_choice,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +45,8 @@ class Route:
     # The tier the classifier chose, or "forced" / "classifier_error".
     decision: str
     chain: list[str]
+    # What the tenant may use, and whom to charge (tenants.Access); OPEN without tenants.
+    access: Access = OPEN
     # Samples to draw on the chosen tier (chain[0]) for best-of-N; 1: one answer, as always.
     samples: int = 1
 
@@ -50,7 +61,10 @@ class Router:
         self.dispatcher = Dispatcher(config, self.metrics)
         # Request bodies held at once, by both front ends (admission.py); resized when a reload changes the limit.
         self.body_budget = ByteBudget(config.max_inflight_body_bytes)
+        self.gate = TenantGate(config.tenancy, self.metrics.registry)
         self._background: list[asyncio.Task[None]] = []
+        # Charges to tenants still being written to the limit store (kept referenced until done).
+        self._charges: set[asyncio.Task[None]] = set()
         self._size_cache(config)
 
     @property
@@ -59,6 +73,7 @@ class Router:
 
     async def start(self, *, scrape_interval_s: float = 1.0) -> None:
         await self.dispatcher.start()
+        await self.gate.start()
         if self.config.saturation_waiting > 0:
             self._background.append(
                 asyncio.get_running_loop().create_task(self.dispatcher.run_scraper(scrape_interval_s))
@@ -70,12 +85,14 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         self._background.clear()
+        await self.gate.aclose()
         await self.dispatcher.aclose()
         await self.classifier.aclose()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
+        self.gate.apply(config.tenancy)
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
 
@@ -121,21 +138,41 @@ class Router:
             code="model_not_found",
         )
 
-    async def route(self, model: str, prompt_text: str) -> Route:
+    async def route(self, model: str, prompt_text: str, principal: Principal = UNAUTHENTICATED) -> Route:
+        """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
+        admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
+        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`)."""
         cfg = self.config
         forced = self.resolve_model(model)
+        access = await self.gate.admit(principal, forced)
+        route = await self._route(cfg, forced, prompt_text, access)
+        if access is OPEN:
+            return route
+        # A tier the client named (and may use) is served as named, also while the budget is low; once it is spent
+        # with CheapestTier, the cheapest allowed tier serves whatever was asked.
+        chosen = route.chain[0]
+        if forced is None or access.cheapest_only:
+            chosen = restrict_choice(chosen, cfg.tier_names, access)
+        chain = restrict_chain(fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), access)
+        decision = "budget_spent" if access.cheapest_only else "budget_low" if access.cheaper else route.decision
+        # The samples were chosen for the classifier's tier; a tier the tenant's limits chose instead draws one.
+        samples = route.samples if chain[0] == route.chain[0] else 1
+        return Route(route.score, decision, chain, access, samples=samples)
+
+    async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
-        if len(cfg.tiers) == 1:
+        if len(cfg.tiers) == 1 or access.cheapest_only:
+            # A spent budget (CheapestTier) draws one sample: best-of-N multiplies what is spent.
             only = cfg.tiers[0].name
-            return Route(None, only, [only], samples_without_heads(cfg, only))
+            return Route(None, only, [only], samples=1 if access.cheapest_only else samples_without_heads(cfg, only))
         t0 = time.perf_counter()
         try:
             verdict = (await self.classifier.score([prompt_text]))[0]
             if cfg.candidates is not None:
-                chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text)
+                chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text, access)
             else:
-                chosen, score = self._decide(verdict, cfg)
+                chosen, score = self._decide(verdict, cfg, access)
                 samples = samples_without_heads(cfg, chosen)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
@@ -146,12 +183,13 @@ class Router:
         self.metrics.score.observe(score)
         if cfg.best_of_n is not None:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
-        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), samples)
+        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), samples=samples)
 
     @staticmethod
-    def _decide(verdict: Verdict, cfg: RouterConfig) -> tuple[str, float]:
+    def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
         """(chosen tier, score). Two tiers: the score against the thresholds. N tiers: the artifact's choice by
-        cost weight, and the score is the chosen tier's predicted quality."""
+        cost weight (the tenant's, when it has one), among the tiers the tenant may use, and the score is the
+        chosen tier's predicted quality."""
         mt = cfg.multi_tier
         if mt is None:
             if isinstance(verdict, tuple):
@@ -160,11 +198,18 @@ class Router:
             return choose_tier(score, cfg.tier_names, cfg.thresholds_bp), score
         if not isinstance(verdict, tuple) or len(verdict) <= max(mt.columns):
             raise ClassifierError("a two-tier score reached an N-tier config")
-        i, quality = choose_multi_tier(verdict, mt.prices, mt.columns, mt.cost_weight_bp)
-        return cfg.tiers[i].name, quality
+        served = [i for i, t in enumerate(cfg.tiers) if access.tiers is None or t.name in access.tiers]
+        if not served:
+            served = list(range(len(cfg.tiers)))  # restrict_choice refuses this tenant with 403
+        # A tenant's weight is against the policy's prices; the choice weighs `mt.prices` (MultiTier.price_scale).
+        weight = mt.cost_weight_bp if access.cost_weight_bp is None else round(access.cost_weight_bp * mt.price_scale)
+        j, quality = choose_multi_tier(verdict, mt.prices, [mt.columns[i] for i in served], weight)
+        return cfg.tiers[served[j]].name, quality
 
-    def account_usage(self, tier: str, usage: object) -> None:
-        """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed)."""
+    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> None:
+        """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to
+        the request's tenant (`gate.charge`, a task whose first step writes its Redis command: on the loop's next turn,
+        before anything read after this)."""
         if not isinstance(usage, dict):
             return
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
@@ -176,7 +221,11 @@ class Router:
             return
         self.metrics.tokens.labels(tier, "prompt").inc(p)
         self.metrics.tokens.labels(tier, "completion").inc(c)
-        self.metrics.cost.labels(tier).inc((p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6)
+        dollars = (p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6
+        self.metrics.cost.labels(tier).inc(dollars)
+        if access.tenant is not None:
+            self._charges.add(charge := asyncio.get_running_loop().create_task(self.gate.charge(access, p, c, dollars)))
+            charge.add_done_callback(self._charges.discard)
 
 
 def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:
@@ -186,10 +235,13 @@ def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:
     return b.max_samples if b is not None and chosen == b.tier else 1
 
 
-def _decide_candidate(verdict: Verdict, cfg: RouterConfig, prompt_text: str) -> tuple[str, float, int]:
+def _decide_candidate(
+    verdict: Verdict, cfg: RouterConfig, prompt_text: str, access: Access = OPEN
+) -> tuple[str, float, int]:
     """(tier, score, n) with a `candidates` artifact: `tiergate.routing.candidates.choose_candidate` over the
-    allowed candidates (`allowed_candidates`: served, and n > 1 only on the best-of-N tier within maxSamples); the
-    score is the chosen candidate's head output."""
+    allowed candidates (`allowed_candidates`: served, and n > 1 only on the best-of-N tier within maxSamples; with
+    a tenant, only on its tiers, at its cost weight when it has one); the score is the chosen candidate's head
+    output."""
     from tiergate.routing.candidates import choose_candidate, input_tokens
     from tiergate.routing.errors import RoutingError
 
@@ -199,7 +251,13 @@ def _decide_candidate(verdict: Verdict, cfg: RouterConfig, prompt_text: str) -> 
         raise ClassifierError("the classifier's output does not match the candidates artifact")
     try:
         allowed = allowed_candidates(cfg)
-        k = choose_candidate(verdict, cr.candidates, input_tokens(prompt_text), cr.cost_weight_bp, allowed)
+        if access.tiers is not None:
+            allowed = tuple(
+                ok and t is not None and cfg.tiers[t].name in access.tiers
+                for ok, t in zip(allowed, cr.tier_of, strict=True)
+            )
+        weight = cr.cost_weight_bp if access.cost_weight_bp is None else access.cost_weight_bp
+        k = choose_candidate(verdict, cr.candidates, input_tokens(prompt_text), weight, allowed)
     except (ValueError, RoutingError) as e:
         raise ClassifierError(f"no candidate to choose: {e}") from e
     tier_index = cr.tier_of[k]

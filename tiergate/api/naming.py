@@ -74,3 +74,32 @@ def api_key_env(tier: str) -> str:
     the tier's `endpoint.apiKeySecretRef` Secret, the router sends it as `Authorization: Bearer <key>`. Tier names
     are DNS labels (lower case, digits, `-`), so upper-casing and `-` -> `_` is one-to-one and a valid shell name."""
     return "TIERGATE_API_KEY_" + tier.upper().replace("-", "_")
+
+
+# Tenants' API keys in the router pod: one file per tenant, named after the tenant, from a projected volume of the
+# tenants' Secrets. The kubelet rewrites the files when a Secret changes, and the router re-reads them, so a rotated
+# key takes effect without a restart and the router needs no permission to read Secrets.
+TENANT_KEYS_DIR = "/etc/tiergate/tenant-keys"
+
+
+def tenant_key_env(tenant: str) -> str:
+    """Environment variable holding a tenant's API key in local mode (`tiergate serve -f POLICY.yaml`): the name
+    upper-cased, `-` -> `_` (tenant names are DNS labels, so this is one-to-one)."""
+    return "TIERGATE_TENANT_KEY_" + tenant.upper().replace("-", "_")
+
+
+def limit_scope(namespace: str | None, policy: str) -> str:
+    """The part of a tenant's limit-store keys that names its policy: replicas of one policy share counters,
+    other policies on the same Redis don't."""
+    return f"{namespace or 'default'}/{policy}"
+
+
+def tenant_key_prefix(scope: str, tenant: str) -> str:
+    """Prefix of a tenant's keys in the limit store (the routers write them, the operator reads the spend). The
+    hash tag `{scope/tenant}` keeps them in one Redis Cluster slot: a Lua script may only touch keys of one slot."""
+    return f"tiergate:{{{scope}/{tenant}}}"
+
+
+def tenant_spend_key(scope: str, tenant: str, day: str) -> str:
+    """The tenant's spend on UTC day `day` (YYYYMMDD), in nano-dollars (an integer counter)."""
+    return f"{tenant_key_prefix(scope, tenant)}:spend:{day}"

@@ -663,6 +663,113 @@ class Shadow(_Model):
     """Share of requests shadowed (0..10000)."""
 
 
+# --- tenants ----------------------------------------------------------------------------------------------------
+
+# Tenant names become metric labels: a bounded list keeps the label cardinality bounded whatever clients send.
+MAX_TENANTS = 256
+# host:port of a Redis server (a DNS name or an IPv4 address; the port is required so that nothing is implied).
+REDIS_ADDRESS_PATTERN = r"^[a-zA-Z0-9]([-.a-zA-Z0-9]*[a-zA-Z0-9])?:[0-9]{1,5}$"
+
+
+class TenantLimits(_Model):
+    """Per tenant, across every router replica (counted in the limit store; see spec.limitStore). Absent: no limit.
+    A refused request gets HTTP 429 with Retry-After (gRPC RESOURCE_EXHAUSTED)."""
+
+    requests_per_minute: Annotated[int, Field(ge=1, le=100_000_000, strict=True)] | None = None
+    """Requests admitted per minute (a token bucket holding one minute's worth, refilled continuously)."""
+    tokens_per_minute: Annotated[int, Field(ge=1, le=10_000_000_000, strict=True)] | None = None
+    """Prompt + completion tokens per minute, as the tiers' `usage` reports them. Charged when a response ends; a
+    request is admitted while the tenant's bucket is not empty, so one request may overdraw it by its own size."""
+
+
+class BudgetSpent(StrEnum):
+    """What happens when a tenant's daily budget is spent: refuse with 429 until the next UTC day, or serve from the
+    cheapest tier the tenant may use only."""
+
+    REFUSE = "Refuse"
+    CHEAPEST_TIER = "CheapestTier"
+
+
+class TenantBudget(_Model):
+    """A daily spend budget in USD (the tiers' prices are read as USD per million tokens). The day is the UTC day.
+    As the budget runs low the tenant is routed cheaper; when it is spent, `whenSpent` applies."""
+
+    daily_usd: Price
+    """USD per UTC day, an integer or a quoted decimal string ("25", "2.50")."""
+    low_remaining_basis_points: BasisPoints = 2000
+    """The budget is low when less than this share of it remains (2000 = the last 20 %)."""
+    low_cost_weight_basis_points: BasisPoints | None = None
+    """N-tier artifacts: the cost weight used while the budget is low (a tighter one than usual). Unset, or with a
+    two-tier artifact: while low, each request is served one tier cheaper than the router chose."""
+    when_spent: BudgetSpent = BudgetSpent.REFUSE
+    """Refuse: HTTP 429 until the next UTC day. CheapestTier: the cheapest tier the tenant may use, only."""
+
+
+class Tenant(_Model):
+    """A client team: its API key, the tiers it may use, its limits and its daily budget."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(has(self.costWeightBasisPoints) && has(self.budgetPerMillion))",
+                    "message": "set at most one of costWeightBasisPoints, budgetPerMillion",
+                }
+            ]
+        }
+    )
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL_PATTERN)]
+    """Tenant name (DNS label): the metric label, and in local mode the key's environment variable
+    TIERGATE_TENANT_KEY_<NAME> (upper-cased, `-` as `_`)."""
+    api_key_secret_ref: SecretKeyRef
+    """The Secret key holding the tenant's API key (sent as `Authorization: Bearer KEY`). A new value in the
+    Secret takes effect without a restart."""
+    tiers: list[TierName] | None = Field(
+        default=None, min_length=1, max_length=MAX_TIERS, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Tiers the tenant may use (absent: all). Routed requests choose among them; naming another one is 403."""
+    cost_weight_basis_points: BasisPoints | None = None
+    """N-tier artifacts: the tenant's own cost weight, instead of the policy's."""
+    budget_per_million: Price | None = None
+    """N-tier artifacts, instead of a cost weight: the tenant's own average price budget per million tokens (as the
+    policy's spec.router.budgetPerMillion), instead of the policy's knob."""
+    limits: TenantLimits = Field(default_factory=TenantLimits, json_schema_extra={"default": {}})
+    budget: TenantBudget | None = None
+
+    @model_validator(mode="after")
+    def _one_knob(self) -> Tenant:
+        if self.cost_weight_basis_points is not None and self.budget_per_million is not None:
+            raise ValueError("set at most one of costWeightBasisPoints, budgetPerMillion")
+        return self
+
+
+class UnauthenticatedAccess(StrEnum):
+    """Whether a request without an API key is served. Allow: served like before tenants existed (every tier, no
+    limits), while a request that sends a key must send a valid one. Refuse: 401."""
+
+    ALLOW = "Allow"
+    REFUSE = "Refuse"
+
+
+class LimitStoreUnavailable(StrEnum):
+    """When the limit store cannot be reached. PerReplicaLimits: each replica enforces the limits divided by
+    spec.router.replicas on its own (fail open, not unlimited). Refuse: every tenant request gets 503 (fail
+    closed)."""
+
+    PER_REPLICA_LIMITS = "PerReplicaLimits"
+    REFUSE = "Refuse"
+
+
+class LimitStore(_Model):
+    """Where the tenants' limit and spend counters are shared between router replicas: a Redis server. Absent: each
+    replica counts alone, at the limits divided by spec.router.replicas."""
+
+    redis_address: Annotated[str, Field(max_length=260, pattern=REDIS_ADDRESS_PATTERN)]
+    """host:port of a Redis server (e.g. tiergate-redis:6379)."""
+    when_unavailable: LimitStoreUnavailable = LimitStoreUnavailable.PER_REPLICA_LIMITS
+
+
 # --- spec and object --------------------------------------------------------------------------------------------
 
 
@@ -697,6 +804,13 @@ class RoutingPolicySpec(_Model):
                     "fieldPath": ".router.fallbackOrder",
                     "reason": "FieldValueInvalid",
                 },
+                {
+                    "rule": "!has(self.tenants) || self.tenants.all(n, !has(n.tiers) || "
+                    "n.tiers.all(x, self.tiers.exists(t, t.name == x)))",
+                    "message": "every entry of tenants[].tiers must name a tier in spec.tiers",
+                    "fieldPath": ".tenants",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
@@ -710,6 +824,15 @@ class RoutingPolicySpec(_Model):
     router: Router = Field(default_factory=Router, json_schema_extra={"default": {}})
     best_of_n: BestOfN | None = Field(default=None, alias="bestOfN")
     shadow: Shadow | None = None
+    tenants: list[Tenant] = Field(
+        default_factory=list,
+        max_length=MAX_TENANTS,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Client teams with API keys. With tenants, a request needs a tenant's key unless `unauthenticated` is Allow."""
+    unauthenticated: UnauthenticatedAccess | None = None
+    """Requests without an API key. Absent: Refuse when tenants are declared, Allow when none are."""
+    limit_store: LimitStore | None = None
 
     @model_validator(mode="after")
     def _cross_field(self) -> RoutingPolicySpec:
@@ -731,7 +854,15 @@ class RoutingPolicySpec(_Model):
             raise _At(
                 "shadow.baselineTier", f"names no tier: {self.shadow.baseline_tier!r} (tiers: {', '.join(names)})"
             )
+        _check_tenants(self.tenants, names)
         return self
+
+    @property
+    def unauthenticated_allowed(self) -> bool:
+        """Whether a request without an API key is served (the default follows whether tenants are declared)."""
+        if self.unauthenticated is None:
+            return not self.tenants
+        return self.unauthenticated is UnauthenticatedAccess.ALLOW
 
     def tier(self, name: str) -> Tier:
         for t in self.tiers:
@@ -745,6 +876,17 @@ class RoutingPolicySpec(_Model):
 
     def effective_fallback_order(self) -> list[str]:
         return list(self.router.fallback_order) or [t.name for t in reversed(self.tiers)]
+
+
+def _check_tenants(tenants: list[Tenant], tiers: list[str]) -> None:
+    seen: set[str] = set()
+    for i, t in enumerate(tenants):
+        if t.name in seen:
+            raise _At(f"tenants[{i}].name", f"duplicate tenant name {t.name!r}")
+        seen.add(t.name)
+        for j, tier in enumerate(t.tiers or []):
+            if tier not in tiers:
+                raise _At(f"tenants[{i}].tiers[{j}]", f"names no tier: {tier!r} (tiers: {', '.join(tiers)})")
 
 
 class _At(ValueError):
@@ -826,6 +968,27 @@ class MixEntry(_Observed):
     share_basis_points: int
 
 
+class TenantSpendState(StrEnum):
+    OK = "Ok"
+    LOW = "Low"
+    SPENT = "Spent"
+
+
+class TenantStatus(_Observed):
+    """A tenant's spend today (UTC), as the routers counted it in the limit store (tenants with a budget, policies
+    with spec.limitStore only)."""
+
+    name: str
+    day: str
+    """The UTC day, YYYY-MM-DD."""
+    spent_usd: str
+    """USD spent that day, a decimal string."""
+    daily_usd: str
+    """The tenant's daily budget, as in its spec."""
+    state: TenantSpendState
+    """Ok, Low (routed cheaper) or Spent."""
+
+
 class RoutingPolicyStatus(_Observed):
     observed_generation: int | None = None
     """The spec generation this status describes."""
@@ -853,6 +1016,11 @@ class RoutingPolicyStatus(_Observed):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["tier"]},
     )
     """Observed share of requests per tier, reported by the router."""
+    tenants: list[TenantStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    """Per tenant with a daily budget: today's spend (the operator reads it from the limit store every minute)."""
 
 
 class RoutingPolicy(_Observed):

@@ -16,12 +16,14 @@ from tiergate_router.config.knobs import (
     TWO_TIER_KNOBS,
     MultiTierSource,
     ThresholdSource,
+    calibration_scale,
     candidate_routing_for,
     multi_tier_for,
     two_tier_thresholds,
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
+from tiergate_router.config.tenancy import tenancy_from_policy
 from tiergate_router.config.types import (
     DEFAULT_INFLIGHT_BODY_BYTES,
     DEFAULT_RESPONSE_BYTES,
@@ -50,6 +52,7 @@ def from_policy(
     cost_weight_bp: int | None = None,
     reward_url: str | None = None,
     candidates: MultiTierSource | None = None,
+    tenant_keys_dir: Path | None = None,
 ) -> RouterConfig:
     """Narrow a typed RoutingPolicy to a RouterConfig.
 
@@ -69,6 +72,7 @@ def from_policy(
     there and is refused, naming it. An external tier's `apiKeySecretRef` is read from the environment
     (`secrets.api_key`; `environ`, default os.environ). `spec.bestOfN` becomes `best_of_n` (`best_of_n_of`;
     `reward_url`, the `--reward-url` flag, wins over the reward Service's address the operator deploys).
+    Tenants: `tenancy.tenancy_from_policy`, their keys from the environment or files in `tenant_keys_dir`.
     """
     spec = policy.spec
     ns = policy.metadata.namespace or namespace or "default"
@@ -119,6 +123,12 @@ def from_policy(
             max_response_bytes=response_bytes,
             best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
             candidates=routing,
+            tenancy=tenancy_from_policy(
+                policy,
+                multi=multi,
+                keys_dir=tenant_keys_dir,
+                price_scale=calibration_scale(tiers, multi) if multi is not None else None,
+            ),
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e

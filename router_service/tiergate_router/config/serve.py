@@ -3,8 +3,10 @@ classifier, composed in one pure function, used at start-up and on every policy 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
+from tiergate.api.naming import TENANT_KEYS_DIR
 from tiergate_router.config.from_policy import from_policy
 from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, LoadedSource
 from tiergate_router.config.local import LocalOverrides, apply_overrides, local_config
@@ -47,6 +49,7 @@ def serve_config(
             tier_flags=overrides.tiers,
             cost_weight_bp=overrides.cost_weight_bp,
             reward_url=overrides.best_of_n.reward_url,
+            tenant_keys_dir=Path(TENANT_KEYS_DIR),
         )
     elif not overrides.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)

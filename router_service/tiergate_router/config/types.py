@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from tiergate_router.classifier import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_ENTRIES
 from tiergate_router.errors import ConfigError
+from tiergate_router.tenants import Tenancy
 
 if TYPE_CHECKING:
     from tiergate.routing.artifact import RouterArtifact
@@ -82,6 +83,9 @@ class MultiTier:
     cost_weight_bp: int
     # Per artifact tier ($/Mtok, input + output), the price the choice weighs; only the served columns matter.
     prices: tuple[float, ...]
+    # The policy's prices over `prices` (k when the choice weighs the artifact's prices, which are the policy's / k;
+    # else 1): a weight given against the policy's prices (a tenant's) acts on `prices` as weight * k.
+    price_scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,8 @@ class RouterConfig:
     best_of_n: BestOfNConfig | None = None
     # Set when the classifier artifact is a `candidates` one: (tier, n) chosen per prompt by its heads.
     candidates: CandidateRouting | None = None
+    # Tenants, their keys, limits and budgets (tiergate_router.tenants); the default lets everyone in.
+    tenancy: Tenancy = field(default_factory=Tenancy)
 
     def __post_init__(self) -> None:
         validate(self)
