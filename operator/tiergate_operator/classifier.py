@@ -161,6 +161,8 @@ def artifact_misfit(policy: RoutingPolicy, doc: Mapping[str, Any], where: str) -
         return None if overflow is None else f"spec.tiers: {overflow}"
     if knob in TWO_TIER_KNOBS:
         return f"spec.router.{knob}: a two-tier knob, but {where} is an N-tier artifact (set costWeightBasisPoints)"
+    if kind == "candidates":
+        return _candidates_misfit(policy, doc, where, knob)
     try:
         known = [str(t["name"]) for t in doc["tiers"]]
         art_prices = [float(t["price"]) for t in doc["tiers"]]
@@ -185,6 +187,50 @@ def artifact_misfit(policy: RoutingPolicy, doc: Mapping[str, Any], where: str) -
     return (
         f"spec.tiers[{off}].price: {off_by}; the calibration of {where}, measured at its own prices, does not "
         f"describe these, and {need} comes from it. {PRICE_WAY_OUT}"
+    )
+
+
+def _candidates_misfit(policy: RoutingPolicy, doc: Mapping[str, Any], where: str, knob: str | None) -> str | None:
+    """`artifact_misfit` for a `candidates` (BEST-Route) artifact, the router's rules
+    (`tiergate_router.config.knobs.candidate_routing_for`): a price budget per million tokens means nothing to a
+    table in USD per 1k prompts; some tier must serve a candidate's model (by name, servedModelName or model); and
+    without a cost weight, the priced tiers' input and output prices must be the artifact's up to one factor."""
+    if knob == "budgetPerMillion":
+        return (
+            f"spec.router.budgetPerMillion: a price per million tokens, but {where} is a candidates artifact, "
+            "calibrated in USD per 1k prompts (set costWeightBasisPoints, or `tiergate calibrate "
+            "--usd-per-1k-prompts B --write OUT`)"
+        )
+    try:
+        cands = [
+            (str(t["model"]), float(t["input_usd_per_mtok"]), float(t["output_usd_per_mtok"])) for t in doc["tiers"]
+        ]
+    except (KeyError, TypeError, ValueError):
+        return f"{where}: its candidates are not a list of {{model, input_usd_per_mtok, output_usd_per_mtok}}"
+    served: list[tuple[int, float, float]] = []
+    for model, pin, pout in cands:
+        i = next((i for i, t in enumerate(policy.spec.tiers) if model in (t.name, t.model_name, t.model)), None)
+        if i is not None:
+            served.append((i, pin, pout))
+    if not served:
+        models = ", ".join(dict.fromkeys(m for m, _, _ in cands))
+        return f"spec.tiers: no tier serves a model of {where} (its models: {models}) by name, servedModelName or model"
+    if policy.spec.router.cost_weight_basis_points is not None:
+        return None
+    tiers = policy.spec.tiers
+    mine = [
+        float(p) for i, _, _ in served for p in (tiers[i].price.input_per_million, tiers[i].price.output_per_million)
+    ]
+    theirs = [p for _, pin, pout in served for p in (pin, pout)]
+    _, off = price_factor(mine, theirs)
+    if off < 0:
+        return None
+    i = served[off // 2][0]
+    side = ("input", "output")[off % 2]
+    return (
+        f"spec.tiers[{i}].price: its {side} price {mine[off]:g} is not {where}'s {theirs[off]:g} for the model (nor "
+        f"the same multiple as the other prices); the artifact's calibrated cost weight does not describe these. "
+        f"{PRICE_WAY_OUT}"
     )
 
 

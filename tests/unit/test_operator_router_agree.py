@@ -132,3 +132,60 @@ def test_operator_and_router_agree(case: str, refused: bool, artifact: Path | No
 
 def test_the_knob_sets_are_one() -> None:
     assert oc.TWO_TIER_KNOBS == TWO_TIER_KNOBS
+
+
+# A `candidates` (BEST-Route) artifact over the sample's served models, at the sample's prices.
+SAMPLE_CANDIDATES = (
+    ("qwen2.5-7b@1", "qwen2.5-7b", 1, 0.10, 0.30),
+    ("qwen2.5-7b@4", "qwen2.5-7b", 4, 0.10, 0.30),
+    ("qwen2.5-72b@1", "qwen2.5-72b", 1, 0.90, 2.70),
+)
+
+
+def _no_model_served(d: dict[str, Any]) -> None:
+    for i, t in enumerate(d["spec"]["tiers"]):
+        t.update(servedModelName=f"other-{i}", model=f"org/other-{i}")
+
+
+CANDIDATE_CASES: list[tuple[str, bool, list[Mutation]]] = [
+    ("candidates-fit", False, []),
+    (
+        "candidates-doubled",
+        False,
+        [
+            large_price(inputPerMillion="1.80", outputPerMillion="5.40"),
+            lambda d: d["spec"]["tiers"][0]["price"].update(inputPerMillion="0.20", outputPerMillion="0.60"),
+        ],
+    ),
+    ("candidates-off-ratio", True, [large_price(inputPerMillion="5")]),
+    ("candidates-off-ratio-weight", False, [large_price(inputPerMillion="5"), router(costWeightBasisPoints=40)]),
+    ("candidates-budget-knob", True, [router(budgetPerMillion="1")]),
+    ("candidates-two-tier-knob", True, [router(thresholdBasisPoints=5000)]),
+    ("candidates-no-model-served", True, [_no_model_served]),
+]
+
+
+@pytest.mark.parametrize(("case", "refused", "mutations"), CANDIDATE_CASES, ids=[c[0] for c in CANDIDATE_CASES])
+def test_operator_and_router_agree_on_candidates_artifacts(
+    case: str, refused: bool, mutations: list[Mutation], tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from tests.support.routing import tiny_candidates_artifact
+    from tiergate.routing.artifact import Tier, save_artifact
+
+    tiers = [
+        Tier(name=n, price=i + o, model=m, n=k, input_usd_per_mtok=i, output_usd_per_mtok=o, output_tokens=300.0)
+        for n, m, k, i, o in SAMPLE_CANDIDATES
+    ]
+    path = tmp_path / "candidates.json"
+    save_artifact(replace(tiny_candidates_artifact(), tiers=tiers, reference="qwen2.5-72b@1"), path)
+    doc = _doc([router(), *mutations])  # the sample's share knob is a two-tier one
+    loaded = LoadedClassifier(MicroBatcher(lambda prompts: []), path, load_artifact(path), scorer=None)  # type: ignore[arg-type]
+    try:
+        from_policy(parse_policy(doc), candidates=loaded)
+        router_refused = False
+    except ConfigError:
+        router_refused = True
+    assert router_refused is refused, case
+    assert _operator_refuses(doc, path) is refused, case

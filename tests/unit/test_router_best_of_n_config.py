@@ -339,3 +339,42 @@ def test_a_candidates_artifact_chooses_tier_and_n_within_the_best_of_n_bound(tmp
     assert seen <= {("small", 1), ("big", 1)}
     with pytest.raises(ConfigError, match="--threshold-bp"):
         config("--threshold-bp", "5000")
+
+
+def test_the_policys_prices_price_the_candidates(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Priced tiers' prices are what their candidates cost with a given weight; the calibrated default holds only
+    for prices one factor times the artifact's (input and output alike), and other ratios are refused."""
+    from tiergate_router.config import candidate_routing_for
+
+    monkeypatch.setattr(candidates_module, "candidates_of", lambda art: CANDS)
+
+    class Source:
+        source = Path("candidates.json")
+        artifact: Any = None
+        default_cost_weight_bp = 123
+
+    def priced(small: tuple[float, float], large: tuple[float, float]) -> tuple[Any, ...]:
+        return (
+            tier_at("small", "http://s/v1", model="org/small", price_per_mtok=small),
+            tier_at("large", "http://l/v1", model="org/large", price_per_mtok=large),
+        )
+
+    art_in = {c.model: (c.input_usd_per_mtok, c.output_usd_per_mtok) for c in CANDS}
+    own = priced(art_in["org/small"], art_in["org/large"])
+    assert candidate_routing_for(own, Source(), None) == CandidateRouting(CANDS, TIER_OF, 123)
+    doubled = priced(
+        (2 * art_in["org/small"][0], 2 * art_in["org/small"][1]),
+        (2 * art_in["org/large"][0], 2 * art_in["org/large"][1]),
+    )
+    # The same choice at the calibrated weight: the artifact's prices are kept.
+    assert candidate_routing_for(doubled, Source(), None) == CandidateRouting(CANDS, TIER_OF, 123)
+    other = priced((0.5, 0.5), (1.0, 9.0))
+    with pytest.raises(ConfigError, match=r"tier \w+: its (input|output) price .* is not the candidates artifact's"):
+        candidate_routing_for(other, Source(), None)
+    # A given weight is against the policy's prices: those price the candidates of the tiers' models.
+    routing = candidate_routing_for(other, Source(), 40)
+    by_name = {c.name: c for c in routing.candidates}
+    assert (by_name["org/small@4"].input_usd_per_mtok, by_name["org/small@4"].output_usd_per_mtok) == (0.5, 0.5)
+    assert (by_name["org/large@1"].input_usd_per_mtok, by_name["org/large@1"].output_usd_per_mtok) == (1.0, 9.0)
+    assert by_name["x@1"] == CANDS[4]  # no tier serves it: untouched (and never chosen)
+    assert routing.cost_weight_bp == 40

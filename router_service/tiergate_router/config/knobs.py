@@ -175,7 +175,15 @@ def candidate_routing_for(
     """(tier, n) routing of `tiers` by `source`'s `candidates` artifact (`cost_weight_bp` None: its calibrated
     default). Each candidate `MODEL@N` maps to the tier whose name, servedModelName or model is its MODEL (as
     `multi_tier_for` matches); candidates of models no tier serves are never chosen. ConfigError when no candidate
-    maps to a tier."""
+    maps to a tier.
+
+    Prices, as for N-tier artifacts (`multi_tier_for`): a priced tier's input and output prices are what its
+    candidates cost (n samples of output each); with `cost_weight_bp` given they replace the artifact's. The
+    calibrated default weight was measured at the artifact's prices: it holds for prices that are one factor k times
+    the artifact's (input and output alike: every candidate's cost is then k times, and the choice at the artifact's
+    prices is the choice at these), and prices in other ratios are refused, naming the tier."""
+    from dataclasses import replace
+
     from tiergate.routing.candidates import candidates_of
 
     cands = candidates_of(source.artifact)
@@ -187,5 +195,25 @@ def candidate_routing_for(
             f"no tier serves a model of the candidates artifact {source.source} (its models: "
             f"{', '.join(dict.fromkeys(c.model for c in cands))}); name tiers, servedModelName or model after them"
         )
-    bp = source.default_cost_weight_bp if cost_weight_bp is None else cost_weight_bp
-    return CandidateRouting(cands, tuple(tier_of), bp)
+    served = [(c, tiers[i]) for c, i in zip(cands, tier_of, strict=True) if i is not None and tiers[i].priced]
+    if cost_weight_bp is not None:
+        by_model = {c.model: t for c, t in served}
+        cands = tuple(
+            replace(c, input_usd_per_mtok=t.input_price_per_mtok, output_usd_per_mtok=t.output_price_per_mtok)
+            if (t := by_model.get(c.model)) is not None
+            else c
+            for c in cands
+        )
+        return CandidateRouting(cands, tuple(tier_of), cost_weight_bp)
+    mine = [p for _, t in served for p in (t.input_price_per_mtok, t.output_price_per_mtok)]
+    theirs = [p for c, _ in served for p in (c.input_usd_per_mtok, c.output_usd_per_mtok)]
+    _, off = price_factor(mine, theirs)
+    if off >= 0:
+        c, t = served[off // 2]
+        side = ("input", "output")[off % 2]
+        raise ConfigError(
+            f"tier {t.name}: its {side} price {mine[off]:g} $/Mtok is not the candidates artifact's "
+            f"{theirs[off]:g} for {c.model} (nor the same multiple as the other prices); the artifact's calibrated "
+            f"cost weight, measured at its own prices, does not describe these. {PRICE_WAY_OUT}"
+        )
+    return CandidateRouting(cands, tuple(tier_of), source.default_cost_weight_bp)
