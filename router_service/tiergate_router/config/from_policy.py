@@ -16,7 +16,6 @@ from tiergate_router.config.knobs import (
     TWO_TIER_KNOBS,
     MultiTierSource,
     ThresholdSource,
-    calibration_scale,
     candidate_routing_for,
     multi_tier_for,
     two_tier_thresholds,
@@ -86,6 +85,8 @@ def from_policy(
         cost_weight, budget = cost_weight_bp, None
     by_weight = multi is not None or candidates is not None
     th = DEFAULT_THRESHOLD_BP if by_weight else _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
+    # Its messages name the policy already (as _cost_weight_bp's), so it runs outside the try that adds the name.
+    candidate_weight = _candidate_weight_bp(policy, candidates, cost_weight_bp) if candidates is not None else None
     try:
         multi_tier = None
         routing = None
@@ -93,8 +94,7 @@ def from_policy(
             multi_tier = multi_tier_for(tiers, multi, cost_weight, budget=budget)
             thresholds_bp: tuple[int, ...] = (th,) * (len(tiers) - 1)  # unused: N-tier configs choose by weight
         elif candidates is not None:
-            weight = _candidate_weight_bp(policy, candidates, cost_weight_bp)
-            routing = candidate_routing_for(tiers, candidates, weight)
+            routing = candidate_routing_for(tiers, candidates, candidate_weight)
             thresholds_bp = (th,) * (len(tiers) - 1)  # unused: candidates configs choose by weight
         else:
             where = "spec.tiers" if len(tiers) == len(policy_tiers) else "spec.tiers with --tier"
@@ -127,7 +127,7 @@ def from_policy(
                 policy,
                 multi=multi,
                 keys_dir=tenant_keys_dir,
-                price_scale=calibration_scale(tiers, multi) if multi is not None else None,
+                price_scale=multi_tier.calibration_scale if multi_tier is not None else None,
             ),
         )
     except ConfigError as e:

@@ -107,12 +107,13 @@ def multi_tier_for(
     mine = [
         art_prices[c] if t.price_per_mtok is None else t.price_per_mtok for t, c in zip(tiers, columns, strict=True)
     ]
+    k, off = price_factor(mine, [art_prices[c] for c in columns])
+    scale = k if off < 0 else None
     if cost_weight_bp is not None:
         prices = list(art_prices)
         for c, p in zip(columns, mine, strict=True):
             prices[c] = p
-        return MultiTier(source.artifact, tuple(columns), cost_weight_bp, tuple(prices))
-    k, off = price_factor(mine, [art_prices[c] for c in columns])
+        return MultiTier(source.artifact, tuple(columns), cost_weight_bp, tuple(prices), calibration_scale=scale)
     if off >= 0:
         need = "spec.router.budgetPerMillion" if budget is not None else "the artifact's default cost weight"
         off_by = price_mismatch(mine[off], k, off == 0, art_prices[columns[off]], known[columns[off]])
@@ -129,19 +130,7 @@ def multi_tier_for(
             if k == 1.0:
                 raise
             raise ConfigError(f"{e} (the tiers' prices are {k:g} x the artifact's, so that is {budget:g} here)") from e
-    return MultiTier(source.artifact, tuple(columns), bp, tuple(art_prices), price_scale=k)
-
-
-def calibration_scale(tiers: Sequence[TierConfig], source: MultiTierSource) -> float | None:
-    """k when the tiers' prices are k times the artifact's (its calibration then holds for them, a budget read as
-    budget / k), None when they are in other ratios (`tiergate.routing.tiers.price_factor`)."""
-    columns = _columns(tiers, source.tier_names, source.source)
-    art_prices = [float(t.price) for t in source.artifact.tiers]
-    mine = [
-        art_prices[c] if t.price_per_mtok is None else t.price_per_mtok for t, c in zip(tiers, columns, strict=True)
-    ]
-    k, off = price_factor(mine, [art_prices[c] for c in columns])
-    return k if off < 0 else None
+    return MultiTier(source.artifact, tuple(columns), bp, tuple(art_prices), price_scale=k, calibration_scale=k)
 
 
 def _columns(tiers: Sequence[TierConfig], known: Sequence[str], source: Path) -> list[int]:

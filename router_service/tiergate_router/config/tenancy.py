@@ -20,8 +20,9 @@ def tenancy_from_policy(
     (`multi`) only and is refused with a two-tier one (like the policy's knobs); a price budget becomes a cost weight
     through the artifact's calibration, as the policy's does. A budget's low cost weight falls back to "one tier
     cheaper" with a two-tier artifact, as documented. `keys_dir`: where the operator mounts the tenants' keys (None:
-    environment only). `price_scale`: k when the tiers' prices are k times the artifact's (`knobs.calibration_scale`),
-    None when no factor makes them so (a tenant's price budget is refused then: no calibration describes them)."""
+    environment only). `price_scale`: k when the tiers' prices are k times the artifact's
+    (`MultiTier.calibration_scale`), None when no factor makes them so (a tenant's price budget is refused then: no
+    calibration describes them)."""
     from tiergate.api import naming
     from tiergate.api.policy import LimitStoreUnavailable
 

@@ -86,6 +86,9 @@ class MultiTier:
     # The policy's prices over `prices` (k when the choice weighs the artifact's prices, which are the policy's / k;
     # else 1): a weight given against the policy's prices (a tenant's) acts on `prices` as weight * k.
     price_scale: float = 1.0
+    # k when the policy's prices are k times the artifact's (its calibration holds for them, a budget read as
+    # budget / k: tiergate.routing.tiers.price_factor), None when no one factor makes them so.
+    calibration_scale: float | None = 1.0
 
 
 @dataclass(frozen=True)
