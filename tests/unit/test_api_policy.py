@@ -116,6 +116,7 @@ INVALID = [
     ("spec.router.costWeightBasisPoints", 10001, "spec.router.costWeightBasisPoints", "10000"),
     ("spec.tiers.0.price.inputPerMillion", 0.1, "spec.tiers[0].price.inputPerMillion", "not float"),
     ("spec.tiers.0.price.inputPerMillion", "-1", "spec.tiers[0].price.inputPerMillion", "not a non-negative"),
+    ("spec.tiers.0.price.inputPerMillion", "1" * 31, "spec.tiers[0].price.inputPerMillion", "longer than 30"),
     ("spec.tiers.0.name", "Small_Tier", "spec.tiers[0].name", "pattern"),
     ("spec.tiers.0.resources.gpus", -1, "spec.tiers[0].resources.gpus", "greater than or equal to 0"),
     ("spec.tiers.0.resources.memory", "lots", "spec.tiers[0].resources.memory", "quantity"),

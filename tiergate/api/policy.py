@@ -75,6 +75,10 @@ _QUANTITY_RE = re.compile(QUANTITY_PATTERN)
 # --- scalar types ---------------------------------------------------------------------------------------------
 
 
+# 20 integer digits, a point and 9 decimals: far beyond any price, and a bound the CRD's CEL cost estimate needs.
+PRICE_MAX_CHARS = 30
+
+
 def _parse_price(value: object) -> Decimal:
     # bool is an int subclass and float is exactly what the API forbids: reject both by type, before anything else.
     if isinstance(value, (bool, float)):
@@ -90,6 +94,8 @@ def _parse_price(value: object) -> Decimal:
             raise ValueError(f"price must be a finite non-negative decimal, got {value}")
         return value
     if isinstance(value, str):
+        if len(value) > PRICE_MAX_CHARS:
+            raise ValueError(f"price {value[:40]!r}... is longer than {PRICE_MAX_CHARS} characters")
         if not _PRICE_RE.fullmatch(value):
             raise ValueError(f'price {value!r} is not a non-negative decimal such as "0.15" (at most 9 decimals)')
         return Decimal(value)
@@ -109,6 +115,9 @@ Price = Annotated[
             "anyOf": [{"type": "integer"}, {"type": "string"}],
             "x-kubernetes-int-or-string": True,
             "pattern": PRICE_PATTERN,
+            # Bounds the CEL rule's estimated cost: unbounded, the API server prices each evaluation at the largest
+            # string a request can hold, and 256 tenants' budgets then exceed the CRD's cost limit.
+            "maxLength": PRICE_MAX_CHARS,
             "x-kubernetes-validations": [
                 {"rule": "type(self) == string || self >= 0", "message": "price must not be negative"}
             ],
