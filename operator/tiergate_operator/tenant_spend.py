@@ -101,8 +101,12 @@ class SpendReporter:
     async def run(self, stop: asyncio.Event) -> None:
         try:
             while not stop.is_set():
+                # asyncio.timeout, not wait_for: wait_for runs stop.wait() as a task of its own, which kopf, on
+                # SIGTERM, cancels with the other tasks born after it started ("hung" tasks); this task then ended
+                # cancelled and the operator exited with a CancelledError instead of 0.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), self.interval_s)
+                    async with asyncio.timeout(self.interval_s):
+                        await stop.wait()
                 if stop.is_set():
                     break
                 await self.report_all()
