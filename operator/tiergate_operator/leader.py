@@ -56,9 +56,12 @@ def _micro_now() -> str:
 
 
 async def _wait_stop(stop: asyncio.Event, seconds: float) -> bool:
-    """True when stop was set within `seconds`."""
+    """True when stop was set within `seconds`. `asyncio.timeout` around the wait itself, not `wait_for`: kopf's
+    SIGTERM handling cancels the tasks created after it started, `wait_for`'s inner task among them, which would end
+    the lease holder cancelled instead of stopped (tenant_spend.py had that bug)."""
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
+        async with asyncio.timeout(seconds):
+            await stop.wait()
     return stop.is_set()
 
 

@@ -101,7 +101,8 @@ async def _reconcile_until_stopped(
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         for t in done:
-            exc = t.exception()
+            # A task cancelled from outside (kopf cancels stragglers when it stops) is a stop, not an error.
+            exc = None if t.cancelled() else t.exception()
             if isinstance(exc, LeaseLost):
                 log.error("%s: stopping", exc)
                 lost = True
