@@ -23,6 +23,7 @@ from tests.support.operator_cluster import (
     get_json,
     install_crd,
     sample_doc,
+    token_kubeconfig,
     wait_for,
     wait_ready,
 )
@@ -225,25 +226,6 @@ def _leader_election_rbac(cluster: DevCluster, system_ns: str) -> None:
         cluster.kubectl("apply", "-f", "-", input=json.dumps(obj))
 
 
-def _token_kubeconfig(cluster: DevCluster, system_ns: str, path: Path) -> Path:
-    """A kubeconfig that authenticates as nothing but the ServiceAccount `op` of `system_ns` (a bound token)."""
-    token = cluster.kubectl("create", "token", "op", "-n", system_ns, "--duration=1h").strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    cluster_entry = admin["clusters"][0]
-    kc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [cluster_entry],
-        "users": [{"name": "op", "user": {"token": token}}],
-        "contexts": [
-            {"name": "op", "context": {"cluster": cluster_entry["name"], "user": "op", "namespace": system_ns}}
-        ],
-        "current-context": "op",
-    }
-    path.write_text(yaml.safe_dump(kc))
-    return path
-
-
 def _can(cluster: DevCluster, kc: Path, *args: str) -> bool:
     return cluster.kubectl("auth", "can-i", *args, kubeconfig=kc, check=False).strip() == "yes"
 
@@ -316,7 +298,7 @@ def test_operator_works_with_only_the_shipped_rbac(
             f"--clusterrole={role['metadata']['name']}",
             f"--serviceaccount={namespace}:op",
         )
-        kc_path = _token_kubeconfig(cluster, namespace, tmp_path / "op.kubeconfig")
+        kc_path = token_kubeconfig(cluster, namespace, tmp_path / "op.kubeconfig")
         # Sanity: this identity really is limited (it cannot read Secrets).
         assert not _can(cluster, kc_path, "list", "secrets", "-n", namespace)
         # The leader-election Role grants the one Lease and no other (nor deleting it).
@@ -363,7 +345,7 @@ def test_cluster_wide_operator_works_with_exactly_the_shipped_cluster_rbac(
         cluster.kubectl("create", "serviceaccount", "op", "-n", system_ns)
         cluster.kubectl("apply", "-f", "-", input=json.dumps(binding))
         _leader_election_rbac(cluster, system_ns)
-        kc = _token_kubeconfig(cluster, system_ns, tmp_path / "op.kubeconfig")
+        kc = token_kubeconfig(cluster, system_ns, tmp_path / "op.kubeconfig")
 
         # What it needs, everywhere: its children's kinds in any namespace, its own Lease.
         assert _can(cluster, kc, "list", "deployments", "--all-namespaces")

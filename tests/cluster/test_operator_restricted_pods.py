@@ -23,6 +23,7 @@ from tests.support.operator_cluster import (
     kubectl_raw,
     operator_running,
     policy,
+    restrict_namespace,
 )
 from tiergate.devcluster.cluster import DevCluster, wait_for
 
@@ -33,14 +34,7 @@ DEPLOYMENTS = {"chat-tier-small", "chat-tier-large", "chat-router", "chat-reward
 
 @pytest.fixture
 def restricted(cluster: DevCluster, namespace: str) -> str:
-    cluster.kubectl(
-        "label",
-        "namespace",
-        namespace,
-        "pod-security.kubernetes.io/enforce=restricted",
-        "pod-security.kubernetes.io/enforce-version=latest",
-    )
-    return namespace
+    return restrict_namespace(cluster, namespace)
 
 
 @pytest.fixture

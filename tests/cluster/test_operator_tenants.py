@@ -28,6 +28,8 @@ from tests.support.operator_cluster import (
     install_crd,
     kubectl_raw,
     operator_running,
+    restrict_namespace,
+    token_kubeconfig,
     wait_ready,
 )
 from tests.support.waiting import wait_for
@@ -122,14 +124,7 @@ def crd(cluster: DevCluster) -> None:
 
 @pytest.fixture
 def restricted(cluster: DevCluster, namespace: str) -> str:
-    cluster.kubectl(
-        "label",
-        "namespace",
-        namespace,
-        "pod-security.kubernetes.io/enforce=restricted",
-        "pod-security.kubernetes.io/enforce-version=latest",
-    )
-    return namespace
+    return restrict_namespace(cluster, namespace)
 
 
 @pytest.fixture
@@ -151,19 +146,7 @@ def shipped_rbac(cluster: DevCluster, crd: None, restricted: str, tmp_path: Path
             f"--clusterrole={role['metadata']['name']}",
             f"--serviceaccount={ns}:op",
         )
-        token = cluster.kubectl("create", "token", "op", "-n", ns, "--duration=1h").strip()
-        admin = yaml.safe_load(cluster.kubeconfig.read_text())
-        entry = admin["clusters"][0]
-        kc = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [entry],
-            "users": [{"name": "op", "user": {"token": token}}],
-            "contexts": [{"name": "op", "context": {"cluster": entry["name"], "user": "op", "namespace": ns}}],
-            "current-context": "op",
-        }
-        path = tmp_path / "op.kubeconfig"
-        path.write_text(yaml.safe_dump(kc))
+        path = token_kubeconfig(cluster, ns, tmp_path / "op.kubeconfig")
         yield path
     finally:
         cluster.kubectl("delete", "clusterrole", role["metadata"]["name"], "--ignore-not-found", check=False)

@@ -23,6 +23,36 @@ CHILD_KINDS = "deployments,services,configmaps,serviceaccounts,poddisruptionbudg
 SAMPLE_CHILDREN = 17
 
 
+def restrict_namespace(cluster: DevCluster, ns: str) -> str:
+    """Label `ns` to enforce the `restricted` Pod Security Standard (latest version); returns `ns`."""
+    cluster.kubectl(
+        "label",
+        "namespace",
+        ns,
+        "pod-security.kubernetes.io/enforce=restricted",
+        "pod-security.kubernetes.io/enforce-version=latest",
+    )
+    return ns
+
+
+def token_kubeconfig(cluster: DevCluster, ns: str, path: Path, account: str = "op") -> Path:
+    """A kubeconfig at `path` that authenticates as nothing but the ServiceAccount `account` of `ns` (a bound
+    token), its context's namespace `ns`."""
+    token = cluster.kubectl("create", "token", account, "-n", ns, "--duration=1h").strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    entry = admin["clusters"][0]
+    kc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [entry],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account, "namespace": ns}}],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(kc))
+    return path
+
+
 def install_crd(cluster: DevCluster) -> None:
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     cluster.kubectl("wait", "--for=condition=Established", "crd/routingpolicies.tiergate.io", "--timeout=60s")
