@@ -339,6 +339,6 @@ def test_all_namespaces_by_default(cluster: DevCluster, crd: None, namespace: st
         cluster.kubectl("apply", "-n", namespace, "-f", str(SAMPLE))
         p = wait_ready(cluster, namespace, "chat")
         assert p["status"]["routerEndpoint"] == f"http://chat-router.{namespace}.svc:8080/v1"
-        assert "watching all namespaces" in op.log()
+        assert "watching all namespaces" in op.full_log()
     finally:
         assert op.stop() == 0, op.log()

@@ -379,7 +379,7 @@ def test_cluster_wide_operator_works_with_exactly_the_shipped_cluster_rbac(
             env={"POD_NAME": "op-cluster-rbac"},
         )
         _run_limited_operator(cluster, op, system_ns, workload_ns, "op-cluster-rbac", all_namespaces=True)
-        assert "watching all namespaces" in op.log()
+        assert "watching all namespaces" in op.full_log()
     finally:
         cluster.kubectl("delete", "namespace", workload_ns, "--wait=false", "--ignore-not-found", check=False)
         for kind, name in (
