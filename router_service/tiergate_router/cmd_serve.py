@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from collections.abc import Coroutine
 
-    from tiergate.api.policy import RoutingPolicy
     from tiergate_router.config import LocalOverrides, RouterConfig
 
 
@@ -241,18 +240,6 @@ def _knob(cfg: RouterConfig) -> str:
     return knob
 
 
-def _warn_unserved(policy: RoutingPolicy | None) -> None:
-    import logging
-
-    from tiergate_router.config import unserved_sections
-
-    if policy is not None:
-        for section in unserved_sections(policy):
-            logging.getLogger("tiergate_router").warning(
-                "policy %s: %s is not implemented by this router version and is ignored", policy.metadata.name, section
-            )
-
-
 def _discovery(args: argparse.Namespace) -> bool:
     if args.discovery == "auto":
         return "KUBERNETES_SERVICE_HOST" in os.environ
@@ -274,7 +261,6 @@ async def _serve(args: argparse.Namespace) -> int:
     # Check the cheap things (flags, policy) before loading the encoder, which takes seconds.
     local = overrides(args)
     policy = read_policy(args.policy) if args.policy is not None else None
-    _warn_unserved(policy)
     if policy is None and not local.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)
     loaded: LoadedClassifier | None = None
@@ -293,7 +279,6 @@ async def _serve(args: argparse.Namespace) -> int:
         if policy is not None:  # always, as reload is only set up with -f
             refuse_restart_changes(policy, new)
         cfg = serve_config(new, local, loaded, discovery=discovery)
-        _warn_unserved(new)
         return cfg
 
     where = listen(policy, local)

@@ -136,7 +136,6 @@ def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, names
     doc3 = copy.deepcopy(doc2)
     doc3["spec"]["tiers"] = [t for t in doc3["spec"]["tiers"] if t["name"] != "large"]
     doc3["spec"]["router"]["fallbackOrder"] = ["small"]
-    doc3["spec"]["shadow"]["baselineTier"] = "small"
     apply_policy(cluster, namespace, doc3)
     wait_for(
         "large tier's children deleted",

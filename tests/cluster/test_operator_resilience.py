@@ -86,7 +86,6 @@ def test_killed_mid_reconcile_then_restarted_leaves_no_duplicates_or_orphans(
         doc = _named(0)
         doc["spec"]["tiers"] = [doc["spec"]["tiers"][0]]
         doc["spec"]["router"]["fallbackOrder"] = ["small"]
-        doc["spec"]["shadow"]["baselineTier"] = "small"
         apply_policy(cluster, namespace, doc)
         cluster.kubectl("delete", "routingpolicy", f"p{POLICIES - 1}", "-n", namespace, "--wait=false")
 

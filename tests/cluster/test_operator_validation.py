@@ -65,10 +65,10 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("max-samples-too-large", _set(bon, "maxSamples", 17), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
     ("max-samples-zero", _set(bon, "maxSamples", 0), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
     (
-        "shadow-unknown-tier",
-        _set(lambda d: d["spec"]["shadow"], "baselineTier", "huge"),
-        "spec.shadow.baselineTier",
-        "spec.shadow.baselineTier",
+        "shadow-not-implemented",
+        _set(lambda d: d["spec"], "shadow", {"baselineTier": "large", "sampleRateBasisPoints": 100}),
+        "spec.shadow",
+        "spec.shadow",
     ),
     (
         "threshold-out-of-range",

@@ -118,14 +118,12 @@ def test_serve_says_which_policy_sections_it_does_not_act_on(tiers: dict[str, Fa
         assert isinstance(spec, dict)
         # Best-of-N is served now (on `large`, which "q" does not go to): no longer reported as ignored.
         spec["bestOfN"] = {"tier": "large", "maxSamples": 4, "rewardModel": {"model": "org/reward"}}
-        spec["shadow"] = {"baselineTier": "large", "sampleRateBasisPoints": 100}
         write_atomically(pol, yaml.safe_dump(doc))
         wait_for("the policy change picked up", lambda: RELOADED_ONCE in s.metrics(), interval=0.2)
         assert s.chat("q")[0] == "small"  # still routed as before
     finally:
         out = s.stop()
     assert "spec.bestOfN" not in out
-    assert "spec.shadow (shadow requests to a baseline tier) is not implemented by this router version" in out
 
 
 @pytest.mark.parametrize(

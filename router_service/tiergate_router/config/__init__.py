@@ -15,7 +15,6 @@ from tiergate_router.config.from_policy import (
     from_policy,
     policy_classifier_path,
     reward_service_url,
-    unserved_sections,
 )
 from tiergate_router.config.knobs import (
     DEFAULT_THRESHOLD_BP,
@@ -114,7 +113,6 @@ __all__ = [
     "served_tier_names",
     "tier_at",
     "two_tier_thresholds",
-    "unserved_sections",
     "validate",
     "with_multi_tier",
 ]

@@ -284,13 +284,3 @@ def policy_classifier_path(policy: RoutingPolicy) -> Path | None:
     if ref.config_map is None:  # the model's validator enforces exactly one of the two
         raise ConfigError("spec.router.classifier: names neither a configMap nor a path")
     return Path(naming.classifier_path(ref.config_map.key))
-
-
-def unserved_sections(policy: RoutingPolicy) -> list[str]:
-    """Parts of the policy this router version accepts but does not act on yet (logged, so nobody assumes they work):
-    shadow traffic to a baseline tier."""
-    spec = policy.spec
-    out = []
-    if spec.shadow is not None:
-        out.append("spec.shadow (shadow requests to a baseline tier)")
-    return out
