@@ -14,7 +14,6 @@ Calibration and evaluation decide with the estimate and measure with the truth, 
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tiergate.routing.candidates import Candidate, candidate_costs, input_tokens, parse_candidate
 from tiergate.routing.errors import DataError, RoutingError
+from tiergate.training.data import read_json_object
 
 if TYPE_CHECKING:
     import numpy as np
@@ -69,14 +69,7 @@ def load_candidate_prices(path: str | Path, names: Sequence[str]) -> list[tuple[
     that, by the base MODEL (alpacaeval-bon-models.json form). `DataError` naming the file and the candidate when one
     is missing or lacks the input/output split (a candidate's cost needs both)."""
     p = str(path)
-    try:
-        doc = json.loads(Path(p).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise DataError(f"cannot read: {e.strerror or e}", path=p) from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"invalid JSON: {e}", path=p) from e
-    if not isinstance(doc, dict):
-        raise DataError("expected a JSON object {model: {input_usd_per_mtok, output_usd_per_mtok}}", path=p)
+    doc = read_json_object(p, "{model: {input_usd_per_mtok, output_usd_per_mtok}}")
     out = []
     for name in names:
         model = parse_candidate(name)[0]

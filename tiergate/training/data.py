@@ -218,12 +218,9 @@ def load_outcomes(
     )
 
 
-def load_prices(path: str | Path, models: Sequence[str]) -> list[float]:
-    """Per-model price in $/Mtok (input + output) from a JSON file.
-
-    Accepts `{model: {"input_usd_per_mtok": x, "output_usd_per_mtok": y}}` (llmrouter-models.json) or
-    `{model: price}`. Every model in `models` must be present with non-negative finite prices.
-    """
+def read_json_object(path: str | Path, shape: str) -> dict[str, Any]:
+    """A JSON file holding one object (a prices file); `DataError` naming the file when it cannot be read, is not
+    JSON, or holds something else (`shape` says what was expected, for the message)."""
     p = str(path)
     try:
         doc = json.loads(Path(p).read_text(encoding="utf-8"))
@@ -232,7 +229,18 @@ def load_prices(path: str | Path, models: Sequence[str]) -> list[float]:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"invalid JSON: {e}", path=p) from e
     if not isinstance(doc, dict):
-        raise DataError("expected a JSON object {model: price}", path=p)
+        raise DataError(f"expected a JSON object {shape}", path=p)
+    return doc
+
+
+def load_prices(path: str | Path, models: Sequence[str]) -> list[float]:
+    """Per-model price in $/Mtok (input + output) from a JSON file.
+
+    Accepts `{model: {"input_usd_per_mtok": x, "output_usd_per_mtok": y}}` (llmrouter-models.json) or
+    `{model: price}`. Every model in `models` must be present with non-negative finite prices.
+    """
+    p = str(path)
+    doc = read_json_object(p, "{model: price}")
     out: list[float] = []
     for m in models:
         if m not in doc:
