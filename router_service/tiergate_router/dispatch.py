@@ -102,8 +102,6 @@ class UpstreamStream:
     _ep: Endpoint
     _dispatcher: Dispatcher
     _done: bool = False
-    # The tier whose demand this request counts in (Dispatcher.open_stream): it ends when the stream closes.
-    _demand_tier: str | None = None
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The first chunk, then every chunk as the backend sends it (no re-buffering: token by token)."""
@@ -134,7 +132,6 @@ class UpstreamStream:
         else:
             self._resp.release()
         self._dispatcher._finish(self._ep)
-        self._dispatcher._demand_end(self._demand_tier)
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, limit: int, tier: str, url: str, attempts: list[str]) -> bytes:
@@ -226,10 +223,6 @@ class Dispatcher:
             if t.service is None:  # no Service (any more): the pods discovered for one are no endpoints of it
                 pool.set_discovered(())
             pools[t.name] = pool
-        for name in pools:
-            # Every tier's demand series exists from the start, at 0: an autoscaler reading an absent series cannot
-            # compute a replica count at all, one reading 0 scales to its minimum.
-            self.metrics.tier_demand.labels(name)
         for name, old in self.pools.items():
             if name not in pools:
                 self.metrics.endpoints.remove(name)
@@ -280,13 +273,7 @@ class Dispatcher:
         """The first complete answer along `chain`; `timeout_s` is the client's own deadline (None: the config's).
         `tier_bodies` sends a tier its own body instead of `body` (best-of-N: `n` samples from its tier only, a
         fallback tier gets the plain request)."""
-        demand = self._demand_start(chain)
-        try:
-            result = await self._run_chain(
-                chain, path, body, stream=False, timeout_s=timeout_s, tier_bodies=tier_bodies
-            )
-        finally:
-            self._demand_end(demand)
+        result = await self._run_chain(chain, path, body, stream=False, timeout_s=timeout_s, tier_bodies=tier_bodies)
         assert isinstance(result, UpstreamReply)
         return result
 
@@ -294,27 +281,9 @@ class Dispatcher:
         self, chain: list[str], path: str, body: dict[str, Any], *, timeout_s: float | None = None
     ) -> UpstreamStream:
         """The first stream along `chain` to send a byte; the deadline (`timeout_s` as in `complete`) ends there."""
-        demand = self._demand_start(chain)
-        try:
-            result = await self._run_chain(chain, path, body, stream=True, timeout_s=timeout_s)
-        except BaseException:
-            self._demand_end(demand)
-            raise
+        result = await self._run_chain(chain, path, body, stream=True, timeout_s=timeout_s)
         assert isinstance(result, UpstreamStream)
-        result._demand_tier = demand  # counted until the client's stream ends (UpstreamStream.close)
         return result
-
-    def _demand_start(self, chain: list[str]) -> str | None:
-        """Count the request in the demand of the tier the router chose (the chain's first): see
-        RouterMetrics.tier_demand. Returns that tier, for _demand_end."""
-        if not chain:
-            return None
-        self.metrics.tier_demand.labels(chain[0]).inc()
-        return chain[0]
-
-    def _demand_end(self, tier: str | None) -> None:
-        if tier is not None:
-            self.metrics.tier_demand.labels(tier).dec()
 
     def _admit_retry(self) -> bool:
         """Envoy's retry budget: retries in flight stay below max(min_retry_concurrency, budget% of requests in

@@ -10,8 +10,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from tiergate.api import naming
-
 OUTCOMES = ("success", "client_error", "upstream_error", "unavailable", "deadline_exceeded", "cancelled")
 # Latency buckets from 0.5 ms: classification and router overhead live in the low milliseconds, generation in
 # seconds; one bucket set covers both so that dashboards can compare them.
@@ -121,16 +119,6 @@ class RouterMetrics:
         )
         self.endpoints = Gauge(f"{p}_endpoints", "Known backend endpoints per tier", ["tier"], registry=r)
         self.outstanding = Gauge(f"{p}_outstanding_requests", "Requests in flight to each tier", ["tier"], registry=r)
-        # What a tier's autoscaler reads (spec.tiers[].autoscaling; tiergate.api.naming): counted against the tier
-        # the router chose from the moment it chose it until the answer ends, wherever the request is meanwhile
-        # (waiting for an endpoint, in backoff, served by a fallback tier), so it leads the tier's own queue and
-        # is above zero for a tier scaled to zero that requests are routed to.
-        self.tier_demand = Gauge(
-            naming.ROUTER_TIER_DEMAND_METRIC,
-            "Requests routed to each tier (the tier the router chose) and not yet finished",
-            ["tier"],
-            registry=r,
-        )
         self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
         # An info metric (value 1): which artifact this process serves, so a rollout that changed it can be seen.
         self.classifier_info = Gauge(

@@ -1,9 +1,9 @@
 """Per-tier autoscaling (spec.tiers[].autoscaling): the typed model's refusals, the HPA and ScaledObject builders,
-the KEDA-not-installed refusal, the optional-kind watch, and the router's demand gauge the HPAs read."""
+the KEDA-not-installed refusal and the optional-kind watch. (The router's demand gauge the HPAs read has its own
+tests with the router.)"""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import threading
 from pathlib import Path
@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 import yaml
-from aiohttp import web
 
 from tiergate.api import naming
 from tiergate.api.errors import PolicyValidationError
@@ -21,9 +20,6 @@ from tiergate_operator import watches
 from tiergate_operator.autoscaling import demand_query, keda_unavailable, waiting_query
 from tiergate_operator.cache import ChildCache
 from tiergate_operator.status import KEDA_NOT_INSTALLED, components, refused_status
-from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
-from tiergate_router.dispatch import Dispatcher
-from tiergate_router.metrics import RouterMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
@@ -320,74 +316,3 @@ def test_absent_kind_counts_as_synced_and_is_noticed_when_installed(monkeypatch:
     finally:
         stop.set()
         t.join(5)
-
-
-# --- the router's demand gauge ------------------------------------------------------------------------------------
-
-
-def demand(metrics: RouterMetrics) -> dict[str, float]:
-    return {
-        s.labels["tier"]: s.value
-        for fam in metrics.registry.collect()
-        if fam.name == naming.ROUTER_TIER_DEMAND_METRIC
-        for s in fam.samples
-    }
-
-
-def test_router_demand_counts_the_chosen_tier_until_the_answer_ends() -> None:
-    """A request routed to `small` while `small` has no endpoint (scaled to zero) is served by `large` and still
-    counts as `small`'s demand until it finishes; streams count until they close."""
-
-    async def main() -> None:
-        release = asyncio.Event()
-        arrived = asyncio.Event()
-
-        async def answer(request: web.Request) -> web.StreamResponse:
-            arrived.set()
-            await release.wait()
-            return web.json_response({"choices": [{"message": {"content": "ok"}}]})
-
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", answer)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        cfg = RouterConfig(
-            tiers=(
-                # Reached only through its Service's pods, of which there are none: a tier scaled to zero.
-                TierConfig(name="small", service=ServiceRef(namespace="ns", name="chat-tier-small", port=8000)),
-                TierConfig(name="large", base_urls=(f"http://127.0.0.1:{port}/v1",), served_model="m"),
-            ),
-        )
-        metrics = RouterMetrics()
-        d = Dispatcher(cfg, metrics)
-        await d.start()
-        try:
-            assert demand(metrics) == {"small": 0.0, "large": 0.0}  # every tier's series from the start
-            task = asyncio.create_task(d.complete(["small", "large"], "/chat/completions", {"messages": []}))
-            await asyncio.wait_for(arrived.wait(), 10)
-            assert demand(metrics) == {"small": 1.0, "large": 0.0}
-            release.set()
-            reply = await asyncio.wait_for(task, 10)
-            assert reply.tier == "large"
-            assert reply.fallback
-            assert demand(metrics) == {"small": 0.0, "large": 0.0}
-
-            release.clear()
-            arrived.clear()
-            task = asyncio.create_task(d.open_stream(["large"], "/chat/completions", {"messages": []}))
-            await asyncio.wait_for(arrived.wait(), 10)
-            release.set()
-            stream = await asyncio.wait_for(task, 10)
-            assert demand(metrics)["large"] == 1.0  # answered, but the client is still reading
-            async for _ in stream.chunks():
-                pass
-            stream.close()
-            assert demand(metrics)["large"] == 0.0
-        finally:
-            await d.aclose()
-            await runner.cleanup()
-
-    asyncio.run(main())
