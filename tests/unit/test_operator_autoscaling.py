@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.unit.test_operator_spec_status import FakeKube, body, conditions
 from tiergate.api import naming
 from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import RoutingPolicy, load_policy, parse_policy
@@ -19,7 +20,10 @@ from tiergate_operator import builders as b
 from tiergate_operator import watches
 from tiergate_operator.autoscaling import demand_query, keda_unavailable, waiting_query
 from tiergate_operator.cache import ChildCache
+from tiergate_operator.config import OperatorConfig
+from tiergate_operator.reconcile import PolicyMemory, reconcile
 from tiergate_operator.status import KEDA_NOT_INSTALLED, components, refused_status
+from tiergate_operator.watches import WATCHED_KINDS
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
@@ -316,3 +320,28 @@ def test_absent_kind_counts_as_synced_and_is_noticed_when_installed(monkeypatch:
     finally:
         stop.set()
         t.join(5)
+
+
+def test_reconcile_refuses_a_keda_policy_whole_until_keda_is_there() -> None:
+    """Nothing half-applied: while ScaledObjects cannot be listed, not even the HPA-less tiers or the router are
+    applied; once they can, the ScaledObject goes with the Deployments, after them."""
+    kube, cache, mem = FakeKube(), ChildCache(WATCHED_KINDS), PolicyMemory()
+    for kind in WATCHED_KINDS:
+        cache.replace(kind, [])
+    cache.mark_absent("ScaledObject", "list ScaledObject: 404 NotFound")
+    doc = body()
+    doc["spec"]["tiers"][1]["autoscaling"] = copy.deepcopy(KEDA)
+    reconcile(kube, doc, OperatorConfig(), mem, cache)  # type: ignore[arg-type]
+    assert kube.applied == []
+    conds = conditions(kube.statuses[-1])
+    assert conds["Degraded"]["reason"] == KEDA_NOT_INSTALLED
+    assert "spec.tiers[1].autoscaling.mode" in conds["Ready"]["message"]
+
+    cache.replace("ScaledObject", [])  # KEDA installed: the watch lists them
+    reconcile(kube, doc, OperatorConfig(), mem, cache)  # type: ignore[arg-type]
+    assert mem.refused is None
+    assert ("ScaledObject", "chat-tier-large") in kube.applied
+    assert kube.applied.index(("ScaledObject", "chat-tier-large")) > kube.applied.index(
+        ("Deployment", "chat-tier-large")
+    )
+    assert conditions(kube.statuses[-1])["Degraded"]["reason"] != KEDA_NOT_INSTALLED
