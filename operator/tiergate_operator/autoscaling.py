@@ -29,6 +29,10 @@ HPA_API_VERSION = "autoscaling/v2"
 HPA_KIND = "HorizontalPodAutoscaler"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
 KEDA_KIND = "ScaledObject"
+# KEDA copies a ScaledObject's labels onto the HPA it makes, over its own (`app.kubernetes.io/managed-by:
+# keda-operator`), unless this annotation lists them. Ours would mark KEDA's HPA as the operator's child of the policy
+# (our child watches select on tiergate.io/policy, and `managed-by` would say tiergate-operator): all are excluded.
+KEDA_EXCLUDED_LABELS_ANNOTATION = "scaledobject.keda.sh/hpa-excluded-labels"
 # Trigger names: KEDA names the HPA's external metrics after them, so they stay stable across reconciles.
 DEMAND_TRIGGER = "router-demand"
 WAITING_TRIGGER = "vllm-waiting"
@@ -168,6 +172,8 @@ def build_tier_scaled_object(policy: RoutingPolicy, tier: Tier, meta: Obj) -> Ob
     if tier.autoscaling is None or tier.autoscaling.mode is not AutoscalingMode.KEDA:
         raise AutoscalingBuildError(f"tier {tier.name} is not in autoscaling mode KEDA")
     low, high = _bounds(tier)
+    labels = meta.get("labels") or {}
+    meta = {**meta, "annotations": {KEDA_EXCLUDED_LABELS_ANNOTATION: ",".join(sorted(labels))}}
     return {
         "apiVersion": KEDA_API_VERSION,
         "kind": KEDA_KIND,

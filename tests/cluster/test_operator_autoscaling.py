@@ -198,6 +198,7 @@ def test_keda_mode_refused_without_keda_and_accepted_with_its_crd(
         )
         p = wait_ready(cluster, ns, "chat")
         assert so["metadata"]["ownerReferences"][0]["uid"] == p["metadata"]["uid"]
+        assert "tiergate.io/policy" in so["metadata"]["annotations"]["scaledobject.keda.sh/hpa-excluded-labels"]
         spec = so["spec"]
         assert spec["scaleTargetRef"]["name"] == "chat-tier-large"
         assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 2)

@@ -211,6 +211,10 @@ def test_scaled_object_queries_the_same_metrics() -> None:
     (so,) = [o for o in b.build_children(p) if o["kind"] == "ScaledObject"]
     assert so["apiVersion"] == "keda.sh/v1alpha1"
     assert so["metadata"]["name"] == "chat-tier-large"
+    # KEDA's own HPA gets none of our labels: it is KEDA's, not a child our watches should take for the policy's.
+    excluded = so["metadata"]["annotations"]["scaledobject.keda.sh/hpa-excluded-labels"].split(",")
+    assert set(excluded) == set(so["metadata"]["labels"])
+    assert naming.POLICY_LABEL in excluded
     spec = so["spec"]
     assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "chat-tier-large"}
     assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (0, 2)
