@@ -251,26 +251,6 @@ def test_unschedulable_tier_is_degraded(cluster: DevCluster, namespace: str, ope
     assert condition(p, "Degraded")["status"] == "False"
 
 
-def test_autoscaler_owned_replicas_are_left_alone(cluster: DevCluster, namespace: str, operator: Operator) -> None:
-    classifier_configmap(cluster, namespace)
-    doc = sample_doc()
-    doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
-    apply_policy(cluster, namespace, doc)
-    wait_ready(cluster, namespace, "chat")
-    # An autoscaler (here: a person with kubectl scale) sets 3 replicas.
-    cluster.kubectl("scale", "deployment", "chat-tier-small", "-n", namespace, "--replicas=3")
-    # A spec change makes the operator apply again; the autoscaler's count must survive it.
-    doc["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
-    apply_policy(cluster, namespace, doc)
-    p = wait_ready(cluster, namespace, "chat")
-    d = get_json(cluster, "deployment", "chat-tier-small", "-n", namespace, "--show-managed-fields")
-    assert d["spec"]["replicas"] == 3
-    assert "--enable-prefix-caching" in d["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert p["status"]["tiers"][0]["desiredReplicas"] == 3
-    managers = {m["manager"] for m in d["metadata"]["managedFields"] if "f:replicas" in json.dumps(m.get("fieldsV1"))}
-    assert "tiergate-operator" not in managers
-
-
 @pytest.mark.parametrize("operator", [{"TIERGATE_OPERATOR_EXTERNAL_CHECK_SECONDS": "1"}], indirect=True)
 def test_external_tier_deploys_nothing_and_counts_ready_by_a_real_check(
     cluster: DevCluster, namespace: str, operator: Operator

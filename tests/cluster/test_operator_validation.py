@@ -153,8 +153,8 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.router.retries.budgetPercent",
     ),
     (
-        "unknown-replicas-manager",
-        _set(lambda d: d["spec"]["tiers"][0]["replicas"], "managedBy", "HPA"),
+        "removed-replicas-manager",
+        _set(lambda d: d["spec"]["tiers"][0]["replicas"], "managedBy", "Autoscaler"),
         "spec.tiers[0].replicas.managedBy",
         "spec.tiers[0].replicas.managedBy",
     ),
