@@ -174,13 +174,10 @@ def _route_headers(
     return h
 
 
-def _facts(
-    route: Route, tier: str, fallback: bool, samples: int, escalation: str | None, specialists: tuple[str, ...] = ()
-) -> dict[str, Any]:
+def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: str | None) -> dict[str, Any]:
     """The top-level `tiergate` object of a JSON answer: the same facts as the headers."""
     out: dict[str, Any] = {
         "tier": tier,
-        "tiers": contributors(tier, specialists).split(","),
         "score": route.score,
         "decision": route.decision,
         "fallback": fallback,
@@ -326,7 +323,7 @@ class OpenAIHandlers:
                 obj = None
             if isinstance(obj, dict):
                 self.router.account_usage(reply.tier, obj.get("usage"), route.access)
-                obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None, res.specialists)
+                obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
         res.outcome = _outcome(reply.status)
         resp = web.Response(body=body, status=reply.status, headers=headers)
@@ -342,7 +339,7 @@ class OpenAIHandlers:
         )
         body = answer.body
         if answer.obj is not None:
-            facts = _facts(route, answer.tier, answer.fallback, answer.samples, answer.escalation, res.specialists)
+            facts = _facts(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
             body = json.dumps(dict(answer.obj, tiergate=facts), ensure_ascii=False).encode()
         res.outcome = _outcome(answer.status)
         resp = web.Response(body=body, status=answer.status, headers=headers)

@@ -95,7 +95,6 @@ def test_text_only_request_names_one_tier(three: Harness) -> None:
     )
     assert raw.headers["x-tiergate-tier"] == "small"
     assert raw.headers["x-tiergate-tiers"] == "small"
-    assert (raw.parse().model_extra or {})["tiergate"]["tiers"] == ["small"]
 
 
 def test_image_goes_to_the_vision_tier_as_it_is(three: Harness) -> None:
@@ -175,7 +174,6 @@ def test_decompose_policy_lets_the_text_choose_and_decomposes_the_image(three: H
     raw = client(three).chat.completions.with_raw_response.create(model="tiergate", messages=ask(image_part()))
     assert raw.headers["x-tiergate-tier"] == "small"
     assert raw.headers["x-tiergate-tiers"] == "small,vision"
-    assert (raw.parse().model_extra or {})["tiergate"]["tiers"] == ["small", "vision"]
     [sent] = three.fakes["small"][0].stats.requests
     assert f"image:{attachment_digest(IMAGE_URL)}" in user_content(sent)[1]["text"]
 
