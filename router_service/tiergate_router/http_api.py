@@ -46,6 +46,7 @@ from tiergate_router.openai_server import (
     wants_usage,
 )
 from tiergate_router.router import Route, Router, SSEUsageScanner
+from tiergate_router.tenants import Principal
 from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ class OpenAIHandlers:
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
 
-    async def _route(self, parsed: ParsedRequest, principal: Any, attachments: tuple[Attachment, ...]) -> Route:
+    async def _route(self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...]) -> Route:
         """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
         counted per modality."""
         if not attachments:

@@ -26,10 +26,13 @@ from tiergate_router.modality import (
     Attachment,
     AttachmentPolicy,
     base64_size,
+    capable_tiers,
     check_attachments,
     find_attachments,
     host_allowed,
+    narrowed,
     parse_modalities,
+    specialists_for,
 )
 
 
@@ -280,3 +283,37 @@ def test_specialist_body_and_inlining() -> None:
     # The client's body is not changed (a fallback or a retry sends what the client sent).
     assert body["messages"][1]["content"][0]["type"] == "image_url"  # type: ignore[index]
     assert ANNOTATE != FAIL
+
+
+TIERS = (
+    ("small", TEXT_ONLY),
+    ("vision", frozenset({"text", "image"})),
+    ("omni", frozenset({"text", "image", "audio"})),
+    ("vision-xl", frozenset({"text", "image"})),
+)
+
+
+def test_capable_tiers_and_a_tenants_narrowing() -> None:
+    both = frozenset({"text", "image", "audio"})
+    assert capable_tiers(TIERS, frozenset({"text", "image"})) == ["vision", "omni", "vision-xl"]
+    assert capable_tiers(TIERS, both) == ["omni"]
+    assert narrowed(None, ["omni"]) == {"omni"}
+    assert narrowed(frozenset({"small", "omni"}), ["vision", "omni"]) == {"omni"}
+    # A tenant that may use no capable tier: no narrowing (the request is decomposed on its tiers instead).
+    assert narrowed(frozenset({"small"}), ["omni"]) is None
+
+
+def test_specialists_are_the_allowed_tiers_taking_the_modality_cheapest_first() -> None:
+    needed = frozenset({"text", "image", "audio"})
+    [img, aud] = specialists_for(TEXT_ONLY, needed, TIERS, None)
+    assert (img.modality, img.chain) == ("image", ("vision", "omni", "vision-xl"))
+    assert (aud.modality, aud.chain) == ("audio", ("omni",))
+    # The answering tier takes images itself: only the audio is decomposed.
+    [only] = specialists_for(frozenset({"text", "image"}), needed, TIERS, None)
+    assert only.modality == "audio"
+    [img] = specialists_for(TEXT_ONLY, frozenset({"text", "image"}), TIERS, frozenset({"small", "vision-xl"}))
+    assert img.chain == ("vision-xl",)
+    with pytest.raises(BadRequestError) as err:
+        specialists_for(TEXT_ONLY, needed, TIERS, frozenset({"small", "vision"}))
+    assert err.value.code == "unsupported_modality"
+    assert "audio input, which no tier the request may use accepts" in err.value.message
