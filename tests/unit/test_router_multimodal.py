@@ -95,6 +95,8 @@ def test_text_only_request_names_one_tier(three: Harness) -> None:
     )
     assert raw.headers["x-tiergate-tier"] == "small"
     assert raw.headers["x-tiergate-tiers"] == "small"
+    # Answers no tier gave carry it too, as `none`.
+    assert client(three).models.with_raw_response.list().headers["x-tiergate-tiers"] == "none"
 
 
 def test_image_goes_to_the_vision_tier_as_it_is(three: Harness) -> None:

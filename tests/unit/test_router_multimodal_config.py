@@ -192,6 +192,7 @@ def test_attachments_are_found_with_their_place_size_and_host() -> None:
                 {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{data}"}},
                 {"type": "image_url", "image_url": {"url": "HTTPS://Images.Example.com/a.png"}},
                 {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                {"type": "audio_url", "audio_url": {"url": "http://10.0.0.1:8080/a.wav"}},
             ],
         },
     ]
@@ -200,7 +201,11 @@ def test_attachments_are_found_with_their_place_size_and_host() -> None:
         ("image", "messages[1].content[1]", None, 10),
         ("image", "messages[1].content[2]", "images.example.com", 0),
         ("audio", "messages[1].content[3]", None, 10),
+        ("audio", "messages[1].content[4]", "10.0.0.1", 0),
     ]
+    with pytest.raises(BadRequestError) as err:
+        check_attachments(found, AttachmentPolicy(allowed_hosts=("images.example.com",)))
+    assert err.value.param == "messages[1].content[4]"
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 4, 5, 100])
