@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.operator_cluster import (
     SAMPLE,
@@ -113,6 +114,8 @@ def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, names
     doc2 = copy.deepcopy(doc)
     doc2["spec"]["tiers"][0]["model"] = "Qwen/Qwen3-8B"
     doc2["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
+    # A new field the router reads (spec.tiers[].modalities) reaches it through the policy document, defaults filled.
+    doc2["spec"]["tiers"][0]["modalities"] = ["text", "image"]
     apply_policy(cluster, namespace, doc2)
     p = wait_ready(cluster, namespace, "chat")
     assert p["metadata"]["generation"] == 2
@@ -131,6 +134,8 @@ def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, names
     )
     cm = get_json(cluster, "configmap", "chat-router", "-n", namespace)
     assert "Qwen/Qwen3-8B" in cm["data"]["policy.yaml"]
+    mounted = yaml.safe_load(cm["data"]["policy.yaml"])["spec"]["tiers"]
+    assert {t["name"]: t["modalities"] for t in mounted} == {"small": ["text", "image"], "large": ["text"]}
 
     # 2. Remove the large tier (and what referred to it): its Deployment, Service and PDB go, the rest stays.
     doc3 = copy.deepcopy(doc2)

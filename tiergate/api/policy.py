@@ -510,6 +510,18 @@ def _autoscaling_rule(rule: str, message: str, path: str) -> JsonDict:
     return {"rule": f"!has(self.autoscaling) || {rule}", "message": message, "fieldPath": path}
 
 
+class Modality(StrEnum):
+    """An input modality a tier accepts in a chat request: text, images (`image_url` parts), audio (`input_audio`
+    parts). Lower-case: these are the words of the OpenAI content-part types, and scripts spell them so."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+MODALITIES_MESSAGE = "modalities must include text (every tier answers a chat request in text) and not repeat one"
+
+
 class Tier(Placement):
     """One model tier. Tiers are listed cheapest first; the last tier is the strongest."""
 
@@ -533,6 +545,12 @@ class Tier(Placement):
                     ".autoscaling.targets",
                 ),
                 _autoscaling_rule("!has(self.endpoint)", EXTERNAL_TIER_AUTOSCALING, ".autoscaling"),
+                {
+                    "rule": "!has(self.modalities) || 'text' in self.modalities",
+                    "message": MODALITIES_MESSAGE,
+                    "fieldPath": ".modalities",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
@@ -568,6 +586,22 @@ class Tier(Placement):
         demand = a.targets.router_demand_per_replica if a.targets is not None else None
         if a.mode is AutoscalingMode.KEDA and self.replicas.min < 1 and demand is None:
             raise _At("autoscaling.targets", ZERO_NEEDS_DEMAND)
+        return self
+
+    modalities: list[Modality] = Field(
+        default_factory=lambda: [Modality.TEXT],
+        min_length=1,
+        max_length=len(Modality),
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["text"]},
+    )
+    """Input modalities the tier's model accepts (text, image, audio; always text). The router sends a request with
+    images or audio only to a tier that accepts them all, or describes/transcribes the parts on tiers that accept
+    them and lets the chosen tier answer from the text (docs/router.md, "Multimodal requests")."""
+
+    @model_validator(mode="after")
+    def _text_modality(self) -> Tier:
+        if Modality.TEXT not in self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise _At("modalities", MODALITIES_MESSAGE)
         return self
 
     @property
@@ -731,6 +765,47 @@ class BodyLimits(_Model):
     Default 16 MiB."""
 
 
+class SpecialistFailure(StrEnum):
+    """What a decomposed request does when a specialist tier cannot describe or transcribe a part (it failed, or
+    ran out of its share of the deadline). Annotate: the answering tier is told which part could not be read and
+    answers anyway. Fail: the request fails (HTTP 502, 504 for a timeout) with a message naming the part."""
+
+    ANNOTATE = "Annotate"
+    FAIL = "Fail"
+
+
+class MixedRequests(StrEnum):
+    """How a request with images or audio is served. RouteToCapableTier: the classifier chooses among the tiers
+    that accept every modality present; only when none does, the parts the chosen tier cannot take are decomposed.
+    Decompose: the classifier chooses among all tiers by the text alone, and the parts that tier cannot take are
+    decomposed (sent to a tier that accepts them for a description or a transcript)."""
+
+    ROUTE_TO_CAPABLE_TIER = "RouteToCapableTier"
+    DECOMPOSE = "Decompose"
+
+
+# A hostname, or `*.` and a domain (its subdomains only): the forms of spec.router.attachments.allowedHosts.
+ALLOWED_HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class Attachments(_Model):
+    """Images and audio in chat requests. Inline data (data: URLs, input_audio) is limited in count and size; a
+    part that points at a URL is passed to a tier (which fetches it) only when its host is allowed here: the router
+    never fetches one itself, and never lets a client make a tier fetch from an arbitrary host."""
+
+    allowed_hosts: list[Annotated[str, Field(max_length=253, pattern=ALLOWED_HOST_PATTERN)]] = Field(
+        default_factory=list, max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Hosts an http(s) image or audio URL may name (`cdn.example.com`, or `*.example.com` for its subdomains).
+    Empty: every URL is refused with HTTP 400 naming its host; inline data is unaffected."""
+    max_count: Annotated[int, Field(ge=0, le=64, strict=True)] = 8
+    """Images and audio parts per request at most (HTTP 400 beyond)."""
+    max_bytes: Annotated[int, Field(ge=1024, le=1 << 30, strict=True)] = 4 * 1024 * 1024
+    """Decoded bytes of one inline attachment at most (HTTP 413 beyond). The request body limit also applies."""
+    on_specialist_failure: SpecialistFailure = SpecialistFailure.ANNOTATE
+    mixed_requests: MixedRequests = MixedRequests.ROUTE_TO_CAPABLE_TIER
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -791,6 +866,8 @@ class Router(Placement):
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     classifier_cache: ClassifierCache | None = None
     body_limits: BodyLimits | None = None
+    attachments: Attachments | None = None
+    """Images and audio in chat requests; absent: the defaults (no URL hosts allowed, 8 parts of 4 MiB at most)."""
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""
