@@ -100,6 +100,27 @@ def loop_policy(
     }
 
 
+def service_account_kubeconfig(cluster: DevCluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig at `path` that authenticates as nothing but the ServiceAccount `account` of `namespace` (a
+    bound token for an hour), its context's namespace `namespace`: to run a process with exactly the RBAC a pod of
+    that account would have."""
+    import yaml
+
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    entry = admin["clusters"][0]
+    kc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [entry],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account, "namespace": namespace}}],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(kc))
+    return path
+
+
 def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -188,9 +209,12 @@ class WholeLoop:
     def kube_env(self) -> dict[str, str]:
         return {"KUBECONFIG": str(self.cluster.kubeconfig), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
-    def start_operator(self) -> Proc:
-        """`tiergate operator` watching this namespace, reading the routers' metrics every `mix_report_seconds`."""
+    def start_operator(self, kubeconfig: Path | None = None) -> Proc:
+        """`tiergate operator` watching this namespace, reading the routers' metrics every `mix_report_seconds`;
+        `kubeconfig`: its credentials (default the cluster's admin; `service_account_kubeconfig` gives a chart's)."""
         env = {**self.kube_env, "TIERGATE_OPERATOR_MIX_REPORT_SECONDS": str(self.mix_report_seconds)}
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
         self.operator = self._spawn(
             "operator", [sys.executable, "-m", "tiergate.cli", "operator", "--namespace", self.namespace], env
         )
