@@ -25,6 +25,8 @@ from .loop import WholeLoop, loop_policy, service_account_kubeconfig, wait_ready
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "tiergate"
 RELEASE = "tiergate"
+# The chart names what it makes `<release>-operator` when the release name holds the chart name.
+OPERATOR_ACCOUNT = f"{RELEASE}-operator"
 SYSTEM_NS = "tiergate-system"
 DEMO_NS = "demo"
 BAND_PP = 5
@@ -94,7 +96,7 @@ def run_loop(cluster: DevCluster, workdir: Path, say: Callable[[str], None]) -> 
         lambda: cluster.kubectl("get", "serviceaccount", "default", "-n", DEMO_NS, "-o", "name", check=False),
         120,
     )
-    creds = service_account_kubeconfig(cluster, SYSTEM_NS, RELEASE, workdir / "operator.kubeconfig")
+    creds = service_account_kubeconfig(cluster, SYSTEM_NS, OPERATOR_ACCOUNT, workdir / "operator.kubeconfig")
     with WholeLoop(cluster, DEMO_NS, workdir / "loop", say=say, mix_report_seconds=2.0) as loop:
         say("starting the operator with the chart's ServiceAccount (its RBAC only), watching namespace demo")
         loop.start_operator(kubeconfig=creds)
@@ -123,12 +125,14 @@ def run_loop(cluster: DevCluster, workdir: Path, say: Callable[[str], None]) -> 
         large = round(n * pred / 10_000)
         say(f"load generator: {n} requests with the predicted mix ({large} forced to large, {n - large} to small)")
         loop.send(["large"] * large + ["small"] * (n - large))
+        loop.wait_observed_requests(len(PROMPTS) + n)
         wait_for("MixDrift False", lambda: _mix_drift(loop, "False"), 60)
         show_status(loop, say)
 
         extra = 150
         say(f"pushing the mix: {extra} more requests, all to the large tier")
         loop.send(["large"] * extra)
+        loop.wait_observed_requests(len(PROMPTS) + n + extra)
         wait_for("MixDrift True", lambda: _mix_drift(loop, "True"), 60)
         show_status(loop, say)
         say(f"replicas (ready/desired): {json.dumps(loop.replicas())}")
