@@ -13,10 +13,12 @@ operator to the router pods' HTTP port.
 How the window is kept (`MixWindow`): each pass reads every router pod once and keeps its last sample by pod UID.
 The increase since that sample is added to a ring of per-pass increases, and the window is the sum of the entries
 younger than `spec.observedMix.windowSeconds`. A counter that went down, or a container whose restart count went
-up, means the router restarted: its counters started again from zero, so the whole new value is the increase
-(Prometheus' `increase()` does the same). A pod seen for the first time counts from zero when it was created after
-the observer started (a new replica: everything it counted is new); otherwise its first sample is only a baseline
-(the operator restarted: those counts belong to the past). Several replicas simply add up.
+up, or a new start time of the router process (`tiergate_router_start_time_seconds`: it tells a restart even when
+the new counters already passed the old ones), means the router restarted: its counters started again from zero,
+so the whole new value is the increase (Prometheus' `increase()` does the same for a reset). A pod seen for the
+first time counts from zero when it was created after the observer started (a new replica: everything it counted
+is new); otherwise its first sample is only a baseline (the operator restarted: those counts belong to the past).
+Several replicas simply add up.
 
 All figures are integers in status: shares and rates in basis points, counts as whole requests. `mix_report` is
 pure; `MixObserver` only reads pods, fetches and compares, like `external.ExternalChecks`, and a changed report
@@ -57,6 +59,7 @@ REQUESTS = "tiergate_router_requests_total"
 FALLBACKS = "tiergate_router_fallbacks_total"
 ESCALATIONS = "tiergate_router_best_of_n_escalations_total"
 PREDICTED = "tiergate_router_predicted_share"
+STARTED = "tiergate_router_start_time_seconds"
 
 # Prometheus' usual scrape interval: frequent enough for a window of minutes, one small GET per router pod.
 DEFAULT_INTERVAL_S = 15.0
@@ -112,13 +115,15 @@ class RouterSample:
 
     counts: Counts
     predicted: Mapping[str, float]
+    started: float = 0.0
+    """The router process's start time (0: not exported): a new one means its counters began again at zero."""
 
 
 def parse_metrics(text: str) -> RouterSample:
     """The counters this module needs from Prometheus' text format (what tiergate_router.metrics renders)."""
     served: dict[str, float] = {}
     predicted: dict[str, float] = {}
-    requests = fallbacks = escalations = 0.0
+    requests = fallbacks = escalations = started = 0.0
     for line in text.splitlines():
         if not line.startswith("tiergate_router_"):
             continue  # comments, other metrics
@@ -126,7 +131,7 @@ def parse_metrics(text: str) -> RouterSample:
         if m is None:
             continue
         name, raw_labels, raw_value = m.groups()
-        if name not in (REQUESTS, FALLBACKS, ESCALATIONS, PREDICTED):
+        if name not in (REQUESTS, FALLBACKS, ESCALATIONS, PREDICTED, STARTED):
             continue
         try:
             value = float(raw_value)
@@ -141,9 +146,11 @@ def parse_metrics(text: str) -> RouterSample:
             fallbacks += value
         elif name == ESCALATIONS:
             escalations += value
+        elif name == STARTED:
+            started = value
         elif "tier" in labels:
             predicted[labels["tier"]] = value
-    return RouterSample(Counts(served, requests, fallbacks, escalations), predicted)
+    return RouterSample(Counts(served, requests, fallbacks, escalations), predicted, started)
 
 
 @dataclass(frozen=True)
@@ -162,7 +169,8 @@ class MixWindow:
     """The increases of one policy's routers over the recent window (the module docstring says how)."""
 
     def __init__(self) -> None:
-        self._last: dict[str, tuple[int, Counts]] = {}  # pod UID -> (restart count, last counters)
+        # pod UID -> (restart count, process start time, last counters)
+        self._last: dict[str, tuple[int, float, Counts]] = {}
         self._ring: deque[tuple[float, Counts]] = deque()
 
     def observe(self, now: float, reads: Iterable[PodRead], window_s: float) -> Counts:
@@ -178,12 +186,12 @@ class MixWindow:
             prev = self._last.get(r.uid)
             if prev is None:
                 inc = cur if r.fresh else Counts()
-            elif r.restarts != prev[0]:
-                inc = cur
+            elif r.restarts != prev[0] or r.sample.started != prev[1]:
+                inc = cur  # the router restarted: its counters started again from zero
             else:
-                # None: a counter went down, a reset: the counters started again from zero.
-                inc = cur.minus(prev[1]) or cur
-            self._last[r.uid] = (r.restarts, cur)
+                # None: a counter went down, a reset all the same.
+                inc = cur.minus(prev[2]) or cur
+            self._last[r.uid] = (r.restarts, r.sample.started, cur)
             delta = delta.plus(inc)
         for uid in [u for u in self._last if u not in seen]:
             del self._last[uid]

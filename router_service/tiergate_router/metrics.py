@@ -129,6 +129,10 @@ class RouterMetrics:
             ["tier"],
             registry=r,
         )
+        # When this process started (as process_start_time_seconds, which a registry of our own does not carry): a
+        # reader of the counters tells a restart (counters from zero) from a quiet period by it.
+        self.start_time = Gauge(f"{p}_start_time_seconds", "Start time of this router process (Unix time)", registry=r)
+        self.start_time.set_to_current_time()
         # An info metric (value 1): which artifact this process serves, so a rollout that changed it can be seen.
         self.classifier_info = Gauge(
             f"{p}_classifier_info",

@@ -70,6 +70,7 @@ def test_observed_mix_follows_the_traffic_and_drift_turns_on(loop: WholeLoop) ->
     assert obs["window"]["routers"] == 2
     assert obs["window"]["requests"] == n
     sent_bp = round(large * 10_000 / n)
+    print(f"predicted large {pred['large']} bp; sent {sent_bp} bp; observed {obs['large']['shareBasisPoints']} bp")
     assert abs(obs["large"]["shareBasisPoints"] - sent_bp) <= 100  # rounding only: every request is counted
     drift = wait_for(
         "MixDrift False", lambda: (lambda c: c if c.get("status") == "False" else None)(loop.condition("MixDrift")), 30
@@ -83,6 +84,7 @@ def test_observed_mix_follows_the_traffic_and_drift_turns_on(loop: WholeLoop) ->
     loop.send(["large"] * extra)
     obs = loop.wait_observed_requests(n + extra)
     assert obs["large"]["shareBasisPoints"] > pred["large"] + BAND_PP * 100
+    print(f"after {extra} large-only requests: observed large {obs['large']['shareBasisPoints']} bp")
     drift = wait_for(
         "MixDrift True", lambda: (lambda c: c if c.get("status") == "True" else None)(loop.condition("MixDrift")), 30
     )

@@ -5,6 +5,7 @@ own RouterMetrics renders what the operator parses."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,9 @@ def rendered(small: int, large: int, *, failed: int = 0, fallbacks: int = 0, pre
 
 
 def sample(small: int, large: int, **kw: Any) -> RouterSample:
+    """One read of a router that started at the same time as every other `sample` (restarts are made explicit)."""
     kw.setdefault("predicted", (7000, 3000))
-    return parse_metrics(rendered(small, large, **kw))
+    return dataclasses.replace(parse_metrics(rendered(small, large, **kw)), started=1_700_000_000.0)
 
 
 def test_parse_reads_served_by_tier_all_requests_fallbacks_and_the_prediction() -> None:
@@ -67,6 +69,7 @@ def test_parse_reads_served_by_tier_all_requests_fallbacks_and_the_prediction() 
     assert s.counts.requests == 105.0
     assert s.counts.fallbacks == 4.0
     assert s.predicted == {"small": 0.7, "large": 0.3}
+    assert parse_metrics(rendered(1, 0, predicted=None)).started > 1_700_000_000
     assert parse_metrics(rendered(1, 0, predicted=None)).predicted == {}
 
 
@@ -88,9 +91,18 @@ def test_window_adds_replicas_and_survives_a_restart() -> None:
     # A replica created while we watched counts from zero from its first read; one that did not answer is kept.
     t = w.observe(40.0, [PodRead("a", 1, False, None), PodRead("c", 0, True, sample(4, 4))], 60)
     assert t.served == {"small": 107.0, "large": 75.0}
+    # A router process restarted between two reads, its new counters already past the old ones: its start time
+    # tells, so nothing is lost.
+    before = sample(80, 60)
+    w.observe(50.0, [PodRead("a", 1, False, before), PodRead("c", 0, True, sample(4, 4))], 60)
+    restarted = RouterSample(sample(90, 70).counts, before.predicted, before.started + 5)
+    t = w.observe(55.0, [PodRead("a", 1, False, restarted), PodRead("c", 0, True, sample(4, 4))], 60)
+    assert t.served == {"small": 20.0 + 3.0 + 80.0 + 4.0 + 90.0, "large": 10.0 + 1.0 + 60.0 + 4.0 + 70.0}
     # Increases older than the window fall out of it.
-    t = w.observe(75.0, [PodRead("a", 1, False, sample(80, 60)), PodRead("c", 0, True, sample(4, 4))], 60)
-    assert t.served == {"small": 3.0 + 80.0 + 4.0, "large": 1.0 + 60.0 + 4.0}
+    t = w.observe(75.0, [PodRead("a", 1, False, restarted), PodRead("c", 0, True, sample(4, 4))], 60)
+    assert t.served == {"small": 3.0 + 80.0 + 4.0 + 90.0, "large": 1.0 + 60.0 + 4.0 + 70.0}
+    t = w.observe(100.0, [PodRead("a", 1, False, restarted), PodRead("c", 0, True, sample(4, 4))], 60)
+    assert t.served == {"small": 90.0, "large": 70.0}
 
 
 def test_most_expensive_tier_is_by_price() -> None:
