@@ -410,13 +410,24 @@ class MixObserver:
             self._predicted.pop(key, None)
             with self._lock:
                 self._reports.pop(key, None)
-        for key, policy in policies:
-            routers = router_pods(pods(key))
-            port = policy.spec.router.http_port
-            urls = [f"http://{p['status']['podIP']}:{port}/metrics" for p in routers]
-            results = await asyncio.gather(
-                *(loop.run_in_executor(executor, _read, self._fetch, u, self.timeout_s) for u in urls)
-            )
+        # Every router of every policy at once (bounded by `executor`): with many policies, or router pods that do
+        # not answer (each read then waits out its timeout), one policy's reads must not wait behind another's.
+        plan = [(key, policy, router_pods(pods(key))) for key, policy in policies]
+        futures = [
+            [
+                loop.run_in_executor(
+                    executor,
+                    _read,
+                    self._fetch,
+                    f"http://{p['status']['podIP']}:{policy.spec.router.http_port}/metrics",
+                    self.timeout_s,
+                )
+                for p in routers
+            ]
+            for _, policy, routers in plan
+        ]
+        for (key, policy, routers), reads_of in zip(plan, futures, strict=True):
+            results = await asyncio.gather(*reads_of)
             reads = [
                 PodRead(
                     str((p.get("metadata") or {}).get("uid") or (p.get("metadata") or {}).get("name")),
