@@ -7,7 +7,7 @@ EXTRAS ?= dev,operator,router,train,demo
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: venv run test lint cluster-build cluster-up cluster-down clean
+.PHONY: venv run test lint cluster-build cluster-up cluster-down demo-cluster clean
 
 # The virtual environment is rebuilt when the pins change. torch (CUDA build from PyPI, ~5 GB) only comes
 # in through the `train` extra; `make venv EXTRAS=dev,operator` gives a light one. The demo's model package
@@ -33,6 +33,13 @@ cluster-up: venv
 
 cluster-down:
 	$(PYTHON) -m tiergate.devcluster down
+
+# The whole loop on a fresh local control plane (needs root for the pod network namespace): installs the chart,
+# applies a two-tier RoutingPolicy, serves every tier pod's IP with a small OpenAI-compatible server, runs a router
+# per router pod (EndpointSlice discovery), sends traffic and prints the tiers chosen, the replicas and the policy's
+# status (observed mix, MixDrift). Stops and removes everything on exit.
+demo-cluster: venv
+	$(PY) -m tiergate.devcluster demo
 
 # The whole test suite: lint, types, import layers, proto drift, unit tests and cluster tests (builds the control
 # plane binaries on first use; about 16 minutes cold, seconds warm).

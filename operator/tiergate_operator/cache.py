@@ -54,15 +54,18 @@ class Seen:
 
 
 def _slim(kind: str, obj: Mapping[str, Any]) -> Obj:
-    """Only what status.py reads: a whole Deployment (pod template, managedFields) is ten times larger, and the
-    cache holds every one of them."""
+    """Only what status.py and observed_mix.py read: a whole Deployment (pod template, managedFields) is ten times
+    larger, and the cache holds every one of them."""
     md = obj.get("metadata", {}) or {}
-    meta = {k: md[k] for k in ("name", "namespace", "labels", "generation", "deletionTimestamp") if k in md}
+    keep = ("name", "namespace", "uid", "creationTimestamp", "labels", "generation", "deletionTimestamp")
+    meta = {k: md[k] for k in keep if k in md}
     status = obj.get("status") or {}
     if kind == "Deployment":
         spec = {k: v for k, v in (obj.get("spec") or {}).items() if k == "replicas"}
         return {"metadata": meta, "spec": spec, "status": status}
-    return {"metadata": meta, "status": {k: status[k] for k in ("conditions", "containerStatuses") if k in status}}
+    # podIP: where the observed-mix reader (observed_mix.py) finds a router pod's /metrics.
+    kept = ("conditions", "containerStatuses", "podIP")
+    return {"metadata": meta, "status": {k: status[k] for k in kept if k in status}}
 
 
 def _where(obj: Mapping[str, Any]) -> tuple[PolicyKey, str] | None:

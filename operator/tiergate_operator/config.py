@@ -56,12 +56,19 @@ class OperatorConfig:
     """How often each external tier's endpoint is checked (`GET {url}/models`) for status (external.py)."""
     external_check_timeout_seconds: float = 5.0
     """How long one such check may take before the endpoint counts as unreachable."""
+    mix_report_seconds: float = 15.0
+    """How often every router pod's /metrics is read for status.observedMix (observed_mix.py): Prometheus' usual
+    scrape interval, one small GET per router pod."""
+    mix_read_timeout_seconds: float = 2.0
+    """How long one such read may take (a router answers /metrics from memory)."""
 
     def __post_init__(self) -> None:
         if self.resync_seconds <= 0:
             raise ConfigError(f"resync_seconds must be positive, got {self.resync_seconds}")
         if self.external_check_seconds <= 0 or self.external_check_timeout_seconds <= 0:
             raise ConfigError("external_check_seconds and external_check_timeout_seconds must be positive")
+        if self.mix_report_seconds <= 0 or self.mix_read_timeout_seconds <= 0:
+            raise ConfigError("mix_report_seconds and mix_read_timeout_seconds must be positive")
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
         if not 0 < self.lease_retry_period_seconds < self.lease_renew_deadline_seconds < self.lease_duration_seconds:
@@ -96,6 +103,8 @@ class OperatorConfig:
             "HEALTH_PORT": ("health_port", int),
             "EXTERNAL_CHECK_SECONDS": ("external_check_seconds", float),
             "EXTERNAL_CHECK_TIMEOUT_SECONDS": ("external_check_timeout_seconds", float),
+            "MIX_REPORT_SECONDS": ("mix_report_seconds", float),
+            "MIX_READ_TIMEOUT_SECONDS": ("mix_read_timeout_seconds", float),
         }
         for suffix, (attr, cast) in casts.items():
             raw = env.get(ENV_PREFIX + suffix)

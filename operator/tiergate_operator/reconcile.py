@@ -27,6 +27,7 @@ from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy,
 from .config import OperatorConfig
 from .external import ExternalCheck, ExternalChecks
 from .kube import Kube
+from .observed_mix import MixReport
 from .references import missing_references, unservable_tiers
 from .status import SpecProblem, compute_status, refused_status, status_changed
 
@@ -142,8 +143,11 @@ def reconcile(
     apply: bool = True,
     pool: Executor | None = None,
     external: ExternalChecks | None = None,
+    mix: MixReport | None = None,
 ) -> Outcome:
-    """Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
+    """`mix`: the policy's last observed-mix report (observed_mix.MixObserver), folded into the status.
+
+    Raises PolicyValidationError (spec unusable; retrying will not help) or KubeError (retryable or not).
 
     Reads come from `cache` (the child watches), writes go to the API server. apply=False only refreshes status
     (a child's status changed, nothing of ours did). apply=True applies the children that need it (needs_apply),
@@ -167,7 +171,7 @@ def reconcile(
             or missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
         )
     if not apply or memory.refused is not None:
-        return _finish(kube, body, policy, memory, cache, out, deployments, external)
+        return _finish(kube, body, policy, memory, cache, out, deployments, external, mix)
 
     desired = build_children(policy, resolve_classifier(kube, policy, memory))
     wanted = {child_key(o) for o in desired}
@@ -221,7 +225,7 @@ def reconcile(
         if key[0] == "Deployment":
             deployments.pop(key[1], None)
 
-    return _finish(kube, body, policy, memory, cache, out, deployments, external)
+    return _finish(kube, body, policy, memory, cache, out, deployments, external, mix)
 
 
 def resolve_classifier(kube: Kube, policy: RoutingPolicy, memory: PolicyMemory) -> ClassifierCopy | None:
@@ -264,6 +268,7 @@ def _finish(
     out: Outcome,
     deployments: dict[str, Obj],
     external: ExternalChecks | None,
+    mix: MixReport | None = None,
 ) -> Outcome:
     pods = cache.pods((policy.namespace or "default", policy.name))
     # Our last write is newer than the body when the watch has not brought it back yet.
@@ -281,6 +286,7 @@ def _finish(
             now_rfc3339(),
             router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
             external=external_verdicts(policy, external),
+            mix=mix,
         )
     out.status = status
     out.status_written = _write_status(kube, body, memory, current, status)

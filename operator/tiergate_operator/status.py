@@ -6,6 +6,10 @@ Degraded   True when a component cannot become ready without outside help: pods 
            (no node with enough GPUs, no node in the pool), image pulls failing, crash loops, a rollout past its
            progress deadline. Reason and message name the component and quote the cluster's own words.
 
+MixDrift   (once the routers' /metrics have been read: observed_mix.py) True when the most expensive tier's share
+           of the requests answered in the window leaves spec.observedMix's band around the predicted share; Unknown
+           without a prediction, without enough requests, or when no router answered.
+
 RewardModelReady (only with spec.bestOfN) True while the reward model has a ready replica: it says whether best-of-N
            is in effect, not whether the policy serves. Without a ready reward replica the router answers best-of-N
            prompts from the reference tier, so the reason (RewardModelUnavailable) and message name the reward model
@@ -29,6 +33,7 @@ from tiergate.api.errors import FieldError
 from tiergate.api.policy import RoutingPolicy
 
 from .external import ExternalCheck, models_url
+from .observed_mix import MIX_DRIFT, MixReport
 
 Obj = Mapping[str, Any]
 
@@ -190,9 +195,16 @@ def component_state(c: Component, deployment: Obj | None, pods: Sequence[Obj]) -
 
 
 def _condition(
-    type_: str, status: bool, reason: str, message: str, generation: int | None, previous: Mapping[str, Obj], now: str
+    type_: str,
+    status: bool | str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    previous: Mapping[str, Obj],
+    now: str,
 ) -> dict[str, Any]:
-    value = "True" if status else "False"
+    """metav1.Condition; `status` a bool, or the string itself ("Unknown")."""
+    value = status if isinstance(status, str) else ("True" if status else "False")
     prev = previous.get(type_)
     # lastTransitionTime moves only when the status flips (Kubernetes API conventions).
     since = prev.get("lastTransitionTime") if prev and prev.get("status") == value else None
@@ -216,8 +228,11 @@ def compute_status(
     now: str = "1970-01-01T00:00:00Z",
     router_problem: tuple[str, str] | None = None,
     external: Mapping[str, ExternalCheck | None] | None = None,
+    mix: MixReport | None = None,
 ) -> dict[str, Any]:
     """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods.
+    `mix`: the last observed-mix report of the policy's routers (observed_mix.py; None before the first read:
+    observedMix and MixDrift are then left out).
     `external` maps an external tier's name to the last check of its endpoint (`external.ExternalChecks`; absent or
     None: not checked yet, so the tier is not counted ready).
     `router_problem` (reason, message): what keeps the router from serving what the policy says, seen by the
@@ -296,6 +311,9 @@ def compute_status(
     reward = next((s for s in states if s.component.component == naming.COMPONENT_REWARD), None)
     if reward is not None:
         conds.append(_reward_condition(reward, gen, previous, now))
+    if mix is not None:
+        drift = mix.drift
+        conds.append(_condition(MIX_DRIFT, drift.status, drift.reason, drift.message, gen, previous, now))
 
     status: dict[str, Any] = {
         "conditions": conds,
@@ -307,6 +325,9 @@ def compute_status(
     }
     if reward is not None:
         status["rewardModel"] = reward_model_status(policy, reward)
+    if mix is not None:
+        status["observedMix"] = mix.observed_mix()
+        status["observedMixWindow"] = mix.observed_mix_window()
     if gen is not None:
         status["observedGeneration"] = gen
     return status
@@ -404,7 +425,6 @@ def status_changed(old: Obj | None, new: Obj) -> bool:
 
     def strip(st: Obj | None) -> dict[str, Any]:
         st = dict(st or {})
-        st.pop("observedMix", None)  # written by the router, not by us
         st.pop("tenants", None)  # written by the spend reporter (tenant_spend.py), on its own clock
         st["conditions"] = [
             {k: v for k, v in c.items() if k != "lastTransitionTime"} for c in (st.get("conditions") or [])

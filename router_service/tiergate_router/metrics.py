@@ -120,6 +120,19 @@ class RouterMetrics:
         self.endpoints = Gauge(f"{p}_endpoints", "Known backend endpoints per tier", ["tier"], registry=r)
         self.outstanding = Gauge(f"{p}_outstanding_requests", "Requests in flight to each tier", ["tier"], registry=r)
         self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
+        # The operating point's prediction (RouterConfig.predicted_mix_bp), as a ratio: the operator reads it next to
+        # tiergate_router_requests_total to write the policy's status.observedMix and its MixDrift condition.
+        self.predicted_share = Gauge(
+            f"{p}_predicted_share",
+            "Share of routed requests (0..1) the classifier's calibration predicts for each tier at the current "
+            "operating point; absent without a prediction",
+            ["tier"],
+            registry=r,
+        )
+        # When this process started (as process_start_time_seconds, which a registry of our own does not carry): a
+        # reader of the counters tells a restart (counters from zero) from a quiet period by it.
+        self.start_time = Gauge(f"{p}_start_time_seconds", "Start time of this router process (Unix time)", registry=r)
+        self.start_time.set_to_current_time()
         # An info metric (value 1): which artifact this process serves, so a rollout that changed it can be seen.
         self.classifier_info = Gauge(
             f"{p}_classifier_info",
@@ -186,6 +199,12 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+    def set_predicted_mix(self, tiers: tuple[str, ...], shares_bp: tuple[int, ...] | None) -> None:
+        """Publish a config's predicted mix (basis points per tier), replacing the previous one."""
+        self.predicted_share.clear()
+        for tier, bp in zip(tiers, shares_bp or (), strict=False):
+            self.predicted_share.labels(tier).set(bp / 10_000)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -76,6 +76,7 @@ class Router:
         # Request bodies held at once, by both front ends (admission.py); resized when a reload changes the limit.
         self.body_budget = ByteBudget(config.max_inflight_body_bytes)
         self.gate = TenantGate(config.tenancy, self.metrics.registry)
+        self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
         self._background: list[asyncio.Task[None]] = []
         # Charges to tenants still being written to the limit store (kept referenced until done).
         self._charges: set[asyncio.Task[None]] = set()
@@ -109,6 +110,7 @@ class Router:
         self.gate.apply(config.tenancy)
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
+        self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):

@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from tiergate.devcluster.cluster import DevCluster, wait_for
+from tiergate.devcluster.loop import service_account_kubeconfig
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
@@ -37,20 +38,8 @@ def restrict_namespace(cluster: DevCluster, ns: str) -> str:
 
 def token_kubeconfig(cluster: DevCluster, ns: str, path: Path, account: str = "op") -> Path:
     """A kubeconfig at `path` that authenticates as nothing but the ServiceAccount `account` of `ns` (a bound
-    token), its context's namespace `ns`."""
-    token = cluster.kubectl("create", "token", account, "-n", ns, "--duration=1h").strip()
-    admin = yaml.safe_load(cluster.kubeconfig.read_text())
-    entry = admin["clusters"][0]
-    kc = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [entry],
-        "users": [{"name": account, "user": {"token": token}}],
-        "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account, "namespace": ns}}],
-        "current-context": account,
-    }
-    path.write_text(yaml.safe_dump(kc))
-    return path
+    token), its context's namespace `ns` (`tiergate.devcluster.loop.service_account_kubeconfig`)."""
+    return service_account_kubeconfig(cluster, ns, account, path)
 
 
 def install_crd(cluster: DevCluster) -> None:

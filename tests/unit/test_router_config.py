@@ -47,7 +47,13 @@ class TwoTier:
 
     @property
     def artifact(self) -> RouterArtifact:
-        raise AssertionError("a two-tier artifact is not mapped")
+        # Read only for the predicted mix (config.predicted): no calibration table, so no prediction.
+        from types import SimpleNamespace
+
+        from tiergate.routing.operating_points import CalibrationTable
+
+        art: RouterArtifact = SimpleNamespace(kind="two_tier", calibration=CalibrationTable())  # type: ignore[assignment]
+        return art
 
     @property
     def tier_names(self) -> tuple[str, ...]:

@@ -1049,6 +1049,31 @@ class LimitStore(_Model):
     when_unavailable: LimitStoreUnavailable = LimitStoreUnavailable.PER_REPLICA_LIMITS
 
 
+# --- observed mix ------------------------------------------------------------------------------------------------
+
+# Defaults of spec.observedMix (the reasons are at the fields).
+DEFAULT_MIX_WINDOW_SECONDS = 300
+DEFAULT_MIX_DRIFT_BAND_PERCENTAGE_POINTS = 5
+DEFAULT_MIX_MIN_REQUESTS = 100
+
+
+class ObservedMixSettings(_Model):
+    """How the operator reports the tier mix the routers served (status.observedMix) against the share the routers'
+    operating point predicts, and when it calls the difference drift (condition MixDrift)."""
+
+    window_seconds: Annotated[int, Field(ge=10, le=86_400, strict=True)] = DEFAULT_MIX_WINDOW_SECONDS
+    """The recent window the observed shares cover. Five minutes: long enough that a few hundred requests make a
+    share worth comparing, short enough that a change of traffic shows within minutes."""
+    drift_band_percentage_points: Annotated[int, Field(ge=1, le=100, strict=True)] = (
+        DEFAULT_MIX_DRIFT_BAND_PERCENTAGE_POINTS
+    )
+    """MixDrift turns True when the most expensive tier's observed share is more than this many percentage points
+    away from its predicted share (5: what a few hundred requests measure reliably)."""
+    min_requests: Annotated[int, Field(ge=1, le=1_000_000_000, strict=True)] = DEFAULT_MIX_MIN_REQUESTS
+    """Requests the window must hold before MixDrift says True or False (fewer: Unknown, NotEnoughTraffic); 100
+    keeps the sampling error of a share under about 5 percentage points."""
+
+
 # --- spec and object --------------------------------------------------------------------------------------------
 
 
@@ -1118,6 +1143,8 @@ class RoutingPolicySpec(_Model):
     unauthenticated: UnauthenticatedAccess | None = None
     """Requests without an API key. Absent: Refuse when tenants are declared, Allow when none are."""
     limit_store: LimitStore | None = None
+    observed_mix: ObservedMixSettings = Field(default_factory=ObservedMixSettings, json_schema_extra={"default": {}})
+    """The observed tier mix in status and its drift condition (MixDrift)."""
 
     @model_validator(mode="after")
     def _cross_field(self) -> RoutingPolicySpec:
@@ -1247,8 +1274,31 @@ class RewardModelStatus(_Observed):
 
 
 class MixEntry(_Observed):
+    """One tier's share of the requests the routers answered in the window (spec.observedMix.windowSeconds)."""
+
     tier: str
     share_basis_points: int
+    """Share of the requests answered in the window that this tier answered (0..10000)."""
+    requests: int = 0
+    """Requests this tier answered in the window, summed over the router replicas."""
+    predicted_share_basis_points: int | None = None
+    """The share of routed requests the routers' operating point predicts for this tier (the classifier artifact's
+    calibration at the policy's knob); absent when the routers predict none."""
+
+
+class ObservedMixWindow(_Observed):
+    """What status.observedMix was computed from, and the rates of the same window."""
+
+    window_seconds: int
+    """How far back the window reaches (spec.observedMix.windowSeconds)."""
+    requests: int
+    """Requests the routers finished in the window (any outcome)."""
+    fallback_basis_points: int
+    """Moves to a fallback tier per request, in basis points (a request moved twice counts twice)."""
+    escalation_basis_points: int
+    """Best-of-N requests answered by the reference tier instead, per request, in basis points."""
+    routers: int
+    """Router pods whose /metrics the operator read in its last pass."""
 
 
 class TenantSpendState(StrEnum):
@@ -1280,7 +1330,8 @@ class RoutingPolicyStatus(_Observed):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     """Ready, Progressing and Degraded; reason and message name the child that is not ready and why. With bestOfN,
-    also RewardModelReady (False: no ready reward replica, the router answers from the reference tier)."""
+    also RewardModelReady (False: no ready reward replica, the router answers from the reference tier), and MixDrift
+    (True: the most expensive tier's observed share left spec.observedMix's band around its predicted share)."""
     tiers: list[TierStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
@@ -1298,7 +1349,10 @@ class RoutingPolicyStatus(_Observed):
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["tier"]},
     )
-    """Observed share of requests per tier, reported by the router."""
+    """Per tier, the share of requests the routers answered in the recent window, next to the share their operating
+    point predicts (the operator reads the router pods' /metrics: docs/operator.md, "Observed mix")."""
+    observed_mix_window: ObservedMixWindow | None = None
+    """The window behind observedMix: its length, requests, fallback and best-of-N escalation rates."""
     tenants: list[TenantStatus] = Field(
         default_factory=list,
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},

@@ -34,6 +34,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     sub.add_parser("down", help="stop the cluster started by `up`")
     sub.add_parser("env", help="print the shell line that points kubectl and helm at the running cluster")
+    sub.add_parser(
+        "demo",
+        help="the whole loop on a fresh cluster: chart, policy, operator, tier pods, routers, traffic, status "
+        "(make demo-cluster); cleans up on exit",
+    )
 
 
 def _say(msg: str) -> None:
@@ -134,6 +139,10 @@ def run(args: argparse.Namespace) -> int:
             return _up(args)
         if args.action == "down":
             return _down()
+        if args.action == "demo":
+            from .demo import main as demo
+
+            return demo(_say)
         info = _current()
         if info is None:
             _say("no dev cluster is running")

@@ -39,6 +39,15 @@ class PodNetwork:
         """Prefix a command so that it runs inside the namespace (and may bind pod IPs)."""
         return ["ip", "netns", "exec", self.name, *argv]
 
+    def host_address(self) -> str:
+        """The host end's address of the veth pair: where a process on the host listens to be reached from inside
+        the namespace (a relay at a pod IP forwards there: `tiergate.devcluster.relay`)."""
+        out = _ip("-4", "-o", "addr", "show", "dev", self.host_if).stdout
+        m = re.search(r"inet (\d+\.\d+\.\d+\.\d+)/", out)
+        if m is None:
+            raise StartError(f"{self.host_if} has no IPv4 address")
+        return m.group(1)
+
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(["ip", *args], capture_output=True, text=True)

@@ -270,3 +270,43 @@ def cost_weight_for_quality(points: Sequence[CostWeightPoint], quality: float) -
             f"no calibrated operating point reaches quality {quality} (best {best:.4f})", target=target, closest=best
         )
     return min(ok, key=lambda p: (p.cost, p.cost_weight_bp))
+
+
+# Operating point -> predicted traffic mix ------------------------------------------------------------------------
+def _between(x: int, lo: tuple[int, float], hi: tuple[int, float]) -> float:
+    (x0, y0), (x1, y1) = lo, hi
+    return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def strong_share_at(points: Sequence[ThresholdPoint], threshold_bp: int) -> float | None:
+    """Two tiers: the share of strong calls the calibration predicts at `threshold_bp`, linear between the two
+    calibrated thresholds around it (the table holds the thresholds where the calibration data's share moves);
+    None without a table. What the router exports as its predicted mix, so that the observed mix in a policy's
+    status is compared with the same figure `tiergate calibrate` prints."""
+    if not points:
+        return None
+    pts = sorted((p.threshold_bp, p.strong_share) for p in points)
+    if threshold_bp <= pts[0][0]:
+        return pts[0][1]
+    if threshold_bp >= pts[-1][0]:
+        return pts[-1][1]
+    hi = next(i for i, p in enumerate(pts) if p[0] >= threshold_bp)
+    return _between(threshold_bp, pts[hi - 1], pts[hi])
+
+
+def shares_at(points: Sequence[CostWeightPoint], cost_weight_bp: int) -> tuple[float, ...] | None:
+    """N tiers: the per-tier shares the calibration predicts at `cost_weight_bp` (linear between the two calibrated
+    weights around it, clamped at the ends); None without a table."""
+    if not points:
+        return None
+    pts = sorted(points, key=lambda p: p.cost_weight_bp)
+    if cost_weight_bp <= pts[0].cost_weight_bp:
+        return pts[0].shares
+    if cost_weight_bp >= pts[-1].cost_weight_bp:
+        return pts[-1].shares
+    hi = next(i for i, p in enumerate(pts) if p.cost_weight_bp >= cost_weight_bp)
+    a, b = pts[hi - 1], pts[hi]
+    return tuple(
+        _between(cost_weight_bp, (a.cost_weight_bp, sa), (b.cost_weight_bp, sb))
+        for sa, sb in zip(a.shares, b.shares, strict=True)
+    )

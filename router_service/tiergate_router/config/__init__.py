@@ -8,6 +8,7 @@ local        `tiergate serve` flags: --tier, --threshold-bp, --cost-weight-bp, t
 secrets      external tiers' API keys from the environment the operator fills from Secrets
 policy_file  reading the mounted policy file
 serve        the composition `tiergate serve` runs, at start-up and on reload
+predicted    the traffic mix the operating point predicts (exported for the observed-mix status)
 """
 
 from tiergate_router.config.from_policy import (

@@ -10,6 +10,7 @@ from tiergate.api.naming import TENANT_KEYS_DIR
 from tiergate_router.config.from_policy import from_policy
 from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, LoadedSource
 from tiergate_router.config.local import LocalOverrides, apply_overrides, local_config
+from tiergate_router.config.predicted import with_predicted_mix
 from tiergate_router.config.types import RouterConfig
 from tiergate_router.errors import ConfigError
 
@@ -64,4 +65,5 @@ def serve_config(
             cost_weight_bp=overrides.cost_weight_bp,
             candidates=cands,
         )
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    return with_predicted_mix(cfg, classifier.artifact if classifier is not None else None)

@@ -189,6 +189,10 @@ class RouterConfig:
     tenancy: Tenancy = field(default_factory=Tenancy)
     # Images and audio in chat requests: limits, allowed URL hosts, decomposition (spec.router.attachments).
     attachments: AttachmentPolicy = field(default_factory=AttachmentPolicy)
+    # Per tier (cheapest first), the share of routed requests in basis points the classifier artifact's calibration
+    # predicts at this config's operating point (`config.predicted.with_predicted_mix`); None: no prediction.
+    # Exported as tiergate_router_predicted_share, which the operator sets against the observed mix.
+    predicted_mix_bp: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -265,6 +269,9 @@ def validate(cfg: RouterConfig) -> None:
         raise ConfigError("max_response_bytes: must be at least 1024")
     if cfg.classifier_cache_entries < 0 or cfg.classifier_cache_bytes < 0:
         raise ConfigError("classifier_cache_entries and classifier_cache_bytes: must not be negative")
+    pm = cfg.predicted_mix_bp
+    if pm is not None and (len(pm) != len(cfg.tiers) or any(not 0 <= x <= 10000 for x in pm)):
+        raise ConfigError("predicted_mix_bp: one share in 0..10000 basis points per tier")
     mt = cfg.multi_tier
     if mt is not None:
         if len(mt.columns) != len(cfg.tiers) or len(set(mt.columns)) != len(mt.columns):

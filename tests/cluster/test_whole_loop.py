@@ -1,0 +1,92 @@
+"""The whole loop on the real control plane, as `make demo-cluster` runs it (tiergate.devcluster.loop): a
+RoutingPolicy, the operator, tier pods on kwok GPU nodes served at their IPs, two router replicas (`tiergate serve`)
+that find the tier pods through EndpointSlices and are reached at their own pod IPs, a load generator with a known
+tier mix, and the policy's status.observedMix and MixDrift condition as the operator writes them from the routers'
+/metrics. One router is restarted mid-way (its counters start from zero) and the window still counts every request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.operator_cluster import install_crd
+from tiergate.api import naming
+from tiergate.devcluster.cluster import DevCluster, wait_for
+from tiergate.devcluster.loop import WholeLoop, loop_policy, wait_ready
+
+BAND_PP = 5
+
+
+@pytest.fixture
+def loop(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[WholeLoop]:
+    if cluster.pod_netns is None:
+        pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
+    install_crd(cluster)
+    with WholeLoop(cluster, namespace, tmp_path, mix_report_seconds=1.0) as wl:
+        try:
+            yield wl
+        except BaseException:
+            print(wl.logs())
+            raise
+
+
+def test_observed_mix_follows_the_traffic_and_drift_turns_on(loop: WholeLoop) -> None:
+    loop.start_operator()
+    loop.apply_policy(loop_policy(router_replicas=2, band_percentage_points=BAND_PP, min_requests=50))
+    wait_ready(loop, 180)
+    loop.wait_pods(naming.COMPONENT_TIER, 3)
+    tiers = loop.serve_tiers()
+    assert len(tiers) == 3
+    assert all(ip.startswith("198.18.") for ip in tiers.values())
+    loop.wait_pods(naming.COMPONENT_ROUTER, 2)
+    routers = loop.serve_routers()
+    assert len(routers) == 2
+
+    # The routers export their operating point's prediction; the operator puts it next to each tier.
+    def predicted() -> dict[str, int] | None:
+        obs = loop.observed()
+        got = {t: e.get("predictedShareBasisPoints") for t, e in obs.items() if t != "window"}
+        return got if got and all(v is not None for v in got.values()) else None
+
+    pred = wait_for("the predicted mix in status", predicted, 60)
+    assert sum(pred.values()) == 10_000
+    assert 0 < pred["large"] <= 3000  # targetStrongShareBasisPoints 3000: the calibrated threshold keeps within it
+
+    # A load generator sending the predicted mix (tiers forced by model name: no classifier noise), half of it,
+    # then one router restarts (its counters from zero), then the other half.
+    n = 200
+    large = round(n * pred["large"] / 10_000)
+    half = ["large"] * (large // 2) + ["small"] * (n // 2 - large // 2)
+    rest = ["large"] * (large - large // 2) + ["small"] * (n - n // 2 - (large - large // 2))
+    sent = loop.send(half)
+    loop.wait_observed_requests(n // 2)
+    loop.restart_router(sorted(routers)[0])
+    sent += loop.send(rest)
+    assert sent == {"large": large, "small": n - large}
+    obs = loop.wait_observed_requests(n)
+    assert obs["window"]["routers"] == 2
+    assert obs["window"]["requests"] == n
+    sent_bp = round(large * 10_000 / n)
+    print(f"predicted large {pred['large']} bp; sent {sent_bp} bp; observed {obs['large']['shareBasisPoints']} bp")
+    assert abs(obs["large"]["shareBasisPoints"] - sent_bp) <= 100  # rounding only: every request is counted
+    drift = wait_for(
+        "MixDrift False", lambda: (lambda c: c if c.get("status") == "False" else None)(loop.condition("MixDrift")), 30
+    )
+    assert drift["reason"] == "MixWithinBand"
+
+    # Push the mix out of the band: enough large-only traffic that its share passes prediction + band.
+    extra = 0
+    while (large + extra) * 10_000 / (n + extra) <= pred["large"] + BAND_PP * 100 + 500:
+        extra += 10
+    loop.send(["large"] * extra)
+    obs = loop.wait_observed_requests(n + extra)
+    assert obs["large"]["shareBasisPoints"] > pred["large"] + BAND_PP * 100
+    print(f"after {extra} large-only requests: observed large {obs['large']['shareBasisPoints']} bp")
+    drift = wait_for(
+        "MixDrift True", lambda: (lambda c: c if c.get("status") == "True" else None)(loop.condition("MixDrift")), 30
+    )
+    assert drift["reason"] == "MixOutsideBand"
+    assert "tier large" in drift["message"]

@@ -1,0 +1,446 @@
+"""The whole loop on the dev cluster, one implementation for `make demo-cluster` and its cluster test:
+RoutingPolicy -> operator -> tier pods (kwok) -> a small OpenAI-compatible server at each tier pod's IP -> routers
+that find those pods through EndpointSlices -> traffic -> the policy's status (observedMix, MixDrift).
+
+Every part runs as its user would start it: `tiergate operator` and `tiergate serve` are subprocesses (this package
+imports neither the operator nor the router, `.importlinter` says why). kwok runs pods without containers, so the
+processes a real pod would run are started here instead, at the pod's address:
+- each tier pod's model server: `pod_server` inside the pod network namespace, bound to the pod's IP;
+- each router pod: `tiergate serve` on the host (it must reach the API server on the host's loopback), listening on
+  the host end of the pod network's veth pair, and a `relay` inside the namespace that forwards the router pod's IP
+  and HTTP port to it. The operator reads the router's /metrics at the pod IP as it would in a cluster, and
+  clients send their requests there too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from tiergate.api import naming
+from tiergate.api.policy import API_VERSION, KIND
+from tiergate.routing.artifact import DEFAULT_TWO_TIER
+
+from .cluster import DevCluster, wait_for
+from .errors import StartError
+
+POLICY = "chat"
+ARTIFACT_CONFIGMAP = "chat-router-artifact"
+ARTIFACT_KEY = "router.json"
+# Requests the router decides get the answering tier in this header.
+TIER_HEADER = "x-tiergate-tier"
+# Loading the router's encoder takes seconds, much longer on a loaded machine.
+ROUTER_START_S = 180.0
+
+
+def loop_policy(
+    *,
+    router_replicas: int = 2,
+    window_seconds: int = 600,
+    band_percentage_points: int = 5,
+    min_requests: int = 50,
+    strong_share_bp: int = 3000,
+) -> dict[str, Any]:
+    """The sample's two tiers (a small model on gpu-small, a large one on gpu-large) and its router, without
+    best-of-N (no reward model runs here). The classifier is the shipped two-tier router, given as a ConfigMap as
+    `tiergate train` output would be; `strong_share_bp` is the share of traffic the policy asks for on the large
+    tier, which the artifact's calibration turns into a threshold and the routers export as their prediction."""
+    tier = {"engine": {"args": ["--max-model-len", "8192"]}}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": POLICY},
+        "spec": {
+            "tiers": [
+                {
+                    **tier,
+                    "name": "small",
+                    "model": "Qwen/Qwen2.5-7B-Instruct",
+                    "servedModelName": "qwen2.5-7b",
+                    "pool": "gpu-small",
+                    "resources": {"gpus": 1, "cpu": "4", "memory": "24Gi"},
+                    "replicas": {"min": 2, "max": 6},
+                    "price": {"inputPerMillion": "0.10", "outputPerMillion": "0.30"},
+                },
+                {
+                    **tier,
+                    "name": "large",
+                    "model": "Qwen/Qwen2.5-72B-Instruct",
+                    "servedModelName": "qwen2.5-72b",
+                    "pool": "gpu-large",
+                    "resources": {"gpus": 4, "cpu": "16", "memory": "160Gi"},
+                    "replicas": {"min": 1, "max": 2},
+                    "price": {"inputPerMillion": "0.90", "outputPerMillion": "2.70"},
+                },
+            ],
+            "router": {
+                "replicas": router_replicas,
+                "pool": "cpu",
+                "classifier": {"configMap": {"name": ARTIFACT_CONFIGMAP, "key": ARTIFACT_KEY}},
+                "targetStrongShareBasisPoints": strong_share_bp,
+                "fallbackOrder": ["large", "small"],
+            },
+            "observedMix": {
+                "windowSeconds": window_seconds,
+                "driftBandPercentagePoints": band_percentage_points,
+                "minRequests": min_requests,
+            },
+        },
+    }
+
+
+def service_account_kubeconfig(cluster: DevCluster, namespace: str, account: str, path: Path) -> Path:
+    """A kubeconfig at `path` that authenticates as nothing but the ServiceAccount `account` of `namespace` (a
+    bound token for an hour), its context's namespace `namespace`: to run a process with exactly the RBAC a pod of
+    that account would have."""
+    import yaml
+
+    token = cluster.kubectl("create", "token", account, "-n", namespace, "--duration=1h").strip()
+    admin = yaml.safe_load(cluster.kubeconfig.read_text())
+    entry = admin["clusters"][0]
+    kc = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [entry],
+        "users": [{"name": account, "user": {"token": token}}],
+        "contexts": [{"name": account, "context": {"cluster": entry["name"], "user": account, "namespace": namespace}}],
+        "current-context": account,
+    }
+    path.write_text(yaml.safe_dump(kc))
+    return path
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def pod_ready(pod: dict[str, Any]) -> bool:
+    conds = (pod.get("status") or {}).get("conditions") or []
+    return (
+        any(c.get("type") == "Ready" and c.get("status") == "True" for c in conds)
+        and bool((pod.get("status") or {}).get("podIP"))
+        and not pod["metadata"].get("deletionTimestamp")
+    )
+
+
+@dataclass
+class Proc:
+    """A process started for the loop; its output goes to `log`."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    def tail(self, chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+
+@dataclass
+class RouterProcess:
+    pod: str
+    pod_ip: str
+    port: int
+    serve: Proc
+    relay: Proc
+
+
+@dataclass
+class WholeLoop:
+    """The loop in one namespace of a running dev cluster (with its pod network). `close` stops every process it
+    started; the namespace and the cluster are the caller's."""
+
+    cluster: DevCluster
+    namespace: str
+    workdir: Path
+    say: Callable[[str], None] = lambda _m: None
+    mix_report_seconds: float = 1.0
+    tier_servers: dict[str, Proc] = field(default_factory=dict)
+    routers: dict[str, RouterProcess] = field(default_factory=dict)
+    operator: Proc | None = None
+    _starts: Counter[str] = field(default_factory=Counter)
+
+    # -- processes -----------------------------------------------------------------------------------------------
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
+        self._starts[name] += 1
+        log = self.workdir / f"{name}-{self._starts[name]}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        out: IO[bytes] = log.open("wb")
+        proc = subprocess.Popen(
+            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+        )
+        out.close()
+        return Proc(name, proc, log)
+
+    def _wait_ready_line(self, p: Proc, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if p.proc.poll() is not None:
+                raise StartError(f"{p.name} exited with {p.proc.returncode}:\n{p.tail()}")
+            return "READY" in p.tail(200_000)
+
+        wait_for(f"{p.name} to listen", ready, timeout, 0.1)
+
+    @property
+    def kube_env(self) -> dict[str, str]:
+        return {"KUBECONFIG": str(self.cluster.kubeconfig), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+    def start_operator(self, kubeconfig: Path | None = None) -> Proc:
+        """`tiergate operator` watching this namespace, reading the routers' metrics every `mix_report_seconds`;
+        `kubeconfig`: its credentials (default the cluster's admin; `service_account_kubeconfig` gives a chart's)."""
+        env = {**self.kube_env, "TIERGATE_OPERATOR_MIX_REPORT_SECONDS": str(self.mix_report_seconds)}
+        if kubeconfig is not None:
+            env["KUBECONFIG"] = str(kubeconfig)
+        self.operator = self._spawn(
+            "operator", [sys.executable, "-m", "tiergate.cli", "operator", "--namespace", self.namespace], env
+        )
+        return self.operator
+
+    def apply_policy(self, doc: dict[str, Any]) -> None:
+        """The classifier ConfigMap (the shipped two-tier router, as `tiergate train` writes one) and the policy."""
+        cm = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": ARTIFACT_CONFIGMAP},
+            "data": {ARTIFACT_KEY: DEFAULT_TWO_TIER.read_text()},
+        }
+        for obj in (cm, doc):
+            self.cluster.kubectl(
+                "apply", "--server-side", "--force-conflicts", "-n", self.namespace, "-f", "-", input=json.dumps(obj)
+            )
+
+    # -- reading the cluster -------------------------------------------------------------------------------------
+    def policy(self) -> dict[str, Any]:
+        out: dict[str, Any] = json.loads(
+            self.cluster.kubectl("get", "routingpolicy", POLICY, "-n", self.namespace, "-o", "json")
+        )
+        return out
+
+    def condition(self, type_: str) -> dict[str, Any]:
+        for c in (self.policy().get("status") or {}).get("conditions") or []:
+            if c.get("type") == type_:
+                return dict(c)
+        return {}
+
+    def pods(self, component: str) -> list[dict[str, Any]]:
+        sel = f"{naming.POLICY_LABEL}={POLICY},{naming.COMPONENT_LABEL}={component}"
+        items: list[dict[str, Any]] = json.loads(
+            self.cluster.kubectl("get", "pods", "-n", self.namespace, "-l", sel, "-o", "json")
+        )["items"]
+        return [p for p in items if pod_ready(p)]
+
+    def replicas(self) -> dict[str, str]:
+        """Deployment -> ready/desired replicas."""
+        sel = f"{naming.POLICY_LABEL}={POLICY}"
+        items = json.loads(self.cluster.kubectl("get", "deployments", "-n", self.namespace, "-l", sel, "-o", "json"))
+        return {
+            d["metadata"]["name"]: f"{d['status'].get('readyReplicas', 0)}/{d['spec'].get('replicas', 0)}"
+            for d in items["items"]
+        }
+
+    def wait_pods(self, component: str, count: int, timeout: float = 120.0) -> list[dict[str, Any]]:
+        return wait_for(
+            f"{count} ready {component} pods",
+            lambda: (lambda ps: ps if len(ps) >= count else None)(self.pods(component)),
+            timeout,
+        )
+
+    # -- serving the pods ----------------------------------------------------------------------------------------
+    def serve_tiers(self) -> dict[str, str]:
+        """A model server at every ready tier pod's IP not served yet (pod name -> IP); servers of pods gone are
+        stopped."""
+        spec = self.policy()["spec"]
+        served = {
+            t["name"]: (t.get("servedModelName") or t["name"], (t.get("engine") or {}).get("port", 8000))
+            for t in spec["tiers"]
+        }
+        pods = self.pods(naming.COMPONENT_TIER)
+        names = {p["metadata"]["name"] for p in pods}
+        for gone in [n for n in self.tier_servers if n not in names]:
+            self.tier_servers.pop(gone).stop()
+        out = {}
+        for p in pods:
+            name, ip = p["metadata"]["name"], p["status"]["podIP"]
+            out[name] = ip
+            if name in self.tier_servers:
+                continue
+            model, port = served[p["metadata"]["labels"][naming.TIER_LABEL]]
+            argv = [sys.executable, "-m", "tiergate.devcluster.pod_server", "--host", ip, "--port", str(port)]
+            proc = self._spawn(f"tier-{name}", self.cluster.netns_cmd([*argv, "--model", model, "--pod", name]))
+            self._wait_ready_line(proc)
+            self.tier_servers[name] = proc
+        return out
+
+    def _policy_file(self) -> Path:
+        p = self.policy()
+        doc = {
+            "apiVersion": p["apiVersion"],
+            "kind": p["kind"],
+            "metadata": {"name": p["metadata"]["name"], "namespace": self.namespace},
+            "spec": p["spec"],
+        }
+        path = self.workdir / "policy.json"
+        path.write_text(json.dumps(doc))
+        return path
+
+    def serve_routers(self) -> dict[str, str]:
+        """`tiergate serve` for every ready router pod not served yet, reached at the pod's IP (pod name -> IP)."""
+        assert self.cluster.network is not None
+        host = self.cluster.network.host_address()
+        http_port = int(self.policy()["spec"]["router"].get("httpPort", 8080))
+        artifact = self.workdir / "router.json"
+        artifact.write_text(DEFAULT_TWO_TIER.read_text())
+        policy_file = self._policy_file()
+        out = {}
+        for p in self.pods(naming.COMPONENT_ROUTER):
+            name, ip = p["metadata"]["name"], p["status"]["podIP"]
+            out[name] = ip
+            if name in self.routers:
+                continue
+            port = free_port(host)
+            serve = self._start_serve(name, policy_file, artifact, host, port)
+            relay = self._spawn(
+                f"relay-{name}",
+                self.cluster.netns_cmd(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tiergate.devcluster.relay",
+                        "--listen",
+                        f"{ip}:{http_port}",
+                        "--to",
+                        f"{host}:{port}",
+                    ]
+                ),
+            )
+            self._wait_ready_line(relay)
+            self.routers[name] = RouterProcess(name, ip, port, serve, relay)
+        return out
+
+    def _start_serve(self, pod: str, policy_file: Path, artifact: Path, host: str, port: int) -> Proc:
+        argv = [sys.executable, "-m", "tiergate.cli", "serve", "-f", str(policy_file), "--router", str(artifact)]
+        argv += ["--discovery", "on", "--host", host, "--port", str(port), "--grpc-port", "-1"]
+        proc = self._spawn(f"router-{pod}", argv, self.kube_env)
+
+        def healthy() -> bool:
+            if proc.proc.poll() is not None:
+                raise StartError(f"router for {pod} exited with {proc.proc.returncode}:\n{proc.tail()}")
+            try:
+                with urllib.request.urlopen(f"http://{host}:{port}/ready", timeout=2) as r:
+                    return bool(r.status == 200)
+            except (urllib.error.URLError, OSError):
+                return False
+
+        wait_for(f"the router of pod {pod} ready (tiers discovered)", healthy, ROUTER_START_S, 0.3)
+        return proc
+
+    def restart_router(self, pod: str) -> None:
+        """Stop the router process of `pod` and start it again at the same address: its counters start from zero,
+        as after a container restart."""
+        r = self.routers[pod]
+        r.serve.stop()
+        assert self.cluster.network is not None
+        artifact = self.workdir / "router.json"
+        r.serve = self._start_serve(pod, self._policy_file(), artifact, self.cluster.network.host_address(), r.port)
+
+    # -- traffic -------------------------------------------------------------------------------------------------
+    def send(self, models: Iterable[str], prompt: Callable[[int], str] = lambda i: f"question {i}") -> Counter[str]:
+        """One chat request per entry of `models` (a tier name forces that tier; `tiergate` lets the classifier
+        choose), spread over the router pods' IPs as their Service would; counts the answering tiers."""
+        urls = [f"http://{r.pod_ip}:{self._http_port()}/v1/chat/completions" for r in self.routers.values()]
+        if not urls:
+            raise StartError("no router is being served")
+        jobs = list(enumerate(models))
+
+        def one(job: tuple[int, str]) -> str:
+            i, model = job
+            body = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": 16}
+            req = urllib.request.Request(
+                urls[i % len(urls)], data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.read()
+                return str(r.headers.get(TIER_HEADER))
+
+        with ThreadPoolExecutor(4) as pool:
+            return Counter(pool.map(one, jobs))
+
+    def _http_port(self) -> int:
+        return int(self.policy()["spec"]["router"].get("httpPort", 8080))
+
+    def observed(self) -> dict[str, Any]:
+        """status.observedMix by tier, plus status.observedMixWindow under "window"."""
+        st = self.policy().get("status") or {}
+        out: dict[str, Any] = {e["tier"]: e for e in st.get("observedMix") or []}
+        out["window"] = st.get("observedMixWindow") or {}
+        return out
+
+    def wait_observed_requests(self, total: int, timeout: float = 60.0) -> dict[str, Any]:
+        """Until the policy's status counts `total` answered requests in its window."""
+
+        def counted() -> dict[str, Any] | None:
+            obs = self.observed()
+            n = sum(e.get("requests", 0) for k, e in obs.items() if k != "window")
+            return obs if n == total else None
+
+        return wait_for(f"status.observedMix to count {total} requests", counted, timeout, 0.5)
+
+    def close(self) -> None:
+        for r in self.routers.values():
+            r.relay.stop()
+            r.serve.stop()
+        for p in self.tier_servers.values():
+            p.stop()
+        if self.operator is not None:
+            self.operator.stop()
+        self.routers.clear()
+        self.tier_servers.clear()
+
+    def logs(self) -> str:
+        """The tails of every log, for a failure message."""
+        parts = []
+        for log in sorted(self.workdir.glob("*.log")):
+            parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-2000:]}")
+        return "\n".join(parts)
+
+    def __enter__(self) -> WholeLoop:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def wait_ready(loop: WholeLoop, timeout: float = 120.0) -> None:
+    """The policy Ready for its current generation."""
+
+    def ready() -> bool:
+        p = loop.policy()
+        conds: list[dict[str, Any]] = (p.get("status") or {}).get("conditions") or []
+        c = next((c for c in conds if c.get("type") == "Ready"), {})
+        return c.get("status") == "True" and c.get("observedGeneration") == p["metadata"]["generation"]
+
+    wait_for("the RoutingPolicy Ready", ready, timeout, 0.5)
