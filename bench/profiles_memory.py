@@ -31,7 +31,10 @@ def main() -> None:
     profiles = UserProfiles(ProfileConfig(tiers=a.tiers, max_users=a.max_users))
     quality = [0.5] * a.tiers
     mib = 1024 * 1024
-    print(f"table {profiles.nbytes / mib:.2f} MiB for {a.max_users} users x {a.tiers} tiers; RSS {rss_bytes() / mib:.1f} MiB")
+    print(
+        f"table {profiles.nbytes / mib:.2f} MiB for {a.max_users} users x {a.tiers} tiers; "
+        f"RSS {rss_bytes() / mib:.1f} MiB"
+    )
     t0 = time.perf_counter()
     for u in range(a.users):
         uid = f"user-{u}"

@@ -14,7 +14,8 @@ def _ids(n: int) -> list[str]:
 def test_pools_are_stable_and_hold_about_the_share() -> None:
     held, late = personas.split_pools(_ids(4000), 0.4)
     again, late2 = personas.split_pools(_ids(4000), 0.4)
-    assert (held == again).all() and (late == late2).all()
+    assert (held == again).all()
+    assert (late == late2).all()
     assert 0.36 < held.mean() < 0.44
     assert 0.46 < late.mean() < 0.54
 
@@ -25,9 +26,12 @@ def test_users_ask_only_their_pool_and_domains_in_the_right_half() -> None:
     held, late = personas.split_pools(_ids(n), 0.4)
     model = personas.UserModel(adapt=20, evaluate=15)
     users = personas.draw_users(50, tasks, held, late, 3, model, np.random.default_rng(0))
-    assert users.adapt_rows.shape == (50, 20) and users.eval_rows.shape == (50, 15)
-    assert held[users.adapt_rows].all() and held[users.eval_rows].all()
-    assert not late[users.adapt_rows].any() and late[users.eval_rows].all()
+    assert users.adapt_rows.shape == (50, 20)
+    assert users.eval_rows.shape == (50, 15)
+    assert held[users.adapt_rows].all()
+    assert held[users.eval_rows].all()
+    assert not late[users.adapt_rows].any()
+    assert late[users.eval_rows].all()
     for u in range(50):
         assert 1 <= len(users.domains[u]) <= 3
         asked = {tasks[r] for r in (*users.adapt_rows[u], *users.eval_rows[u])}
@@ -79,11 +83,11 @@ def test_per_user_adjustment_learns_a_users_taste_and_global_cannot() -> None:
     assert np.allclose(glob.satisfaction[dislike_first], 1 / (1 + np.exp(2.0)))
     assert mine.satisfaction[dislike_first].mean() > 0.9
     assert mine.satisfaction[~dislike_first].mean() > 0.9
-    assert (glob.counts[:, 1] == 0).all() and (mine.counts[dislike_first, 1] > 0).all()
+    assert (glob.counts[:, 1] == 0).all()
+    assert (mine.counts[dislike_first, 1] > 0).all()
 
 
 def test_pooled_correction_cancels_when_half_the_users_like_each_tier() -> None:
-    predicted, scores, prices, users = _taste_world(40)
     sums = np.array([[-3.0, 0.0], [3.0, 0.0]])
     counts = np.array([[10.0, 0.0], [10.0, 0.0]])
     assert np.allclose(personas.pooled_adjustment(sums, counts, 10.0)[0], 0.0, atol=1e-9)
@@ -104,8 +108,10 @@ def test_comparison_of_a_curve_with_itself_is_zero_and_a_better_one_positive() -
     q = rng.uniform(0.4, 0.8, size=(200, 5))
     c = np.tile(np.linspace(0.2, 1.0, 5), (200, 1))
     base = personas.Curve("a", (0, 1, 2, 3, 4), q, c, q)
-    same = personas.compare_at_budgets(base, base, [0.5], samples=200)[0]
-    assert same.diff == 0 and same.lo == 0 and same.hi == 0
+    rows, mean = personas.compare_at_budgets(base, base, [0.5, 0.8], samples=200)
+    assert all(r.diff == 0 and r.lo == 0 and r.hi == 0 for r in (*rows, mean))
     better = personas.Curve("b", base.cost_weights_bp, q + 0.05, c, q)
-    r = personas.compare_at_budgets(base, better, [0.5], samples=200)[0]
-    assert abs(r.diff - 0.05) < 1e-9 and r.lo > 0.04
+    rows, mean = personas.compare_at_budgets(base, better, [0.5, 0.8], samples=200)
+    for r in (*rows, mean):
+        assert abs(r.diff - 0.05) < 1e-9
+        assert 0.04 < r.lo <= r.hi < 0.06

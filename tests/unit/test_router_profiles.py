@@ -6,9 +6,9 @@ import math
 
 import numpy as np
 import pytest
-from tiergate_router.profiles import ProfileConfig, ProfileError, UserProfiles
 
 from tiergate.training.personas import user_adjustment
+from tiergate_router.profiles import ProfileConfig, ProfileError, UserProfiles
 
 
 def _profiles(**kw: object) -> UserProfiles:
@@ -35,7 +35,8 @@ def test_adjustment_is_the_simulated_rule_and_moves_toward_what_the_user_likes()
     want = 0.6 + user_adjustment(sums, counts, 5.0)[0]
     assert got == pytest.approx(list(want), abs=1e-5)
     assert got[1] > got[2] > got[0]
-    assert p.observations("alice") == 20 and p.observations("bob") == 0
+    assert p.observations("alice") == 20
+    assert p.observations("bob") == 0
     # Another user is unaffected; -inf (a tier not served) stays -inf.
     assert p.adjust("bob", [0.6, 0.6, 0.6]) == [0.6, 0.6, 0.6]
     assert p.adjust("alice", [0.6, 0.6, -math.inf])[2] == -math.inf
@@ -57,7 +58,8 @@ def test_memory_is_fixed_and_users_beyond_capacity_evict_the_least_recent() -> N
     for u in range(5000):
         p.observe(f"user-{u}", u % 3, 1.0, 0.5)
     assert p.nbytes == before
-    assert len(p) <= 64 and p.evictions == 5000 - len(p)
+    assert len(p) <= 64
+    assert p.evictions == 5000 - len(p)
     # The most recent user of each set survives; the very first one is long gone.
     assert p.observations("user-4999") == 1
     assert p.observations("user-0") == 0

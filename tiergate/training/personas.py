@@ -256,22 +256,28 @@ def compare_at_budgets(
     metric: str = "satisfaction",
     samples: int = 2000,
     seed: int = 0,
-) -> list[Comparison]:
-    """Quality of `other` minus `base` at equal mean cost, with a 95 % percentile bootstrap interval over users
-    (both arms on the same resampled users; each resample re-picks both arms' operating points)."""
+) -> tuple[list[Comparison], Comparison]:
+    """Quality of `other` minus `base` at equal mean cost, per budget and averaged over the budgets (the second
+    item, `budget` = NaN), each with a 95 % percentile bootstrap interval over users (both arms on the same
+    resampled users; each resample re-picks both arms' operating points)."""
     rng = np.random.default_rng(seed)
     n = base.cost.shape[0]
     draws = rng.integers(0, n, size=(samples, n))
     weights = np.zeros((samples, n))
     np.add.at(weights, (np.arange(samples)[:, None], draws), 1.0)
     qa, qb = getattr(base, metric), getattr(other, metric)
+    point_a = np.array([at_budget(qa, base.cost, b)[0] for b in budgets])
+    point_b = np.array([at_budget(qb, other.cost, b)[0] for b in budgets])
+    diffs = np.stack(
+        [at_budget(qb, other.cost, b, weights) - at_budget(qa, base.cost, b, weights) for b in budgets], axis=1
+    )
     out = []
-    for b in budgets:
-        a0, b0 = at_budget(qa, base.cost, b)[0], at_budget(qb, other.cost, b)[0]
-        d = at_budget(qb, other.cost, b, weights) - at_budget(qa, base.cost, b, weights)
-        lo, hi = np.nanquantile(d, [0.025, 0.975])
-        out.append(Comparison(b, float(a0), float(b0), float(b0 - a0), float(lo), float(hi)))
-    return out
+    for i, b in enumerate(budgets):
+        lo, hi = np.nanquantile(diffs[:, i], [0.025, 0.975])
+        out.append(Comparison(b, float(point_a[i]), float(point_b[i]), float(point_b[i] - point_a[i]), lo, hi))
+    lo, hi = np.nanquantile(np.nanmean(diffs, axis=1), [0.025, 0.975])
+    a_mean, b_mean = float(np.nanmean(point_a)), float(np.nanmean(point_b))
+    return out, Comparison(float("nan"), a_mean, b_mean, b_mean - a_mean, float(lo), float(hi))
 
 
 def sweep(
