@@ -111,6 +111,8 @@ def main() -> None:
         "pooled": personas.sweep("pooled", *args, bias_for=pooled, seed=1),
         "per-user": personas.sweep("per-user", *args, prior=best_prior, seed=1),
         "pooled+per-user": personas.sweep("pooled+per-user", *args, bias_for=pooled, prior=best_prior, seed=1),
+        # Not a router: the users' true taste added to the head's prediction, the most a per-tier adjustment gets.
+        "oracle-taste": personas.sweep("oracle-taste", *args, oracle=True, seed=1),
     }
     print(f"held-out arms swept [{time.perf_counter() - t0:.0f} s]", flush=True)
     for metric in ("satisfaction", "score"):
@@ -123,7 +125,13 @@ def main() -> None:
             )
     budgets = ", ".join(f"{b:g}" for b in BUDGETS)
     print(f"mean over budgets {budgets} $/Mtok (held-out users, 95% bootstrap CI over users):")
-    pairs = (("global", "per-user"), ("global", "pooled"), ("global", "pooled+per-user"), ("pooled", "pooled+per-user"))
+    pairs = (
+        ("global", "per-user"),
+        ("global", "pooled"),
+        ("global", "pooled+per-user"),
+        ("pooled", "pooled+per-user"),
+        ("global", "oracle-taste"),
+    )
     for base, other in pairs:
         for metric in ("satisfaction", "score"):
             m = personas.compare_at_budgets(arms[base], arms[other], BUDGETS, metric=metric, seed=a.seed)[1]

@@ -84,6 +84,9 @@ def test_per_user_adjustment_learns_a_users_taste_and_global_cannot() -> None:
     assert mine.satisfaction[dislike_first].mean() > 0.9
     assert mine.satisfaction[~dislike_first].mean() > 0.9
     assert (glob.counts[:, 1] == 0).all()
+    oracle = personas.simulate(predicted, scores, prices, users, 0, oracle=True)
+    assert oracle.satisfaction.mean() >= mine.satisfaction.mean()
+    assert (oracle.counts == glob.counts).all()  # the oracle learns nothing: the adaptation phase is the global one
     assert (mine.counts[dislike_first, 1] > 0).all()
 
 

@@ -183,12 +183,14 @@ def simulate(
     *,
     bias: FloatArray | None = None,
     prior: float | None = None,
+    oracle: bool = False,
     seed: int = 0,
 ) -> Phase:
     """Route each user's adaptation prompts in order, collecting their feedback, then their evaluation prompts
     with what was learnt frozen. `predicted`/`scores`: `[rows, tiers]`; `bias`: a per-tier correction for
     everybody (pooled) or None; `prior`: the per-user shrinkage (None: no per-user adjustment, so the adaptation
-    phase only records feedback, as the global router would)."""
+    phase only records feedback, as the global router would); `oracle`: evaluate with the users' true taste as
+    the adjustment (the headroom of any per-tier adjustment; nothing is learnt)."""
     rng = np.random.default_rng(seed)
     n, tiers = len(users), predicted.shape[1]
     base = np.zeros(tiers) if bias is None else bias
@@ -207,6 +209,8 @@ def simulate(
         sums[who, t] += (rating + 1.0) / 2.0 - (predicted[rows, t] + base[t])
         counts[who, t] += 1.0
     adj = user_adjustment(sums, counts, prior) if prior is not None else np.zeros((n, tiers))
+    if oracle:
+        adj = users.taste
     rows = users.eval_rows
     t = choose(predicted[rows] + base + adj[:, None, :], prices, cost_weight_bp)
     got = np.take_along_axis(scores[rows], t[..., None], axis=-1)[..., 0]
@@ -290,6 +294,7 @@ def sweep(
     *,
     bias_for: dict[int, FloatArray] | None = None,
     prior: float | None = None,
+    oracle: bool = False,
     seed: int = 0,
 ) -> Curve:
     """`simulate` at every cost weight; `bias_for[bp]`: the pooled correction learnt at that operating point."""
@@ -302,6 +307,7 @@ def sweep(
             bp,
             bias=None if bias_for is None else bias_for[bp],
             prior=prior,
+            oracle=oracle,
             seed=seed + i,
         )
         for i, bp in enumerate(cost_weights_bp)
