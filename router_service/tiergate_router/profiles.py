@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# The shrinkage chosen on simulated *train* users (bench/personalisation_quality.py tries 5, 20, 50, 200; 50 was
-# best, 200 close): about fifty ratings before a user's own residuals weigh as much as the global prediction.
+# The shrinkage chosen on simulated *train* users (bench/personalisation_quality.py tries 5, 20, 50, 200): 50 for
+# the default simulation (seeds 0 and 1) and with 100 ratings, 200 where users barely differ between models or
+# rate only 10 answers, 20 where they differ a lot. About fifty ratings before a user's own residuals weigh as much
+# as the global prediction; docs/routing.md, "Per-user profiles", says what it costs where users do not differ.
 DEFAULT_PRIOR = 50.0
 # 100,000 users of 9 tiers is about 7.6 MB of table: a router replica's worth of regulars.
 DEFAULT_MAX_USERS = 100_000
