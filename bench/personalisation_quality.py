@@ -27,26 +27,6 @@ from tiergate.routing.operating_points import COST_WEIGHTS_BP
 from tiergate.training import personas
 from tiergate.training.data import load_outcomes, load_prices
 from tiergate.training.embeddings import cached_minilm
-from tiergate.training.labels import task_smoothed
-from tiergate.training.train import HeadConfig, fit_head
-
-# Budgets ($/Mtok, input + output list price) between the cheapest tier (0.2) and the 70B tiers (1.8): the range
-# where the router mixes tiers.
-BUDGETS = (0.3, 0.4, 0.5, 0.7, 0.9, 1.2)
-# Pseudo-observations for the pooled correction: it sees thousands of ratings per tier, so 10 only guards the
-# tiers train users were almost never sent to.
-POOLED_PRIOR = 10.0
-
-
-def global_head(scores: np.ndarray, x: np.ndarray, tasks: list[str], train: np.ndarray, seed: int) -> np.ndarray:
-    """Predicted per-tier quality for every row from a head fitted on the `train` rows only."""
-    from tiergate.routing.scorer import members_forward
-
-    t_tasks = [t for t, keep in zip(tasks, train, strict=True) if keep]
-    y = task_smoothed(x[train], scores[train], 200, t_tasks, 0.0)
-    members = fit_head(x[train], y, t_tasks, HeadConfig(seed=seed), 0.0)
-    out: np.ndarray = members_forward(members, x)
-    return out
 
 
 def main() -> None:
@@ -58,7 +38,7 @@ def main() -> None:
     ap.add_argument("--taste-sd", type=float, default=0.1, help="per-user per-model taste sd; 0 turns taste off")
     ap.add_argument("--adapt", type=int, default=40, help="prompts each user asks before evaluation")
     ap.add_argument("--evaluate", type=int, default=40)
-    ap.add_argument("--priors", default="2,5,10,20", help="per-user shrinkage values tried on train users")
+    ap.add_argument("--priors", default="5,20,50,200", help="per-user shrinkage values tried on train users")
     ap.add_argument("--weights-step", type=int, default=1, help="use every n-th cost weight (faster)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
@@ -68,62 +48,43 @@ def main() -> None:
     t0 = time.perf_counter()
     data = load_outcomes([a.data_dir / "llmrouter-train.jsonl"], LLMROUTER_MODELS)
     prices = np.array(load_prices(a.data_dir / "llmrouter-models.json", LLMROUTER_MODELS))
-    held, late = personas.split_pools(data.ids, a.held_out_share)
     x = cached_minilm().encode(data.prompts)
-    predicted = global_head(data.scores, x, data.tasks, ~held, a.seed)
-    print(
-        f"prompts: {int((~held).sum())} train pool, {int(held.sum())} held-out pool (disjoint by id hash); "
-        f"global head fitted on the train pool [{time.perf_counter() - t0:.0f} s]",
-        flush=True,
-    )
     model = personas.UserModel(taste_sd=a.taste_sd, adapt=a.adapt, evaluate=a.evaluate)
-    rng = np.random.default_rng(a.seed)
-    n_models = len(LLMROUTER_MODELS)
-    train_users = personas.draw_users(a.train_users, data.tasks, ~held, late, n_models, model, rng)
-    test_users = personas.draw_users(a.users, data.tasks, held, late, n_models, model, rng)
     weights = COST_WEIGHTS_BP[:: a.weights_step]
-    print(
-        f"users: {len(train_users)} train, {len(test_users)} held-out; {a.adapt} adaptation + {a.evaluate} "
-        f"evaluation prompts each; taste sd {a.taste_sd}; {len(weights)} cost weights",
-        flush=True,
+    study = personas.held_out_study(
+        data.scores,
+        data.tasks,
+        data.ids,
+        x,
+        prices,
+        model=model,
+        users=a.users,
+        train_users=a.train_users,
+        held_out_share=a.held_out_share,
+        priors=[float(p) for p in a.priors.split(",")],
+        cost_weights_bp=weights,
+        seed=a.seed,
     )
-
-    # Global fits on train users only: the pooled correction at each operating point, and the shrinkage.
-    pooled = {}
-    for i, bp in enumerate(weights):
-        ph = personas.simulate(predicted, data.scores, prices, train_users, bp, seed=10_000 + i)
-        pooled[bp] = personas.pooled_adjustment(ph.sums, ph.counts, POOLED_PRIOR)
-    # The shrinkage of the shipped arm (per-user on the global head, tiergate_router.profiles), chosen by its mean
-    # gain over the global router on train users.
-    glob_tr = personas.sweep("global", predicted, data.scores, prices, train_users, weights)
-    best_prior, best_gain = 0.0, -np.inf
-    for prior in (float(p) for p in a.priors.split(",")):
-        c = personas.sweep("per-user", predicted, data.scores, prices, train_users, weights, prior=prior)
-        gain = personas.compare_at_budgets(glob_tr, c, BUDGETS, samples=1)[1].diff
-        print(f"  train users, shrinkage {prior:g}: mean satisfaction gain over global {gain:+.4f}", flush=True)
-        if gain > best_gain:
-            best_prior, best_gain = prior, gain
-    print(f"shrinkage chosen on train users: {best_prior:g} [{time.perf_counter() - t0:.0f} s]", flush=True)
-
-    args = (predicted, data.scores, prices, test_users, weights)
-    arms = {
-        "global": personas.sweep("global", *args, seed=1),
-        "pooled": personas.sweep("pooled", *args, bias_for=pooled, seed=1),
-        "per-user": personas.sweep("per-user", *args, prior=best_prior, seed=1),
-        "pooled+per-user": personas.sweep("pooled+per-user", *args, bias_for=pooled, prior=best_prior, seed=1),
-        # Not a router: the users' true taste added to the head's prediction, the most a per-tier adjustment gets.
-        "oracle-taste": personas.sweep("oracle-taste", *args, oracle=True, seed=1),
-    }
-    print(f"held-out arms swept [{time.perf_counter() - t0:.0f} s]", flush=True)
+    print(
+        f"prompts: {study.train_pool} train pool, {study.held_pool} held-out pool (disjoint by id hash); global head "
+        f"fitted on the train pool; {a.train_users} train users, {a.users} held-out users; {a.adapt} adaptation + "
+        f"{a.evaluate} evaluation prompts each; taste sd {a.taste_sd}; {len(weights)} cost weights"
+    )
+    for k, gain in study.prior_gains.items():
+        print(f"  train users, shrinkage {k:g}: mean satisfaction gain over global {gain:+.4f}")
+    print(f"shrinkage chosen on train users: {study.prior:g} [{time.perf_counter() - t0:.0f} s]", flush=True)
+    arms = study.arms
     for metric in ("satisfaction", "score"):
-        rows, _ = personas.compare_at_budgets(arms["global"], arms["per-user"], BUDGETS, metric=metric, seed=a.seed)
+        rows, _ = personas.compare_at_budgets(
+            arms["global"], arms["per-user"], personas.BUDGETS, metric=metric, seed=a.seed
+        )
         print(f"per-user - global, {metric} at equal cost (held-out users, 95% bootstrap CI over users):")
         for r in rows:
             print(
                 f"  <= {r.budget:.2f} $/Mtok: {r.base:.4f} -> {r.other:.4f}  diff {r.diff:+.4f} "
                 f"[{r.lo:+.4f}, {r.hi:+.4f}]"
             )
-    budgets = ", ".join(f"{b:g}" for b in BUDGETS)
+    budgets = ", ".join(f"{b:g}" for b in personas.BUDGETS)
     print(f"mean over budgets {budgets} $/Mtok (held-out users, 95% bootstrap CI over users):")
     pairs = (
         ("global", "per-user"),
@@ -134,7 +95,7 @@ def main() -> None:
     )
     for base, other in pairs:
         for metric in ("satisfaction", "score"):
-            m = personas.compare_at_budgets(arms[base], arms[other], BUDGETS, metric=metric, seed=a.seed)[1]
+            m = personas.compare_at_budgets(arms[base], arms[other], personas.BUDGETS, metric=metric, seed=a.seed)[1]
             print(
                 f"  {other} - {base}, {metric}: {m.base:.4f} -> {m.other:.4f}  diff {m.diff:+.4f} "
                 f"[{m.lo:+.4f}, {m.hi:+.4f}]"

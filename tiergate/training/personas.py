@@ -23,7 +23,8 @@ lambda * price) on the global head's predicted per-tier quality, plus an additiv
   centred on the user's mean residual over all tiers (a strict user is not a reason to change tiers) and shrunk
   toward 0 by the number of observations: `(S_t - n_t * m) / (n_t + k)`, `m = sum(S) / (sum(n) + k)`.
 
-Numpy only.
+`held_out_study` runs the whole comparison (bench/personalisation_quality.py prints it; the only part that needs
+torch is the global head's fit).
 """
 
 from __future__ import annotations
@@ -37,7 +38,12 @@ import numpy.typing as npt
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-BP = 10000
+# Budgets ($/Mtok, input + output list price) between the LLMRouter data's cheapest tier (0.2) and its 70B tiers
+# (1.8): the range where the router mixes tiers.
+BUDGETS = (0.3, 0.4, 0.5, 0.7, 0.9, 1.2)
+# Pseudo-observations for the pooled correction: it sees thousands of ratings per tier, so 10 only guards the
+# tiers train users were almost never sent to.
+POOLED_PRIOR = 10.0
 
 
 @dataclass(frozen=True)
@@ -319,3 +325,79 @@ def sweep(
         np.stack([p.cost for p in phases], axis=1),
         np.stack([p.score for p in phases], axis=1),
     )
+
+
+def global_head(
+    scores: FloatArray, x: npt.NDArray[np.float32], tasks: Sequence[str], train: npt.NDArray[np.bool_], seed: int
+) -> FloatArray:
+    """Predicted per-tier quality for every row from a head fitted on the `train` rows only (neighbourhood-smoothed
+    targets, k = 200, the `tiergate train` N-tier recipe)."""
+    from tiergate.routing.scorer import members_forward
+    from tiergate.training.labels import task_smoothed
+    from tiergate.training.train import HeadConfig, fit_head
+
+    t_tasks = [t for t, keep in zip(tasks, train, strict=True) if keep]
+    y = task_smoothed(x[train], scores[train], 200, t_tasks, 0.0)
+    members = fit_head(x[train], y, t_tasks, HeadConfig(seed=seed), 0.0)
+    return members_forward(members, x)
+
+
+@dataclass(frozen=True)
+class Study:
+    """The held-out comparison: the pools' sizes, the shrinkage chosen on train users (and every tried one's mean
+    satisfaction gain over global there), and the held-out users' curves per arm."""
+
+    train_pool: int
+    held_pool: int
+    prior: float
+    prior_gains: dict[float, float]
+    arms: dict[str, Curve]
+
+
+def held_out_study(
+    scores: FloatArray,
+    tasks: Sequence[str],
+    ids: Sequence[str],
+    x: npt.NDArray[np.float32],
+    prices: FloatArray,
+    *,
+    model: UserModel,
+    users: int,
+    train_users: int,
+    held_out_share: float,
+    priors: Sequence[float],
+    cost_weights_bp: Sequence[int],
+    seed: int = 0,
+) -> Study:
+    """Split the prompts, fit the global head and everything global on the train side only, and sweep every arm
+    on the held-out users (module docstring). Arms: global, pooled, per-user, pooled+per-user, oracle-taste."""
+    held, late = split_pools(ids, held_out_share)
+    predicted = global_head(scores, x, tasks, ~held, seed)
+    rng = np.random.default_rng(seed)
+    n_models = scores.shape[1]
+    train = draw_users(train_users, tasks, ~held, late, n_models, model, rng)
+    test = draw_users(users, tasks, held, late, n_models, model, rng)
+    pooled = {}
+    for i, bp in enumerate(cost_weights_bp):
+        ph = simulate(predicted, scores, prices, train, bp, seed=10_000 + i)
+        pooled[bp] = pooled_adjustment(ph.sums, ph.counts, POOLED_PRIOR)
+    # The shipped arm's shrinkage (per-user on the global head: tiergate_router.profiles), chosen by its mean gain
+    # over the global router on train users.
+    glob_tr = sweep("global", predicted, scores, prices, train, cost_weights_bp)
+    gains = {
+        k: compare_at_budgets(
+            glob_tr, sweep("per-user", predicted, scores, prices, train, cost_weights_bp, prior=k), BUDGETS, samples=1
+        )[1].diff
+        for k in priors
+    }
+    best = max(gains, key=lambda k: gains[k])
+    args = (predicted, scores, prices, test, cost_weights_bp)
+    arms = {
+        "global": sweep("global", *args, seed=1),
+        "pooled": sweep("pooled", *args, bias_for=pooled, seed=1),
+        "per-user": sweep("per-user", *args, prior=best, seed=1),
+        "pooled+per-user": sweep("pooled+per-user", *args, bias_for=pooled, prior=best, seed=1),
+        # Not a router: the users' true taste added to the head's prediction, the most a per-tier adjustment gets.
+        "oracle-taste": sweep("oracle-taste", *args, oracle=True, seed=1),
+    }
+    return Study(int((~held).sum()), int(held.sum()), best, gains, arms)
