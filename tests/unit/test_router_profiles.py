@@ -11,8 +11,8 @@ from tiergate.training.personas import user_adjustment
 from tiergate_router.profiles import ProfileConfig, ProfileError, UserProfiles
 
 
-def _profiles(**kw: object) -> UserProfiles:
-    return UserProfiles(ProfileConfig(**{"tiers": 3, "max_users": 64, "prior": 5.0, **kw}), salt=b"test")  # type: ignore[arg-type]
+def _profiles(max_users: int = 64, ways: int = 4) -> UserProfiles:
+    return UserProfiles(ProfileConfig(tiers=3, max_users=max_users, prior=5.0, ways=ways), salt=b"test")
 
 
 def test_first_time_user_and_no_user_get_the_policy_decision() -> None:
