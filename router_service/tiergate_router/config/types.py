@@ -184,6 +184,10 @@ class RouterConfig:
     candidates: CandidateRouting | None = None
     # Tenants, their keys, limits and budgets (tiergate_router.tenants); the default lets everyone in.
     tenancy: Tenancy = field(default_factory=Tenancy)
+    # The decision log's target (a path, or "-" for stdout; `decision_records`); None: no log. Prompts' text is
+    # written only with `decision_log_prompts`, otherwise their digest.
+    decision_log: str | None = None
+    decision_log_prompts: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
