@@ -56,7 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="B",
         help="candidates (best-of-N) routers: mean cost budget in USD per 1k prompts",
     )
-    parser.add_argument("--data", action="append", metavar="FILE.jsonl", help="recompute the table on this data")
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE.jsonl",
+        help="recompute the table on this data: outcome files, or the router's decision logs (two tiers)",
+    )
     parser.add_argument("--split", choices=["all", "train", "test"], default="all")
     parser.add_argument("--write", type=Path, metavar="OUT", help="write the artifact with this default to OUT")
     parser.add_argument("--policy-name", default="my-policy", help="metadata.name in the printed snippet")
