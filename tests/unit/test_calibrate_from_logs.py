@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from tests.support.artifacts import constant_artifact
@@ -210,3 +211,78 @@ def test_a_log_a_router_wrote_recalibrates(tmp_path: Path) -> None:
     assert doc["log"]["decisions"] == 50
     assert doc["threshold_bp"] == 8000  # scores 0.00, 0.02, ..., 0.98: 0.80 and above are 10 of 50
     assert doc["expected"]["strong_share"] == pytest.approx(0.2)
+
+
+# --- tiergate train from decision logs -------------------------------------------------------------------------
+
+
+def judged_log(path: Path, n: int = 40, *, logits: bool = False) -> Path:
+    """Requests logged with their prompts and judged on both tiers: the strong tier wins on the math prompts."""
+    recs: list[dict[str, Any]] = []
+    for i in range(n):
+        hard = i % 2 == 0
+        prompt = (
+            f"Prove that the integral of x^{i} sin(x) over [0, pi] satisfies the bound in problem {i}."
+            if hard
+            else f"What is the capital city of country number {i} in the atlas?"
+        )
+        weak, strong = (0.0, 1.0) if hard else (1.0, 1.0)
+        if logits:
+            weak, strong = weak * 8 - 4, strong * 8 - 4
+        recs += [decision(f"q{i}", 0.5, prompt=prompt), shadow(f"q{i}", "small", weak, "large", strong)]
+    recs.append(decision("no-prompt", 0.5))  # digest only: not a training row
+    recs.append(shadow("no-prompt", "small", 0.0, "large", 1.0))
+    return write(path, recs)
+
+
+def test_training_rows_come_from_prompts_judged_on_both_tiers(tmp_path: Path) -> None:
+    from tiergate.training.decision_logs import outcomes_from_logs
+
+    data = outcomes_from_logs([judged_log(tmp_path / "a.jsonl")], ["small", "large"])
+    assert len(data) == 40
+    assert "no-prompt" not in data.ids
+    assert data.prompts[1].startswith("What is the capital")
+    assert data.scores[0].tolist() == [0.0, 1.0]
+    assert data.provenance[0].rows_used == 40
+    assert data.origins[0] == (str(tmp_path / "a.jsonl"), 1)
+    # Logits are mapped into 0..1 for the whole log, keeping which tier is better.
+    logit = outcomes_from_logs([judged_log(tmp_path / "b.jsonl", logits=True)], ["small", "large"])
+    assert logit.scores[0][0] == pytest.approx(1 / (1 + np.exp(4)))
+    assert logit.scores[0][1] > logit.scores[0][0]
+    assert logit.scores[1][0] == logit.scores[1][1]
+    with pytest.raises(DataError, match="judged on both small and huge"):
+        outcomes_from_logs([judged_log(tmp_path / "c.jsonl")], ["small", "huge"])
+
+
+def test_train_data_log_writes_an_artifact(tmp_path: Path) -> None:
+    import os
+
+    log = judged_log(tmp_path / "decisions.jsonl")
+    out = tmp_path / "router.json"
+    env = dict(os.environ, TIERGATE_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    fast = ["--epochs", "3", "--ensemble", "1", "--folds", "2", "--neighbours", "5"]
+    args = ["train", "--data", str(log), "--weak", "small", "--strong", "large", "--out", str(out), *fast]
+    r = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert r.returncode == 0, r.stderr
+    art = load_artifact(out)
+    assert [t.name for t in art.tiers] == ["small", "large"]
+    assert art.provenance["rows"] == 40
+
+
+def test_a_log_taken_from_a_pods_output_keeps_only_its_records(tmp_path: Path) -> None:
+    from tiergate.training.decision_logs import is_decision_log, log_set
+
+    pod = tmp_path / "pod.log"
+    banner = "tiergate router: OpenAI API on http://0.0.0.0:8080/v1 (model 'tiergate' routes; tiers: small, large)\n"
+    lines = [banner, "2026-12-02 03:00:00,000 INFO tiergate_router.server: router serving\n"]
+    lines += [json.dumps(decision(f"r{i}", i / 10)) + "\n" for i in range(10)]
+    pod.write_text("".join(lines))
+    assert is_decision_log(pod)
+    assert len(join_logs([pod])) == 10
+    outcomes = write(tmp_path / "outcomes.jsonl", [{"id": "q", "prompt": "p", "scores": {"a": 1.0}}])
+    assert not is_decision_log(outcomes)
+    assert log_set([outcomes]) == []
+    with pytest.raises(DataError, match="not a decision log"):
+        log_set([pod, outcomes])

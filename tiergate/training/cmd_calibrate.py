@@ -106,7 +106,9 @@ def _run(args: argparse.Namespace) -> int:
 
     router_path = args.router or str(DEFAULT_TWO_TIER)
     art = load_artifact(router_path)
-    logs = _decision_logs(args.data or [])
+    from tiergate.training.decision_logs import log_set
+
+    logs = log_set(args.data or [])
     if logs:
         return _from_logs(art, router_path, logs, args)
     calibration = _recalibrate(art, args) if args.data else art.calibration
@@ -152,17 +154,6 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"# also stored as the artifact's default_cost_weight_bp in {args.write}")
             print(policy_snippet(args.policy_name, bp, "costWeightBasisPoints"), end="")
     return 0
-
-
-def _decision_logs(paths: list[str]) -> list[str]:
-    """The paths when they are all decision logs, [] when none is; mixing them with outcome files is refused."""
-    from tiergate.training.decision_logs import is_decision_log, rotated_set
-
-    logs = [p for p in paths if any(is_decision_log(f) for f in rotated_set(Path(p))[:1])]
-    if logs and len(logs) != len(paths):
-        other = next(p for p in paths if p not in logs)
-        raise RoutingError(f"--data {other}: not a decision log; give decision logs or outcome files, not both")
-    return logs
 
 
 def _from_logs(art: RouterArtifact, router_path: str, logs: list[str], args: argparse.Namespace) -> int:

@@ -16,10 +16,12 @@ What the log supports:
 - quality and PGR at every threshold, from the requests judged on both tiers (shadow records): `--pgr` needs them.
 
 A path names a log file; its rotated siblings (FILE.1 … FILE.N, the writer's names) are read with it, oldest first.
+Lines that are no JSON object (the router's banner and log lines in a log taken from a pod's output) are skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -34,6 +36,8 @@ from tiergate.routing.operating_points import BP, CalibrationTable, ThresholdPoi
 if TYPE_CHECKING:
     import numpy as np
     import numpy.typing as npt
+
+    from tiergate.training.data import OutcomeSet
 
 KINDS = ("decision", "feedback", "shadow")
 # Artifact ids that name no artifact (one saying no sha256, or none at all): such decisions are taken as the given
@@ -69,12 +73,17 @@ def rotated_set(path: Path) -> list[Path]:
     return [p for _, p in sorted(older, reverse=True)] + ([path] if path.exists() else [])
 
 
+# Lines looked at to tell a decision log from an outcome file: a log taken from a pod's output starts with the
+# router's own lines (its banner, log lines) before the first record.
+SNIFF_LINES = 100
+
+
 def is_decision_log(path: Path) -> bool:
-    """Whether the file's first record is a decision-log record (it has a known `kind`)."""
+    """Whether the file's first JSON object (within SNIFF_LINES lines) is a decision-log record (a known `kind`)."""
     try:
         with path.open(encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
+            for _, line in zip(range(SNIFF_LINES), f, strict=False):
+                if line.lstrip().startswith("{"):
                     obj = json.loads(line)
                     return isinstance(obj, dict) and obj.get("kind") in KINDS
     except (OSError, ValueError):
@@ -90,8 +99,8 @@ def _records(paths: Sequence[str | Path]) -> Iterator[tuple[str, int, dict[str, 
         for p in files:
             with p.open(encoding="utf-8") as f:
                 for n, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
+                    if not line.lstrip().startswith("{"):
+                        continue  # blank, or the router's own output in a log taken from a pod
                     try:
                         obj = json.loads(line)
                     except ValueError as e:
@@ -233,3 +242,65 @@ def log_threshold_table(data: LogOutcomes) -> CalibrationTable:
 
 def has_quality(table: CalibrationTable) -> bool:
     return bool(table.thresholds) and not math.isnan(table.thresholds[0].quality)
+
+
+def log_set(paths: Sequence[str | Path]) -> list[str]:
+    """The paths when they are all decision logs (a file, or the newest of a rotated set, whose first record has a
+    known `kind`), [] when none is; a mix of logs and outcome files is refused, naming the first outcome file."""
+    logs = [str(p) for p in paths if any(is_decision_log(f) for f in rotated_set(Path(p))[-1:])]
+    if logs and len(logs) != len(paths):
+        other = next(str(p) for p in paths if str(p) not in logs)
+        raise DataError(f"--data {other}: not a decision log; give decision logs or outcome files, not both")
+    return logs
+
+
+def outcomes_from_logs(paths: Sequence[str | Path], models: Sequence[str]) -> OutcomeSet:
+    """Training rows from decision logs (`tiergate train --data LOG --weak W --strong S`, tier names as the log
+    has them): every request logged with its prompt text (`includePrompts`) and judged on both tiers by shadow
+    records, its scores those judgements. A reward model's scores outside 0..1 (a logit) are mapped through the
+    logistic function, for the whole log at once so that every row keeps one scale: the labels compare the two
+    tiers, and the map keeps which one is better. Every row is a training row (`split` "train")."""
+    import numpy as np
+
+    from tiergate.training.data import FileProvenance, OutcomeSet
+
+    if len(models) != 2:
+        raise DataError("decision logs train two-tier routers (--weak and --strong, tier names as logged)")
+    requests = join_logs(paths)
+    prompts = _logged_prompts(paths)
+    weak, strong = models
+    rows = [r for r in requests.values() if r.request_id in prompts and weak in r.judged and strong in r.judged]
+    if not rows:
+        raise DataError(
+            f"the logs hold no request with its prompt text judged on both {weak} and {strong} (needs "
+            "decisionLog.includePrompts and shadow records)"
+        )
+    scores = np.array([[r.judged[weak], r.judged[strong]] for r in rows], dtype=np.float64)
+    if scores.min() < 0.0 or scores.max() > 1.0:
+        scores = 1.0 / (1.0 + np.exp(-scores))
+    provenance = []
+    for given in paths:
+        for p in rotated_set(Path(given)):
+            raw = p.read_bytes()
+            lines = sum(1 for line in raw.splitlines() if line.strip())
+            used = sum(1 for r in rows if prompts[r.request_id][0] == str(p))
+            provenance.append(FileProvenance(str(p), hashlib.sha256(raw).hexdigest(), lines, used))
+    return OutcomeSet(
+        models=tuple(models),
+        ids=[r.request_id for r in rows],
+        prompts=[prompts[r.request_id][1] for r in rows],
+        tasks=["" for _ in rows],
+        splits=["train" for _ in rows],
+        scores=scores,
+        origins=[(prompts[r.request_id][0], prompts[r.request_id][2]) for r in rows],
+        provenance=provenance,
+    )
+
+
+def _logged_prompts(paths: Sequence[str | Path]) -> dict[str, tuple[str, str, int]]:
+    """request id -> (file, prompt text, line) of the decision records that carry a prompt."""
+    out: dict[str, tuple[str, str, int]] = {}
+    for path, line, rec in _records(paths):
+        if rec["kind"] == "decision" and isinstance(rec.get("prompt"), str):
+            out[rec["request_id"]] = (rec["prompt"], path, line)
+    return {k: (p, text, n) for k, (text, p, n) in out.items()}
