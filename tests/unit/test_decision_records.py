@@ -181,11 +181,13 @@ def test_the_policy_field_and_the_flags() -> None:
     on = policy({"decisionLog": {"enabled": True, "includePrompts": True}})
     cfg = serve_config(on, LocalOverrides(), None)
     assert (cfg.decision_log, cfg.decision_log_prompts) == ("-", True)
-    off = policy({"decisionLog": {"enabled": False, "includePrompts": True}})
+    off = policy({"decisionLog": {"enabled": False}})
     assert serve_config(off, LocalOverrides(), None).decision_log is None
     assert serve_config(policy({}), LocalOverrides(), None).decision_log is None
     cfg = serve_config(off, LocalOverrides(decision_log="d.jsonl"), None)
-    assert (cfg.decision_log, cfg.decision_log_prompts) == ("d.jsonl", True)
+    assert (cfg.decision_log, cfg.decision_log_prompts) == ("d.jsonl", False)
+    with pytest.raises(ValueError, match="includePrompts needs enabled"):
+        policy({"decisionLog": {"includePrompts": True}})
     cfg = serve_config(policy({}), LocalOverrides(decision_log="-", decision_log_prompts=True), None)
     assert (cfg.decision_log, cfg.decision_log_prompts) == ("-", True)
     with pytest.raises(ConfigError, match="--decision-log-prompts"):
