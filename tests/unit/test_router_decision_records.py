@@ -249,12 +249,12 @@ def test_feedback_is_recorded_once_and_refused_clearly(harness: Harness, log_pat
     rid = raw.headers["x-request-id"]
     before = harness.metric("tiergate_router_feedback_total", {"source": "explicit"})
 
-    ok = feedback(harness, {"request_id": rid, "rating": 0.5})
-    assert ok.status_code == 200
-    assert ok.json() == {"object": "feedback", "request_id": rid, "rating": 0.5}
-    assert len(ok.headers["x-request-id"]) == 32
+    # The official client's generic POST (`client.post`), as a script using the SDK would send it.
+    got = client(harness).post("/feedback", body={"request_id": rid, "rating": 0.5}, cast_to=object)
+    assert got == {"object": "feedback", "request_id": rid, "rating": 0.5}
 
     dup = feedback(harness, {"request_id": rid, "rating": -1})
+    assert len(dup.headers["x-request-id"]) == 32
     assert dup.status_code == 409
     assert dup.json()["error"]["code"] == "feedback_exists"
     unknown = feedback(harness, {"request_id": "never-seen", "rating": 1})
@@ -306,3 +306,35 @@ def test_the_same_user_re_asking_counts_against_the_earlier_answer(harness: Harn
     assert not [r for r in fb if r["request_id"] in anonymous]
     # Explicit feedback on the re-asked request is still taken (a different source).
     assert feedback(harness, {"request_id": first, "rating": -0.5}).status_code == 200
+
+
+def test_with_tenants_feedback_needs_a_key_and_rates_only_the_tenants_own(tmp_path: Path) -> None:
+    from tiergate_router.tenants import Tenancy, TenantConfig
+
+    keys = {"acme": "key-acme-0123456789", "other": "key-other-0123456789"}
+    for name, key in keys.items():
+        (tmp_path / name).write_text(key + "\n")
+    tenancy = Tenancy(
+        tenants=(TenantConfig("acme"), TenantConfig("other")), allow_unauthenticated=False, keys_dir=tmp_path
+    )
+    path = tmp_path / "log.jsonl"
+    h = Harness(grpc=False, config_overrides={"tenancy": tenancy, "decision_log": str(path)}).start()
+    try:
+        c = openai.OpenAI(base_url=f"{h.url}/v1", api_key=keys["acme"], max_retries=0)
+        raw = c.chat.completions.with_raw_response.create(model="tiergate", messages=[{"role": "user", "content": "q"}])
+        rid = raw.headers["x-request-id"]
+        (rec,) = by_id(h, path, rid)
+        assert rec["tenant"] == "acme"
+        body = json.dumps({"request_id": rid, "rating": 1}).encode()
+
+        def bearer(name: str) -> dict[str, bytes]:
+            return {"Authorization": f"Bearer {keys[name]}".encode()}
+
+        assert call(h, "POST", "/v1/feedback", body).status_code == 401
+        assert call(h, "POST", "/v1/feedback", body, bearer("other")).status_code == 404
+        assert call(h, "POST", "/v1/feedback", body, bearer("acme")).status_code == 200
+        # Through the official client too (its generic POST): a duplicate is a 409 ConflictError.
+        with pytest.raises(openai.ConflictError):
+            c.post("/feedback", body={"request_id": rid, "rating": 0}, cast_to=object)
+    finally:
+        h.stop()
