@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.support.harness import Harness
+from tests.support.waiting import wait_for
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 
 
@@ -129,7 +130,8 @@ def test_a_streamed_answer_carries_the_id_and_is_logged_when_it_ends(harness: Ha
         rid = resp.headers["x-request-id"]
         chunks = list(resp.parse())
     assert chunks[-1].usage is not None
-    (rec,) = by_id(harness, log_path, rid)
+    # The client has the last byte before the handler has finished: wait for the record rather than race it.
+    (rec,) = wait_for("the stream's decision record", lambda: by_id(harness, log_path, rid))
     assert rec["tier"] == "large"
     assert rec["outcome"] == "success"
     assert rec["tokens"]["completion"] == 3
