@@ -8,7 +8,9 @@ attachments for it; `none` when no tier answered) and `x-tiergate-samples` (the 
 the answer was chosen from: 1 without best-of-N, 0 when no tier answered); routed answers also carry
 `x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback` (and `x-tiergate-escalation` when best-of-N
 handed the request to the reference tier), and non-streaming JSON answers an extra top-level `tiergate` object with
-the same facts (OpenAI clients ignore unknown fields).
+the same facts (OpenAI clients ignore unknown fields). Every response, errors included, carries `x-request-id`: the
+client's own when it sent a sane one (`decision_records.request_id`), else a new one; that id names the request in
+the decision log and in POST /v1/feedback.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +28,14 @@ from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
 from tiergate_router.best_of_n import ESCALATION_HEADER, SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
+from tiergate_router.decision_records import (
+    MAX_FEEDBACK_BYTES,
+    REQUEST_ID_HEADER,
+    FeedbackResult,
+    Tally,
+    parse_feedback,
+    request_id,
+)
 from tiergate_router.decompose import TIERS_HEADER, Decomposer, SpecialistFailedError
 from tiergate_router.errors import (
     BadRequestError,
@@ -60,6 +69,20 @@ TIMEOUT_HEADER = "x-tiergate-timeout-ms"
 # On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
 NO_TIER: Mapping[str, str] = {TIER_HEADER: "none", TIERS_HEADER: "none", SAMPLES_HEADER: "0"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
+
+
+def request_id_of(request: web.Request) -> str:
+    """This request's id: the client's sane `x-request-id`, else a new one; the same on every call."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers.get(REQUEST_ID_HEADER))
+    return rid
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's on_response_prepare: runs before any response's headers go out, streams and errors included."""
+    response.headers[REQUEST_ID_HEADER] = request_id_of(request)
 
 
 def _from_bad_request(e: BadRequestError) -> web.Response:
@@ -189,14 +212,6 @@ def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: st
     return out
 
 
-@dataclass
-class _Result:
-    tier: str = "none"
-    outcome: str = "upstream_error"
-    # Specialist tiers that described or transcribed attachments for the answering tier.
-    specialists: tuple[str, ...] = ()
-
-
 class OpenAIHandlers:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -226,6 +241,27 @@ class OpenAIHandlers:
         ok = self.router.ready
         return web.json_response({"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers=NO_TIER)
 
+    async def feedback(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/feedback `{"request_id": ID, "rating": R}` with R in -1..1: 200 recorded, 400 malformed (naming
+        the field), 404 an id the router does not remember (unknown, too old, or another tenant's), 409 already
+        rated. With tenants, the caller authenticates like a request and may rate only its tenant's requests."""
+        try:
+            principal = self.router.gate.authenticate(request.headers.get("Authorization"))
+            rid, rating = parse_feedback(decode_json_object(await read_body(request, MAX_FEEDBACK_BYTES)))
+        except BadRequestError as e:
+            return _from_bad_request(e)
+        except TenantRefusedError as e:
+            return _refused(e)
+        tenant = principal.tenant.name if principal.tenant is not None else None
+        result = self.router.recorder.feedback(rid, rating, tenant)
+        if result is FeedbackResult.UNKNOWN:
+            msg, status, code = f"no recent request with id {rid!r}", 404, "request_not_found"
+            return error_response(status, msg, param="request_id", code=code, headers=NO_TIER)
+        if result is FeedbackResult.DUPLICATE:
+            msg, status, code = f"request {rid!r} already has feedback", 409, "feedback_exists"
+            return error_response(status, msg, param="request_id", code=code, headers=NO_TIER)
+        return web.json_response({"object": "feedback", "request_id": rid, "rating": rating}, headers=NO_TIER)
+
     async def _proxy(
         self, request: web.Request, path: str, parse: Callable[[dict[str, Any]], ParsedRequest]
     ) -> web.StreamResponse:
@@ -247,7 +283,7 @@ class OpenAIHandlers:
             return _refused(e)
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
-        res = _Result()
+        res = Tally()
         try:
             if route.specialists:
                 parsed, timeout_s = await self._decompose(route, parsed, attachments, res, t0, timeout_s)
@@ -270,8 +306,12 @@ class OpenAIHandlers:
             res.outcome = "cancelled"
             raise
         finally:
+            elapsed = time.perf_counter() - t0
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
-            m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
+            m.e2e_seconds.labels(res.tier).observe(elapsed)
+            self.router.record(
+                route, res.served(request_id_of(request), parsed.prompt_text, parsed.body.get("user"), elapsed)
+            )
 
     async def _route(self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...]) -> Route:
         """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
@@ -296,7 +336,7 @@ class OpenAIHandlers:
         route: Route,
         parsed: ParsedRequest,
         attachments: tuple[Attachment, ...],
-        res: _Result,
+        res: Tally,
         t0: float,
         timeout_s: float | None,
     ) -> tuple[ParsedRequest, float]:
@@ -311,7 +351,7 @@ class OpenAIHandlers:
         return dataclasses.replace(parsed, body=done.body), left
 
     async def _complete(
-        self, route: Route, path: str, parsed: ParsedRequest, res: _Result, timeout_s: float | None
+        self, route: Route, path: str, parsed: ParsedRequest, res: Tally, timeout_s: float | None
     ) -> web.Response:
         reply = await self.router.dispatcher.complete(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = reply.tier
@@ -323,7 +363,7 @@ class OpenAIHandlers:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
-                self.router.account_usage(reply.tier, obj.get("usage"), route.access)
+                res.add(self.router.account_usage(reply.tier, obj.get("usage"), route.access))
                 obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
         res.outcome = _outcome(reply.status)
@@ -331,10 +371,11 @@ class OpenAIHandlers:
         resp.headers["Content-Type"] = reply.content_type
         return resp
 
-    def _answer_response(self, route: Route, answer: Answer, res: _Result) -> web.Response:
+    def _answer_response(self, route: Route, answer: Answer, res: Tally) -> web.Response:
         """A best-of-N answer as one JSON response (also to a streaming client when a tier answered an error)."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage, route.access)
+            res.add(self.router.account_usage(tier, usage, route.access))
+        res.samples = answer.samples
         headers = _route_headers(
             route, answer.tier, answer.fallback, answer.samples, answer.escalation, res.specialists
         )
@@ -355,12 +396,13 @@ class OpenAIHandlers:
         parsed: ParsedRequest,
         answer: Answer,
         t0: float,
-        res: _Result,
+        res: Tally,
     ) -> web.StreamResponse:
         """A best-of-N answer to a streaming client: sampled whole upstream, then sent as server-sent events in the
         usual shape (role, the chosen text in one chunk, the finish reason, the usage when asked for, [DONE])."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage, route.access)
+            res.add(self.router.account_usage(tier, usage, route.access))
+        res.samples = answer.samples
         text, finish_reason, usage = chosen(answer)
         headers = _route_headers(
             route, answer.tier, answer.fallback, answer.samples, answer.escalation, res.specialists
@@ -381,7 +423,7 @@ class OpenAIHandlers:
         path: str,
         parsed: ParsedRequest,
         t0: float,
-        res: _Result,
+        res: Tally,
         timeout_s: float | None,
     ) -> web.StreamResponse:
         up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body, timeout_s=timeout_s)
@@ -407,7 +449,7 @@ class OpenAIHandlers:
                         # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
                         # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
                         # stream's end, and whoever reads /metrics once the stream is over must see the tokens.
-                        self.router.account_usage(up.tier, scanner.usage, route.access)
+                        res.add(self.router.account_usage(up.tier, scanner.usage, route.access))
                         accounted = True
                     await resp.write(chunk)
             except UpstreamStreamError as e:
@@ -442,5 +484,7 @@ def build_app(router: Router) -> web.Application:
     )
     app[ROUTER_KEY] = router
     app[BUDGET_KEY] = budget
+    app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/ready", h.ready)
+    app.router.add_post("/v1/feedback", h.feedback)
     return app

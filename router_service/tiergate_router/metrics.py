@@ -199,6 +199,14 @@ class RouterMetrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.decision_log_dropped = Counter(
+            f"{p}_decision_log_dropped",
+            "Decision log records dropped because the writer's queue was full (a slow disk or log collector)",
+            registry=r,
+        )
+        self.feedback = Counter(
+            f"{p}_feedback", "Feedback recorded on answers, by source (explicit, requery)", ["source"], registry=r
+        )
 
     def set_predicted_mix(self, tiers: tuple[str, ...], shares_bp: tuple[int, ...] | None) -> None:
         """Publish a config's predicted mix (basis points per tier), replacing the previous one."""

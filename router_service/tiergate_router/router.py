@@ -19,6 +19,8 @@ from tiergate_router.classifier import Classifier, MicroBatcher, Verdict
 from tiergate_router.config import RouterConfig
 from tiergate_router.config.types import allowed_candidates
 from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_chain
+from tiergate_router.decision_log import DecisionLog
+from tiergate_router.decision_records import Recorder, RecorderSettings, RouteFacts, Served, Usage
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
@@ -63,6 +65,11 @@ class Route:
     # Attachments the chosen tier cannot take, per modality, and the tiers that describe or transcribe them
     # (decompose.py); empty: the chosen tier takes the request as it is.
     specialists: tuple[Specialist, ...] = ()
+    # The classifier artifact that decided (its sha256, as tiergate_router_classifier_info reports it); "" when no
+    # classifier decided (a forced tier, one tier, a classifier error).
+    artifact: str = ""
+    # N-tier and candidates artifacts: the artifact's per-tier (per-candidate) predictions, for the decision log.
+    scores: tuple[float, ...] | None = None
 
 
 class Router:
@@ -81,6 +88,32 @@ class Router:
         # Charges to tenants still being written to the limit store (kept referenced until done).
         self._charges: set[asyncio.Task[None]] = set()
         self._size_cache(config)
+        # The sha256 of the classifier artifact serving (cmd_serve sets it, as it reports classifier_info); routes
+        # the classifier decided carry it, so the decision log says which artifact decided.
+        self.artifact_id = "none"
+        m = self.metrics
+        self.recorder = Recorder(
+            _recorder_settings(config),
+            on_drop=m.decision_log_dropped.inc,
+            on_feedback=lambda source, _rating: m.feedback.labels(source).inc(),
+        )
+
+    @property
+    def decision_log(self) -> DecisionLog | None:
+        """The decision log (None when off): other record kinds (shadow judgements) are written to it too."""
+        return self.recorder.log
+
+    def record(self, route: Route, served: Served) -> None:
+        """The request is over: its decision record, and what feedback on it needs (`decision_records`)."""
+        facts = RouteFacts(
+            score=route.score,
+            decision=route.decision,
+            chain=tuple(route.chain),
+            artifact=route.artifact,
+            tenant=route.access.tenant,
+            scores=route.scores,
+        )
+        self.recorder.decision(facts, served)
 
     @property
     def config(self) -> RouterConfig:
@@ -103,6 +136,7 @@ class Router:
         await self.gate.aclose()
         await self.dispatcher.aclose()
         await self.classifier.aclose()
+        self.recorder.close()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
@@ -111,6 +145,7 @@ class Router:
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
         self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
+        self.recorder.apply(_recorder_settings(config))
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):
@@ -209,7 +244,7 @@ class Router:
         decision = "budget_spent" if access.cheapest_only else "budget_low" if access.cheaper else route.decision
         # The samples were chosen for the classifier's tier; a tier the tenant's limits chose instead draws one.
         samples = route.samples if chain[0] == route.chain[0] else 1
-        return Route(route.score, decision, chain, access, samples=samples)
+        return dataclasses.replace(route, decision=decision, chain=chain, access=access, samples=samples)
 
     async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
         if forced is not None:
@@ -235,7 +270,9 @@ class Router:
         self.metrics.score.observe(score)
         if cfg.best_of_n is not None:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
-        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), samples=samples)
+        chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
+        scores = tuple(float(v) for v in verdict) if isinstance(verdict, tuple) else None
+        return Route(score, chosen, chain, samples=samples, artifact=self.artifact_id, scores=scores)
 
     @staticmethod
     def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
@@ -258,19 +295,19 @@ class Router:
         j, quality = choose_multi_tier(verdict, mt.prices, [mt.columns[i] for i in served], weight)
         return cfg.tiers[served[j]].name, quality
 
-    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> None:
+    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> Usage | None:
         """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to
         the request's tenant (`gate.charge`, a task whose first step writes its Redis command: on the loop's next turn,
-        before anything read after this)."""
+        before anything read after this). Returns what it counted (None: nothing, the usage was malformed)."""
         if not isinstance(usage, dict):
-            return
+            return None
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not isinstance(p, int) or not isinstance(c, int) or p < 0 or c < 0:
-            return
+            return None
         try:
             t = self.config.tier(tier)
         except KeyError:
-            return
+            return None
         self.metrics.tokens.labels(tier, "prompt").inc(p)
         self.metrics.tokens.labels(tier, "completion").inc(c)
         dollars = (p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6
@@ -278,6 +315,11 @@ class Router:
         if access.tenant is not None:
             self._charges.add(charge := asyncio.get_running_loop().create_task(self.gate.charge(access, p, c, dollars)))
             charge.add_done_callback(self._charges.discard)
+        return Usage(p, c, dollars)
+
+
+def _recorder_settings(config: RouterConfig) -> RecorderSettings:
+    return RecorderSettings(target=config.decision_log, include_prompts=config.decision_log_prompts)
 
 
 def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:

@@ -125,6 +125,8 @@ def from_policy(
             best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
             candidates=routing,
             attachments=attachment_policy(policy),
+            decision_log="-" if r.decision_log is not None and r.decision_log.enabled else None,
+            decision_log_prompts=r.decision_log is not None and r.decision_log.include_prompts,
             tenancy=tenancy_from_policy(
                 policy,
                 multi=multi,

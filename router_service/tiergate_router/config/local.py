@@ -204,6 +204,10 @@ class LocalOverrides:
     response_bytes: int | None = None
     # `--best-of-n TIER=N --reward-url URL` and the other best-of-N flags.
     best_of_n: BestOfNFlags = BestOfNFlags()
+    # `--decision-log FILE` ("-": stdout), over the policy's spec.router.decisionLog; `--decision-log-prompts`
+    # writes prompts' text (False: as the policy says).
+    decision_log: str | None = None
+    decision_log_prompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -324,6 +328,12 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
     if overrides.response_bytes is not None:
         cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
+    if overrides.decision_log is not None:
+        cfg = dataclasses.replace(cfg, decision_log=overrides.decision_log)
+    if overrides.decision_log_prompts:
+        if cfg.decision_log is None:
+            raise ConfigError("--decision-log-prompts: there is no decision log (give --decision-log FILE)")
+        cfg = dataclasses.replace(cfg, decision_log_prompts=True)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
     return apply_tier_modalities(cfg, overrides.tier_modalities)
 

@@ -193,6 +193,10 @@ class RouterConfig:
     # predicts at this config's operating point (`config.predicted.with_predicted_mix`); None: no prediction.
     # Exported as tiergate_router_predicted_share, which the operator sets against the observed mix.
     predicted_mix_bp: tuple[int, ...] | None = None
+    # The decision log's target (a path, or "-" for stdout; `decision_records`); None: no log. Prompts' text is
+    # written only with `decision_log_prompts`, otherwise their digest.
+    decision_log: str | None = None
+    decision_log_prompts: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
