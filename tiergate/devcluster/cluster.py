@@ -116,6 +116,41 @@ class Component:
         return StartError(f"{self.name} {what} ({status}); last lines of {self.log}:\n{log_tail(self.log)}")
 
 
+def spawn(name: str, argv: list[str], workdir: Path) -> Component:
+    """Start one component logging to `workdir/logs/NAME.log`, in its own process group, killed with its parent."""
+    log = workdir / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out: IO[bytes] = log.open("ab")
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        out.close()
+    return Component(name, proc, log)
+
+
+def wait_ready(comp: Component, check: Callable[[], bool], timeout: float, what: str = "did not become ready") -> None:
+    """Poll `check` until true; a component that dies or never gets ready raises StartError with its log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not comp.alive():
+            raise comp.failure("died during start")
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError, ssl.SSLError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.2)
+    raise comp.failure(f"{what} within {timeout:.0f}s")
+
+
 @dataclass
 class ClusterInfo:
     """What a started cluster exposes to tools and tests; also written to `state.json` for `dev-cluster down`."""
@@ -191,22 +226,7 @@ class DevCluster:
 
     # -- process plumbing -------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> Component:
-        log = self.workdir / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out: IO[bytes] = log.open("ab")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.workdir,
-                start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            out.close()
-        comp = Component(name, proc, log)
+        comp = spawn(name, argv, self.workdir)
         self.components.append(comp)
         return comp
 
@@ -217,18 +237,7 @@ class DevCluster:
         what: str = "did not become ready",
         timeout: float | None = None,
     ) -> None:
-        timeout = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not comp.alive():
-                raise comp.failure("died during start")
-            try:
-                if check():
-                    return
-            except (OSError, urllib.error.URLError, ssl.SSLError, subprocess.SubprocessError):
-                pass
-            time.sleep(0.2)
-        raise comp.failure(f"{what} within {timeout:.0f}s")
+        wait_ready(comp, check, self.ready_timeout if timeout is None else timeout, what)
 
     def _https_ok(self, url: str, creds: pki.Pki | None) -> bool:
         ctx = ssl.create_default_context(cafile=str(creds.ca_crt)) if creds else ssl._create_unverified_context()
@@ -464,7 +473,7 @@ class DevCluster:
             )
             self._nodes_registered = False
         for comp in reversed(self.components):
-            _terminate(comp.proc)
+            terminate(comp.proc)
         self.components.clear()
         if self.network is not None:
             netns.remove(self.network.name, self.network.cidr)
@@ -551,7 +560,8 @@ def run_tool(argv: list[str], input: str | None = None, check: bool = True, env:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period."""
     if proc.poll() is not None:
         return
     try:
