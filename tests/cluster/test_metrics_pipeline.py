@@ -89,7 +89,8 @@ def test_every_promql_expression_of_the_dashboard_and_adapter_rules_runs(
                 assert (namespace if e.label == "namespace" else policy) in values, f"{e.where}: {values}"
             checked.append(e.where)
         assert checked == [e.where for e in exprs]
-        assert any("Fallback rate" in w for w in checked) and any("externalRules" in w for w in checked)
+        assert any("Fallback rate" in w for w in checked)
+        assert any("externalRules" in w for w in checked)
 
         # The same through the API server, as the HPA controller reads them.
         sel = f"routingpolicy={policy},tier=small"
@@ -140,7 +141,9 @@ def test_hpa_scales_a_tier_on_router_demand_and_back(
     assert result.peak_replicas == MAX_REPLICAS
     # The HPA read the router's demand through the adapter, above its target, before scaling.
     assert result.peak_demand_per_pod > AVERAGE_DEMAND
-    assert not math.isnan(result.replicas_raised_s) and not math.isnan(result.first_new_pod_serving_s)
+    assert not math.isnan(result.replicas_raised_s)
+    assert not math.isnan(result.first_new_pod_serving_s)
     assert result.replicas_raised_s <= result.first_new_pod_serving_s <= result.all_new_pods_serving_s
-    assert len(result.answers_by_pod) == MAX_REPLICAS and all(n > 0 for n in result.answers_by_pod.values())
+    assert len(result.answers_by_pod) == MAX_REPLICAS
+    assert all(n > 0 for n in result.answers_by_pod.values())
     assert result.errors == 0

@@ -106,7 +106,7 @@ def test_monitoring_objects_are_off_by_default_and_carry_the_chart_files(cluster
         if r["source_labels"][0].startswith("__meta_kubernetes_pod_label_") and r.get("action") != "keep"
     ]
     assert [(r["sourceLabels"], r["targetLabel"]) for r in endpoint["relabelings"]] == from_labels
-    assert ("routingpolicy", "component", "tier") == tuple(t for _, t in from_labels)
+    assert tuple(t for _, t in from_labels) == ("routingpolicy", "component", "tier")
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,8 @@ def test_adapter_serves_exactly_the_hpa_metric_names_and_labels() -> None:
     assert external["name"]["as"] == mp.DEMAND_METRIC == "tiergate_router_tier_demand"
     assert re.fullmatch(external["name"]["matches"], mp.DEMAND_METRIC)
     # The HPA selects with matchLabels {routingpolicy, tier}: the series must have both, per namespace.
-    assert 'routingpolicy!=""' in external["seriesQuery"] and 'tier!=""' in external["seriesQuery"]
+    assert 'routingpolicy!=""' in external["seriesQuery"]
+    assert 'tier!=""' in external["seriesQuery"]
     assert external["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
     assert "<<.LabelMatchers>>" in external["metricsQuery"]
     (pods,) = rules["rules"]
@@ -101,7 +102,8 @@ def test_dashboard_has_the_panels_and_names_only_exported_metrics() -> None:
     for e in exprs:
         if e.label is None and not e.needs_kube_state_metrics:
             for selector in re.findall(r"\b(?:tiergate_router_\w+|vllm:\w+)\{([^}]*)\}", e.promql):
-                assert 'namespace="$namespace"' in selector and 'routingpolicy="$policy"' in selector, e.where
+                assert 'namespace="$namespace"' in selector, e.where
+                assert 'routingpolicy="$policy"' in selector, e.where
     ids = [p["id"] for p in doc["panels"]]
     assert len(ids) == len(set(ids))
 
@@ -117,7 +119,9 @@ def test_dashboard_expressions_include_panels_and_variables() -> None:
     assert len(exprs) == targets + 2
     assert [e.where for e in exprs if e.needs_kube_state_metrics] == ["panel 'Replicas per tier' target B"]
     rendered = mp.render_dashboard(exprs[0].promql, "ns1", "p1")
-    assert "$" not in rendered and 'routingpolicy="p1"' in rendered and f"[{mp.RATE_INTERVAL}]" in rendered
+    assert "$" not in rendered
+    assert 'routingpolicy="p1"' in rendered
+    assert f"[{mp.RATE_INTERVAL}]" in rendered
 
 
 def test_adapter_expressions_expand_the_templates_as_the_adapter_does() -> None:
@@ -150,4 +154,5 @@ def test_adapter_objects_register_both_metrics_apis_at_the_adapter_address() -> 
     assert eps["endpoints"][0]["addresses"] == ["198.18.15.254"]
     assert eps["metadata"]["labels"]["kubernetes.io/service-name"] == metrics.ADAPTER_SERVICE
     (svc,) = [o for o in objs if o["kind"] == "Service"]
-    assert svc["spec"]["ports"][0]["name"] == eps["ports"][0]["name"] and eps["ports"][0]["port"] == 6443
+    assert svc["spec"]["ports"][0]["name"] == eps["ports"][0]["name"]
+    assert eps["ports"][0]["port"] == 6443

@@ -28,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from .cluster import Component, DevCluster, free_port, spawn, terminate, wait_ready, wait_for
+from .cluster import Component, DevCluster, free_port, spawn, terminate, wait_for, wait_ready
 from .errors import StartError
 
 PROMETHEUS_ENV = "TIERGATE_PROMETHEUS"
