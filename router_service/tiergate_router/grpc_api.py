@@ -196,6 +196,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         body, route, prompt_text = await self._prepare(request, context, stream=False)
         m = self.router.metrics
         tier, outcome = "none", "upstream_error"
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if wants_best_of_n(self.router, route, body):
                 answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context)
@@ -244,6 +246,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(_unavailable_status(e), str(e))
             raise
         finally:
+            demand.dec()
             m.requests.labels(tier, route.decision, outcome).inc()
             m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
 
@@ -261,6 +264,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         body, route, prompt_text = await self._prepare(request, context, stream=True)
         m = self.router.metrics
         tier, outcome = "none", "upstream_error"
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if wants_best_of_n(self.router, route, body):
                 try:
@@ -321,6 +326,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 up.close()
             outcome = "success"
         finally:
+            demand.dec()
             m.requests.labels(tier, route.decision, outcome).inc()
             m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
 

@@ -227,6 +227,8 @@ class OpenAIHandlers:
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
         res = _Result()
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if wants_best_of_n(self.router, route, parsed.body):
                 answer = await self.best_of_n.answer(route, path, parsed.body, parsed.prompt_text, timeout_s=timeout_s)
@@ -244,6 +246,7 @@ class OpenAIHandlers:
             res.outcome = "cancelled"
             raise
         finally:
+            demand.dec()
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
 
