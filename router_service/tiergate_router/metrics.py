@@ -128,6 +128,13 @@ class RouterMetrics:
             ["tier"],
             registry=r,
         )
+        self.holds = Counter(
+            f"{p}_holds",
+            "Requests held for their tier while it had no endpoint (whenScaledToZero Hold), by how the hold ended: "
+            "endpoint (one appeared), expired (maxHoldSeconds passed: fallback) or deadline (the request's own)",
+            ["tier", "outcome"],
+            registry=r,
+        )
         self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
         # An info metric (value 1): which artifact this process serves, so a rollout that changed it can be seen.
         self.classifier_info = Gauge(

@@ -61,6 +61,13 @@ class TierConfig:
     # Whether the prices above were given (a policy's tier always has them). A `--tier` flag's tier has none: an
     # N-tier artifact then prices it at the artifact's own price for the tier it maps to.
     priced: bool = False
+    # While the tier has no endpoint (scaled to zero, or waking up): None, the next tier of the chain answers at
+    # once; else a request routed to this tier waits up to this long for discovery to find one, then falls back
+    # (spec.tiers[].autoscaling.whenScaledToZero Hold, maxHoldSeconds).
+    hold_when_empty_s: float | None = None
+    # Whether the tier may be scaled to zero (autoscaling mode KEDA or External with replicas.min 0): the router
+    # stays ready while it has no endpoint, since the requests routed to it are its demand, which wakes it.
+    scales_to_zero: bool = False
 
     @property
     def price_per_mtok(self) -> float | None:
@@ -217,6 +224,8 @@ def validate(cfg: RouterConfig) -> None:
             check_base_url(u, f"tiers[{i}].endpoint")
         if t.input_price_per_mtok < 0 or t.output_price_per_mtok < 0:
             raise ConfigError(f"tiers[{i}].price: must not be negative")
+        if t.hold_when_empty_s is not None and not t.hold_when_empty_s > 0:
+            raise ConfigError(f"tiers[{i}].hold_when_empty_s: must be positive")
     if len(cfg.thresholds_bp) != len(cfg.tiers) - 1 and len(cfg.tiers) > 1:
         raise ConfigError(
             f"thresholds_bp: {len(cfg.tiers)} tiers need {len(cfg.tiers) - 1} threshold(s), "
@@ -318,6 +327,8 @@ def tier_at(
     model: str | None = None,
     api_key: str | None = None,
     price_per_mtok: tuple[float, float] | None = None,
+    hold_when_empty_s: float | None = None,
+    scales_to_zero: bool = False,
 ) -> TierConfig:
     """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
     `price_per_mtok` (input, output) None: not priced (a `--tier` flag). (`TierConfig` itself also takes several
@@ -335,6 +346,8 @@ def tier_at(
         input_price_per_mtok=price_per_mtok[0],
         output_price_per_mtok=price_per_mtok[1],
         priced=priced,
+        hold_when_empty_s=hold_when_empty_s,
+        scales_to_zero=scales_to_zero,
     )
 
 
