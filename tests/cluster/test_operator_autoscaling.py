@@ -2,8 +2,8 @@
 
 - HPA: the operator creates the autoscaling/v2 HPA, owned by the policy, with the tier's bounds and the metrics the
   chart's adapter rules serve; the API server accepts it and the real HPA controller reads those metrics (here it
-  finds no metrics API, and says so naming them); removing autoscaling prunes it and the operator takes the
-  replicas back.
+  finds no metrics API, and says so naming them, which the policy reports as AutoscalerReady=False and not Ready);
+  removing autoscaling prunes it and the operator takes the replicas back.
 - External: the operator never touches replicas while another actor changes them.
 - KEDA: without KEDA's CRD the policy is refused with KedaNotInstalled naming the field and nothing is applied;
   with KEDA's own published CRD installed (tiergate.devcluster.keda) the operator notices by itself and the API
@@ -72,9 +72,9 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
     doc = sample_doc()
     doc["spec"]["tiers"][1]["autoscaling"] = copy.deepcopy(HPA)  # large: replicas min 1, max 2
     apply_policy(cluster, ns, doc)
-    p = wait_ready(cluster, ns, "chat")
-
     hpa = wait_for("the HPA of tier large", lambda: _get(cluster, "hpa.v2.autoscaling", ns, "chat-tier-large"))
+    p = policy(cluster, ns, "chat")
+    assert p is not None
     (owner,) = hpa["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
         "RoutingPolicy",
@@ -107,6 +107,24 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
 
     said = wait_for("the HPA controller reporting on its metrics", complained, timeout=90)
     print(said[:600])
+    # The operator reads that from the HPA it owns: the policy says its autoscaling is blind, naming the tier and
+    # quoting the HPA, and is not Ready while it is (the pods themselves are fine: not Degraded).
+    blind = ("FailedGetExternalMetric", "FailedGetPodsMetric")
+
+    def reported() -> dict[str, Any] | None:
+        p = policy(cluster, ns, "chat")
+        a = condition(p, "AutoscalerReady")
+        return p if a.get("status") == "False" and a.get("reason") in blind else None
+
+    p = wait_for("AutoscalerReady=False from the HPA's own conditions", reported, timeout=120)
+    autoscaler, ready = condition(p, "AutoscalerReady"), condition(p, "Ready")
+    print(autoscaler["message"][:600])
+    assert (
+        "tier large: HorizontalPodAutoscaler chat-tier-large cannot scale (ScalingActive False" in autoscaler["message"]
+    )
+    assert (ready["status"], ready["reason"]) == ("False", autoscaler["reason"])
+    assert "tier large" in ready["message"]
+    assert condition(p, "Degraded")["status"] == "False"
     # The operator left the large tier's replicas to the HPA and still owns the small tier's.
     assert "tiergate-operator" not in _replica_managers(cluster, ns, "chat-tier-large")
     assert "tiergate-operator" in _replica_managers(cluster, ns, "chat-tier-small")
@@ -115,7 +133,8 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
     del doc["spec"]["tiers"][1]["autoscaling"]
     apply_policy(cluster, ns, doc)
     wait_for("the HPA pruned", lambda: _get(cluster, "hpa.v2.autoscaling", ns, "chat-tier-large") is None, timeout=60)
-    wait_ready(cluster, ns, "chat")
+    p = wait_ready(cluster, ns, "chat")
+    assert condition(p, "AutoscalerReady") == {}  # no autoscaler the operator makes, no condition
     assert "tiergate-operator" in _replica_managers(cluster, ns, "chat-tier-large")
 
 
