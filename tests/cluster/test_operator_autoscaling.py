@@ -246,6 +246,8 @@ BAD = [
     ("hpa-with-prometheus-address", ("autoscaling", "prometheusServerAddress"), PROM),
     ("unknown-mode", ("autoscaling", "mode"), "Keda"),
     ("removed-managed-by", ("replicas", "managedBy"), "Autoscaler"),
+    ("scaled-to-zero-knob-on-hpa", ("autoscaling", "whenScaledToZero"), "Fallback"),
+    ("hold-seconds-without-hold", ("autoscaling", "maxHoldSeconds"), 5),
 ]
 # Where the API server's refusal points, by case.
 FIELDS = {
@@ -258,6 +260,8 @@ FIELDS = {
     "hpa-with-prometheus-address": "spec.tiers[1].autoscaling.prometheusServerAddress",
     "unknown-mode": "spec.tiers[1].autoscaling.mode",
     "removed-managed-by": "spec.tiers[1].replicas.managedBy",
+    "scaled-to-zero-knob-on-hpa": "spec.tiers[1].autoscaling.whenScaledToZero",
+    "hold-seconds-without-hold": "spec.tiers[1].autoscaling.maxHoldSeconds",
 }
 
 
@@ -283,6 +287,17 @@ def test_bad_autoscaling_is_refused_by_the_api_server_naming_the_field(cluster: 
             failures.append(f"{case}: does not name {FIELDS[case]}: {r.stderr.strip()}")
     assert not failures, "\n".join(failures)
     assert get_json(cluster, "routingpolicies", "-n", namespace)["items"] == []
+    # Hold without maxHoldSeconds on a tier that may be at zero: refused naming the missing field; with it, accepted
+    # (dry run: nothing is left behind).
+    doc = sample_doc()
+    doc["spec"]["tiers"][1]["replicas"] = {"min": 0}
+    doc["spec"]["tiers"][1]["autoscaling"] = {"mode": "External", "whenScaledToZero": "Hold"}
+    r = kubectl_raw(cluster, "apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    assert r.returncode != 0
+    assert "spec.tiers[1].autoscaling.maxHoldSeconds" in r.stderr
+    doc["spec"]["tiers"][1]["autoscaling"]["maxHoldSeconds"] = 30
+    r = kubectl_raw(cluster, "apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(doc))
+    assert r.returncode == 0, r.stderr
     # The messages that name the replacement, word for word.
     doc = sample_doc()
     doc["spec"]["tiers"][1]["replicas"]["managedBy"] = "Autoscaler"
