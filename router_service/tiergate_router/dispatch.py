@@ -387,8 +387,9 @@ class Dispatcher:
         """Hold a request for its chosen tier while the tier has no endpoint (scaled to zero: its demand, which
         counts this request, wakes it), up to `hold_s` or the deadline. Only the chosen tier holds: a tier tried as
         a fallback is tried because another could not answer, and waits there would add up along the chain."""
-        woke = await pool.wait_for_endpoints(min(hold_s, deadline - self._clock()))
-        outcome = "endpoint" if woke else "deadline" if self._clock() >= deadline else "expired"
+        left = deadline - self._clock()
+        woke = await pool.wait_for_endpoints(min(hold_s, left))
+        outcome = "endpoint" if woke else "deadline" if left <= hold_s else "expired"
         self.metrics.holds.labels(pool.tier, outcome).inc()
         if not woke:
             attempts.append(f"{pool.tier}: no endpoint after holding {hold_s:g} s at most")
