@@ -21,14 +21,13 @@ from typing import Any
 from tiergate.api import naming
 from tiergate.api.policy import AutoscalingBehavior, AutoscalingMode, RoutingPolicy, Tier
 
+from .autoscaler_status import HPA_KIND, KEDA_KIND
 from .status import KEDA_NOT_INSTALLED, SpecProblem
 
 Obj = dict[str, Any]
 
 HPA_API_VERSION = "autoscaling/v2"
-HPA_KIND = "HorizontalPodAutoscaler"
 KEDA_API_VERSION = "keda.sh/v1alpha1"
-KEDA_KIND = "ScaledObject"
 # KEDA copies a ScaledObject's labels onto the HPA it makes, over its own (`app.kubernetes.io/managed-by:
 # keda-operator`), unless this annotation lists them. Ours would mark KEDA's HPA as the operator's child of the policy
 # (our child watches select on tiergate.io/policy, and `managed-by` would say tiergate-operator): all are excluded.

@@ -19,12 +19,16 @@ from typing import Any
 
 from tiergate.api import naming
 
+from .autoscaler_status import HPA_KIND, KEDA_KIND
+
 Obj = dict[str, Any]
+# The autoscalers' own conditions say whether they can scale (autoscaler_status.py).
+AUTOSCALER_KINDS = (HPA_KIND, KEDA_KIND)
 PolicyKey = tuple[str, str]  # (namespace, policy name)
 ChildKey = tuple[str, str]  # (kind, name)
 
 # Kinds whose spec/status are kept (status is computed from them); of the others only identity and version.
-FULL_OBJECT_KINDS = frozenset({"Deployment", "Pod"})
+FULL_OBJECT_KINDS = frozenset({"Deployment", "Pod", *AUTOSCALER_KINDS})
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,8 @@ def _slim(kind: str, obj: Mapping[str, Any]) -> Obj:
         spec = {k: v for k, v in (obj.get("spec") or {}).items() if k == "replicas"}
         return {"metadata": meta, "spec": spec, "status": status}
     # podIP: where the observed-mix reader (observed_mix.py) finds a router pod's /metrics.
+    if kind in AUTOSCALER_KINDS:
+        return {"metadata": meta, "status": {k: status[k] for k in ("conditions",) if k in status}}
     kept = ("conditions", "containerStatuses", "podIP")
     return {"metadata": meta, "status": {k: status[k] for k in kept if k in status}}
 
@@ -172,6 +178,15 @@ class ChildCache:
                 name: s.obj
                 for (kind, name), s in self._by_policy.get(pk, {}).items()
                 if kind == "Deployment" and s.obj is not None
+            }
+
+    def autoscalers(self, pk: PolicyKey) -> dict[ChildKey, Obj]:
+        """The policy's HPAs and ScaledObjects by (kind, name): their metadata and status conditions."""
+        with self._lock:
+            return {
+                ck: s.obj
+                for ck, s in self._by_policy.get(pk, {}).items()
+                if ck[0] in AUTOSCALER_KINDS and s.obj is not None
             }
 
     def pods(self, pk: PolicyKey) -> list[Obj]:

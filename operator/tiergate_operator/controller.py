@@ -21,6 +21,7 @@ from typing import Any
 from tiergate.api.errors import PolicyValidationError
 from tiergate.api.policy import KIND, RoutingPolicy, parse_policy
 
+from .autoscaler_status import AUTOSCALER_READY
 from .cache import ChildCache
 from .config import OperatorConfig
 from .errors import KubeError
@@ -364,6 +365,9 @@ class Controller:
                 # Losing it is a warning (best-of-N is off until it is back); a new policy's reward model that is not
                 # ready yet is only being created, which Progressing already says.
                 self._post(body, c["reason"], c["message"], warning=c["status"] != "True")
+            elif c["type"] == AUTOSCALER_READY and c["status"] == "False":
+                # An autoscaler that cannot read its metrics: the tier no longer follows its load.
+                self._post(body, c["reason"], c["message"], warning=True)
         if not (out.created or out.updated or out.deleted or out.status_written):
             return
         log.info(

@@ -20,7 +20,8 @@ from typing import Any
 from tiergate.api import naming
 from tiergate.api.policy import API_VERSION, KIND, RoutingPolicy, parse_policy
 
-from .autoscaling import KEDA_KIND, keda_unavailable
+from .autoscaler_status import KEDA_KIND
+from .autoscaling import keda_unavailable
 from .builders import KIND_ORDER, build_children, child_key
 from .cache import ChildCache, Seen
 from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
@@ -287,6 +288,7 @@ def _finish(
             router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
             external=external_verdicts(policy, external),
             mix=mix,
+            autoscalers=cache.autoscalers((policy.namespace or "default", policy.name)),
         )
     out.status = status
     out.status_written = _write_status(kube, body, memory, current, status)

@@ -15,6 +15,11 @@ RewardModelReady (only with spec.bestOfN) True while the reward model has a read
            prompts from the reference tier, so the reason (RewardModelUnavailable) and message name the reward model
            rather than leaving it to be found in Ready's list.
 
+AutoscalerReady (only with a tier in autoscaling mode HPA or KEDA) whether the autoscalers the operator owns can
+           scale, from their own conditions (autoscaler_status.py): False, with the autoscaler's reason (e.g.
+           FailedGetExternalMetric) and message, when one cannot read its metrics or the scale; Unknown until each has
+           reported. A failing one also keeps Ready False: a tier that cannot scale is not what the policy asks for.
+
 A spec the operator refuses (refused_status) is not applied at all, so its children stay as the last good spec
 made them, and all three conditions say why with the field: InvalidSpec (the typed model rejects what the CRD let
 through, e.g. under an older CRD), MissingReference (a ConfigMap the pods would read does not exist) or
@@ -32,6 +37,7 @@ from tiergate.api import naming
 from tiergate.api.errors import FieldError
 from tiergate.api.policy import RoutingPolicy
 
+from .autoscaler_status import AUTOSCALER_READY, autoscaler_verdict
 from .external import ExternalCheck, models_url
 from .observed_mix import MIX_DRIFT, MixReport
 
@@ -196,15 +202,15 @@ def component_state(c: Component, deployment: Obj | None, pods: Sequence[Obj]) -
 
 def _condition(
     type_: str,
-    status: bool | str,
+    status: bool | str | None,
     reason: str,
     message: str,
     generation: int | None,
     previous: Mapping[str, Obj],
     now: str,
 ) -> dict[str, Any]:
-    """metav1.Condition; `status` a bool, or the string itself ("Unknown")."""
-    value = status if isinstance(status, str) else ("True" if status else "False")
+    """metav1.Condition; `status` a bool, None for "Unknown", or the string itself ("Unknown")."""
+    value = "Unknown" if status is None else status if isinstance(status, str) else ("True" if status else "False")
     prev = previous.get(type_)
     # lastTransitionTime moves only when the status flips (Kubernetes API conventions).
     since = prev.get("lastTransitionTime") if prev and prev.get("status") == value else None
@@ -229,6 +235,7 @@ def compute_status(
     router_problem: tuple[str, str] | None = None,
     external: Mapping[str, ExternalCheck | None] | None = None,
     mix: MixReport | None = None,
+    autoscalers: Mapping[tuple[str, str], Obj] | None = None,
 ) -> dict[str, Any]:
     """The whole `.status`. `deployments` maps Deployment name -> object; `pods` are the policy's pods.
     `mix`: the last observed-mix report of the policy's routers (observed_mix.py; None before the first read:
@@ -238,7 +245,9 @@ def compute_status(
     `router_problem` (reason, message): what keeps the router from serving what the policy says, seen by the
     operator rather than in a pod (a classifier artifact it refused). It is the router's problem before any of its
     pods' (a pod waiting for a classifier that never came is the symptom), so the policy is Degraded, not
-    RollingOut forever."""
+    RollingOut forever.
+    `autoscalers`: the policy's HPAs and ScaledObjects by (kind, name), as cached (None: not observed, and no
+    AutoscalerReady condition)."""
     gen = policy.metadata.generation
     previous = {c.get("type", ""): c for c in previous_conditions}
     states = [component_state(c, deployments.get(c.deployment), pods) for c in components(policy)]
@@ -281,15 +290,19 @@ def compute_status(
 
     degraded = [s for s in states if s.problem is not None]
     waiting = [s for s in states if not s.is_ready and s.problem is None]
+    autoscaling = autoscaler_verdict(policy, autoscalers) if autoscalers is not None else None
+    blind = list(autoscaling.blind) if autoscaling is not None else []
     conds: list[dict[str, Any]] = []
-    if not degraded and not waiting:
+    if not degraded and not waiting and autoscaling is not None and blind:
+        conds.append(_condition(READY, False, autoscaling.reason, "; ".join(blind), gen, previous, now))
+    elif not degraded and not waiting:
         conds.append(_condition(READY, True, "AllComponentsReady", _ready_summary(states), gen, previous, now))
     else:
         first = (degraded or waiting)[0]
         reason = first.problem[0] if first.problem else ("Creating" if not first.exists else "RollingOut")
         if first.problem is None and first.component.external_url is not None:
             reason = EXTERNAL_CHECKING
-        msg = "; ".join(_describe(s) for s in degraded + waiting)
+        msg = "; ".join([_describe(s) for s in degraded + waiting] + blind)
         conds.append(_condition(READY, False, reason, msg, gen, previous, now))
     if waiting:
         reason = "Creating" if any(not s.exists for s in waiting) else "RollingOut"
@@ -314,6 +327,9 @@ def compute_status(
     if mix is not None:
         drift = mix.drift
         conds.append(_condition(MIX_DRIFT, drift.status, drift.reason, drift.message, gen, previous, now))
+    if autoscaling is not None:
+        a = autoscaling
+        conds.append(_condition(AUTOSCALER_READY, a.status, a.reason, a.message, gen, previous, now))
 
     status: dict[str, Any] = {
         "conditions": conds,

@@ -226,8 +226,14 @@ class Dispatcher:
         for name, old in self.pools.items():
             if name not in pools:
                 self.metrics.endpoints.remove(name)
+                self.metrics.tier_demand.remove(name)
+                old.wake()  # requests held for the tier move on along their chain
                 for ep in old.endpoints:
                     ep.removed = True
+        for t in config.tiers:
+            # A 0 series per tier from the start: the HPA and KEDA read a missing series as an error or nothing,
+            # and a tier scaled to zero must be seen at 0 before its first request raises it.
+            self.metrics.tier_demand.labels(t.name)
         self.pools = pools
         self._refresh_gauges()
 
@@ -325,6 +331,8 @@ class Dispatcher:
                 if i > 0:
                     self.metrics.fallbacks.labels(chain[i - 1], tier_name, reason or "down").inc()
                 tier = cfg.tier(tier_name)
+                if i == 0 and tier.hold_when_empty_s is not None and not pool.endpoints:
+                    await self._hold(pool, tier.hold_when_empty_s, deadline, attempts)
                 if pool.saturated(cfg.max_outstanding_per_endpoint, cfg.saturation_waiting):
                     reason = "saturated"
                     attempts.append(f"{tier_name}: saturated")
@@ -374,6 +382,17 @@ class Dispatcher:
             raise NoTierAvailableError(_summary("no tier could answer", chain, attempts), attempts)
         finally:
             self._active -= 1
+
+    async def _hold(self, pool: TierPool, hold_s: float, deadline: float, attempts: list[str]) -> None:
+        """Hold a request for its chosen tier while the tier has no endpoint (scaled to zero: its demand, which
+        counts this request, wakes it), up to `hold_s` or the deadline. Only the chosen tier holds: a tier tried as
+        a fallback is tried because another could not answer, and waits there would add up along the chain."""
+        left = deadline - self._clock()
+        woke = await pool.wait_for_endpoints(min(hold_s, left))
+        outcome = "endpoint" if woke else "deadline" if left <= hold_s else "expired"
+        self.metrics.holds.labels(pool.tier, outcome).inc()
+        if not woke:
+            attempts.append(f"{pool.tier}: no endpoint after holding {hold_s:g} s at most")
 
     async def _backoff(self, retry_n: int, deadline: float) -> None:
         """Sleep before the `retry_n`-th retry on one tier, never past the deadline."""

@@ -213,6 +213,9 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         t0 = time.perf_counter()
         body, route, prompt_text = await self._prepare(request, context, stream=False)
         res = Tally()
+        m = self.router.metrics
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if wants_best_of_n(self.router, route, body):
                 answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context, res)
@@ -261,6 +264,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             await context.abort(_unavailable_status(e), str(e))
             raise
         finally:
+            demand.dec()
             self._done(route, res, rid, prompt_text, t0)
 
     async def GenerateStream(
@@ -277,6 +281,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         body, route, prompt_text = await self._prepare(request, context, stream=True)
         m = self.router.metrics
         res = Tally()
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if wants_best_of_n(self.router, route, body):
                 try:
@@ -341,6 +347,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             res.outcome = "cancelled"
             raise
         finally:
+            demand.dec()
             self._done(route, res, rid, prompt_text, t0)
 
     def _done(self, route: Route, res: Tally, rid: str, prompt_text: str, t0: float) -> None:

@@ -284,6 +284,8 @@ class OpenAIHandlers:
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
         res = Tally()
+        demand = m.tier_demand.labels(route.chain[0])
+        demand.inc()
         try:
             if route.specialists:
                 parsed, timeout_s = await self._decompose(route, parsed, attachments, res, t0, timeout_s)
@@ -306,6 +308,7 @@ class OpenAIHandlers:
             res.outcome = "cancelled"
             raise
         finally:
+            demand.dec()
             elapsed = time.perf_counter() - t0
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(elapsed)

@@ -119,6 +119,22 @@ class RouterMetrics:
         )
         self.endpoints = Gauge(f"{p}_endpoints", "Known backend endpoints per tier", ["tier"], registry=r)
         self.outstanding = Gauge(f"{p}_outstanding_requests", "Requests in flight to each tier", ["tier"], registry=r)
+        # The demand a tier's autoscaler scales on (prometheus-adapter serves it as the External metric of the same
+        # name): counted from the routing decision, so it leads the tier's own queue, and it includes requests that
+        # wait at the router (e.g. for a tier scaled to zero) where `outstanding` counts only tries sent.
+        self.tier_demand = Gauge(
+            f"{p}_tier_demand",
+            "Requests routed to each tier (their chosen tier) and not yet finished, waiting at the router included",
+            ["tier"],
+            registry=r,
+        )
+        self.holds = Counter(
+            f"{p}_holds",
+            "Requests held for their tier while it had no endpoint (whenScaledToZero Hold), by how the hold ended: "
+            "endpoint (one appeared), expired (maxHoldSeconds passed: fallback) or deadline (the request's own)",
+            ["tier", "outcome"],
+            registry=r,
+        )
         self.policy_reloads = Counter(f"{p}_policy_reloads", "Policy file reloads by result", ["result"], registry=r)
         # The operating point's prediction (RouterConfig.predicted_mix_bp), as a ratio: the operator reads it next to
         # tiergate_router_requests_total to write the policy's status.observedMix and its MixDrift condition.

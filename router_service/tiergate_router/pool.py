@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ class TierPool:
         self._discovered: set[str] = set()
         self._picks = 0
         self._last_pick: dict[str, int] = {}
+        # Requests held until the tier has an endpoint again (wait_for_endpoints): set when one appears.
+        self._waiters: set[asyncio.Event] = set()
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -72,6 +75,34 @@ class TierPool:
                     base_url=url,
                     breaker=CircuitBreaker(self._breaker_failures, self._breaker_open_s, self._clock),
                 )
+        if self._endpoints:
+            self.wake()
+
+    @property
+    def holding(self) -> int:
+        """Requests waiting in wait_for_endpoints now."""
+        return len(self._waiters)
+
+    def wake(self) -> None:
+        """End every wait_for_endpoints now (an endpoint appeared, or the tier left the configuration)."""
+        for ev in self._waiters:
+            ev.set()
+
+    async def wait_for_endpoints(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` for the tier to have an endpoint (discovery publishes one, a reload adds one);
+        whether it has one now. Called on the event loop that publishes discovery's changes."""
+        if self._endpoints:
+            return True
+        ev = asyncio.Event()
+        self._waiters.add(ev)
+        try:
+            async with asyncio.timeout(max(timeout_s, 0.0)):
+                await ev.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._waiters.discard(ev)
+        return bool(self._endpoints)
 
     def pick(self, exclude: set[str] | frozenset[str] = frozenset()) -> Endpoint | None:
         """Reserve the best available endpoint (its breaker admits the request), or None when none is."""

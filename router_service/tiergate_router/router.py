@@ -156,7 +156,11 @@ class Router:
         """Whether the router can serve: some tier has at least one endpoint. A static URL counts as one without a
         probe (an external API, or a Service's DNS name without discovery): its failures are the breakers' and the
         fallback chain's to handle, and a readiness that followed a hosted API's blips would take every router
-        replica out of its Service at once. Tiers discovered through EndpointSlices count their ready pods."""
+        replica out of its Service at once. Tiers discovered through EndpointSlices count their ready pods. A tier
+        that may be scaled to zero counts as ready without any: the requests routed to it are the demand that wakes
+        it (held or falling back meanwhile), and a router out of its Service would never see them."""
+        if any(t.scales_to_zero for t in self.config.tiers):
+            return True
         return any(pool.endpoints for pool in self.dispatcher.pools.values())
 
     def _routed_names(self) -> list[str]:

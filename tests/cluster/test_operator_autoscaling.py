@@ -2,8 +2,8 @@
 
 - HPA: the operator creates the autoscaling/v2 HPA, owned by the policy, with the tier's bounds and the metrics the
   chart's adapter rules serve; the API server accepts it and the real HPA controller reads those metrics (here it
-  finds no metrics API, and says so naming them); removing autoscaling prunes it and the operator takes the
-  replicas back.
+  finds no metrics API, and says so naming them, which the policy reports as AutoscalerReady=False and not Ready);
+  removing autoscaling prunes it and the operator takes the replicas back.
 - External: the operator never touches replicas while another actor changes them.
 - KEDA: without KEDA's CRD the policy is refused with KedaNotInstalled naming the field and nothing is applied;
   with KEDA's own published CRD installed (tiergate.devcluster.keda) the operator notices by itself and the API
@@ -72,9 +72,9 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
     doc = sample_doc()
     doc["spec"]["tiers"][1]["autoscaling"] = copy.deepcopy(HPA)  # large: replicas min 1, max 2
     apply_policy(cluster, ns, doc)
-    p = wait_ready(cluster, ns, "chat")
-
     hpa = wait_for("the HPA of tier large", lambda: _get(cluster, "hpa.v2.autoscaling", ns, "chat-tier-large"))
+    p = policy(cluster, ns, "chat")
+    assert p is not None
     (owner,) = hpa["metadata"]["ownerReferences"]
     assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
         "RoutingPolicy",
@@ -107,6 +107,24 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
 
     said = wait_for("the HPA controller reporting on its metrics", complained, timeout=90)
     print(said[:600])
+    # The operator reads that from the HPA it owns: the policy says its autoscaling is blind, naming the tier and
+    # quoting the HPA, and is not Ready while it is (the pods themselves are fine: not Degraded).
+    blind = ("FailedGetExternalMetric", "FailedGetPodsMetric")
+
+    def reported() -> dict[str, Any] | None:
+        p = policy(cluster, ns, "chat")
+        a = condition(p, "AutoscalerReady")
+        return p if a.get("status") == "False" and a.get("reason") in blind else None
+
+    p = wait_for("AutoscalerReady=False from the HPA's own conditions", reported, timeout=120)
+    autoscaler, ready = condition(p, "AutoscalerReady"), condition(p, "Ready")
+    print(autoscaler["message"][:600])
+    assert (
+        "tier large: HorizontalPodAutoscaler chat-tier-large cannot scale (ScalingActive False" in autoscaler["message"]
+    )
+    assert (ready["status"], ready["reason"]) == ("False", autoscaler["reason"])
+    assert "tier large" in ready["message"]
+    assert condition(p, "Degraded")["status"] == "False"
     # The operator left the large tier's replicas to the HPA and still owns the small tier's.
     assert "tiergate-operator" not in _replica_managers(cluster, ns, "chat-tier-large")
     assert "tiergate-operator" in _replica_managers(cluster, ns, "chat-tier-small")
@@ -115,7 +133,8 @@ def test_hpa_mode_creates_the_owned_hpa_and_removing_it_prunes_it(
     del doc["spec"]["tiers"][1]["autoscaling"]
     apply_policy(cluster, ns, doc)
     wait_for("the HPA pruned", lambda: _get(cluster, "hpa.v2.autoscaling", ns, "chat-tier-large") is None, timeout=60)
-    wait_ready(cluster, ns, "chat")
+    p = wait_ready(cluster, ns, "chat")
+    assert condition(p, "AutoscalerReady") == {}  # no autoscaler the operator makes, no condition
     assert "tiergate-operator" in _replica_managers(cluster, ns, "chat-tier-large")
 
 
@@ -227,6 +246,8 @@ BAD = [
     ("hpa-with-prometheus-address", ("autoscaling", "prometheusServerAddress"), PROM),
     ("unknown-mode", ("autoscaling", "mode"), "Keda"),
     ("removed-managed-by", ("replicas", "managedBy"), "Autoscaler"),
+    ("scaled-to-zero-knob-on-hpa", ("autoscaling", "whenScaledToZero"), "Fallback"),
+    ("hold-seconds-without-hold", ("autoscaling", "maxHoldSeconds"), 5),
 ]
 # Where the API server's refusal points, by case.
 FIELDS = {
@@ -239,6 +260,8 @@ FIELDS = {
     "hpa-with-prometheus-address": "spec.tiers[1].autoscaling.prometheusServerAddress",
     "unknown-mode": "spec.tiers[1].autoscaling.mode",
     "removed-managed-by": "spec.tiers[1].replicas.managedBy",
+    "scaled-to-zero-knob-on-hpa": "spec.tiers[1].autoscaling.whenScaledToZero",
+    "hold-seconds-without-hold": "spec.tiers[1].autoscaling.maxHoldSeconds",
 }
 
 
@@ -264,6 +287,17 @@ def test_bad_autoscaling_is_refused_by_the_api_server_naming_the_field(cluster: 
             failures.append(f"{case}: does not name {FIELDS[case]}: {r.stderr.strip()}")
     assert not failures, "\n".join(failures)
     assert get_json(cluster, "routingpolicies", "-n", namespace)["items"] == []
+    # Hold without maxHoldSeconds on a tier that may be at zero: refused naming the missing field; with it, accepted
+    # (dry run: nothing is left behind).
+    doc = sample_doc()
+    doc["spec"]["tiers"][1]["replicas"] = {"min": 0}
+    doc["spec"]["tiers"][1]["autoscaling"] = {"mode": "External", "whenScaledToZero": "Hold"}
+    r = kubectl_raw(cluster, "apply", "-n", namespace, "-f", "-", input=json.dumps(doc))
+    assert r.returncode != 0
+    assert "spec.tiers[1].autoscaling.maxHoldSeconds" in r.stderr
+    doc["spec"]["tiers"][1]["autoscaling"]["maxHoldSeconds"] = 30
+    r = kubectl_raw(cluster, "apply", "-n", namespace, "--dry-run=server", "-f", "-", input=json.dumps(doc))
+    assert r.returncode == 0, r.stderr
     # The messages that name the replacement, word for word.
     doc = sample_doc()
     doc["spec"]["tiers"][1]["replicas"]["managedBy"] = "Autoscaler"

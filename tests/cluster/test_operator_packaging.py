@@ -79,6 +79,36 @@ def test_namespaced_scenario_uses_a_role_only(cluster: DevCluster) -> None:
     assert not any(d["kind"] == "PodDisruptionBudget" for d in docs)
 
 
+def test_monitoring_objects_are_off_by_default_and_carry_the_chart_files(cluster: DevCluster) -> None:
+    """Each monitoring object renders only when asked, with the content of files/metrics/ unchanged (the files the
+    test bed's Prometheus and prometheus-adapter run), and the PodMonitor relabels as the scrape configs do."""
+    kinds = {"PodMonitor", "Secret", "ConfigMap"}
+    assert not [d["metadata"]["name"] for d in _render(cluster) if d["kind"] in kinds]
+    docs = _render(cluster, "-f", str(CHART / "ci" / "metrics-values.yaml"))
+    files = CHART / "files" / "metrics"
+    scrape = _one(docs, "Secret", "scrape-configs")
+    assert scrape["stringData"]["scrape-configs.yaml"] == (files / "scrape-configs.yaml").read_text()
+    rules = _one(docs, "ConfigMap", "prometheus-adapter-rules")
+    assert rules["metadata"]["namespace"] == "monitoring"
+    assert rules["data"]["config.yaml"] == (files / "prometheus-adapter-rules.yaml").read_text()
+    dash = _one(docs, "ConfigMap", "dashboard")
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dash["metadata"]["annotations"] == {"grafana_folder": "Tiergate"}
+    assert dash["data"]["tiergate-routing.json"] == (files / "dashboard.json").read_text()
+    monitor = _one(docs, "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": ["team-a", "team-b"]}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    job = yaml.safe_load((files / "scrape-configs.yaml").read_text())[0]
+    from_labels = [
+        (r["source_labels"], r["target_label"])
+        for r in job["relabel_configs"]
+        if r["source_labels"][0].startswith("__meta_kubernetes_pod_label_") and r.get("action") != "keep"
+    ]
+    assert [(r["sourceLabels"], r["targetLabel"]) for r in endpoint["relabelings"]] == from_labels
+    assert tuple(t for _, t in from_labels) == ("routingpolicy", "component", "tier")
+
+
 @pytest.mark.parametrize(
     ("bad", "why"),
     [
@@ -88,8 +118,10 @@ def test_namespaced_scenario_uses_a_role_only(cluster: DevCluster) -> None:
         (["--set", "unknownValue=1"], "unknownValue"),
         (["--set", "replicaCount=2", "--set", "leaderElection.enabled=false"], "needs leaderElection.enabled"),
         (["--set", "leaderElection.renewDeadlineSeconds=15"], "leaseDurationSeconds > renewDeadlineSeconds"),
+        (["--set", "metrics.podMonitor.interval=often"], "/metrics/podMonitor/interval"),
+        (["--set", "metrics.dashboard.enable=true"], "enable"),
     ],
-    ids=["workers", "pullPolicy", "namespace", "unknown", "ha-without-lease", "lease-timing"],
+    ids=["workers", "pullPolicy", "namespace", "unknown", "ha-without-lease", "lease-timing", "interval", "typo"],
 )
 def test_bad_values_are_refused(cluster: DevCluster, bad: list[str], why: str) -> None:
     with pytest.raises(StartError, match=re.escape(why)):

@@ -403,10 +403,21 @@ AUTOSCALING_EXTERNAL_ONLY_MODE = (
     "autoscaling mode External takes no targets, behavior or prometheusServerAddress (nothing the operator makes "
     "would read them)"
 )
+HOLD_SECONDS_WITH_HOLD = "autoscaling.maxHoldSeconds is required with whenScaledToZero Hold and only used by it"
 PROMETHEUS_ADDRESS_KEDA_ONLY = (
     "autoscaling.prometheusServerAddress is required with mode KEDA and only used by it (the HPA reads the "
     "Kubernetes metrics APIs)"
 )
+
+
+class WhenScaledToZero(StrEnum):
+    """What the router does with a request routed to the tier while the tier has no ready endpoint (scaled to
+    zero, or waking up). Fallback: the next tier of the fallback chain answers at once. Hold: the request waits for
+    an endpoint (the router's EndpointSlice discovery) up to maxHoldSeconds or its deadline, whichever ends first,
+    then falls back as with Fallback. Either way it counts in the tier's demand meanwhile, which wakes the tier."""
+
+    FALLBACK = "Fallback"
+    HOLD = "Hold"
 
 
 class Autoscaling(_Model):
@@ -430,6 +441,13 @@ class Autoscaling(_Model):
                     "reason": "FieldValueForbidden",
                 },
                 {
+                    "rule": "has(self.whenScaledToZero) && self.whenScaledToZero == 'Hold' ? has(self.maxHoldSeconds) "
+                    ": !has(self.maxHoldSeconds)",
+                    "message": HOLD_SECONDS_WITH_HOLD,
+                    "fieldPath": ".maxHoldSeconds",
+                    "reason": "FieldValueInvalid",
+                },
+                {
                     "rule": "(self.mode == 'KEDA') == has(self.prometheusServerAddress) || self.mode == 'External'",
                     "message": PROMETHEUS_ADDRESS_KEDA_ONLY,
                     "fieldPath": ".prometheusServerAddress",
@@ -448,9 +466,17 @@ class Autoscaling(_Model):
     prometheus_server_address: Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)] | None = None
     """KEDA only (required): the Prometheus that scrapes the router and the tier pods, e.g.
     http://prometheus.monitoring.svc:9090; KEDA's prometheus triggers query it."""
+    when_scaled_to_zero: WhenScaledToZero | None = None
+    """Mode KEDA or External with replicas.min 0: what the router does with the tier's requests while it has no
+    ready endpoint. Fallback (absent means Fallback) or Hold (wait up to maxHoldSeconds, then fall back)."""
+    max_hold_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] | None = None
+    """whenScaledToZero Hold only (required): the longest a request waits for an endpoint of the tier; the request's
+    own deadline (spec.router.timeouts.requestSeconds, or the client's) still applies, and ends it with 504."""
 
     @model_validator(mode="after")
     def _mode_fields(self) -> Autoscaling:
+        if (self.when_scaled_to_zero is WhenScaledToZero.HOLD) != (self.max_hold_seconds is not None):
+            raise _At("maxHoldSeconds", HOLD_SECONDS_WITH_HOLD)
         if self.mode is AutoscalingMode.EXTERNAL:
             if self.targets is not None or self.behavior is not None or self.prometheus_server_address is not None:
                 raise ValueError(AUTOSCALING_EXTERNAL_ONLY_MODE)
@@ -466,6 +492,11 @@ class Autoscaling(_Model):
     def scales(self) -> bool:
         """Whether the operator makes an autoscaler object (HPA or KEDA), rather than leaving it to someone else."""
         return self.mode is not AutoscalingMode.EXTERNAL
+
+    @property
+    def hold_seconds(self) -> int | None:
+        """How long the router holds the tier's requests while it has no endpoint; None: it falls back at once."""
+        return self.max_hold_seconds if self.when_scaled_to_zero is WhenScaledToZero.HOLD else None
 
 
 class TierPrice(_Model):
@@ -501,6 +532,9 @@ AUTOSCALER_NEEDS_MAX = "autoscaling mode HPA or KEDA needs replicas.max (the cei
 ZERO_NEEDS_DEMAND = (
     "autoscaling mode KEDA with replicas.min 0 needs autoscaling.targets.routerDemandPerReplica: vLLM's waiting "
     "requests come from the tier's own pods, and a tier at zero has none to wake it"
+)
+SCALED_TO_ZERO_NEEDS_ZERO = (
+    "autoscaling.whenScaledToZero applies to a tier that may scale to zero: mode KEDA or External with replicas.min 0"
 )
 EXTERNAL_TIER_AUTOSCALING = "autoscaling applies to deployed tiers; a tier with endpoint deploys nothing to scale"
 
@@ -544,6 +578,12 @@ class Tier(Placement):
                     ZERO_NEEDS_DEMAND,
                     ".autoscaling.targets",
                 ),
+                _autoscaling_rule(
+                    "!has(self.autoscaling.whenScaledToZero) || (self.autoscaling.mode != 'HPA' && "
+                    "has(self.replicas.min) && self.replicas.min == 0)",
+                    SCALED_TO_ZERO_NEEDS_ZERO,
+                    ".autoscaling.whenScaledToZero",
+                ),
                 _autoscaling_rule("!has(self.endpoint)", EXTERNAL_TIER_AUTOSCALING, ".autoscaling"),
                 {
                     "rule": "!has(self.modalities) || 'text' in self.modalities",
@@ -586,6 +626,8 @@ class Tier(Placement):
         demand = a.targets.router_demand_per_replica if a.targets is not None else None
         if a.mode is AutoscalingMode.KEDA and self.replicas.min < 1 and demand is None:
             raise _At("autoscaling.targets", ZERO_NEEDS_DEMAND)
+        if a.when_scaled_to_zero is not None and not self.scales_to_zero:
+            raise _At("autoscaling.whenScaledToZero", SCALED_TO_ZERO_NEEDS_ZERO)
         return self
 
     modalities: list[Modality] = Field(
@@ -612,6 +654,12 @@ class Tier(Placement):
     def autoscaled(self) -> bool:
         """Whether something other than the operator owns the Deployment's replica count (any autoscaling mode)."""
         return self.autoscaling is not None
+
+    @property
+    def scales_to_zero(self) -> bool:
+        """Whether the tier may have no replica: an autoscaler (KEDA, or an External one) allowed down to 0."""
+        a = self.autoscaling
+        return a is not None and a.mode is not AutoscalingMode.HPA and self.replicas.min == 0
 
     @property
     def model_name(self) -> str:

@@ -209,11 +209,24 @@ def _build_helm(work: Path, out: Path, log: Path) -> None:
     _go_install("helm.sh/helm/v3/cmd/helm", versions.HELM, work, out, log)
 
 
+def _build_prometheus_adapter(work: Path, out: Path, log: Path) -> None:
+    # `go install ...@v0.12.0` fails: the proxy refuses this module's version list (403), which `go install`
+    # reads for deprecation notices. A wrapper module requiring the exact version never asks for that list.
+    cmd = "sigs.k8s.io/prometheus-adapter/cmd/adapter"
+    wrap = work / "wrapper"
+    _write_wrapper(
+        wrap, "tiergate.local/adapterbuild", {"sigs.k8s.io/prometheus-adapter": versions.PROMETHEUS_ADAPTER}, {}, [cmd]
+    )
+    _run(["go", "mod", "tidy"], wrap, log)
+    _run(["go", "build", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "prometheus-adapter"), cmd], wrap, log)
+
+
 _BUILDERS = {
     "kubernetes": _build_kubernetes,
     "etcd": _build_etcd,
     "kwok": _build_kwok,
     "helm": _build_helm,
+    "prometheus-adapter": _build_prometheus_adapter,
 }
 
 

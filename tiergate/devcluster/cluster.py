@@ -34,6 +34,9 @@ from .errors import StartError
 # Generous, because the first start after a cold build on 2 loaded cores is slow; a warm start takes ~9 s.
 READY_TIMEOUT_S = 120.0
 _STOP_GRACE_S = 10.0
+# How often the HPA controller re-reads metrics and rescales. Kubernetes' default is 15 s; a test bed that proves
+# scale-up and scale-down within a test wants it shorter, and 3 s still leaves the controller idle most of the time.
+HPA_SYNC_PERIOD_S = 3
 _LOG_TAIL_LINES = 30
 
 
@@ -113,6 +116,41 @@ class Component:
         return StartError(f"{self.name} {what} ({status}); last lines of {self.log}:\n{log_tail(self.log)}")
 
 
+def spawn(name: str, argv: list[str], workdir: Path) -> Component:
+    """Start one component logging to `workdir/logs/NAME.log`, in its own process group, killed with its parent."""
+    log = workdir / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out: IO[bytes] = log.open("ab")
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
+            preexec_fn=_die_with_parent,
+        )
+    finally:
+        out.close()
+    return Component(name, proc, log)
+
+
+def wait_ready(comp: Component, check: Callable[[], bool], timeout: float, what: str = "did not become ready") -> None:
+    """Poll `check` until true; a component that dies or never gets ready raises StartError with its log tail."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not comp.alive():
+            raise comp.failure("died during start")
+        try:
+            if check():
+                return
+        except (OSError, urllib.error.URLError, ssl.SSLError, subprocess.SubprocessError):
+            pass
+        time.sleep(0.2)
+    raise comp.failure(f"{what} within {timeout:.0f}s")
+
+
 @dataclass
 class ClusterInfo:
     """What a started cluster exposes to tools and tests; also written to `state.json` for `dev-cluster down`."""
@@ -170,8 +208,10 @@ class DevCluster:
         node_prefix: str = nodes.DEFAULT_PREFIX,
         kwok_owner: str = nodes.DEFAULT_OWNER,
         say: Callable[[str], None] = lambda _m: None,
+        hpa_sync_period_s: int = HPA_SYNC_PERIOD_S,
     ) -> None:
         self.bins = bins
+        self.hpa_sync_period_s = hpa_sync_period_s
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="tiergate-cluster-"))
         self.want_pod_network = pod_network
         self.external_kubeconfig = external_kubeconfig
@@ -186,22 +226,7 @@ class DevCluster:
 
     # -- process plumbing -------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str]) -> Component:
-        log = self.workdir / "logs" / f"{name}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        out: IO[bytes] = log.open("ab")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.workdir,
-                start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
-                preexec_fn=_die_with_parent,
-            )
-        finally:
-            out.close()
-        comp = Component(name, proc, log)
+        comp = spawn(name, argv, self.workdir)
         self.components.append(comp)
         return comp
 
@@ -212,18 +237,7 @@ class DevCluster:
         what: str = "did not become ready",
         timeout: float | None = None,
     ) -> None:
-        timeout = self.ready_timeout if timeout is None else timeout
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not comp.alive():
-                raise comp.failure("died during start")
-            try:
-                if check():
-                    return
-            except (OSError, urllib.error.URLError, ssl.SSLError, subprocess.SubprocessError):
-                pass
-            time.sleep(0.2)
-        raise comp.failure(f"{what} within {timeout:.0f}s")
+        wait_ready(comp, check, self.ready_timeout if timeout is None else timeout, what)
 
     def _https_ok(self, url: str, creds: pki.Pki | None) -> bool:
         ctx = ssl.create_default_context(cafile=str(creds.ca_crt)) if creds else ssl._create_unverified_context()
@@ -326,6 +340,17 @@ class DevCluster:
                 f"--audit-log-path={self.workdir / 'audit' / 'audit.log'}",
                 "--audit-log-maxsize=200",
                 "--audit-log-maxbackup=1",
+                # The aggregation layer, for extension API servers such as prometheus-adapter (custom and external
+                # metrics for the HPA controller). Aggregator routing dials the endpoint address from the
+                # APIService's Service's EndpointSlice: ClusterIPs have no kube-proxy behind them here.
+                f"--requestheader-client-ca-file={creds.front_proxy_ca_crt}",
+                f"--requestheader-allowed-names={pki.FRONT_PROXY_CLIENT}",
+                "--requestheader-username-headers=X-Remote-User",
+                "--requestheader-group-headers=X-Remote-Group",
+                "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+                f"--proxy-client-cert-file={creds.crt(pki.FRONT_PROXY_CLIENT)}",
+                f"--proxy-client-key-file={creds.key(pki.FRONT_PROXY_CLIENT)}",
+                "--enable-aggregator-routing=true",
             ],
         )
         self._wait(api, lambda: self._https_ok(f"{server}/readyz", creds))
@@ -353,6 +378,7 @@ class DevCluster:
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 f"--secure-port={cm_port}",
+                f"--horizontal-pod-autoscaler-sync-period={self.hpa_sync_period_s}s",
             ],
         )
         sched_cfg = self.workdir / "scheduler.yaml"
@@ -447,7 +473,7 @@ class DevCluster:
             )
             self._nodes_registered = False
         for comp in reversed(self.components):
-            _terminate(comp.proc)
+            terminate(comp.proc)
         self.components.clear()
         if self.network is not None:
             netns.remove(self.network.name, self.network.cidr)
@@ -534,7 +560,8 @@ def run_tool(argv: list[str], input: str | None = None, check: bool = True, env:
     return proc.stdout if proc.returncode == 0 else ""
 
 
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM the process group, SIGKILL it after a grace period."""
     if proc.poll() is not None:
         return
     try:

@@ -14,6 +14,7 @@ Names carry the owning process id, so a namespace left by a killed run is recogn
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
@@ -47,6 +48,18 @@ class PodNetwork:
         if m is None:
             raise StartError(f"{self.host_if} has no IPv4 address")
         return m.group(1)
+
+    def host_local_address(self, ip: str) -> None:
+        """Make one address of this slice local to the host namespace instead (a /32 `local` route, which wins
+        over the route into the namespace), so that a process on the host binds it. For what must run beside the
+        API server yet be reached at an address an EndpointSlice accepts: an extension API server (the API server
+        refuses loopback endpoints), or a router "pod" that Prometheus discovers by its pod IP."""
+        if ipaddress.ip_address(ip) not in ipaddress.ip_network(self.cidr):
+            raise StartError(f"{ip} is not in this cluster's pod slice {self.cidr}")
+        _ip("route", "replace", "local", f"{ip}/32", "dev", "lo", "table", "local")
+
+    def drop_host_local_address(self, ip: str) -> None:
+        _ip("route", "del", "local", f"{ip}/32", "dev", "lo", "table", "local", check=False)
 
 
 def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -140,8 +153,20 @@ def create(owner_pid: int | None = None, tag: str = "") -> PodNetwork:
     raise StartError(f"no free /{SLICE_PREFIX} slice of {POD_CIDR} left on this host (too many dev clusters?)")
 
 
+def _drop_stale_host_addresses(net: ipaddress.IPv4Network) -> None:
+    """Host addresses (PodNetwork.host_address) inside a slice nobody holds were left by a killed run; they would
+    hijack the new owner's pod IPs."""
+    for line in _ip("route", "show", "table", "local").stdout.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "local":
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(words[1].split("/")[0]) in net:
+                    _ip("route", "del", "local", words[1], "table", "local", check=False)
+
+
 def _create_in_slice(name: str, pid: int, tag: str, index: int, net: ipaddress.IPv4Network) -> PodNetwork:
     cidr = str(net)
+    _drop_stale_host_addresses(net)
     host_if, ns_if = f"tgh{pid}{tag}", f"tgn{pid}{tag}"  # interface names are limited to 15 characters
     link = list(_LINK_NET.subnets(new_prefix=30))[index]
     host_addr, ns_addr = (str(a) for a in list(link.hosts())[:2])

@@ -37,6 +37,10 @@ class Pki:
         return self.dir / f"{name}.key"
 
     @property
+    def front_proxy_ca_crt(self) -> Path:
+        return self.dir / f"{FRONT_PROXY_CA}.crt"
+
+    @property
     def sa_key(self) -> Path:
         return self.dir / "sa.key"
 
@@ -51,7 +55,7 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise StartError(f"openssl {args[0]} failed: {proc.stderr.strip()}")
 
 
-def _issue(pki: Pki, name: str, subject: str, ext: str) -> None:
+def _issue(pki: Pki, name: str, subject: str, ext: str, ca: str = "ca") -> None:
     d = pki.dir
     _openssl("genrsa", "-out", pki.key(name).name, "2048", cwd=d)
     _openssl("req", "-new", "-key", pki.key(name).name, "-subj", subject, "-out", f"{name}.csr", cwd=d)
@@ -62,9 +66,9 @@ def _issue(pki: Pki, name: str, subject: str, ext: str) -> None:
         "-in",
         f"{name}.csr",
         "-CA",
-        "ca.crt",
+        f"{ca}.crt",
         "-CAkey",
-        "ca.key",
+        f"{ca}.key",
         "-CAcreateserial",
         "-days",
         "365",
@@ -86,9 +90,14 @@ CLIENTS = {
 }
 
 
-def make_pki(d: Path) -> Pki:
-    d.mkdir(parents=True, exist_ok=True)
-    pki = Pki(d)
+# The aggregation layer: the API server proxies to extension API servers (prometheus-adapter's metrics APIs) with a
+# client certificate of this name, signed by a CA of its own, so that no ordinary client certificate can pose as the
+# proxy and assert a user in request headers.
+FRONT_PROXY_CA = "front-proxy-ca"
+FRONT_PROXY_CLIENT = "front-proxy-client"
+
+
+def _make_ca(d: Path, name: str, subject: str) -> None:
     _openssl(
         "req",
         "-x509",
@@ -96,15 +105,22 @@ def make_pki(d: Path) -> Pki:
         "rsa:2048",
         "-nodes",
         "-keyout",
-        "ca.key",
+        f"{name}.key",
         "-out",
-        "ca.crt",
+        f"{name}.crt",
         "-days",
         "365",
         "-subj",
-        "/CN=tiergate-dev-ca",
+        subject,
         cwd=d,
     )
+
+
+def make_pki(d: Path) -> Pki:
+    d.mkdir(parents=True, exist_ok=True)
+    pki = Pki(d)
+    _make_ca(d, "ca", "/CN=tiergate-dev-ca")
+    _make_ca(d, FRONT_PROXY_CA, "/CN=tiergate-dev-front-proxy-ca")
     sans = ",".join(
         [
             "DNS:localhost",
@@ -126,6 +142,7 @@ def make_pki(d: Path) -> Pki:
     client_ext = "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n"
     for name, subject in CLIENTS.items():
         _issue(pki, name, subject, client_ext)
+    _issue(pki, FRONT_PROXY_CLIENT, f"/CN={FRONT_PROXY_CLIENT}", client_ext, ca=FRONT_PROXY_CA)
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=d)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=d)
     return pki

@@ -16,6 +16,8 @@ KUBERNETES_STAGING = "v0.36.3"
 ETCD = "v3.6.13"
 KWOK = "v0.8.0"
 HELM = "v3.22.0"
+# Serves the custom and external metrics APIs from Prometheus, so the real HPA controller scales on router demand.
+PROMETHEUS_ADAPTER = "v0.12.0"
 
 
 @dataclass(frozen=True)
@@ -35,4 +37,5 @@ COMPONENTS: tuple[Component, ...] = (
     # The entry also holds the stage files the build picks (build._KWOK_STAGES): "+fast-stages" names that recipe.
     Component(f"kwok-{KWOK}+fast-stages", ("kwok",)),
     Component(f"helm-{HELM}", ("helm",)),
+    Component(f"prometheus-adapter-{PROMETHEUS_ADAPTER}", ("prometheus-adapter",)),
 )

@@ -226,7 +226,15 @@ def _tier(
         # artifacts) and feeds an estimated-cost counter.
         price_per_mtok=(float(t.price.input_per_million), float(t.price.output_per_million)),
         modalities=frozenset(m.value for m in t.modalities),
+        hold_when_empty_s=_hold_seconds(t),
+        scales_to_zero=t.scales_to_zero,
     )
+
+
+def _hold_seconds(t: Tier) -> float | None:
+    """`autoscaling.whenScaledToZero` Hold's maxHoldSeconds; None (fall back at once) otherwise."""
+    held = t.autoscaling.hold_seconds if t.autoscaling is not None else None
+    return None if held is None else float(held)
 
 
 def _knob(policy: RoutingPolicy) -> str | None:

@@ -64,6 +64,13 @@ class TierConfig:
     priced: bool = False
     # Input modalities the tier accepts (spec.tiers[].modalities, `--tier-modalities`); always includes text.
     modalities: frozenset[str] = TEXT_ONLY
+    # While the tier has no endpoint (scaled to zero, or waking up): None, the next tier of the chain answers at
+    # once; else a request routed to this tier waits up to this long for discovery to find one, then falls back
+    # (spec.tiers[].autoscaling.whenScaledToZero Hold, maxHoldSeconds).
+    hold_when_empty_s: float | None = None
+    # Whether the tier may be scaled to zero (autoscaling mode KEDA or External with replicas.min 0): the router
+    # stays ready while it has no endpoint, since the requests routed to it are its demand, which wakes it.
+    scales_to_zero: bool = False
 
     @property
     def price_per_mtok(self) -> float | None:
@@ -236,6 +243,8 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError(f"tiers[{i}].price: must not be negative")
         if TEXT not in t.modalities:
             raise ConfigError(f"tiers[{i}] ({t.name}).modalities: must include text")
+        if t.hold_when_empty_s is not None and not t.hold_when_empty_s > 0:
+            raise ConfigError(f"tiers[{i}].hold_when_empty_s: must be positive")
     if len(cfg.thresholds_bp) != len(cfg.tiers) - 1 and len(cfg.tiers) > 1:
         raise ConfigError(
             f"thresholds_bp: {len(cfg.tiers)} tiers need {len(cfg.tiers) - 1} threshold(s), "
@@ -341,6 +350,8 @@ def tier_at(
     api_key: str | None = None,
     price_per_mtok: tuple[float, float] | None = None,
     modalities: frozenset[str] = TEXT_ONLY,
+    hold_when_empty_s: float | None = None,
+    scales_to_zero: bool = False,
 ) -> TierConfig:
     """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
     `price_per_mtok` (input, output) None: not priced (a `--tier` flag). (`TierConfig` itself also takes several
@@ -359,6 +370,8 @@ def tier_at(
         output_price_per_mtok=price_per_mtok[1],
         priced=priced,
         modalities=modalities,
+        hold_when_empty_s=hold_when_empty_s,
+        scales_to_zero=scales_to_zero,
     )
 
 
