@@ -303,6 +303,8 @@ def compute_status(
     }
     if reward is not None:
         status["rewardModel"] = reward_model_status(policy, reward)
+    if policy.spec.shadow is not None:
+        status["shadowMode"] = policy.spec.shadow.mode.value
     if gen is not None:
         status["observedGeneration"] = gen
     return status

@@ -230,6 +230,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
             self.router.account_usage(reply.tier, usage, route.access)
             outcome = "success"
+            self.router.shadow.submit(route.shadow, "/chat/completions", body, prompt_text, reply.tier, text)
             return router_pb2.GenerateResponse(
                 text=text,
                 tier=reply.tier,

@@ -41,6 +41,7 @@ from tiergate_router.openai_server import (
     wants_usage,
 )
 from tiergate_router.router import Route, Router, SSEUsageScanner
+from tiergate_router.shadow import StreamText, answer_text
 from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ log = logging.getLogger(__name__)
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 BUDGET_KEY: web.AppKey[ByteBudget] = web.AppKey("body_budget", ByteBudget)
 TIER_HEADER = "x-tiergate-tier"
+# The client's request id, when it sends one: it chooses the canary artifact and the shadow sample (shadow.py).
+REQUEST_ID_HEADER = "x-request-id"
 # A client's own deadline in milliseconds (like Envoy's x-envoy-upstream-rq-timeout-ms): it can shorten the
 # router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
 TIMEOUT_HEADER = "x-tiergate-timeout-ms"
@@ -176,6 +179,12 @@ def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: st
 class _Result:
     tier: str = "none"
     outcome: str = "upstream_error"
+    # The answer's text, kept only when shadow routing judges this request (Route.shadow.other set).
+    text: str | None = None
+
+
+def _judged(route: Route) -> bool:
+    return route.shadow is not None and route.shadow.other is not None
 
 
 class OpenAIHandlers:
@@ -217,7 +226,8 @@ class OpenAIHandlers:
             timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
+            request_id = request.headers.get(REQUEST_ID_HEADER, "")
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal, request_id=request_id)
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
@@ -246,6 +256,9 @@ class OpenAIHandlers:
         finally:
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
+            if res.outcome == "success" and _judged(route):
+                # Never awaited: the judgement runs in the background, bounded (shadow.Shadower.submit).
+                self.router.shadow.submit(route.shadow, path, parsed.body, parsed.prompt_text, res.tier, res.text)
 
     async def _complete(
         self, route: Route, path: str, parsed: ParsedRequest, res: _Result, timeout_s: float | None
@@ -260,6 +273,8 @@ class OpenAIHandlers:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
+                if _judged(route):
+                    res.text = answer_text(reply.body)
                 self.router.account_usage(reply.tier, obj.get("usage"), route.access)
                 obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
@@ -321,6 +336,7 @@ class OpenAIHandlers:
         res.tier = up.tier
         m = self.router.metrics
         scanner = SSEUsageScanner()
+        collected = StreamText() if _judged(route) else None
         try:
             resp = web.StreamResponse(status=up.status, headers=_route_headers(route, up.tier, up.fallback))
             resp.headers["Content-Type"] = up.content_type
@@ -335,6 +351,8 @@ class OpenAIHandlers:
                         m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
                         first = False
                     scanner.feed(chunk)
+                    if collected is not None:
+                        collected.feed(chunk)
                     if not accounted and scanner.usage is not None:
                         # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
                         # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
@@ -354,6 +372,7 @@ class OpenAIHandlers:
             await resp.write_eof()
         finally:
             up.close()
+        res.text = collected.text if collected is not None else None
         res.outcome = "success"
         return resp
 

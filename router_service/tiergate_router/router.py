@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,7 @@ from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_ch
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
+from tiergate_router.shadow import CANARY, PRIMARY, Shadower, ShadowPlan, in_canary, plan
 from tiergate_router.tenants import (
     OPEN,
     UNAUTHENTICATED,
@@ -49,16 +52,31 @@ class Route:
     access: Access = OPEN
     # Samples to draw on the chosen tier (chain[0]) for best-of-N; 1: one answer, as always.
     samples: int = 1
+    # The classifier artifact that decided: shadow.PRIMARY, or shadow.CANARY (spec.router.canary).
+    artifact: str = PRIMARY
+    # What shadow routing does with this request (spec.shadow); None: not shadowed (off, or not a routed request).
+    shadow: ShadowPlan | None = None
 
 
 class Router:
-    def __init__(self, config: RouterConfig, classifier: Classifier, metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        classifier: Classifier,
+        metrics: RouterMetrics | None = None,
+        *,
+        canary_classifier: Classifier | None = None,
+    ) -> None:
         self.metrics = metrics or RouterMetrics()
         self.classifier = classifier
+        # The canary artifact's classifier (spec.router.canary), loaded at start like the primary one.
+        self.canary_classifier = canary_classifier
         if isinstance(classifier, MicroBatcher) and classifier.on_batch is None:
             batch_hist = self.metrics.classifier_batch_size
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
+        self.shadow = Shadower(self.dispatcher, self.metrics.registry)
+        self._canary_view = _canary_view(config)
         # Request bodies held at once, by both front ends (admission.py); resized when a reload changes the limit.
         self.body_budget = ByteBudget(config.max_inflight_body_bytes)
         self.gate = TenantGate(config.tenancy, self.metrics.registry)
@@ -86,13 +104,17 @@ class Router:
                 await t
         self._background.clear()
         await self.gate.aclose()
+        await self.shadow.aclose()
         await self.dispatcher.aclose()
         await self.classifier.aclose()
+        if self.canary_classifier is not None:
+            await self.canary_classifier.aclose()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
         self.gate.apply(config.tenancy)
+        self._canary_view = _canary_view(config)
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
 
@@ -138,16 +160,39 @@ class Router:
             code="model_not_found",
         )
 
-    async def route(self, model: str, prompt_text: str, principal: Principal = UNAUTHENTICATED) -> Route:
+    async def route(
+        self, model: str, prompt_text: str, principal: Principal = UNAUTHENTICATED, *, request_id: str = ""
+    ) -> Route:
         """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
         admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
-        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`)."""
+        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`). `request_id` chooses the
+        artifact under a canary and the shadow sample (shadow.in_canary, shadow.shadow_sampled)."""
         cfg = self.config
         forced = self.resolve_model(model)
         access = await self.gate.admit(principal, forced)
-        route = await self._route(cfg, forced, prompt_text, access)
-        if access is OPEN:
+        # Without an id (a front end that has none) each request draws its own: assignment stays a fair sample.
+        request_id = request_id or uuid.uuid4().hex
+        route = await self._route(cfg, forced, prompt_text, access, request_id)
+        if access is not OPEN:
+            route = self._restrict(cfg, forced, route, access)
+        if cfg.shadow is None or forced is not None or route.decision not in cfg.tier_names:
             return route
+        return self._shadowed(cfg, route, request_id)
+
+    def _shadowed(self, cfg: RouterConfig, route: Route, request_id: str) -> Route:
+        """A routed request under spec.shadow: Baseline mode answers from the baseline tier (the decision stays the
+        router's, for the log); both modes carry the plan of what is judged in the background."""
+        sh = cfg.shadow
+        assert sh is not None
+        shadow = plan(sh, cfg.tier_names, route.chain[0], request_id, route.artifact)
+        if shadow.answered == route.chain[0]:
+            return dataclasses.replace(route, shadow=shadow)
+        chain = fallback_chain(shadow.answered, cfg.tier_names, cfg.fallback_order)
+        if route.access is not OPEN:
+            chain = restrict_chain(chain, route.access)
+        return dataclasses.replace(route, chain=chain, samples=samples_without_heads(cfg, chain[0]), shadow=shadow)
+
+    def _restrict(self, cfg: RouterConfig, forced: str | None, route: Route, access: Access) -> Route:
         # A tier the client named (and may use) is served as named, also while the budget is low; once it is spent
         # with CheapestTier, the cheapest allowed tier serves whatever was asked.
         chosen = route.chain[0]
@@ -157,18 +202,25 @@ class Router:
         decision = "budget_spent" if access.cheapest_only else "budget_low" if access.cheaper else route.decision
         # The samples were chosen for the classifier's tier; a tier the tenant's limits chose instead draws one.
         samples = route.samples if chain[0] == route.chain[0] else 1
-        return Route(route.score, decision, chain, access, samples=samples)
+        return Route(route.score, decision, chain, access, samples=samples, artifact=route.artifact)
 
-    async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
+    async def _route(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str = ""
+    ) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
         if len(cfg.tiers) == 1 or access.cheapest_only:
             # A spent budget (CheapestTier) draws one sample: best-of-N multiplies what is spent.
             only = cfg.tiers[0].name
             return Route(None, only, [only], samples=1 if access.cheapest_only else samples_without_heads(cfg, only))
+        artifact, classifier = PRIMARY, self.classifier
+        canary = cfg.canary
+        if canary is not None and self.canary_classifier is not None and in_canary(request_id, canary.share_bp):
+            artifact, classifier = CANARY, self.canary_classifier
+            cfg = self._canary_view or cfg
         t0 = time.perf_counter()
         try:
-            verdict = (await self.classifier.score([prompt_text]))[0]
+            verdict = (await classifier.score([prompt_text]))[0]
             if cfg.candidates is not None:
                 chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text, access)
             else:
@@ -178,12 +230,15 @@ class Router:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
             log.warning("classification failed, routing to the strongest tier: %s", e)
             strongest = cfg.tiers[-1].name
-            return Route(None, "classifier_error", fallback_chain(strongest, cfg.tier_names, cfg.fallback_order))
+            chain = fallback_chain(strongest, cfg.tier_names, cfg.fallback_order)
+            return Route(None, "classifier_error", chain, artifact=artifact)
         self.metrics.classification_seconds.observe(time.perf_counter() - t0)
+        self.shadow.metrics.decisions.labels(artifact, chosen).inc()
         self.metrics.score.observe(score)
         if cfg.best_of_n is not None:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
-        return Route(score, chosen, fallback_chain(chosen, cfg.tier_names, cfg.fallback_order), samples=samples)
+        chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
+        return Route(score, chosen, chain, samples=samples, artifact=artifact)
 
     @staticmethod
     def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
@@ -226,6 +281,17 @@ class Router:
         if access.tenant is not None:
             self._charges.add(charge := asyncio.get_running_loop().create_task(self.gate.charge(access, p, c, dollars)))
             charge.add_done_callback(self._charges.discard)
+
+
+def _canary_view(cfg: RouterConfig) -> RouterConfig | None:
+    """The config the canary artifact decides with: the primary's, with the canary's decision knobs (made once per
+    config, not per request)."""
+    c = cfg.canary
+    if c is None:
+        return None
+    return dataclasses.replace(
+        cfg, thresholds_bp=c.thresholds_bp, multi_tier=c.multi_tier, candidates=c.candidates, canary=None
+    )
 
 
 def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:

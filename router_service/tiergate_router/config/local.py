@@ -22,6 +22,7 @@ from tiergate_router.config.knobs import (
     multi_tier_for,
     two_tier_thresholds,
 )
+from tiergate_router.config.shadow import ShadowFlags, apply_shadow
 from tiergate_router.config.types import (
     MAX_SAMPLES,
     BestOfNConfig,
@@ -199,6 +200,8 @@ class LocalOverrides:
     response_bytes: int | None = None
     # `--best-of-n TIER=N --reward-url URL` and the other best-of-N flags.
     best_of_n: BestOfNFlags = BestOfNFlags()
+    # `--shadow MODE=TIER` and the other shadow flags, `--canary-artifact PATH --canary-share-bp N`.
+    shadow: ShadowFlags = dataclasses.field(default_factory=ShadowFlags)
 
 
 @dataclass(frozen=True)
@@ -293,7 +296,7 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
     if overrides.response_bytes is not None:
         cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
-    return cfg
+    return apply_shadow(cfg, overrides.shadow)
 
 
 def listen(policy: RoutingPolicy | None, overrides: LocalOverrides) -> Listen:

@@ -10,6 +10,7 @@ from tiergate.api.naming import TENANT_KEYS_DIR
 from tiergate_router.config.from_policy import from_policy
 from tiergate_router.config.knobs import DEFAULT_THRESHOLD_BP, LoadedSource
 from tiergate_router.config.local import LocalOverrides, apply_overrides, local_config
+from tiergate_router.config.shadow import canary_share_bp, with_canary
 from tiergate_router.config.types import RouterConfig
 from tiergate_router.errors import ConfigError
 
@@ -25,12 +26,33 @@ def serve_config(
     classifier: LoadedSource | None,
     *,
     discovery: bool = False,
+    canary: LoadedSource | None = None,
 ) -> RouterConfig:
     """The RouterConfig for `tiergate serve`. `classifier` is the loaded artifact (None with one tier: nothing to
     decide); an N-tier one makes the config choose by cost weight, and the two-tier knobs are refused for it. The
     tiers (the policy's with `--tier` merged in) are mapped to an N-tier artifact once, here, and `--cost-weight-bp`
     replaces the policy's knob (costWeightBasisPoints, budgetPerMillion) or the artifact's default there. A
-    `candidates` artifact chooses (tier, n) by a cost weight too (its own, calibrated in USD per 1k prompts)."""
+    `candidates` artifact chooses (tier, n) by a cost weight too (its own, calibrated in USD per 1k prompts).
+    `canary`: the loaded canary artifact (spec.router.canary, `--canary-artifact`), whose knobs come from the same
+    policy and flags by the same rules (a second config built here, `shadow.with_canary`)."""
+    cfg = _serve_config(policy, overrides, classifier, discovery=discovery)
+    share = canary_share_bp(policy, overrides.shadow)
+    if canary is None or share is None:
+        return cfg
+    try:
+        canary_cfg = _serve_config(policy, overrides, canary, discovery=discovery)
+    except ConfigError as e:
+        raise ConfigError(f"canary artifact {canary.source}: {e}") from e
+    return with_canary(cfg, canary_cfg, str(canary.source), share)
+
+
+def _serve_config(
+    policy: RoutingPolicy | None,
+    overrides: LocalOverrides,
+    classifier: LoadedSource | None,
+    *,
+    discovery: bool = False,
+) -> RouterConfig:
     kind = classifier.kind if classifier is not None else None
     multi = classifier if kind == "multi_tier" else None
     cands = classifier if kind == "candidates" else None
