@@ -1,7 +1,7 @@
 """`tiergate serve`: run the router (OpenAI-compatible HTTP, /metrics and gRPC).
 
     tiergate serve [-f POLICY.yaml] [--tier NAME=BASE_URL]... [--host HOST] [--port PORT]
-                   [--best-of-n TIER=N --reward-url URL]
+                   [--best-of-n TIER=N --reward-url URL] [--decision-log FILE [--decision-log-prompts]]
 
 `-f` reads a RoutingPolicy manifest (tiers with `endpoint` URLs, or tiers the operator deploys, reached through
 their Services) and reloads it when it changes; each `--tier` adds an OpenAI-compatible tier (base URL ending in
@@ -162,6 +162,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "spec.router.bodyLimits.maxResponseBytes, else 16777216)",
     )
     parser.add_argument(
+        "--decision-log",
+        default=None,
+        metavar="FILE",
+        help="write one JSON record per request to FILE (rotated at 100 MiB, 5 kept), '-' for stdout; feedback "
+        "records join on request_id (default: the policy's spec.router.decisionLog, else none)",
+    )
+    parser.add_argument(
+        "--decision-log-prompts",
+        action="store_true",
+        help="also write prompts' text to the decision log (default: only their sha256, unless the policy's "
+        "decisionLog.includePrompts)",
+    )
+    parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
         default="auto",
@@ -268,6 +281,8 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         cache_bytes=args.classifier_cache_bytes,
         inflight_body_bytes=args.max_inflight_body_bytes,
         response_bytes=args.max_response_bytes,
+        decision_log=args.decision_log,
+        decision_log_prompts=args.decision_log_prompts,
     )
 
 
@@ -342,7 +357,11 @@ async def _serve(args: argparse.Namespace) -> int:
         discovery=any(t.service is not None for t in cfg.tiers),
     )
     server = RouterServer(cfg, classifier, options, canary_classifier=canary.classifier if canary else None)
-    report_classifier(server.router.metrics, loaded.source if loaded else None, loaded.kind if loaded else "none")
+    server.router.artifact_id = report_classifier(
+        server.router.metrics, loaded.source if loaded else None, loaded.kind if loaded else "none"
+    )
+    if canary is not None:
+        server.router.canary_artifact_id = report_classifier(server.router.metrics, canary.source, canary.kind)
     await server.start()
     host = options.host
     print(

@@ -4,11 +4,14 @@ Messages are converted to the same OpenAI chat body the HTTP API forwards, so bo
 dispatch, fallback and metrics; upstream answers are converted back to messages here, at the edge.
 Every Generate / GenerateStream call ends with the trailing metadata `x-tiergate-samples` (as the HTTP header: the
 samples the answer was chosen from, 1 without best-of-N, 0 when no tier answered); a best-of-N answer streamed
-comes as one chunk with the whole chosen text (`tiergate_router.best_of_n`).
+comes as one chunk with the whole chosen text (`tiergate_router.best_of_n`). Every call's initial metadata carries
+`x-request-id` (the client's sane one from its metadata, else a new one, as HTTP's header), the id of the
+Generate / GenerateStream call's record in the decision log.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -24,6 +27,7 @@ from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.admission import BudgetTimeout
 from tiergate_router.best_of_n import SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
+from tiergate_router.decision_records import REQUEST_ID_HEADER, Tally, request_id
 from tiergate_router.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -80,12 +84,17 @@ _REFUSED_STATUS = {
 }
 
 
-def _authorization(context: Any) -> str | None:
-    """The `authorization` metadata (`Bearer KEY`, as HTTP's header); gRPC metadata keys are lower case."""
+def _metadata(context: Any, name: str) -> str | None:
+    """One invocation metadata value (gRPC metadata keys are lower case)."""
     for key, value in context.invocation_metadata() or ():
-        if key == "authorization":
+        if key == name:
             return str(value)
     return None
+
+
+def _authorization(context: Any) -> str | None:
+    """The `authorization` metadata (`Bearer KEY`, as HTTP's header)."""
+    return _metadata(context, "authorization")
 
 
 async def _abort_refused(context: Any, e: TenantRefusedError) -> None:
@@ -106,7 +115,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self.best_of_n = BestOfN(router)
 
     async def _best_of_n(
-        self, route: Route, body: dict[str, Any], prompt_text: str, context: Any
+        self, route: Route, body: dict[str, Any], prompt_text: str, context: Any, res: Tally
     ) -> tuple[Answer, str, str, dict[str, Any]]:
         """A best-of-N answer and its (text, finish reason, usage) (aborts when the tier answered an error); the
         caller counts the request."""
@@ -114,7 +123,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             route, "/chat/completions", body, prompt_text, timeout_s=context.time_remaining()
         )
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage, route.access)
+            res.add(self.router.account_usage(tier, usage, route.access))
+        res.samples = answer.samples
         _samples(context, answer.samples)
         if answer.obj is None:
             await context.abort(
@@ -125,21 +135,29 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         return answer, text, finish_reason, usage or {}
 
     @contextlib.asynccontextmanager
-    async def _admitted(self, req: Message, context: Any) -> AsyncIterator[None]:
+    async def _admitted(self, req: Message, context: Any) -> AsyncIterator[str]:
         """Hold the request's bytes in the router's body budget (`Router.body_budget`, shared with HTTP) until its
         answer is done. gRPC has read the whole message already; what the budget bounds is everything made from it
         (the OpenAI body, the prompt, the forwarded JSON) while the request is in flight. RESOURCE_EXHAUSTED when no
-        room comes within the request timeout, as HTTP's 503."""
+        room comes within the request timeout, as HTTP's 503. Yields the request's id, sent first as initial
+        metadata so that the client has it whatever the call ends with."""
+        rid = request_id(_metadata(context, REQUEST_ID_HEADER))
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         cfg = self.router.config
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await stack.enter_async_context(self.router.body_budget.hold(req.ByteSize(), cfg.request_timeout_s))
             except BudgetTimeout as e:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"router busy: {e}")
-            yield
+            yield rid
 
     async def _prepare(
-        self, req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, context: Any, *, stream: bool
+        self,
+        req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest,
+        context: Any,
+        *,
+        stream: bool,
+        rid: str = "",
     ) -> tuple[dict[str, Any], Any, str]:
         cfg = self.router.config
         _samples(context, 0)
@@ -150,7 +168,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if req.ByteSize() > cfg.max_body_bytes:
                 raise BadRequestError(f"request exceeds the router's limit of {cfg.max_body_bytes} bytes", status=413)
             parsed = parse_chat(body)
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal, request_id=rid)
         except BadRequestError as e:
             self.router.metrics.requests.labels("none", "none", "client_error").inc()
             await context.abort(_status(e), e.message)
@@ -188,18 +206,19 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
 
     async def Generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
-        async with self._admitted(request, context):
-            return await self._generate(request, context)
+        async with self._admitted(request, context) as rid:
+            return await self._generate(request, context, rid)
 
-    async def _generate(self, request: router_pb2.GenerateRequest, context: Any) -> router_pb2.GenerateResponse:
+    async def _generate(
+        self, request: router_pb2.GenerateRequest, context: Any, rid: str
+    ) -> router_pb2.GenerateResponse:
         t0 = time.perf_counter()
-        body, route, prompt_text = await self._prepare(request, context, stream=False)
-        m = self.router.metrics
-        tier, outcome = "none", "upstream_error"
+        body, route, prompt_text = await self._prepare(request, context, stream=False, rid=rid)
+        res = Tally()
         try:
             if wants_best_of_n(self.router, route, body):
-                answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context)
-                tier, outcome = answer.tier, "success"
+                answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context, res)
+                res.tier, res.outcome = answer.tier, "success"
                 return router_pb2.GenerateResponse(
                     text=text,
                     tier=answer.tier,
@@ -212,10 +231,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             reply = await self.router.dispatcher.complete(
                 route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
             )
-            tier = reply.tier
+            res.tier = reply.tier
             _samples(context, 1)
             if reply.status != 200:
-                outcome = "client_error" if reply.status < 500 else "upstream_error"
+                res.outcome = "client_error" if reply.status < 500 else "upstream_error"
                 await context.abort(
                     grpc.StatusCode.INVALID_ARGUMENT if reply.status < 500 else grpc.StatusCode.UNAVAILABLE,
                     f"tier {reply.tier} answered HTTP {reply.status}: {reply.body[:500]!r}",
@@ -228,8 +247,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"tier {reply.tier} sent an unreadable answer")
                 raise
             usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
-            self.router.account_usage(reply.tier, usage, route.access)
-            outcome = "success"
+            res.add(self.router.account_usage(reply.tier, usage, route.access))
+            res.outcome = "success"
             self.router.shadow.submit(route.shadow, "/chat/completions", body, prompt_text, reply.tier, text)
             return router_pb2.GenerateResponse(
                 text=text,
@@ -241,56 +260,55 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 fallback=reply.fallback,
             )
         except NoTierAvailableError as e:
-            outcome = outcome_of(e)
+            res.outcome = outcome_of(e)
             await context.abort(_unavailable_status(e), str(e))
             raise
         finally:
-            m.requests.labels(tier, route.decision, outcome).inc()
-            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+            self._done(route, res, rid, prompt_text, t0)
 
     async def GenerateStream(
         self, request: router_pb2.GenerateRequest, context: Any
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
-        async with self._admitted(request, context):
-            async for chunk in self._generate_stream(request, context):
+        async with self._admitted(request, context) as rid:
+            async for chunk in self._generate_stream(request, context, rid):
                 yield chunk
 
     async def _generate_stream(
-        self, request: router_pb2.GenerateRequest, context: Any
+        self, request: router_pb2.GenerateRequest, context: Any, rid: str
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         t0 = time.perf_counter()
-        body, route, prompt_text = await self._prepare(request, context, stream=True)
+        body, route, prompt_text = await self._prepare(request, context, stream=True, rid=rid)
         m = self.router.metrics
-        tier, outcome = "none", "upstream_error"
+        res = Tally()
         try:
             if wants_best_of_n(self.router, route, body):
                 try:
-                    answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context)
+                    answer, text, finish_reason, usage = await self._best_of_n(route, body, prompt_text, context, res)
                 except NoTierAvailableError as e:
-                    outcome = outcome_of(e)
+                    res.outcome = outcome_of(e)
                     await context.abort(_unavailable_status(e), str(e))
                     raise
-                tier = answer.tier
-                m.ttft_seconds.labels(tier).observe(time.perf_counter() - t0)
+                res.tier = answer.tier
+                m.ttft_seconds.labels(res.tier).observe(time.perf_counter() - t0)
                 yield router_pb2.GenerateChunk(
                     delta=text,
-                    tier=tier,
+                    tier=res.tier,
                     score=route.score or 0.0,
                     finish_reason=finish_reason,
                     usage=_usage(usage),
                     fallback=answer.fallback,
                 )
-                outcome = "success"
+                res.outcome = "success"
                 return
             try:
                 up = await self.router.dispatcher.open_stream(
                     route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
                 )
             except NoTierAvailableError as e:
-                outcome = outcome_of(e)
+                res.outcome = outcome_of(e)
                 await context.abort(_unavailable_status(e), str(e))
                 raise
-            tier = up.tier
+            res.tier = up.tier
             _samples(context, 1)
             score = route.score or 0.0
             buf = b""
@@ -307,7 +325,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                             m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
                             first = False
                         if msg.usage.completion_tokens or msg.usage.prompt_tokens:
-                            self.router.account_usage(
+                            usage_now = self.router.account_usage(
                                 up.tier,
                                 {
                                     "prompt_tokens": msg.usage.prompt_tokens,
@@ -315,15 +333,27 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                                 },
                                 route.access,
                             )
+                            res.add(usage_now)
                         yield msg
             except UpstreamStreamError as e:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
             finally:
                 up.close()
-            outcome = "success"
+            res.outcome = "success"
+        except asyncio.CancelledError:
+            res.outcome = "cancelled"
+            raise
         finally:
-            m.requests.labels(tier, route.decision, outcome).inc()
-            m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
+            self._done(route, res, rid, prompt_text, t0)
+
+    def _done(self, route: Route, res: Tally, rid: str, prompt_text: str, t0: float) -> None:
+        """The request is over: its metrics and its decision record."""
+        elapsed = time.perf_counter() - t0
+        m = self.router.metrics
+        m.requests.labels(res.tier, route.decision, res.outcome).inc()
+        m.e2e_seconds.labels(res.tier).observe(elapsed)
+        # gRPC requests carry no OpenAI `user` field; the tenant (in the route) stands for the user.
+        self.router.record(route, res.served(rid, prompt_text, None, elapsed))
 
 
 def _samples(context: Any, n: int) -> None:

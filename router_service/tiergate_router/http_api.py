@@ -6,7 +6,9 @@ Every response carries `x-tiergate-tier` (the tier that answered, or `none`) and
 the answer was chosen from: 1 without best-of-N, 0 when no tier answered); routed answers also carry
 `x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback` (and `x-tiergate-escalation` when best-of-N
 handed the request to the reference tier), and non-streaming JSON answers an extra top-level `tiergate` object with
-the same facts (OpenAI clients ignore unknown fields).
+the same facts (OpenAI clients ignore unknown fields). Every response, errors included, carries `x-request-id`: the
+client's own when it sent a sane one (`decision_records.request_id`), else a new one; that id names the request in
+the decision log and in POST /v1/feedback.
 """
 
 from __future__ import annotations
@@ -24,6 +26,14 @@ from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
 from tiergate_router.best_of_n import ESCALATION_HEADER, SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
+from tiergate_router.decision_records import (
+    MAX_FEEDBACK_BYTES,
+    REQUEST_ID_HEADER,
+    FeedbackResult,
+    Tally,
+    parse_feedback,
+    request_id,
+)
 from tiergate_router.errors import (
     BadRequestError,
     NoTierAvailableError,
@@ -49,14 +59,26 @@ log = logging.getLogger(__name__)
 ROUTER_KEY: web.AppKey[Router] = web.AppKey("router", Router)
 BUDGET_KEY: web.AppKey[ByteBudget] = web.AppKey("body_budget", ByteBudget)
 TIER_HEADER = "x-tiergate-tier"
-# The client's request id, when it sends one: it chooses the canary artifact and the shadow sample (shadow.py).
-REQUEST_ID_HEADER = "x-request-id"
 # A client's own deadline in milliseconds (like Envoy's x-envoy-upstream-rq-timeout-ms): it can shorten the
 # router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
 TIMEOUT_HEADER = "x-tiergate-timeout-ms"
 # On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
 NO_TIER: Mapping[str, str] = {TIER_HEADER: "none", SAMPLES_HEADER: "0"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+REQUEST_ID_KEY: web.RequestKey[str] = web.RequestKey("request_id", str)
+
+
+def request_id_of(request: web.Request) -> str:
+    """This request's id: the client's sane `x-request-id`, else a new one; the same on every call."""
+    rid = request.get(REQUEST_ID_KEY)
+    if rid is None:
+        rid = request[REQUEST_ID_KEY] = request_id(request.headers.get(REQUEST_ID_HEADER))
+    return rid
+
+
+async def _add_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp's on_response_prepare: runs before any response's headers go out, streams and errors included."""
+    response.headers[REQUEST_ID_HEADER] = request_id_of(request)
 
 
 def _from_bad_request(e: BadRequestError) -> web.Response:
@@ -176,9 +198,7 @@ def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: st
 
 
 @dataclass
-class _Result:
-    tier: str = "none"
-    outcome: str = "upstream_error"
+class _Result(Tally):
     # The answer's text, kept only when shadow routing judges this request (Route.shadow.other set).
     text: str | None = None
 
@@ -215,6 +235,27 @@ class OpenAIHandlers:
         ok = self.router.ready
         return web.json_response({"ready": ok, "endpoints": counts}, status=200 if ok else 503, headers=NO_TIER)
 
+    async def feedback(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/feedback `{"request_id": ID, "rating": R}` with R in -1..1: 200 recorded, 400 malformed (naming
+        the field), 404 an id the router does not remember (unknown, too old, or another tenant's), 409 already
+        rated. With tenants, the caller authenticates like a request and may rate only its tenant's requests."""
+        try:
+            principal = self.router.gate.authenticate(request.headers.get("Authorization"))
+            rid, rating = parse_feedback(decode_json_object(await read_body(request, MAX_FEEDBACK_BYTES)))
+        except BadRequestError as e:
+            return _from_bad_request(e)
+        except TenantRefusedError as e:
+            return _refused(e)
+        tenant = principal.tenant.name if principal.tenant is not None else None
+        result = self.router.recorder.feedback(rid, rating, tenant)
+        if result is FeedbackResult.UNKNOWN:
+            msg, status, code = f"no recent request with id {rid!r}", 404, "request_not_found"
+            return error_response(status, msg, param="request_id", code=code, headers=NO_TIER)
+        if result is FeedbackResult.DUPLICATE:
+            msg, status, code = f"request {rid!r} already has feedback", 409, "feedback_exists"
+            return error_response(status, msg, param="request_id", code=code, headers=NO_TIER)
+        return web.json_response({"object": "feedback", "request_id": rid, "rating": rating}, headers=NO_TIER)
+
     async def _proxy(
         self, request: web.Request, path: str, parse: Callable[[dict[str, Any]], ParsedRequest]
     ) -> web.StreamResponse:
@@ -226,8 +267,9 @@ class OpenAIHandlers:
             timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
-            request_id = request.headers.get(REQUEST_ID_HEADER, "")
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal, request_id=request_id)
+            route = await self.router.route(
+                parsed.model, parsed.prompt_text, principal, request_id=request_id_of(request)
+            )
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
@@ -254,8 +296,12 @@ class OpenAIHandlers:
             res.outcome = "cancelled"
             raise
         finally:
+            elapsed = time.perf_counter() - t0
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
-            m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
+            m.e2e_seconds.labels(res.tier).observe(elapsed)
+            self.router.record(
+                route, res.served(request_id_of(request), parsed.prompt_text, parsed.body.get("user"), elapsed)
+            )
             if res.outcome == "success" and _judged(route):
                 # Never awaited: the judgement runs in the background, bounded (shadow.Shadower.submit).
                 self.router.shadow.submit(route.shadow, path, parsed.body, parsed.prompt_text, res.tier, res.text)
@@ -275,7 +321,7 @@ class OpenAIHandlers:
             if isinstance(obj, dict):
                 if _judged(route):
                     res.text = answer_text(reply.body)
-                self.router.account_usage(reply.tier, obj.get("usage"), route.access)
+                res.add(self.router.account_usage(reply.tier, obj.get("usage"), route.access))
                 obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
         res.outcome = _outcome(reply.status)
@@ -283,10 +329,11 @@ class OpenAIHandlers:
         resp.headers["Content-Type"] = reply.content_type
         return resp
 
-    def _answer_response(self, route: Route, answer: Answer, res: _Result) -> web.Response:
+    def _answer_response(self, route: Route, answer: Answer, res: Tally) -> web.Response:
         """A best-of-N answer as one JSON response (also to a streaming client when a tier answered an error)."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage, route.access)
+            res.add(self.router.account_usage(tier, usage, route.access))
+        res.samples = answer.samples
         headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
         body = answer.body
         if answer.obj is not None:
@@ -305,12 +352,13 @@ class OpenAIHandlers:
         parsed: ParsedRequest,
         answer: Answer,
         t0: float,
-        res: _Result,
+        res: Tally,
     ) -> web.StreamResponse:
         """A best-of-N answer to a streaming client: sampled whole upstream, then sent as server-sent events in the
         usual shape (role, the chosen text in one chunk, the finish reason, the usage when asked for, [DONE])."""
         for tier, usage in answer.usages:
-            self.router.account_usage(tier, usage, route.access)
+            res.add(self.router.account_usage(tier, usage, route.access))
+        res.samples = answer.samples
         text, finish_reason, usage = chosen(answer)
         headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
         headers["Cache-Control"] = "no-cache"
@@ -357,7 +405,7 @@ class OpenAIHandlers:
                         # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
                         # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
                         # stream's end, and whoever reads /metrics once the stream is over must see the tokens.
-                        self.router.account_usage(up.tier, scanner.usage, route.access)
+                        res.add(self.router.account_usage(up.tier, scanner.usage, route.access))
                         accounted = True
                     await resp.write(chunk)
             except UpstreamStreamError as e:
@@ -393,5 +441,7 @@ def build_app(router: Router) -> web.Application:
     )
     app[ROUTER_KEY] = router
     app[BUDGET_KEY] = budget
+    app.on_response_prepare.append(_add_request_id)
     app.router.add_get("/ready", h.ready)
+    app.router.add_post("/v1/feedback", h.feedback)
     return app

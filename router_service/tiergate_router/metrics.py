@@ -163,5 +163,14 @@ class RouterMetrics:
             registry=r,
         )
 
+        self.decision_log_dropped = Counter(
+            f"{p}_decision_log_dropped",
+            "Decision log records dropped because the writer's queue was full (a slow disk or log collector)",
+            registry=r,
+        )
+        self.feedback = Counter(
+            f"{p}_feedback", "Feedback recorded on answers, by source (explicit, requery)", ["source"], registry=r
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -20,6 +20,8 @@ from tiergate_router.classifier import Classifier, MicroBatcher, Verdict
 from tiergate_router.config import RouterConfig
 from tiergate_router.config.types import allowed_candidates
 from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_chain
+from tiergate_router.decision_log import DecisionLog
+from tiergate_router.decision_records import Recorder, RecorderSettings, RouteFacts, Served, Usage
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
@@ -52,8 +54,13 @@ class Route:
     access: Access = OPEN
     # Samples to draw on the chosen tier (chain[0]) for best-of-N; 1: one answer, as always.
     samples: int = 1
-    # The classifier artifact that decided: shadow.PRIMARY, or shadow.CANARY (spec.router.canary).
-    artifact: str = PRIMARY
+    # The classifier artifact that decided (its sha256, as tiergate_router_classifier_info reports it); "" when no
+    # classifier decided (a forced tier, one tier, a classifier error).
+    artifact: str = ""
+    # N-tier and candidates artifacts: the artifact's per-tier (per-candidate) predictions, for the decision log.
+    scores: tuple[float, ...] | None = None
+    # Which artifact decided, as the metrics' `artifact` label: shadow.PRIMARY, or shadow.CANARY (spec.router.canary).
+    artifact_role: str = PRIMARY
     # What shadow routing does with this request (spec.shadow); None: not shadowed (off, or not a routed request).
     shadow: ShadowPlan | None = None
 
@@ -84,6 +91,41 @@ class Router:
         # Charges to tenants still being written to the limit store (kept referenced until done).
         self._charges: set[asyncio.Task[None]] = set()
         self._size_cache(config)
+        # The sha256 of the classifier artifact serving (cmd_serve sets it, as it reports classifier_info); routes
+        # the classifier decided carry it, so the decision log says which artifact decided.
+        self.artifact_id = "none"
+        # The canary artifact's sha256 (spec.router.canary; cmd_serve sets it too).
+        self.canary_artifact_id = "none"
+        m = self.metrics
+        self.recorder = Recorder(
+            _recorder_settings(config),
+            on_drop=m.decision_log_dropped.inc,
+            on_feedback=lambda source, _rating: m.feedback.labels(source).inc(),
+        )
+        # Shadow judgements go to the decision log beside the decision records (joined by request id).
+        self.shadow.record = self._write_record
+
+    @property
+    def decision_log(self) -> DecisionLog | None:
+        """The decision log (None when off): other record kinds (shadow judgements) are written to it too."""
+        return self.recorder.log
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        log = self.decision_log
+        if log is not None:
+            log.write(record)
+
+    def record(self, route: Route, served: Served) -> None:
+        """The request is over: its decision record, and what feedback on it needs (`decision_records`)."""
+        facts = RouteFacts(
+            score=route.score,
+            decision=route.decision,
+            chain=tuple(route.chain),
+            artifact=route.artifact,
+            tenant=route.access.tenant,
+            scores=route.scores,
+        )
+        self.recorder.decision(facts, served)
 
     @property
     def config(self) -> RouterConfig:
@@ -109,6 +151,7 @@ class Router:
         await self.classifier.aclose()
         if self.canary_classifier is not None:
             await self.canary_classifier.aclose()
+        self.recorder.close()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
@@ -117,6 +160,7 @@ class Router:
         self._canary_view = _canary_view(config)
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
+        self.recorder.apply(_recorder_settings(config))
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):
@@ -184,7 +228,7 @@ class Router:
         router's, for the log); both modes carry the plan of what is judged in the background."""
         sh = cfg.shadow
         assert sh is not None
-        shadow = plan(sh, cfg.tier_names, route.chain[0], request_id, route.artifact)
+        shadow = plan(sh, cfg.tier_names, route.chain[0], request_id, route.artifact_role)
         if shadow.answered == route.chain[0]:
             return dataclasses.replace(route, shadow=shadow)
         chain = fallback_chain(shadow.answered, cfg.tier_names, cfg.fallback_order)
@@ -202,7 +246,7 @@ class Router:
         decision = "budget_spent" if access.cheapest_only else "budget_low" if access.cheaper else route.decision
         # The samples were chosen for the classifier's tier; a tier the tenant's limits chose instead draws one.
         samples = route.samples if chain[0] == route.chain[0] else 1
-        return Route(route.score, decision, chain, access, samples=samples, artifact=route.artifact)
+        return dataclasses.replace(route, decision=decision, chain=chain, access=access, samples=samples)
 
     async def _route(
         self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str = ""
@@ -213,10 +257,10 @@ class Router:
             # A spent budget (CheapestTier) draws one sample: best-of-N multiplies what is spent.
             only = cfg.tiers[0].name
             return Route(None, only, [only], samples=1 if access.cheapest_only else samples_without_heads(cfg, only))
-        artifact, classifier = PRIMARY, self.classifier
+        role, classifier = PRIMARY, self.classifier
         canary = cfg.canary
         if canary is not None and self.canary_classifier is not None and in_canary(request_id, canary.share_bp):
-            artifact, classifier = CANARY, self.canary_classifier
+            role, classifier = CANARY, self.canary_classifier
             cfg = self._canary_view or cfg
         t0 = time.perf_counter()
         try:
@@ -231,14 +275,16 @@ class Router:
             log.warning("classification failed, routing to the strongest tier: %s", e)
             strongest = cfg.tiers[-1].name
             chain = fallback_chain(strongest, cfg.tier_names, cfg.fallback_order)
-            return Route(None, "classifier_error", chain, artifact=artifact)
+            return Route(None, "classifier_error", chain, artifact_role=role)
         self.metrics.classification_seconds.observe(time.perf_counter() - t0)
-        self.shadow.metrics.decisions.labels(artifact, chosen).inc()
+        self.shadow.metrics.decisions.labels(role, chosen).inc()
         self.metrics.score.observe(score)
         if cfg.best_of_n is not None:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
         chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
-        return Route(score, chosen, chain, samples=samples, artifact=artifact)
+        scores = tuple(float(v) for v in verdict) if isinstance(verdict, tuple) else None
+        artifact_id = self.canary_artifact_id if role == CANARY else self.artifact_id
+        return Route(score, chosen, chain, samples=samples, artifact=artifact_id, scores=scores, artifact_role=role)
 
     @staticmethod
     def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
@@ -261,19 +307,19 @@ class Router:
         j, quality = choose_multi_tier(verdict, mt.prices, [mt.columns[i] for i in served], weight)
         return cfg.tiers[served[j]].name, quality
 
-    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> None:
+    def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> Usage | None:
         """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to
         the request's tenant (`gate.charge`, a task whose first step writes its Redis command: on the loop's next turn,
-        before anything read after this)."""
+        before anything read after this). Returns what it counted (None: nothing, the usage was malformed)."""
         if not isinstance(usage, dict):
-            return
+            return None
         p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
         if not isinstance(p, int) or not isinstance(c, int) or p < 0 or c < 0:
-            return
+            return None
         try:
             t = self.config.tier(tier)
         except KeyError:
-            return
+            return None
         self.metrics.tokens.labels(tier, "prompt").inc(p)
         self.metrics.tokens.labels(tier, "completion").inc(c)
         dollars = (p * t.input_price_per_mtok + c * t.output_price_per_mtok) / 1e6
@@ -281,6 +327,11 @@ class Router:
         if access.tenant is not None:
             self._charges.add(charge := asyncio.get_running_loop().create_task(self.gate.charge(access, p, c, dollars)))
             charge.add_done_callback(self._charges.discard)
+        return Usage(p, c, dollars)
+
+
+def _recorder_settings(config: RouterConfig) -> RecorderSettings:
+    return RecorderSettings(target=config.decision_log, include_prompts=config.decision_log_prompts)
 
 
 def _canary_view(cfg: RouterConfig) -> RouterConfig | None:

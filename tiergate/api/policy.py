@@ -579,6 +579,18 @@ class BodyLimits(_Model):
     Default 16 MiB."""
 
 
+class DecisionLog(_Model):
+    """The router's decision log: one JSON object per request on the router's stdout (the cluster's log collector
+    ships it), with feedback records joined on `request_id`; `tiergate calibrate --data` reads it. Reloaded
+    without a restart."""
+
+    enabled: bool = False
+    """Write the log (the router's stdout)."""
+    include_prompts: bool = False
+    """Also write each prompt's text; otherwise only its sha256 digest. Prompts may hold personal data: turn this on
+    only where the data's policy allows it."""
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -640,6 +652,7 @@ class Router(Placement):
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     classifier_cache: ClassifierCache | None = None
     body_limits: BodyLimits | None = None
+    decision_log: DecisionLog | None = None
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""

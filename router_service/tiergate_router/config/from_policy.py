@@ -126,6 +126,8 @@ def from_policy(
             best_of_n=best_of_n,
             shadow=shadow_of(policy, best_of_n),
             candidates=routing,
+            decision_log="-" if r.decision_log is not None and r.decision_log.enabled else None,
+            decision_log_prompts=r.decision_log is not None and r.decision_log.include_prompts,
             tenancy=tenancy_from_policy(
                 policy,
                 multi=multi,

@@ -202,6 +202,10 @@ class LocalOverrides:
     best_of_n: BestOfNFlags = BestOfNFlags()
     # `--shadow MODE=TIER` and the other shadow flags, `--canary-artifact PATH --canary-share-bp N`.
     shadow: ShadowFlags = dataclasses.field(default_factory=ShadowFlags)
+    # `--decision-log FILE` ("-": stdout), over the policy's spec.router.decisionLog; `--decision-log-prompts`
+    # writes prompts' text (False: as the policy says).
+    decision_log: str | None = None
+    decision_log_prompts: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,6 +299,12 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, max_inflight_body_bytes=overrides.inflight_body_bytes)
     if overrides.response_bytes is not None:
         cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
+    if overrides.decision_log is not None:
+        cfg = dataclasses.replace(cfg, decision_log=overrides.decision_log)
+    if overrides.decision_log_prompts:
+        if cfg.decision_log is None:
+            raise ConfigError("--decision-log-prompts: there is no decision log (give --decision-log FILE)")
+        cfg = dataclasses.replace(cfg, decision_log_prompts=True)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
     return apply_shadow(cfg, overrides.shadow)
 

@@ -223,6 +223,10 @@ class RouterConfig:
     shadow: ShadowConfig | None = None
     # A canary classifier artifact deciding a share of routed requests (spec.router.canary); None: off.
     canary: CanaryConfig | None = None
+    # The decision log's target (a path, or "-" for stdout; `decision_records`); None: no log. Prompts' text is
+    # written only with `decision_log_prompts`, otherwise their digest.
+    decision_log: str | None = None
+    decision_log_prompts: bool = False
 
     def __post_init__(self) -> None:
         validate(self)
