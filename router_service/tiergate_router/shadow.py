@@ -39,13 +39,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from tiergate_router.decision_records import rfc3339_now
 from tiergate_router.errors import RouterError
 from tiergate_router.reward import RewardClient, RewardError
 
@@ -350,7 +350,7 @@ class Shadower:
         m.judged.labels(a, "baseline_vs_cheapest" if routed_to_baseline else "routed_vs_baseline").inc()
         rec: dict[str, Any] = {
             "kind": "shadow",
-            "ts": time.time(),
+            "ts": rfc3339_now(),
             "request_id": shadow.request_id,
             "mode": shadow.mode,
             "artifact": a,
