@@ -212,9 +212,11 @@ def test_shadow_and_canary_are_accepted() -> None:
     doc["spec"]["shadow"] = {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 500}
     doc["spec"]["router"]["canary"] = {"classifier": {"path": "/models/new.json"}, "shareBasisPoints": 2000}
     p = parse_policy(doc)
-    assert p.spec.shadow is not None and p.spec.shadow.mode.value == "Mirror"
+    assert p.spec.shadow is not None
+    assert p.spec.shadow.mode.value == "Mirror"
     assert p.spec.shadow.max_concurrent == 16
-    assert p.spec.router.canary is not None and p.spec.router.canary.share_basis_points == 2000
+    assert p.spec.router.canary is not None
+    assert p.spec.router.canary.share_basis_points == 2000
 
 
 def test_judging_shadow_answers_needs_a_reward_model() -> None:
@@ -222,7 +224,8 @@ def test_judging_shadow_answers_needs_a_reward_model() -> None:
     del doc["spec"]["bestOfN"]
     doc["spec"]["shadow"] = {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 500}
     err = errors_of(doc)
-    assert err.paths == ["spec.shadow"] and "rewardUrl" in str(err)
+    assert err.paths == ["spec.shadow"]
+    assert "rewardUrl" in str(err)
     # Baseline mode without judging needs none; a rewardUrl serves Mirror without best-of-N.
     doc["spec"]["shadow"] = {"mode": "Baseline", "baselineTier": "large", "sampleRateBasisPoints": 0}
     assert parse_policy(doc).spec.shadow is not None

@@ -41,7 +41,8 @@ EASY = "easy question"
 
 def test_assignment_is_a_pure_function_of_the_request_id() -> None:
     assert bucket_of("req-1", "canary") == bucket_of("req-1", "canary")
-    assert in_canary("req-1", 10000) and not in_canary("req-1", 0)
+    assert in_canary("req-1", 10000)
+    assert not in_canary("req-1", 0)
     # The canary and the shadow sample are drawn independently (salted), each at its share.
     ids = [f"r{i}" for i in range(20000)]
     canary = sum(in_canary(i, 2000) for i in ids) / len(ids)
@@ -75,9 +76,11 @@ def test_the_plan_pairs_the_decision_with_the_baseline() -> None:
 
 def test_judgement_and_the_pgr_estimate() -> None:
     assert judge(1.0, 1.0) == judge(2.0, 1.0)
-    assert judge(1.0, 1.0).agree and judge(1.0, 1.0).quality_loss == 0.0
+    assert judge(1.0, 1.0).agree
+    assert judge(1.0, 1.0).quality_loss == 0.0
     j = judge(0.5, 2.0)
-    assert not j.agree and j.quality_loss == 1.5
+    assert not j.agree
+    assert j.quality_loss == 1.5
     st = ShadowStats()
     assert st.pgr is None
     st.add(2.0, routed_to_baseline=True)  # the router kept a gap of 2 by choosing the baseline
@@ -92,7 +95,8 @@ def test_answer_text_of_bodies_and_streams() -> None:
     chat = {"choices": [{"message": {"role": "assistant", "content": "hi"}}]}
     assert answer_text(json.dumps(chat).encode()) == "hi"
     assert answer_text(json.dumps({"choices": [{"text": "yo"}]}).encode()) == "yo"
-    assert answer_text(b"not json") is None and answer_text(b'{"choices": []}') is None
+    assert answer_text(b"not json") is None
+    assert answer_text(b'{"choices": []}') is None
     st = StreamText()
     events = [{"choices": [{"delta": {"content": w}}]} for w in ("a", "b", "c")]
     raw = b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n"
@@ -221,7 +225,8 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
     assert pgr == pytest.approx(stats.recovered / stats.gap)
     h.server.router.decision_log.flush()  # type: ignore[union-attr]
     shadows = {r["request_id"]: r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "shadow"}
-    assert shadows["good-0"]["agree"] is True and shadows["bad-0"]["agree"] is False
+    assert shadows["good-0"]["agree"] is True
+    assert shadows["bad-0"]["agree"] is False
     assert shadows["bad-0"]["quality_loss"] == pytest.approx(
         shadows["bad-0"]["reward_baseline"] - shadows["bad-0"]["reward_routed"]
     )

@@ -57,7 +57,8 @@ def test_serve_flags_baseline_shadow_and_a_canary(tiers: dict[str, FakeProcess],
         assert f'tiergate_router_artifact_decisions_total{{artifact="canary",tier="large"}} {canary_n:.1f}' in metrics
     finally:
         out = s.stop()
-    assert "canary" in out and "shadow Baseline against large" in out
+    assert "canary" in out
+    assert "shadow Baseline against large" in out
 
 
 @pytest.mark.slow
