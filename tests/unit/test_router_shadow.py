@@ -15,8 +15,10 @@ import pytest
 from tests.support.fake_vllm import Behaviour
 from tests.support.harness import Harness
 from tests.support.reward import FakeRewardServer
+from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate_router.classifier import MicroBatcher
-from tiergate_router.config import CanaryConfig, RouterConfig, ShadowConfig
+from tiergate_router.config import CanaryConfig, RouterConfig, ShadowConfig, from_policy
+from tiergate_router.config.shadow import ShadowFlags, apply_shadow
 from tiergate_router.errors import ConfigError
 from tiergate_router.shadow import (
     CANARY,
@@ -32,6 +34,7 @@ from tiergate_router.shadow import (
 )
 
 TIERS = ("small", "large")
+PRICE = {"inputPerMillion": 1, "outputPerMillion": 2}
 HARD = "HARD question"  # the KeywordScorer sends it to `large`
 EASY = "easy question"
 
@@ -296,3 +299,43 @@ def test_a_canary_at_20_percent_decides_20_percent_by_request_id() -> None:
         assert _ask(client, EASY, ids[0])[1] == ("large" if in_canary(ids[0], 2000) else "small")
     finally:
         h.stop()
+
+
+# --- the policy's side ------------------------------------------------------------------------------------------
+
+
+def _policy(shadow: dict[str, object], *, best_of_n: bool) -> RoutingPolicy:
+    spec: dict[str, object] = {
+        "tiers": [
+            {"name": n, "model": f"{n}-model", "endpoint": {"url": f"http://{n}:8000/v1"}, "price": PRICE}
+            for n in TIERS
+        ],
+        "router": {"thresholdBasisPoints": 5000},
+        "shadow": shadow,
+    }
+    if best_of_n:
+        spec["bestOfN"] = {"tier": "small", "maxSamples": 2, "rewardModel": {"model": "org/reward"}}
+    return parse_policy(
+        {"apiVersion": "tiergate.io/v1alpha1", "kind": "RoutingPolicy", "metadata": {"name": "p"}, "spec": spec}
+    )
+
+
+def test_spec_shadow_becomes_the_routers_shadow_config() -> None:
+    mirror = {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 250, "maxConcurrent": 4}
+    # Judged by the best-of-N reward model the operator deploys, when no rewardUrl is given.
+    assert from_policy(_policy(mirror, best_of_n=True), namespace="ns").shadow == ShadowConfig(
+        mode="Mirror",
+        baseline_tier="large",
+        sample_rate_bp=250,
+        max_concurrent=4,
+        reward_url="http://p-reward.ns.svc:8000",
+        reward_model="org/reward",
+    )
+    own = from_policy(_policy({**mirror, "rewardUrl": "http://judge:9000/"}, best_of_n=True)).shadow
+    assert own is not None
+    assert (own.reward_url, own.reward_model) == ("http://judge:9000", None)
+    # Flags replace the policy's fields.
+    flags = ShadowFlags(mode_tier=("Baseline", "large"), sample_bp=0)
+    cfg = apply_shadow(from_policy(_policy(mirror, best_of_n=True)), flags)
+    assert cfg.shadow is not None
+    assert (cfg.shadow.mode, cfg.shadow.sample_rate_bp, cfg.shadow.max_concurrent) == ("Baseline", 0, 4)
