@@ -25,7 +25,7 @@ from tiergate_router.decision_records import Recorder, RecorderSettings, RouteFa
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
-from tiergate_router.shadow import CANARY, PRIMARY, Shadower, ShadowPlan, in_canary, plan
+from tiergate_router.shadow import BASELINE, CANARY, PRIMARY, Shadower, ShadowPlan, in_canary, plan
 from tiergate_router.tenants import (
     OPEN,
     UNAUTHENTICATED,
@@ -104,6 +104,8 @@ class Router:
         )
         # Shadow judgements go to the decision log beside the decision records (joined by request id).
         self.shadow.record = self._write_record
+        # What shadow calls use is counted in the tokens and cost metrics (charged to no tenant: the policy's cost).
+        self.shadow.account = lambda tier, usage: self.account_usage(tier, usage)
 
     @property
     def decision_log(self) -> DecisionLog | None:
@@ -219,9 +221,19 @@ class Router:
         route = await self._route(cfg, forced, prompt_text, access, request_id)
         if access is not OPEN:
             route = self._restrict(cfg, forced, route, access)
-        if cfg.shadow is None or forced is not None or route.decision not in cfg.tier_names:
+        if cfg.shadow is None or forced is not None:
             return route
-        return self._shadowed(cfg, route, request_id)
+        if route.decision in cfg.tier_names:
+            return self._shadowed(cfg, route, request_id)
+        if route.decision == "classifier_error" and cfg.shadow.mode == BASELINE:
+            # Baseline mode answers every routed request from the baseline, also when no decision was made.
+            return dataclasses.replace(route, chain=self._baseline_chain(cfg, cfg.shadow.baseline_tier, route.access))
+        return route
+
+    @staticmethod
+    def _baseline_chain(cfg: RouterConfig, first: str, access: Access) -> list[str]:
+        chain = fallback_chain(first, cfg.tier_names, cfg.fallback_order)
+        return chain if access is OPEN else restrict_chain(chain, access)
 
     def _shadowed(self, cfg: RouterConfig, route: Route, request_id: str) -> Route:
         """A routed request under spec.shadow: Baseline mode answers from the baseline tier (the decision stays the
@@ -231,9 +243,7 @@ class Router:
         shadow = plan(sh, cfg.tier_names, route.chain[0], request_id, route.artifact_role)
         if shadow.answered == route.chain[0]:
             return dataclasses.replace(route, shadow=shadow)
-        chain = fallback_chain(shadow.answered, cfg.tier_names, cfg.fallback_order)
-        if route.access is not OPEN:
-            chain = restrict_chain(chain, route.access)
+        chain = self._baseline_chain(cfg, shadow.answered, route.access)
         return dataclasses.replace(route, chain=chain, samples=samples_without_heads(cfg, chain[0]), shadow=shadow)
 
     def _restrict(self, cfg: RouterConfig, forced: str | None, route: Route, access: Access) -> Route:

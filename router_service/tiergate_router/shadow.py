@@ -260,6 +260,8 @@ class Shadower:
         self.stats: dict[str, ShadowStats] = {a: ShadowStats() for a in ARTIFACT_ROLES}
         # Where shadow records go (the decision log's `write`); None: metrics only.
         self.record: Record | None = None
+        # Counts what a shadow call used (tier, OpenAI `usage`): the router's token and cost metrics.
+        self.account: Callable[[str, object], object] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._client: RewardClient | None = None
         self._client_key: tuple[str, str | None] | None = None
@@ -322,6 +324,8 @@ class Shadower:
         try:
             reply = await self.dispatcher.complete([other], path, plain)
             other_text = answer_text(reply.body) if reply.status == 200 else None
+            if self.account is not None and other_text is not None:
+                self.account(reply.tier, json.loads(reply.body).get("usage"))
             if other_text is None:
                 self.metrics.errors.labels("tier_answer").inc()
                 return

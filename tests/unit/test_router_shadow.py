@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import openai
@@ -208,6 +208,8 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
     _drain(h)
     assert (_agreement(h, "true"), _agreement(h, "false")) == (10, 0)
     assert h.fakes["large"][0].stats.completed == 10  # each mirrored once, in the background
+    # What the mirrored calls used is counted (the policy pays for it; no client asked the large tier).
+    assert h.metric("tiergate_router_tokens_total", {"tier": "large", "kind": "completion"}) == 10 * 8
     # The small tier gets worse (2 tokens: shorter answers, lower rewards): agreement falls.
     small = h.fakes["small"][0]
     small.behaviour = dataclasses.replace(small.behaviour, tokens=2)
@@ -339,3 +341,16 @@ def test_spec_shadow_becomes_the_routers_shadow_config() -> None:
     cfg = apply_shadow(from_policy(_policy(mirror, best_of_n=True)), flags)
     assert cfg.shadow is not None
     assert (cfg.shadow.mode, cfg.shadow.sample_rate_bp, cfg.shadow.max_concurrent) == ("Baseline", 0, 4)
+
+
+def test_baseline_mode_answers_from_the_baseline_when_the_classifier_fails() -> None:
+    def broken(prompts: Sequence[str]) -> list[float]:
+        raise RuntimeError("the encoder fell over")
+
+    h = Harness((("small", 1), ("large", 1), ("xl", 1)), classifier_factory=lambda: MicroBatcher(broken)).start()
+    try:
+        _apply(h, shadow=ShadowConfig(mode="Baseline", baseline_tier="large"))
+        # Without shadow routing a classifier error goes to the strongest tier (xl); Baseline mode keeps to large.
+        assert _ask(_client(h), EASY) == ("large", "classifier_error")
+    finally:
+        h.stop()
