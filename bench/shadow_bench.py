@@ -79,7 +79,8 @@ def start_router(
     for name, t in tiers.items():
         argv += ["--tier", f"{name}={t.base_url}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    log = tempfile.TemporaryFile()
+    # Open for the router's whole life (it writes there while it serves), so not a `with` block.
+    log = tempfile.TemporaryFile()  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
