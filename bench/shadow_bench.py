@@ -190,6 +190,10 @@ def main() -> int:
                 print(f"mirroring off: p50 {p50[0]:.3f} ms  p99 {p99[0]:.3f} ms")
                 print(f"mirroring on:  p50 {p50[1]:.3f} ms  p99 {p99[1]:.3f} ms  (sample {args.sample_bp} bp)")
                 print(f"difference:    p50 {p50[1] - p50[0]:+.3f} ms  p99 {p99[1] - p99[0]:+.3f} ms  (bound: < 1 ms)")
+                # Request i of both routers ran back to back under the same machine load: the median of their
+                # differences is less sensitive to that load's drift than the difference of the two medians.
+                paired = [(b - a) * 1e3 for a, b in zip(lat_off, lat_on, strict=True)]
+                print(f"paired (on - off, same i): median {pct(paired, 0.5):+.3f} ms")
                 for line in metric_lines(on_url, "tiergate_router_shadow_"):
                     if "_bucket" not in line and not line.startswith("#"):
                         print(f"  {line}")

@@ -287,7 +287,13 @@ class OpenAIHandlers:
                     return await self._answer_stream(request, route, path, parsed, answer, t0, res)
                 return self._answer_response(route, answer, res)
             if not parsed.stream:
-                return await self._complete(route, path, parsed, res, timeout_s)
+                resp = await self._complete(route, path, parsed, res, timeout_s)
+                if _judged(route):
+                    # Sent now rather than by aiohttp after the handler returns: the whole answer is on the wire
+                    # before the judgement (submitted below) starts. aiohttp skips a response already sent.
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                return resp
             return await self._stream(request, route, path, parsed, t0, res, timeout_s)
         except NoTierAvailableError as e:
             res.outcome = outcome_of(e)

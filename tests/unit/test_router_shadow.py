@@ -168,6 +168,8 @@ def _ask(client: openai.OpenAI, prompt: str, rid: str | None = None) -> tuple[st
         model="tiergate", messages=[{"role": "user", "content": prompt}], extra_headers=headers
     )
     raw.parse()
+    if rid:
+        assert raw.headers["x-request-id"] == rid  # also on an answer sent before the handler returned (judged)
     return raw.headers["x-tiergate-tier"], raw.headers["x-tiergate-decision"]
 
 
