@@ -12,8 +12,8 @@ nothing). In a cluster the judge runs in its own pod (on a GPU); on a 2-core mac
 routers and the load generator, which `fake` leaves out. The load generator sends one request at a time,
 alternating between the two routers (so drifting machine load hits both alike), `--interval-ms` apart (0: back to
 back, the background calls then always overlap the next request), and times each client request from send to the
-last byte. Printed: p50 and p99 of each, their differences (the issue's bound: under 1 ms), and the
-mirrored calls the shadow router made, judged and dropped (its /metrics).
+last byte. Printed: p50 and p99 of each, their differences (the issue's bound: under 1 ms), the median of the
+paired differences, and the mirrored calls the shadow router made, judged and dropped (its /metrics).
 
 Mirrored calls run after the client's answer is complete and are never awaited by it; on a machine with few cores
 they still share the CPU with the next request (the baseline tier's fake, the reward model and the router's own

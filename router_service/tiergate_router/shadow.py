@@ -351,7 +351,6 @@ class Shadower:
         stats.add(r_base - r_cheap, routed_to_baseline=routed_to_baseline)
         if stats.pgr is not None:
             m.pgr.labels(a).set(stats.pgr)
-        m.judged.labels(a, "baseline_vs_cheapest" if routed_to_baseline else "routed_vs_baseline").inc()
         rec: dict[str, Any] = {
             "kind": "shadow",
             "ts": rfc3339_now(),
@@ -371,6 +370,8 @@ class Shadower:
             rec.update(reward_routed=r_cheap, reward_baseline=r_base, agree=j.agree, quality_loss=j.quality_loss)
         if self.record is not None:
             self.record(rec)
+        # Last: once a pair counts as judged, its record and every other figure of it are out.
+        m.judged.labels(a, "baseline_vs_cheapest" if routed_to_baseline else "routed_vs_baseline").inc()
 
     async def drain(self) -> None:
         """Wait for the background calls in flight (tests and shutdown; requests never wait on them)."""

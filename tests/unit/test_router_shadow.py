@@ -15,6 +15,7 @@ import pytest
 from tests.support.fake_vllm import Behaviour
 from tests.support.harness import Harness
 from tests.support.reward import FakeRewardServer
+from tests.support.waiting import wait_for
 from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import CanaryConfig, RouterConfig, ShadowConfig, from_policy
@@ -152,6 +153,17 @@ def _apply(h: Harness, **changes: object) -> None:
     h.call(apply())
 
 
+def _judged(h: Harness, total: int) -> None:
+    """Wait until `total` pairs are judged. A judged answer is sent before its judgement is submitted, so the last
+    submission may trail the client's answer: the count, not the answers, says when the judgements are done."""
+    pairs = ("routed_vs_baseline", "baseline_vs_cheapest")
+
+    def judged() -> float:
+        return sum(h.metric("tiergate_router_shadow_judged_total", {"artifact": PRIMARY, "pair": p}) for p in pairs)
+
+    wait_for(f"{total} judged pairs", lambda: judged() == total)
+
+
 def _drain(h: Harness) -> None:
     assert h.server is not None
     h.call(h.server.router.shadow.drain())
@@ -207,7 +219,7 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
     # Both tiers answer 8 tokens of the same length: the routed answers agree with the baseline's.
     for i in range(10):
         assert _ask(client, EASY, f"good-{i}") == ("small", "small")
-    _drain(h)
+    _judged(h, 10)
     assert (_agreement(h, "true"), _agreement(h, "false")) == (10, 0)
     assert h.fakes["large"][0].stats.completed == 10  # each mirrored once, in the background
     # What the mirrored calls used is counted (the policy pays for it; no client asked the large tier).
@@ -217,14 +229,14 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
     small.behaviour = dataclasses.replace(small.behaviour, tokens=2)
     for i in range(10):
         assert _ask(client, EASY, f"bad-{i}") == ("small", "small")
-    _drain(h)
+    _judged(h, 20)
     assert (_agreement(h, "true"), _agreement(h, "false")) == (10, 10)
     assert h.metric("tiergate_router_shadow_quality_loss_count", {"artifact": PRIMARY}) == 20
     assert h.metric("tiergate_router_shadow_quality_loss_sum", {"artifact": PRIMARY}) > 0
     # Requests the router sends to the baseline are paired with the cheapest tier: the PGR gets a denominator.
     for i in range(5):
         assert _ask(client, HARD, f"hard-{i}") == ("large", "large")
-    _drain(h)
+    _judged(h, 25)
     pgr = h.metric("tiergate_router_shadow_pgr_estimate", {"artifact": PRIMARY})
     assert 0 < pgr < 1
     assert h.server is not None
@@ -264,6 +276,15 @@ def test_mirrored_calls_are_bounded_and_dropped_under_overload(h: Harness, rewar
     # The baseline holds every mirrored call; the clients' own answers (from small) still come back at once.
     for i in range(6):
         assert _ask(client, EASY, f"r{i}") == ("small", "small")
+    # A judged answer is sent before its judgement is submitted: the last submission may trail the client's answer.
+    wait_for(
+        "all six sampled requests submitted or dropped",
+        lambda: (
+            h.metric("tiergate_router_shadow_in_flight")
+            + h.metric("tiergate_router_shadow_dropped_total", {"reason": "overload"})
+            == 6
+        ),
+    )
     assert h.metric("tiergate_router_shadow_in_flight") == 2
     assert h.metric("tiergate_router_shadow_dropped_total", {"reason": "overload"}) == 4
     assert h.server is not None
