@@ -17,6 +17,7 @@ from tests.support.harness import Harness
 from tests.support.reward import FakeRewardServer
 from tests.support.waiting import wait_for
 from tiergate.api.policy import RoutingPolicy, parse_policy
+from tiergate.training.decision_logs import join_logs
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import CanaryConfig, RouterConfig, ShadowConfig, from_policy
 from tiergate_router.config.shadow import ShadowFlags, apply_shadow
@@ -250,6 +251,10 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
         shadows["bad-0"]["reward_baseline"] - shadows["bad-0"]["reward_routed"]
     )
     assert {shadows["hard-0"]["routed_tier"], shadows["hard-0"]["weak_tier"]} == {"large", "small"}
+    # `tiergate calibrate --data LOG` reads every judged request with both tiers' rewards, whichever side was routed.
+    joined = join_logs([log])
+    assert all(set(joined[rid].judged) == {"small", "large"} for rid in ("good-0", "bad-0", "hard-0"))
+    assert joined["bad-0"].judged["small"] < joined["bad-0"].judged["large"]
     assert set(shadows["good-0"]) >= {
         "kind",
         "ts",

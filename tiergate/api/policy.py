@@ -579,16 +579,36 @@ class BodyLimits(_Model):
     Default 16 MiB."""
 
 
+DECISION_LOG_PROMPTS_MESSAGE = "includePrompts needs enabled: true (there is no log to write prompts to)"
+
+
 class DecisionLog(_Model):
     """The router's decision log: one JSON object per request on the router's stdout (the cluster's log collector
     ships it), with feedback records joined on `request_id`; `tiergate calibrate --data` reads it. Reloaded
     without a restart."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.includePrompts) || !self.includePrompts || (has(self.enabled) && self.enabled)",
+                    "message": DECISION_LOG_PROMPTS_MESSAGE,
+                }
+            ]
+        }
+    )
 
     enabled: bool = False
     """Write the log (the router's stdout)."""
     include_prompts: bool = False
     """Also write each prompt's text; otherwise only its sha256 digest. Prompts may hold personal data: turn this on
     only where the data's policy allows it."""
+
+    @model_validator(mode="after")
+    def _prompts_need_a_log(self) -> DecisionLog:
+        if self.include_prompts and not self.enabled:
+            raise ValueError(DECISION_LOG_PROMPTS_MESSAGE)
+        return self
 
 
 class RouterResources(_Model):

@@ -14,6 +14,11 @@ also stores the choice as the artifact's default, used when the policy sets no k
 measured out-of-fold on its training rows; `--data` recomputes the table on other outcome data (e.g. recent
 traffic) before choosing.
 
+`--data` also reads the router's decision logs (`tiergate serve --decision-log FILE`, rotated sets included):
+`tiergate calibrate --router A --data decisions.jsonl --share 0.3` picks the threshold that sends 30 % of the
+logged production traffic to the strong tier, from the scores the router logged (`decision_logs`); `--pgr` needs
+requests judged on both tiers (shadow records). Feedback per tier is reported alongside.
+
 Candidates (BEST-Route) artifacts take `--usd-per-1k-prompts B`: the best-quality point of the table (measured
 out-of-fold on the training rows, cost = mean USD per 1k prompts) whose cost is at most B, by the same
 `cost_weight_for_budget`; `--write` stores its cost weight as the artifact's default.
@@ -51,7 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         metavar="B",
         help="candidates (best-of-N) routers: mean cost budget in USD per 1k prompts",
     )
-    parser.add_argument("--data", action="append", metavar="FILE.jsonl", help="recompute the table on this data")
+    parser.add_argument(
+        "--data",
+        action="append",
+        metavar="FILE.jsonl",
+        help="recompute the table on this data: outcome files, or the router's decision logs (two tiers)",
+    )
     parser.add_argument("--split", choices=["all", "train", "test"], default="all")
     parser.add_argument("--write", type=Path, metavar="OUT", help="write the artifact with this default to OUT")
     parser.add_argument("--policy-name", default="my-policy", help="metadata.name in the printed snippet")
@@ -96,6 +106,11 @@ def _run(args: argparse.Namespace) -> int:
 
     router_path = args.router or str(DEFAULT_TWO_TIER)
     art = load_artifact(router_path)
+    from tiergate.training.decision_logs import log_set
+
+    logs = log_set(args.data or [])
+    if logs:
+        return _from_logs(art, router_path, logs, args)
     calibration = _recalibrate(art, args) if args.data else art.calibration
     if art.kind == "two_tier":
         if args.budget is not None or args.usd_per_1k_prompts is not None:
@@ -139,6 +154,86 @@ def _run(args: argparse.Namespace) -> int:
                 print(f"# also stored as the artifact's default_cost_weight_bp in {args.write}")
             print(policy_snippet(args.policy_name, bp, "costWeightBasisPoints"), end="")
     return 0
+
+
+def _from_logs(art: RouterArtifact, router_path: str, logs: list[str], args: argparse.Namespace) -> int:
+    """`calibrate --data LOG`: the two-tier operating point on the logged production traffic
+    (`decision_logs.log_threshold_table`)."""
+    import math
+
+    from tiergate.routing.artifact import save_artifact
+    from tiergate.training.decision_logs import has_quality, join_logs, log_threshold_table, two_tier_outcomes
+
+    if art.kind != "two_tier":
+        raise RoutingError(
+            f"--data LOG recalibrates two-tier routers (a score against a threshold); {router_path} is {art.kind}: "
+            "calibrate it on outcome files"
+        )
+    if args.split != "all":
+        raise RoutingError("--split applies to outcome files, not to decision logs")
+    tiers = (art.tiers[0].name, art.tiers[1].name)
+    data = two_tier_outcomes(join_logs(logs), tiers, artifact=_artifact_id(router_path))
+    table = log_threshold_table(data)
+    judged = has_quality(table)
+    if args.pgr is not None and not judged:
+        raise RoutingError(
+            "--pgr needs requests judged on both tiers (shadow records: spec.shadow Baseline or Mirror with a reward "
+            f"model); the log has none for {data.weak_tier} and {data.strong_tier}; use --share"
+        )
+    tp = choose_two_tier(table, args.share, args.pgr)
+    bp = tp.threshold_bp
+    expected: dict[str, Any] = {
+        "strong_share": tp.strong_share,
+        "quality": tp.quality if judged else None,
+        "pgr": tp.pgr if judged else None,
+    }
+    feedback = {
+        tier: {"requests": n, "rated": k, "mean_rating": mean, "requeries": rq}
+        for tier, (n, k, mean, rq) in data.feedback.items()
+    }
+    out: dict[str, Any] = {
+        "router": router_path,
+        "kind": art.kind,
+        "threshold_bp": bp,
+        "expected": expected,
+        "log": {
+            "decisions": len(data.scores),
+            "judged_pairs": len(data.pair_scores),
+            "weak_tier": data.weak_tier,
+            "strong_tier": data.strong_tier,
+            "artifact": data.artifact,
+            "feedback": feedback,
+        },
+    }
+    if args.write:
+        # Without judgements the table has no quality: keep the artifact's own and store only the threshold.
+        updated = art.with_updates(default_threshold_bp=bp, calibration=table if judged else art.calibration)
+        save_artifact(updated, args.write)
+        out["written"] = str(args.write)
+    if args.json:
+        print(json.dumps(out, indent=1))
+        return 0
+    print(
+        f"# from {len(data.scores)} logged decisions ({len(data.pair_scores)} judged on both tiers): threshold {bp} "
+        f"bp, strong share {tp.strong_share:.1%}"
+        + (f", quality {tp.quality:.4f}, PGR {tp.pgr:.3f}" if judged and not math.isnan(tp.quality) else "")
+    )
+    for tier, f in feedback.items():
+        mean = "-" if f["mean_rating"] is None else f"{f['mean_rating']:+.2f}"
+        print(f"# {tier}: {f['requests']} answers, {f['rated']} rated (mean {mean}), {f['requeries']} re-asked")
+    if args.write:
+        print(f"# also stored as the artifact's default_threshold_bp in {args.write}")
+    print(policy_snippet(args.policy_name, bp), end="")
+    return 0
+
+
+def _artifact_id(router_path: str) -> str | None:
+    """The artifact's `sha256` field, the id the router logs for the decisions it made (None when absent)."""
+    try:
+        value = json.loads(Path(router_path).read_bytes()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) and value else None
 
 
 def _recalibrate(art: RouterArtifact, args: argparse.Namespace) -> CalibrationTable:

@@ -3,6 +3,7 @@
     tiergate train --data A.jsonl [--data B.jsonl ...] --weak MODEL --strong MODEL --out router.json
     tiergate train --data A.jsonl --tiers M1,M2,... --prices prices.json --out router.json
     tiergate train --data A.jsonl --tiers M1@1,M1@16,M2@1,... --prices prices.json --reference M2@1 --out router.json
+    tiergate train --data decisions.jsonl --weak TIER --strong TIER --out router.json   # from decision logs
 
 Tiers named `MODEL@N` (or `--reference` given) train a `candidates` router (BEST-Route, docs/routing.md): one
 quality output per candidate, calibrated in USD per 1k prompts from the rows' `tokens`.
@@ -105,6 +106,7 @@ def _run(args: argparse.Namespace) -> int:
         true_costs,
     )
     from tiergate.training.data import load_outcomes, load_prices
+    from tiergate.training.decision_logs import log_set, outcomes_from_logs
     from tiergate.training.embeddings import cached_minilm, tqdm_progress
     from tiergate.training.labels import check_two_classes
     from tiergate.training.train import (
@@ -141,7 +143,13 @@ def _run(args: argparse.Namespace) -> int:
             raise DataError(f"{flag} must be in 0..1, got {val}")
     split = None if args.split == "all" else args.split
     columns = token_columns(tiers.models) if candidates else ()
-    data = load_outcomes(args.data, tiers.models, split=split, token_columns=columns)
+    logs = log_set(args.data)
+    if logs and not tiers.two_tier:
+        raise DataError("decision logs train two-tier routers: give --weak and --strong (tier names as logged)")
+    if logs:
+        data = outcomes_from_logs(logs, tiers.models)
+    else:
+        data = load_outcomes(args.data, tiers.models, split=split, token_columns=columns)
     if candidates:
         cands = measure_candidates(data, tiers.models, load_candidate_prices(str(tiers.prices_file), tiers.models))
         prices = [c.input_usd_per_mtok + c.output_usd_per_mtok for c in cands]
