@@ -9,6 +9,7 @@ import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import grpc
 import openai
 import pytest
 
@@ -18,6 +19,7 @@ from tests.support.reward import FakeRewardServer
 from tests.support.waiting import wait_for
 from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate.training.decision_logs import join_logs
+from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import CanaryConfig, RouterConfig, ShadowConfig, from_policy
 from tiergate_router.config.shadow import ShadowFlags, apply_shadow
@@ -382,3 +384,16 @@ def test_baseline_mode_answers_from_the_baseline_when_the_classifier_fails() -> 
         assert _ask(_client(h), EASY) == ("large", "classifier_error")
     finally:
         h.stop()
+
+
+def test_mirror_judges_grpc_generate_too(h: Harness, reward: FakeRewardServer) -> None:
+    _apply(h, shadow=ShadowConfig(mode="Mirror", baseline_tier="large", sample_rate_bp=10000, reward_url=reward.url))
+    with grpc.insecure_channel(h.grpc_target) as channel:
+        stub = router_pb2_grpc.RouterServiceStub(channel)
+        for i in range(3):
+            r = stub.Generate(
+                router_pb2.GenerateRequest(prompt=EASY, max_tokens=4), metadata=(("x-request-id", f"g{i}"),)
+            )
+            assert r.tier == "small"
+    _judged(h, 3)
+    assert _agreement(h, "true") == 3
