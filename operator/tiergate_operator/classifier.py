@@ -41,7 +41,8 @@ COPY_KEY = "artifact.json"
 CLASSIFIER_REF = "spec.router.classifier"
 API_KEY_REFS = "spec.tiers[].endpoint.apiKeySecretRef"
 CLASSIFIER_ARTIFACT = "classifier artifact"
-ROUTER_INPUTS = frozenset({CLASSIFIER_REF, API_KEY_REFS, CLASSIFIER_ARTIFACT})
+CANARY_REF = "spec.router.canary.classifier"
+ROUTER_INPUTS = frozenset({CLASSIFIER_REF, API_KEY_REFS, CLASSIFIER_ARTIFACT, CANARY_REF})
 
 MISSING = "ClassifierMissing"
 INVALID = "ClassifierInvalid"
@@ -293,6 +294,7 @@ def read_copy(cm: Obj | None) -> ClassifierCopy | None:
 def router_inputs(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> dict[str, Any]:
     """Every input the router reads only at start, by the name the router gives it (ROUTER_INPUTS)."""
     c = policy.spec.router.classifier
+    canary = policy.spec.router.canary
     keys = {}
     for t in policy.spec.tiers:
         ref = t.endpoint.api_key_secret_ref if t.endpoint is not None else None
@@ -302,6 +304,8 @@ def router_inputs(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> d
         CLASSIFIER_REF: c.model_dump(mode="json", by_alias=True, exclude_none=True) if c is not None else None,
         API_KEY_REFS: keys,
         CLASSIFIER_ARTIFACT: classifier.sha256 if classifier is not None else None,
+        # The share is hot-reloaded; which artifact the canary is, is read at start.
+        CANARY_REF: canary.classifier.model_dump(mode="json", by_alias=True, exclude_none=True) if canary else None,
     }
 
 

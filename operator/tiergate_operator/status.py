@@ -344,6 +344,8 @@ def compute_status(
     if mix is not None:
         status["observedMix"] = mix.observed_mix()
         status["observedMixWindow"] = mix.observed_mix_window()
+    if policy.spec.shadow is not None:
+        status["shadowMode"] = policy.spec.shadow.mode.value
     if gen is not None:
         status["observedGeneration"] = gen
     return status

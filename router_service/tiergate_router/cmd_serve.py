@@ -104,6 +104,35 @@ def configure(parser: argparse.ArgumentParser) -> None:
     bon.add_argument(
         "--reference-tier", default=None, metavar="TIER", help="answers when best-of-N cannot (default: strongest)"
     )
+    shadow = parser.add_argument_group(
+        "shadow routing and canary", "compare the router with a baseline tier, or try a second artifact (spec.shadow)"
+    )
+    shadow.add_argument(
+        "--shadow",
+        default=None,
+        metavar="MODE=TIER",
+        help="Baseline=TIER: TIER answers everything, the router's decision is only recorded; Mirror=TIER: a sample "
+        "of requests is also sent to TIER in the background and both answers judged",
+    )
+    shadow.add_argument(
+        "--shadow-sample-bp", type=int, default=None, metavar="N", help="share of routed requests judged (0..10000)"
+    )
+    shadow.add_argument(
+        "--shadow-max-concurrent", type=int, default=None, metavar="N", help="background shadow calls at once (16)"
+    )
+    shadow.add_argument(
+        "--shadow-reward-url", default=None, metavar="URL", help="reward server judging (default: --reward-url's)"
+    )
+    shadow.add_argument(
+        "--canary-artifact", type=Path, default=None, metavar="PATH", help="a second classifier artifact"
+    )
+    shadow.add_argument(
+        "--canary-share-bp",
+        type=int,
+        default=None,
+        metavar="N",
+        help="share of routed requests the canary artifact decides (0..10000), by request id",
+    )
     from tiergate_router.config.local import DISPATCH_FLAGS
 
     limits = parser.add_argument_group(
@@ -227,6 +256,8 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         parse_reward_url,
         parse_tier_modalities_flags,
     )
+    from tiergate_router.config.shadow import ShadowFlags, basis_points, parse_shadow_flag
+    from tiergate_router.errors import ConfigError
 
     best_of_n = BestOfNFlags(
         tier_n=None if args.best_of_n is None else parse_best_of_n_flag(args.best_of_n),
@@ -236,7 +267,18 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         min_reward=None if args.min_reward is None else parse_min_reward(args.min_reward),
         reference_tier=args.reference_tier,
     )
+    shadow = ShadowFlags(
+        mode_tier=None if args.shadow is None else parse_shadow_flag(args.shadow),
+        sample_bp=basis_points("--shadow-sample-bp", args.shadow_sample_bp),
+        max_concurrent=args.shadow_max_concurrent,
+        reward_url=None if args.shadow_reward_url is None else parse_reward_url(args.shadow_reward_url),
+        canary_artifact=args.canary_artifact,
+        canary_share_bp=basis_points("--canary-share-bp", args.canary_share_bp),
+    )
+    if (shadow.canary_artifact is None) != (shadow.canary_share_bp is None) and args.policy is None:
+        raise ConfigError("--canary-artifact and --canary-share-bp: give both (or a policy with spec.router.canary)")
     return LocalOverrides(
+        shadow=shadow,
         best_of_n=best_of_n,
         tiers=parse_tier_flags(args.tier),
         tier_modalities=parse_tier_modalities_flags(args.tier_modalities),
@@ -260,6 +302,10 @@ def _knob(cfg: RouterConfig) -> str:
         knob = f"N-tier artifact, cost weight {cfg.multi_tier.cost_weight_bp} bp"
     else:
         knob = f"threshold {', '.join(map(str, cfg.thresholds_bp)) or '-'} bp"
+    if cfg.canary is not None:
+        knob += f"; canary {cfg.canary.artifact} deciding {cfg.canary.share_bp} bp"
+    if cfg.shadow is not None:
+        knob += f"; shadow {cfg.shadow.mode} against {cfg.shadow.baseline_tier}, {cfg.shadow.sample_rate_bp} bp judged"
     b = cfg.best_of_n
     if b is not None:
         knob += f"; best-of-{b.max_samples} on {b.tier}, reward model at {b.reward_url}, reference {b.reference_tier}"
@@ -280,6 +326,7 @@ async def _serve(args: argparse.Namespace) -> int:
     from tiergate_router.classifier import MicroBatcher
     from tiergate_router.config import listen, policy_classifier_path, read_policy, serve_config, served_tier_names
     from tiergate_router.config.serve import NOTHING_TO_ROUTE
+    from tiergate_router.config.shadow import policy_canary_path
     from tiergate_router.errors import ConfigError
     from tiergate_router.restart_inputs import refuse_restart_changes, report_classifier
     from tiergate_router.server import RouterServer, ServeOptions
@@ -290,21 +337,25 @@ async def _serve(args: argparse.Namespace) -> int:
     if policy is None and not local.tiers:
         raise ConfigError(NOTHING_TO_ROUTE)
     loaded: LoadedClassifier | None = None
+    canary: LoadedClassifier | None = None
     if len(served_tier_names(policy, local.tiers)) > 1:
         artifact = args.router or (policy_classifier_path(policy) if policy is not None else None)
         loaded = load_classifier(artifact, encoder=args.encoder)
         classifier = loaded.classifier
+        canary_path = local.shadow.canary_artifact or policy_canary_path(policy)
+        if canary_path is not None:
+            canary = load_classifier(canary_path, encoder=args.encoder)
     else:
         # One tier: nothing to decide, so no encoder is loaded (and torch never imported).
         classifier = MicroBatcher(lambda prompts: [0.0] * len(prompts))
     discovery = _discovery(args)
-    cfg = serve_config(policy, local, loaded, discovery=discovery)
+    cfg = serve_config(policy, local, loaded, discovery=discovery, canary=canary)
 
     def reload(path: Path) -> RouterConfig:
         new = read_policy(path)
         if policy is not None:  # always, as reload is only set up with -f
             refuse_restart_changes(policy, new)
-        cfg = serve_config(new, local, loaded, discovery=discovery)
+        cfg = serve_config(new, local, loaded, discovery=discovery, canary=canary)
         return cfg
 
     where = listen(policy, local)
@@ -316,10 +367,12 @@ async def _serve(args: argparse.Namespace) -> int:
         policy_loader=reload if args.policy is not None else None,
         discovery=any(t.service is not None for t in cfg.tiers),
     )
-    server = RouterServer(cfg, classifier, options)
+    server = RouterServer(cfg, classifier, options, canary_classifier=canary.classifier if canary else None)
     server.router.artifact_id = report_classifier(
         server.router.metrics, loaded.source if loaded else None, loaded.kind if loaded else "none"
     )
+    if canary is not None:
+        server.router.canary_artifact_id = report_classifier(server.router.metrics, canary.source, canary.kind)
     await server.start()
     host = options.host
     print(

@@ -155,7 +155,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             yield rid
 
     async def _prepare(
-        self, req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest, context: Any, *, stream: bool
+        self,
+        req: router_pb2.GenerateRequest | router_pb2.ClassifyRequest,
+        context: Any,
+        *,
+        stream: bool,
+        rid: str = "",
     ) -> tuple[dict[str, Any], Any, str]:
         cfg = self.router.config
         _samples(context, 0)
@@ -166,7 +171,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             if req.ByteSize() > cfg.max_body_bytes:
                 raise BadRequestError(f"request exceeds the router's limit of {cfg.max_body_bytes} bytes", status=413)
             parsed = parse_chat(body)
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal, request_id=rid)
         except BadRequestError as e:
             self.router.metrics.requests.labels("none", "none", "client_error").inc()
             await context.abort(_status(e), e.message)
@@ -211,7 +216,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GenerateRequest, context: Any, rid: str
     ) -> router_pb2.GenerateResponse:
         t0 = time.perf_counter()
-        body, route, prompt_text = await self._prepare(request, context, stream=False)
+        body, route, prompt_text = await self._prepare(request, context, stream=False, rid=rid)
         res = Tally()
         m = self.router.metrics
         demand = m.tier_demand.labels(route.chain[0])
@@ -250,6 +255,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
             res.add(self.router.account_usage(reply.tier, usage, route.access))
             res.outcome = "success"
+            self.router.shadow.submit(route.shadow, "/chat/completions", body, prompt_text, reply.tier, text)
             return router_pb2.GenerateResponse(
                 text=text,
                 tier=reply.tier,
@@ -278,7 +284,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GenerateRequest, context: Any, rid: str
     ) -> AsyncIterator[router_pb2.GenerateChunk]:
         t0 = time.perf_counter()
-        body, route, prompt_text = await self._prepare(request, context, stream=True)
+        body, route, prompt_text = await self._prepare(request, context, stream=True, rid=rid)
         m = self.router.metrics
         res = Tally()
         demand = m.tier_demand.labels(route.chain[0])

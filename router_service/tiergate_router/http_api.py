@@ -21,6 +21,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -55,6 +56,7 @@ from tiergate_router.openai_server import (
     wants_usage,
 )
 from tiergate_router.router import Route, Router, SSEUsageScanner
+from tiergate_router.shadow import StreamText, answer_text
 from tiergate_router.tenants import Principal
 from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
@@ -212,6 +214,16 @@ def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: st
     return out
 
 
+@dataclass
+class _Result(Tally):
+    # The answer's text, kept only when shadow routing judges this request (Route.shadow.other set).
+    text: str | None = None
+
+
+def _judged(route: Route) -> bool:
+    return route.shadow is not None and route.shadow.other is not None
+
+
 class OpenAIHandlers:
     def __init__(self, router: Router) -> None:
         self.router = router
@@ -274,7 +286,7 @@ class OpenAIHandlers:
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
             attachments = find_attachments(parsed.body.get("messages")) if path == "/chat/completions" else ()
-            route = await self._route(parsed, principal, attachments)
+            route = await self._route(parsed, principal, attachments, request_id_of(request))
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
@@ -283,7 +295,7 @@ class OpenAIHandlers:
             return _refused(e)
         # The answering tier is known before the response ends; record it as soon as it is, so that a request
         # cancelled mid-stream is still counted against the tier that was serving it.
-        res = Tally()
+        res = _Result()
         demand = m.tier_demand.labels(route.chain[0])
         demand.inc()
         try:
@@ -296,7 +308,13 @@ class OpenAIHandlers:
                     return await self._answer_stream(request, route, path, parsed, answer, t0, res)
                 return self._answer_response(route, answer, res)
             if not parsed.stream:
-                return await self._complete(route, path, parsed, res, timeout_s)
+                resp = await self._complete(route, path, parsed, res, timeout_s)
+                if _judged(route):
+                    # Sent now rather than by aiohttp after the handler returns: the whole answer is on the wire
+                    # before the judgement (submitted below) starts. aiohttp skips a response already sent.
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                return resp
             return await self._stream(request, route, path, parsed, t0, res, timeout_s)
         except NoTierAvailableError as e:
             res.outcome = outcome_of(e)
@@ -315,16 +333,23 @@ class OpenAIHandlers:
             self.router.record(
                 route, res.served(request_id_of(request), parsed.prompt_text, parsed.body.get("user"), elapsed)
             )
+            if res.outcome == "success" and _judged(route):
+                # Never awaited: the judgement runs in the background, bounded (shadow.Shadower.submit).
+                self.router.shadow.submit(route.shadow, path, parsed.body, parsed.prompt_text, res.tier, res.text)
 
-    async def _route(self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...]) -> Route:
+    async def _route(
+        self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...], rid: str
+    ) -> Route:
         """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
         counted per modality."""
+        router = self.router
         if not attachments:
-            return await self.router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY)
-        m = self.router.metrics
+            return await router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY, request_id=rid)
+        m = router.metrics
         try:
-            check_attachments(attachments, self.router.config.attachments)
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal, modalities_of(attachments))
+            check_attachments(attachments, router.config.attachments)
+            needed = modalities_of(attachments)
+            route = await router.route(parsed.model, parsed.prompt_text, principal, needed, request_id=rid)
         except BadRequestError:
             for a in attachments:
                 m.attachments.labels(a.modality, "refused").inc()
@@ -354,7 +379,7 @@ class OpenAIHandlers:
         return dataclasses.replace(parsed, body=done.body), left
 
     async def _complete(
-        self, route: Route, path: str, parsed: ParsedRequest, res: Tally, timeout_s: float | None
+        self, route: Route, path: str, parsed: ParsedRequest, res: _Result, timeout_s: float | None
     ) -> web.Response:
         reply = await self.router.dispatcher.complete(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = reply.tier
@@ -366,6 +391,8 @@ class OpenAIHandlers:
             except ValueError:
                 obj = None
             if isinstance(obj, dict):
+                if _judged(route):
+                    res.text = answer_text(reply.body)
                 res.add(self.router.account_usage(reply.tier, obj.get("usage"), route.access))
                 obj["tiergate"] = _facts(route, reply.tier, reply.fallback, 1, None)
                 body = json.dumps(obj, ensure_ascii=False).encode()
@@ -426,13 +453,14 @@ class OpenAIHandlers:
         path: str,
         parsed: ParsedRequest,
         t0: float,
-        res: Tally,
+        res: _Result,
         timeout_s: float | None,
     ) -> web.StreamResponse:
         up = await self.router.dispatcher.open_stream(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = up.tier
         m = self.router.metrics
         scanner = SSEUsageScanner()
+        collected = StreamText() if _judged(route) else None
         try:
             headers = _route_headers(route, up.tier, up.fallback, specialists=res.specialists)
             resp = web.StreamResponse(status=up.status, headers=headers)
@@ -448,6 +476,8 @@ class OpenAIHandlers:
                         m.ttft_seconds.labels(up.tier).observe(time.perf_counter() - t0)
                         first = False
                     scanner.feed(chunk)
+                    if collected is not None:
+                        collected.feed(chunk)
                     if not accounted and scanner.usage is not None:
                         # Counted as soon as the usage event is seen, before it (and the `[DONE]` after it) reaches
                         # the client: a client that hangs up at `[DONE]` cancels this handler before the upstream
@@ -467,6 +497,7 @@ class OpenAIHandlers:
             await resp.write_eof()
         finally:
             up.close()
+        res.text = collected.text if collected is not None else None
         res.outcome = "success"
         return resp
 

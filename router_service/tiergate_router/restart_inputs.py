@@ -24,8 +24,10 @@ CLASSIFIER_REF = "spec.router.classifier"
 API_KEY_REFS = "spec.tiers[].endpoint.apiKeySecretRef"
 # Not a policy field: the artifact file's content, read once (the operator rolls the router when it changes).
 CLASSIFIER_ARTIFACT = "classifier artifact"
+# The canary artifact (spec.router.canary), loaded at start like the primary one; its share is reloaded.
+CANARY_REF = "spec.router.canary.classifier"
 # The policy fields among them, which a reload compares.
-RELOAD_REFUSED = (CLASSIFIER_REF, API_KEY_REFS)
+RELOAD_REFUSED = (CLASSIFIER_REF, API_KEY_REFS, CANARY_REF)
 STARTUP_INPUTS = frozenset({*RELOAD_REFUSED, CLASSIFIER_ARTIFACT})
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,17 @@ log = logging.getLogger(__name__)
 def policy_startup_inputs(policy: RoutingPolicy) -> dict[str, Any]:
     """The start-time inputs a policy names (RELOAD_REFUSED), by field."""
     c = policy.spec.router.classifier
+    canary = policy.spec.router.canary
     keys: dict[str, tuple[str, str]] = {}
     for t in policy.spec.tiers:
         ref = t.endpoint.api_key_secret_ref if t.endpoint is not None else None
         if ref is not None:
             keys[t.name] = (ref.name, ref.key)
-    return {CLASSIFIER_REF: c.model_dump(mode="json") if c is not None else None, API_KEY_REFS: keys}
+    return {
+        CLASSIFIER_REF: c.model_dump(mode="json") if c is not None else None,
+        API_KEY_REFS: keys,
+        CANARY_REF: canary.classifier.model_dump(mode="json") if canary is not None else None,
+    }
 
 
 def refuse_restart_changes(running: RoutingPolicy, new: RoutingPolicy) -> None:

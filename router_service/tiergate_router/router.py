@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from tiergate_router.modality import (
     specialists_for,
     unservable,
 )
+from tiergate_router.shadow import BASELINE, CANARY, PRIMARY, Shadower, ShadowPlan, in_canary, plan
 from tiergate_router.tenants import (
     OPEN,
     UNAUTHENTICATED,
@@ -70,16 +72,31 @@ class Route:
     artifact: str = ""
     # N-tier and candidates artifacts: the artifact's per-tier (per-candidate) predictions, for the decision log.
     scores: tuple[float, ...] | None = None
+    # Which artifact decided, as the metrics' `artifact` label: shadow.PRIMARY, or shadow.CANARY (spec.router.canary).
+    artifact_role: str = PRIMARY
+    # What shadow routing does with this request (spec.shadow); None: not shadowed (off, or not a routed request).
+    shadow: ShadowPlan | None = None
 
 
 class Router:
-    def __init__(self, config: RouterConfig, classifier: Classifier, metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        classifier: Classifier,
+        metrics: RouterMetrics | None = None,
+        *,
+        canary_classifier: Classifier | None = None,
+    ) -> None:
         self.metrics = metrics or RouterMetrics()
         self.classifier = classifier
+        # The canary artifact's classifier (spec.router.canary), loaded at start like the primary one.
+        self.canary_classifier = canary_classifier
         if isinstance(classifier, MicroBatcher) and classifier.on_batch is None:
             batch_hist = self.metrics.classifier_batch_size
             classifier.on_batch = lambda n, _seconds: batch_hist.observe(n)
         self.dispatcher = Dispatcher(config, self.metrics)
+        self.shadow = Shadower(self.dispatcher, self.metrics.registry)
+        self._canary_view = _canary_view(config)
         # Request bodies held at once, by both front ends (admission.py); resized when a reload changes the limit.
         self.body_budget = ByteBudget(config.max_inflight_body_bytes)
         self.gate = TenantGate(config.tenancy, self.metrics.registry)
@@ -91,17 +108,28 @@ class Router:
         # The sha256 of the classifier artifact serving (cmd_serve sets it, as it reports classifier_info); routes
         # the classifier decided carry it, so the decision log says which artifact decided.
         self.artifact_id = "none"
+        # The canary artifact's sha256 (spec.router.canary; cmd_serve sets it too).
+        self.canary_artifact_id = "none"
         m = self.metrics
         self.recorder = Recorder(
             _recorder_settings(config),
             on_drop=m.decision_log_dropped.inc,
             on_feedback=lambda source, _rating: m.feedback.labels(source).inc(),
         )
+        # Shadow judgements go to the decision log beside the decision records (joined by request id).
+        self.shadow.record = self._write_record
+        # What shadow calls use is counted in the tokens and cost metrics (charged to no tenant: the policy's cost).
+        self.shadow.account = lambda tier, usage: self.account_usage(tier, usage)
 
     @property
     def decision_log(self) -> DecisionLog | None:
         """The decision log (None when off): other record kinds (shadow judgements) are written to it too."""
         return self.recorder.log
+
+    def _write_record(self, record: dict[str, Any]) -> None:
+        log = self.decision_log
+        if log is not None:
+            log.write(record)
 
     def record(self, route: Route, served: Served) -> None:
         """The request is over: its decision record, and what feedback on it needs (`decision_records`)."""
@@ -134,14 +162,18 @@ class Router:
                 await t
         self._background.clear()
         await self.gate.aclose()
+        await self.shadow.aclose()
         await self.dispatcher.aclose()
         await self.classifier.aclose()
+        if self.canary_classifier is not None:
+            await self.canary_classifier.aclose()
         self.recorder.close()
 
     def apply_config(self, config: RouterConfig) -> None:
         """Swap the policy; requests already routed keep their chain and endpoints."""
         self.dispatcher.apply_config(config)
         self.gate.apply(config.tenancy)
+        self._canary_view = _canary_view(config)
         self._size_cache(config)
         self.body_budget.resize(config.max_inflight_body_bytes)
         self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
@@ -199,12 +231,16 @@ class Router:
         prompt_text: str,
         principal: Principal = UNAUTHENTICATED,
         modalities: frozenset[str] = TEXT_ONLY,
+        *,
+        request_id: str = "",
     ) -> Route:
         """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
         admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
         decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`). A request with images or
         audio (`modalities`, from `modality.find_attachments`) is routed among the tiers that accept them all
-        (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`)."""
+        (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`).
+        `request_id` chooses the artifact under a canary and the shadow sample (shadow.in_canary,
+        shadow.shadow_sampled)."""
         cfg = self.config
         forced = self.resolve_model(model)
         if modalities != TEXT_ONLY:
@@ -212,12 +248,20 @@ class Router:
             if missing:
                 raise refuse_unservable(missing)
         access = await self.gate.admit(principal, forced)
+        # Without an id (a front end that has none) each request draws its own: assignment stays a fair sample.
+        request_id = request_id or uuid.uuid4().hex
         if modalities == TEXT_ONLY:
-            return await self._routed(cfg, forced, prompt_text, access)
-        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities)
+            return await self._routed(cfg, forced, prompt_text, access, request_id)
+        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities, request_id)
 
     async def _routed_multimodal(
-        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, needed: frozenset[str]
+        self,
+        cfg: RouterConfig,
+        forced: str | None,
+        prompt_text: str,
+        access: Access,
+        needed: frozenset[str],
+        request_id: str,
     ) -> Route:
         """Routing with attachments: the choice kept to tiers that accept every modality present (the tenant's, when
         it has tiers) unless none does or the policy says Decompose; then the specialists for the rest."""
@@ -226,19 +270,64 @@ class Router:
             capable = narrowed(access.tiers, capable_tiers(cfg.tier_modalities, needed))
             if capable is not None:
                 routed_access = dataclasses.replace(access, tiers=capable)
-        route = await self._routed(cfg, forced, prompt_text, routed_access)
+        route = await self._routed(cfg, forced, prompt_text, routed_access, request_id)
         specialists = specialists_for(cfg.tier(route.chain[0]).modalities, needed, cfg.tier_modalities, access.tiers)
         if specialists:
             # The answering tier gets text only once the parts are described: any tier of the usual chain will do.
             chain = restrict_chain(fallback_chain(route.chain[0], cfg.tier_names, cfg.fallback_order), access)
         else:
             chain = [t for t in route.chain if needed <= cfg.tier(t).modalities]
-        return dataclasses.replace(route, chain=chain, access=access, specialists=specialists)
+        shadow = self._judged_with_attachments(cfg, route.shadow, needed, chain[0], described=bool(specialists))
+        return dataclasses.replace(route, chain=chain, access=access, specialists=specialists, shadow=shadow)
 
-    async def _routed(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
-        route = await self._route(cfg, forced, prompt_text, access)
-        if access is OPEN:
+    def _judged_with_attachments(
+        self, cfg: RouterConfig, shadow: ShadowPlan | None, needed: frozenset[str], first: str, *, described: bool
+    ) -> ShadowPlan | None:
+        """The shadow plan of a request with attachments: not judged (and counted) when the background call would
+        carry them as they are (`described`: specialists turned them into text) to a tier that cannot take them, or
+        when the tier meant to answer (Baseline's baseline) cannot and another capable tier answers first."""
+        other = None if shadow is None else shadow.other
+        if shadow is None or other is None:
+            return shadow
+        if shadow.answered == first and (described or needed <= cfg.tier(other).modalities):
+            return shadow
+        self.shadow.metrics.dropped.labels("attachments").inc()
+        return dataclasses.replace(shadow, other=None)
+
+    async def _routed(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str
+    ) -> Route:
+        """The route of the tier choice: the classifier's (or the canary's) decision, kept to what the tenant may use,
+        then, under spec.shadow, the baseline answering (Baseline mode) and the plan of what is judged."""
+        route = await self._route(cfg, forced, prompt_text, access, request_id)
+        if access is not OPEN:
+            route = self._restrict(cfg, forced, route, access)
+        if cfg.shadow is None or forced is not None:
             return route
+        if route.decision in cfg.tier_names:
+            return self._shadowed(cfg, route, request_id)
+        if route.decision == "classifier_error" and cfg.shadow.mode == BASELINE:
+            # Baseline mode answers every routed request from the baseline, also when no decision was made.
+            return dataclasses.replace(route, chain=self._baseline_chain(cfg, cfg.shadow.baseline_tier, route.access))
+        return route
+
+    @staticmethod
+    def _baseline_chain(cfg: RouterConfig, first: str, access: Access) -> list[str]:
+        chain = fallback_chain(first, cfg.tier_names, cfg.fallback_order)
+        return chain if access is OPEN else restrict_chain(chain, access)
+
+    def _shadowed(self, cfg: RouterConfig, route: Route, request_id: str) -> Route:
+        """A routed request under spec.shadow: Baseline mode answers from the baseline tier (the decision stays the
+        router's, for the log); both modes carry the plan of what is judged in the background."""
+        sh = cfg.shadow
+        assert sh is not None
+        shadow = plan(sh, cfg.tier_names, route.chain[0], request_id, route.artifact_role)
+        if shadow.answered == route.chain[0]:
+            return dataclasses.replace(route, shadow=shadow)
+        chain = self._baseline_chain(cfg, shadow.answered, route.access)
+        return dataclasses.replace(route, chain=chain, samples=samples_without_heads(cfg, chain[0]), shadow=shadow)
+
+    def _restrict(self, cfg: RouterConfig, forced: str | None, route: Route, access: Access) -> Route:
         # A tier the client named (and may use) is served as named, also while the budget is low; once it is spent
         # with CheapestTier, the cheapest allowed tier serves whatever was asked.
         chosen = route.chain[0]
@@ -250,16 +339,23 @@ class Router:
         samples = route.samples if chain[0] == route.chain[0] else 1
         return dataclasses.replace(route, decision=decision, chain=chain, access=access, samples=samples)
 
-    async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
+    async def _route(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str = ""
+    ) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
         if len(cfg.tiers) == 1 or access.cheapest_only:
             # A spent budget (CheapestTier) draws one sample: best-of-N multiplies what is spent.
             only = cfg.tiers[0].name
             return Route(None, only, [only], samples=1 if access.cheapest_only else samples_without_heads(cfg, only))
+        role, classifier = PRIMARY, self.classifier
+        canary = cfg.canary
+        if canary is not None and self.canary_classifier is not None and in_canary(request_id, canary.share_bp):
+            role, classifier = CANARY, self.canary_classifier
+            cfg = self._canary_view or cfg
         t0 = time.perf_counter()
         try:
-            verdict = (await self.classifier.score([prompt_text]))[0]
+            verdict = (await classifier.score([prompt_text]))[0]
             if cfg.candidates is not None:
                 chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text, access)
             else:
@@ -269,14 +365,17 @@ class Router:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
             log.warning("classification failed, routing to the strongest tier: %s", e)
             strongest = cfg.tiers[-1].name
-            return Route(None, "classifier_error", fallback_chain(strongest, cfg.tier_names, cfg.fallback_order))
+            chain = fallback_chain(strongest, cfg.tier_names, cfg.fallback_order)
+            return Route(None, "classifier_error", chain, artifact_role=role)
         self.metrics.classification_seconds.observe(time.perf_counter() - t0)
+        self.shadow.metrics.decisions.labels(role, chosen).inc()
         self.metrics.score.observe(score)
         if cfg.best_of_n is not None:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
         chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
         scores = tuple(float(v) for v in verdict) if isinstance(verdict, tuple) else None
-        return Route(score, chosen, chain, samples=samples, artifact=self.artifact_id, scores=scores)
+        artifact_id = self.canary_artifact_id if role == CANARY else self.artifact_id
+        return Route(score, chosen, chain, samples=samples, artifact=artifact_id, scores=scores, artifact_role=role)
 
     @staticmethod
     def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
@@ -324,6 +423,17 @@ class Router:
 
 def _recorder_settings(config: RouterConfig) -> RecorderSettings:
     return RecorderSettings(target=config.decision_log, include_prompts=config.decision_log_prompts)
+
+
+def _canary_view(cfg: RouterConfig) -> RouterConfig | None:
+    """The config the canary artifact decides with: the primary's, with the canary's decision knobs (made once per
+    config, not per request)."""
+    c = cfg.canary
+    if c is None:
+        return None
+    return dataclasses.replace(
+        cfg, thresholds_bp=c.thresholds_bp, multi_tier=c.multi_tier, candidates=c.candidates, canary=None
+    )
 
 
 def samples_without_heads(cfg: RouterConfig, chosen: str) -> int:

@@ -47,9 +47,16 @@ class ServeOptions:
 
 
 class RouterServer:
-    def __init__(self, config: RouterConfig, classifier: Classifier, options: ServeOptions) -> None:
+    def __init__(
+        self,
+        config: RouterConfig,
+        classifier: Classifier,
+        options: ServeOptions,
+        *,
+        canary_classifier: Classifier | None = None,
+    ) -> None:
         self.options = options
-        self.router = Router(config, classifier)
+        self.router = Router(config, classifier, canary_classifier=canary_classifier)
         self._http: HTTPServer | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None

@@ -47,6 +47,7 @@ class Harness:
         config_overrides: dict[str, Any] | None = None,
         grpc: bool = True,
         classifier_factory: Callable[[], Classifier] | None = None,
+        canary_factory: Callable[[], Classifier] | None = None,
         external: dict[str, list[str]] | None = None,
         grace_s: float = 1.0,
         modalities: dict[str, frozenset[str]] | None = None,
@@ -58,6 +59,8 @@ class Harness:
         self._overrides = config_overrides or {}
         self._grpc = grpc
         self._classifier_factory = classifier_factory
+        # The canary artifact's classifier (config.canary decides which requests it classifies).
+        self._canary_factory = canary_factory
         # tier -> base URLs of servers the caller runs (e.g. fake vLLM subprocesses it can SIGKILL)
         self._external = external or {}
         # Short by default so that stopping a harness is quick; a shutdown test that needs requests to outlive the
@@ -101,7 +104,10 @@ class Harness:
         )
         classifier = self._classifier_factory() if self._classifier_factory else MicroBatcher(self.scorer)
         self.server = RouterServer(
-            cfg, classifier, ServeOptions(port=0, grpc_port=0 if self._grpc else None, grace_s=self._grace_s)
+            cfg,
+            classifier,
+            ServeOptions(port=0, grpc_port=0 if self._grpc else None, grace_s=self._grace_s),
+            canary_classifier=self._canary_factory() if self._canary_factory else None,
         )
         await self.server.start()
 

@@ -108,7 +108,32 @@ INVALID = [
     ("spec.bestOfN.tier", "medium", "spec.bestOfN.tier", "names no tier"),
     ("spec.bestOfN.maxSamples", 17, "spec.bestOfN.maxSamples", "less than or equal to 16"),
     ("spec.bestOfN.maxSamples", 0, "spec.bestOfN.maxSamples", "greater than or equal to 1"),
-    ("spec.shadow", {"baselineTier": "large", "sampleRateBasisPoints": 100}, "spec.shadow", "not implemented"),
+    ("spec.shadow", {"baselineTier": "large", "sampleRateBasisPoints": 100}, "spec.shadow.mode", "required"),
+    ("spec.shadow", {"mode": "Sideways", "baselineTier": "large", "sampleRateBasisPoints": 0}, "spec.shadow.mode", ""),
+    (
+        "spec.shadow",
+        {"mode": "Mirror", "baselineTier": "huge", "sampleRateBasisPoints": 100},
+        "spec.shadow.baselineTier",
+        "no tier",
+    ),
+    (
+        "spec.shadow",
+        {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 0.5},
+        "spec.shadow.sampleRateBasisPoints",
+        "integer",
+    ),
+    (
+        "spec.router.canary",
+        {"classifier": {"configMap": {"name": "r", "key": "a.json"}}, "shareBasisPoints": 2000},
+        "spec.router.canary.classifier.configMap",
+        "not served",
+    ),
+    (
+        "spec.router.canary",
+        {"classifier": {"path": "/a.json"}, "shareBasisPoints": 10001},
+        "spec.router.canary.shareBasisPoints",
+        "10000",
+    ),
     ("spec.router.thresholdBasisPoints", 5000, "spec.router", "at most one"),
     ("spec.router.costWeightBasisPoints", 500, "spec.router", "at most one"),
     ("spec.router.budgetPerMillion", "0.5", "spec.router", "budgetPerMillion"),
@@ -181,3 +206,34 @@ def test_body_from_api_server_with_extra_metadata_and_status_loads() -> None:
     assert p.metadata.generation == 3
     assert p.status is not None
     assert p.status.observed_generation == 2
+
+
+def test_shadow_and_canary_are_accepted() -> None:
+    doc = sample()
+    doc["spec"]["shadow"] = {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 500}
+    doc["spec"]["router"]["canary"] = {"classifier": {"path": "/models/new.json"}, "shareBasisPoints": 2000}
+    p = parse_policy(doc)
+    assert p.spec.shadow is not None
+    assert p.spec.shadow.mode.value == "Mirror"
+    assert p.spec.shadow.max_concurrent == 16
+    assert p.spec.router.canary is not None
+    assert p.spec.router.canary.share_basis_points == 2000
+
+
+def test_judging_shadow_answers_needs_a_reward_model() -> None:
+    doc = sample()
+    del doc["spec"]["bestOfN"]
+    doc["spec"]["shadow"] = {"mode": "Mirror", "baselineTier": "large", "sampleRateBasisPoints": 500}
+    err = errors_of(doc)
+    assert err.paths == ["spec.shadow"]
+    assert "rewardUrl" in str(err)
+    # Baseline mode without judging needs none; a rewardUrl serves Mirror without best-of-N.
+    doc["spec"]["shadow"] = {"mode": "Baseline", "baselineTier": "large", "sampleRateBasisPoints": 0}
+    assert parse_policy(doc).spec.shadow is not None
+    doc["spec"]["shadow"] = {
+        "mode": "Mirror",
+        "baselineTier": "large",
+        "sampleRateBasisPoints": 500,
+        "rewardUrl": "http://reward:8000",
+    }
+    assert parse_policy(doc).spec.shadow is not None

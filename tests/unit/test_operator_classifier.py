@@ -280,6 +280,11 @@ START_TIME_CHANGES: dict[str, list[Callable[[dict[str, Any]], None]]] = {
         _external_tier("other-secret", "token"),
         _external_tier("llm-keys", "other-key"),
     ],
+    ri.CANARY_REF: [
+        lambda d: d["spec"]["router"].update(
+            canary={"classifier": {"path": "/models/new.json"}, "shareBasisPoints": 1}
+        ),
+    ],
 }
 RELOADABLE_CHANGES: list[Callable[[dict[str, Any]], None]] = [
     lambda d: d["spec"]["router"].update(targetStrongShareBasisPoints=1234),

@@ -160,3 +160,11 @@ def test_autoscaled_tier_reads_desired_from_the_deployment() -> None:
     st = compute_status(p, deps, [])
     assert st["tiers"][0]["desiredReplicas"] == 5
     assert cond(st, "Ready")["status"] == "True"
+
+
+def test_status_reports_the_shadow_mode() -> None:
+    assert "shadowMode" not in compute_status(policy(), all_ready(), [], now="2026-01-01T00:00:00Z")
+    doc = policy().to_manifest()
+    doc["spec"]["shadow"] = {"mode": "Baseline", "baselineTier": "large", "sampleRateBasisPoints": 0}
+    st = compute_status(parse_policy(doc), all_ready(), [], now="2026-01-01T00:00:00Z")
+    assert st["shadowMode"] == "Baseline"

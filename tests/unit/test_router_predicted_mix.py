@@ -7,10 +7,14 @@ import dataclasses
 
 import pytest
 
-from tiergate.routing.artifact import DEFAULT_MULTI_TIER, DEFAULT_TWO_TIER, load_artifact
-from tiergate.routing.operating_points import BP, shares_at, strong_share_at
-from tiergate_router.config import RouterConfig, tier_at
-from tiergate_router.config.predicted import predicted_mix_bp, with_predicted_mix
+from tests.unit.test_router_config import TwoTier
+from tiergate.routing.artifact import DEFAULT_MULTI_TIER, DEFAULT_TWO_TIER, RouterArtifact, load_artifact
+from tiergate.routing.operating_points import BP, CalibrationTable, ThresholdPoint, shares_at, strong_share_at
+from tiergate_router.config import RouterConfig, ShadowConfig, tier_at
+from tiergate_router.config.local import LocalOverrides
+from tiergate_router.config.predicted import blended_mix_bp, predicted_mix_bp, with_predicted_mix
+from tiergate_router.config.serve import serve_config
+from tiergate_router.config.shadow import ShadowFlags
 from tiergate_router.config.types import MultiTier
 from tiergate_router.errors import ConfigError
 from tiergate_router.metrics import RouterMetrics
@@ -81,3 +85,51 @@ def test_no_artifact_or_one_tier_predicts_nothing_and_the_gauge_follows_the_conf
     assert "tiergate_router_predicted_share{" not in m.render().decode()
     with pytest.raises(ConfigError, match="predicted_mix_bp"):
         dataclasses.replace(cfg, predicted_mix_bp=(10000,))
+
+
+# --- with shadow routing and a canary (spec.shadow, spec.router.canary) ------------------------------------------
+
+
+class _Calibrated(TwoTier):
+    """A loaded two-tier artifact whose calibration puts `strong_share` on the strong tier at its default threshold."""
+
+    def __init__(self, strong_share: float) -> None:
+        super().__init__()
+        self.strong_share = strong_share
+
+    @property
+    def artifact(self) -> RouterArtifact:
+        from types import SimpleNamespace
+
+        table = CalibrationTable(thresholds=(ThresholdPoint(self.default_threshold_bp, self.strong_share, 0.5, 0.0),))
+        art: RouterArtifact = SimpleNamespace(kind="two_tier", calibration=table)  # type: ignore[assignment]
+        return art
+
+
+def test_baseline_shadow_predicts_nothing_and_mirror_keeps_the_prediction() -> None:
+    art = load_artifact(DEFAULT_TWO_TIER)
+    cfg = two_tiers(5000)
+    assert predicted_mix_bp(cfg, art) is not None
+    # Baseline: the baseline tier serves everything, whatever the calibration says the decisions are.
+    baseline = dataclasses.replace(cfg, shadow=ShadowConfig(mode="Baseline", baseline_tier="large"))
+    assert predicted_mix_bp(baseline, art) is None
+    mirror = ShadowConfig(mode="Mirror", baseline_tier="large", sample_rate_bp=100, reward_url="http://r:1")
+    assert predicted_mix_bp(dataclasses.replace(cfg, shadow=mirror), art) == predicted_mix_bp(cfg, art)
+
+
+def test_a_canary_blends_the_two_predictions_by_its_share() -> None:
+    assert blended_mix_bp((8000, 2000), (2000, 8000), 2500) == (6500, 3500)
+    assert blended_mix_bp((8000, 2000), (2000, 8000), 0) == (8000, 2000)
+    assert blended_mix_bp((8000, 2000), None, 2500) is None
+    assert blended_mix_bp(None, (2000, 8000), 2500) is None
+    # Through serve_config: a primary predicting 20 % strong, a canary 60 %, the canary deciding 25 %.
+    flags = (("small", "http://a/v1"), ("large", "http://b/v1"))
+    local = LocalOverrides(tiers=flags, shadow=ShadowFlags(canary_share_bp=2500))
+    cfg = serve_config(None, local, _Calibrated(0.2), canary=_Calibrated(0.6))
+    assert cfg.canary is not None
+    assert cfg.predicted_mix_bp == (7000, 3000)
+    # Without the canary: the primary's own prediction.
+    assert serve_config(None, local, _Calibrated(0.2)).predicted_mix_bp == (8000, 2000)
+    # Baseline shadow on top: nothing, canary or not.
+    baseline = dataclasses.replace(local, shadow=ShadowFlags(mode_tier=("Baseline", "large"), canary_share_bp=2500))
+    assert serve_config(None, baseline, _Calibrated(0.2), canary=_Calibrated(0.6)).predicted_mix_bp is None

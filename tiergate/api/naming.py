@@ -36,6 +36,8 @@ POLICY_MOUNT_DIR = "/etc/tiergate/policy"
 POLICY_FILE_KEY = "policy.yaml"
 POLICY_FILE = f"{POLICY_MOUNT_DIR}/{POLICY_FILE_KEY}"
 CLASSIFIER_MOUNT_DIR = "/etc/tiergate/classifier"
+# The canary classifier artifact (spec.router.canary), mounted beside the primary one.
+CANARY_MOUNT_DIR = "/etc/tiergate/canary"
 
 
 def tier_name(policy: str, tier: str) -> str:
@@ -54,6 +56,11 @@ def reward_name(policy: str) -> str:
 def classifier_path(key: str) -> str:
     """Path of a classifier given as a ConfigMap key, inside the router container."""
     return f"{CLASSIFIER_MOUNT_DIR}/{key}"
+
+
+def canary_classifier_path(key: str) -> str:
+    """Path of the canary classifier given as a ConfigMap key, inside the router container."""
+    return f"{CANARY_MOUNT_DIR}/{key}"
 
 
 def tier_service_url(policy: str, namespace: str, tier: str, port: int) -> str:

@@ -699,6 +699,42 @@ class ClassifierRef(_Model):
         return self
 
 
+# The operator checks and copies a primary classifier ConfigMap before the router mounts it; the canary's has no such
+# copy yet, and mounting the user's ConfigMap unchecked would let a broken artifact crash-loop the router: refused.
+CANARY_CONFIGMAP_REFUSED = (
+    "spec.router.canary.classifier.configMap is not served by this version: give the canary artifact as a path "
+    "(an image or a volume)"
+)
+
+
+class RouterCanary(_Model):
+    """A second classifier artifact that decides a share of the routed requests (a canary of a new router): which
+    artifact decides is a pure function of the request id (`x-request-id`, a fresh one when the client sends none),
+    so a retried request with the same id is decided alike. Both artifacts' decisions and shadow judgements are
+    reported side by side (the metrics' `artifact` label: primary, canary). It must serve the same tiers, and is
+    read at start like spec.router.classifier. The policy's decision knob applies to both artifacts where it can;
+    a knob of the other artifact kind is refused, naming it."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.classifier.configMap)", "message": CANARY_CONFIGMAP_REFUSED}
+            ]
+        }
+    )
+
+    classifier: ClassifierRef
+    """The canary artifact: a `path` inside the router container (its image or a volume)."""
+    share_basis_points: BasisPoints
+    """Share of routed requests (0..10000) the canary artifact decides."""
+
+    @model_validator(mode="after")
+    def _path_only(self) -> RouterCanary:
+        if self.classifier.config_map is not None:
+            raise _At("classifier.configMap", CANARY_CONFIGMAP_REFUSED)
+        return self
+
+
 class Timeouts(_Model):
     """Envoy's route timeout and per-try timeout. `requestSeconds` is the overall deadline of one client request:
     every try on every tier of the fallback chain, and the backoff between them, fit inside it; when it passes the
@@ -923,6 +959,7 @@ class Router(Placement):
     replicas: Annotated[int, Field(ge=0, le=100, strict=True)] = 2
     image: Annotated[str, Field(min_length=1, max_length=512)] = DEFAULT_ROUTER_IMAGE
     classifier: ClassifierRef | None = None
+    canary: RouterCanary | None = None
     threshold_basis_points: BasisPoints | None = None
     """Route to the strongest tier when the classifier's score is at least this (0..10000)."""
     target_strong_share_basis_points: BasisPoints | None = None
@@ -1009,18 +1046,40 @@ class BestOfN(_Model):
     Unset: any score is accepted."""
 
 
-# Shadow routing is declared for the API's shape but not served yet: refused (here and by the CRD) rather than
-# accepted and ignored, so nobody pays for a baseline tier that never sees a request.
-SHADOW_REFUSED = "spec.shadow is not implemented by this version (shadow routing is planned); remove it"
+class ShadowMode(StrEnum):
+    """Baseline: every routed request is answered by the baseline tier while the router's decision is only logged
+    (the safe first deployment). Mirror: the router's tier answers, and a sampled share of requests is also sent to
+    the baseline tier in the background, both answers judged by the reward model."""
+
+    BASELINE = "Baseline"
+    MIRROR = "Mirror"
+
+
+SHADOW_NEEDS_REWARD = (
+    "spec.shadow: judging shadow answers (mode Mirror, or a sampleRateBasisPoints above 0) needs a reward model: set "
+    "spec.shadow.rewardUrl or spec.bestOfN.rewardModel"
+)
+MAX_SHADOW_CONCURRENCY = 1024
 
 
 class Shadow(_Model):
-    """Send a sample of requests to a baseline tier too, to compare routed answers with it."""
+    """Shadow routing: compare the router's decisions with an all-baseline deployment on live traffic."""
 
+    mode: ShadowMode
+    """Baseline or Mirror (see ShadowMode)."""
     baseline_tier: TierName
-    """Must name a tier in spec.tiers."""
+    """The tier the router is compared against (usually the strongest); must name a tier in spec.tiers."""
     sample_rate_basis_points: BasisPoints
-    """Share of requests shadowed (0..10000)."""
+    """Share of routed requests (0..10000) whose answer is judged against a second one fetched in the background:
+    Mirror, a request the router sent elsewhere also goes to the baseline tier; Baseline, a request the router would
+    have sent elsewhere also goes to that tier. (Requests the router sends to the baseline tier itself are paired with
+    the cheapest tier instead, which is what the estimated PGR needs.) Never delays the client."""
+    max_concurrent: Annotated[int, Field(ge=1, le=MAX_SHADOW_CONCURRENCY, strict=True)] = 16
+    """Background shadow calls in flight per router replica at most; a sampled request beyond it is dropped, not
+    queued, and counted (tiergate_router_shadow_dropped_total)."""
+    reward_url: Annotated[str, Field(max_length=2048, pattern=URL_PATTERN)] | None = None
+    """Root URL of the reward server that judges (vLLM's pooling API or `tiergate reward-server`). Unset: the
+    reward model of spec.bestOfN, when set."""
 
 
 # --- tenants ----------------------------------------------------------------------------------------------------
@@ -1176,10 +1235,11 @@ class RoutingPolicySpec(_Model):
                 _names_a_tier("bestOfN.tier", "bestOfN.tier"),
                 _names_a_tier("shadow.baselineTier", "shadow.baselineTier"),
                 {
-                    "rule": "!has(self.shadow)",
-                    "message": SHADOW_REFUSED,
+                    "rule": "!has(self.shadow) || has(self.shadow.rewardUrl) || has(self.bestOfN) || "
+                    "(self.shadow.mode == 'Baseline' && self.shadow.sampleRateBasisPoints == 0)",
+                    "message": SHADOW_NEEDS_REWARD,
                     "fieldPath": ".shadow",
-                    "reason": "FieldValueForbidden",
+                    "reason": "FieldValueRequired",
                 },
                 {
                     "rule": "!has(self.bestOfN) || !has(self.bestOfN.referenceTier) || "
@@ -1243,8 +1303,13 @@ class RoutingPolicySpec(_Model):
         ref = self.best_of_n.reference_tier if self.best_of_n is not None else None
         if ref is not None and ref not in seen:
             raise _At("bestOfN.referenceTier", f"names no tier: {ref!r} (tiers: {', '.join(names)})")
-        if self.shadow is not None:
-            raise _At("shadow", SHADOW_REFUSED)
+        sh = self.shadow
+        if sh is not None:
+            if sh.baseline_tier not in seen:
+                raise _At("shadow.baselineTier", f"names no tier: {sh.baseline_tier!r} (tiers: {', '.join(names)})")
+            judged = sh.mode is ShadowMode.MIRROR or sh.sample_rate_basis_points > 0
+            if judged and sh.reward_url is None and self.best_of_n is None:
+                raise _At("shadow", SHADOW_NEEDS_REWARD)
         _check_tenants(self.tenants, names)
         return self
 
@@ -1422,6 +1487,8 @@ class RoutingPolicyStatus(_Observed):
     """The router's in-cluster URL (OpenAI-compatible HTTP)."""
     reward_model: RewardModelStatus | None = None
     """The best-of-N reward model: replicas and endpoint (condition RewardModelReady says whether it can score)."""
+    shadow_mode: ShadowMode | None = None
+    """spec.shadow's mode while shadow routing is on (Baseline: the baseline tier answers everything)."""
     tier_names: str | None = None
     """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None

@@ -139,7 +139,14 @@ def join_logs(paths: Sequence[str | Path]) -> dict[str, LoggedRequest]:
             if rating is not None and isinstance(source, str):
                 r.feedback.setdefault(source, rating)
         else:
-            for tier_key, reward_key in (("routed_tier", "reward_routed"), ("baseline_tier", "reward_baseline")):
+            # A request the router sent to the baseline is paired with the cheapest tier: `weak_tier`, `reward_weak`
+            # (tiergate_router.shadow).
+            pairs = (
+                ("routed_tier", "reward_routed"),
+                ("baseline_tier", "reward_baseline"),
+                ("weak_tier", "reward_weak"),
+            )
+            for tier_key, reward_key in pairs:
                 tier, reward = rec.get(tier_key), _number(rec, reward_key)
                 if isinstance(tier, str) and reward is not None:
                     r.judged.setdefault(tier, reward)

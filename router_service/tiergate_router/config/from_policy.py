@@ -22,6 +22,7 @@ from tiergate_router.config.knobs import (
 )
 from tiergate_router.config.local import TierFlag, merge_tier_flags
 from tiergate_router.config.secrets import api_key
+from tiergate_router.config.shadow import shadow_of
 from tiergate_router.config.tenancy import tenancy_from_policy
 from tiergate_router.config.types import (
     DEFAULT_INFLIGHT_BODY_BYTES,
@@ -100,6 +101,7 @@ def from_policy(
         else:
             where = "spec.tiers" if len(tiers) == len(policy_tiers) else "spec.tiers with --tier"
             thresholds_bp = two_tier_thresholds([t.name for t in tiers], th, where=where)
+        best_of_n = best_of_n_of(policy, ns, reward_url=reward_url)
         return RouterConfig(
             tiers=tiers,
             thresholds_bp=thresholds_bp,
@@ -122,7 +124,8 @@ def from_policy(
             classifier_cache_bytes=cache_bytes,
             max_inflight_body_bytes=inflight_bytes,
             max_response_bytes=response_bytes,
-            best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
+            best_of_n=best_of_n,
+            shadow=shadow_of(policy, best_of_n),
             candidates=routing,
             attachments=attachment_policy(policy),
             decision_log="-" if r.decision_log is not None and r.decision_log.enabled else None,

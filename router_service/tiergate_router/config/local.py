@@ -22,6 +22,7 @@ from tiergate_router.config.knobs import (
     multi_tier_for,
     two_tier_thresholds,
 )
+from tiergate_router.config.shadow import ShadowFlags, apply_shadow
 from tiergate_router.config.types import (
     MAX_SAMPLES,
     BestOfNConfig,
@@ -204,6 +205,8 @@ class LocalOverrides:
     response_bytes: int | None = None
     # `--best-of-n TIER=N --reward-url URL` and the other best-of-N flags.
     best_of_n: BestOfNFlags = BestOfNFlags()
+    # `--shadow MODE=TIER` and the other shadow flags, `--canary-artifact PATH --canary-share-bp N`.
+    shadow: ShadowFlags = dataclasses.field(default_factory=ShadowFlags)
     # `--decision-log FILE` ("-": stdout), over the policy's spec.router.decisionLog; `--decision-log-prompts`
     # writes prompts' text (False: as the policy says).
     decision_log: str | None = None
@@ -335,6 +338,7 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
             raise ConfigError("--decision-log-prompts: there is no decision log (give --decision-log FILE)")
         cfg = dataclasses.replace(cfg, decision_log_prompts=True)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
+    cfg = apply_shadow(cfg, overrides.shadow)
     return apply_tier_modalities(cfg, overrides.tier_modalities)
 
 

@@ -8,7 +8,10 @@ calibrate` prints for the same knob. A prediction is only made where the calibra
 - N tiers with a multi-tier artifact, every artifact tier served and the choice weighed at the artifact's own
   prices (the calibration's conditions): the shares at the cost weight.
 Anything else (a subset of an N-tier artifact's tiers, prices in other ratios with a weight given by hand, a
-candidates artifact, one tier) predicts nothing: a figure the calibration never measured would raise false alarms.
+candidates artifact, one tier, shadow routing in Baseline mode, where the baseline tier answers everything) predicts
+nothing: a figure the calibration never measured would raise false alarms. A canary artifact deciding a share of
+requests (spec.router.canary) blends the two predictions by that share (`blended_mix_bp`), or predicts nothing when
+either artifact's calibration does not describe its decision.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ def predicted_mix_bp(cfg: RouterConfig, artifact: RouterArtifact | None) -> tupl
     """Per tier of `cfg` (cheapest first), the predicted share of routed requests in basis points; None where the
     calibration does not describe this config (the module docstring lists when it does)."""
     if artifact is None or cfg.candidates is not None or len(cfg.tiers) < 2:
+        return None
+    if cfg.shadow is not None and cfg.shadow.mode == "Baseline":
+        # What is served is the baseline tier, not the decisions the calibration describes.
         return None
     table = artifact.calibration
     mt = cfg.multi_tier
@@ -50,3 +56,15 @@ def predicted_mix_bp(cfg: RouterConfig, artifact: RouterArtifact | None) -> tupl
 def with_predicted_mix(cfg: RouterConfig, artifact: RouterArtifact | None) -> RouterConfig:
     """`cfg` carrying its predicted mix (`predicted_mix_bp`)."""
     return dataclasses.replace(cfg, predicted_mix_bp=predicted_mix_bp(cfg, artifact))
+
+
+def blended_mix_bp(
+    primary: tuple[int, ...] | None, canary: tuple[int, ...] | None, canary_share_bp: int
+) -> tuple[int, ...] | None:
+    """The mix predicted when a canary artifact decides `canary_share_bp` of routed requests and the primary the
+    rest: each tier's share weighed by the artifacts' shares of traffic; None unless both predict one."""
+    if primary is None or canary is None or len(primary) != len(canary):
+        return None
+    return tuple(
+        round((p * (BP - canary_share_bp) + c * canary_share_bp) / BP) for p, c in zip(primary, canary, strict=True)
+    )

@@ -132,6 +132,41 @@ class BestOfNConfig:
     min_reward: float | None = None
 
 
+SHADOW_MODES = ("Baseline", "Mirror")
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    """Shadow routing (`spec.shadow`, `tiergate serve --shadow MODE=BASELINE_TIER`; tiergate_router.shadow says how
+    it acts). Baseline: the baseline tier answers every routed request, the router's decision is only recorded.
+    Mirror: the router's tier answers. Either way `sample_rate_bp` of the routed requests are paired with a second
+    answer fetched in the background (never awaited by the client), at most `max_concurrent` at once (more are
+    dropped and counted), and both are judged by the reward model at `reward_url`."""
+
+    mode: str
+    baseline_tier: str
+    sample_rate_bp: int = 0
+    max_concurrent: int = 16
+    # The reward server's root URL (vLLM's pooling API); None only when nothing is judged (Baseline, rate 0).
+    reward_url: str | None = None
+    reward_model: str | None = None
+    # The reward call's deadline: it is off the request path, so it may take longer than best-of-N's.
+    reward_timeout_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class CanaryConfig:
+    """A second classifier artifact deciding `share_bp` of the routed requests (`spec.router.canary`,
+    `tiergate serve --canary-artifact PATH --canary-share-bp N`): its decision knobs, computed once like the primary
+    artifact's (`thresholds_bp`, `multi_tier` or `candidates` replace the config's for the requests it decides)."""
+
+    artifact: str
+    share_bp: int
+    thresholds_bp: tuple[int, ...] = ()
+    multi_tier: MultiTier | None = None
+    candidates: CandidateRouting | None = None
+
+
 # The most samples one request may draw (the policy's spec.bestOfN.maxSamples bound, MAX_BEST_OF_N).
 MAX_SAMPLES = 16
 
@@ -200,6 +235,10 @@ class RouterConfig:
     # predicts at this config's operating point (`config.predicted.with_predicted_mix`); None: no prediction.
     # Exported as tiergate_router_predicted_share, which the operator sets against the observed mix.
     predicted_mix_bp: tuple[int, ...] | None = None
+    # Shadow routing (spec.shadow); None: off.
+    shadow: ShadowConfig | None = None
+    # A canary classifier artifact deciding a share of routed requests (spec.router.canary); None: off.
+    canary: CanaryConfig | None = None
     # The decision log's target (a path, or "-" for stdout; `decision_records`); None: no log. Prompts' text is
     # written only with `decision_log_prompts`, otherwise their digest.
     decision_log: str | None = None
@@ -295,6 +334,14 @@ def validate(cfg: RouterConfig) -> None:
             raise ConfigError("multi_tier.prices: a finite non-negative price per artifact tier")
     if cfg.best_of_n is not None:
         _validate_best_of_n(cfg.best_of_n, names)
+    if cfg.shadow is not None:
+        _validate_shadow(cfg.shadow, names)
+    if cfg.canary is not None:
+        c = cfg.canary
+        if isinstance(c.share_bp, bool) or not 0 <= c.share_bp <= 10000:
+            raise ConfigError(f"canary.share_bp: {c.share_bp} is outside 0..10000")
+        if c.multi_tier is None and c.candidates is None and len(c.thresholds_bp) != len(cfg.tiers) - 1:
+            raise ConfigError("canary.thresholds_bp: one threshold between each two tiers")
     cr = cfg.candidates
     if cr is not None:
         if len(cr.tier_of) != len(cr.candidates):
@@ -324,6 +371,28 @@ def allowed_candidates(cfg: RouterConfig) -> tuple[bool, ...]:
         else:
             out.append(b is not None and cfg.tiers[ti].name == b.tier and c.n <= b.max_samples)
     return tuple(out)
+
+
+def _validate_shadow(sh: ShadowConfig, names: list[str]) -> None:
+    if sh.mode not in SHADOW_MODES:
+        raise ConfigError(f"shadow.mode: {sh.mode!r} is not one of {', '.join(SHADOW_MODES)}")
+    if sh.baseline_tier not in names:
+        raise ConfigError(f"shadow.baseline_tier: unknown tier {sh.baseline_tier!r} (tiers: {', '.join(names)})")
+    if isinstance(sh.sample_rate_bp, bool) or not 0 <= sh.sample_rate_bp <= 10000:
+        raise ConfigError(f"shadow.sample_rate_bp: {sh.sample_rate_bp} is outside 0..10000")
+    if sh.max_concurrent < 1:
+        raise ConfigError("shadow.max_concurrent: must be at least 1")
+    if (sh.mode == "Mirror" or sh.sample_rate_bp > 0) and sh.reward_url is None:
+        raise ConfigError(
+            "shadow: judging shadow answers (mode Mirror, or a sample rate above 0) needs a reward model: "
+            "spec.shadow.rewardUrl or spec.bestOfN, or --shadow-reward-url"
+        )
+    if sh.reward_url is not None:
+        parsed = urlparse(sh.reward_url)
+        if parsed.scheme not in ("http", "https") or not parsed.netloc:
+            raise ConfigError(f"shadow.reward_url: {sh.reward_url!r} is not an http(s) URL")
+    if not sh.reward_timeout_s > 0:
+        raise ConfigError("shadow.reward_timeout_s: must be positive")
 
 
 def _validate_best_of_n(b: BestOfNConfig, names: list[str]) -> None:
