@@ -261,7 +261,11 @@ class PolicyBed:
             for i, t in enumerate([*self.tiers, *self.absent])
         ]
         thresholds = (5000, 10000)[: len(tiers) - 1]
-        cfg = RouterConfig(tiers=tuple(tiers), thresholds_bp=thresholds, breaker_open_s=60.0)
+        # kwok marks a pod Ready the moment it runs (no readiness probe), before `sync` has a server listening at its
+        # IP: the router's first tries there are refused and open the endpoint's breaker. A 1 s breaker keeps that
+        # test-bed gap from hiding a new pod for the default 5 s (a real pod joins the EndpointSlice only once its
+        # readiness probe passes).
+        cfg = RouterConfig(tiers=tuple(tiers), thresholds_bp=thresholds, breaker_open_s=1.0)
         self._loop = LoopThread()
         self.server = RouterServer(
             cfg,
@@ -378,10 +382,11 @@ class ScaleResult:
     first_new_pod_serving_s: float  # a request was answered by a pod the scale-up made
     all_new_pods_serving_s: float  # every pod the scale-up made has answered a request
     peak_replicas: int
-    peak_demand_per_pod: float  # the HPA's own reading of the metric (status.currentMetrics)
+    peak_demand: float  # the External metric as the HPA reads it (through the API server and the adapter)
+    peak_demand_per_pod: float  # the HPA's own reading of it per replica (status.currentMetrics)
     back_to_min_s: float
     answers_by_pod: dict[str, int]
-    errors: int
+    errors: list[str]
 
 
 def _replicas(cluster: DevCluster, ns: str, name: str) -> int:
@@ -395,6 +400,16 @@ def _hpa_demand(cluster: DevCluster, ns: str, name: str) -> float:
         if value:
             return _quantity(value)
     return 0.0
+
+
+def _external_demand(cluster: DevCluster, ns: str, policy: str, tier: str) -> float:
+    path = (
+        f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{DEMAND_METRIC}"
+        f"?labelSelector=routingpolicy={policy},tier={tier}"
+    )
+    # Not served yet (the adapter has not listed the series) reads as no demand.
+    out = cluster.kubectl("get", "--raw", path, check=False)
+    return sum(_quantity(i["value"]) for i in json.loads(out)["items"]) if out else 0.0
 
 
 def _quantity(q: str) -> float:
@@ -414,7 +429,7 @@ def run_scale_scenario(
     name = naming.tier_name(bed.policy, tier)
     initial = set(bed.sync())
     answers: dict[str, int] = {}
-    errors = [0]
+    errors: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
     t0 = time.monotonic()
@@ -426,9 +441,9 @@ def run_scale_scenario(
             n += 1
             try:
                 _, pod = bed.ask(f"client {i} request {n}", model=tier)
-            except OSError:
+            except OSError as e:
                 with lock:
-                    errors[0] += 1
+                    errors.append(f"{time.monotonic() - t0:.1f}s: {e}")
                 continue
             with lock:
                 answers[pod] = answers.get(pod, 0) + 1
@@ -439,7 +454,7 @@ def run_scale_scenario(
     for t in threads:
         t.start()
     raised: list[float] = []
-    peak = [0, 0.0]
+    peak_replicas, peak_demand, peak_per_pod = [0], [0.0], [0.0]
     try:
 
         def all_new_serving() -> bool:
@@ -447,8 +462,9 @@ def run_scale_scenario(
             replicas = _replicas(cluster, ns, name)
             if replicas > len(initial) and not raised:
                 raised.append(time.monotonic() - t0)
-            peak[0] = max(peak[0], replicas)
-            peak[1] = max(peak[1], _hpa_demand(cluster, ns, name))
+            peak_replicas[0] = max(peak_replicas[0], replicas)
+            peak_demand[0] = max(peak_demand[0], _external_demand(cluster, ns, bed.policy, tier))
+            peak_per_pod[0] = max(peak_per_pod[0], _hpa_demand(cluster, ns, name))
             new = set(served) - initial
             with lock:
                 return replicas == max_replicas and len(new) == max_replicas - len(initial) and new <= set(answers)
@@ -470,9 +486,10 @@ def run_scale_scenario(
         replicas_raised_s=raised[0] if raised else float("nan"),
         first_new_pod_serving_s=first_new[0] if first_new else float("nan"),
         all_new_pods_serving_s=all_serving,
-        peak_replicas=peak[0],
-        peak_demand_per_pod=peak[1],
+        peak_replicas=peak_replicas[0],
+        peak_demand=peak_demand[0],
+        peak_demand_per_pod=peak_per_pod[0],
         back_to_min_s=time.monotonic() - t_stop,
         answers_by_pod=dict(answers),
-        errors=errors[0],
+        errors=list(errors),
     )
