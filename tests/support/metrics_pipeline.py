@@ -261,11 +261,17 @@ class PolicyBed:
             for i, t in enumerate([*self.tiers, *self.absent])
         ]
         thresholds = (5000, 10000)[: len(tiers) - 1]
-        # kwok marks a pod Ready the moment it runs (no readiness probe), before `sync` has a server listening at its
-        # IP: the router's first tries there are refused and open the endpoint's breaker. A 1 s breaker keeps that
-        # test-bed gap from hiding a new pod for the default 5 s (a real pod joins the EndpointSlice only once its
-        # readiness probe passes).
-        cfg = RouterConfig(tiers=tuple(tiers), thresholds_bp=thresholds, breaker_open_s=1.0)
+        # kwok marks a pod Ready the moment it runs (no readiness probe), a second or two before `sync` has a server
+        # listening at its IP, where a real pod joins the EndpointSlice only once its probe passes. The router's tries
+        # there are refused meanwhile: enough attempts (and retry budget) to reach a listening pod past every new one,
+        # and a 1 s breaker so that the gap does not hide a new pod for the default 5 s.
+        cfg = RouterConfig(
+            tiers=tuple(tiers),
+            thresholds_bp=thresholds,
+            breaker_open_s=1.0,
+            max_attempts_per_tier=8,
+            min_retry_concurrency=64,
+        )
         self._loop = LoopThread()
         self.server = RouterServer(
             cfg,
@@ -378,9 +384,9 @@ def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int
 class ScaleResult:
     """Seconds from the load's start (down: from its stop), as measured by the load generator's clock."""
 
-    replicas_raised_s: float  # the HPA raised the Deployment's replicas
+    replicas_raised_s: float  # the HPA raised the Deployment's replicas (its lastScaleTime: whole seconds)
     first_new_pod_serving_s: float  # a request was answered by a pod the scale-up made
-    all_new_pods_serving_s: float  # every pod the scale-up made has answered a request
+    all_new_pods_serving_s: float  # every pod the scale-up made has answered (seen by a poll of about a second)
     peak_replicas: int
     peak_demand: float  # the External metric as the HPA reads it (through the API server and the adapter)
     peak_demand_per_pod: float  # the HPA's own reading of it per replica (status.currentMetrics)
@@ -412,6 +418,13 @@ def _external_demand(cluster: DevCluster, ns: str, policy: str, tier: str) -> fl
     return sum(_quantity(i["value"]) for i in json.loads(out)["items"]) if out else 0.0
 
 
+def _last_scale_time(cluster: DevCluster, ns: str, name: str) -> float | None:
+    from datetime import datetime
+
+    stamp = cluster.kubectl("get", "hpa", name, "-n", ns, "-o", "jsonpath={.status.lastScaleTime}", check=False)
+    return datetime.fromisoformat(stamp.strip().replace("Z", "+00:00")).timestamp() if stamp.strip() else None
+
+
 def _quantity(q: str) -> float:
     return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
 
@@ -432,7 +445,7 @@ def run_scale_scenario(
     errors: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     first_new: list[float] = []
 
     def client(i: int) -> None:
@@ -461,7 +474,9 @@ def run_scale_scenario(
             served = bed.sync()
             replicas = _replicas(cluster, ns, name)
             if replicas > len(initial) and not raised:
-                raised.append(time.monotonic() - t0)
+                # When the HPA wrote the new scale (its own record, to the second), not when this poll saw it.
+                scaled = _last_scale_time(cluster, ns, name)
+                raised.append(scaled - t0_wall if scaled is not None else time.monotonic() - t0)
             peak_replicas[0] = max(peak_replicas[0], replicas)
             peak_demand[0] = max(peak_demand[0], _external_demand(cluster, ns, bed.policy, tier))
             peak_per_pod[0] = max(peak_per_pod[0], _hpa_demand(cluster, ns, name))
