@@ -18,14 +18,15 @@ from tiergate.api import naming
 from tiergate.api.policy import (
     API_VERSION,
     KIND,
+    AutoscalingMode,
     EnvVar,
     Placement,
-    ReplicasManager,
     RewardModel,
     RoutingPolicy,
     Tier,
 )
 
+from .autoscaling import build_tier_hpa, build_tier_scaled_object
 from .classifier import (
     CLASSIFIER_SHA_ANNOTATION,
     COPY_KEY,
@@ -356,9 +357,9 @@ def _pdb(policy: RoutingPolicy, name: str, labels: dict[str, str], selector: dic
 
 
 def tier_replicas(tier: Tier) -> int | None:
-    """None when an autoscaler owns the count: the field is then absent from our apply, so server-side apply never
-    takes it back from the autoscaler."""
-    if tier.replicas.managed_by is ReplicasManager.AUTOSCALER:
+    """None when an autoscaler owns the count (any autoscaling mode): the field is then absent from our apply, so
+    server-side apply never takes it back from the autoscaler."""
+    if tier.autoscaled:
         return None
     return tier.replicas.min
 
@@ -416,6 +417,21 @@ def build_tier_pdb(policy: RoutingPolicy, tier: Tier) -> Obj:
         common_labels(policy, naming.COMPONENT_TIER, ENGINE_APP, tier.name),
         selector_labels(policy, naming.COMPONENT_TIER, tier.name),
     )
+
+
+def build_tier_autoscaler(policy: RoutingPolicy, tier: Tier) -> Obj | None:
+    """The tier's HPA (mode HPA) or ScaledObject (mode KEDA), named and labelled like its Deployment and owned by the
+    policy; None without autoscaling or with mode External (someone else scales it). autoscaling.py builds them."""
+    if tier.external or tier.autoscaling is None or tier.autoscaling.mode is AutoscalingMode.EXTERNAL:
+        return None
+    meta = _meta(
+        policy,
+        naming.autoscaler_name(policy.name, tier.name),
+        common_labels(policy, naming.COMPONENT_TIER, ENGINE_APP, tier.name),
+    )
+    if tier.autoscaling.mode is AutoscalingMode.HPA:
+        return build_tier_hpa(policy, tier, meta)
+    return build_tier_scaled_object(policy, tier, meta)
 
 
 # --- router -----------------------------------------------------------------------------------------------------
@@ -715,6 +731,9 @@ KIND_ORDER = (
     "Service",
     "PodDisruptionBudget",
     "Deployment",
+    # After the Deployment they scale (an autoscaler of a missing target only reports it, but there is no need).
+    "HorizontalPodAutoscaler",
+    "ScaledObject",
 )
 
 
@@ -733,6 +752,9 @@ def build_children(policy: RoutingPolicy, classifier: ClassifierCopy | None = No
         if tier.external:
             continue
         objs += [build_tier_service(policy, tier), build_tier_pdb(policy, tier), build_tier_deployment(policy, tier)]
+        autoscaler = build_tier_autoscaler(policy, tier)
+        if autoscaler is not None:
+            objs.append(autoscaler)
     objs += [build_router_service(policy), build_router_pdb(policy), build_router_deployment(policy, classifier)]
     if policy.spec.best_of_n is not None:
         objs += [build_reward_service(policy), build_reward_pdb(policy), build_reward_deployment(policy)]

@@ -82,6 +82,9 @@ class ChildCache:
         self._where: dict[tuple[str, str, str], PolicyKey] = {}  # (kind, ns, name) -> policy
         self._synced: set[str] = set()
         self._all_synced = threading.Event()
+        # Kinds the API server does not serve us (KEDA's ScaledObject where KEDA is not installed, or not readable
+        # with the operator's role): kind -> why. Such a kind counts as listed, empty.
+        self._absent: dict[str, str] = {}
 
     # --- writers (watch threads) ------------------------------------------------------------------------------
 
@@ -95,9 +98,16 @@ class ChildCache:
                     self._where.pop((kind, pk[0], ck[1]), None)
             for obj in items:
                 self._put(kind, obj)
+            self._absent.pop(kind, None)
             self._synced.add(kind)
             if self._synced >= self.kinds:
                 self._all_synced.set()
+
+    def mark_absent(self, kind: str, why: str) -> None:
+        """`kind` cannot be listed (not served, or forbidden): none of it exists for us, and `why` says so."""
+        self.replace(kind, [])
+        with self._lock:
+            self._absent[kind] = why
 
     def upsert(self, kind: str, obj: Mapping[str, Any]) -> None:
         with self._lock:
@@ -139,6 +149,11 @@ class ChildCache:
     @property
     def synced(self) -> bool:
         return self._all_synced.is_set()
+
+    def absent(self, kind: str) -> str | None:
+        """Why `kind` cannot be listed (mark_absent), None when it can."""
+        with self._lock:
+            return self._absent.get(kind)
 
     def children(self, pk: PolicyKey) -> dict[ChildKey, Seen]:
         with self._lock:

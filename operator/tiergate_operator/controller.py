@@ -179,6 +179,12 @@ class Controller:
         seen = self.cache.get(key, (kind, name))
         self.enqueue(key, apply=needs_apply(last.intent if last else "", last, seen))
 
+    def kind_available(self, kind: str) -> None:
+        """An optional kind (KEDA's ScaledObject) can be listed now: apply every policy again, so that one refused
+        for want of it (reconcile: KedaNotInstalled) is applied without waiting for the resync."""
+        for key in sorted(self._bodies):
+            self.enqueue(key)
+
     # --- worker side ----------------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -35,6 +35,9 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Lease": ("coordination.k8s.io/v1", "leases"),
     "Event": ("v1", "events"),
     "RoutingPolicy": (API_VERSION, PLURAL),
+    "HorizontalPodAutoscaler": ("autoscaling/v2", "horizontalpodautoscalers"),
+    # KEDA's CRD: served only where KEDA is installed (watches.OPTIONAL_KINDS).
+    "ScaledObject": ("keda.sh/v1alpha1", "scaledobjects"),
 }
 # A hung API server must not hang a reconcile forever: (connect, read) seconds.
 _TIMEOUT = (5.0, 30.0)

@@ -88,7 +88,7 @@ async def _reconcile_until_stopped(
         ),
         name="kopf",
     )
-    watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event, cache)
+    watches = ChildWatches(kube, cfg.namespace, loop, controller.child_event, cache, controller.kind_available)
     watches.start()
     sources = SourceWatch(kube, cfg.namespace, loop, controller.source_event)
     sources.start()

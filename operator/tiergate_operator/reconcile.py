@@ -20,6 +20,7 @@ from typing import Any
 from tiergate.api import naming
 from tiergate.api.policy import API_VERSION, KIND, RoutingPolicy, parse_policy
 
+from .autoscaling import KEDA_KIND, keda_unavailable
 from .builders import KIND_ORDER, build_children, child_key
 from .cache import ChildCache, Seen
 from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
@@ -160,8 +161,10 @@ def reconcile(
     deployments = cache.deployments(pk)
     if apply:
         # Before anything is built or applied: a refused generation changes no child (bad input loses nothing).
-        memory.refused = unservable_tiers(policy) or missing_references(
-            policy, lambda name: kube.get("ConfigMap", ns, name)
+        memory.refused = (
+            unservable_tiers(policy)
+            or keda_unavailable(policy, cache.absent(KEDA_KIND))
+            or missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
         )
     if not apply or memory.refused is not None:
         return _finish(kube, body, policy, memory, cache, out, deployments, external)
@@ -179,10 +182,11 @@ def reconcile(
         else:
             out.skipped += 1
     # Two waves: everything the pods refer to (ServiceAccount, Role, ConfigMap) and the Services and PDBs first, then
-    # the Deployments, so a new pod never starts before what it mounts or runs as exists. The RoleBinding goes with
-    # the second wave: the API server checks that whoever binds a Role holds its permissions, by reading that Role,
-    # so without the `bind` verb (least privilege) binding a Role applied in the same wave fails with 404.
-    second_wave = ("Deployment", "RoleBinding")
+    # the Deployments and their autoscalers, so a new pod never starts before what it mounts or runs as exists. The
+    # RoleBinding goes with the second wave: the API server checks that whoever binds a Role holds its permissions,
+    # by reading that Role, so without the `bind` verb (least privilege) binding a Role applied in the same wave
+    # fails with 404.
+    second_wave = ("Deployment", "RoleBinding", "HorizontalPodAutoscaler", "ScaledObject")
     waves = [[t for t in todo if t[0]["kind"] not in second_wave], [t for t in todo if t[0]["kind"] in second_wave]]
     for wave in waves:
         if pool is not None and len(wave) > 1:

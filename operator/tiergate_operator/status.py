@@ -13,7 +13,8 @@ RewardModelReady (only with spec.bestOfN) True while the reward model has a read
 
 A spec the operator refuses (refused_status) is not applied at all, so its children stay as the last good spec
 made them, and all three conditions say why with the field: InvalidSpec (the typed model rejects what the CRD let
-through, e.g. under an older CRD) or MissingReference (a ConfigMap the pods would read does not exist).
+through, e.g. under an older CRD), MissingReference (a ConfigMap the pods would read does not exist) or
+KedaNotInstalled (a tier's autoscaling mode is KEDA and the API server serves no ScaledObjects).
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ EXTERNAL_CHECKING = "CheckingExternalTier"
 # Reasons of a refused spec (SpecProblem.reason).
 INVALID_SPEC = "InvalidSpec"
 MISSING_REFERENCE = "MissingReference"
+# A tier asks for autoscaling mode KEDA where the API server serves no ScaledObjects (autoscaling.keda_unavailable).
+KEDA_NOT_INSTALLED = "KedaNotInstalled"
+_REFUSAL_WORDS = {INVALID_SPEC: "invalid spec", MISSING_REFERENCE: "missing reference", KEDA_NOT_INSTALLED: "KEDA"}
 
 # Container waiting reasons that will not fix themselves.
 _STUCK_WAITING = {
@@ -94,7 +98,7 @@ def components(policy: RoutingPolicy) -> list[Component]:
     for t in policy.spec.tiers:
         if t.external:
             continue
-        desired = None if t.replicas.managed_by.value == "Autoscaler" else t.replicas.min
+        desired = None if t.autoscaled else t.replicas.min
         out.append(
             Component(f"tier {t.name}", naming.tier_name(policy.name, t.name), naming.COMPONENT_TIER, t.name, desired)
         )
@@ -338,7 +342,7 @@ class SpecProblem:
     """Why the operator refuses to apply the policy's current generation. `field` is the manifest path of the first
     problem (`spec.tiers[0].engine.env[1].valueFrom.configMapKeyRef`); `message` names it too, with the others."""
 
-    reason: str  # INVALID_SPEC or MISSING_REFERENCE
+    reason: str  # INVALID_SPEC, MISSING_REFERENCE or KEDA_NOT_INSTALLED
     field: str
     message: str
 
@@ -357,7 +361,7 @@ def refused_status(
     effect, why, and that the children were left alone. observedGeneration is the refused generation: the operator
     did look at it (a client waiting for observedGeneration to catch up sees the verdict instead of waiting)."""
     prev = {c.get("type", ""): c for c in previous.get("conditions") or []}
-    what = "invalid spec" if problem.reason == INVALID_SPEC else "missing reference"
+    what = _REFUSAL_WORDS.get(problem.reason, problem.reason)
     msg = f"{what}: {problem.message}; nothing applied, the children are left as they were"
     status = {k: v for k, v in previous.items() if k not in ("conditions", "observedGeneration")}
     status["conditions"] = [

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 
 # Every kind of child, plus the Pods status is computed from.
 WATCHED_KINDS = (*KIND_ORDER, "Pod")
+# Kinds of a CRD that may not be installed (KEDA's). A list answered 404 (not served) or 403 (the operator's role
+# lacks it) marks the kind absent in the cache, listed and empty, instead of holding up the cache's sync: the
+# operator runs without KEDA, and a policy that asks for it is refused with a condition (reconcile.py). The list is
+# retried every _ABSENT_RECHECK_SECONDS, so installing KEDA is noticed without a restart.
+OPTIONAL_KINDS = frozenset({"ScaledObject"})
+_ABSENT_RECHECK_SECONDS = 20.0
 # Server-side watch timeout: the API server ends the stream after this; we resume from the last resourceVersion.
 _WATCH_SECONDS = 300
 # After an error (API server restarting, 410 Gone), wait this long before listing again, doubling while the
@@ -36,6 +42,11 @@ _RETRY_SECONDS = 1.0
 _RETRY_MAX_SECONDS = 30.0
 
 OnEvent = Callable[[str, str, str, str, bool, int | None, str | None], None]
+OnAvailable = Callable[[str], None]
+
+
+class KindAbsentError(RuntimeError):
+    """A list of an optional kind answered 404 or 403: the kind is not served to us."""
 
 
 class ChildWatches:
@@ -48,9 +59,12 @@ class ChildWatches:
         loop: asyncio.AbstractEventLoop,
         on_event: OnEvent,
         cache: ChildCache,
+        on_available: OnAvailable | None = None,
     ) -> None:
         self.kube = kube
         self.cache = cache
+        # Called (on the loop) when an optional kind that was absent can be listed again (KEDA installed).
+        self.on_available = on_available
         self.namespace = namespace
         self.loop = loop
         self.on_event = on_event
@@ -90,9 +104,17 @@ class ChildWatches:
             resource_path(kind, self.namespace),
             {"labelSelector": naming.POLICY_LABEL},
             self.stop,
-            on_list=lambda items: self.cache.replace(kind, items),
+            on_list=lambda items: self._listed(kind, items),
             on_event=lambda etype, obj: self._on_event(kind, etype, obj),
+            on_absent=(lambda why: self.cache.mark_absent(kind, why)) if kind in OPTIONAL_KINDS else None,
         )
+
+    def _listed(self, kind: str, items: list[dict[str, Any]]) -> None:
+        was_absent = self.cache.absent(kind) is not None
+        self.cache.replace(kind, items)
+        if was_absent and self.on_available is not None:
+            log.info("%s can be listed now: policies that asked for it are applied again", kind)
+            self.loop.call_soon_threadsafe(self.on_available, kind)
 
     def _on_event(self, kind: str, etype: str, obj: dict[str, Any]) -> None:
         if etype == "DELETED":
@@ -176,13 +198,18 @@ def list_and_watch(
     on_list: Callable[[list[dict[str, Any]]], None],
     on_event: Callable[[str, dict[str, Any]], None],
     accept: tuple[str, str] = ("application/json", "application/json"),
+    on_absent: Callable[[str], None] | None = None,
 ) -> None:
     """List, then watch from the list's resourceVersion; on any error list again, until `stop`. `accept`: the
-    Accept headers of the list and of the watch (kube.METADATA_LIST, METADATA_WATCH for metadata only)."""
+    Accept headers of the list and of the watch (kube.METADATA_LIST, METADATA_WATCH for metadata only).
+    `on_absent(why)`: for a kind that may not be served (OPTIONAL_KINDS), called when a list answers 404 or 403;
+    the list is then tried again every _ABSENT_RECHECK_SECONDS, quietly."""
     delay = _RETRY_SECONDS
     while not stop.is_set():
         try:
             status, listed = kube.request("GET", path, query=query or None, accept=accept[0])
+            if on_absent is not None and status in (403, 404):
+                raise KindAbsentError(f"list {what}: {status} {listed.get('reason', '')}: {listed.get('message')}")
             if status >= 300:
                 raise RuntimeError(f"list {what}: {status} {listed.get('message')}")
             on_list(listed.get("items") or [])
@@ -190,6 +217,11 @@ def list_and_watch(
             while not stop.is_set():
                 rv = _watch_once(kube, path, query, rv, stop, on_event, accept[1])
                 delay = _RETRY_SECONDS  # a watch that ran and ended normally: all is well
+        except KindAbsentError as e:
+            assert on_absent is not None
+            on_absent(str(e))
+            log.debug("%s; listing again in %.0fs", e, _ABSENT_RECHECK_SECONDS)
+            stop.wait(_ABSENT_RECHECK_SECONDS)
         except Exception as e:  # any failure: start over from a fresh list
             if not stop.is_set():
                 # 410 Gone is routine (the watch fell behind etcd's compaction); anything else is worth seeing.

@@ -1,6 +1,7 @@
 """`tiergate serve`: run the router (OpenAI-compatible HTTP, /metrics and gRPC).
 
     tiergate serve [-f POLICY.yaml] [--tier NAME=BASE_URL]... [--host HOST] [--port PORT]
+                   [--tier-modalities NAME=text,image]...
                    [--best-of-n TIER=N --reward-url URL]
 
 `-f` reads a RoutingPolicy manifest (tiers with `endpoint` URLs, or tiers the operator deploys, reached through
@@ -38,6 +39,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME=BASE_URL",
         help="an OpenAI-compatible tier, cheapest first (repeatable), e.g. small=http://127.0.0.1:8001/v1",
+    )
+    parser.add_argument(
+        "--tier-modalities",
+        action="append",
+        default=[],
+        metavar="NAME=text,image",
+        help="input modalities a tier accepts (text, image, audio; always text), e.g. vision=text,image; "
+        "replaces spec.tiers[].modalities (default text)",
     )
     parser.add_argument("--host", default=None, help="address to listen on (default 127.0.0.1)")
     parser.add_argument(
@@ -203,6 +212,7 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         parse_best_of_n_flag,
         parse_min_reward,
         parse_reward_url,
+        parse_tier_modalities_flags,
     )
 
     best_of_n = BestOfNFlags(
@@ -216,6 +226,7 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
     return LocalOverrides(
         best_of_n=best_of_n,
         tiers=parse_tier_flags(args.tier),
+        tier_modalities=parse_tier_modalities_flags(args.tier_modalities),
         dispatch=dispatch_settings({f.dest: getattr(args, f.dest) for f in DISPATCH_FLAGS}),
         threshold_bp=args.threshold_bp,
         cost_weight_bp=args.cost_weight_bp,

@@ -3,7 +3,9 @@
 Messages are converted to the same OpenAI chat body the HTTP API forwards, so both front ends share routing,
 dispatch, fallback and metrics; upstream answers are converted back to messages here, at the edge.
 Every Generate / GenerateStream call ends with the trailing metadata `x-tiergate-samples` (as the HTTP header: the
-samples the answer was chosen from, 1 without best-of-N, 0 when no tier answered); a best-of-N answer streamed
+samples the answer was chosen from, 1 without best-of-N, 0 when no tier answered) and `x-tiergate-tiers` (the tiers
+that contributed: the answering tier, `none` when none answered; gRPC messages carry text only, so nothing is ever
+decomposed here); a best-of-N answer streamed
 comes as one chunk with the whole chosen text (`tiergate_router.best_of_n`).
 """
 
@@ -24,6 +26,7 @@ from tiergate.api.naming import ROUTER_LIVENESS_SERVICE
 from tiergate_router._proto import router_pb2, router_pb2_grpc
 from tiergate_router.admission import BudgetTimeout
 from tiergate_router.best_of_n import SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
+from tiergate_router.decompose import TIERS_HEADER
 from tiergate_router.errors import (
     BadRequestError,
     DeadlineExceededError,
@@ -115,7 +118,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         )
         for tier, usage in answer.usages:
             self.router.account_usage(tier, usage, route.access)
-        _samples(context, answer.samples)
+        _samples(context, answer.samples, answer.tier)
         if answer.obj is None:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT if answer.status < 500 else grpc.StatusCode.UNAVAILABLE,
@@ -215,7 +218,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 route.chain, "/chat/completions", body, timeout_s=context.time_remaining()
             )
             tier = reply.tier
-            _samples(context, 1)
+            _samples(context, 1, reply.tier)
             if reply.status != 200:
                 outcome = "client_error" if reply.status < 500 else "upstream_error"
                 await context.abort(
@@ -295,7 +298,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
                 await context.abort(_unavailable_status(e), str(e))
                 raise
             tier = up.tier
-            _samples(context, 1)
+            _samples(context, 1, up.tier)
             score = route.score or 0.0
             buf = b""
             first = True
@@ -331,9 +334,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             m.e2e_seconds.labels(tier).observe(time.perf_counter() - t0)
 
 
-def _samples(context: Any, n: int) -> None:
-    """The `x-tiergate-samples` trailing metadata (sent with the status, also when the call is aborted)."""
-    context.set_trailing_metadata(((SAMPLES_HEADER, str(n)),))
+def _samples(context: Any, n: int, tier: str = "none") -> None:
+    """The `x-tiergate-samples` and `x-tiergate-tiers` trailing metadata (sent with the status, also when the call
+    is aborted)."""
+    context.set_trailing_metadata(((SAMPLES_HEADER, str(n)), (TIERS_HEADER, tier)))
 
 
 def _usage(usage: dict[str, Any]) -> router_pb2.Usage:

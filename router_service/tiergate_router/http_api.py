@@ -2,7 +2,9 @@
 /health, /ready. Handlers only translate: validation is in `validation`, decisions in `router`, sending in
 `dispatch`.
 
-Every response carries `x-tiergate-tier` (the tier that answered, or `none`) and `x-tiergate-samples` (the samples
+Every response carries `x-tiergate-tier` (the tier that answered, or `none`), `x-tiergate-tiers` (the tiers that
+contributed, comma-separated: the answering tier first, then the specialists that described or transcribed
+attachments for it; `none` when no tier answered) and `x-tiergate-samples` (the samples
 the answer was chosen from: 1 without best-of-N, 0 when no tier answered); routed answers also carry
 `x-tiergate-score`, `x-tiergate-decision` and `x-tiergate-fallback` (and `x-tiergate-escalation` when best-of-N
 handed the request to the reference tier), and non-streaming JSON answers an extra top-level `tiergate` object with
@@ -12,6 +14,7 @@ the same facts (OpenAI clients ignore unknown fields).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -24,6 +27,7 @@ from aiohttp.typedefs import Middleware
 
 from tiergate_router.admission import BudgetTimeout, ByteBudget
 from tiergate_router.best_of_n import ESCALATION_HEADER, SAMPLES_HEADER, Answer, BestOfN, chosen, wants_best_of_n
+from tiergate_router.decompose import TIERS_HEADER, Decomposer, SpecialistFailedError
 from tiergate_router.errors import (
     BadRequestError,
     NoTierAvailableError,
@@ -32,6 +36,7 @@ from tiergate_router.errors import (
     outcome_of,
 )
 from tiergate_router.metrics import CONTENT_TYPE
+from tiergate_router.modality import TEXT_ONLY, Attachment, check_attachments, find_attachments, modalities_of
 from tiergate_router.openai_server import (
     CompletionStream,
     build_openai_app,
@@ -41,6 +46,7 @@ from tiergate_router.openai_server import (
     wants_usage,
 )
 from tiergate_router.router import Route, Router, SSEUsageScanner
+from tiergate_router.tenants import Principal
 from tiergate_router.validation import ParsedRequest, decode_json_object, parse_chat, parse_completion
 
 log = logging.getLogger(__name__)
@@ -52,7 +58,7 @@ TIER_HEADER = "x-tiergate-tier"
 # router's deadline for this request (spec.router.timeouts.requestSeconds), never lengthen it.
 TIMEOUT_HEADER = "x-tiergate-timeout-ms"
 # On every answer that no tier gave: errors, /v1/models, /metrics, /health, /ready.
-NO_TIER: Mapping[str, str] = {TIER_HEADER: "none", SAMPLES_HEADER: "0"}
+NO_TIER: Mapping[str, str] = {TIER_HEADER: "none", TIERS_HEADER: "none", SAMPLES_HEADER: "0"}
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -142,11 +148,22 @@ def client_timeout_s(value: str | None) -> float | None:
     return int(value) / 1000
 
 
+def contributors(tier: str, specialists: tuple[str, ...]) -> str:
+    """The `x-tiergate-tiers` value: the answering tier, then the specialists that helped it (each once)."""
+    return ",".join(dict.fromkeys((tier, *specialists)))
+
+
 def _route_headers(
-    route: Route, tier: str, fallback: bool, samples: int = 1, escalation: str | None = None
+    route: Route,
+    tier: str,
+    fallback: bool,
+    samples: int = 1,
+    escalation: str | None = None,
+    specialists: tuple[str, ...] = (),
 ) -> dict[str, str]:
     h = {
         TIER_HEADER: tier,
+        TIERS_HEADER: contributors(tier, specialists),
         SAMPLES_HEADER: str(samples),
         "x-tiergate-decision": route.decision,
         "x-tiergate-fallback": str(fallback).lower(),
@@ -176,12 +193,15 @@ def _facts(route: Route, tier: str, fallback: bool, samples: int, escalation: st
 class _Result:
     tier: str = "none"
     outcome: str = "upstream_error"
+    # Specialist tiers that described or transcribed attachments for the answering tier.
+    specialists: tuple[str, ...] = ()
 
 
 class OpenAIHandlers:
     def __init__(self, router: Router) -> None:
         self.router = router
         self.best_of_n = BestOfN(router)
+        self.decomposer = Decomposer(router)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._proxy(request, "/chat/completions", parse_chat)
@@ -217,7 +237,8 @@ class OpenAIHandlers:
             timeout_s = client_timeout_s(request.headers.get(TIMEOUT_HEADER))
             raw = await read_body(request, self.router.config.max_body_bytes)
             parsed = parse(decode_json_object(raw))
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal)
+            attachments = find_attachments(parsed.body.get("messages")) if path == "/chat/completions" else ()
+            route = await self._route(parsed, principal, attachments)
         except BadRequestError as e:
             m.requests.labels("none", "none", "client_error").inc()
             return _from_bad_request(e)
@@ -230,6 +251,8 @@ class OpenAIHandlers:
         demand = m.tier_demand.labels(route.chain[0])
         demand.inc()
         try:
+            if route.specialists:
+                parsed, timeout_s = await self._decompose(route, parsed, attachments, res, t0, timeout_s)
             if wants_best_of_n(self.router, route, parsed.body):
                 answer = await self.best_of_n.answer(route, path, parsed.body, parsed.prompt_text, timeout_s=timeout_s)
                 res.tier = answer.tier
@@ -242,6 +265,9 @@ class OpenAIHandlers:
         except NoTierAvailableError as e:
             res.outcome = outcome_of(e)
             return error_response(e.status, str(e), type_="server_error", code=e.code, headers=NO_TIER)
+        except SpecialistFailedError as e:
+            res.outcome = "deadline_exceeded" if e.status == 504 else "upstream_error"
+            return error_response(e.status, str(e), type_="server_error", code=e.code, headers=NO_TIER)
         except (asyncio.CancelledError, ConnectionResetError):
             res.outcome = "cancelled"
             raise
@@ -250,12 +276,49 @@ class OpenAIHandlers:
             m.requests.labels(res.tier, route.decision, res.outcome).inc()
             m.e2e_seconds.labels(res.tier).observe(time.perf_counter() - t0)
 
+    async def _route(self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...]) -> Route:
+        """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
+        counted per modality."""
+        if not attachments:
+            return await self.router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY)
+        m = self.router.metrics
+        try:
+            check_attachments(attachments, self.router.config.attachments)
+            route = await self.router.route(parsed.model, parsed.prompt_text, principal, modalities_of(attachments))
+        except BadRequestError:
+            for a in attachments:
+                m.attachments.labels(a.modality, "refused").inc()
+            raise
+        decomposed = {s.modality for s in route.specialists}
+        for a in attachments:
+            m.attachments.labels(a.modality, "decomposed" if a.modality in decomposed else "routed").inc()
+        return route
+
+    async def _decompose(
+        self,
+        route: Route,
+        parsed: ParsedRequest,
+        attachments: tuple[Attachment, ...],
+        res: _Result,
+        t0: float,
+        timeout_s: float | None,
+    ) -> tuple[ParsedRequest, float]:
+        """The request for the answering tier once the specialists have read its attachments, and what is left of
+        the request's deadline (the config's, or the client's shorter one) for that tier."""
+        deadline_s = self.router.config.request_timeout_s if timeout_s is None else timeout_s
+        deadline_s = min(deadline_s, self.router.config.request_timeout_s)
+        done = await self.decomposer.run(route, parsed.body, attachments, deadline_s - (time.perf_counter() - t0))
+        res.specialists = done.tiers
+        # Never zero: the dispatcher then answers 504 itself, as for any request whose deadline has passed.
+        left = max(deadline_s - (time.perf_counter() - t0), 0.001)
+        return dataclasses.replace(parsed, body=done.body), left
+
     async def _complete(
         self, route: Route, path: str, parsed: ParsedRequest, res: _Result, timeout_s: float | None
     ) -> web.Response:
         reply = await self.router.dispatcher.complete(route.chain, path, parsed.body, timeout_s=timeout_s)
         res.tier = reply.tier
-        headers = _route_headers(route, reply.tier, reply.fallback)
+        headers = _route_headers(route, reply.tier, reply.fallback, specialists=res.specialists)
         body = reply.body
         if reply.status == 200 and reply.content_type.startswith("application/json"):
             try:
@@ -275,7 +338,9 @@ class OpenAIHandlers:
         """A best-of-N answer as one JSON response (also to a streaming client when a tier answered an error)."""
         for tier, usage in answer.usages:
             self.router.account_usage(tier, usage, route.access)
-        headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
+        headers = _route_headers(
+            route, answer.tier, answer.fallback, answer.samples, answer.escalation, res.specialists
+        )
         body = answer.body
         if answer.obj is not None:
             facts = _facts(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
@@ -300,7 +365,9 @@ class OpenAIHandlers:
         for tier, usage in answer.usages:
             self.router.account_usage(tier, usage, route.access)
         text, finish_reason, usage = chosen(answer)
-        headers = _route_headers(route, answer.tier, answer.fallback, answer.samples, answer.escalation)
+        headers = _route_headers(
+            route, answer.tier, answer.fallback, answer.samples, answer.escalation, res.specialists
+        )
         headers["Cache-Control"] = "no-cache"
         model = str((answer.obj or {}).get("model") or parsed.model)
         stream = await CompletionStream.open(request, model, chat=path == "/chat/completions", headers=headers)
@@ -325,7 +392,8 @@ class OpenAIHandlers:
         m = self.router.metrics
         scanner = SSEUsageScanner()
         try:
-            resp = web.StreamResponse(status=up.status, headers=_route_headers(route, up.tier, up.fallback))
+            headers = _route_headers(route, up.tier, up.fallback, specialists=res.specialists)
+            resp = web.StreamResponse(status=up.status, headers=headers)
             resp.headers["Content-Type"] = up.content_type
             resp.headers["Cache-Control"] = "no-cache"
             await resp.prepare(request)

@@ -171,6 +171,30 @@ class RouterMetrics:
             ["tier", "reason"],
             registry=r,
         )
+        # Multimodal requests (modality.py, decompose.py): few labels by construction (3 modalities, the tiers,
+        # 2 modes, a handful of outcomes).
+        self.attachments = Counter(
+            f"{p}_attachments",
+            "Image and audio parts of chat requests, by modality and how they were served (routed: the answering "
+            "tier took them; decomposed: a specialist tier described or transcribed them; refused: a 4xx)",
+            ["modality", "handling"],
+            registry=r,
+        )
+        self.decomposition_steps = Counter(
+            f"{p}_decomposition_steps",
+            "Specialist calls of decomposed requests, by modality, specialist tier (none when no tier answered) and "
+            "outcome (success, failed, timeout)",
+            ["modality", "tier", "outcome"],
+            registry=r,
+        )
+        self.decomposition_seconds = Histogram(
+            f"{p}_decomposition_seconds",
+            "Time of each decomposition step: one specialist call (step=image/audio) and all of a request's "
+            "specialist calls together (step=all), before the answering tier is asked",
+            ["step"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import time
@@ -21,6 +22,16 @@ from tiergate_router.decision import choose_multi_tier, choose_tier, fallback_ch
 from tiergate_router.dispatch import Dispatcher
 from tiergate_router.errors import BadRequestError, ClassifierError
 from tiergate_router.metrics import RouterMetrics
+from tiergate_router.modality import (
+    DECOMPOSE,
+    TEXT_ONLY,
+    Specialist,
+    capable_tiers,
+    narrowed,
+    refuse_unservable,
+    specialists_for,
+    unservable,
+)
 from tiergate_router.tenants import (
     OPEN,
     UNAUTHENTICATED,
@@ -49,6 +60,9 @@ class Route:
     access: Access = OPEN
     # Samples to draw on the chosen tier (chain[0]) for best-of-N; 1: one answer, as always.
     samples: int = 1
+    # Attachments the chosen tier cannot take, per modality, and the tiers that describe or transcribe them
+    # (decompose.py); empty: the chosen tier takes the request as it is.
+    specialists: tuple[Specialist, ...] = ()
 
 
 class Router:
@@ -138,13 +152,49 @@ class Router:
             code="model_not_found",
         )
 
-    async def route(self, model: str, prompt_text: str, principal: Principal = UNAUTHENTICATED) -> Route:
+    async def route(
+        self,
+        model: str,
+        prompt_text: str,
+        principal: Principal = UNAUTHENTICATED,
+        modalities: frozenset[str] = TEXT_ONLY,
+    ) -> Route:
         """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
         admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
-        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`)."""
+        decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`). A request with images or
+        audio (`modalities`, from `modality.find_attachments`) is routed among the tiers that accept them all
+        (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`)."""
         cfg = self.config
         forced = self.resolve_model(model)
+        if modalities != TEXT_ONLY:
+            missing = unservable(cfg.tier_modalities, modalities)
+            if missing:
+                raise refuse_unservable(missing)
         access = await self.gate.admit(principal, forced)
+        if modalities == TEXT_ONLY:
+            return await self._routed(cfg, forced, prompt_text, access)
+        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities)
+
+    async def _routed_multimodal(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, needed: frozenset[str]
+    ) -> Route:
+        """Routing with attachments: the choice kept to tiers that accept every modality present (the tenant's, when
+        it has tiers) unless none does or the policy says Decompose; then the specialists for the rest."""
+        routed_access = access
+        if forced is None and cfg.attachments.mixed_requests != DECOMPOSE:
+            capable = narrowed(access.tiers, capable_tiers(cfg.tier_modalities, needed))
+            if capable is not None:
+                routed_access = dataclasses.replace(access, tiers=capable)
+        route = await self._routed(cfg, forced, prompt_text, routed_access)
+        specialists = specialists_for(cfg.tier(route.chain[0]).modalities, needed, cfg.tier_modalities, access.tiers)
+        if specialists:
+            # The answering tier gets text only once the parts are described: any tier of the usual chain will do.
+            chain = restrict_chain(fallback_chain(route.chain[0], cfg.tier_names, cfg.fallback_order), access)
+        else:
+            chain = [t for t in route.chain if needed <= cfg.tier(t).modalities]
+        return dataclasses.replace(route, chain=chain, access=access, specialists=specialists)
+
+    async def _routed(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
         route = await self._route(cfg, forced, prompt_text, access)
         if access is OPEN:
             return route

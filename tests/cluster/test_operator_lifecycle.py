@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.operator_cluster import (
     SAMPLE,
@@ -113,6 +114,8 @@ def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, names
     doc2 = copy.deepcopy(doc)
     doc2["spec"]["tiers"][0]["model"] = "Qwen/Qwen3-8B"
     doc2["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
+    # A new field the router reads (spec.tiers[].modalities) reaches it through the policy document, defaults filled.
+    doc2["spec"]["tiers"][0]["modalities"] = ["text", "image"]
     apply_policy(cluster, namespace, doc2)
     p = wait_ready(cluster, namespace, "chat")
     assert p["metadata"]["generation"] == 2
@@ -131,6 +134,8 @@ def test_update_rolls_then_tier_removal_then_deletion(cluster: DevCluster, names
     )
     cm = get_json(cluster, "configmap", "chat-router", "-n", namespace)
     assert "Qwen/Qwen3-8B" in cm["data"]["policy.yaml"]
+    mounted = yaml.safe_load(cm["data"]["policy.yaml"])["spec"]["tiers"]
+    assert {t["name"]: t["modalities"] for t in mounted} == {"small": ["text", "image"], "large": ["text"]}
 
     # 2. Remove the large tier (and what referred to it): its Deployment, Service and PDB go, the rest stays.
     doc3 = copy.deepcopy(doc2)
@@ -249,26 +254,6 @@ def test_unschedulable_tier_is_degraded(cluster: DevCluster, namespace: str, ope
     apply_policy(cluster, namespace, doc)
     p = wait_ready(cluster, namespace, "chat")
     assert condition(p, "Degraded")["status"] == "False"
-
-
-def test_autoscaler_owned_replicas_are_left_alone(cluster: DevCluster, namespace: str, operator: Operator) -> None:
-    classifier_configmap(cluster, namespace)
-    doc = sample_doc()
-    doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
-    apply_policy(cluster, namespace, doc)
-    wait_ready(cluster, namespace, "chat")
-    # An autoscaler (here: a person with kubectl scale) sets 3 replicas.
-    cluster.kubectl("scale", "deployment", "chat-tier-small", "-n", namespace, "--replicas=3")
-    # A spec change makes the operator apply again; the autoscaler's count must survive it.
-    doc["spec"]["tiers"][0]["engine"]["args"].append("--enable-prefix-caching")
-    apply_policy(cluster, namespace, doc)
-    p = wait_ready(cluster, namespace, "chat")
-    d = get_json(cluster, "deployment", "chat-tier-small", "-n", namespace, "--show-managed-fields")
-    assert d["spec"]["replicas"] == 3
-    assert "--enable-prefix-caching" in d["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert p["status"]["tiers"][0]["desiredReplicas"] == 3
-    managers = {m["manager"] for m in d["metadata"]["managedFields"] if "f:replicas" in json.dumps(m.get("fieldsV1"))}
-    assert "tiergate-operator" not in managers
 
 
 @pytest.mark.parametrize("operator", [{"TIERGATE_OPERATOR_EXTERNAL_CHECK_SECONDS": "1"}], indirect=True)

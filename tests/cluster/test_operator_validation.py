@@ -56,6 +56,12 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("no-tiers", _set(spec, "tiers", []), "spec.tiers", "spec.tiers"),
     ("duplicate-tier-name", _set(_tier(1), "name", "small"), "spec.tiers[1]", "spec.tiers[1].name"),
     (
+        "modalities-without-text",
+        _set(_tier(1), "modalities", ["image"]),
+        "spec.tiers[1].modalities",
+        "spec.tiers[1].modalities",
+    ),
+    (
         "min-above-max",
         _set(_tier(0), "replicas", {"min": 5, "max": 2}),
         "spec.tiers[0].replicas",
@@ -153,8 +159,8 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
         "spec.router.retries.budgetPercent",
     ),
     (
-        "unknown-replicas-manager",
-        _set(lambda d: d["spec"]["tiers"][0]["replicas"], "managedBy", "HPA"),
+        "removed-replicas-manager",
+        _set(lambda d: d["spec"]["tiers"][0]["replicas"], "managedBy", "Autoscaler"),
         "spec.tiers[0].replicas.managedBy",
         "spec.tiers[0].replicas.managedBy",
     ),

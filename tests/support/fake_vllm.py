@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,12 @@ class Behaviour:
     samples: tuple[str, ...] | None = None
     # Answer one choice whatever `n` asks (an OpenAI-compatible server without sampling of several).
     ignore_n: bool = False
+    # Input modalities the model takes (text, image, audio). A chat request with an image (`image_url`) or audio
+    # (`input_audio`, `audio_url`) part it does not take is refused with HTTP 400, as vLLM refuses them for a
+    # text-only model; one it takes is "read": the answer starts with `<modality>:<digest>` per part (the first 12
+    # hex digits of the part's URL or data's SHA-256, `attachment_digest`), so a test can tell which part reached
+    # which tier and what came back.
+    modalities: frozenset[str] = frozenset({"text"})
 
 
 @dataclass
@@ -139,6 +146,11 @@ class FakeVLLM(ModelServer):
             raise asyncio.CancelledError
         if b.fail_status is not None:
             return self._error(b.fail_status, f"scripted failure {b.fail_status}", "InternalServerError")
+        seen = _attachments(body) if chat else []
+        refused = sorted({m for m, _ in seen if m not in b.modalities})
+        if refused:
+            return self._error(400, f"{self.model} is not a multimodal model: it takes no {refused[0]} input")
+        prefix = " ".join(f"{m}:{d}" for m, d in seen)
         prompt = _prompt_text(body, chat)
         n_prompt = max(1, len(prompt.split()))
         n_out = int(body.get("max_tokens") or b.tokens)
@@ -152,10 +164,10 @@ class FakeVLLM(ModelServer):
                 if b.latency_s:
                     await asyncio.sleep(b.latency_s)
                 if body.get("stream"):
-                    return await self._stream(request, body, chat, n_prompt, n_out)
+                    return await self._stream(request, body, chat, n_prompt, n_out, prefix)
                 n = body.get("n")
                 n_choices = 1 if b.ignore_n or not isinstance(n, int) or n < 1 else n
-                texts = [self._text(i, n_out) for i in range(n_choices)]
+                texts = [(f"{prefix} " if prefix else "") + self._text(i, n_out) for i in range(n_choices)]
                 out_tokens = sum(len(t.split()) for t in texts)
                 self.stats.prompt_tokens += n_prompt
                 self.stats.generation_tokens += out_tokens
@@ -204,10 +216,12 @@ class FakeVLLM(ModelServer):
             self._slots.release()
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], chat: bool, n_prompt: int, n_out: int
+        self, request: web.Request, body: dict[str, Any], chat: bool, n_prompt: int, n_out: int, prefix: str = ""
     ) -> web.StreamResponse:
         b = self.behaviour
         stream = await CompletionStream.open(request, self.model, chat=chat)
+        if prefix:
+            await stream.text(prefix + " ")
         for i in range(n_out):
             if b.drop_after_tokens is not None and i >= b.drop_after_tokens:
                 assert request.transport is not None
@@ -221,6 +235,26 @@ class FakeVLLM(ModelServer):
         self.stats.prompt_tokens += n_prompt
         self.stats.completed += 1
         return stream.response
+
+
+def attachment_digest(payload: str) -> str:
+    """What the fake "reads" in an image or audio part: the first 12 hex digits of its URL's or data's SHA-256."""
+    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+
+
+def _attachments(body: dict[str, Any]) -> list[tuple[str, str]]:
+    """(modality, digest) of each image and audio part of a chat body, in order."""
+    out: list[tuple[str, str]] = []
+    for m in body.get("messages") or []:
+        content = m.get("content") if isinstance(m, dict) else None
+        for part in content if isinstance(content, list) else []:
+            ptype = part.get("type") if isinstance(part, dict) else None
+            if ptype in ("image_url", "audio_url"):
+                url = (part.get(ptype) or {}).get("url", "")
+                out.append(("image" if ptype == "image_url" else "audio", attachment_digest(str(url))))
+            elif ptype == "input_audio":
+                out.append(("audio", attachment_digest(str((part.get("input_audio") or {}).get("data", "")))))
+    return out
 
 
 def _prompt_text(body: dict[str, Any], chat: bool) -> str:

@@ -49,6 +49,7 @@ class Harness:
         classifier_factory: Callable[[], Classifier] | None = None,
         external: dict[str, list[str]] | None = None,
         grace_s: float = 1.0,
+        modalities: dict[str, frozenset[str]] | None = None,
     ) -> None:
         self.thread = LoopThread()
         self.fakes: dict[str, list[FakeVLLM]] = {}
@@ -62,6 +63,8 @@ class Harness:
         # Short by default so that stopping a harness is quick; a shutdown test that needs requests to outlive the
         # stop gives a long one (the stop still returns as soon as they are done).
         self._grace_s = grace_s
+        # tier -> its input modalities (the router's TierConfig and its fakes' alike); absent: text only.
+        self._modalities = modalities or {}
         self.server: RouterServer | None = None
 
     def call(self, coro: Coroutine[Any, Any, T], timeout: float = 60.0) -> T:
@@ -74,7 +77,10 @@ class Harness:
     async def _start(self) -> None:
         tier_cfgs: list[TierConfig] = []
         for name, n in self._tiers:
-            fakes = [FakeVLLM(f"{name}-model", name=f"{name}{i}", behaviour=Behaviour()) for i in range(n)]
+            mods = self._modalities.get(name, frozenset({"text"}))
+            fakes = [
+                FakeVLLM(f"{name}-model", name=f"{name}{i}", behaviour=Behaviour(modalities=mods)) for i in range(n)
+            ]
             for f in fakes:
                 await f.start()
             self.fakes[name] = fakes
@@ -84,6 +90,7 @@ class Harness:
                     base_urls=tuple(self._external.get(name, [])) + tuple(f.base_url for f in fakes),
                     input_price_per_mtok=1.0 * (len(tier_cfgs) + 1) ** 2,
                     output_price_per_mtok=2.0 * (len(tier_cfgs) + 1) ** 2,
+                    modalities=mods,
                 )
             )
         n = len(tier_cfgs)

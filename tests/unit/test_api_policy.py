@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from tiergate.api import PolicyParseError, PolicyValidationError, load_policy, parse_policy, parse_spec
-from tiergate.api.policy import ReplicasManager, dump_policy, policy_json
+from tiergate.api.policy import dump_policy, policy_json
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = ROOT / "manifests" / "samples" / "tiergate_v1alpha1_routingpolicy.yaml"
@@ -59,7 +59,8 @@ def test_defaults_are_filled() -> None:
     assert t.engine.port == 8000
     assert t.replicas.min == 1
     assert t.replicas.effective_max == 1
-    assert t.replicas.managed_by is ReplicasManager.OPERATOR
+    assert t.autoscaling is None
+    assert not t.autoscaled
     assert t.model_name == "a"
     assert p.spec.router.replicas == 2
     assert p.spec.effective_fallback_order() == ["a"]
@@ -122,7 +123,7 @@ INVALID = [
     ("spec.tiers.0.model", _DELETE, "spec.tiers[0].model", "required"),
     ("spec.router.fallbackOrder", ["large", "huge"], "spec.router.fallbackOrder[1]", "names no tier"),
     ("spec.router.timeouts.requestSeconds", 1.5, "spec.router.timeouts.requestSeconds", "integer"),
-    ("spec.tiers.0.replicas.managedBy", "HPA", "spec.tiers[0].replicas.managedBy", "Operator"),
+    ("spec.tiers.0.replicas.managedBy", "Autoscaler", "spec.tiers[0].replicas.managedBy", "autoscaling.mode"),
     ("spec.tiers.0.unknownField", 1, "spec.tiers[0].unknownField", "not permitted"),
     ("metadata.name", "x" * 40, "metadata.name", "at most 36"),
 ]

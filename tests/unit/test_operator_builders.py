@@ -208,7 +208,7 @@ def test_tier_service_selects_the_tier_pods_only() -> None:
 
 def test_autoscaler_owned_replicas_are_left_out() -> None:
     def auto(doc: dict[str, Any]) -> None:
-        doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
+        doc["spec"]["tiers"][0]["autoscaling"] = {"mode": "External"}
 
     p = policy(auto)
     d = b.build_tier_deployment(p, p.spec.tier("small"))

@@ -152,7 +152,7 @@ def test_transition_time_kept_while_status_unchanged() -> None:
 def test_autoscaled_tier_reads_desired_from_the_deployment() -> None:
     doc = yaml.safe_load(SAMPLE.read_text())
     doc["metadata"].update({"namespace": "ns", "uid": "u", "generation": 1})
-    doc["spec"]["tiers"][0]["replicas"]["managedBy"] = "Autoscaler"
+    doc["spec"]["tiers"][0]["autoscaling"] = {"mode": "External"}
     p = parse_policy(doc)
     deps = all_ready()
     deps["chat-tier-small"]["spec"]["replicas"] = 5

@@ -103,3 +103,26 @@ def tenant_key_prefix(scope: str, tenant: str) -> str:
 def tenant_spend_key(scope: str, tenant: str, day: str) -> str:
     """The tenant's spend on UTC day `day` (YYYYMMDD), in nano-dollars (an integer counter)."""
     return f"{tenant_key_prefix(scope, tenant)}:spend:{day}"
+
+
+# --- autoscaling ------------------------------------------------------------------------------------------------
+# The metrics a tier's HPA or ScaledObject reads (spec.tiers[].autoscaling). The chart's prometheus-adapter rules
+# serve these exact names, with these labels, to the Kubernetes metrics APIs; the operator's builders name them
+# in the HPAs. One place, so the adapter rules, the HPAs and the router cannot drift apart.
+
+# The router's gauge (router_service metrics.py): requests it has routed to a tier and not yet finished. Prometheus
+# and the external metrics API both use this name.
+ROUTER_TIER_DEMAND_METRIC = "tiergate_router_tier_demand"
+# vLLM's gauge as vLLM exports it, and the name prometheus-adapter serves it under in the custom metrics API (a
+# Kubernetes metric name cannot hold `:`).
+VLLM_WAITING_SERIES = "vllm:num_requests_waiting"
+VLLM_WAITING_METRIC = "vllm_num_requests_waiting"
+# Labels of the external metric: the policy (relabelled from the router pod's tiergate.io/policy label, which
+# Prometheus cannot carry as a label name) and the tier (the router's own label).
+METRIC_POLICY_LABEL = "routingpolicy"
+METRIC_TIER_LABEL = "tier"
+
+
+def autoscaler_name(policy: str, tier: str) -> str:
+    """HorizontalPodAutoscaler or ScaledObject of an autoscaled tier: named like the Deployment it scales."""
+    return tier_name(policy, tier)

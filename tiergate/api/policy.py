@@ -307,12 +307,12 @@ class Resources(_Model):
     """Memory request and limit per replica."""
 
 
-class ReplicasManager(StrEnum):
-    """Who owns a tier's replica count. `Autoscaler`: the operator never writes `spec.replicas` (an HPA, KEDA or a
-    person scales the Deployment between min and max); `Operator`: the operator keeps it at `min`."""
-
-    OPERATOR = "Operator"
-    AUTOSCALER = "Autoscaler"
+# `replicas.managedBy` (v1alpha1 before autoscaling modes) is refused rather than silently pruned, with its
+# replacement in the message, so a manifest written for the old field fails loudly instead of changing meaning.
+MANAGED_BY_REFUSED = (
+    "replicas.managedBy was replaced by autoscaling.mode: use autoscaling.mode External for the old Autoscaler "
+    "(the operator never writes replicas), or leave autoscaling out for the old Operator (kept at replicas.min)"
+)
 
 
 class Replicas(_Model):
@@ -322,20 +322,28 @@ class Replicas(_Model):
                 {
                     "rule": "!has(self.max) || !has(self.min) || self.min <= self.max",
                     "message": "replicas.min must not exceed replicas.max",
-                }
+                },
+                {
+                    "rule": "!has(self.managedBy)",
+                    "message": MANAGED_BY_REFUSED,
+                    "fieldPath": ".managedBy",
+                    "reason": "FieldValueForbidden",
+                },
             ]
         }
     )
 
     min: Annotated[int, Field(ge=0, le=1000, strict=True)] = 1
-    """Replicas the operator runs (managedBy Operator), or the floor an autoscaler should keep."""
+    """Replicas the operator runs (no autoscaling), or the floor the autoscaler keeps (autoscaling.mode)."""
     max: Annotated[int, Field(ge=0, le=1000, strict=True)] | None = None
-    """Ceiling for an autoscaler; absent means equal to min."""
-    managed_by: ReplicasManager = ReplicasManager.OPERATOR
-    """Operator: the operator sets the Deployment's replicas to min. Autoscaler: it never writes them."""
+    """Ceiling for the autoscaler (required with autoscaling.mode HPA or KEDA); absent means equal to min."""
+    managed_by: Annotated[str, Field(max_length=64)] | None = None
+    """Removed: refused with a message naming its replacement, spec.tiers[].autoscaling.mode."""
 
     @model_validator(mode="after")
     def _min_le_max(self) -> Replicas:
+        if self.managed_by is not None:
+            raise _At("managedBy", MANAGED_BY_REFUSED)
         if self.max is not None and self.min > self.max:
             raise ValueError(f"replicas.min ({self.min}) must not exceed replicas.max ({self.max})")
         return self
@@ -343,6 +351,121 @@ class Replicas(_Model):
     @property
     def effective_max(self) -> int:
         return self.min if self.max is None else self.max
+
+
+class AutoscalingMode(StrEnum):
+    """Who scales a deployed tier between replicas.min and replicas.max. HPA: an autoscaling/v2
+    HorizontalPodAutoscaler the operator creates and owns. KEDA: a keda.sh/v1alpha1 ScaledObject instead (KEDA must
+    be installed; it can scale to zero). External: something else (a person, your own autoscaler) scales the
+    Deployment; the operator never writes its replicas."""
+
+    HPA = "HPA"
+    KEDA = "KEDA"
+    EXTERNAL = "External"
+
+
+# Targets are per replica, so the autoscaler divides the tier's total by them: an integer of at least 1 (a zero
+# target would ask for infinitely many replicas, and the CRD must carry no floats).
+AutoscalingTarget = Annotated[int, Field(ge=1, le=100_000, strict=True)]
+
+
+class AutoscalingTargets(_Model):
+    """Per-replica targets, each an integer of at least 1. With both, the autoscaler takes whichever asks for more
+    replicas (the HPA's rule for several metrics)."""
+
+    router_demand_per_replica: AutoscalingTarget | None = None
+    """Requests the router has routed to this tier and not yet finished (metric tiergate_router_tier_demand, summed
+    over the policy's router replicas) per tier replica. Leads the tier's own queue: the router counts a request
+    when it chooses the tier, also while the tier has no replica and the request is served by a fallback, so it
+    wakes a tier scaled to zero."""
+    vllm_waiting_per_replica: AutoscalingTarget | None = None
+    """vLLM's waiting requests (vllm:num_requests_waiting) per tier replica, averaged over the tier's pods."""
+
+
+# Seconds are bounded like the HPA's own field (stabilizationWindowSeconds: at most one hour).
+StabilizationSeconds = Annotated[int, Field(ge=0, le=3600, strict=True)]
+
+
+class AutoscalingBehavior(_Model):
+    """How fast the autoscaler moves: the HPA's stabilization windows (KEDA passes them to the HPA it makes)."""
+
+    scale_up_stabilization_seconds: StabilizationSeconds = 0
+    """Scale up to the lowest count recommended over this window (0: at once, the HPA's default)."""
+    scale_down_stabilization_seconds: StabilizationSeconds = 300
+    """Scale down to the highest count recommended over this window (the HPA's default, 5 minutes): a short lull
+    does not drop replicas that take minutes to load a model."""
+
+
+AUTOSCALING_TARGETS_NEEDED = (
+    "autoscaling.targets needs routerDemandPerReplica or vllmWaitingPerReplica for mode HPA or KEDA"
+)
+AUTOSCALING_EXTERNAL_ONLY_MODE = (
+    "autoscaling mode External takes no targets, behavior or prometheusServerAddress (nothing the operator makes "
+    "would read them)"
+)
+PROMETHEUS_ADDRESS_KEDA_ONLY = (
+    "autoscaling.prometheusServerAddress is required with mode KEDA and only used by it (the HPA reads the "
+    "Kubernetes metrics APIs)"
+)
+
+
+class Autoscaling(_Model):
+    """Per-tier autoscaling. Bounds are replicas.min and replicas.max; the HPA or ScaledObject is owned by the policy
+    and targets the tier's Deployment. Absent: the operator keeps the tier at replicas.min."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.mode == 'External' || (has(self.targets) && "
+                    "(has(self.targets.routerDemandPerReplica) || has(self.targets.vllmWaitingPerReplica)))",
+                    "message": AUTOSCALING_TARGETS_NEEDED,
+                    "fieldPath": ".targets",
+                    "reason": "FieldValueRequired",
+                },
+                {
+                    "rule": "self.mode != 'External' || "
+                    "(!has(self.targets) && !has(self.behavior) && !has(self.prometheusServerAddress))",
+                    "message": AUTOSCALING_EXTERNAL_ONLY_MODE,
+                    "reason": "FieldValueForbidden",
+                },
+                {
+                    "rule": "(self.mode == 'KEDA') == has(self.prometheusServerAddress) || self.mode == 'External'",
+                    "message": PROMETHEUS_ADDRESS_KEDA_ONLY,
+                    "fieldPath": ".prometheusServerAddress",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
+
+    mode: AutoscalingMode
+    """HPA, KEDA or External."""
+    targets: AutoscalingTargets | None = None
+    """HPA and KEDA: at least one per-replica target."""
+    behavior: AutoscalingBehavior | None = None
+    """HPA and KEDA: stabilization windows (absent: scale up at once, down after 5 minutes)."""
+    prometheus_server_address: Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)] | None = None
+    """KEDA only (required): the Prometheus that scrapes the router and the tier pods, e.g.
+    http://prometheus.monitoring.svc:9090; KEDA's prometheus triggers query it."""
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> Autoscaling:
+        if self.mode is AutoscalingMode.EXTERNAL:
+            if self.targets is not None or self.behavior is not None or self.prometheus_server_address is not None:
+                raise ValueError(AUTOSCALING_EXTERNAL_ONLY_MODE)
+            return self
+        t = self.targets
+        if t is None or (t.router_demand_per_replica is None and t.vllm_waiting_per_replica is None):
+            raise _At("targets", AUTOSCALING_TARGETS_NEEDED)
+        if (self.mode is AutoscalingMode.KEDA) != (self.prometheus_server_address is not None):
+            raise _At("prometheusServerAddress", PROMETHEUS_ADDRESS_KEDA_ONLY)
+        return self
+
+    @property
+    def scales(self) -> bool:
+        """Whether the operator makes an autoscaler object (HPA or KEDA), rather than leaving it to someone else."""
+        return self.mode is not AutoscalingMode.EXTERNAL
 
 
 class TierPrice(_Model):
@@ -370,8 +493,67 @@ class ExternalEndpoint(_Model):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+HPA_NEEDS_MIN = (
+    "autoscaling mode HPA needs replicas.min of at least 1: the HPA cannot scale to zero (its HPAScaleToZero "
+    "feature gate is alpha and off by default); use mode KEDA to scale an idle tier to zero"
+)
+AUTOSCALER_NEEDS_MAX = "autoscaling mode HPA or KEDA needs replicas.max (the ceiling, at least 1)"
+ZERO_NEEDS_DEMAND = (
+    "autoscaling mode KEDA with replicas.min 0 needs autoscaling.targets.routerDemandPerReplica: vLLM's waiting "
+    "requests come from the tier's own pods, and a tier at zero has none to wake it"
+)
+EXTERNAL_TIER_AUTOSCALING = "autoscaling applies to deployed tiers; a tier with endpoint deploys nothing to scale"
+
+
+def _autoscaling_rule(rule: str, message: str, path: str) -> JsonDict:
+    # has(): mode is required inside autoscaling, replicas has a default; every rule holds without autoscaling.
+    return {"rule": f"!has(self.autoscaling) || {rule}", "message": message, "fieldPath": path}
+
+
+class Modality(StrEnum):
+    """An input modality a tier accepts in a chat request: text, images (`image_url` parts), audio (`input_audio`
+    parts). Lower-case: these are the words of the OpenAI content-part types, and scripts spell them so."""
+
+    TEXT = "text"
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+MODALITIES_MESSAGE = "modalities must include text (every tier answers a chat request in text) and not repeat one"
+
+
 class Tier(Placement):
     """One model tier. Tiers are listed cheapest first; the last tier is the strongest."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                _autoscaling_rule(
+                    "self.autoscaling.mode != 'HPA' || !has(self.replicas.min) || self.replicas.min >= 1",
+                    HPA_NEEDS_MIN,
+                    ".replicas.min",
+                ),
+                _autoscaling_rule(
+                    "self.autoscaling.mode == 'External' || (has(self.replicas.max) && self.replicas.max >= 1)",
+                    AUTOSCALER_NEEDS_MAX,
+                    ".replicas.max",
+                ),
+                _autoscaling_rule(
+                    "self.autoscaling.mode != 'KEDA' || (has(self.replicas.min) && self.replicas.min >= 1) || "
+                    "(has(self.autoscaling.targets) && has(self.autoscaling.targets.routerDemandPerReplica))",
+                    ZERO_NEEDS_DEMAND,
+                    ".autoscaling.targets",
+                ),
+                _autoscaling_rule("!has(self.endpoint)", EXTERNAL_TIER_AUTOSCALING, ".autoscaling"),
+                {
+                    "rule": "!has(self.modalities) || 'text' in self.modalities",
+                    "message": MODALITIES_MESSAGE,
+                    "fieldPath": ".modalities",
+                    "reason": "FieldValueInvalid",
+                },
+            ]
+        }
+    )
 
     name: TierName
     """Tier name (DNS label, at most 20 characters); children are named `<policy>-tier-<name>`."""
@@ -386,10 +568,50 @@ class Tier(Placement):
     model_volume: ModelVolume | None = None
     endpoint: ExternalEndpoint | None = None
     """An external OpenAI-compatible backend; when set the operator deploys nothing for this tier."""
+    autoscaling: Autoscaling | None = None
+    """Who scales the tier between replicas.min and replicas.max: mode HPA, KEDA or External. Absent: the operator
+    keeps the tier at replicas.min."""
+
+    @model_validator(mode="after")
+    def _autoscaling_fits(self) -> Tier:
+        a = self.autoscaling
+        if a is None:
+            return self
+        if self.endpoint is not None:
+            raise _At("autoscaling", EXTERNAL_TIER_AUTOSCALING)
+        if a.mode is AutoscalingMode.HPA and self.replicas.min < 1:
+            raise _At("replicas.min", HPA_NEEDS_MIN)
+        if a.scales and (self.replicas.max is None or self.replicas.max < 1):
+            raise _At("replicas.max", AUTOSCALER_NEEDS_MAX)
+        demand = a.targets.router_demand_per_replica if a.targets is not None else None
+        if a.mode is AutoscalingMode.KEDA and self.replicas.min < 1 and demand is None:
+            raise _At("autoscaling.targets", ZERO_NEEDS_DEMAND)
+        return self
+
+    modalities: list[Modality] = Field(
+        default_factory=lambda: [Modality.TEXT],
+        min_length=1,
+        max_length=len(Modality),
+        json_schema_extra={"x-kubernetes-list-type": "set", "default": ["text"]},
+    )
+    """Input modalities the tier's model accepts (text, image, audio; always text). The router sends a request with
+    images or audio only to a tier that accepts them all, or describes/transcribes the parts on tiers that accept
+    them and lets the chosen tier answer from the text (docs/router.md, "Multimodal requests")."""
+
+    @model_validator(mode="after")
+    def _text_modality(self) -> Tier:
+        if Modality.TEXT not in self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise _At("modalities", MODALITIES_MESSAGE)
+        return self
 
     @property
     def external(self) -> bool:
         return self.endpoint is not None
+
+    @property
+    def autoscaled(self) -> bool:
+        """Whether something other than the operator owns the Deployment's replica count (any autoscaling mode)."""
+        return self.autoscaling is not None
 
     @property
     def model_name(self) -> str:
@@ -543,6 +765,47 @@ class BodyLimits(_Model):
     Default 16 MiB."""
 
 
+class SpecialistFailure(StrEnum):
+    """What a decomposed request does when a specialist tier cannot describe or transcribe a part (it failed, or
+    ran out of its share of the deadline). Annotate: the answering tier is told which part could not be read and
+    answers anyway. Fail: the request fails (HTTP 502, 504 for a timeout) with a message naming the part."""
+
+    ANNOTATE = "Annotate"
+    FAIL = "Fail"
+
+
+class MixedRequests(StrEnum):
+    """How a request with images or audio is served. RouteToCapableTier: the classifier chooses among the tiers
+    that accept every modality present; only when none does, the parts the chosen tier cannot take are decomposed.
+    Decompose: the classifier chooses among all tiers by the text alone, and the parts that tier cannot take are
+    decomposed (sent to a tier that accepts them for a description or a transcript)."""
+
+    ROUTE_TO_CAPABLE_TIER = "RouteToCapableTier"
+    DECOMPOSE = "Decompose"
+
+
+# A hostname, or `*.` and a domain (its subdomains only): the forms of spec.router.attachments.allowedHosts.
+ALLOWED_HOST_PATTERN = r"^(\*\.)?[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+
+class Attachments(_Model):
+    """Images and audio in chat requests. Inline data (data: URLs, input_audio) is limited in count and size; a
+    part that points at a URL is passed to a tier (which fetches it) only when its host is allowed here: the router
+    never fetches one itself, and never lets a client make a tier fetch from an arbitrary host."""
+
+    allowed_hosts: list[Annotated[str, Field(max_length=253, pattern=ALLOWED_HOST_PATTERN)]] = Field(
+        default_factory=list, max_length=64, json_schema_extra={"x-kubernetes-list-type": "set"}
+    )
+    """Hosts an http(s) image or audio URL may name (`cdn.example.com`, or `*.example.com` for its subdomains).
+    Empty: every URL is refused with HTTP 400 naming its host; inline data is unaffected."""
+    max_count: Annotated[int, Field(ge=0, le=64, strict=True)] = 8
+    """Images and audio parts per request at most (HTTP 400 beyond)."""
+    max_bytes: Annotated[int, Field(ge=1024, le=1 << 30, strict=True)] = 4 * 1024 * 1024
+    """Decoded bytes of one inline attachment at most (HTTP 413 beyond). The request body limit also applies."""
+    on_specialist_failure: SpecialistFailure = SpecialistFailure.ANNOTATE
+    mixed_requests: MixedRequests = MixedRequests.ROUTE_TO_CAPABLE_TIER
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -603,6 +866,8 @@ class Router(Placement):
     saturation: Saturation = Field(default_factory=Saturation, json_schema_extra={"default": {}})
     classifier_cache: ClassifierCache | None = None
     body_limits: BodyLimits | None = None
+    attachments: Attachments | None = None
+    """Images and audio in chat requests; absent: the defaults (no URL hosts allowed, 8 parts of 4 MiB at most)."""
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""

@@ -34,6 +34,7 @@ from tiergate_router.config.types import (
     tier_at,
 )
 from tiergate_router.errors import ConfigError
+from tiergate_router.modality import AttachmentPolicy
 
 if TYPE_CHECKING:
     from tiergate.api.policy import RoutingPolicy, Tier
@@ -123,6 +124,7 @@ def from_policy(
             max_response_bytes=response_bytes,
             best_of_n=best_of_n_of(policy, ns, reward_url=reward_url),
             candidates=routing,
+            attachments=attachment_policy(policy),
             tenancy=tenancy_from_policy(
                 policy,
                 multi=multi,
@@ -132,6 +134,20 @@ def from_policy(
         )
     except ConfigError as e:
         raise ConfigError(f"policy {policy.metadata.name}: {e}") from e
+
+
+def attachment_policy(policy: RoutingPolicy) -> AttachmentPolicy:
+    """`spec.router.attachments` (absent: the defaults, the same as the policy model's)."""
+    a = policy.spec.router.attachments
+    if a is None:
+        return AttachmentPolicy()
+    return AttachmentPolicy(
+        allowed_hosts=tuple(a.allowed_hosts),
+        max_count=a.max_count,
+        max_bytes=a.max_bytes,
+        on_specialist_failure=a.on_specialist_failure.value,
+        mixed_requests=a.mixed_requests.value,
+    )
 
 
 def reward_service_url(policy: RoutingPolicy, namespace: str) -> str:
@@ -207,6 +223,7 @@ def _tier(
         # Decimal in the policy (exact money); float here, where it weighs against predicted quality (N-tier
         # artifacts) and feeds an estimated-cost counter.
         price_per_mtok=(float(t.price.input_per_million), float(t.price.output_per_million)),
+        modalities=frozenset(m.value for m in t.modalities),
     )
 
 

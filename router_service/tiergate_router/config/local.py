@@ -31,11 +31,14 @@ from tiergate_router.config.types import (
     tier_at,
 )
 from tiergate_router.errors import ConfigError
+from tiergate_router.modality import parse_modalities
 
 if TYPE_CHECKING:
     from tiergate.api.policy import RoutingPolicy
 
 TierFlag = tuple[str, str]
+# `--tier-modalities NAME=text,image`: (tier name, its modalities).
+ModalitiesFlag = tuple[str, frozenset[str]]
 # A dispatch limit set on the command line: (RouterConfig field, value in the field's unit).
 DispatchSetting = tuple[str, float | int]
 
@@ -183,6 +186,8 @@ class LocalOverrides:
 
     # `--tier NAME=BASE_URL`, checked (parse_tier_flags), cheapest first.
     tiers: tuple[TierFlag, ...] = ()
+    # `--tier-modalities NAME=text,image`, checked (parse_tier_modalities_flags).
+    tier_modalities: tuple[ModalitiesFlag, ...] = ()
     threshold_bp: int | None = None
     cost_weight_bp: int | None = None
     host: str | None = None
@@ -225,6 +230,33 @@ def parse_tier_flags(values: Sequence[str]) -> tuple[TierFlag, ...]:
     if len(set(names)) != len(names):
         raise ConfigError(f"--tier: a tier name is given twice ({', '.join(names)})")
     return flags
+
+
+def parse_tier_modalities_flags(values: Sequence[str]) -> tuple[ModalitiesFlag, ...]:
+    """All `--tier-modalities NAME=text,image` flags, checked (ConfigError names the bad one, or a tier given
+    twice)."""
+    out: list[ModalitiesFlag] = []
+    for value in values:
+        name, sep, mods = value.partition("=")
+        if not sep or not name or not mods:
+            raise ConfigError(f"--tier-modalities {value!r}: expected NAME=MODALITIES, e.g. vision=text,image")
+        out.append((name, parse_modalities(mods, f"--tier-modalities {name}")))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--tier-modalities: a tier name is given twice ({', '.join(names)})")
+    return tuple(out)
+
+
+def apply_tier_modalities(cfg: RouterConfig, flags: Sequence[ModalitiesFlag]) -> RouterConfig:
+    """`cfg` with each flag's modalities replacing its tier's (ConfigError names a flag for a tier not served)."""
+    if not flags:
+        return cfg
+    given = dict(flags)
+    unknown = [n for n in given if n not in cfg.tier_names]
+    if unknown:
+        raise ConfigError(f"--tier-modalities {unknown[0]}: no such tier (tiers: {', '.join(cfg.tier_names)})")
+    tiers = tuple(dataclasses.replace(t, modalities=given.get(t.name, t.modalities)) for t in cfg.tiers)
+    return dataclasses.replace(cfg, tiers=tiers)
 
 
 def served_tier_names(policy: RoutingPolicy | None, flags: Sequence[TierFlag]) -> tuple[str, ...]:
@@ -293,7 +325,7 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
     if overrides.response_bytes is not None:
         cfg = dataclasses.replace(cfg, max_response_bytes=overrides.response_bytes)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
-    return cfg
+    return apply_tier_modalities(cfg, overrides.tier_modalities)
 
 
 def listen(policy: RoutingPolicy | None, overrides: LocalOverrides) -> Listen:

@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 
 from tiergate_router.classifier import DEFAULT_CACHE_BYTES, DEFAULT_CACHE_ENTRIES
 from tiergate_router.errors import ConfigError
+from tiergate_router.modality import TEXT, TEXT_ONLY, AttachmentPolicy
 from tiergate_router.tenants import Tenancy
 
 if TYPE_CHECKING:
@@ -61,6 +62,8 @@ class TierConfig:
     # Whether the prices above were given (a policy's tier always has them). A `--tier` flag's tier has none: an
     # N-tier artifact then prices it at the artifact's own price for the tier it maps to.
     priced: bool = False
+    # Input modalities the tier accepts (spec.tiers[].modalities, `--tier-modalities`); always includes text.
+    modalities: frozenset[str] = TEXT_ONLY
 
     @property
     def price_per_mtok(self) -> float | None:
@@ -184,6 +187,8 @@ class RouterConfig:
     candidates: CandidateRouting | None = None
     # Tenants, their keys, limits and budgets (tiergate_router.tenants); the default lets everyone in.
     tenancy: Tenancy = field(default_factory=Tenancy)
+    # Images and audio in chat requests: limits, allowed URL hosts, decomposition (spec.router.attachments).
+    attachments: AttachmentPolicy = field(default_factory=AttachmentPolicy)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -197,6 +202,10 @@ class RouterConfig:
     @property
     def tier_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tiers)
+
+    @property
+    def tier_modalities(self) -> tuple[tuple[str, frozenset[str]], ...]:
+        return tuple((t.name, t.modalities) for t in self.tiers)
 
 
 def validate(cfg: RouterConfig) -> None:
@@ -217,6 +226,8 @@ def validate(cfg: RouterConfig) -> None:
             check_base_url(u, f"tiers[{i}].endpoint")
         if t.input_price_per_mtok < 0 or t.output_price_per_mtok < 0:
             raise ConfigError(f"tiers[{i}].price: must not be negative")
+        if TEXT not in t.modalities:
+            raise ConfigError(f"tiers[{i}] ({t.name}).modalities: must include text")
     if len(cfg.thresholds_bp) != len(cfg.tiers) - 1 and len(cfg.tiers) > 1:
         raise ConfigError(
             f"thresholds_bp: {len(cfg.tiers)} tiers need {len(cfg.tiers) - 1} threshold(s), "
@@ -318,6 +329,7 @@ def tier_at(
     model: str | None = None,
     api_key: str | None = None,
     price_per_mtok: tuple[float, float] | None = None,
+    modalities: frozenset[str] = TEXT_ONLY,
 ) -> TierConfig:
     """A tier reached at one static base URL or through a Service's pods: what the policy and `--tier` make.
     `price_per_mtok` (input, output) None: not priced (a `--tier` flag). (`TierConfig` itself also takes several
@@ -335,6 +347,7 @@ def tier_at(
         input_price_per_mtok=price_per_mtok[0],
         output_price_per_mtok=price_per_mtok[1],
         priced=priced,
+        modalities=modalities,
     )
 
 
