@@ -11,17 +11,21 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from tests.support import metrics_pipeline as mp
+from tests.support.operator_cluster import Operator, install_crd, operator_running
 from tiergate.api import naming
+from tiergate.api.policy import parse_policy
 from tiergate.devcluster import build
 from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate.devcluster.errors import StartError
 from tiergate.devcluster.metrics import MetricsStack
+from tiergate_operator.autoscaling import demand_query, waiting_query
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +52,8 @@ def test_every_promql_expression_of_the_dashboard_and_adapter_rules_runs(
     """A router with three tiers (small and large with a pod each, `spare` with none) gets routed, hard and forced
     requests (the last fall back from `spare`). Then every expression in the dashboard and the adapter rules, with
     this policy's values, parses in the real Prometheus and returns series, except those over kube-state-metrics
-    (documented as needed, not run here), which must return none; the metrics APIs answer through the API server."""
+    (documented as needed, not run here), which must return none; so do the operator's KEDA trigger queries; the
+    metrics APIs answer through the API server."""
     policy = "mon"
     bed = mp.PolicyBed(cluster, namespace, policy, {"small": 1, "large": 1}, k8s_api, absent=("spare",))
     with bed:
@@ -75,6 +80,13 @@ def test_every_promql_expression_of_the_dashboard_and_adapter_rules_runs(
         small_pods = sorted(p for p in bed.fakes if p.startswith(naming.tier_name(policy, "small")))
         rules = yaml.safe_load(mp.adapter_rules_text())
         exprs += mp.adapter_expressions(rules, namespace, policy, "small", small_pods)
+        # And the queries the operator writes into a KEDA ScaledObject's prometheus triggers, for this policy.
+        typed = parse_policy({**autoscaled_policy(policy), "metadata": {"name": policy, "namespace": namespace}})
+        small = typed.spec.tier("small")
+        exprs += [
+            mp.Expression("KEDA trigger router-demand", demand_query(typed, small)),
+            mp.Expression("KEDA trigger vllm-waiting", waiting_query(typed, small)),
+        ]
         assert len(exprs) >= 15, [e.where for e in exprs]
         checked = []
         for e in exprs:
@@ -129,20 +141,62 @@ AVERAGE_DEMAND = 2
 MAX_REPLICAS = CONCURRENCY // AVERAGE_DEMAND
 
 
-def test_hpa_scales_a_tier_on_router_demand_and_back(
-    cluster: DevCluster, namespace: str, k8s_api: Any, stack: MetricsStack
+def autoscaled_policy(name: str) -> dict[str, Any]:
+    """One autoscaled tier (`small`: 1..4 replicas, HPA on the router's demand, 2 per replica, scale-down window
+    5 s), one more tier the classifier never picks here (`large`, no pods), one router replica, the shipped
+    classifier."""
+    tier = {
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "pool": "gpu-small",
+        "resources": {"gpus": 1, "cpu": "1", "memory": "1Gi"},
+        "price": {"inputPerMillion": "0.10", "outputPerMillion": "0.30"},
+    }
+    return {
+        "apiVersion": "tiergate.io/v1alpha1",
+        "kind": "RoutingPolicy",
+        "metadata": {"name": name},
+        "spec": {
+            "tiers": [
+                {
+                    **tier,
+                    "name": "small",
+                    "replicas": {"min": 1, "max": MAX_REPLICAS},
+                    "autoscaling": {
+                        "mode": "HPA",
+                        "targets": {"routerDemandPerReplica": AVERAGE_DEMAND},
+                        "behavior": {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": 5},
+                    },
+                },
+                {**tier, "name": "large", "replicas": {"min": 0}},
+            ],
+            "router": {"replicas": 1, "pool": "cpu", "httpPort": mp.ROUTER_PORT},
+        },
+    }
+
+
+@pytest.fixture
+def operator(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    install_crd(cluster)
+    yield from operator_running(Operator(cluster, tmp_path, "--namespace", namespace))
+
+
+def test_operator_hpa_scales_a_tier_on_router_demand_and_back(
+    cluster: DevCluster, namespace: str, k8s_api: Any, stack: MetricsStack, operator: Operator
 ) -> None:
-    """8 requests at a time (each held 1.5 s by the fake) through the router to one tier pod: the router's demand
-    for the tier is 8, four times the HPA's target of 2 per pod, so the HPA (External metric, the operator's shape)
+    """A RoutingPolicy with tier `small` in autoscaling mode HPA: the operator makes the tier's Deployment and its
+    HPA (External tiergate_router_tier_demand {routingpolicy, tier}, 2 per replica). 8 requests at a time (each held
+    1.5 s by the fake) through the router to the tier's one pod make the router's demand 8, so the HPA controller
     scales the Deployment 1 -> 4; kwok runs the pods, the router discovers them and every new pod answers. Without
     load the demand drops to 0 and the HPA scales back to 1."""
     policy = "auto"
-    bed = mp.PolicyBed(cluster, namespace, policy, {"small": 1}, k8s_api, latency_s=1.5)
+    cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(autoscaled_policy(policy)))
+    hpa_name = naming.tier_name(policy, "small")
+    hpa = wait_for("the operator's HPA", lambda: cluster.kubectl("get", "hpa", hpa_name, "-n", namespace, check=False))
+    assert hpa_name in hpa
+    bed = mp.PolicyBed(cluster, namespace, policy, {"small": 1}, k8s_api, latency_s=1.5, make_objects=False)
     with bed:
-        wait_for("the tier pod served", lambda: len(bed.sync()) == 1)
+        wait_for("the tier pod served", lambda: len(bed.sync()) == 1, timeout=120)
         wait_for("the router discovering it", lambda: bed.endpoints("small"))
-        hpa = mp.hpa_object(policy, "small", average_demand=AVERAGE_DEMAND, min_replicas=1, max_replicas=MAX_REPLICAS)
-        cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(hpa))
         result = mp.run_scale_scenario(bed, "small", concurrency=CONCURRENCY, min_replicas=1, max_replicas=MAX_REPLICAS)
     print(
         f"[hpa] load start -> replicas raised {result.replicas_raised_s:.1f}s, first new pod serving "
@@ -161,3 +215,6 @@ def test_hpa_scales_a_tier_on_router_demand_and_back(
     assert len(result.answers_by_pod) == MAX_REPLICAS
     assert all(n > 0 for n in result.answers_by_pod.values())
     assert result.errors == []
+    # The HPA was the operator's, owned by the policy, and the operator left the replicas to it.
+    owner = json.loads(cluster.kubectl("get", "hpa", hpa_name, "-n", namespace, "-o", "json"))["metadata"]
+    assert [(o["kind"], o["name"]) for o in owner["ownerReferences"]] == [("RoutingPolicy", policy)]

@@ -224,6 +224,8 @@ class PolicyBed:
     k8s_api: Any
     latency_s: float = 0.0
     absent: tuple[str, ...] = ()
+    # False: the operator made the objects (a RoutingPolicy applied); the bed only plays the pods.
+    make_objects: bool = True
     fakes: dict[str, FakeProcess] = field(default_factory=dict)
     router_ip: str = ""
     _loop: LoopThread | None = None
@@ -241,11 +243,13 @@ class PolicyBed:
         self.stop()
 
     def start(self) -> PolicyBed:
-        self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=policy_objects(self.policy, self.tiers))
+        if self.make_objects:
+            objects = policy_objects(self.policy, self.tiers)
+            self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=objects)
         router_sel = f"{naming.POLICY_LABEL}={self.policy},{naming.COMPONENT_LABEL}={naming.COMPONENT_ROUTER}"
         from tiergate.devcluster.cluster import wait_for
 
-        ips = wait_for("the router pod Ready", lambda: ready_pods(self.cluster, self.namespace, router_sel))
+        ips = wait_for("the router pod Ready", lambda: ready_pods(self.cluster, self.namespace, router_sel), 120)
         self.router_ip = next(iter(ips.values()))
         assert self.cluster.network is not None
         self.cluster.network.host_address(self.router_ip)
