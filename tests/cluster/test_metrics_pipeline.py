@@ -72,8 +72,13 @@ def test_every_promql_expression_of_the_dashboard_and_adapter_rules_runs(
         routed = stack.wait_for_series(f'tiergate_router_requests_total{{namespace="{namespace}"}}')
         assert _labels_of(routed, "routingpolicy") == {policy}
         assert all(p.startswith(naming.router_name(policy) + "-") for p in _labels_of(routed, "pod"))
-        waiting = stack.wait_for_series(f'vllm:num_requests_waiting{{namespace="{namespace}"}}')
-        assert _labels_of(waiting, "tier") == {"small", "large"}
+        # Each pod's first scrape comes within a scrape interval of its fake starting: wait for both tiers'.
+        waiting_q = f'vllm:num_requests_waiting{{namespace="{namespace}"}}'
+        waiting = wait_for(
+            "both tiers' vLLM series",
+            lambda: (lambda s: s if _labels_of(s, "tier") == {"small", "large"} else None)(stack.query(waiting_q)),
+            timeout=60,
+        )
         assert _labels_of(waiting, "routingpolicy") == {policy}
 
         exprs = mp.dashboard_expressions(mp.dashboard())

@@ -342,7 +342,7 @@ class PolicyBed:
 
 # --- autoscaling a tier on the router's demand ------------------------------------------------------------------
 
-DEMAND_METRIC = "tiergate_router_tier_demand"
+DEMAND_METRIC = naming.ROUTER_TIER_DEMAND_METRIC
 
 
 def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int, max_replicas: int) -> dict[str, Any]:

@@ -39,23 +39,26 @@ def _target(label: str) -> dict[str, Any]:
 def test_adapter_serves_exactly_the_hpa_metric_names_and_labels() -> None:
     rules = yaml.safe_load(mp.adapter_rules_text())
     (external,) = rules["externalRules"]
-    assert external["name"]["as"] == mp.DEMAND_METRIC == "tiergate_router_tier_demand"
+    # The names and labels the operator's HPAs ask for (tiergate.api.naming, read by operator/autoscaling.py).
+    assert external["name"]["as"] == naming.ROUTER_TIER_DEMAND_METRIC == "tiergate_router_tier_demand"
     assert re.fullmatch(external["name"]["matches"], mp.DEMAND_METRIC)
     # The HPA selects with matchLabels {routingpolicy, tier}: the series must have both, per namespace.
-    assert 'routingpolicy!=""' in external["seriesQuery"]
-    assert 'tier!=""' in external["seriesQuery"]
+    assert f'{naming.METRIC_POLICY_LABEL}!=""' in external["seriesQuery"]
+    assert f'{naming.METRIC_TIER_LABEL}!=""' in external["seriesQuery"]
+    assert f"by ({naming.METRIC_POLICY_LABEL}, {naming.METRIC_TIER_LABEL})" in external["metricsQuery"]
     assert external["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
     assert "<<.LabelMatchers>>" in external["metricsQuery"]
     (pods,) = rules["rules"]
-    assert pods["name"]["as"] == "vllm_num_requests_waiting"
-    assert re.fullmatch(pods["name"]["matches"], "vllm:num_requests_waiting")
+    assert pods["name"]["as"] == naming.VLLM_WAITING_METRIC
+    assert re.fullmatch(pods["name"]["matches"], naming.VLLM_WAITING_SERIES)
+    assert pods["seriesQuery"].startswith(naming.VLLM_WAITING_SERIES + "{")
     assert pods["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "by (<<.GroupBy>>)" in pods["metricsQuery"]
 
 
 def test_scrape_configs_turn_the_operators_pod_labels_into_the_rules_labels() -> None:
-    assert _target("routingpolicy")["source_labels"] == [_meta_label("label", naming.POLICY_LABEL)]
-    assert _target("tier")["source_labels"] == [_meta_label("label", naming.TIER_LABEL)]
+    assert _target(naming.METRIC_POLICY_LABEL)["source_labels"] == [_meta_label("label", naming.POLICY_LABEL)]
+    assert _target(naming.METRIC_TIER_LABEL)["source_labels"] == [_meta_label("label", naming.TIER_LABEL)]
     assert _target("component")["source_labels"] == [_meta_label("label", naming.COMPONENT_LABEL)]
     assert _target("namespace")["source_labels"] == ["__meta_kubernetes_namespace"]
     assert _target("pod")["source_labels"] == ["__meta_kubernetes_pod_name"]
