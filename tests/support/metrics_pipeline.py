@@ -40,6 +40,10 @@ RATE_INTERVAL = "30s"
 # Metrics from kube-state-metrics, which the dashboard documents as a requirement and the test bed does not run:
 # their queries must parse, and return nothing here.
 KSM_PREFIX = "kube_"
+# The router's predicted tier mix, exported only where the classifier artifact's calibration describes the policy's
+# decision (tiergate_router.config.predicted): the test bed's three tiers over a two-tier artifact have none, so its
+# queries must parse and return nothing there (tests/unit/test_router_predicted_mix.py covers the series itself).
+PREDICTED_SHARE = "tiergate_router_predicted_share"
 
 
 def scrape_configs() -> list[dict[str, Any]]:
@@ -71,6 +75,10 @@ class Expression:
     @property
     def needs_kube_state_metrics(self) -> bool:
         return bool(re.search(rf"\b{KSM_PREFIX}\w+", self.promql))
+
+    @property
+    def needs_prediction(self) -> bool:
+        return bool(re.search(rf"\b{PREDICTED_SHARE}\b", self.promql))
 
 
 def dashboard_expressions(doc: dict[str, Any]) -> list[Expression]:

@@ -89,7 +89,7 @@ def test_dashboard_has_the_panels_and_names_only_exported_metrics() -> None:
     doc = mp.dashboard()
     titles = {p["title"] for p in doc["panels"]}
     assert {
-        "Tier mix: served against decided",
+        "Tier mix: served, decided and predicted",
         "Cost per request",
         "Latency per tier",
         "Replicas per tier",
