@@ -14,6 +14,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -200,10 +201,11 @@ def test_a_rebuilt_table_drops_ratings_of_earlier_decisions(artifact: Path) -> N
     assert p.ref(draft, QUALITY, "none") is None  # no tier answered: nothing to learn
     p.apply(cfg)  # the same config: the same table
     p.observe(ref, -1.0)
+    assert cfg.multi_tier is not None
+    # A reload that changes the cost weight, with the same loaded artifact: the profiles stay.
+    p.apply(replace(cfg, multi_tier=replace(cfg.multi_tier, cost_weight_bp=100)))
     assert p.table is not None
     assert len(p.table) == 1
-    from dataclasses import replace
-
     p.apply(replace(cfg, personalization=PersonalizationConfig(max_users=128)))
     assert p.table is not None
     assert len(p.table) == 0
