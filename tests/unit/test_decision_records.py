@@ -3,6 +3,7 @@ an injected clock), and how `tiergate serve` and a policy turn the decision log 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -248,3 +249,19 @@ def test_the_operator_hands_the_field_to_the_router_in_its_policy_document() -> 
     # What the router builds from that document: the log on stdout, prompts as digests.
     cfg = serve_config(RoutingPolicy.model_validate(doc), LocalOverrides(), None)
     assert (cfg.decision_log, cfg.decision_log_prompts) == ("-", False)
+
+
+def test_the_record_keeps_per_tier_scores_and_what_was_tried() -> None:
+    from tiergate_router.decision_records import decision_record
+
+    facts = RouteFacts(0.8, "mid", ("mid", "big", "tiny"), "a1", "acme", scores=(0.2, 0.8, 0.9))
+    rec = decision_record(facts, served("r", tier="tiny"), include_prompt=False, ts="T")
+    assert rec["scores"] == [0.2, 0.8, 0.9]
+    assert rec["fallbacks"] == ["mid", "big"]
+    assert rec["tenant"] == "acme"
+    assert "user" not in rec
+    assert json.loads(json.dumps(rec, default=str))["prompt_sha256"] == hashlib.sha256(b"p").hexdigest()
+    none = decision_record(route(), served("r", tier="none"), include_prompt=True, ts="T")
+    assert none["fallbacks"] == []
+    assert none["prompt"] == "p"
+    assert "scores" not in none
