@@ -318,13 +318,16 @@ class OpenAIHandlers:
 
     async def _route(self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...]) -> Route:
         """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
-        counted per modality."""
+        counted per modality. The body's OpenAI `user` field keys the user's routing profile (`personalize`)."""
+        user = parsed.body.get("user")
         if not attachments:
-            return await self.router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY)
+            return await self.router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY, user=user)
         m = self.router.metrics
         try:
             check_attachments(attachments, self.router.config.attachments)
-            route = await self.router.route(parsed.model, parsed.prompt_text, principal, modalities_of(attachments))
+            route = await self.router.route(
+                parsed.model, parsed.prompt_text, principal, modalities_of(attachments), user=user
+            )
         except BadRequestError:
             for a in attachments:
                 m.attachments.labels(a.modality, "refused").inc()

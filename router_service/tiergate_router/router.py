@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +35,7 @@ from tiergate_router.modality import (
     specialists_for,
     unservable,
 )
+from tiergate_router.personalize import Personalizer, ProfileDraft, user_key
 from tiergate_router.tenants import (
     OPEN,
     UNAUTHENTICATED,
@@ -70,6 +72,10 @@ class Route:
     artifact: str = ""
     # N-tier and candidates artifacts: the artifact's per-tier (per-candidate) predictions, for the decision log.
     scores: tuple[float, ...] | None = None
+    # Per-user profiles (personalize.py): whose N-tier decision this was, for feedback on it; None without a user
+    # or profiles. `personalized`: the user's profile adjusted the predictions the choice weighed.
+    profile: ProfileDraft | None = None
+    personalized: bool = False
 
 
 class Router:
@@ -96,7 +102,10 @@ class Router:
             _recorder_settings(config),
             on_drop=m.decision_log_dropped.inc,
             on_feedback=lambda source, _rating: m.feedback.labels(source).inc(),
+            on_profile_rating=lambda ref, rating: self.personalizer.observe(ref, rating),
         )
+        self.personalizer = Personalizer(m)
+        self.personalizer.apply(config)
 
     @property
     def decision_log(self) -> DecisionLog | None:
@@ -112,6 +121,8 @@ class Router:
             artifact=route.artifact,
             tenant=route.access.tenant,
             scores=route.scores,
+            profile=self.personalizer.ref(route.profile, route.scores, served.tier),
+            personalized=route.personalized,
         )
         self.recorder.decision(facts, served)
 
@@ -146,6 +157,7 @@ class Router:
         self.body_budget.resize(config.max_inflight_body_bytes)
         self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
         self.recorder.apply(_recorder_settings(config))
+        self.personalizer.apply(config)
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):
@@ -199,12 +211,16 @@ class Router:
         prompt_text: str,
         principal: Principal = UNAUTHENTICATED,
         modalities: frozenset[str] = TEXT_ONLY,
+        *,
+        user: object = None,
     ) -> Route:
         """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
         admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
         decision keeps to what it may use (`tenants.restrict_choice`, `restrict_chain`). A request with images or
         audio (`modalities`, from `modality.find_attachments`) is routed among the tiers that accept them all
-        (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`)."""
+        (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`).
+        `user` is the request's OpenAI `user` field: with per-user profiles on, an N-tier decision is adjusted by
+        that user's own ratings (`personalize`)."""
         cfg = self.config
         forced = self.resolve_model(model)
         if modalities != TEXT_ONLY:
@@ -212,12 +228,19 @@ class Router:
             if missing:
                 raise refuse_unservable(missing)
         access = await self.gate.admit(principal, forced)
+        key = user_key(access.tenant, user)
         if modalities == TEXT_ONLY:
-            return await self._routed(cfg, forced, prompt_text, access)
-        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities)
+            return await self._routed(cfg, forced, prompt_text, access, key)
+        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities, key)
 
     async def _routed_multimodal(
-        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, needed: frozenset[str]
+        self,
+        cfg: RouterConfig,
+        forced: str | None,
+        prompt_text: str,
+        access: Access,
+        needed: frozenset[str],
+        key: str | None = None,
     ) -> Route:
         """Routing with attachments: the choice kept to tiers that accept every modality present (the tenant's, when
         it has tiers) unless none does or the policy says Decompose; then the specialists for the rest."""
@@ -226,7 +249,7 @@ class Router:
             capable = narrowed(access.tiers, capable_tiers(cfg.tier_modalities, needed))
             if capable is not None:
                 routed_access = dataclasses.replace(access, tiers=capable)
-        route = await self._routed(cfg, forced, prompt_text, routed_access)
+        route = await self._routed(cfg, forced, prompt_text, routed_access, key)
         specialists = specialists_for(cfg.tier(route.chain[0]).modalities, needed, cfg.tier_modalities, access.tiers)
         if specialists:
             # The answering tier gets text only once the parts are described: any tier of the usual chain will do.
@@ -235,8 +258,10 @@ class Router:
             chain = [t for t in route.chain if needed <= cfg.tier(t).modalities]
         return dataclasses.replace(route, chain=chain, access=access, specialists=specialists)
 
-    async def _routed(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
-        route = await self._route(cfg, forced, prompt_text, access)
+    async def _routed(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, key: str | None = None
+    ) -> Route:
+        route = await self._route(cfg, forced, prompt_text, access, key)
         if access is OPEN:
             return route
         # A tier the client named (and may use) is served as named, also while the budget is low; once it is spent
@@ -250,7 +275,9 @@ class Router:
         samples = route.samples if chain[0] == route.chain[0] else 1
         return dataclasses.replace(route, decision=decision, chain=chain, access=access, samples=samples)
 
-    async def _route(self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access) -> Route:
+    async def _route(
+        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, key: str | None = None
+    ) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
         if len(cfg.tiers) == 1 or access.cheapest_only:
@@ -258,12 +285,13 @@ class Router:
             only = cfg.tiers[0].name
             return Route(None, only, [only], samples=1 if access.cheapest_only else samples_without_heads(cfg, only))
         t0 = time.perf_counter()
+        draft, personalized = None, False
         try:
             verdict = (await self.classifier.score([prompt_text]))[0]
             if cfg.candidates is not None:
                 chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text, access)
             else:
-                chosen, score = self._decide(verdict, cfg, access)
+                chosen, score, draft, personalized = self._decide_for_user(verdict, cfg, access, key)
                 samples = samples_without_heads(cfg, chosen)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
@@ -276,13 +304,42 @@ class Router:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
         chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
         scores = tuple(float(v) for v in verdict) if isinstance(verdict, tuple) else None
-        return Route(score, chosen, chain, samples=samples, artifact=self.artifact_id, scores=scores)
+        return Route(
+            score,
+            chosen,
+            chain,
+            samples=samples,
+            artifact=self.artifact_id,
+            scores=scores,
+            profile=draft,
+            personalized=personalized,
+        )
+
+    def _decide_for_user(
+        self, verdict: Verdict, cfg: RouterConfig, access: Access, key: str | None
+    ) -> tuple[str, float, ProfileDraft | None, bool]:
+        """`_decide`, and with per-user profiles the user's adjusted choice (`personalize`): (tier, score, what
+        feedback on the request needs, whether the user's profile adjusted the choice)."""
+        chosen, score = self._decide(verdict, cfg, access)
+        if not isinstance(verdict, tuple):
+            return chosen, score, None, False
+        draft = self.personalizer.draft(key, cfg)
+        # Not on a low budget's decision: the budget decides that one (and labels it budget_low).
+        adjusted = None if access.cheaper else self.personalizer.adjust(draft, verdict)
+        if adjusted is None:
+            return chosen, score, draft, False
+        personal, score = self._decide(verdict, cfg, access, adjusted)
+        self.personalizer.counted(personal != chosen)
+        return personal, score, draft, True
 
     @staticmethod
-    def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
+    def _decide(
+        verdict: Verdict, cfg: RouterConfig, access: Access = OPEN, quality: Sequence[float] | None = None
+    ) -> tuple[str, float]:
         """(chosen tier, score). Two tiers: the score against the thresholds. N tiers: the artifact's choice by
         cost weight (the tenant's, when it has one), among the tiers the tenant may use, and the score is the
-        chosen tier's predicted quality."""
+        chosen tier's predicted quality; `quality` (a user's adjusted predictions) replaces the verdict in the
+        choice, while the score stays the artifact's own prediction (what the decision log and calibration read)."""
         mt = cfg.multi_tier
         if mt is None:
             if isinstance(verdict, tuple):
@@ -296,8 +353,10 @@ class Router:
             served = list(range(len(cfg.tiers)))  # restrict_choice refuses this tenant with 403
         # A tenant's weight is against the policy's prices; the choice weighs `mt.prices` (MultiTier.price_scale).
         weight = mt.cost_weight_bp if access.cost_weight_bp is None else round(access.cost_weight_bp * mt.price_scale)
-        j, quality = choose_multi_tier(verdict, mt.prices, [mt.columns[i] for i in served], weight)
-        return cfg.tiers[served[j]].name, quality
+        j, _ = choose_multi_tier(
+            verdict if quality is None else quality, mt.prices, [mt.columns[i] for i in served], weight
+        )
+        return cfg.tiers[served[j]].name, float(verdict[mt.columns[served[j]]])
 
     def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> Usage | None:
         """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to
