@@ -148,13 +148,17 @@ TWO_TIER_KNOBS = ("thresholdBasisPoints", "targetStrongShareBasisPoints")
 def artifact_misfit(policy: RoutingPolicy, doc: Mapping[str, Any], where: str) -> str | None:
     """Why the router would refuse this policy with this artifact (`doc`, checked), naming the field; None when it
     would serve it. The router's rules (`tiergate_router.config`), checked where the operator can see them, so
-    that the policy says so instead of a router pod crash-looping on start: a knob of the other artifact kind;
+    that the policy says so instead of a router pod crash-looping on start: per-user profiles (personalization)
+    without an N-tier artifact; a knob of the other artifact kind;
     more than two tiers under a two-tier artifact; for an N-tier one, a tier it does not know or two tiers on one
     (`tiergate.routing.tiers.artifact_tier`), and without a cost weight, prices its calibration does not describe
     (`price_factor`). Not checked: whether a budget is affordable (the router says so; the last good policy keeps
     serving on a reload)."""
     kind = str(doc.get("kind"))
     knob = next(iter(policy.spec.router.decision_knobs()), None)
+    p = policy.spec.router.personalization
+    if p is not None and p.enabled and kind != "multi_tier":
+        return f"spec.router.personalization.enabled: needs an N-tier artifact, but {where} is a {kind} artifact"
     if kind == "two_tier":
         if knob is not None and knob not in TWO_TIER_KNOBS:
             return f"spec.router.{knob}: an N-tier knob, but {where} is a two-tier artifact (set thresholdBasisPoints)"

@@ -3,6 +3,7 @@
     tiergate serve [-f POLICY.yaml] [--tier NAME=BASE_URL]... [--host HOST] [--port PORT]
                    [--tier-modalities NAME=text,image]...
                    [--best-of-n TIER=N --reward-url URL] [--decision-log FILE [--decision-log-prompts]]
+                   [--personalization [--personalization-max-users N] [--personalization-prior K]]
 
 `-f` reads a RoutingPolicy manifest (tiers with `endpoint` URLs, or tiers the operator deploys, reached through
 their Services) and reloads it when it changes; each `--tier` adds an OpenAI-compatible tier (base URL ending in
@@ -183,6 +184,31 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="also write prompts' text to the decision log (default: only their sha256, unless the policy's "
         "decisionLog.includePrompts)",
     )
+    prof = parser.add_argument_group(
+        "per-user profiles",
+        "N-tier artifacts: adjust each decision by the requesting user's (OpenAI `user` field) own feedback "
+        "(spec.router.personalization)",
+    )
+    prof.add_argument(
+        "--personalization",
+        action="store_true",
+        help="turn per-user routing profiles on (default: as the policy says, else off)",
+    )
+    prof.add_argument(
+        "--personalization-max-users",
+        type=int,
+        default=None,
+        metavar="N",
+        help="users the profile table holds, 16..1000000 (default: the policy's maxUsers, else 100000)",
+    )
+    prof.add_argument(
+        "--personalization-prior",
+        type=int,
+        default=None,
+        metavar="K",
+        help="ratings before a user's own outcomes weigh as much as the artifact's prediction, 1..10000 "
+        "(default: the policy's priorStrength, else 50)",
+    )
     parser.add_argument(
         "--encoder",
         choices=("auto", "torch", "onnx", "onnx-int8"),
@@ -256,6 +282,7 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         parse_reward_url,
         parse_tier_modalities_flags,
     )
+    from tiergate_router.config.personalization import PersonalizationFlags
     from tiergate_router.config.shadow import ShadowFlags, basis_points, parse_shadow_flag
     from tiergate_router.errors import ConfigError
 
@@ -294,6 +321,11 @@ def overrides(args: argparse.Namespace) -> LocalOverrides:
         response_bytes=args.max_response_bytes,
         decision_log=args.decision_log,
         decision_log_prompts=args.decision_log_prompts,
+        personalization=PersonalizationFlags(
+            enabled=args.personalization,
+            max_users=args.personalization_max_users,
+            prior_strength=args.personalization_prior,
+        ),
     )
 
 
@@ -309,6 +341,8 @@ def _knob(cfg: RouterConfig) -> str:
     b = cfg.best_of_n
     if b is not None:
         knob += f"; best-of-{b.max_samples} on {b.tier}, reward model at {b.reward_url}, reference {b.reference_tier}"
+    if cfg.personalization is not None:
+        knob += f"; per-user profiles for up to {cfg.personalization.max_users} users"
     return knob
 
 

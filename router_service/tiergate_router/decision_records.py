@@ -34,6 +34,7 @@ from typing import Any
 
 from tiergate_router.decision_log import DecisionLog, DecisionLogConfig
 from tiergate_router.errors import BadRequestError
+from tiergate_router.personalize import ProfileRef
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,10 @@ class RouteFacts:
     artifact: str
     tenant: str | None
     scores: tuple[float, ...] | None = None
+    # Per-user profiles (`personalize`): what a rating of this request updates (None: nothing), and whether the
+    # user's profile adjusted the choice (the record says so: `score` and `scores` stay the artifact's own).
+    profile: ProfileRef | None = None
+    personalized: bool = False
 
 
 def decision_record(route: RouteFacts, served: Served, *, include_prompt: bool, ts: str) -> dict[str, Any]:
@@ -196,6 +201,8 @@ def decision_record(route: RouteFacts, served: Served, *, include_prompt: bool, 
     rec["score"] = route.score
     if route.scores is not None:
         rec["scores"] = list(route.scores)
+    if route.personalized:
+        rec["personalized"] = True
     rec.update(
         decision=route.decision,
         tier=served.tier,
@@ -246,6 +253,8 @@ class _Summary:
     tenant: str | None
     # Feedback sources already recorded for this request (bits of _SOURCES).
     rated: int = 0
+    # What a rating updates in the user's routing profile (None: no user, or profiles off).
+    profile: ProfileRef | None = None
 
 
 @dataclass(frozen=True)
@@ -269,12 +278,14 @@ class Recorder:
         *,
         on_drop: Callable[[], None] | None = None,
         on_feedback: Callable[[str, float], None] | None = None,
+        on_profile_rating: Callable[[ProfileRef, float], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], str] = rfc3339_now,
     ) -> None:
         self.settings = settings
         self.on_drop = on_drop
         self.on_feedback = on_feedback
+        self.on_profile_rating = on_profile_rating
         self._clock = clock
         self._now = now
         self.log: DecisionLog | None = None
@@ -306,7 +317,7 @@ class Recorder:
         ts = self._now()
         if self.log is not None:
             self.log.write(decision_record(route, served, include_prompt=self.settings.include_prompts, ts=ts))
-        summary = _Summary(route.tenant)
+        summary = _Summary(route.tenant, profile=route.profile)
         _bounded_put(self._recent, served.request_id, summary, self.settings.recent_requests)
         who = served.user if served.user is not None else route.tenant
         if who is None:
@@ -337,6 +348,8 @@ class Recorder:
         summary.rated |= _SOURCES[source]
         if self.on_feedback is not None:
             self.on_feedback(source, rating)
+        if summary.profile is not None and self.on_profile_rating is not None:
+            self.on_profile_rating(summary.profile, rating)
         if self.log is not None:
             self.log.write(feedback_record(request_id, rating, source, ts))
 

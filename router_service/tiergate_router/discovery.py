@@ -103,7 +103,7 @@ class _SliceWatch:
                             raise ApiException(
                                 status=getattr(obj, "code", 410) if not isinstance(obj, dict) else obj.get("code", 410)
                             )
-                        rv = obj.metadata.resource_version
+                        rv = event_resource_version(obj) or rv
                         if ev["type"] == "DELETED":
                             slices.pop(obj.metadata.name, None)
                         elif ev["type"] in ("ADDED", "MODIFIED"):
@@ -125,6 +125,19 @@ class _SliceWatch:
                 log.warning("EndpointSlice watch for tier %s failed: %r", self.tier, e)
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+
+
+def event_resource_version(obj: Any) -> str | None:
+    """A watch event's resourceVersion. The client turns event objects into models, except a BOOKMARK's (only
+    metadata.resourceVersion is set, which fails the model's required-field checks), which stays a dict: reading
+    `.metadata` off it broke the watch at every bookmark, and each break backed off longer before relisting, so
+    new pods went unseen for up to 10 s at a time."""
+    if isinstance(obj, dict):
+        rv = obj.get("metadata", {}).get("resourceVersion")
+        return str(rv) if rv else None
+    meta = getattr(obj, "metadata", None)
+    rv = getattr(meta, "resource_version", None)
+    return str(rv) if rv else None
 
 
 class EndpointSliceDiscovery:

@@ -341,15 +341,16 @@ class OpenAIHandlers:
         self, parsed: ParsedRequest, principal: Principal, attachments: tuple[Attachment, ...], rid: str
     ) -> Route:
         """The route, with a request's attachments checked against the policy first (count, size, URL hosts) and
-        counted per modality."""
+        counted per modality. The body's OpenAI `user` field keys the user's routing profile (`personalize`)."""
         router = self.router
+        user = parsed.body.get("user")
         if not attachments:
-            return await router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY, request_id=rid)
+            return await router.route(parsed.model, parsed.prompt_text, principal, TEXT_ONLY, request_id=rid, user=user)
         m = router.metrics
         try:
             check_attachments(attachments, router.config.attachments)
             needed = modalities_of(attachments)
-            route = await router.route(parsed.model, parsed.prompt_text, principal, needed, request_id=rid)
+            route = await router.route(parsed.model, parsed.prompt_text, principal, needed, request_id=rid, user=user)
         except BadRequestError:
             for a in attachments:
                 m.attachments.labels(a.modality, "refused").inc()

@@ -223,6 +223,20 @@ class RouterMetrics:
         self.feedback = Counter(
             f"{p}_feedback", "Feedback recorded on answers, by source (explicit, requery)", ["source"], registry=r
         )
+        self.user_profiles = Gauge(
+            f"{p}_user_profiles", "Users with a routing profile in this router's table (personalization)", registry=r
+        )
+        self.user_profile_evictions = Counter(
+            f"{p}_user_profile_evictions",
+            "User profiles replaced by another user's (their set of the table was full: least recently used first)",
+            registry=r,
+        )
+        self.personalized_decisions = Counter(
+            f"{p}_personalized_decisions",
+            "N-tier decisions a user's routing profile adjusted, by whether the adjustment changed the tier chosen",
+            ["changed"],
+            registry=r,
+        )
 
     def set_predicted_mix(self, tiers: tuple[str, ...], shares_bp: tuple[int, ...] | None) -> None:
         """Publish a config's predicted mix (basis points per tier), replacing the previous one."""

@@ -12,7 +12,7 @@ Bounded state: a fixed, preallocated set-associative table (`max_users` slots in
 64-bit hash of the user id (no id is stored); a new user takes the least recently used slot of its set. Memory is
 `nbytes`, whatever the number of distinct users (bench/profiles_memory.py: a million users).
 
-Not wired into the request path yet: see docs/routing.md for where `adjust` and `observe` belong.
+On the request path through `personalize.Personalizer` (`spec.router.personalization`, docs/router.md).
 """
 
 from __future__ import annotations

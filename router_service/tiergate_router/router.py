@@ -12,6 +12,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +36,7 @@ from tiergate_router.modality import (
     specialists_for,
     unservable,
 )
+from tiergate_router.personalize import Personalizer, ProfileDraft, user_key
 from tiergate_router.shadow import BASELINE, CANARY, PRIMARY, Shadower, ShadowPlan, in_canary, plan
 from tiergate_router.tenants import (
     OPEN,
@@ -76,6 +78,10 @@ class Route:
     artifact_role: str = PRIMARY
     # What shadow routing does with this request (spec.shadow); None: not shadowed (off, or not a routed request).
     shadow: ShadowPlan | None = None
+    # Per-user profiles (personalize.py): whose N-tier decision this was, for feedback on it; None without a user
+    # or profiles. `personalized`: the user's profile adjusted the predictions the choice weighed.
+    profile: ProfileDraft | None = None
+    personalized: bool = False
 
 
 class Router:
@@ -115,11 +121,14 @@ class Router:
             _recorder_settings(config),
             on_drop=m.decision_log_dropped.inc,
             on_feedback=lambda source, _rating: m.feedback.labels(source).inc(),
+            on_profile_rating=lambda ref, rating: self.personalizer.observe(ref, rating),
         )
         # Shadow judgements go to the decision log beside the decision records (joined by request id).
         self.shadow.record = self._write_record
         # What shadow calls use is counted in the tokens and cost metrics (charged to no tenant: the policy's cost).
         self.shadow.account = lambda tier, usage: self.account_usage(tier, usage)
+        self.personalizer = Personalizer(m)
+        self.personalizer.apply(config)
 
     @property
     def decision_log(self) -> DecisionLog | None:
@@ -140,6 +149,8 @@ class Router:
             artifact=route.artifact,
             tenant=route.access.tenant,
             scores=route.scores,
+            profile=self.personalizer.ref(route.profile, route.scores, served.tier),
+            personalized=route.personalized,
         )
         self.recorder.decision(facts, served)
 
@@ -178,6 +189,7 @@ class Router:
         self.body_budget.resize(config.max_inflight_body_bytes)
         self.metrics.set_predicted_mix(config.tier_names, config.predicted_mix_bp)
         self.recorder.apply(_recorder_settings(config))
+        self.personalizer.apply(config)
 
     def _size_cache(self, config: RouterConfig) -> None:
         if isinstance(self.classifier, MicroBatcher):
@@ -233,6 +245,7 @@ class Router:
         modalities: frozenset[str] = TEXT_ONLY,
         *,
         request_id: str = "",
+        user: object = None,
     ) -> Route:
         """Decide the tier chain for a request. With a tenant (`principal`, from `gate.authenticate`) the gate
         admits it first (403 for a tier it may not name, 429 over a limit or budget: TenantRefusedError) and the
@@ -240,7 +253,8 @@ class Router:
         audio (`modalities`, from `modality.find_attachments`) is routed among the tiers that accept them all
         (RouteToCapableTier), and what the chosen tier cannot take goes to specialists (`Route.specialists`).
         `request_id` chooses the artifact under a canary and the shadow sample (shadow.in_canary,
-        shadow.shadow_sampled)."""
+        shadow.shadow_sampled). `user` is the request's OpenAI `user` field: with per-user profiles on, an N-tier
+        decision is adjusted by that user's own ratings (`personalize`)."""
         cfg = self.config
         forced = self.resolve_model(model)
         if modalities != TEXT_ONLY:
@@ -250,9 +264,10 @@ class Router:
         access = await self.gate.admit(principal, forced)
         # Without an id (a front end that has none) each request draws its own: assignment stays a fair sample.
         request_id = request_id or uuid.uuid4().hex
+        key = user_key(access.tenant, user)
         if modalities == TEXT_ONLY:
-            return await self._routed(cfg, forced, prompt_text, access, request_id)
-        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities, request_id)
+            return await self._routed(cfg, forced, prompt_text, access, request_id, key)
+        return await self._routed_multimodal(cfg, forced, prompt_text, access, modalities, request_id, key)
 
     async def _routed_multimodal(
         self,
@@ -262,6 +277,7 @@ class Router:
         access: Access,
         needed: frozenset[str],
         request_id: str,
+        key: str | None = None,
     ) -> Route:
         """Routing with attachments: the choice kept to tiers that accept every modality present (the tenant's, when
         it has tiers) unless none does or the policy says Decompose; then the specialists for the rest."""
@@ -270,7 +286,7 @@ class Router:
             capable = narrowed(access.tiers, capable_tiers(cfg.tier_modalities, needed))
             if capable is not None:
                 routed_access = dataclasses.replace(access, tiers=capable)
-        route = await self._routed(cfg, forced, prompt_text, routed_access, request_id)
+        route = await self._routed(cfg, forced, prompt_text, routed_access, request_id, key)
         specialists = specialists_for(cfg.tier(route.chain[0]).modalities, needed, cfg.tier_modalities, access.tiers)
         if specialists:
             # The answering tier gets text only once the parts are described: any tier of the usual chain will do.
@@ -295,11 +311,17 @@ class Router:
         return dataclasses.replace(shadow, other=None)
 
     async def _routed(
-        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str
+        self,
+        cfg: RouterConfig,
+        forced: str | None,
+        prompt_text: str,
+        access: Access,
+        request_id: str,
+        key: str | None = None,
     ) -> Route:
         """The route of the tier choice: the classifier's (or the canary's) decision, kept to what the tenant may use,
         then, under spec.shadow, the baseline answering (Baseline mode) and the plan of what is judged."""
-        route = await self._route(cfg, forced, prompt_text, access, request_id)
+        route = await self._route(cfg, forced, prompt_text, access, request_id, key)
         if access is not OPEN:
             route = self._restrict(cfg, forced, route, access)
         if cfg.shadow is None or forced is not None:
@@ -340,7 +362,13 @@ class Router:
         return dataclasses.replace(route, decision=decision, chain=chain, access=access, samples=samples)
 
     async def _route(
-        self, cfg: RouterConfig, forced: str | None, prompt_text: str, access: Access, request_id: str = ""
+        self,
+        cfg: RouterConfig,
+        forced: str | None,
+        prompt_text: str,
+        access: Access,
+        request_id: str = "",
+        key: str | None = None,
     ) -> Route:
         if forced is not None:
             return Route(None, "forced", fallback_chain(forced, cfg.tier_names, cfg.fallback_order))
@@ -353,13 +381,17 @@ class Router:
         if canary is not None and self.canary_classifier is not None and in_canary(request_id, canary.share_bp):
             role, classifier = CANARY, self.canary_classifier
             cfg = self._canary_view or cfg
+            # Profiles are residuals against the primary artifact's head: the canary's predictions neither use nor
+            # feed them (no draft, so no adjustment and no rating observed).
+            key = None
         t0 = time.perf_counter()
+        draft, personalized = None, False
         try:
             verdict = (await classifier.score([prompt_text]))[0]
             if cfg.candidates is not None:
                 chosen, score, samples = _decide_candidate(verdict, cfg, prompt_text, access)
             else:
-                chosen, score = self._decide(verdict, cfg, access)
+                chosen, score, draft, personalized = self._decide_for_user(verdict, cfg, access, key)
                 samples = samples_without_heads(cfg, chosen)
         except ClassifierError as e:
             # Availability over cost: without a score the strongest tier is the one sure to answer well.
@@ -374,14 +406,43 @@ class Router:
             self.metrics.best_of_n_samples.labels(chosen).observe(samples)
         chain = fallback_chain(chosen, cfg.tier_names, cfg.fallback_order)
         scores = tuple(float(v) for v in verdict) if isinstance(verdict, tuple) else None
-        artifact_id = self.canary_artifact_id if role == CANARY else self.artifact_id
-        return Route(score, chosen, chain, samples=samples, artifact=artifact_id, scores=scores, artifact_role=role)
+        return Route(
+            score,
+            chosen,
+            chain,
+            samples=samples,
+            artifact=self.canary_artifact_id if role == CANARY else self.artifact_id,
+            scores=scores,
+            profile=draft,
+            personalized=personalized,
+            artifact_role=role,
+        )
+
+    def _decide_for_user(
+        self, verdict: Verdict, cfg: RouterConfig, access: Access, key: str | None
+    ) -> tuple[str, float, ProfileDraft | None, bool]:
+        """`_decide`, and with per-user profiles the user's adjusted choice (`personalize`): (tier, score, what
+        feedback on the request needs, whether the user's profile adjusted the choice)."""
+        chosen, score = self._decide(verdict, cfg, access)
+        if not isinstance(verdict, tuple):
+            return chosen, score, None, False
+        draft = self.personalizer.draft(key, cfg)
+        # Not on a low budget's decision: the budget decides that one (and labels it budget_low).
+        adjusted = None if access.cheaper else self.personalizer.adjust(draft, verdict)
+        if adjusted is None:
+            return chosen, score, draft, False
+        personal, score = self._decide(verdict, cfg, access, adjusted)
+        self.personalizer.counted(personal != chosen)
+        return personal, score, draft, True
 
     @staticmethod
-    def _decide(verdict: Verdict, cfg: RouterConfig, access: Access = OPEN) -> tuple[str, float]:
+    def _decide(
+        verdict: Verdict, cfg: RouterConfig, access: Access = OPEN, quality: Sequence[float] | None = None
+    ) -> tuple[str, float]:
         """(chosen tier, score). Two tiers: the score against the thresholds. N tiers: the artifact's choice by
         cost weight (the tenant's, when it has one), among the tiers the tenant may use, and the score is the
-        chosen tier's predicted quality."""
+        chosen tier's predicted quality; `quality` (a user's adjusted predictions) replaces the verdict in the
+        choice, while the score stays the artifact's own prediction (what the decision log and calibration read)."""
         mt = cfg.multi_tier
         if mt is None:
             if isinstance(verdict, tuple):
@@ -395,8 +456,10 @@ class Router:
             served = list(range(len(cfg.tiers)))  # restrict_choice refuses this tenant with 403
         # A tenant's weight is against the policy's prices; the choice weighs `mt.prices` (MultiTier.price_scale).
         weight = mt.cost_weight_bp if access.cost_weight_bp is None else round(access.cost_weight_bp * mt.price_scale)
-        j, quality = choose_multi_tier(verdict, mt.prices, [mt.columns[i] for i in served], weight)
-        return cfg.tiers[served[j]].name, quality
+        j, _ = choose_multi_tier(
+            verdict if quality is None else quality, mt.prices, [mt.columns[i] for i in served], weight
+        )
+        return cfg.tiers[served[j]].name, float(verdict[mt.columns[served[j]]])
 
     def account_usage(self, tier: str, usage: object, access: Access = OPEN) -> Usage | None:
         """Count tokens and estimated cost from an OpenAI `usage` object (ignored when malformed), and charge them to

@@ -40,6 +40,10 @@ RATE_INTERVAL = "30s"
 # Metrics from kube-state-metrics, which the dashboard documents as a requirement and the test bed does not run:
 # their queries must parse, and return nothing here.
 KSM_PREFIX = "kube_"
+# The router's predicted tier mix, exported only where the classifier artifact's calibration describes the policy's
+# decision (tiergate_router.config.predicted): the test bed's three tiers over a two-tier artifact have none, so its
+# queries must parse and return nothing there (tests/unit/test_router_predicted_mix.py covers the series itself).
+PREDICTED_SHARE = "tiergate_router_predicted_share"
 
 
 def scrape_configs() -> list[dict[str, Any]]:
@@ -71,6 +75,10 @@ class Expression:
     @property
     def needs_kube_state_metrics(self) -> bool:
         return bool(re.search(rf"\b{KSM_PREFIX}\w+", self.promql))
+
+    @property
+    def needs_prediction(self) -> bool:
+        return bool(re.search(rf"\b{PREDICTED_SHARE}\b", self.promql))
 
 
 def dashboard_expressions(doc: dict[str, Any]) -> list[Expression]:
@@ -224,6 +232,8 @@ class PolicyBed:
     k8s_api: Any
     latency_s: float = 0.0
     absent: tuple[str, ...] = ()
+    # False: the operator made the objects (a RoutingPolicy applied); the bed only plays the pods.
+    make_objects: bool = True
     fakes: dict[str, FakeProcess] = field(default_factory=dict)
     router_ip: str = ""
     _loop: LoopThread | None = None
@@ -241,11 +251,13 @@ class PolicyBed:
         self.stop()
 
     def start(self) -> PolicyBed:
-        self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=policy_objects(self.policy, self.tiers))
+        if self.make_objects:
+            objects = policy_objects(self.policy, self.tiers)
+            self.cluster.kubectl("apply", "-n", self.namespace, "-f", "-", input=objects)
         router_sel = f"{naming.POLICY_LABEL}={self.policy},{naming.COMPONENT_LABEL}={naming.COMPONENT_ROUTER}"
         from tiergate.devcluster.cluster import wait_for
 
-        ips = wait_for("the router pod Ready", lambda: ready_pods(self.cluster, self.namespace, router_sel))
+        ips = wait_for("the router pod Ready", lambda: ready_pods(self.cluster, self.namespace, router_sel), 120)
         self.router_ip = next(iter(ips.values()))
         assert self.cluster.network is not None
         self.cluster.network.host_local_address(self.router_ip)
@@ -261,7 +273,17 @@ class PolicyBed:
             for i, t in enumerate([*self.tiers, *self.absent])
         ]
         thresholds = (5000, 10000)[: len(tiers) - 1]
-        cfg = RouterConfig(tiers=tuple(tiers), thresholds_bp=thresholds, breaker_open_s=60.0)
+        # kwok marks a pod Ready the moment it runs (no readiness probe), a second or two before `sync` has a server
+        # listening at its IP, where a real pod joins the EndpointSlice only once its probe passes. The router's tries
+        # there are refused meanwhile: enough attempts (and retry budget) to reach a listening pod past every new one,
+        # and a 1 s breaker so that the gap does not hide a new pod for the default 5 s.
+        cfg = RouterConfig(
+            tiers=tuple(tiers),
+            thresholds_bp=thresholds,
+            breaker_open_s=1.0,
+            max_attempts_per_tier=8,
+            min_retry_concurrency=64,
+        )
         self._loop = LoopThread()
         self.server = RouterServer(
             cfg,
@@ -328,7 +350,7 @@ class PolicyBed:
 
 # --- autoscaling a tier on the router's demand ------------------------------------------------------------------
 
-DEMAND_METRIC = "tiergate_router_tier_demand"
+DEMAND_METRIC = naming.ROUTER_TIER_DEMAND_METRIC
 
 
 def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int, max_replicas: int) -> dict[str, Any]:
@@ -374,14 +396,15 @@ def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int
 class ScaleResult:
     """Seconds from the load's start (down: from its stop), as measured by the load generator's clock."""
 
-    replicas_raised_s: float  # the HPA raised the Deployment's replicas
+    replicas_raised_s: float  # the HPA raised the Deployment's replicas (its lastScaleTime: whole seconds)
     first_new_pod_serving_s: float  # a request was answered by a pod the scale-up made
-    all_new_pods_serving_s: float  # every pod the scale-up made has answered a request
+    all_new_pods_serving_s: float  # every pod the scale-up made has answered (seen by a poll of about a second)
     peak_replicas: int
-    peak_demand_per_pod: float  # the HPA's own reading of the metric (status.currentMetrics)
+    peak_demand: float  # the External metric as the HPA reads it (through the API server and the adapter)
+    peak_demand_per_pod: float  # the HPA's own reading of it per replica (status.currentMetrics)
     back_to_min_s: float
     answers_by_pod: dict[str, int]
-    errors: int
+    errors: list[str]
 
 
 def _replicas(cluster: DevCluster, ns: str, name: str) -> int:
@@ -395,6 +418,23 @@ def _hpa_demand(cluster: DevCluster, ns: str, name: str) -> float:
         if value:
             return _quantity(value)
     return 0.0
+
+
+def _external_demand(cluster: DevCluster, ns: str, policy: str, tier: str) -> float:
+    path = (
+        f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{DEMAND_METRIC}"
+        f"?labelSelector=routingpolicy={policy},tier={tier}"
+    )
+    # Not served yet (the adapter has not listed the series) reads as no demand.
+    out = cluster.kubectl("get", "--raw", path, check=False)
+    return sum(_quantity(i["value"]) for i in json.loads(out)["items"]) if out else 0.0
+
+
+def _last_scale_time(cluster: DevCluster, ns: str, name: str) -> float | None:
+    from datetime import datetime
+
+    stamp = cluster.kubectl("get", "hpa", name, "-n", ns, "-o", "jsonpath={.status.lastScaleTime}", check=False)
+    return datetime.fromisoformat(stamp.strip().replace("Z", "+00:00")).timestamp() if stamp.strip() else None
 
 
 def _quantity(q: str) -> float:
@@ -414,10 +454,10 @@ def run_scale_scenario(
     name = naming.tier_name(bed.policy, tier)
     initial = set(bed.sync())
     answers: dict[str, int] = {}
-    errors = [0]
+    errors: list[str] = []
     stop = threading.Event()
     lock = threading.Lock()
-    t0 = time.monotonic()
+    t0, t0_wall = time.monotonic(), time.time()
     first_new: list[float] = []
 
     def client(i: int) -> None:
@@ -426,9 +466,9 @@ def run_scale_scenario(
             n += 1
             try:
                 _, pod = bed.ask(f"client {i} request {n}", model=tier)
-            except OSError:
+            except OSError as e:
                 with lock:
-                    errors[0] += 1
+                    errors.append(f"{time.monotonic() - t0:.1f}s: {e}")
                 continue
             with lock:
                 answers[pod] = answers.get(pod, 0) + 1
@@ -439,16 +479,19 @@ def run_scale_scenario(
     for t in threads:
         t.start()
     raised: list[float] = []
-    peak = [0, 0.0]
+    peak_replicas, peak_demand, peak_per_pod = [0], [0.0], [0.0]
     try:
 
         def all_new_serving() -> bool:
             served = bed.sync()
             replicas = _replicas(cluster, ns, name)
             if replicas > len(initial) and not raised:
-                raised.append(time.monotonic() - t0)
-            peak[0] = max(peak[0], replicas)
-            peak[1] = max(peak[1], _hpa_demand(cluster, ns, name))
+                # When the HPA wrote the new scale (its own record, to the second), not when this poll saw it.
+                scaled = _last_scale_time(cluster, ns, name)
+                raised.append(scaled - t0_wall if scaled is not None else time.monotonic() - t0)
+            peak_replicas[0] = max(peak_replicas[0], replicas)
+            peak_demand[0] = max(peak_demand[0], _external_demand(cluster, ns, bed.policy, tier))
+            peak_per_pod[0] = max(peak_per_pod[0], _hpa_demand(cluster, ns, name))
             new = set(served) - initial
             with lock:
                 return replicas == max_replicas and len(new) == max_replicas - len(initial) and new <= set(answers)
@@ -470,9 +513,10 @@ def run_scale_scenario(
         replicas_raised_s=raised[0] if raised else float("nan"),
         first_new_pod_serving_s=first_new[0] if first_new else float("nan"),
         all_new_pods_serving_s=all_serving,
-        peak_replicas=peak[0],
-        peak_demand_per_pod=peak[1],
+        peak_replicas=peak_replicas[0],
+        peak_demand=peak_demand[0],
+        peak_demand_per_pod=peak_per_pod[0],
         back_to_min_s=time.monotonic() - t_stop,
         answers_by_pod=dict(answers),
-        errors=errors[0],
+        errors=list(errors),
     )

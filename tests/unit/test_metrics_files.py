@@ -39,23 +39,26 @@ def _target(label: str) -> dict[str, Any]:
 def test_adapter_serves_exactly_the_hpa_metric_names_and_labels() -> None:
     rules = yaml.safe_load(mp.adapter_rules_text())
     (external,) = rules["externalRules"]
-    assert external["name"]["as"] == mp.DEMAND_METRIC == "tiergate_router_tier_demand"
+    # The names and labels the operator's HPAs ask for (tiergate.api.naming, read by operator/autoscaling.py).
+    assert external["name"]["as"] == naming.ROUTER_TIER_DEMAND_METRIC == "tiergate_router_tier_demand"
     assert re.fullmatch(external["name"]["matches"], mp.DEMAND_METRIC)
     # The HPA selects with matchLabels {routingpolicy, tier}: the series must have both, per namespace.
-    assert 'routingpolicy!=""' in external["seriesQuery"]
-    assert 'tier!=""' in external["seriesQuery"]
+    assert f'{naming.METRIC_POLICY_LABEL}!=""' in external["seriesQuery"]
+    assert f'{naming.METRIC_TIER_LABEL}!=""' in external["seriesQuery"]
+    assert f"by ({naming.METRIC_POLICY_LABEL}, {naming.METRIC_TIER_LABEL})" in external["metricsQuery"]
     assert external["resources"]["overrides"] == {"namespace": {"resource": "namespace"}}
     assert "<<.LabelMatchers>>" in external["metricsQuery"]
     (pods,) = rules["rules"]
-    assert pods["name"]["as"] == "vllm_num_requests_waiting"
-    assert re.fullmatch(pods["name"]["matches"], "vllm:num_requests_waiting")
+    assert pods["name"]["as"] == naming.VLLM_WAITING_METRIC
+    assert re.fullmatch(pods["name"]["matches"], naming.VLLM_WAITING_SERIES)
+    assert pods["seriesQuery"].startswith(naming.VLLM_WAITING_SERIES + "{")
     assert pods["resources"]["overrides"] == {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}
     assert "by (<<.GroupBy>>)" in pods["metricsQuery"]
 
 
 def test_scrape_configs_turn_the_operators_pod_labels_into_the_rules_labels() -> None:
-    assert _target("routingpolicy")["source_labels"] == [_meta_label("label", naming.POLICY_LABEL)]
-    assert _target("tier")["source_labels"] == [_meta_label("label", naming.TIER_LABEL)]
+    assert _target(naming.METRIC_POLICY_LABEL)["source_labels"] == [_meta_label("label", naming.POLICY_LABEL)]
+    assert _target(naming.METRIC_TIER_LABEL)["source_labels"] == [_meta_label("label", naming.TIER_LABEL)]
     assert _target("component")["source_labels"] == [_meta_label("label", naming.COMPONENT_LABEL)]
     assert _target("namespace")["source_labels"] == ["__meta_kubernetes_namespace"]
     assert _target("pod")["source_labels"] == ["__meta_kubernetes_pod_name"]
@@ -76,7 +79,7 @@ def test_scrape_configs_turn_the_operators_pod_labels_into_the_rules_labels() ->
 def _router_metric_names() -> set[str]:
     """The series names the router exports, whether or not a labelled child exists yet."""
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
-    names = set()
+    names: set[str] = set()
     for metric in RouterMetrics().registry.collect():
         names.update(metric.name + s for s in suffixes.get(metric.type, ("",)))
     return names
@@ -86,7 +89,7 @@ def test_dashboard_has_the_panels_and_names_only_exported_metrics() -> None:
     doc = mp.dashboard()
     titles = {p["title"] for p in doc["panels"]}
     assert {
-        "Tier mix: served against decided",
+        "Tier mix: served, decided and predicted",
         "Cost per request",
         "Latency per tier",
         "Replicas per tier",
@@ -134,14 +137,53 @@ def test_adapter_expressions_expand_the_templates_as_the_adapter_does() -> None:
     assert not any("<<" in q for q in exprs.values())
 
 
-def test_prometheus_config_points_service_discovery_at_the_kubeconfig(tmp_path: Path) -> None:
-    kc = tmp_path / "admin.kubeconfig"
-    cfg = metrics.prometheus_config(mp.scrape_configs(), kc)
+def test_prometheus_config_replaces_pod_discovery_by_the_played_file(tmp_path: Path) -> None:
+    targets = tmp_path / "pod-targets.json"
+    cfg = metrics.prometheus_config(mp.scrape_configs(), targets)
     (job,) = cfg["scrape_configs"]
-    assert job["kubernetes_sd_configs"] == [{"role": "pod", "kubeconfig_file": str(kc)}]
+    assert "kubernetes_sd_configs" not in job
+    assert job["file_sd_configs"] == [{"files": [str(targets)], "refresh_interval": f"{metrics.SCRAPE_INTERVAL_S}s"}]
     assert job["relabel_configs"] == mp.scrape_configs()[0]["relabel_configs"]
     assert cfg["global"]["scrape_interval"] == f"{metrics.SCRAPE_INTERVAL_S}s"
     json.dumps(cfg)  # written as JSON (which Prometheus reads as YAML)
+
+
+def test_pod_targets_carry_what_kubernetes_discovery_would() -> None:
+    pod = {
+        "metadata": {
+            "name": "p-router-abc",
+            "namespace": "ns1",
+            "uid": "u1",
+            "labels": {
+                naming.POLICY_LABEL: "p",
+                naming.COMPONENT_LABEL: "router",
+                naming.MANAGED_BY_LABEL: naming.MANAGED_BY,
+            },
+            "annotations": _scrape_annotations(8080),
+        },
+        "spec": {
+            "nodeName": "n1",
+            "containers": [
+                {
+                    "name": "router",
+                    "ports": [{"name": "http", "containerPort": 8080}, {"name": "grpc", "containerPort": 9090}],
+                }
+            ],
+        },
+        "status": {"podIP": "198.18.0.9", "phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]},
+    }
+    no_ip = {"metadata": {"name": "pending", "namespace": "ns1"}, "spec": {}, "status": {"phase": "Pending"}}
+    groups = metrics.pod_targets([pod, no_ip])
+    assert [g["targets"] for g in groups] == [["198.18.0.9:8080"], ["198.18.0.9:9090"]]
+    labels = groups[0]["labels"]
+    assert labels[_meta_label("label", naming.POLICY_LABEL)] == "p"
+    assert labels[_meta_label("annotation", "prometheus.io/port")] == "8080"
+    assert labels["__meta_kubernetes_pod_ready"] == "true"
+    assert labels["__meta_kubernetes_pod_phase"] == "Running"
+    assert labels["__meta_kubernetes_pod_container_port_name"] == "http"
+    # Every meta label the shipped relabel_configs read is one the played discovery sets.
+    read = {lbl for r in _relabels() for lbl in r["source_labels"]}
+    assert read <= set(labels) | {_meta_label("label", naming.TIER_LABEL)}
 
 
 def test_adapter_objects_register_both_metrics_apis_at_the_adapter_address() -> None:

@@ -80,10 +80,12 @@ CASES: list[tuple[str, bool, Path | None, list[Mutation]]] = [
     ),
     ("n-tier-doubled", False, MULTI, [fit, doubled]),
     ("n-tier-doubled-budget", False, MULTI, [fit, doubled, router(budgetPerMillion="10")]),
+    ("n-tier-personalization", False, MULTI, [fit, router(personalization={"enabled": True})]),
     ("two-tier-sample", False, TWO, []),
     ("two-tier-three-tiers", True, TWO, [three]),
     ("two-tier-weight-knob", True, TWO, [router(costWeightBasisPoints=500)]),
     ("two-tier-budget-knob", True, TWO, [router(budgetPerMillion="1")]),
+    ("two-tier-personalization", True, TWO, [router(personalization={"enabled": True})]),
     ("default-sample", False, None, [no_classifier]),
     ("default-three-tiers", True, None, [no_classifier, three]),
     ("default-weight-knob", True, None, [no_classifier, router(costWeightBasisPoints=500)]),
@@ -162,6 +164,7 @@ CANDIDATE_CASES: list[tuple[str, bool, list[Mutation]]] = [
     ("candidates-budget-knob", True, [router(budgetPerMillion="1")]),
     ("candidates-two-tier-knob", True, [router(thresholdBasisPoints=5000)]),
     ("candidates-no-model-served", True, [_no_model_served]),
+    ("candidates-personalization", True, [router(personalization={"enabled": True})]),
 ]
 
 

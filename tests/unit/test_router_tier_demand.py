@@ -85,3 +85,15 @@ def test_demand_is_the_chosen_tiers_also_when_another_answers() -> None:
         assert h.metric(DEMAND, {"tier": "small"}) == 0.0
     finally:
         h.stop()
+
+
+def test_a_bookmark_event_moves_the_watch_on_instead_of_breaking_it() -> None:
+    """The kubernetes client leaves a BOOKMARK's object a dict (it fails the model's required fields); the
+    EndpointSlice watch must read its resourceVersion from it, as from a model, and not fail."""
+    from types import SimpleNamespace
+
+    from tiergate_router.discovery import event_resource_version
+
+    assert event_resource_version({"kind": "EndpointSlice", "metadata": {"resourceVersion": "42"}}) == "42"
+    assert event_resource_version(SimpleNamespace(metadata=SimpleNamespace(resource_version="43"))) == "43"
+    assert event_resource_version({"metadata": {}}) is None

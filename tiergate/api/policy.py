@@ -922,6 +922,32 @@ class DecisionLog(_Model):
         return self
 
 
+# spec.router.personalization bounds (the router checks `tiergate serve`'s flags against them too).
+MIN_PROFILE_USERS = 16
+MAX_PROFILE_USERS = 1_000_000
+MAX_PRIOR_STRENGTH = 10_000
+PERSONALIZATION_NEEDS_N_TIER = (
+    "router.personalization.enabled needs an N-tier (multi_tier) classifier artifact in router.classifier and at "
+    "least two tiers: only the N-tier choice is adjusted per user (two-tier thresholds were not measured)"
+)
+
+
+class Personalization(_Model):
+    """Per-user routing profiles: a returning user's own ratings (POST /v1/feedback, and re-asked prompts as -1)
+    adjust the N-tier artifact's predicted quality of each tier for that user before the cost-weighted choice; a
+    first-time user, or a request without the OpenAI `user` field, gets the policy's decision. Needs an N-tier
+    classifier artifact. State is per router replica and bounded (docs/routing.md, "Per-user profiles")."""
+
+    enabled: bool = False
+    """Adjust decisions per user (the request's `user` field, scoped by tenant)."""
+    max_users: Annotated[int, Field(ge=MIN_PROFILE_USERS, le=MAX_PROFILE_USERS, strict=True)] = 100_000
+    """Users one router replica holds profiles for (least recently used replaced first): the table is fixed,
+    about 8 x (artifact tiers) + 16 bytes per user (100,000 users of 9 tiers: 8.4 MiB)."""
+    prior_strength: Annotated[int, Field(ge=1, le=MAX_PRIOR_STRENGTH, strict=True)] = 50
+    """Ratings before a user's own outcomes weigh as much as the artifact's prediction (the shrinkage k): larger
+    moves users less. 50 was chosen on simulated users."""
+
+
 class RouterResources(_Model):
     cpu: Quantity | None = None
     memory: Quantity | None = None
@@ -986,6 +1012,7 @@ class Router(Placement):
     attachments: Attachments | None = None
     """Images and audio in chat requests; absent: the defaults (no URL hosts allowed, 8 parts of 4 MiB at most)."""
     decision_log: DecisionLog | None = None
+    personalization: Personalization | None = None
     resources: RouterResources = Field(default_factory=RouterResources, json_schema_extra={"default": {}})
     http_port: Annotated[int, Field(ge=1, le=65535)] = 8080
     """OpenAI-compatible HTTP port."""
@@ -1262,6 +1289,14 @@ class RoutingPolicySpec(_Model):
                     "fieldPath": ".tenants",
                     "reason": "FieldValueInvalid",
                 },
+                {
+                    "rule": "!has(self.router) || !has(self.router.personalization) || "
+                    "!has(self.router.personalization.enabled) || !self.router.personalization.enabled || "
+                    "(has(self.router.classifier) && size(self.tiers) >= 2)",
+                    "message": PERSONALIZATION_NEEDS_N_TIER,
+                    "fieldPath": ".router.personalization.enabled",
+                    "reason": "FieldValueInvalid",
+                },
             ]
         }
     )
@@ -1311,6 +1346,9 @@ class RoutingPolicySpec(_Model):
             if judged and sh.reward_url is None and self.best_of_n is None:
                 raise _At("shadow", SHADOW_NEEDS_REWARD)
         _check_tenants(self.tenants, names)
+        p = self.router.personalization
+        if p is not None and p.enabled and (self.router.classifier is None or len(names) < 2):
+            raise _At("router.personalization.enabled", PERSONALIZATION_NEEDS_N_TIER)
         return self
 
     @property

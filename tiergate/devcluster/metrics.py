@@ -1,26 +1,33 @@
 """Prometheus and prometheus-adapter beside a dev cluster, so that the real HPA controller scales on real metrics.
 
 Prometheus (Debian's `prometheus` package; the binary on PATH, or TIERGATE_PROMETHEUS) runs on loopback with the
-scrape configs it is given, their Kubernetes service discovery pointed at the cluster through the admin
-kubeconfig: it finds the fake pods by the labels and annotations on the Pod objects and scrapes them at their pod
-IPs (reachable through the pod network namespace), exactly as in a cluster. prometheus-adapter (built by
-tiergate.devcluster.build) serves the custom and external metrics APIs from it with the rules it is given, and is
-registered as the APIServices `v1beta1.custom.metrics.k8s.io` and `v1beta1.external.metrics.k8s.io`.
+scrape configs it is given and scrapes the fake pods at their pod IPs (reachable through the pod network
+namespace). Debian builds Prometheus without its Kubernetes service discovery, so the scrape configs' `role: pod`
+discovery is played here: a thread lists the cluster's Pods every second and writes what Kubernetes SD would make
+of them (one target per declared container port, with the same `__meta_kubernetes_*` labels) to a file_sd file.
+The scrape configs' relabel_configs then run unchanged, and targets follow pods as the HPA adds and removes them.
 
-The adapter must be reached by the API server at an address an EndpointSlice accepts (not loopback), so it runs on
-the host but bound to an address of the cluster's pod slice made local to the host (PodNetwork.host_address); a
-Service without selector and a hand-made EndpointSlice point at it, and the API server's aggregator routing dials
-that address (no kube-proxy here). Stopping deletes the APIServices first: an unavailable aggregated API makes the
-namespace controller's discovery fail, and namespaces being deleted would then hang in Terminating.
+prometheus-adapter (built by tiergate.devcluster.build) serves the custom and external metrics APIs from Prometheus
+with the rules it is given, registered as the APIServices `v1beta1.custom.metrics.k8s.io` and
+`v1beta1.external.metrics.k8s.io`. The API server must reach it at an address an EndpointSlice accepts (not
+loopback), so it runs on the host but bound to an address of the cluster's pod slice made local to the host
+(PodNetwork.host_address); a Service without selector and a hand-made EndpointSlice point at it, and the API
+server's aggregator routing dials that address (no kube-proxy here). Stopping deletes the APIServices first: an
+unavailable aggregated API makes the namespace controller's discovery fail, and namespaces being deleted would then
+hang in Terminating.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import ipaddress
 import json
 import os
+import re
 import shutil
+import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -28,6 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from . import pki
 from .cluster import Component, DevCluster, free_port, spawn, terminate, wait_for, wait_ready
 from .errors import StartError
 
@@ -57,18 +65,105 @@ def find_prometheus() -> Path:
     return Path(found)
 
 
-def prometheus_config(scrape_configs: list[dict[str, Any]], kubeconfig: Path) -> dict[str, Any]:
-    """A Prometheus config running `scrape_configs` (the chart's, unchanged but for how Kubernetes service
-    discovery reaches the API server: the kubeconfig instead of in-cluster credentials) every SCRAPE_INTERVAL_S."""
+def prometheus_config(scrape_configs: list[dict[str, Any]], targets_file: Path) -> dict[str, Any]:
+    """A Prometheus config running `scrape_configs` (the chart's) every SCRAPE_INTERVAL_S, their Kubernetes pod
+    discovery replaced by the file `targets_file` that PodDiscovery keeps up to date; relabel_configs unchanged."""
     jobs = copy.deepcopy(scrape_configs)
     for job in jobs:
-        for sd in job.get("kubernetes_sd_configs", []):
-            sd["kubeconfig_file"] = str(kubeconfig)
+        sds = job.pop("kubernetes_sd_configs", [])
+        if any(sd.get("role") != "pod" for sd in sds):
+            raise StartError(f"scrape job {job.get('job_name')!r}: the test bed plays only `role: pod` discovery")
+        if sds:
+            job["file_sd_configs"] = [{"files": [str(targets_file)], "refresh_interval": f"{SCRAPE_INTERVAL_S}s"}]
     interval = f"{SCRAPE_INTERVAL_S}s"
     return {
         "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
         "scrape_configs": jobs,
     }
+
+
+def _label_name(key: str) -> str:
+    """Prometheus' sanitising of a Kubernetes label or annotation key into a label name."""
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def pod_targets(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """What Prometheus' Kubernetes service discovery (role: pod) makes of these Pod objects, as file_sd target
+    groups: per declared container port a target `podIP:port` (a container without ports: `podIP`), labelled with
+    the pod's `__meta_kubernetes_*` labels. Pods without an IP yet have nothing to scrape and are left out."""
+    groups = []
+    for pod in pods:
+        meta, spec, status = pod["metadata"], pod.get("spec", {}), pod.get("status", {})
+        ip = status.get("podIP")
+        if not ip:
+            continue
+        ready = next((c["status"] for c in status.get("conditions", []) if c["type"] == "Ready"), "unknown")
+        common = {
+            "__meta_kubernetes_namespace": meta["namespace"],
+            "__meta_kubernetes_pod_name": meta["name"],
+            "__meta_kubernetes_pod_uid": meta.get("uid", ""),
+            "__meta_kubernetes_pod_ip": ip,
+            "__meta_kubernetes_pod_node_name": spec.get("nodeName", ""),
+            "__meta_kubernetes_pod_host_ip": status.get("hostIP", ""),
+            "__meta_kubernetes_pod_phase": status.get("phase", ""),
+            "__meta_kubernetes_pod_ready": ready.lower(),
+        }
+        for kind, items in (("label", meta.get("labels") or {}), ("annotation", meta.get("annotations") or {})):
+            for key, value in items.items():
+                common[f"__meta_kubernetes_pod_{kind}_{_label_name(key)}"] = value
+                common[f"__meta_kubernetes_pod_{kind}present_{_label_name(key)}"] = "true"
+        for c in spec.get("containers", []):
+            base = {**common, "__meta_kubernetes_pod_container_name": c["name"]}
+            for port in c.get("ports") or [{}]:
+                labels = dict(base)
+                address = ip
+                if port:
+                    address = f"{ip}:{port['containerPort']}"
+                    labels["__meta_kubernetes_pod_container_port_name"] = port.get("name", "")
+                    labels["__meta_kubernetes_pod_container_port_number"] = str(port["containerPort"])
+                    labels["__meta_kubernetes_pod_container_port_protocol"] = port.get("protocol", "TCP")
+                groups.append({"targets": [address], "labels": labels})
+    return groups
+
+
+class PodDiscovery:
+    """Keeps `path` (a file_sd file) equal to pod_targets() of the cluster's Pods, every SCRAPE_INTERVAL_S, in a
+    thread. Reads the API with the admin client certificate (no kubectl process per second)."""
+
+    def __init__(self, server: str, creds: pki.Pki, path: Path) -> None:
+        self.url = f"{server}/api/v1/pods"
+        self.path = path
+        self.ctx = ssl.create_default_context(cafile=str(creds.ca_crt))
+        self.ctx.load_cert_chain(str(creds.crt("admin")), str(creds.key("admin")))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pod-discovery", daemon=True)
+        self._last = ""
+
+    def refresh(self) -> None:
+        with urllib.request.urlopen(self.url, context=self.ctx, timeout=10) as r:
+            pods = json.loads(r.read())["items"]
+        text = json.dumps(pod_targets(pods), sort_keys=True)
+        if text != self._last:
+            # Written whole and renamed: Prometheus never reads half a file.
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+            self._last = text
+
+    def _run(self) -> None:
+        while not self._stop.wait(SCRAPE_INTERVAL_S):
+            # A failed listing (the API server restarting) keeps the last targets, as Kubernetes SD does.
+            with contextlib.suppress(OSError, ValueError):
+                self.refresh()
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(10)
 
 
 def adapter_objects(address: str, port: int) -> list[dict[str, Any]]:
@@ -139,6 +234,7 @@ class MetricsStack:
         self.components: list[Component] = []
         self.prometheus_url = ""
         self.adapter_address: str | None = None
+        self.discovery: PodDiscovery | None = None
 
     def __enter__(self) -> MetricsStack:
         self.start()
@@ -158,10 +254,16 @@ class MetricsStack:
 
     def _start_prometheus(self) -> None:
         binary = self.prometheus_bin or find_prometheus()
+        info = self.cluster.info
+        if info is None or info.external:
+            raise StartError("the metric pipeline runs beside a control plane of our own (it reads the pods as admin)")
         self.workdir.mkdir(parents=True, exist_ok=True)
+        targets = self.workdir / "pod-targets.json"
+        self.discovery = PodDiscovery(info.server, pki.Pki(info.workdir / "pki"), targets)
+        self.discovery.start()
         cfg = self.workdir / "prometheus.yaml"
         # JSON is YAML: no YAML library needed here.
-        cfg.write_text(json.dumps(prometheus_config(self.scrape_configs, self.cluster.kubeconfig)))
+        cfg.write_text(json.dumps(prometheus_config(self.scrape_configs, targets)))
         port = free_port()
         self.prometheus_url = f"http://127.0.0.1:{port}"
         prom = spawn(
@@ -249,6 +351,9 @@ class MetricsStack:
         for comp in reversed(self.components):
             terminate(comp.proc)
         self.components.clear()
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
         if self.adapter_address is not None and self.cluster.network is not None:
             self.cluster.network.drop_host_local_address(self.adapter_address)
         self.adapter_address = None

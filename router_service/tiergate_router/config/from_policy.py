@@ -27,7 +27,9 @@ from tiergate_router.config.tenancy import tenancy_from_policy
 from tiergate_router.config.types import (
     DEFAULT_INFLIGHT_BODY_BYTES,
     DEFAULT_RESPONSE_BYTES,
+    PERSONALIZATION_NEEDS,
     BestOfNConfig,
+    PersonalizationConfig,
     RouterConfig,
     ServiceRef,
     TierConfig,
@@ -89,6 +91,7 @@ def from_policy(
     th = DEFAULT_THRESHOLD_BP if by_weight else _threshold_bp(policy, thresholds, needed=len(tiers) > 1)
     # Its messages name the policy already (as _cost_weight_bp's), so it runs outside the try that adds the name.
     candidate_weight = _candidate_weight_bp(policy, candidates, cost_weight_bp) if candidates is not None else None
+    personalization = personalization_of(policy, multi)
     try:
         multi_tier = None
         routing = None
@@ -130,6 +133,7 @@ def from_policy(
             attachments=attachment_policy(policy),
             decision_log="-" if r.decision_log is not None and r.decision_log.enabled else None,
             decision_log_prompts=r.decision_log is not None and r.decision_log.include_prompts,
+            personalization=personalization,
             tenancy=tenancy_from_policy(
                 policy,
                 multi=multi,
@@ -153,6 +157,21 @@ def attachment_policy(policy: RoutingPolicy) -> AttachmentPolicy:
         on_specialist_failure=a.on_specialist_failure.value,
         mixed_requests=a.mixed_requests.value,
     )
+
+
+def personalization_of(policy: RoutingPolicy, multi: MultiTierSource | None) -> PersonalizationConfig | None:
+    """`spec.router.personalization` when enabled (None otherwise); refused, naming the field, unless the
+    classifier artifact is an N-tier one (`multi`): nothing else would act on it."""
+    p = policy.spec.router.personalization
+    if p is None or not p.enabled:
+        return None
+    if multi is None:
+        where = "the shipped default router" if policy_classifier_path(policy) is None else "the classifier artifact"
+        raise ConfigError(
+            f"policy {policy.metadata.name}: spec.router.personalization.enabled: {PERSONALIZATION_NEEDS}, and "
+            f"{where} is not one"
+        )
+    return PersonalizationConfig(max_users=p.max_users, prior_strength=p.prior_strength)
 
 
 def reward_service_url(policy: RoutingPolicy, namespace: str) -> str:

@@ -22,6 +22,7 @@ from tiergate_router.config.knobs import (
     multi_tier_for,
     two_tier_thresholds,
 )
+from tiergate_router.config.personalization import PersonalizationFlags, apply_personalization
 from tiergate_router.config.shadow import ShadowFlags, apply_shadow
 from tiergate_router.config.types import (
     MAX_SAMPLES,
@@ -211,6 +212,8 @@ class LocalOverrides:
     # writes prompts' text (False: as the policy says).
     decision_log: str | None = None
     decision_log_prompts: bool = False
+    # `--personalization` and its settings, over the policy's spec.router.personalization.
+    personalization: PersonalizationFlags = dataclasses.field(default_factory=PersonalizationFlags)
 
 
 @dataclass(frozen=True)
@@ -339,6 +342,7 @@ def apply_overrides(cfg: RouterConfig, overrides: LocalOverrides) -> RouterConfi
         cfg = dataclasses.replace(cfg, decision_log_prompts=True)
     cfg = apply_best_of_n(cfg, overrides.best_of_n)
     cfg = apply_shadow(cfg, overrides.shadow)
+    cfg = apply_personalization(cfg, overrides.personalization)
     return apply_tier_modalities(cfg, overrides.tier_modalities)
 
 

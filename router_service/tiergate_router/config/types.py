@@ -115,6 +115,17 @@ class CandidateRouting:
 
 
 @dataclass(frozen=True)
+class PersonalizationConfig:
+    """Per-user routing profiles (`spec.router.personalization`, `tiergate serve --personalization`): an N-tier
+    decision adjusted by the requesting user's own ratings (`tiergate_router.personalize`)."""
+
+    # Users the table holds (least recently used replaced first).
+    max_users: int = 100_000
+    # Pseudo-ratings of shrinkage toward the artifact's prediction (`profiles.ProfileConfig.prior`).
+    prior_strength: int = 50
+
+
+@dataclass(frozen=True)
 class BestOfNConfig:
     """Best-of-N sampling (`spec.bestOfN`, `tiergate serve --best-of-n TIER=N --reward-url URL`): the prompts routed
     to `tier` get up to `max_samples` answers drawn in one request, and the one the reward model scores highest is
@@ -165,6 +176,13 @@ class CanaryConfig:
     thresholds_bp: tuple[int, ...] = ()
     multi_tier: MultiTier | None = None
     candidates: CandidateRouting | None = None
+
+
+# Why per-user profiles need an N-tier artifact (the error names the field or flag that asked for them).
+PERSONALIZATION_NEEDS = (
+    "needs an N-tier (multi_tier) classifier artifact: only the N-tier choice is adjusted per user (two-tier "
+    "thresholds and candidates artifacts were not measured)"
+)
 
 
 # The most samples one request may draw (the policy's spec.bestOfN.maxSamples bound, MAX_BEST_OF_N).
@@ -243,6 +261,8 @@ class RouterConfig:
     # written only with `decision_log_prompts`, otherwise their digest.
     decision_log: str | None = None
     decision_log_prompts: bool = False
+    # Per-user routing profiles; None: off. Only with an N-tier artifact (`multi_tier`).
+    personalization: PersonalizationConfig | None = None
 
     def __post_init__(self) -> None:
         validate(self)
@@ -310,6 +330,8 @@ def validate(cfg: RouterConfig) -> None:
         raise ConfigError("backoff_base_s: must be positive and at most backoff_max_s")
     if cfg.max_outstanding_per_endpoint < 0 or cfg.saturation_waiting < 0:
         raise ConfigError("max_outstanding_per_endpoint and saturation_waiting: must not be negative")
+    if cfg.personalization is not None and cfg.multi_tier is None:
+        raise ConfigError(f"personalization: {PERSONALIZATION_NEEDS}")
     if cfg.max_body_bytes < 1024:
         raise ConfigError("max_body_bytes: must be at least 1024")
     if cfg.max_inflight_body_bytes < cfg.max_body_bytes:
