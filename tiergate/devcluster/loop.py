@@ -58,10 +58,10 @@ SCALE_CONCURRENCY = SCALE_MAX * DEMAND_PER_REPLICA
 # The HPA scales down after this long without demand (Kubernetes' default is 5 minutes; a demo cannot wait that).
 SCALE_DOWN_WINDOW_S = 5
 # The pod servers hold an answer this long per token asked for: the mix phase's short answers (16 tokens) take
-# 0.08 s, the burst's (BURST_TOKENS) 2 s, so the burst's requests are in flight when Prometheus scrapes the routers.
+# 0.08 s, the burst's (BURST_TOKENS) 3 s, so the burst's requests are in flight when Prometheus scrapes the routers.
 SECONDS_PER_TOKEN = 0.005
 MIX_TOKENS = 16
-BURST_TOKENS = 400
+BURST_TOKENS = 600
 
 
 def loop_policy(
@@ -201,6 +201,7 @@ class RouterProcess:
     port: int
     serve: Proc
     relay: Proc
+    http_port: int
 
 
 @dataclass
@@ -382,7 +383,7 @@ class WholeLoop:
                 ),
             )
             self._wait_ready_line(relay)
-            self.routers[name] = RouterProcess(name, ip, port, serve, relay)
+            self.routers[name] = RouterProcess(name, ip, port, serve, relay, http_port)
         return out
 
     def _start_serve(self, pod: str, policy_file: Path, artifact: Path, host: str, port: int) -> Proc:
@@ -413,7 +414,9 @@ class WholeLoop:
 
     # -- traffic -------------------------------------------------------------------------------------------------
     def _router_urls(self) -> list[str]:
-        urls = [f"http://{r.pod_ip}:{self._http_port()}/v1/chat/completions" for r in self.routers.values()]
+        # From what serve_routers recorded, not the policy: a load generator's every request must not wait on
+        # kubectl.
+        urls = [f"http://{r.pod_ip}:{r.http_port}/v1/chat/completions" for r in self.routers.values()]
         if not urls:
             raise StartError("no router is being served")
         return urls
@@ -450,9 +453,6 @@ class WholeLoop:
         urls = self._router_urls()
         tier, text = self._chat(urls[next(self._next_router) % len(urls)], model, prompt, BURST_TOKENS)
         return tier, pod_server.answering_pod(text)
-
-    def _http_port(self) -> int:
-        return int(self.policy()["spec"]["router"].get("httpPort", 8080))
 
     def observed(self) -> dict[str, Any]:
         """status.observedMix by tier, plus status.observedMixWindow under "window"."""

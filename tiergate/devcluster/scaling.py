@@ -132,7 +132,12 @@ def run_scale_scenario(
     `report` gets a Sample every REPORT_EVERY_S and at each change of phase, replicas or pods served."""
     cluster, ns = bed.cluster, bed.namespace
     name = naming.tier_name(bed.policy_name, tier)
-    initial = set(bed.sync())
+
+    def sync() -> dict[str, str]:
+        # The bed serves every tier's pods; this tier's are its Deployment's (named DEPLOYMENT-HASH-SUFFIX).
+        return {pod: ip for pod, ip in bed.sync().items() if pod.startswith(name + "-")}
+
+    initial = set(sync())
     answers: dict[str, int] = {}
     errors: list[str] = []
     stop = threading.Event()
@@ -174,7 +179,7 @@ def run_scale_scenario(
     try:
 
         def all_new_serving() -> bool:
-            served = bed.sync()
+            served = sync()
             replicas = deployment_replicas(cluster, ns, name)
             if replicas > len(initial) and not raised:
                 # When the HPA wrote the new scale (its own record, to the second), not when this poll saw it.
@@ -198,7 +203,7 @@ def run_scale_scenario(
     t_stop = time.monotonic()
 
     def back_to_min() -> bool:
-        served = bed.sync()
+        served = sync()
         replicas = deployment_replicas(cluster, ns, name)
         sample("idle", replicas, len(served), external_demand(cluster, ns, bed.policy_name, tier))
         return replicas == min_replicas and len(served) == min_replicas
