@@ -188,7 +188,7 @@ def run_loop(
             say(f"{len(result.errors)} requests failed during the burst, first: {result.errors[0]}")
         show_status(loop, say)
         say(f"replicas (ready/desired): {json.dumps(loop.replicas())}")
-        print(cluster.kubectl("get", "routingpolicy", "-n", DEMO_NS), flush=True)
+        print(cluster.kubectl("get", "routingpolicy,hpa", "-n", DEMO_NS), flush=True)
 
 
 def main(say: Callable[[str], None]) -> int:

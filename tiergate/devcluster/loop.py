@@ -49,8 +49,8 @@ TIER_HEADER = "x-tiergate-tier"
 ROUTER_START_S = 180.0
 
 # The tier the loop autoscales (autoscaling.mode HPA on the routers' demand) and its bounds. With 2 requests per
-# replica, the mix phase (4 requests in flight at most) keeps it at its minimum, and a burst of SCALE_CONCURRENCY
-# long requests asks for the maximum.
+# replica, the mix phase (MIX_CONCURRENCY requests in flight at most) keeps it at its minimum, and a burst of
+# SCALE_CONCURRENCY long requests asks for the maximum.
 SCALED_TIER = "small"
 SCALE_MIN, SCALE_MAX = 2, 4
 DEMAND_PER_REPLICA = 2
@@ -61,6 +61,8 @@ SCALE_DOWN_WINDOW_S = 5
 # 0.08 s, the burst's (BURST_TOKENS) 3 s, so the burst's requests are in flight when Prometheus scrapes the routers.
 SECONDS_PER_TOKEN = 0.005
 MIX_TOKENS = 16
+# Requests `send` keeps in flight: at most MIX_CONCURRENCY demand, which SCALE_MIN replicas cover.
+MIX_CONCURRENCY = 4
 BURST_TOKENS = 600
 
 
@@ -437,7 +439,8 @@ class WholeLoop:
         max_tokens: int = MIX_TOKENS,
     ) -> Counter[str]:
         """One chat request per entry of `models` (a tier name forces that tier; `tiergate` lets the classifier
-        choose), 4 at a time, spread over the router pods' IPs as their Service would; counts the answering tiers."""
+        choose), MIX_CONCURRENCY at a time, spread over the router pods' IPs as their Service would; counts the
+        answering tiers."""
         urls = self._router_urls()
         jobs = list(enumerate(models))
 
@@ -445,7 +448,7 @@ class WholeLoop:
             i, model = job
             return self._chat(urls[i % len(urls)], model, prompt(i), max_tokens)[0]
 
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(MIX_CONCURRENCY) as pool:
             return Counter(pool.map(one, jobs))
 
     def ask(self, prompt: str, model: str) -> tuple[str, str]:
