@@ -120,12 +120,14 @@ def test_observed_mix_drift_and_an_autoscaled_tier_scaling_on_router_demand(loop
     assert loop.replicas()[naming.tier_name(POLICY, SCALED_TIER)] == f"{SCALE_MIN}/{SCALE_MIN}"
     result = scale_tier(loop, report=print)
     print(
-        f"[whole loop] load start -> replicas raised {result.replicas_raised_s:.1f}s, first new pod serving "
+        f"[whole loop] load start -> replicas raised {result.replicas_raised_s:.1f}s (HPA lastScaleTime; seen "
+        f"{result.replicas_seen_s:.1f}s), first new pod serving "
         f"{result.first_new_pod_serving_s:.1f}s, all new pods serving {result.all_new_pods_serving_s:.1f}s; "
         f"load stop -> back to {SCALE_MIN} {result.back_to_min_s:.1f}s; answers by pod {result.answers_by_pod}; "
         f"errors {result.errors}"
     )
     assert result.peak_replicas == SCALE_MAX
+    assert result.replicas_seen_s < result.all_new_pods_serving_s
     assert result.peak_demand == SCALE_CONCURRENCY  # every request in flight, summed over both routers
     assert not math.isnan(result.first_new_pod_serving_s)
     assert result.first_new_pod_serving_s <= result.all_new_pods_serving_s

@@ -178,7 +178,7 @@ def run_loop(
         )
         result = scale_tier(loop, report=lambda s: say(_sample_line(s)))
         say(
-            f"load start -> HPA raised replicas {result.replicas_raised_s:.1f} s, first new pod answering "
+            f"load start -> replicas raised by the HPA seen {result.replicas_seen_s:.1f} s, first new pod answering "
             f"{result.first_new_pod_serving_s:.1f} s, all {SCALE_MAX - SCALE_MIN} new pods answering "
             f"{result.all_new_pods_serving_s:.1f} s; load stop -> back to {SCALE_MIN} replicas "
             f"{result.back_to_min_s:.1f} s"

@@ -65,7 +65,9 @@ class Sample:
 
 @dataclass
 class ScaleResult:
-    replicas_raised_s: float  # the HPA raised the Deployment's replicas (its lastScaleTime: whole seconds)
+    # The HPA raised the Deployment's replicas: its lastScaleTime, in whole seconds (so up to 1 s early, even below 0).
+    replicas_raised_s: float
+    replicas_seen_s: float  # the first poll (about every 0.3 s) that saw the Deployment's replicas raised
     first_new_pod_serving_s: float  # a request was answered by a pod the scale-up made
     all_new_pods_serving_s: float  # every pod the scale-up made has answered (seen by a poll of about 0.3 s)
     peak_replicas: int
@@ -175,13 +177,15 @@ def run_scale_scenario(
     for t in threads:
         t.start()
     raised: list[float] = []
+    seen: list[float] = []
     peak_replicas, peak_demand, peak_per_pod = [0], [0.0], [0.0]
     try:
 
         def all_new_serving() -> bool:
             served = sync()
             replicas = deployment_replicas(cluster, ns, name)
-            if replicas > len(initial) and not raised:
+            if replicas > len(initial) and not seen:
+                seen.append(time.monotonic() - t0)
                 # When the HPA wrote the new scale (its own record, to the second), not when this poll saw it.
                 scaled = _last_scale_time(cluster, ns, name)
                 raised.append(scaled - t0_wall if scaled is not None else time.monotonic() - t0)
@@ -211,6 +215,7 @@ def run_scale_scenario(
     wait_for(f"{name} back to {min_replicas} replica(s) without load", back_to_min, timeout, _POLL_S)
     return ScaleResult(
         replicas_raised_s=raised[0] if raised else math.nan,
+        replicas_seen_s=seen[0] if seen else math.nan,
         first_new_pod_serving_s=first_new[0] if first_new else math.nan,
         all_new_pods_serving_s=all_serving,
         peak_replicas=peak_replicas[0],
