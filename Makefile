@@ -34,10 +34,12 @@ cluster-up: venv
 cluster-down:
 	$(PYTHON) -m tiergate.devcluster down
 
-# The whole loop on a fresh local control plane (needs root for the pod network namespace): installs the chart,
-# applies a two-tier RoutingPolicy, serves every tier pod's IP with a small OpenAI-compatible server, runs a router
-# per router pod (EndpointSlice discovery), sends traffic and prints the tiers chosen, the replicas and the policy's
-# status (observed mix, MixDrift). Stops and removes everything on exit.
+# The whole loop on a fresh local control plane (needs root for the pod network namespace, and Prometheus:
+# `apt-get install prometheus`): installs the chart, starts Prometheus and prometheus-adapter, applies a two-tier
+# RoutingPolicy (tier small autoscaled by an HPA), serves every tier pod's IP with a small OpenAI-compatible server,
+# runs a router per router pod (EndpointSlice discovery), sends traffic and prints the tiers chosen, the policy's
+# status (observed mix, MixDrift, AutoscalerReady) and, under a burst, the replicas scaling up and back down.
+# Stops and removes everything on exit.
 demo-cluster: venv
 	$(PY) -m tiergate.devcluster demo
 

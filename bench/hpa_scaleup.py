@@ -39,7 +39,7 @@ def main() -> int:
     from kubernetes import config
 
     from tests.support import metrics_pipeline as mp
-    from tiergate.devcluster import build
+    from tiergate.devcluster import build, scaling
     from tiergate.devcluster.cluster import DevCluster, wait_for
     from tiergate.devcluster.metrics import MetricsStack
 
@@ -69,7 +69,7 @@ def main() -> int:
                             "bench", "small", average_demand=args.target, min_replicas=1, max_replicas=maximum
                         )
                         dc.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(hpa))
-                        result = mp.run_scale_scenario(
+                        result = scaling.run_scale_scenario(
                             bed, "small", concurrency=args.concurrency, min_replicas=1, max_replicas=maximum
                         )
                     print(

@@ -21,7 +21,7 @@ from tests.support import metrics_pipeline as mp
 from tests.support.operator_cluster import Operator, install_crd, operator_running
 from tiergate.api import naming
 from tiergate.api.policy import parse_policy
-from tiergate.devcluster import build
+from tiergate.devcluster import scaling
 from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate.devcluster.errors import StartError
 from tiergate.devcluster.metrics import MetricsStack
@@ -32,13 +32,7 @@ from tiergate_operator.autoscaling import demand_query, waiting_query
 def stack(cluster: DevCluster) -> Iterator[MetricsStack]:
     if cluster.pod_netns is None:
         pytest.skip("external cluster without a pod network namespace: the adapter and fake pods cannot be bound")
-    bins = build.ensure_all()
-    with MetricsStack(
-        cluster,
-        adapter=bins["prometheus-adapter"],
-        scrape_configs=mp.scrape_configs(),
-        adapter_rules=mp.adapter_rules_text(),
-    ) as s:
+    with mp.chart_stack(cluster) as s:
         yield s
 
 
@@ -203,7 +197,9 @@ def test_operator_hpa_scales_a_tier_on_router_demand_and_back(
     with bed:
         wait_for("the tier pod served", lambda: len(bed.sync()) == 1, timeout=120)
         wait_for("the router discovering it", lambda: bed.endpoints("small"))
-        result = mp.run_scale_scenario(bed, "small", concurrency=CONCURRENCY, min_replicas=1, max_replicas=MAX_REPLICAS)
+        result = scaling.run_scale_scenario(
+            bed, "small", concurrency=CONCURRENCY, min_replicas=1, max_replicas=MAX_REPLICAS
+        )
     print(
         f"[hpa] load start -> replicas raised {result.replicas_raised_s:.1f}s, first new pod serving "
         f"{result.first_new_pod_serving_s:.1f}s, all {MAX_REPLICAS - 1} new pods serving "

@@ -3,27 +3,51 @@ RoutingPolicy, the operator, tier pods on kwok GPU nodes served at their IPs, tw
 that find the tier pods through EndpointSlices and are reached at their own pod IPs, a load generator with a known
 tier mix, and the policy's status.observedMix and MixDrift condition as the operator writes them from the routers'
 /metrics. One router is restarted mid-way (its counters start from zero) and the window still counts every request.
+Then the tier `small` (autoscaling mode HPA on the routers' demand) gets a burst of long requests: with the metric
+pipeline beside the cluster (Prometheus and prometheus-adapter, tests/support/metrics_pipeline.chart_stack) the HPA
+controller scales it up, kwok runs the new pods, the routers find them and every new pod answers; without load it
+scales back down.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support import metrics_pipeline as mp
 from tests.support.operator_cluster import install_crd
 from tiergate.api import naming
 from tiergate.devcluster.cluster import DevCluster, wait_for
-from tiergate.devcluster.loop import WholeLoop, loop_policy, wait_ready
+from tiergate.devcluster.loop import (
+    POLICY,
+    SCALE_CONCURRENCY,
+    SCALE_MAX,
+    SCALE_MIN,
+    SCALED_TIER,
+    WholeLoop,
+    loop_policy,
+    scale_tier,
+    wait_ready,
+)
+from tiergate.devcluster.metrics import MetricsStack
 
 BAND_PP = 5
 
 
-@pytest.fixture
-def loop(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[WholeLoop]:
+@pytest.fixture(scope="module")
+def stack(cluster: DevCluster) -> Iterator[MetricsStack]:
     if cluster.pod_netns is None:
         pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
+    with mp.chart_stack(cluster) as s:
+        yield s
+
+
+@pytest.fixture
+def loop(cluster: DevCluster, namespace: str, tmp_path: Path, stack: MetricsStack) -> Iterator[WholeLoop]:
     install_crd(cluster)
     with WholeLoop(cluster, namespace, tmp_path, mix_report_seconds=1.0) as wl:
         try:
@@ -33,7 +57,7 @@ def loop(cluster: DevCluster, namespace: str, tmp_path: Path) -> Iterator[WholeL
             raise
 
 
-def test_observed_mix_follows_the_traffic_and_drift_turns_on(loop: WholeLoop) -> None:
+def test_observed_mix_drift_and_an_autoscaled_tier_scaling_on_router_demand(loop: WholeLoop) -> None:
     loop.start_operator()
     loop.apply_policy(loop_policy(router_replicas=2, band_percentage_points=BAND_PP, min_requests=50))
     wait_ready(loop, 180)
@@ -90,3 +114,37 @@ def test_observed_mix_follows_the_traffic_and_drift_turns_on(loop: WholeLoop) ->
     )
     assert drift["reason"] == "MixOutsideBand"
     assert "tier large" in drift["message"]
+
+    # A burst on the autoscaled tier: 8 long requests in flight make the routers' demand 8 against 2 per replica,
+    # so its HPA scales it from SCALE_MIN to SCALE_MAX; every new pod answers; without load it scales back.
+    assert loop.replicas()[naming.tier_name(POLICY, SCALED_TIER)] == f"{SCALE_MIN}/{SCALE_MIN}"
+    result = scale_tier(loop, report=print)
+    print(
+        f"[whole loop] load start -> replicas raised {result.replicas_raised_s:.1f}s (HPA lastScaleTime; seen "
+        f"{result.replicas_seen_s:.1f}s), first new pod serving "
+        f"{result.first_new_pod_serving_s:.1f}s, all new pods serving {result.all_new_pods_serving_s:.1f}s; "
+        f"load stop -> back to {SCALE_MIN} {result.back_to_min_s:.1f}s; answers by pod {result.answers_by_pod}; "
+        f"errors {result.errors}"
+    )
+    assert result.peak_replicas == SCALE_MAX
+    assert result.replicas_seen_s < result.all_new_pods_serving_s
+    assert result.peak_demand == SCALE_CONCURRENCY  # every request in flight, summed over both routers
+    assert not math.isnan(result.first_new_pod_serving_s)
+    assert result.first_new_pod_serving_s <= result.all_new_pods_serving_s
+    assert len(result.answers_by_pod) == SCALE_MAX
+    assert all(n > 0 for n in result.answers_by_pod.values())
+    assert result.errors == []
+    # The report went up to the maximum under load and back to the minimum without it.
+    assert max(s.replicas for s in result.timeline if s.phase == "load") == SCALE_MAX
+    assert result.timeline[-1].phase == "idle"
+    assert result.timeline[-1].replicas == SCALE_MIN
+    hpa = json.loads(
+        loop.cluster.kubectl("get", "hpa", naming.tier_name(POLICY, SCALED_TIER), "-n", loop.namespace, "-o", "json")
+    )
+    assert [(o["kind"], o["name"]) for o in hpa["metadata"]["ownerReferences"]] == [("RoutingPolicy", POLICY)]
+    ready = wait_for(
+        "AutoscalerReady True",
+        lambda: (lambda c: c if c.get("status") == "True" else None)(loop.condition("AutoscalerReady")),
+        30,
+    )
+    assert ready["type"] == "AutoscalerReady"

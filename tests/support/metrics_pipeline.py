@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tests.support.harness import LoopThread
 from tests.support.procs import FakeProcess
 from tiergate.api import naming
+from tiergate.devcluster import metrics, scaling
 from tiergate.devcluster.cluster import DevCluster
 from tiergate_operator.builders import _scrape_annotations
 from tiergate_router.classifier import MicroBatcher
@@ -31,7 +30,8 @@ from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
 
 ROOT = Path(__file__).resolve().parents[2]
-METRICS_DIR = ROOT / "charts" / "tiergate" / "files" / "metrics"
+CHART = ROOT / "charts" / "tiergate"
+METRICS_DIR = CHART / metrics.CHART_METRICS_DIR
 TIER_PORT = 8000
 ROUTER_PORT = 8080
 # What Grafana puts for $__rate_interval at a 1 s scrape interval and a short time range is a few seconds; 30 s
@@ -47,12 +47,23 @@ PREDICTED_SHARE = "tiergate_router_predicted_share"
 
 
 def scrape_configs() -> list[dict[str, Any]]:
-    jobs: list[dict[str, Any]] = yaml.safe_load((METRICS_DIR / "scrape-configs.yaml").read_text())
-    return jobs
+    return metrics.chart_scrape_configs(CHART)
 
 
 def adapter_rules_text() -> str:
-    return (METRICS_DIR / "prometheus-adapter-rules.yaml").read_text()
+    return metrics.chart_adapter_rules(CHART)
+
+
+def chart_stack(cluster: DevCluster) -> metrics.MetricsStack:
+    """Prometheus and prometheus-adapter beside `cluster` with the chart's scrape configs and rules (not started)."""
+    from tiergate.devcluster import build
+
+    return metrics.MetricsStack(
+        cluster,
+        adapter=build.ensure_all()["prometheus-adapter"],
+        scrape_configs=scrape_configs(),
+        adapter_rules=adapter_rules_text(),
+    )
 
 
 def dashboard() -> dict[str, Any]:
@@ -295,6 +306,10 @@ class PolicyBed:
         self._loop.call(self.server.start())
         return self
 
+    @property
+    def policy_name(self) -> str:
+        return self.policy
+
     def tier_selector(self, tier: str) -> str:
         return f"{naming.POLICY_LABEL}={self.policy},{naming.TIER_LABEL}={tier}"
 
@@ -350,7 +365,7 @@ class PolicyBed:
 
 # --- autoscaling a tier on the router's demand ------------------------------------------------------------------
 
-DEMAND_METRIC = naming.ROUTER_TIER_DEMAND_METRIC
+DEMAND_METRIC = scaling.DEMAND_METRIC
 
 
 def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int, max_replicas: int) -> dict[str, Any]:
@@ -390,133 +405,3 @@ def hpa_object(policy: str, tier: str, *, average_demand: int, min_replicas: int
             },
         },
     }
-
-
-@dataclass
-class ScaleResult:
-    """Seconds from the load's start (down: from its stop), as measured by the load generator's clock."""
-
-    replicas_raised_s: float  # the HPA raised the Deployment's replicas (its lastScaleTime: whole seconds)
-    first_new_pod_serving_s: float  # a request was answered by a pod the scale-up made
-    all_new_pods_serving_s: float  # every pod the scale-up made has answered (seen by a poll of about a second)
-    peak_replicas: int
-    peak_demand: float  # the External metric as the HPA reads it (through the API server and the adapter)
-    peak_demand_per_pod: float  # the HPA's own reading of it per replica (status.currentMetrics)
-    back_to_min_s: float
-    answers_by_pod: dict[str, int]
-    errors: list[str]
-
-
-def _replicas(cluster: DevCluster, ns: str, name: str) -> int:
-    return int(cluster.kubectl("get", "deployment", name, "-n", ns, "-o", "jsonpath={.spec.replicas}") or 0)
-
-
-def _hpa_demand(cluster: DevCluster, ns: str, name: str) -> float:
-    hpa = json.loads(cluster.kubectl("get", "hpa", name, "-n", ns, "-o", "json", check=False) or "{}")
-    for m in hpa.get("status", {}).get("currentMetrics") or []:
-        value = m.get("external", {}).get("current", {}).get("averageValue")
-        if value:
-            return _quantity(value)
-    return 0.0
-
-
-def _external_demand(cluster: DevCluster, ns: str, policy: str, tier: str) -> float:
-    path = (
-        f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{ns}/{DEMAND_METRIC}"
-        f"?labelSelector=routingpolicy={policy},tier={tier}"
-    )
-    # Not served yet (the adapter has not listed the series) reads as no demand.
-    out = cluster.kubectl("get", "--raw", path, check=False)
-    return sum(_quantity(i["value"]) for i in json.loads(out)["items"]) if out else 0.0
-
-
-def _last_scale_time(cluster: DevCluster, ns: str, name: str) -> float | None:
-    from datetime import datetime
-
-    stamp = cluster.kubectl("get", "hpa", name, "-n", ns, "-o", "jsonpath={.status.lastScaleTime}", check=False)
-    return datetime.fromisoformat(stamp.strip().replace("Z", "+00:00")).timestamp() if stamp.strip() else None
-
-
-def _quantity(q: str) -> float:
-    return float(q[:-1]) / 1000 if q.endswith("m") else float(q)
-
-
-def run_scale_scenario(
-    bed: PolicyBed, tier: str, *, concurrency: int, min_replicas: int, max_replicas: int, timeout: float = 180.0
-) -> ScaleResult:
-    """Send `concurrency` requests at a time to `tier` through the router until every pod the HPA adds has answered,
-    then stop and wait for the HPA to scale back to `min_replicas`. Plays the kubelet (bed.sync) throughout."""
-    import time
-
-    from tiergate.devcluster.cluster import wait_for
-
-    cluster, ns = bed.cluster, bed.namespace
-    name = naming.tier_name(bed.policy, tier)
-    initial = set(bed.sync())
-    answers: dict[str, int] = {}
-    errors: list[str] = []
-    stop = threading.Event()
-    lock = threading.Lock()
-    t0, t0_wall = time.monotonic(), time.time()
-    first_new: list[float] = []
-
-    def client(i: int) -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            try:
-                _, pod = bed.ask(f"client {i} request {n}", model=tier)
-            except OSError as e:
-                with lock:
-                    errors.append(f"{time.monotonic() - t0:.1f}s: {e}")
-                continue
-            with lock:
-                answers[pod] = answers.get(pod, 0) + 1
-                if pod not in initial and not first_new:
-                    first_new.append(time.monotonic() - t0)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
-    for t in threads:
-        t.start()
-    raised: list[float] = []
-    peak_replicas, peak_demand, peak_per_pod = [0], [0.0], [0.0]
-    try:
-
-        def all_new_serving() -> bool:
-            served = bed.sync()
-            replicas = _replicas(cluster, ns, name)
-            if replicas > len(initial) and not raised:
-                # When the HPA wrote the new scale (its own record, to the second), not when this poll saw it.
-                scaled = _last_scale_time(cluster, ns, name)
-                raised.append(scaled - t0_wall if scaled is not None else time.monotonic() - t0)
-            peak_replicas[0] = max(peak_replicas[0], replicas)
-            peak_demand[0] = max(peak_demand[0], _external_demand(cluster, ns, bed.policy, tier))
-            peak_per_pod[0] = max(peak_per_pod[0], _hpa_demand(cluster, ns, name))
-            new = set(served) - initial
-            with lock:
-                return replicas == max_replicas and len(new) == max_replicas - len(initial) and new <= set(answers)
-
-        wait_for(f"{name} scaled to {max_replicas} with every new pod answering", all_new_serving, timeout, 0.3)
-        all_serving = time.monotonic() - t0
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(60)
-    t_stop = time.monotonic()
-
-    def back_to_min() -> bool:
-        served = bed.sync()
-        return _replicas(cluster, ns, name) == min_replicas and len(served) == min_replicas
-
-    wait_for(f"{name} back to {min_replicas} replica(s) without load", back_to_min, timeout, 0.3)
-    return ScaleResult(
-        replicas_raised_s=raised[0] if raised else float("nan"),
-        first_new_pod_serving_s=first_new[0] if first_new else float("nan"),
-        all_new_pods_serving_s=all_serving,
-        peak_replicas=peak_replicas[0],
-        peak_demand=peak_demand[0],
-        peak_demand_per_pod=peak_per_pod[0],
-        back_to_min_s=time.monotonic() - t_stop,
-        answers_by_pod=dict(answers),
-        errors=list(errors),
-    )

@@ -6,16 +6,22 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from http.server import ThreadingHTTPServer
 
 import pytest
 
 from tests.support.waiting import wait_for
-from tiergate.api.policy import parse_policy
+from tiergate.api.policy import AutoscalingMode, parse_policy
+from tiergate.devcluster import build, demo, netns, pod_server
 from tiergate.devcluster.cluster import free_port
-from tiergate.devcluster.loop import loop_policy
+from tiergate.devcluster.errors import StartError
+from tiergate.devcluster.loop import DEMAND_PER_REPLICA, MIX_CONCURRENCY, SCALE_MAX, SCALE_MIN, SCALED_TIER, loop_policy
+from tiergate.devcluster.metrics import PROMETHEUS_ENV
 
 
 def test_loop_policy_is_a_valid_policy_with_the_settings_asked_for() -> None:
@@ -25,6 +31,48 @@ def test_loop_policy_is_a_valid_policy_with_the_settings_asked_for() -> None:
     assert p.spec.best_of_n is None  # no reward model runs on the dev cluster
     om = p.spec.observed_mix
     assert (om.window_seconds, om.drift_band_percentage_points, om.min_requests) == (120, 7, 10)
+    # One tier autoscaled by its HPA on the routers' demand, the other kept at its minimum by the operator.
+    scaled = p.spec.tier(SCALED_TIER)
+    assert scaled.autoscaling is not None
+    assert scaled.autoscaling.mode == AutoscalingMode.HPA
+    assert scaled.autoscaling.targets is not None
+    assert scaled.autoscaling.targets.router_demand_per_replica == DEMAND_PER_REPLICA
+    assert (scaled.replicas.min, scaled.replicas.max) == (SCALE_MIN, SCALE_MAX)
+    assert p.spec.tier("large").autoscaling is None
+    # The mix phase's traffic alone never asks for more than the minimum.
+    assert SCALE_MIN * DEMAND_PER_REPLICA >= MIX_CONCURRENCY
+
+
+def test_pod_server_holds_an_answer_per_token_asked_for_and_names_its_pod() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), pod_server.make_handler("m", "pod-b", seconds_per_token=0.05))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/chat/completions"
+        t0 = time.monotonic()
+        status, answer = post(url, {"model": "m", "messages": [], "max_tokens": 10})
+        held = time.monotonic() - t0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status == 200
+    assert held >= 0.5  # 10 tokens at 0.05 s (a lower bound: sleeping is never shorter)
+    assert pod_server.answering_pod(answer["choices"][0]["message"]["content"]) == "pod-b"  # type: ignore[index]
+    with pytest.raises(ValueError, match="not a pod server's answer"):
+        pod_server.answering_pod("hello")
+
+
+def test_demo_names_prometheus_when_it_is_missing_before_building_anything(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: object
+) -> None:
+    monkeypatch.setattr(netns, "available", lambda: (True, ""))
+    monkeypatch.setenv(PROMETHEUS_ENV, "/nonexistent/prometheus")
+
+    def no_build(*_a: object, **_k: object) -> None:
+        raise AssertionError("built before checking for Prometheus")
+
+    monkeypatch.setattr(build, "ensure_all", no_build)
+    with pytest.raises(StartError, match=r"HPA on metrics from Prometheus.*apt-get install prometheus"):
+        demo.main(lambda _m: None)
 
 
 @pytest.fixture

@@ -1,6 +1,8 @@
 """The whole loop on the dev cluster, one implementation for `make demo-cluster` and its cluster test:
 RoutingPolicy -> operator -> tier pods (kwok) -> a small OpenAI-compatible server at each tier pod's IP -> routers
-that find those pods through EndpointSlices -> traffic -> the policy's status (observedMix, MixDrift).
+that find those pods through EndpointSlices -> traffic -> the policy's status (observedMix, MixDrift) and, with the
+metric pipeline (metrics.MetricsStack) beside the cluster, the HPA the operator makes for the tier `small` scaling
+it on the routers' demand (`scale_tier`).
 
 Every part runs as its user would start it: `tiergate operator` and `tiergate serve` are subprocesses (this package
 imports neither the operator nor the router, `.importlinter` says why). kwok runs pods without containers, so the
@@ -14,6 +16,7 @@ processes a real pod would run are started here instead, at the pod's address:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -32,8 +35,10 @@ from tiergate.api import naming
 from tiergate.api.policy import API_VERSION, KIND
 from tiergate.routing.artifact import DEFAULT_TWO_TIER
 
+from . import pod_server
 from .cluster import DevCluster, wait_for
 from .errors import StartError
+from .scaling import Sample, ScaleResult, run_scale_scenario
 
 POLICY = "chat"
 ARTIFACT_CONFIGMAP = "chat-router-artifact"
@@ -42,6 +47,23 @@ ARTIFACT_KEY = "router.json"
 TIER_HEADER = "x-tiergate-tier"
 # Loading the router's encoder takes seconds, much longer on a loaded machine.
 ROUTER_START_S = 180.0
+
+# The tier the loop autoscales (autoscaling.mode HPA on the routers' demand) and its bounds. With 2 requests per
+# replica, the mix phase (MIX_CONCURRENCY requests in flight at most) keeps it at its minimum, and a burst of
+# SCALE_CONCURRENCY long requests asks for the maximum.
+SCALED_TIER = "small"
+SCALE_MIN, SCALE_MAX = 2, 4
+DEMAND_PER_REPLICA = 2
+SCALE_CONCURRENCY = SCALE_MAX * DEMAND_PER_REPLICA
+# The HPA scales down after this long without demand (Kubernetes' default is 5 minutes; a demo cannot wait that).
+SCALE_DOWN_WINDOW_S = 5
+# The pod servers hold an answer this long per token asked for: the mix phase's short answers (16 tokens) take
+# 0.08 s, the burst's (BURST_TOKENS) 3 s, so the burst's requests are in flight when Prometheus scrapes the routers.
+SECONDS_PER_TOKEN = 0.005
+MIX_TOKENS = 16
+# Requests `send` keeps in flight: at most MIX_CONCURRENCY demand, which SCALE_MIN replicas cover.
+MIX_CONCURRENCY = 4
+BURST_TOKENS = 600
 
 
 def loop_policy(
@@ -52,11 +74,17 @@ def loop_policy(
     min_requests: int = 50,
     strong_share_bp: int = 3000,
 ) -> dict[str, Any]:
-    """The sample's two tiers (a small model on gpu-small, a large one on gpu-large) and its router, without
-    best-of-N (no reward model runs here). The classifier is the shipped two-tier router, given as a ConfigMap as
-    `tiergate train` output would be; `strong_share_bp` is the share of traffic the policy asks for on the large
-    tier, which the artifact's calibration turns into a threshold and the routers export as their prediction."""
+    """The sample's two tiers (a small model on gpu-small, autoscaled by an HPA on the routers' demand between
+    SCALE_MIN and SCALE_MAX; a large one on gpu-large) and its router, without best-of-N (no reward model runs
+    here). The classifier is the shipped two-tier router, given as a ConfigMap as `tiergate train` output would
+    be; `strong_share_bp` is the share of traffic the policy asks for on the large tier, which the artifact's
+    calibration turns into a threshold and the routers export as their prediction."""
     tier = {"engine": {"args": ["--max-model-len", "8192"]}}
+    autoscaling = {
+        "mode": "HPA",
+        "targets": {"routerDemandPerReplica": DEMAND_PER_REPLICA},
+        "behavior": {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": SCALE_DOWN_WINDOW_S},
+    }
     return {
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -70,7 +98,8 @@ def loop_policy(
                     "servedModelName": "qwen2.5-7b",
                     "pool": "gpu-small",
                     "resources": {"gpus": 1, "cpu": "4", "memory": "24Gi"},
-                    "replicas": {"min": 2, "max": 6},
+                    "replicas": {"min": SCALE_MIN, "max": SCALE_MAX},
+                    "autoscaling": autoscaling,
                     "price": {"inputPerMillion": "0.10", "outputPerMillion": "0.30"},
                 },
                 {
@@ -90,6 +119,12 @@ def loop_policy(
                 "classifier": {"configMap": {"name": ARTIFACT_CONFIGMAP, "key": ARTIFACT_KEY}},
                 "targetStrongShareBasisPoints": strong_share_bp,
                 "fallbackOrder": ["large", "small"],
+                # kwok marks a new pod Ready the moment it runs, a second or so before the loop has its server
+                # listening (a real pod joins its EndpointSlice only once its probe passes). The routers' tries there
+                # are refused meanwhile: enough tries (and retry budget) to reach a listening pod past every new one,
+                # and a 1 s breaker so that the gap does not hide a new pod for the default 5 s.
+                "retries": {"attemptsPerTier": 8, "minRetryConcurrency": 64},
+                "circuitBreaker": {"openSeconds": 1},
             },
             "observedMix": {
                 "windowSeconds": window_seconds,
@@ -168,6 +203,7 @@ class RouterProcess:
     port: int
     serve: Proc
     relay: Proc
+    http_port: int
 
 
 @dataclass
@@ -180,10 +216,16 @@ class WholeLoop:
     workdir: Path
     say: Callable[[str], None] = lambda _m: None
     mix_report_seconds: float = 1.0
+    seconds_per_token: float = SECONDS_PER_TOKEN
     tier_servers: dict[str, Proc] = field(default_factory=dict)
     routers: dict[str, RouterProcess] = field(default_factory=dict)
     operator: Proc | None = None
     _starts: Counter[str] = field(default_factory=Counter)
+    _next_router: itertools.count[int] = field(default_factory=itertools.count)
+
+    @property
+    def policy_name(self) -> str:
+        return POLICY
 
     # -- processes -----------------------------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> Proc:
@@ -290,10 +332,15 @@ class WholeLoop:
                 continue
             model, port = served[p["metadata"]["labels"][naming.TIER_LABEL]]
             argv = [sys.executable, "-m", "tiergate.devcluster.pod_server", "--host", ip, "--port", str(port)]
-            proc = self._spawn(f"tier-{name}", self.cluster.netns_cmd([*argv, "--model", model, "--pod", name]))
+            argv += ["--model", model, "--pod", name, "--seconds-per-token", str(self.seconds_per_token)]
+            proc = self._spawn(f"tier-{name}", self.cluster.netns_cmd(argv))
             self._wait_ready_line(proc)
             self.tier_servers[name] = proc
         return out
+
+    def sync(self) -> dict[str, str]:
+        """The kubelet's part, for scaling.run_scale_scenario: serve_tiers."""
+        return self.serve_tiers()
 
     def _policy_file(self) -> Path:
         p = self.policy()
@@ -338,7 +385,7 @@ class WholeLoop:
                 ),
             )
             self._wait_ready_line(relay)
-            self.routers[name] = RouterProcess(name, ip, port, serve, relay)
+            self.routers[name] = RouterProcess(name, ip, port, serve, relay, http_port)
         return out
 
     def _start_serve(self, pod: str, policy_file: Path, artifact: Path, host: str, port: int) -> Proc:
@@ -368,29 +415,47 @@ class WholeLoop:
         r.serve = self._start_serve(pod, self._policy_file(), artifact, self.cluster.network.host_address(), r.port)
 
     # -- traffic -------------------------------------------------------------------------------------------------
-    def send(self, models: Iterable[str], prompt: Callable[[int], str] = lambda i: f"question {i}") -> Counter[str]:
-        """One chat request per entry of `models` (a tier name forces that tier; `tiergate` lets the classifier
-        choose), spread over the router pods' IPs as their Service would; counts the answering tiers."""
-        urls = [f"http://{r.pod_ip}:{self._http_port()}/v1/chat/completions" for r in self.routers.values()]
+    def _router_urls(self) -> list[str]:
+        # From what serve_routers recorded, not the policy: a load generator's every request must not wait on
+        # kubectl.
+        urls = [f"http://{r.pod_ip}:{r.http_port}/v1/chat/completions" for r in self.routers.values()]
         if not urls:
             raise StartError("no router is being served")
+        return urls
+
+    @staticmethod
+    def _chat(url: str, model: str, prompt: str, max_tokens: int) -> tuple[str, str]:
+        """One chat request: (the answering tier, from the router's header; the answer's text)."""
+        body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens}
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            text = json.loads(r.read())["choices"][0]["message"]["content"]
+            return str(r.headers.get(TIER_HEADER)), str(text)
+
+    def send(
+        self,
+        models: Iterable[str],
+        prompt: Callable[[int], str] = lambda i: f"question {i}",
+        max_tokens: int = MIX_TOKENS,
+    ) -> Counter[str]:
+        """One chat request per entry of `models` (a tier name forces that tier; `tiergate` lets the classifier
+        choose), MIX_CONCURRENCY at a time, spread over the router pods' IPs as their Service would; counts the
+        answering tiers."""
+        urls = self._router_urls()
         jobs = list(enumerate(models))
 
         def one(job: tuple[int, str]) -> str:
             i, model = job
-            body = {"model": model, "messages": [{"role": "user", "content": prompt(i)}], "max_tokens": 16}
-            req = urllib.request.Request(
-                urls[i % len(urls)], data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-            )
-            with urllib.request.urlopen(req, timeout=60) as r:
-                r.read()
-                return str(r.headers.get(TIER_HEADER))
+            return self._chat(urls[i % len(urls)], model, prompt(i), max_tokens)[0]
 
-        with ThreadPoolExecutor(4) as pool:
+        with ThreadPoolExecutor(MIX_CONCURRENCY) as pool:
             return Counter(pool.map(one, jobs))
 
-    def _http_port(self) -> int:
-        return int(self.policy()["spec"]["router"].get("httpPort", 8080))
+    def ask(self, prompt: str, model: str) -> tuple[str, str]:
+        """One long request (BURST_TOKENS) through the next router: (answering tier, answering pod)."""
+        urls = self._router_urls()
+        tier, text = self._chat(urls[next(self._next_router) % len(urls)], model, prompt, BURST_TOKENS)
+        return tier, pod_server.answering_pod(text)
 
     def observed(self) -> dict[str, Any]:
         """status.observedMix by tier, plus status.observedMixWindow under "window"."""
@@ -444,3 +509,23 @@ def wait_ready(loop: WholeLoop, timeout: float = 120.0) -> None:
         return c.get("status") == "True" and c.get("observedGeneration") == p["metadata"]["generation"]
 
     wait_for("the RoutingPolicy Ready", ready, timeout, 0.5)
+
+
+def scale_tier(loop: WholeLoop, report: Callable[[Sample], None] | None = None) -> ScaleResult:
+    """SCALE_CONCURRENCY long requests at a time to SCALED_TIER until its HPA has scaled it to SCALE_MAX and every
+    new pod has answered, then none until it is back at SCALE_MIN (scaling.run_scale_scenario). Needs the metric
+    pipeline (metrics.MetricsStack) running beside the cluster: without it the HPA has no metric and never scales."""
+    name = naming.tier_name(POLICY, SCALED_TIER)
+    wait_for(
+        f"the operator's HPA {name}",
+        lambda: loop.cluster.kubectl("get", "hpa", name, "-n", loop.namespace, "-o", "name", check=False),
+        60,
+    )
+    return run_scale_scenario(
+        loop,
+        SCALED_TIER,
+        concurrency=SCALE_CONCURRENCY,
+        min_replicas=SCALE_MIN,
+        max_replicas=SCALE_MAX,
+        report=report,
+    )

@@ -51,6 +51,9 @@ ADAPTER_SERVICE = "prometheus-adapter"
 METRICS_GROUPS = ("custom.metrics.k8s.io", "external.metrics.k8s.io")
 METRICS_VERSION = "v1beta1"
 _READY_TIMEOUT_S = 120.0
+# Where the chart keeps what the metric pipeline runs (scrape configs, adapter rules, dashboard): the one source the
+# chart ships and the test bed runs.
+CHART_METRICS_DIR = Path("files") / "metrics"
 
 
 def find_prometheus() -> Path:
@@ -63,6 +66,19 @@ def find_prometheus() -> Path:
             "(Debian's package, 2.42 verified), or point TIERGATE_PROMETHEUS at one"
         )
     return Path(found)
+
+
+def chart_scrape_configs(chart: Path) -> list[dict[str, Any]]:
+    """The chart's Prometheus scrape configs (a YAML list of jobs)."""
+    import yaml
+
+    jobs: list[dict[str, Any]] = yaml.safe_load((chart / CHART_METRICS_DIR / "scrape-configs.yaml").read_text())
+    return jobs
+
+
+def chart_adapter_rules(chart: Path) -> str:
+    """The chart's prometheus-adapter rules, as the adapter's config file."""
+    return (chart / CHART_METRICS_DIR / "prometheus-adapter-rules.yaml").read_text()
 
 
 def prometheus_config(scrape_configs: list[dict[str, Any]], targets_file: Path) -> dict[str, Any]:

@@ -18,9 +18,21 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+ANSWER_PREFIX = "answered by "
+# A request asking for more tokens than this is held as if it asked for this many: a stuck client cannot hold a
+# server thread for minutes.
+MAX_HELD_TOKENS = 4096
+
+
+def answering_pod(text: str) -> str:
+    """The pod named in an answer's text (what `completion` wrote)."""
+    if not text.startswith(ANSWER_PREFIX):
+        raise ValueError(f"not a pod server's answer: {text[:80]!r}")
+    return text[len(ANSWER_PREFIX) :].split(" ", 1)[0]
+
 
 def completion(model: str, pod: str, chat: bool, prompt_words: int) -> dict[str, Any]:
-    text = f"answered by {pod} ({model})"
+    text = f"{ANSWER_PREFIX}{pod} ({model})"
     choice: dict[str, Any] = {"index": 0, "finish_reason": "stop"}
     choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text})
     return {
@@ -37,7 +49,10 @@ def completion(model: str, pod: str, chat: bool, prompt_words: int) -> dict[str,
     }
 
 
-def make_handler(model: str, pod: str) -> type[BaseHTTPRequestHandler]:
+def make_handler(model: str, pod: str, seconds_per_token: float = 0.0) -> type[BaseHTTPRequestHandler]:
+    """`seconds_per_token`: each answer is held `max_tokens` times this long, as a model generating that many tokens
+    would be: requests asking for long answers stay in flight, and the router's demand for the tier shows them."""
+
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
@@ -76,6 +91,9 @@ def make_handler(model: str, pod: str) -> type[BaseHTTPRequestHandler]:
             if not isinstance(body, dict) or body.get("model") != model:
                 self._send(404, json.dumps({"error": f"model {body.get('model')!r} is not served here"}).encode())
                 return
+            if seconds_per_token > 0:
+                tokens = body.get("max_tokens") or body.get("max_completion_tokens") or 16
+                time.sleep(seconds_per_token * min(int(tokens), MAX_HELD_TOKENS))
             prompt = json.dumps(body.get("messages") or body.get("prompt") or "")
             answer = completion(model, pod, chat, max(1, len(prompt.split())))
             if not body.get("stream"):
@@ -97,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model", required=True, help="the served model name the router asks for")
     p.add_argument("--pod", required=True, help="the pod's name, put into every answer")
+    p.add_argument(
+        "--seconds-per-token", type=float, default=0.0, help="hold each answer max_tokens times this long (default 0)"
+    )
     args = p.parse_args(argv)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.model, args.pod))
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(args.model, args.pod, args.seconds_per_token))
     server.daemon_threads = True
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
     print(f"READY http://{args.host}:{args.port}/v1", flush=True)
