@@ -1485,6 +1485,33 @@ class ObservedMixWindow(_Observed):
     """Router pods whose /metrics the operator read in its last pass."""
 
 
+class ShadowArtifactStatus(_Observed):
+    """One classifier artifact's shadow judging over the window (pairs its decisions led to)."""
+
+    artifact: str
+    """primary, or canary (spec.router.canary)."""
+    judged: int
+    """Pairs the reward model judged in the window, summed over the router replicas."""
+    agreement_basis_points: int | None = None
+    """Of the judged pairs where the router chose another tier than the baseline, the share whose answer scored at
+    least as high as the baseline's (0..10000); absent without such pairs."""
+    pgr_basis_points: int | None = None
+    """The estimated performance gap recovered against the baseline tier (docs/router.md, "Estimated PGR"), in basis
+    points (10000: every gap recovered; it can leave 0..10000 when rewards are noisy); absent until the window's
+    gap sum is positive."""
+
+
+class ShadowStatus(_Observed):
+    """Shadow routing's figures over the recent window, read from the routers' counters like observedMix."""
+
+    window_seconds: int
+    """How far back the window reaches (spec.observedMix.windowSeconds)."""
+    artifacts: list[ShadowArtifactStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["artifact"]},
+    )
+
+
 class TenantSpendState(StrEnum):
     OK = "Ok"
     LOW = "Low"
@@ -1527,6 +1554,8 @@ class RoutingPolicyStatus(_Observed):
     """The best-of-N reward model: replicas and endpoint (condition RewardModelReady says whether it can score)."""
     shadow_mode: ShadowMode | None = None
     """spec.shadow's mode while shadow routing is on (Baseline: the baseline tier answers everything)."""
+    shadow: ShadowStatus | None = None
+    """With spec.shadow: per artifact, pairs judged, agreement and the estimated PGR over the recent window."""
     tier_names: str | None = None
     """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None
