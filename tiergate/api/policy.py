@@ -699,14 +699,6 @@ class ClassifierRef(_Model):
         return self
 
 
-# The operator checks and copies a primary classifier ConfigMap before the router mounts it; the canary's has no such
-# copy yet, and mounting the user's ConfigMap unchecked would let a broken artifact crash-loop the router: refused.
-CANARY_CONFIGMAP_REFUSED = (
-    "spec.router.canary.classifier.configMap is not served by this version: give the canary artifact as a path "
-    "(an image or a volume)"
-)
-
-
 class RouterCanary(_Model):
     """A second classifier artifact that decides a share of the routed requests (a canary of a new router): which
     artifact decides is a pure function of the request id (`x-request-id`, a fresh one when the client sends none),
@@ -715,24 +707,12 @@ class RouterCanary(_Model):
     read at start like spec.router.classifier. The policy's decision knob applies to both artifacts where it can;
     a knob of the other artifact kind is refused, naming it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "!has(self.classifier.configMap)", "message": CANARY_CONFIGMAP_REFUSED}
-            ]
-        }
-    )
-
     classifier: ClassifierRef
-    """The canary artifact: a `path` inside the router container (its image or a volume)."""
+    """The canary artifact: a `path` inside the router container (its image or a volume), or a `configMap` key the
+    operator checks and copies like spec.router.classifier's and mounts beside it (a missing or unfit one refuses
+    the generation, naming spec.router.canary.classifier.configMap)."""
     share_basis_points: BasisPoints
     """Share of routed requests (0..10000) the canary artifact decides."""
-
-    @model_validator(mode="after")
-    def _path_only(self) -> RouterCanary:
-        if self.classifier.config_map is not None:
-            raise _At("classifier.configMap", CANARY_CONFIGMAP_REFUSED)
-        return self
 
 
 class Timeouts(_Model):
