@@ -32,6 +32,7 @@ from .classifier import (
     COPY_KEY,
     ROUTER_INPUTS_ANNOTATION,
     ClassifierCopy,
+    canary_copy_name,
     copy_name,
     router_inputs_digest,
 )
@@ -461,9 +462,10 @@ def build_router_configmap(policy: RoutingPolicy) -> Obj:
     }
 
 
-def build_classifier_configmap(policy: RoutingPolicy, classifier: ClassifierCopy) -> Obj:
-    """The last good classifier artifact, copied from the ConfigMap the policy names (classifier.py says why)."""
-    meta = _meta(policy, copy_name(policy), _router_labels(policy))
+def build_classifier_configmap(policy: RoutingPolicy, classifier: ClassifierCopy, *, name: str | None = None) -> Obj:
+    """The last good classifier artifact, copied from the ConfigMap the policy names (classifier.py says why).
+    `name`: the copy's name (default: the primary artifact's, `copy_name`)."""
+    meta = _meta(policy, name or copy_name(policy), _router_labels(policy))
     meta["annotations"] = {CLASSIFIER_SHA_ANNOTATION: classifier.sha256}
     return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {COPY_KEY: classifier.content}}
 
@@ -566,10 +568,14 @@ def _tenant_keys_mount(policy: RoutingPolicy) -> list[Obj]:
     return [{"name": "tenant-keys", "mountPath": naming.TENANT_KEYS_DIR, "readOnly": True}]
 
 
-def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | None = None) -> Obj:
+def build_router_deployment(
+    policy: RoutingPolicy, classifier: ClassifierCopy | None = None, canary: ClassifierCopy | None = None
+) -> Obj:
     """The router. A classifier ConfigMap is mounted from the operator's checked copy (`classifier`, the last good
-    artifact; None before any was good, and the pod waits for the copy), under the key the policy names. The pod
-    template carries a digest of the inputs the router reads only at start, so changing one rolls the router."""
+    artifact; None before any was good, and the pod waits for the copy), under the key the policy names; a canary
+    ConfigMap likewise from its copy (`canary`) at naming.CANARY_MOUNT_DIR. The pod template carries a digest of
+    the inputs the router reads only at start (both artifacts' sha256 included), so changing one rolls the
+    router."""
     r = policy.spec.router
     name = naming.router_name(policy.name)
     labels = _router_labels(policy)
@@ -586,6 +592,11 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
         mounts.append({"name": "classifier", "mountPath": naming.CLASSIFIER_MOUNT_DIR, "readOnly": True})
         items = [{"key": COPY_KEY, "path": cm.key}]
         volumes.append({"name": "classifier", "configMap": {"name": copy_name(policy), "items": items}})
+    canary_ref = r.canary.classifier.config_map if r.canary is not None else None
+    if canary_ref is not None:
+        mounts.append({"name": "canary-classifier", "mountPath": naming.CANARY_MOUNT_DIR, "readOnly": True})
+        items = [{"key": COPY_KEY, "path": canary_ref.key}]
+        volumes.append({"name": "canary-classifier", "configMap": {"name": canary_copy_name(policy), "items": items}})
     mounts, volumes = [*mounts, *_tenant_keys_mount(policy)], [*volumes, *_tenant_keys_volume(policy)]
     container: Obj = {
         "name": ROUTER_CONTAINER,
@@ -630,7 +641,10 @@ def build_router_deployment(policy: RoutingPolicy, classifier: ClassifierCopy | 
         selector_labels(policy, naming.COMPONENT_ROUTER),
         r.replicas,
         pod,
-        {**_scrape_annotations(r.http_port), ROUTER_INPUTS_ANNOTATION: router_inputs_digest(policy, classifier)},
+        {
+            **_scrape_annotations(r.http_port),
+            ROUTER_INPUTS_ANNOTATION: router_inputs_digest(policy, classifier, canary),
+        },
     )
 
 
@@ -737,9 +751,12 @@ KIND_ORDER = (
 )
 
 
-def build_children(policy: RoutingPolicy, classifier: ClassifierCopy | None = None) -> list[Obj]:
-    """Every object the policy should have, in apply order. Deterministic: same policy and classifier, same list.
-    `classifier`: the checked artifact of a classifier ConfigMap (the last good one), None when there is none."""
+def build_children(
+    policy: RoutingPolicy, classifier: ClassifierCopy | None = None, canary: ClassifierCopy | None = None
+) -> list[Obj]:
+    """Every object the policy should have, in apply order. Deterministic: same policy and artifacts, same list.
+    `classifier`: the checked artifact of a classifier ConfigMap (the last good one), None when there is none;
+    `canary`: the same for a canary ConfigMap (spec.router.canary.classifier.configMap)."""
     objs: list[Obj] = [
         build_router_serviceaccount(policy),
         build_router_role(policy),
@@ -748,6 +765,8 @@ def build_children(policy: RoutingPolicy, classifier: ClassifierCopy | None = No
     ]
     if classifier is not None:
         objs.append(build_classifier_configmap(policy, classifier))
+    if canary is not None:
+        objs.append(build_classifier_configmap(policy, canary, name=canary_copy_name(policy)))
     for tier in policy.spec.tiers:
         if tier.external:
             continue
@@ -755,7 +774,11 @@ def build_children(policy: RoutingPolicy, classifier: ClassifierCopy | None = No
         autoscaler = build_tier_autoscaler(policy, tier)
         if autoscaler is not None:
             objs.append(autoscaler)
-    objs += [build_router_service(policy), build_router_pdb(policy), build_router_deployment(policy, classifier)]
+    objs += [
+        build_router_service(policy),
+        build_router_pdb(policy),
+        build_router_deployment(policy, classifier, canary),
+    ]
     if policy.spec.best_of_n is not None:
         objs += [build_reward_service(policy), build_reward_pdb(policy), build_reward_deployment(policy)]
     objs.sort(key=lambda o: KIND_ORDER.index(o["kind"]))

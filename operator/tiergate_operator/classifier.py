@@ -11,6 +11,11 @@ A classifier given as a ConfigMap key is not mounted from the user's ConfigMap: 
 ConfigMap it owns, which the router mounts. A broken or missing artifact is refused, the last good copy and the
 digest stay as they were (so the router keeps serving, unchanged), and the policy says why (condition Degraded,
 reason ClassifierInvalid or ClassifierMissing, and a Warning Event naming the ConfigMap and key).
+
+A canary artifact given as a ConfigMap key (spec.router.canary.classifier.configMap) is checked and copied the same
+way, into a second copy the router mounts at `naming.CANARY_MOUNT_DIR`, and its sha256 is a start-time input of its
+own. Its messages name the field. Until one canary artifact was good, the generation is refused instead (the
+reconcile's `canary_refusal`): nothing is applied, so a broken canary never rolls a router that waits for it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,10 @@ CLASSIFIER_REF = "spec.router.classifier"
 API_KEY_REFS = "spec.tiers[].endpoint.apiKeySecretRef"
 CLASSIFIER_ARTIFACT = "classifier artifact"
 CANARY_REF = "spec.router.canary.classifier"
-ROUTER_INPUTS = frozenset({CLASSIFIER_REF, API_KEY_REFS, CLASSIFIER_ARTIFACT, CANARY_REF})
+CANARY_ARTIFACT = "canary classifier artifact"
+ROUTER_INPUTS = frozenset({CLASSIFIER_REF, API_KEY_REFS, CLASSIFIER_ARTIFACT, CANARY_REF, CANARY_ARTIFACT})
+# The field a canary ConfigMap's problems name.
+CANARY_CONFIGMAP = f"{CANARY_REF}.configMap"
 
 MISSING = "ClassifierMissing"
 INVALID = "ClassifierInvalid"
@@ -72,6 +80,15 @@ def copy_name(policy: RoutingPolicy) -> str:
     return f"{naming.router_name(policy.name)}-classifier"
 
 
+def canary_copy_name(policy: RoutingPolicy) -> str:
+    """The operator-owned ConfigMap holding the last good canary artifact."""
+    return f"{naming.router_name(policy.name)}-canary-classifier"
+
+
+def _own_names(policy: RoutingPolicy) -> tuple[str, ...]:
+    return copy_name(policy), canary_copy_name(policy), naming.router_name(policy.name)
+
+
 def source_ref(policy: RoutingPolicy) -> tuple[str, str] | None:
     """(ConfigMap name, key) of the classifier the policy names, None when it names none or a path."""
     c = policy.spec.router.classifier
@@ -80,11 +97,28 @@ def source_ref(policy: RoutingPolicy) -> tuple[str, str] | None:
     return c.config_map.name, c.config_map.key
 
 
+def canary_source_ref(policy: RoutingPolicy) -> tuple[str, str] | None:
+    """(ConfigMap name, key) of the canary artifact, None without a canary or when it is a path."""
+    c = policy.spec.router.canary
+    if c is None or c.classifier.config_map is None:
+        return None
+    return c.classifier.config_map.name, c.classifier.config_map.key
+
+
 def source_of(body: Obj) -> str | None:
     """The classifier ConfigMap's name from a raw policy body (no validation: used to route watch events)."""
     router = ((body.get("spec") or {}).get("router")) or {}
     cm = (router.get("classifier") or {}).get("configMap") or {}
     name = cm.get("name")
+    return name if isinstance(name, str) and name else None
+
+
+def canary_source_of(body: Obj) -> str | None:
+    """The canary artifact's ConfigMap name from a raw policy body (no validation), as `source_of`."""
+    router = ((body.get("spec") or {}).get("router")) or {}
+    canary = router.get("canary") or {}
+    cm = ((canary.get("classifier") or {}) if isinstance(canary, Mapping) else {}).get("configMap") or {}
+    name = cm.get("name") if isinstance(cm, Mapping) else None
     return name if isinstance(name, str) and name else None
 
 
@@ -256,11 +290,25 @@ def read_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | Class
     """The user's classifier ConfigMap (None: absent) checked: a copy to serve, or why not. None when the policy
     names no classifier ConfigMap."""
     ref = source_ref(policy)
+    return None if ref is None else _read_source(policy, cm, ref)
+
+
+def read_canary_source(policy: RoutingPolicy, cm: Obj | None) -> ClassifierCopy | ClassifierProblem | None:
+    """`read_source` for the canary artifact's ConfigMap; the problems name spec.router.canary.classifier.configMap.
+    The canary must fit the policy as the primary must (the router refuses it otherwise)."""
+    ref = canary_source_ref(policy)
     if ref is None:
         return None
+    found = _read_source(policy, cm, ref)
+    if isinstance(found, ClassifierProblem):
+        return ClassifierProblem(found.reason, f"{CANARY_CONFIGMAP}: {found.message}")
+    return found
+
+
+def _read_source(policy: RoutingPolicy, cm: Obj | None, ref: tuple[str, str]) -> ClassifierCopy | ClassifierProblem:
     name, key = ref
     where = f"ConfigMap {policy.namespace}/{name} key {key}"
-    if name in (copy_name(policy), naming.router_name(policy.name)):
+    if name in _own_names(policy):
         # The operator writes those: reading one as the source would make the last good copy its own source.
         return ClassifierProblem(INVALID, f"{where}: that name belongs to the operator's own ConfigMap; rename it")
     if cm is None:
@@ -295,10 +343,13 @@ def read_copy(cm: Obj | None) -> ClassifierCopy | None:
         return None
 
 
-def router_inputs(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> dict[str, Any]:
-    """Every input the router reads only at start, by the name the router gives it (ROUTER_INPUTS)."""
+def router_inputs(
+    policy: RoutingPolicy, classifier: ClassifierCopy | None, canary: ClassifierCopy | None = None
+) -> dict[str, Any]:
+    """Every input the router reads only at start, by the name the router gives it (ROUTER_INPUTS). `canary`: the
+    canary ConfigMap's checked artifact (the last good one)."""
     c = policy.spec.router.classifier
-    canary = policy.spec.router.canary
+    second = policy.spec.router.canary
     keys = {}
     for t in policy.spec.tiers:
         ref = t.endpoint.api_key_secret_ref if t.endpoint is not None else None
@@ -309,10 +360,13 @@ def router_inputs(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> d
         API_KEY_REFS: keys,
         CLASSIFIER_ARTIFACT: classifier.sha256 if classifier is not None else None,
         # The share is hot-reloaded; which artifact the canary is, is read at start.
-        CANARY_REF: canary.classifier.model_dump(mode="json", by_alias=True, exclude_none=True) if canary else None,
+        CANARY_REF: second.classifier.model_dump(mode="json", by_alias=True, exclude_none=True) if second else None,
+        CANARY_ARTIFACT: canary.sha256 if canary is not None else None,
     }
 
 
-def router_inputs_digest(policy: RoutingPolicy, classifier: ClassifierCopy | None) -> str:
-    canon = json.dumps(router_inputs(policy, classifier), sort_keys=True, separators=(",", ":"))
+def router_inputs_digest(
+    policy: RoutingPolicy, classifier: ClassifierCopy | None, canary: ClassifierCopy | None = None
+) -> str:
+    canon = json.dumps(router_inputs(policy, classifier, canary), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode("utf-8")).hexdigest()[:16]

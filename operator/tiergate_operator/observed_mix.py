@@ -20,6 +20,10 @@ first time counts from zero when it was created after the observer started (a ne
 is new); otherwise its first sample is only a baseline (the operator restarted: those counts belong to the past).
 Several replicas simply add up.
 
+With spec.shadow the same reads give `status.shadow` (`shadow_report`): per deciding artifact, the pairs judged,
+the agreement and the estimated PGR over the window, from the routers' shadow counters (judged pairs, agreement,
+and the reward gap sums the PGR divides), counted with the same window and restart rules.
+
 All figures are integers in status: shares and rates in basis points, counts as whole requests. `mix_report` is
 pure; `MixObserver` only reads pods, fetches and compares, like `external.ExternalChecks`, and a changed report
 requeues a status refresh of its policy.
@@ -39,7 +43,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tiergate.api import naming
 from tiergate.api.policy import BASIS_POINTS, RoutingPolicy
@@ -60,6 +64,20 @@ FALLBACKS = "tiergate_router_fallbacks_total"
 ESCALATIONS = "tiergate_router_best_of_n_escalations_total"
 PREDICTED = "tiergate_router_predicted_share"
 STARTED = "tiergate_router_start_time_seconds"
+SHADOW_JUDGED = "tiergate_router_shadow_judged_total"
+SHADOW_AGREEMENT = "tiergate_router_shadow_agreement_total"
+SHADOW_GAP = "tiergate_router_shadow_reward_gap_total"
+# Label values the router's shadow counters use (tiergate_router.shadow; the operator does not import the router).
+PRIMARY = "primary"
+CANARY = "canary"
+PAIR_BASELINE_VS_CHEAPEST = "baseline_vs_cheapest"
+# Keys of Counts.shadow: (kind, artifact, detail).
+JUDGED = "judged"
+AGREE = "agree"
+GAP = "gap"
+ShadowKey = tuple[str, str, str]
+_READ = frozenset((REQUESTS, FALLBACKS, ESCALATIONS, PREDICTED, STARTED, SHADOW_JUDGED, SHADOW_AGREEMENT, SHADOW_GAP))
+K = TypeVar("K")
 
 # Prometheus' usual scrape interval: frequent enough for a window of minutes, one small GET per router pod.
 DEFAULT_INTERVAL_S = 15.0
@@ -82,31 +100,51 @@ class Counts:
     """Requests finished, any outcome."""
     fallbacks: float = 0.0
     escalations: float = 0.0
+    shadow: Mapping[ShadowKey, float] = field(default_factory=dict)
+    """The shadow judging counters (judged pairs, agreement, reward gap sums: `shadow_report`), by (kind, artifact,
+    detail)."""
 
     def minus(self, before: Counts) -> Counts | None:
         """The increase since `before`; None when any counter went down (the router restarted)."""
-        served = {t: v - before.served.get(t, 0.0) for t, v in self.served.items()}
+        served = _minus(self.served, before.served)
+        shadow = _minus(self.shadow, before.shadow)
+        if served is None or shadow is None:
+            return None
         out = Counts(
             served,
             self.requests - before.requests,
             self.fallbacks - before.fallbacks,
             self.escalations - before.escalations,
+            shadow,
         )
-        gone = any(t not in self.served for t in before.served if before.served[t] > 0)
-        if gone or min((out.requests, out.fallbacks, out.escalations, *served.values()), default=0.0) < 0:
+        if min(out.requests, out.fallbacks, out.escalations) < 0:
             return None
         return out
 
     def plus(self, other: Counts) -> Counts:
-        served = dict(self.served)
-        for t, v in other.served.items():
-            served[t] = served.get(t, 0.0) + v
         return Counts(
-            served,
+            _plus(self.served, other.served),
             self.requests + other.requests,
             self.fallbacks + other.fallbacks,
             self.escalations + other.escalations,
+            _plus(self.shadow, other.shadow),
         )
+
+
+def _minus(now: Mapping[K, float], before: Mapping[K, float]) -> dict[K, float] | None:
+    """Per series, the increase since `before`; None when one went down or vanished (a counter reset)."""
+    gone = any(k not in now for k in before if before[k] > 0)
+    out = {k: v - before.get(k, 0.0) for k, v in now.items()}
+    if gone or min(out.values(), default=0.0) < 0:
+        return None
+    return out
+
+
+def _plus(a: Mapping[K, float], b: Mapping[K, float]) -> dict[K, float]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = out.get(k, 0.0) + v
+    return out
 
 
 @dataclass(frozen=True)
@@ -123,6 +161,7 @@ def parse_metrics(text: str) -> RouterSample:
     """The counters this module needs from Prometheus' text format (what tiergate_router.metrics renders)."""
     served: dict[str, float] = {}
     predicted: dict[str, float] = {}
+    shadow: dict[ShadowKey, float] = {}
     requests = fallbacks = escalations = started = 0.0
     for line in text.splitlines():
         if not line.startswith("tiergate_router_"):
@@ -131,7 +170,16 @@ def parse_metrics(text: str) -> RouterSample:
         if m is None:
             continue
         name, raw_labels, raw_value = m.groups()
-        if name not in (REQUESTS, FALLBACKS, ESCALATIONS, PREDICTED, STARTED):
+        if name not in (
+            REQUESTS,
+            FALLBACKS,
+            ESCALATIONS,
+            PREDICTED,
+            STARTED,
+            SHADOW_JUDGED,
+            SHADOW_AGREEMENT,
+            SHADOW_GAP,
+        ):
             continue
         try:
             value = float(raw_value)
@@ -148,9 +196,24 @@ def parse_metrics(text: str) -> RouterSample:
             escalations += value
         elif name == STARTED:
             started = value
+        elif name in (SHADOW_JUDGED, SHADOW_AGREEMENT, SHADOW_GAP):
+            key = _shadow_key(name, labels)
+            if key is not None:
+                shadow[key] = shadow.get(key, 0.0) + value
         elif "tier" in labels:
             predicted[labels["tier"]] = value
-    return RouterSample(Counts(served, requests, fallbacks, escalations), predicted, started)
+    return RouterSample(Counts(served, requests, fallbacks, escalations, shadow), predicted, started)
+
+
+def _shadow_key(name: str, labels: Mapping[str, str]) -> ShadowKey | None:
+    artifact = labels.get("artifact")
+    if artifact is None:
+        return None
+    if name == SHADOW_JUDGED:
+        return (JUDGED, artifact, labels.get("pair", ""))
+    if name == SHADOW_AGREEMENT:
+        return (AGREE, artifact, labels.get("agree", ""))
+    return (GAP, artifact, f"{labels.get('pair', '')}/{labels.get('sign', '')}")
 
 
 @dataclass(frozen=True)
@@ -218,9 +281,18 @@ class MixReport:
     entries: tuple[tuple[tuple[str, Any], ...], ...]
     window: tuple[tuple[str, int], ...]
     drift: DriftVerdict
+    shadow: tuple[tuple[tuple[str, int | str], ...], ...] | None = None
+    """Per artifact, the shadow judging figures of the window (`shadow_report`); None when the policy does not
+    shadow."""
 
     def observed_mix(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self.entries]
+
+    def shadow_status(self) -> dict[str, Any] | None:
+        """`status.shadow`, None when the policy does not shadow."""
+        if self.shadow is None:
+            return None
+        return {"windowSeconds": dict(self.window)["windowSeconds"], "artifacts": [dict(e) for e in self.shadow]}
 
     def observed_mix_window(self) -> dict[str, int]:
         return dict(self.window)
@@ -232,6 +304,43 @@ def _bp(part: float, whole: float) -> int:
 
 def _pct(bp: int) -> str:
     return f"{bp / 100:.1f}%"
+
+
+def shadow_report(policy: RoutingPolicy, totals: Counts) -> tuple[tuple[tuple[str, int | str], ...], ...] | None:
+    """Per artifact deciding (primary; canary with spec.router.canary), from the window's shadow counters: pairs
+    judged, agreement (pairs where the router chose another tier than the baseline and its answer scored at least as
+    high, over those pairs) and the estimated PGR (docs/router.md: the reward gaps of pairs the router sent to the
+    baseline over the gaps of all judged pairs, positive minus negative series). A rate is left out while its
+    denominator is not positive; None when the policy does not shadow."""
+    if policy.spec.shadow is None:
+        return None
+    artifacts = [PRIMARY] + ([CANARY] if policy.spec.router.canary is not None else [])
+    # Per artifact: judged, agree=true, agree=false, gap sum of baseline_vs_cheapest pairs, gap sum of all pairs.
+    sums = {a: [0.0] * 5 for a in artifacts}
+    for (kind, artifact, detail), v in totals.shadow.items():
+        if artifact not in sums:
+            continue
+        acc = sums[artifact]
+        if kind == JUDGED:
+            acc[0] += v
+        elif kind == AGREE:
+            acc[1 if detail == "true" else 2] += v
+        else:
+            pair, _, sign = detail.rpartition("/")
+            g = v if sign == "positive" else -v
+            acc[4] += g
+            if pair == PAIR_BASELINE_VS_CHEAPEST:
+                acc[3] += g
+    out = []
+    for a in artifacts:
+        judged, agree, disagree, recovered, gap = sums[a]
+        e: dict[str, int | str] = {"artifact": a, "judged": round(judged)}
+        if agree + disagree > 0:
+            e["agreementBasisPoints"] = _bp(agree, agree + disagree)
+        if gap > 0:
+            e["pgrBasisPoints"] = _bp(recovered, gap)
+        out.append(tuple(e.items()))
+    return tuple(out)
 
 
 def most_expensive_tier(policy: RoutingPolicy) -> str:
@@ -305,7 +414,7 @@ def mix_report(
             drift = DriftVerdict("True", MIX_OUTSIDE_BAND, what)
         else:
             drift = DriftVerdict("False", MIX_WITHIN_BAND, what)
-    return MixReport(tuple(entries), tuple(window.items()), drift)
+    return MixReport(tuple(entries), tuple(window.items()), drift, shadow_report(policy, totals))
 
 
 def router_pods(pods: Iterable[Obj]) -> list[Obj]:

@@ -12,7 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +24,24 @@ from .autoscaler_status import KEDA_KIND
 from .autoscaling import keda_unavailable
 from .builders import KIND_ORDER, build_children, child_key
 from .cache import ChildCache, Seen
-from .classifier import ClassifierCopy, ClassifierProblem, copy_name, read_copy, read_source, source_ref
+from .classifier import (
+    CANARY_CONFIGMAP,
+    ClassifierCopy,
+    ClassifierProblem,
+    canary_copy_name,
+    canary_source_ref,
+    copy_name,
+    read_canary_source,
+    read_copy,
+    read_source,
+    source_ref,
+)
 from .config import OperatorConfig
 from .external import ExternalCheck, ExternalChecks
 from .kube import Kube
 from .observed_mix import MixReport
 from .references import missing_references, unservable_tiers
-from .status import SpecProblem, compute_status, refused_status, status_changed
+from .status import INVALID_SPEC, SpecProblem, compute_status, refused_status, status_changed
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +87,9 @@ class PolicyMemory:
     # The last good classifier artifact (what the operator's copy holds), and why the current one is not served.
     classifier: ClassifierCopy | None = None
     classifier_problem: ClassifierProblem | None = None
+    # The same for a canary artifact given as a ConfigMap (spec.router.canary.classifier.configMap).
+    canary: ClassifierCopy | None = None
+    canary_problem: ClassifierProblem | None = None
     # Why the current generation is refused (a missing reference, tiers the default classifier cannot serve); None
     # once it applied. Kept so that a status-only refresh (pods changing) does not paper over the refusal.
     refused: SpecProblem | None = None
@@ -162,6 +176,7 @@ def reconcile(
         # A new incarnation of the same name: nothing remembered applies to it.
         memory.uid, memory.applied, memory.status = uid, {}, None
         memory.classifier, memory.classifier_problem, memory.refused = None, None, None
+        memory.canary, memory.canary_problem = None, None
     out = Outcome(policy)
     deployments = cache.deployments(pk)
     if apply:
@@ -171,10 +186,12 @@ def reconcile(
             or keda_unavailable(policy, cache.absent(KEDA_KIND))
             or missing_references(policy, lambda name: kube.get("ConfigMap", ns, name))
         )
+        if memory.refused is None:
+            memory.refused = canary_refusal(policy, resolve_canary(kube, policy, memory), memory.canary_problem)
     if not apply or memory.refused is not None:
         return _finish(kube, body, policy, memory, cache, out, deployments, external, mix)
 
-    desired = build_children(policy, resolve_classifier(kube, policy, memory))
+    desired = build_children(policy, resolve_classifier(kube, policy, memory), memory.canary)
     wanted = {child_key(o) for o in desired}
     seen = cache.children(pk)
     started = dt.datetime.now(dt.UTC).replace(microsecond=0) - dt.timedelta(seconds=1)
@@ -235,22 +252,56 @@ def resolve_classifier(kube: Kube, policy: RoutingPolicy, memory: PolicyMemory) 
     `memory.classifier_problem` for the status. Reads the user's ConfigMap on every apply of such a policy: one GET,
     rather than caching every ConfigMap of the cluster (artifacts are up to 900 KiB each); the metadata-only
     watch (watches.SourceWatch) is what brings a change here."""
-    ns = policy.namespace or "default"
-    ref = source_ref(policy)
-    if ref is None:
-        memory.classifier, memory.classifier_problem = None, None
-        return None
-    found = read_source(policy, kube.get("ConfigMap", ns, ref[0]))
-    if isinstance(found, ClassifierCopy):
-        memory.classifier, memory.classifier_problem = found, None
-        return found
-    memory.classifier_problem = found
-    if memory.classifier is None:
-        memory.classifier = read_copy(kube.get("ConfigMap", ns, copy_name(policy)))
-    if found is not None:
-        kept = f"; still serving {memory.classifier.sha256[:12]}" if memory.classifier else ""
-        log.warning("policy %s/%s: classifier refused: %s%s", ns, policy.name, found.message, kept)
+    memory.classifier, memory.classifier_problem = _resolve(
+        kube, policy, source_ref(policy), read_source, copy_name(policy), memory.classifier, "classifier"
+    )
     return memory.classifier
+
+
+def resolve_canary(kube: Kube, policy: RoutingPolicy, memory: PolicyMemory) -> ClassifierCopy | None:
+    """`resolve_classifier` for the canary artifact's ConfigMap: the good one in it, else the last good one (memory,
+    else the operator's canary copy), with why the current one is not served in `memory.canary_problem`."""
+    memory.canary, memory.canary_problem = _resolve(
+        kube, policy, canary_source_ref(policy), read_canary_source, canary_copy_name(policy), memory.canary, "canary"
+    )
+    return memory.canary
+
+
+def _resolve(
+    kube: Kube,
+    policy: RoutingPolicy,
+    ref: tuple[str, str] | None,
+    read: Callable[[RoutingPolicy, Obj | None], ClassifierCopy | ClassifierProblem | None],
+    copy: str,
+    last_good: ClassifierCopy | None,
+    what: str,
+) -> tuple[ClassifierCopy | None, ClassifierProblem | None]:
+    """(the artifact to serve, why the source's is not served) for one artifact ConfigMap `ref`; `copy` names the
+    operator's copy of it, read when `last_good` is None (after a restart)."""
+    if ref is None:
+        return None, None
+    ns = policy.namespace or "default"
+    found = read(policy, kube.get("ConfigMap", ns, ref[0]))
+    if isinstance(found, ClassifierCopy):
+        return found, None
+    if last_good is None:
+        last_good = read_copy(kube.get("ConfigMap", ns, copy))
+    if found is not None:
+        kept = f"; still serving {last_good.sha256[:12]}" if last_good else ""
+        log.warning("policy %s/%s: %s refused: %s%s", ns, policy.name, what, found.message, kept)
+    return last_good, found
+
+
+def canary_refusal(
+    policy: RoutingPolicy, canary: ClassifierCopy | None, problem: ClassifierProblem | None
+) -> SpecProblem | None:
+    """A canary ConfigMap whose artifact was never good refuses the generation (InvalidSpec naming
+    spec.router.canary.classifier.configMap): a router rolled to mount it would wait for it forever. Once one was
+    good, a later bad one keeps the last good copy serving and only degrades the policy (`_finish`)."""
+    if canary_source_ref(policy) is None or canary is not None:
+        return None
+    message = problem.message if problem is not None else f"{CANARY_CONFIGMAP}: no good canary artifact"
+    return SpecProblem(INVALID_SPEC, CANARY_CONFIGMAP, message)
 
 
 def _created_since(obj: Mapping[str, Any], since: dt.datetime) -> bool:
@@ -276,6 +327,9 @@ def _finish(
     current = memory.status if memory.status is not None else (body.get("status") or {})
     out.previous_conditions = list(current.get("conditions") or [])
     problem = memory.classifier_problem
+    last_good = memory.classifier
+    if problem is None and memory.canary_problem is not None:
+        problem, last_good = memory.canary_problem, memory.canary
     if memory.refused is not None:
         status = refused_status(current, memory.refused, policy.metadata.generation, now_rfc3339())
     else:
@@ -285,7 +339,7 @@ def _finish(
             pods,
             out.previous_conditions,
             now_rfc3339(),
-            router_problem=(problem.reason, _kept(problem, memory.classifier)) if problem is not None else None,
+            router_problem=(problem.reason, _kept(problem, last_good)) if problem is not None else None,
             external=external_verdicts(policy, external),
             mix=mix,
             autoscalers=cache.autoscalers((policy.namespace or "default", policy.name)),

@@ -6,7 +6,8 @@ instead (status MissingReference naming the field, children left as the last goo
 as soon as the ConfigMap appears (the ConfigMap metadata watch brings the change; `configmaps_named` tells the
 controller which policies to look at again).
 
-Checked: `spec.tiers[].engine.env[].valueFrom.configMapKeyRef` (the ConfigMap and its key). The classifier
+Checked: `spec.tiers[].engine.env[].valueFrom.configMapKeyRef` and `spec.router.canary.classifier.configMap` (the
+ConfigMap and its key; the canary's artifact itself is checked by classifier.py). The primary classifier
 ConfigMap has its own handling (classifier.py: ClassifierMissing, the last good copy keeps serving). Not checked:
 Secrets (`apiKeySecretRef`, `secretKeyRef`): any verb that reveals whether a Secret exists also returns its data,
 and the operator is deliberately not allowed to read Secrets. A missing Secret shows when a pod fails to start
@@ -20,15 +21,26 @@ from typing import Any
 
 from tiergate.api.policy import RoutingPolicy
 
-from .classifier import DEFAULT_KIND, TWO_TIER_KNOBS, source_of, two_tier_overflow
+from .classifier import (
+    CANARY_CONFIGMAP,
+    DEFAULT_KIND,
+    TWO_TIER_KNOBS,
+    canary_source_of,
+    canary_source_ref,
+    source_of,
+    two_tier_overflow,
+)
 from .status import INVALID_SPEC, MISSING_REFERENCE, SpecProblem
 
 Obj = Mapping[str, Any]
 
 
 def _config_map_refs(policy: RoutingPolicy) -> list[tuple[str, str, str]]:
-    """(field, ConfigMap name, key) of every ConfigMap key a deployed tier's environment names."""
+    """(field, ConfigMap name, key) of every ConfigMap key a deployed tier's environment or the canary names."""
     out = []
+    canary = canary_source_ref(policy)
+    if canary is not None:
+        out.append((CANARY_CONFIGMAP, *canary))
     for i, t in enumerate(policy.spec.tiers):
         if t.external:
             continue
@@ -77,9 +89,9 @@ def unservable_tiers(policy: RoutingPolicy) -> SpecProblem | None:
 
 
 def configmaps_named(body: Obj) -> set[str]:
-    """Every ConfigMap a raw policy body names (classifier and tier environments), without validation: which
+    """Every ConfigMap a raw policy body names (classifiers and tier environments), without validation: which
     policies a ConfigMap event concerns."""
-    names = {n for n in [source_of(body)] if n}
+    names = {n for n in [source_of(body), canary_source_of(body)] if n}
     for t in (body.get("spec") or {}).get("tiers") or []:
         if not isinstance(t, Mapping):
             continue

@@ -344,6 +344,9 @@ def compute_status(
     if mix is not None:
         status["observedMix"] = mix.observed_mix()
         status["observedMixWindow"] = mix.observed_mix_window()
+        shadow = mix.shadow_status()
+        if shadow is not None:
+            status["shadow"] = shadow
     if policy.spec.shadow is not None:
         status["shadowMode"] = policy.spec.shadow.mode.value
     if gen is not None:

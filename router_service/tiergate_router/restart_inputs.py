@@ -26,9 +26,12 @@ API_KEY_REFS = "spec.tiers[].endpoint.apiKeySecretRef"
 CLASSIFIER_ARTIFACT = "classifier artifact"
 # The canary artifact (spec.router.canary), loaded at start like the primary one; its share is reloaded.
 CANARY_REF = "spec.router.canary.classifier"
+# Not a policy field either: the canary artifact file's content (a canary ConfigMap's copy, which the operator
+# mounts; a change rolls the router like the primary's).
+CANARY_ARTIFACT = "canary classifier artifact"
 # The policy fields among them, which a reload compares.
 RELOAD_REFUSED = (CLASSIFIER_REF, API_KEY_REFS, CANARY_REF)
-STARTUP_INPUTS = frozenset({*RELOAD_REFUSED, CLASSIFIER_ARTIFACT})
+STARTUP_INPUTS = frozenset({*RELOAD_REFUSED, CLASSIFIER_ARTIFACT, CANARY_ARTIFACT})
 
 log = logging.getLogger(__name__)
 

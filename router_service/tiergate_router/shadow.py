@@ -25,7 +25,9 @@ i.e. of the quality an all-cheap deployment would lose against the baseline, the
 Both groups are sampled at the same rate, so the ratio of sample sums estimates the ratio of traffic sums. Exact
 for two tiers; with more, a request routed to a middle tier counts that tier as its "cheap" answer (the
 approximation says so: the middle tier's gap is counted as not recovered). Undefined (not reported) until the
-denominator is positive.
+denominator is positive. The gauge is this replica's since it started; the sums themselves are counters
+(`tiergate_router_shadow_reward_gap_total{artifact,pair,sign}`), so Prometheus or the operator (status.shadow) can
+take the ratio over all replicas and a window.
 
 Canary (`config.CanaryConfig`): `in_canary(request_id, share_bp)` decides which artifact classifies a request, a
 pure function of the request id (sha256; the same id is always decided by the same artifact, and the share of a
@@ -59,6 +61,10 @@ PRIMARY = "primary"
 CANARY = "canary"
 ARTIFACT_ROLES = (PRIMARY, CANARY)
 BASELINE = "Baseline"
+# The `pair` label of the judged and reward-gap counters: the router chose the baseline tier (its answer is paired
+# with the cheapest tier's: PGR's numerator), or another tier (paired with the baseline's).
+PAIR_BASELINE_VS_CHEAPEST = "baseline_vs_cheapest"
+PAIR_ROUTED_VS_BASELINE = "routed_vs_baseline"
 MIRROR = "Mirror"
 # Longest routed answer kept for judging from a stream (characters): a reward model reads a few thousand tokens at
 # most (the client truncates to its context anyway), so more would only be held in memory for nothing.
@@ -239,6 +245,16 @@ class ShadowMetrics:
         self.judged = Counter(
             f"{p}_shadow_judged", "Pairs judged by the reward model", [*by_artifact, "pair"], registry=r
         )
+        # The estimator's sums as counters, so PGR can be summed over replicas and taken over a window (the gauge
+        # above is one replica's figure since it started). A gap can be negative (the cheaper answer scored higher)
+        # and a counter only grows: each sign has its own series, the sum of the gaps is positive - negative.
+        self.reward_gap = Counter(
+            f"{p}_shadow_reward_gap",
+            "Sum of |reward(baseline) - reward(cheaper)| over judged pairs, by the gap's sign (PGR's sums: "
+            "docs/router.md)",
+            [*by_artifact, "pair", "sign"],
+            registry=r,
+        )
         self.dropped = Counter(
             f"{p}_shadow_dropped", "Sampled shadow calls not made, by reason", ["reason"], registry=r
         )
@@ -371,7 +387,10 @@ class Shadower:
         if self.record is not None:
             self.record(rec)
         # Last: once a pair counts as judged, its record and every other figure of it are out.
-        m.judged.labels(a, "baseline_vs_cheapest" if routed_to_baseline else "routed_vs_baseline").inc()
+        pair = PAIR_BASELINE_VS_CHEAPEST if routed_to_baseline else PAIR_ROUTED_VS_BASELINE
+        gap = r_base - r_cheap
+        m.reward_gap.labels(a, pair, "positive" if gap >= 0 else "negative").inc(abs(gap))
+        m.judged.labels(a, pair).inc()
 
     async def drain(self) -> None:
         """Wait for the background calls in flight (tests and shutdown; requests never wait on them)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.support.operator_cluster import (
     SAMPLE,
@@ -167,3 +168,45 @@ def test_a_new_artifact_rolls_the_router_and_a_broken_one_is_refused(
     # What the rolled router serves: a real `tiergate serve` on each copy says which classifier it loaded.
     assert _serve_reports(tmp_path / "first.json", _free_port()) == _sha(first)
     assert _serve_reports(tmp_path / "second.json", _free_port()) == _sha(second)
+
+
+def test_a_canary_artifact_in_a_configmap_is_checked_copied_and_mounted(
+    cluster: DevCluster, namespace: str, operator: Operator
+) -> None:
+    """spec.router.canary.classifier.configMap: the API server accepts it, the operator refuses the generation
+    naming the field until the ConfigMap holds a good artifact, then copies it, mounts the copy where the router
+    reads it, and rolls the router when the canary artifact changes."""
+    ns = namespace
+    field = "spec.router.canary.classifier.configMap"
+    classifier_configmap(cluster, ns, artifact=small_artifact(-3.0))
+    doc = yaml.safe_load(SAMPLE.read_text())
+    doc["spec"]["router"]["canary"] = {
+        "classifier": {"configMap": {"name": "chat-canary-artifact", "key": "router.json"}},
+        "shareBasisPoints": 2000,
+    }
+    cluster.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(doc))
+
+    def degraded_reason() -> str | None:
+        c = condition(policy(cluster, ns, "chat"), "Degraded")
+        return str(c["reason"]) if c.get("status") == "True" and field in c.get("message", "") else None
+
+    assert wait_for("MissingReference naming the canary field", degraded_reason, timeout=60) == "MissingReference"
+    assert get_json(cluster, "deployment", "-n", ns, "-l", ROUTER_SELECTOR)["items"] == []
+
+    first, second = small_artifact(1.0), small_artifact(2.0)
+    classifier_configmap(cluster, ns, name="chat-canary-artifact", artifact=first)
+    wait_ready(cluster, ns, "chat")
+    copy = get_json(cluster, "configmap", "chat-router-canary-classifier", "-n", ns)
+    assert copy["data"] == {"artifact.json": first}
+    pod = get_json(cluster, "deployment", "chat-router", "-n", ns)["spec"]["template"]["spec"]
+    (vol,) = [v for v in pod["volumes"] if v["name"] == "canary-classifier"]
+    assert vol["configMap"]["name"] == "chat-router-canary-classifier"
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if m["name"] == "canary-classifier"]
+    assert mount["mountPath"] == "/etc/tiergate/canary"
+    before = _digest(cluster, ns)
+
+    classifier_configmap(cluster, ns, name="chat-canary-artifact", artifact=second)
+    wait_for("the router's digest to move", lambda: _digest(cluster, ns) != before, timeout=60)
+    assert get_json(cluster, "configmap", "chat-router-canary-classifier", "-n", ns)["data"] == {
+        "artifact.json": second
+    }

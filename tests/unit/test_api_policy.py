@@ -124,9 +124,9 @@ INVALID = [
     ),
     (
         "spec.router.canary",
-        {"classifier": {"configMap": {"name": "r", "key": "a.json"}}, "shareBasisPoints": 2000},
-        "spec.router.canary.classifier.configMap",
-        "not served",
+        {"classifier": {"configMap": {"name": "r", "key": "a.json"}, "path": "/a.json"}, "shareBasisPoints": 2000},
+        "spec.router.canary.classifier",
+        "exactly one",
     ),
     (
         "spec.router.canary",

@@ -284,6 +284,9 @@ START_TIME_CHANGES: dict[str, list[Callable[[dict[str, Any]], None]]] = {
         lambda d: d["spec"]["router"].update(
             canary={"classifier": {"path": "/models/new.json"}, "shareBasisPoints": 1}
         ),
+        lambda d: d["spec"]["router"].update(
+            canary={"classifier": {"configMap": {"name": "new", "key": "b.json"}}, "shareBasisPoints": 1}
+        ),
     ],
 }
 RELOADABLE_CHANGES: list[Callable[[dict[str, Any]], None]] = [
@@ -300,7 +303,8 @@ def test_the_digest_covers_exactly_what_the_routers_reload_refuses() -> None:
     start-time input on one side without the other fails here."""
     assert oc.ROUTER_INPUTS == ri.STARTUP_INPUTS
     assert set(oc.router_inputs(policy(), good())) == set(ri.STARTUP_INPUTS)
-    assert set(START_TIME_CHANGES) == set(ri.RELOAD_REFUSED) == ri.STARTUP_INPUTS - {ri.CLASSIFIER_ARTIFACT}
+    artifacts = {ri.CLASSIFIER_ARTIFACT, ri.CANARY_ARTIFACT}
+    assert set(START_TIME_CHANGES) == set(ri.RELOAD_REFUSED) == ri.STARTUP_INPUTS - artifacts
     running = policy(_external_tier("llm-keys", "token"))
     base = digest(running, good())
     for field, changes in START_TIME_CHANGES.items():

@@ -245,6 +245,20 @@ def test_mirror_judges_both_answers_and_agreement_moves_when_a_tier_gets_worse(
     assert h.server is not None
     stats = h.server.router.shadow.stats[PRIMARY]
     assert pgr == pytest.approx(stats.recovered / stats.gap)
+    # The same estimate from the counters the operator sums over replicas and windows (status.shadow).
+
+    def gap_sum(pair: str) -> float:
+        def series(sign: str) -> float:
+            labels = {"artifact": PRIMARY, "pair": pair, "sign": sign}
+            return h.metric("tiergate_router_shadow_reward_gap_total", labels)
+
+        return series("positive") - series("negative")
+
+    recovered, not_recovered = gap_sum("baseline_vs_cheapest"), gap_sum("routed_vs_baseline")
+    assert recovered > 0
+    assert not_recovered > 0
+    assert recovered == pytest.approx(stats.recovered)
+    assert recovered / (recovered + not_recovered) == pytest.approx(pgr)
     h.server.router.decision_log.flush()  # type: ignore[union-attr]
     shadows = {r["request_id"]: r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == "shadow"}
     assert shadows["good-0"]["agree"] is True

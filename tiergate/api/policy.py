@@ -699,14 +699,6 @@ class ClassifierRef(_Model):
         return self
 
 
-# The operator checks and copies a primary classifier ConfigMap before the router mounts it; the canary's has no such
-# copy yet, and mounting the user's ConfigMap unchecked would let a broken artifact crash-loop the router: refused.
-CANARY_CONFIGMAP_REFUSED = (
-    "spec.router.canary.classifier.configMap is not served by this version: give the canary artifact as a path "
-    "(an image or a volume)"
-)
-
-
 class RouterCanary(_Model):
     """A second classifier artifact that decides a share of the routed requests (a canary of a new router): which
     artifact decides is a pure function of the request id (`x-request-id`, a fresh one when the client sends none),
@@ -715,24 +707,12 @@ class RouterCanary(_Model):
     read at start like spec.router.classifier. The policy's decision knob applies to both artifacts where it can;
     a knob of the other artifact kind is refused, naming it."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {"rule": "!has(self.classifier.configMap)", "message": CANARY_CONFIGMAP_REFUSED}
-            ]
-        }
-    )
-
     classifier: ClassifierRef
-    """The canary artifact: a `path` inside the router container (its image or a volume)."""
+    """The canary artifact: a `path` inside the router container (its image or a volume), or a `configMap` key the
+    operator checks and copies like spec.router.classifier's and mounts beside it (a missing or unfit one refuses
+    the generation, naming spec.router.canary.classifier.configMap)."""
     share_basis_points: BasisPoints
     """Share of routed requests (0..10000) the canary artifact decides."""
-
-    @model_validator(mode="after")
-    def _path_only(self) -> RouterCanary:
-        if self.classifier.config_map is not None:
-            raise _At("classifier.configMap", CANARY_CONFIGMAP_REFUSED)
-        return self
 
 
 class Timeouts(_Model):
@@ -1485,6 +1465,33 @@ class ObservedMixWindow(_Observed):
     """Router pods whose /metrics the operator read in its last pass."""
 
 
+class ShadowArtifactStatus(_Observed):
+    """One classifier artifact's shadow judging over the window (pairs its decisions led to)."""
+
+    artifact: str
+    """primary, or canary (spec.router.canary)."""
+    judged: int
+    """Pairs the reward model judged in the window, summed over the router replicas."""
+    agreement_basis_points: int | None = None
+    """Of the judged pairs where the router chose another tier than the baseline, the share whose answer scored at
+    least as high as the baseline's (0..10000); absent without such pairs."""
+    pgr_basis_points: int | None = None
+    """The estimated performance gap recovered against the baseline tier (docs/router.md, "Estimated PGR"), in basis
+    points (10000: every gap recovered; it can leave 0..10000 when rewards are noisy); absent until the window's
+    gap sum is positive."""
+
+
+class ShadowStatus(_Observed):
+    """Shadow routing's figures over the recent window, read from the routers' counters like observedMix."""
+
+    window_seconds: int
+    """How far back the window reaches (spec.observedMix.windowSeconds)."""
+    artifacts: list[ShadowArtifactStatus] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["artifact"]},
+    )
+
+
 class TenantSpendState(StrEnum):
     OK = "Ok"
     LOW = "Low"
@@ -1527,6 +1534,8 @@ class RoutingPolicyStatus(_Observed):
     """The best-of-N reward model: replicas and endpoint (condition RewardModelReady says whether it can score)."""
     shadow_mode: ShadowMode | None = None
     """spec.shadow's mode while shadow routing is on (Baseline: the baseline tier answers everything)."""
+    shadow: ShadowStatus | None = None
+    """With spec.shadow: per artifact, pairs judged, agreement and the estimated PGR over the recent window."""
     tier_names: str | None = None
     """The tiers' names, comma-separated, cheapest first (for printing: a printer column shows one value only)."""
     ready_tiers: str | None = None
