@@ -71,10 +71,10 @@ CASES: list[tuple[str, Callable[[Doc], None], str, str]] = [
     ("max-samples-too-large", _set(bon, "maxSamples", 17), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
     ("max-samples-zero", _set(bon, "maxSamples", 0), "spec.bestOfN.maxSamples", "spec.bestOfN.maxSamples"),
     (
-        "shadow-not-implemented",
-        _set(lambda d: d["spec"], "shadow", {"baselineTier": "large", "sampleRateBasisPoints": 100}),
-        "spec.shadow",
-        "spec.shadow",
+        "shadow-unknown-baseline-tier",
+        _set(spec, "shadow", {"mode": "Baseline", "baselineTier": "medium", "sampleRateBasisPoints": 0}),
+        "spec.shadow.baselineTier",
+        "spec.shadow.baselineTier",
     ),
     (
         "threshold-out-of-range",
