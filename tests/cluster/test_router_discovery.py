@@ -16,6 +16,7 @@ from tests.support.harness import LoopThread
 from tests.support.procs import FakeProcess
 from tests.support.scorers import KeywordScorer
 from tiergate.devcluster.cluster import DevCluster, wait_for
+from tiergate.devcluster.loop import ready_pod_ips as pods_ready_by_selector
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
 from tiergate_router.server import RouterServer, ServeOptions
@@ -61,13 +62,7 @@ def tier_objects(name: str, replicas: int) -> str:
 
 
 def ready_pod_ips(cluster: DevCluster, ns: str, app: str) -> dict[str, str]:
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-l", f"app={app}", "-o", "json"))["items"]
-    out = {}
-    for p in pods:
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-        if ready and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"):
-            out[p["metadata"]["name"]] = p["status"]["podIP"]
-    return out
+    return pods_ready_by_selector(cluster, ns, f"app={app}")
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from tests.support.procs import FakeProcess
 from tiergate.api import naming
 from tiergate.devcluster import metrics, scaling
 from tiergate.devcluster.cluster import DevCluster
+from tiergate.devcluster.loop import ready_pod_ips
 from tiergate_operator.builders import _scrape_annotations
 from tiergate_router.classifier import MicroBatcher
 from tiergate_router.config import RouterConfig, ServiceRef, TierConfig
@@ -217,17 +218,6 @@ def policy_objects(policy: str, tiers: dict[str, int]) -> str:
     return "\n---\n".join(json.dumps(d) for d in docs)
 
 
-def ready_pods(cluster: DevCluster, ns: str, selector: str) -> dict[str, str]:
-    """Ready, not terminating pods matching `selector`, name -> pod IP."""
-    pods = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
-    out = {}
-    for p in pods:
-        ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
-        if ready and p["status"].get("podIP") and not p["metadata"].get("deletionTimestamp"):
-            out[p["metadata"]["name"]] = p["status"]["podIP"]
-    return out
-
-
 @dataclass
 class PolicyBed:
     """Plays a policy's pods: the router in this process at the router pod's IP (made a host address, so that the
@@ -268,7 +258,7 @@ class PolicyBed:
         router_sel = f"{naming.POLICY_LABEL}={self.policy},{naming.COMPONENT_LABEL}={naming.COMPONENT_ROUTER}"
         from tiergate.devcluster.cluster import wait_for
 
-        ips = wait_for("the router pod Ready", lambda: ready_pods(self.cluster, self.namespace, router_sel), 120)
+        ips = wait_for("the router pod Ready", lambda: ready_pod_ips(self.cluster, self.namespace, router_sel), 120)
         self.router_ip = next(iter(ips.values()))
         assert self.cluster.network is not None
         self.cluster.network.host_local_address(self.router_ip)
@@ -319,7 +309,7 @@ class PolicyBed:
         with self._lock:
             served: dict[str, str] = {}
             for tier in self.tiers:
-                served.update(ready_pods(self.cluster, self.namespace, self.tier_selector(tier)))
+                served.update(ready_pod_ips(self.cluster, self.namespace, self.tier_selector(tier)))
             for pod in [p for p in self.fakes if p not in served]:
                 self.fakes.pop(pod).kill()
             for pod, ip in served.items():

@@ -172,6 +172,12 @@ def pod_ready(pod: dict[str, Any]) -> bool:
     )
 
 
+def ready_pod_ips(cluster: DevCluster, ns: str, selector: str) -> dict[str, str]:
+    """Ready, not terminating pods matching the label `selector`: name -> pod IP."""
+    pods = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-l", selector, "-o", "json"))["items"]
+    return {p["metadata"]["name"]: p["status"]["podIP"] for p in pods if pod_ready(p)}
+
+
 @dataclass
 class Proc:
     """A process started for the loop; its output goes to `log`."""
