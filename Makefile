@@ -48,7 +48,7 @@ demo-cluster: venv
 # Every gate runs even when an earlier one fails, so one run reports everything; the exit status is non-zero
 # if any failed.
 test: venv
-	$(PY) -m tiergate.devcluster build
+	$(PY) -m tiergate.devcluster build --keda
 	@rc=0; \
 	echo "== ruff check"; $(VENV)/bin/ruff check --no-cache . || rc=1; \
 	echo "== ruff format --check"; $(VENV)/bin/ruff format --check --no-cache . || rc=1; \
@@ -62,7 +62,7 @@ lint: venv
 		&& $(VENV)/bin/lint-imports --no-cache
 
 cluster-build:
-	$(PYTHON) -m tiergate.devcluster build
+	$(PYTHON) -m tiergate.devcluster build --keda
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

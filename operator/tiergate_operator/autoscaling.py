@@ -173,18 +173,20 @@ def build_tier_scaled_object(policy: RoutingPolicy, tier: Tier, meta: Obj) -> Ob
     low, high = _bounds(tier)
     labels = meta.get("labels") or {}
     meta = {**meta, "annotations": {KEDA_EXCLUDED_LABELS_ANNOTATION: ",".join(sorted(labels))}}
-    return {
-        "apiVersion": KEDA_API_VERSION,
-        "kind": KEDA_KIND,
-        "metadata": meta,
-        "spec": {
-            "scaleTargetRef": _scale_target(policy, tier),
-            "minReplicaCount": low,
-            "maxReplicaCount": high,
-            "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(tier.autoscaling.behavior)}},
-            "triggers": keda_triggers(policy, tier),
-        },
+    behavior = tier.autoscaling.behavior or AutoscalingBehavior()
+    spec: Obj = {
+        "scaleTargetRef": _scale_target(policy, tier),
+        "minReplicaCount": low,
+        "maxReplicaCount": high,
+        # KEDA, not the HPA, takes the last replica away (the HPA never goes below 1): the same scale-down window
+        # applies there, so a tier at zero and a tier at its minimum wait equally long after the last demand.
+        "cooldownPeriod": behavior.scale_down_stabilization_seconds,
+        "advanced": {"horizontalPodAutoscalerConfig": {"behavior": hpa_behavior(tier.autoscaling.behavior)}},
+        "triggers": keda_triggers(policy, tier),
     }
+    if tier.autoscaling.polling_interval_seconds is not None:
+        spec["pollingInterval"] = tier.autoscaling.polling_interval_seconds
+    return {"apiVersion": KEDA_API_VERSION, "kind": KEDA_KIND, "metadata": meta, "spec": spec}
 
 
 def uses_keda(policy: RoutingPolicy) -> list[str]:

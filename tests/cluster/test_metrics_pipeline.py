@@ -28,14 +28,6 @@ from tiergate.devcluster.metrics import MetricsStack
 from tiergate_operator.autoscaling import demand_query, waiting_query
 
 
-@pytest.fixture(scope="module")
-def stack(cluster: DevCluster) -> Iterator[MetricsStack]:
-    if cluster.pod_netns is None:
-        pytest.skip("external cluster without a pod network namespace: the adapter and fake pods cannot be bound")
-    with mp.chart_stack(cluster) as s:
-        yield s
-
-
 def _labels_of(series: list[dict[str, Any]], label: str) -> set[str]:
     return {s["metric"].get(label, "") for s in series}
 

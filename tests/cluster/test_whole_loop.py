@@ -13,15 +13,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
-from pathlib import Path
 
-import pytest
-
-from tests.support import metrics_pipeline as mp
-from tests.support.operator_cluster import install_crd
 from tiergate.api import naming
-from tiergate.devcluster.cluster import DevCluster, wait_for
+from tiergate.devcluster.cluster import wait_for
 from tiergate.devcluster.loop import (
     POLICY,
     SCALE_CONCURRENCY,
@@ -33,28 +27,8 @@ from tiergate.devcluster.loop import (
     scale_tier,
     wait_ready,
 )
-from tiergate.devcluster.metrics import MetricsStack
 
 BAND_PP = 5
-
-
-@pytest.fixture(scope="module")
-def stack(cluster: DevCluster) -> Iterator[MetricsStack]:
-    if cluster.pod_netns is None:
-        pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
-    with mp.chart_stack(cluster) as s:
-        yield s
-
-
-@pytest.fixture
-def loop(cluster: DevCluster, namespace: str, tmp_path: Path, stack: MetricsStack) -> Iterator[WholeLoop]:
-    install_crd(cluster)
-    with WholeLoop(cluster, namespace, tmp_path, mix_report_seconds=1.0) as wl:
-        try:
-            yield wl
-        except BaseException:
-            print(wl.logs())
-            raise
 
 
 def test_observed_mix_drift_and_an_autoscaled_tier_scaling_on_router_demand(loop: WholeLoop) -> None:

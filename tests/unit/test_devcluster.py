@@ -260,3 +260,65 @@ def test_two_builds_at_once_build_each_component_once(tmp_path: Path, monkeypatc
     assert other_waits.is_set()
     assert len(calls) == 1
     assert results[0] == results[1]
+
+
+def _keda_like_source(root: Path) -> Path:
+    (root / "pkg" / "scalers").mkdir(parents=True)
+    (root / "pkg" / "scaling").mkdir(parents=True)
+    for name in ("newrelic_scaler.go", "newrelic_scaler_test.go", "solarwinds_scaler.go", "prometheus_scaler.go"):
+        (root / "pkg" / "scalers" / name).write_text("package scalers\n")
+    (root / "pkg" / "scaling" / "scalers_builder.go").write_text(
+        'case "newrelic":\n\t\treturn scalers.NewNewRelicScaler(config)\n'
+        'case "prometheus":\n\t\treturn scalers.NewPrometheusScaler(config)\n'
+        'case "solarwinds":\n\t\treturn scalers.NewSolarWindsScaler(config)\n'
+    )
+    return root
+
+
+def test_keda_source_is_trimmed_of_the_scalers_the_proxy_refuses(tmp_path: Path) -> None:
+    src = _keda_like_source(tmp_path / "keda")
+    build.trim_keda_source(src)
+    assert sorted(f.name for f in (src / "pkg" / "scalers").iterdir()) == ["prometheus_scaler.go"]
+    factory = (src / "pkg" / "scaling" / "scalers_builder.go").read_text()
+    assert "NewNewRelicScaler" not in factory
+    assert "NewSolarWindsScaler" not in factory
+    assert 'fmt.Errorf("scaler newrelic is not in this build of KEDA")' in factory
+    assert "return scalers.NewPrometheusScaler(config)" in factory  # every other scaler stays
+
+
+def test_keda_source_of_another_layout_is_refused_not_built(tmp_path: Path) -> None:
+    src = _keda_like_source(tmp_path / "keda")
+    factory = src / "pkg" / "scaling" / "scalers_builder.go"
+    factory.write_text(factory.read_text().replace("NewSolarWindsScaler", "NewSolarWindsScalerV2"))
+    with pytest.raises(BuildError, match="NewSolarWindsScaler"):
+        build.trim_keda_source(src)
+    assert (src / "pkg" / "scalers" / "newrelic_scaler.go").is_file()  # checked before anything is changed
+    with pytest.raises(BuildError, match=r"scalers_builder\.go"):
+        build.trim_keda_source(tmp_path / "empty")
+
+
+def test_keda_operator_is_built_only_on_request() -> None:
+    assert versions.KEDA_OPERATOR not in versions.COMPONENTS  # ensure_all (every cluster start) does not wait for it
+    assert versions.KEDA in versions.KEDA_OPERATOR.key
+
+
+def test_keda_crd_names_come_from_their_files() -> None:
+    from tiergate.devcluster.keda import CRDS, SCALED_OBJECT_CRD_NAME, crd_name
+
+    assert crd_name(CRDS[0]) == SCALED_OBJECT_CRD_NAME == "scaledobjects.keda.sh"
+    assert crd_name("eventing.keda.sh_cloudeventsources.yaml") == "cloudeventsources.eventing.keda.sh"
+
+
+def test_serving_dir_holds_a_pair_its_ca_signed(tmp_path: Path) -> None:
+    from tiergate.devcluster.pki import make_serving_dir
+
+    d = make_serving_dir(tmp_path / "certs", "keda-operator").dir
+    assert {"ca.crt", "tls.crt", "tls.key"} <= {f.name for f in d.iterdir()}
+    check = subprocess.run(
+        ["openssl", "verify", "-CAfile", str(d / "ca.crt"), str(d / "tls.crt")], capture_output=True, text=True
+    )
+    assert check.returncode == 0, check.stderr
+    text = subprocess.run(
+        ["openssl", "x509", "-in", str(d / "tls.crt"), "-noout", "-text"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "IP Address:127.0.0.1" in text

@@ -76,6 +76,7 @@ BAD = [
     ("autoscaling.targets", {}, "autoscaling.targets", "routerDemandPerReplica or vllmWaitingPerReplica"),
     ("autoscaling.mode", "Keda", "autoscaling.mode", "'HPA', 'KEDA' or 'External'"),
     ("autoscaling.prometheusServerAddress", PROM, "autoscaling.prometheusServerAddress", "required with mode KEDA"),
+    ("autoscaling.pollingIntervalSeconds", 5, "autoscaling.pollingIntervalSeconds", "only used with mode KEDA"),
     ("replicas.min", 0, "replicas.min", "KEDA to scale an idle tier to zero"),
     ("replicas.max", None, "replicas.max", "needs replicas.max"),
     ("replicas.min", 3, "replicas", "must not exceed replicas.max"),
@@ -221,6 +222,9 @@ def test_scaled_object_queries_the_same_metrics() -> None:
     assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"] == {
         "stabilizationWindowSeconds": 300
     }
+    # The last replica goes after the same window (KEDA's cooldown); the poll is KEDA's default unless set.
+    assert spec["cooldownPeriod"] == 300
+    assert "pollingInterval" not in spec
     demand, waiting = spec["triggers"]
     assert demand["type"] == waiting["type"] == "prometheus"
     assert demand["metricType"] == "AverageValue"
@@ -236,6 +240,20 @@ def test_scaled_object_queries_the_same_metrics() -> None:
     assert all(isinstance(v, str) for t in spec["triggers"] for v in t["metadata"].values())
     assert demand_query(p, p.spec.tier("large")) in demand["metadata"]["query"]
     assert waiting_query(p, p.spec.tier("small")) != waiting_query(p, p.spec.tier("large"))
+
+
+def test_keda_poll_and_cooldown_come_from_the_policy() -> None:
+    keda = copy.deepcopy(KEDA) | {"pollingIntervalSeconds": 2, "behavior": {"scaleDownStabilizationSeconds": 45}}
+    doc = doc_with(keda)
+    doc["spec"]["tiers"][1]["replicas"]["min"] = 0
+    (so,) = [o for o in b.build_children(parse_policy(doc)) if o["kind"] == "ScaledObject"]
+    assert so["spec"]["pollingInterval"] == 2
+    assert so["spec"]["cooldownPeriod"] == 45
+    hpa_behavior = so["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert hpa_behavior["scaleDown"] == {"stabilizationWindowSeconds": 45}
+    for bad in (0, 3601, "5"):
+        err = refusal(_set(copy.deepcopy(doc), "spec.tiers.1.autoscaling.pollingIntervalSeconds", bad))
+        assert "spec.tiers[1].autoscaling.pollingIntervalSeconds" in err.paths, (bad, err.paths)
 
 
 def test_switching_mode_changes_the_child_kind() -> None:

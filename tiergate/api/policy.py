@@ -393,7 +393,9 @@ class AutoscalingBehavior(_Model):
     """Scale up to the lowest count recommended over this window (0: at once, the HPA's default)."""
     scale_down_stabilization_seconds: StabilizationSeconds = 300
     """Scale down to the highest count recommended over this window (the HPA's default, 5 minutes): a short lull
-    does not drop replicas that take minutes to load a model."""
+    does not drop replicas that take minutes to load a model. Mode KEDA: also the ScaledObject's cooldownPeriod, the
+    time since the triggers were last active before KEDA scales the tier from its last replica to zero (KEDA's
+    default is the same 5 minutes)."""
 
 
 AUTOSCALING_TARGETS_NEEDED = (
@@ -404,6 +406,10 @@ AUTOSCALING_EXTERNAL_ONLY_MODE = (
     "would read them)"
 )
 HOLD_SECONDS_WITH_HOLD = "autoscaling.maxHoldSeconds is required with whenScaledToZero Hold and only used by it"
+POLLING_INTERVAL_KEDA_ONLY = (
+    "autoscaling.pollingIntervalSeconds is only used with mode KEDA (how often KEDA's operator queries Prometheus to "
+    "wake the tier from zero)"
+)
 PROMETHEUS_ADDRESS_KEDA_ONLY = (
     "autoscaling.prometheusServerAddress is required with mode KEDA and only used by it (the HPA reads the "
     "Kubernetes metrics APIs)"
@@ -448,6 +454,12 @@ class Autoscaling(_Model):
                     "reason": "FieldValueInvalid",
                 },
                 {
+                    "rule": "self.mode == 'KEDA' || !has(self.pollingIntervalSeconds)",
+                    "message": POLLING_INTERVAL_KEDA_ONLY,
+                    "fieldPath": ".pollingIntervalSeconds",
+                    "reason": "FieldValueForbidden",
+                },
+                {
                     "rule": "(self.mode == 'KEDA') == has(self.prometheusServerAddress) || self.mode == 'External'",
                     "message": PROMETHEUS_ADDRESS_KEDA_ONLY,
                     "fieldPath": ".prometheusServerAddress",
@@ -466,6 +478,10 @@ class Autoscaling(_Model):
     prometheus_server_address: Annotated[str, Field(pattern=URL_PATTERN, max_length=2048)] | None = None
     """KEDA only (required): the Prometheus that scrapes the router and the tier pods, e.g.
     http://prometheus.monitoring.svc:9090; KEDA's prometheus triggers query it."""
+    polling_interval_seconds: Annotated[int, Field(ge=1, le=3600, strict=True)] | None = None
+    """KEDA only: how often KEDA's operator queries Prometheus for the tier's triggers, the ScaledObject's
+    pollingInterval (absent: KEDA's default, 30 s). It bounds how soon demand wakes a tier at zero (one scrape of the
+    router plus one poll), so keep it under maxHoldSeconds when requests are held."""
     when_scaled_to_zero: WhenScaledToZero | None = None
     """Mode KEDA or External with replicas.min 0: what the router does with the tier's requests while it has no
     ready endpoint. Fallback (absent means Fallback) or Hold (wait up to maxHoldSeconds, then fall back)."""
@@ -477,6 +493,8 @@ class Autoscaling(_Model):
     def _mode_fields(self) -> Autoscaling:
         if (self.when_scaled_to_zero is WhenScaledToZero.HOLD) != (self.max_hold_seconds is not None):
             raise _At("maxHoldSeconds", HOLD_SECONDS_WITH_HOLD)
+        if self.mode is not AutoscalingMode.KEDA and self.polling_interval_seconds is not None:
+            raise _At("pollingIntervalSeconds", POLLING_INTERVAL_KEDA_ONLY)
         if self.mode is AutoscalingMode.EXTERNAL:
             if self.targets is not None or self.behavior is not None or self.prometheus_server_address is not None:
                 raise ValueError(AUTOSCALING_EXTERNAL_ONLY_MODE)

@@ -116,8 +116,9 @@ class Component:
         return StartError(f"{self.name} {what} ({status}); last lines of {self.log}:\n{log_tail(self.log)}")
 
 
-def spawn(name: str, argv: list[str], workdir: Path) -> Component:
-    """Start one component logging to `workdir/logs/NAME.log`, in its own process group, killed with its parent."""
+def spawn(name: str, argv: list[str], workdir: Path, env: dict[str, str] | None = None) -> Component:
+    """Start one component logging to `workdir/logs/NAME.log`, in its own process group, killed with its parent;
+    `env` adds to (or overrides) this process's environment."""
     log = workdir / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     out: IO[bytes] = log.open("ab")
@@ -128,6 +129,7 @@ def spawn(name: str, argv: list[str], workdir: Path) -> Component:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=workdir,
+            env=None if env is None else {**os.environ, **env},
             start_new_session=True,  # its own process group, so a Ctrl-C in a terminal reaches only us
             preexec_fn=_die_with_parent,
         )

@@ -27,7 +27,12 @@ def _state_dir() -> Path:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    sub.add_parser("build", help="build the pinned binaries into the cache (nothing to do when cached)")
+    b = sub.add_parser("build", help="build the pinned binaries into the cache (nothing to do when cached)")
+    b.add_argument(
+        "--keda",
+        action="store_true",
+        help="also KEDA's operator (the KEDA scale-from-zero test runs it; minutes to build, so not by default)",
+    )
     up = sub.add_parser("up", help="start a cluster and keep it running until Ctrl-C or `down`")
     up.add_argument(
         "--no-pod-network", action="store_true", help="skip the network namespace holding the pod IPs (it needs root)"
@@ -132,7 +137,10 @@ def _down() -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "build":
-            for name, path in sorted(build.ensure_all().items()):
+            bins = build.ensure_all()
+            if args.keda:
+                bins["keda-operator"] = build.ensure_keda_operator()
+            for name, path in sorted(bins.items()):
                 print(f"{name}: {path}")
             return 0
         if args.action == "up":

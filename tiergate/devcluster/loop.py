@@ -224,6 +224,8 @@ class WholeLoop:
     mix_report_seconds: float = 1.0
     seconds_per_token: float = SECONDS_PER_TOKEN
     tier_servers: dict[str, Proc] = field(default_factory=dict)
+    # Tiers served ahead of their pods (serve_tier_ahead): tier name -> the one server for all of its pods.
+    tiers_served_ahead: dict[str, Proc] = field(default_factory=dict)
     routers: dict[str, RouterProcess] = field(default_factory=dict)
     operator: Proc | None = None
     _starts: Counter[str] = field(default_factory=Counter)
@@ -321,11 +323,7 @@ class WholeLoop:
     def serve_tiers(self) -> dict[str, str]:
         """A model server at every ready tier pod's IP not served yet (pod name -> IP); servers of pods gone are
         stopped."""
-        spec = self.policy()["spec"]
-        served = {
-            t["name"]: (t.get("servedModelName") or t["name"], (t.get("engine") or {}).get("port", 8000))
-            for t in spec["tiers"]
-        }
+        served = self._tier_serving()
         pods = self.pods(naming.COMPONENT_TIER)
         names = {p["metadata"]["name"] for p in pods}
         for gone in [n for n in self.tier_servers if n not in names]:
@@ -334,15 +332,40 @@ class WholeLoop:
         for p in pods:
             name, ip = p["metadata"]["name"], p["status"]["podIP"]
             out[name] = ip
-            if name in self.tier_servers:
+            tier = p["metadata"]["labels"][naming.TIER_LABEL]
+            if name in self.tier_servers or tier in self.tiers_served_ahead:
                 continue
-            model, port = served[p["metadata"]["labels"][naming.TIER_LABEL]]
-            argv = [sys.executable, "-m", "tiergate.devcluster.pod_server", "--host", ip, "--port", str(port)]
-            argv += ["--model", model, "--pod", name, "--seconds-per-token", str(self.seconds_per_token)]
-            proc = self._spawn(f"tier-{name}", self.cluster.netns_cmd(argv))
-            self._wait_ready_line(proc)
-            self.tier_servers[name] = proc
+            model, port = served[tier]
+            self.tier_servers[name] = self._start_pod_server(f"tier-{name}", ip, port, model, name)
         return out
+
+    def serve_tier_ahead(self, tier: str) -> str:
+        """One model server for every pod `tier` will have, started before they exist: bound to every address of
+        the pod network namespace on the tier's port, so it must be a port no other tier uses (engine.port). A real
+        pod joins its EndpointSlice once its readiness probe passes, so the first request after a scale-up finds a
+        listening server; kwok marks a pod Ready at once, and a server started only after the pod is seen would
+        leave a gap (requests refused) that only the test bed has. Its answers name the pod `<deployment>-ahead`
+        (returned)."""
+        model, port = self._tier_serving()[tier]
+        if any(p == port for t, (_m, p) in self._tier_serving().items() if t != tier):
+            raise StartError(f"tier {tier} shares port {port} with another tier: set its engine.port apart")
+        pod = f"{naming.tier_name(POLICY, tier)}-ahead"
+        self.tiers_served_ahead[tier] = self._start_pod_server(f"tier-{tier}-ahead", "0.0.0.0", port, model, pod)
+        return pod
+
+    def _tier_serving(self) -> dict[str, tuple[str, int]]:
+        """Tier -> (the model name its server answers to, its port), from the policy."""
+        return {
+            t["name"]: (t.get("servedModelName") or t["name"], (t.get("engine") or {}).get("port", 8000))
+            for t in self.policy()["spec"]["tiers"]
+        }
+
+    def _start_pod_server(self, name: str, host: str, port: int, model: str, pod: str) -> Proc:
+        argv = [sys.executable, "-m", "tiergate.devcluster.pod_server", "--host", host, "--port", str(port)]
+        argv += ["--model", model, "--pod", pod, "--seconds-per-token", str(self.seconds_per_token)]
+        proc = self._spawn(name, self.cluster.netns_cmd(argv))
+        self._wait_ready_line(proc)
+        return proc
 
     def sync(self) -> dict[str, str]:
         """The kubelet's part, for scaling.run_scale_scenario: serve_tiers."""
@@ -484,12 +507,13 @@ class WholeLoop:
         for r in self.routers.values():
             r.relay.stop()
             r.serve.stop()
-        for p in self.tier_servers.values():
+        for p in [*self.tier_servers.values(), *self.tiers_served_ahead.values()]:
             p.stop()
         if self.operator is not None:
             self.operator.stop()
         self.routers.clear()
         self.tier_servers.clear()
+        self.tiers_served_ahead.clear()
 
     def logs(self) -> str:
         """The tails of every log, for a failure message."""

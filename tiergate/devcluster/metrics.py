@@ -361,8 +361,16 @@ class MetricsStack:
                 "--ignore-not-found",
                 check=False,
             )
+            # Waited for: a stack started right after this one (the next test module's) would otherwise apply its
+            # Service into the namespace still being deleted, and lose it when the deletion ends.
             self.cluster.kubectl(
-                "delete", "namespace", ADAPTER_NAMESPACE, "--wait=false", "--ignore-not-found", check=False
+                "delete",
+                "namespace",
+                ADAPTER_NAMESPACE,
+                "--wait=true",
+                "--timeout=120s",
+                "--ignore-not-found",
+                check=False,
             )
         for comp in reversed(self.components):
             terminate(comp.proc)

@@ -169,3 +169,19 @@ contexts:
     user: {user}
 current-context: tiergate-dev
 """
+
+
+def make_serving_dir(d: Path, common_name: str, sans: str = "DNS:localhost,IP:127.0.0.1") -> Pki:
+    """A CA of its own (`ca.crt`) and a serving certificate it signed (`tls.crt`, `tls.key`) in `d`: the layout a
+    Kubernetes TLS Secret mounted as a folder has, which servers such as KEDA's operator read from a --cert-dir."""
+    d.mkdir(parents=True, exist_ok=True)
+    out = Pki(d)
+    _make_ca(d, "ca", f"/CN={common_name}-ca")
+    _issue(
+        out,
+        "tls",
+        f"/CN={common_name}",
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\n"
+        f"extendedKeyUsage=serverAuth,clientAuth\nsubjectAltName={sans}\n",
+    )
+    return out
