@@ -48,7 +48,9 @@ demo-cluster: venv
 # Every gate runs even when an earlier one fails, so one run reports everything; the exit status is non-zero
 # if any failed.
 test: venv
-	$(PY) -m tiergate.devcluster build --keda
+	$(PY) -m tiergate.devcluster build
+	@# KEDA's operator only serves its own test: a failed build is reported there (it builds again), not here.
+	$(PY) -m tiergate.devcluster build --keda >/dev/null || echo "KEDA's operator did not build: its test will say why"
 	@rc=0; \
 	echo "== ruff check"; $(VENV)/bin/ruff check --no-cache . || rc=1; \
 	echo "== ruff format --check"; $(VENV)/bin/ruff format --check --no-cache . || rc=1; \
