@@ -8,6 +8,9 @@ tiergate_router_tier_demand, Prometheus scrapes that, KEDA's poll finds the trig
 Deployment to one replica, kwok runs the pod, its model server binds the pod's IP, the router finds it through
 EndpointSlices and the held request is answered there. Without demand KEDA takes the tier back to zero after the
 cooldown (autoscaling.behavior.scaleDownStabilizationSeconds). Times are reported from the request's start.
+In between (Hold), a burst asks for more than one replica: the HPA KEDA made reads the same trigger through KEDA's
+metrics API server, registered as the external metrics API (Prometheus runs alone in this module: only one server
+can hold that API), and the HPA controller scales the tier to its maximum.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support import metrics_pipeline as mp
 from tiergate.api import naming
 from tiergate.devcluster.cluster import DevCluster, wait_for
 from tiergate.devcluster.keda import KedaOperator
@@ -48,11 +52,27 @@ COOLDOWN_S = 5
 # Far above the expected wake-up (a scrape, a poll, a pod start and a discovery), within the request's deadline.
 HOLD_S = 90
 SMALL_PORT = 8001
+SMALL_MAX = 2
+DEMAND_PER_REPLICA = 2
+BURST = SMALL_MAX * DEMAND_PER_REPLICA
+
+
+@pytest.fixture(scope="module")
+def stack(cluster: DevCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[MetricsStack]:
+    """Prometheus alone, with the chart's scrape configs: KEDA's metrics API server serves the external metrics API
+    here, which only one server can hold (the conftest's stack has prometheus-adapter hold it)."""
+    if cluster.pod_netns is None:
+        pytest.skip("external cluster without a pod network namespace: fake pods cannot be bound")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    with MetricsStack(
+        cluster, adapter=None, scrape_configs=mp.scrape_configs(), adapter_rules="", workdir=workdir
+    ) as s:
+        yield s
 
 
 @pytest.fixture
 def keda(cluster: DevCluster, tmp_path: Path, stack: MetricsStack) -> Iterator[KedaOperator]:
-    with KedaOperator(cluster, workdir=tmp_path / "keda") as k:
+    with KedaOperator(cluster, metrics_server=True, workdir=tmp_path / "keda") as k:
         try:
             yield k
         except BaseException:
@@ -63,11 +83,11 @@ def keda(cluster: DevCluster, tmp_path: Path, stack: MetricsStack) -> Iterator[K
 def keda_policy(prometheus_url: str, when: str) -> dict[str, Any]:
     doc = loop_policy(router_replicas=1)
     small = next(t for t in doc["spec"]["tiers"] if t["name"] == TIER)
-    small["replicas"] = {"min": 0, "max": 2}
+    small["replicas"] = {"min": 0, "max": SMALL_MAX}
     small["engine"] = {**small["engine"], "port": SMALL_PORT}  # its own port: served ahead (serve_tier_ahead)
     small["autoscaling"] = {
         "mode": "KEDA",
-        "targets": {"routerDemandPerReplica": 2},
+        "targets": {"routerDemandPerReplica": DEMAND_PER_REPLICA},
         "prometheusServerAddress": prometheus_url,
         "pollingIntervalSeconds": 1,
         "behavior": {"scaleUpStabilizationSeconds": 0, "scaleDownStabilizationSeconds": COOLDOWN_S},
@@ -98,6 +118,13 @@ def router_metric(loop: WholeLoop, name: str, labels: dict[str, str]) -> float |
             if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return None
+
+
+def keda_hpa(loop: WholeLoop) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(
+        loop.cluster.kubectl("get", "hpa", f"keda-hpa-{DEPLOYMENT}", "-n", loop.namespace, "-o", "json")
+    )
+    return out
 
 
 def spec_replicas(loop: WholeLoop) -> int:
@@ -168,7 +195,25 @@ def test_keda_wakes_a_tier_from_zero_on_router_demand_and_takes_it_back(
     assert condition(so, "Ready").get("status") == "True"
     assert so["status"].get("lastActiveTime")  # KEDA found the demand trigger active: it woke the tier
 
-    # Without demand KEDA takes the tier back to zero after the cooldown.
+    if when == "Hold":
+        # One to N, the HPA KEDA made: a burst of long requests keeps the demand at BURST, twice the target per
+        # replica for the maximum; the HPA controller reads it through KEDA's metrics API server and scales up.
+        t2 = time.monotonic()
+        with ThreadPoolExecutor(BURST) as pool:
+            while spec_replicas(loop) < SMALL_MAX:
+                assert time.monotonic() - t2 < 120, f"KEDA's HPA never scaled to {SMALL_MAX}: {keda_hpa(loop)}"
+                burst = list(pool.map(lambda i: loop.ask(f"burst {i}", TIER)[0], range(BURST)))
+                assert burst == [TIER] * BURST
+        hpa = keda_hpa(loop)
+        print(
+            f"[keda] burst start -> KEDA's HPA scaled to {SMALL_MAX}: {time.monotonic() - t2:.1f}s; its metrics "
+            f"{hpa['status'].get('currentMetrics')}"
+        )
+        assert [(o["kind"], o["name"]) for o in hpa["metadata"]["ownerReferences"]] == [("ScaledObject", DEPLOYMENT)]
+        (metric,) = hpa["status"]["currentMetrics"]
+        assert metric["type"] == "External"
+
+    # Without demand KEDA takes the tier back to zero after the cooldown (the HPA first to one).
     t1 = time.monotonic()
     wait_for("tier small back at zero", lambda: spec_replicas(loop) == 0 or None, COOLDOWN_S + 90)
     print(f"[keda {when}] last answer -> back at zero {time.monotonic() - t1:.1f}s (cooldown {COOLDOWN_S}s)")

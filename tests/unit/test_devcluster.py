@@ -298,8 +298,8 @@ def test_keda_source_of_another_layout_is_refused_not_built(tmp_path: Path) -> N
 
 
 def test_keda_operator_is_built_only_on_request() -> None:
-    assert versions.KEDA_OPERATOR not in versions.COMPONENTS  # ensure_all (every cluster start) does not wait for it
-    assert versions.KEDA in versions.KEDA_OPERATOR.key
+    assert versions.KEDA_COMPONENT not in versions.COMPONENTS  # ensure_all (every cluster start) does not wait for it
+    assert versions.KEDA in versions.KEDA_COMPONENT.key
 
 
 def test_keda_crd_names_come_from_their_files() -> None:

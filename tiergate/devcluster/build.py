@@ -247,7 +247,7 @@ def trim_keda_source(src: Path) -> None:
     factory.write_text(text)
 
 
-def _build_keda_operator(work: Path, out: Path, log: Path) -> None:
+def _build_keda(work: Path, out: Path, log: Path) -> None:
     info = _download_json(f"github.com/kedacore/keda/v2@{versions.KEDA}", work, log)
     src = work / "keda"
     # The module cache is read-only: build a writable copy.
@@ -256,8 +256,8 @@ def _build_keda_operator(work: Path, out: Path, log: Path) -> None:
         f.chmod(f.stat().st_mode | 0o200)
     trim_keda_source(src)
     # -mod=mod: go.sum no longer lists exactly what the trimmed package graph needs.
-    binary = str(out / "keda-operator")
-    _run(["go", "build", "-mod=mod", "-trimpath", "-ldflags", "-s -w", "-o", binary, "./cmd/operator"], src, log)
+    for binary, cmd in (("keda-operator", "./cmd/operator"), ("keda-metrics-apiserver", "./cmd/adapter")):
+        _run(["go", "build", "-mod=mod", "-trimpath", "-ldflags", "-s -w", "-o", str(out / binary), cmd], src, log)
 
 
 _BUILDERS = {
@@ -266,7 +266,7 @@ _BUILDERS = {
     "kwok": _build_kwok,
     "helm": _build_helm,
     "prometheus-adapter": _build_prometheus_adapter,
-    "keda-operator": _build_keda_operator,
+    "keda": _build_keda,
 }
 
 
@@ -326,14 +326,15 @@ def ensure_all(cache: Path | None = None, say: Callable[[str], None] | None = No
         return _ensure_all_locked(cache, say)
 
 
-def ensure_keda_operator(cache: Path | None = None, say: Callable[[str], None] | None = None) -> Path:
-    """The KEDA operator binary (versions.KEDA_OPERATOR), built once into the cache, under the same lock as
+def ensure_keda(cache: Path | None = None, say: Callable[[str], None] | None = None) -> dict[str, Path]:
+    """KEDA's binaries (versions.KEDA_COMPONENT) by name, built once into the cache, under the same lock as
     ensure_all."""
     cache = cache or default_cache_dir()
     say = say or Say()
-    comp = versions.KEDA_OPERATOR
+    comp = versions.KEDA_COMPONENT
     with _cache_lock(cache, say):
-        return ensure_component(cache, comp, say) / comp.binaries[0]
+        d = ensure_component(cache, comp, say)
+    return {b: d / b for b in comp.binaries}
 
 
 @contextlib.contextmanager

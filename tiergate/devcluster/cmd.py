@@ -31,7 +31,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--keda",
         action="store_true",
-        help="also KEDA's operator (the KEDA scale-from-zero test runs it; minutes to build, so not by default)",
+        help="also KEDA's operator and metrics API server (the KEDA test runs them; minutes to build)",
     )
     up = sub.add_parser("up", help="start a cluster and keep it running until Ctrl-C or `down`")
     up.add_argument(
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         if args.action == "build":
             bins = build.ensure_all()
             if args.keda:
-                bins["keda-operator"] = build.ensure_keda_operator()
+                bins.update(build.ensure_keda())
             for name, path in sorted(bins.items()):
                 print(f"{name}: {path}")
             return 0

@@ -5,12 +5,14 @@ a hand-written copy: `go mod download` fetches `github.com/kedacore/keda/v2` at 
 proxy, verified against the checksum database like any module, and its CRDs are copied from `config/crd/bases/`
 into the tiergate cache (`<cache>/keda/<version>/`), so a second run needs no network.
 
-`KedaOperator` runs KEDA's operator (`cmd/operator`, built by build.ensure_keda_operator) against the dev cluster,
-as its Deployment would in a cluster: it reconciles the ScaledObjects the tiergate operator makes, queries the
-Prometheus their triggers name, scales a tier from zero to one replica when the router's demand for it turns
-active and back to zero after the cooldown, and makes the HPA for one to N. That HPA reads its metrics through
-KEDA's metrics API server (`cmd/adapter`), which does not run here (the test bed's external metrics API is
-prometheus-adapter's), so the KEDA tests cover zero <-> one, what only KEDA's operator does.
+`KedaOperator` runs KEDA's operator (`cmd/operator`, built by build.ensure_keda) against the dev cluster, as its
+Deployment would in a cluster: it reconciles the ScaledObjects the tiergate operator makes, queries the Prometheus
+their triggers name, scales a tier from zero to one replica when the router's demand for it turns active and back to
+zero after the cooldown, and makes the HPA for one to N. With `metrics_server=True` it also runs KEDA's metrics API
+server (`cmd/adapter`) and registers it as the external metrics API (`v1beta1.external.metrics.k8s.io`), which the
+HPA KEDA makes reads: then the HPA controller scales the tier from one to N on the same trigger. Only one server can
+hold that API, so it runs beside Prometheus alone (metrics.MetricsStack with adapter=None), not beside
+prometheus-adapter.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ from pathlib import Path
 from tiergate.cache import cache_root
 
 from . import pki, versions
-from .build import _go_env, ensure_keda_operator
+from .build import _go_env, ensure_keda
 from .cluster import Component, DevCluster, free_port, spawn, terminate, wait_ready
 from .errors import BuildError, StartError
+from .metrics import adapter_objects, apiservices_available, extension_address
 
 KEDA_MODULE = "github.com/kedacore/keda/v2"
 SCALED_OBJECT_CRD = "keda.sh_scaledobjects.yaml"
@@ -44,6 +47,11 @@ CRDS = (
 )
 # KEDA's own namespace (its Helm chart's default): where it looks for the Secrets of cluster-wide objects.
 NAMESPACE = "keda"
+# The metrics API server's Service (its Helm chart's name) and API group, and its address (metrics.extension_address:
+# the pod network's second address from the end; prometheus-adapter's is the last).
+METRICS_SERVER_SERVICE = "keda-metrics-apiserver"
+EXTERNAL_METRICS_GROUP = "external.metrics.k8s.io"
+METRICS_SERVER_ADDRESS_FROM_END = 2
 _READY_TIMEOUT_S = 120.0
 
 
@@ -110,11 +118,13 @@ class KedaOperator:
     idempotent). It runs with the cluster's admin kubeconfig (the test bed's stand-in for KEDA's ClusterRole), on
     loopback ports of its own, watching every namespace."""
 
-    def __init__(self, cluster: DevCluster, *, binary: Path | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, cluster: DevCluster, *, metrics_server: bool = False, workdir: Path | None = None) -> None:
         self.cluster = cluster
-        self.binary = binary
+        self.metrics_server = metrics_server
         self.workdir = workdir or cluster.workdir / "keda"
         self.component: Component | None = None
+        self.server: Component | None = None
+        self.server_address: str | None = None
         self.probe_url = ""
         self.metrics_url = ""
 
@@ -126,7 +136,7 @@ class KedaOperator:
         self.stop()
 
     def start(self) -> KedaOperator:
-        binary = self.binary or ensure_keda_operator()
+        bins = ensure_keda()
         info = self.cluster.info
         if info is None:
             raise StartError("KEDA's operator needs a started cluster")
@@ -143,7 +153,7 @@ class KedaOperator:
         self.component = spawn(
             "keda-operator",
             [
-                str(binary),
+                str(bins["keda-operator"]),
                 f"--health-probe-bind-address=127.0.0.1:{probe}",
                 f"--metrics-bind-address=127.0.0.1:{metrics}",
                 f"--metrics-service-bind-address=127.0.0.1:{grpc}",
@@ -153,31 +163,96 @@ class KedaOperator:
                 "--zap-log-level=info",
             ],
             self.workdir,
-            env={
-                "KUBECONFIG": str(self.cluster.kubeconfig),
-                # "": every namespace, as KEDA's chart installs it by default.
-                "WATCH_NAMESPACE": "",
-                "POD_NAMESPACE": NAMESPACE,
-                "KEDA_CLUSTER_OBJECT_NAMESPACE": NAMESPACE,
-            },
+            env=self._env(),
         )
         try:
             wait_ready(self.component, self._ready, _READY_TIMEOUT_S)
+            if self.metrics_server:
+                self._start_metrics_server(bins["keda-metrics-apiserver"], certs.dir, grpc)
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _env(self) -> dict[str, str]:
+        return {
+            "KUBECONFIG": str(self.cluster.kubeconfig),
+            # "": every namespace, as KEDA's chart installs it by default.
+            "WATCH_NAMESPACE": "",
+            "POD_NAMESPACE": NAMESPACE,
+            "KEDA_CLUSTER_OBJECT_NAMESPACE": NAMESPACE,
+        }
+
+    def _start_metrics_server(self, binary: Path, certs: Path, grpc_port: int) -> None:
+        address = extension_address(self.cluster, METRICS_SERVER_ADDRESS_FROM_END)
+        self.server_address = address
+        port = free_port()
+        kc = self.cluster.kubeconfig
+        self.server = spawn(
+            "keda-metrics-apiserver",
+            [
+                str(binary),
+                f"--secure-port={port}",
+                f"--bind-address={address}",
+                # Its serving pair (made here if absent) and the mTLS pair for the operator's metrics service.
+                f"--cert-dir={certs}",
+                f"--lister-kubeconfig={kc}",
+                f"--authentication-kubeconfig={kc}",
+                f"--authorization-kubeconfig={kc}",
+                f"--metrics-service-address=127.0.0.1:{grpc_port}",
+                f"--port={free_port()}",
+                "--zap-log-level=info",
+            ],
+            self.workdir,
+            env=self._env(),
+        )
+        objs = adapter_objects(
+            address, port, namespace=NAMESPACE, service=METRICS_SERVER_SERVICE, groups=(EXTERNAL_METRICS_GROUP,)
+        )
+        self.cluster.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=tiergate-devcluster",
+            "-f",
+            "-",
+            input="\n---\n".join(json.dumps(o) for o in objs),
+        )
+        wait_ready(
+            self.server,
+            lambda: apiservices_available(self.cluster, (EXTERNAL_METRICS_GROUP,)),
+            _READY_TIMEOUT_S,
+            "was not Available as an APIService",
+        )
 
     def _ready(self) -> bool:
         with urllib.request.urlopen(f"{self.probe_url}/readyz", timeout=2) as r:
             return bool(r.status == 200)
 
     def log(self) -> str:
-        if self.component is None:
-            return ""
-        return self.component.log.read_text(errors="replace")
+        return "\n".join(
+            f"--- {c.name}\n{c.log.read_text(errors='replace')[-6000:]}" for c in (self.component, self.server) if c
+        )
 
     def stop(self) -> None:
+        if self.server is not None:
+            self.cluster.kubectl(
+                "delete", "apiservice", f"v1beta1.{EXTERNAL_METRICS_GROUP}", "--ignore-not-found", check=False
+            )
+            self.cluster.kubectl(
+                "delete",
+                "service,endpointslice",
+                METRICS_SERVER_SERVICE,
+                "-n",
+                NAMESPACE,
+                "--ignore-not-found",
+                check=False,
+            )
+            terminate(self.server.proc)
+            self.server = None
+        if self.server_address is not None and self.cluster.network is not None:
+            self.cluster.network.drop_host_local_address(self.server_address)
+            self.server_address = None
         if self.component is None:
             return
         # KEDA puts its finalizer on every ScaledObject and only its running operator takes it off: a ScaledObject

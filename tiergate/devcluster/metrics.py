@@ -50,6 +50,8 @@ ADAPTER_NAMESPACE = "tiergate-metrics"
 ADAPTER_SERVICE = "prometheus-adapter"
 METRICS_GROUPS = ("custom.metrics.k8s.io", "external.metrics.k8s.io")
 METRICS_VERSION = "v1beta1"
+# Where prometheus-adapter listens: the pod network's last address (extension_address).
+ADAPTER_ADDRESS_FROM_END = 1
 _READY_TIMEOUT_S = 120.0
 # Where the chart keeps what the metric pipeline runs (scrape configs, adapter rules, dashboard): the one source the
 # chart ships and the test bed runs.
@@ -182,32 +184,39 @@ class PodDiscovery:
             self._thread.join(10)
 
 
-def adapter_objects(address: str, port: int) -> list[dict[str, Any]]:
-    """The Namespace, Service, EndpointSlice and APIServices that put the adapter at `address:port` behind the API
-    server."""
-    labels = {"app.kubernetes.io/name": ADAPTER_SERVICE}
+def adapter_objects(
+    address: str,
+    port: int,
+    *,
+    namespace: str = ADAPTER_NAMESPACE,
+    service: str = ADAPTER_SERVICE,
+    groups: tuple[str, ...] = METRICS_GROUPS,
+) -> list[dict[str, Any]]:
+    """The Namespace, Service, EndpointSlice and APIServices (one per metrics API group) that put an extension API
+    server at `address:port` behind the API server: prometheus-adapter by default, KEDA's metrics API server too."""
+    labels = {"app.kubernetes.io/name": service}
     objs: list[dict[str, Any]] = [
-        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ADAPTER_NAMESPACE}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}},
         {
             "apiVersion": "v1",
             "kind": "Service",
-            "metadata": {"name": ADAPTER_SERVICE, "namespace": ADAPTER_NAMESPACE, "labels": labels},
+            "metadata": {"name": service, "namespace": namespace, "labels": labels},
             "spec": {"ports": [{"name": "https", "port": 443, "targetPort": port, "protocol": "TCP"}]},
         },
         {
             "apiVersion": "discovery.k8s.io/v1",
             "kind": "EndpointSlice",
             "metadata": {
-                "name": ADAPTER_SERVICE,
-                "namespace": ADAPTER_NAMESPACE,
-                "labels": {**labels, "kubernetes.io/service-name": ADAPTER_SERVICE},
+                "name": service,
+                "namespace": namespace,
+                "labels": {**labels, "kubernetes.io/service-name": service},
             },
             "addressType": "IPv4",
             "endpoints": [{"addresses": [address], "conditions": {"ready": True}}],
             "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
         },
     ]
-    for group in METRICS_GROUPS:
+    for group in groups:
         objs.append(
             {
                 "apiVersion": "apiregistration.k8s.io/v1",
@@ -216,8 +225,8 @@ def adapter_objects(address: str, port: int) -> list[dict[str, Any]]:
                 "spec": {
                     "group": group,
                     "version": METRICS_VERSION,
-                    "service": {"namespace": ADAPTER_NAMESPACE, "name": ADAPTER_SERVICE, "port": 443},
-                    # The adapter serves a self-signed certificate it makes at start (--cert-dir).
+                    "service": {"namespace": namespace, "name": service, "port": 443},
+                    # The server's certificate is self-signed or from a CA of the test bed's own (--cert-dir).
                     "insecureSkipTLSVerify": True,
                     "groupPriorityMinimum": 100,
                     "versionPriority": 100,
@@ -227,15 +236,43 @@ def adapter_objects(address: str, port: int) -> list[dict[str, Any]]:
     return objs
 
 
+def apiservices_available(cluster: DevCluster, groups: tuple[str, ...] = METRICS_GROUPS) -> bool:
+    """Whether the API server reports the metrics APIServices of `groups` Available (it reached their server)."""
+    for group in groups:
+        status = cluster.kubectl(
+            "get",
+            "apiservice",
+            f"{METRICS_VERSION}.{group}",
+            "-o",
+            'jsonpath={.status.conditions[?(@.type=="Available")].status}',
+            check=False,
+        )
+        if status.strip() != "True":
+            return False
+    return True
+
+
+def extension_address(cluster: DevCluster, from_end: int) -> str:
+    """An address for an extension API server that the API server dials: the pod network's `from_end`-th address
+    from the end (kwok hands out pod IPs from the start of the range), added to the host's end of the network."""
+    network = cluster.network
+    if network is None:
+        raise StartError("an extension API server needs the pod network (root): the API server dials it there")
+    address = str(list(ipaddress.ip_network(network.cidr).hosts())[-from_end])
+    network.host_local_address(address)
+    return address
+
+
 class MetricsStack:
-    """Prometheus plus prometheus-adapter for one started DevCluster (with a pod network). Use as a context
-    manager, or start()/stop() (stop is idempotent)."""
+    """Prometheus plus prometheus-adapter for one started DevCluster (with a pod network); Prometheus alone with
+    `adapter=None` (where another server, KEDA's, serves the external metrics API). Use as a context manager, or
+    start()/stop() (stop is idempotent)."""
 
     def __init__(
         self,
         cluster: DevCluster,
         *,
-        adapter: Path,
+        adapter: Path | None,
         scrape_configs: list[dict[str, Any]],
         adapter_rules: str,
         prometheus: Path | None = None,
@@ -298,12 +335,9 @@ class MetricsStack:
         wait_ready(prom, lambda: self._get(f"{self.prometheus_url}/-/ready") is not None, _READY_TIMEOUT_S)
 
     def _start_adapter(self) -> None:
-        network = self.cluster.network
-        if network is None:
-            raise StartError("prometheus-adapter needs the cluster's pod network (root): the API server dials it there")
-        # The slice's last address: kwok hands out pod IPs from the start of the range.
-        address = str(list(ipaddress.ip_network(network.cidr).hosts())[-1])
-        network.host_local_address(address)
+        if self.adapter_bin is None:
+            return
+        address = extension_address(self.cluster, ADAPTER_ADDRESS_FROM_END)
         self.adapter_address = address
         port = free_port()
         rules = self.workdir / "adapter-rules.yaml"
@@ -339,18 +373,7 @@ class MetricsStack:
         wait_ready(adapter, self._apiservices_available, _READY_TIMEOUT_S, "was not Available as an APIService")
 
     def _apiservices_available(self) -> bool:
-        for group in METRICS_GROUPS:
-            status = self.cluster.kubectl(
-                "get",
-                "apiservice",
-                f"{METRICS_VERSION}.{group}",
-                "-o",
-                'jsonpath={.status.conditions[?(@.type=="Available")].status}',
-                check=False,
-            )
-            if status.strip() != "True":
-                return False
-        return True
+        return apiservices_available(self.cluster)
 
     def stop(self) -> None:
         if self.adapter_address is not None and self.cluster.info is not None:

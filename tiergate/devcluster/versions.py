@@ -44,7 +44,8 @@ COMPONENTS: tuple[Component, ...] = (
 )
 
 
-# Built only when a test or the demo asks for it (build.ensure_keda_operator), not by ensure_all: it takes minutes
-# and only the KEDA tests run it. "+no-newrelic-solarwinds" names the recipe: the Go module proxy here refuses (403)
-# the SDKs of those two scalers, so the build leaves them out (build._build_keda_operator).
-KEDA_OPERATOR = Component(f"keda-operator-{KEDA}+no-newrelic-solarwinds", ("keda-operator",))
+# KEDA's operator and its metrics API server (cmd/adapter, which serves the external metrics of the HPA KEDA makes).
+# Built only when a test asks for it (build.ensure_keda), not by ensure_all: it takes minutes and only the KEDA
+# tests run it. "+no-newrelic-solarwinds" names the recipe: the Go module proxy here refuses (403) the SDKs of those
+# two scalers, so the build leaves them out (build.trim_keda_source).
+KEDA_COMPONENT = Component(f"keda-{KEDA}+no-newrelic-solarwinds", ("keda-operator", "keda-metrics-apiserver"))
