@@ -61,8 +61,10 @@ SCALE_DOWN_WINDOW_S = 5
 # 0.08 s, the burst's (BURST_TOKENS) 3 s, so the burst's requests are in flight when Prometheus scrapes the routers.
 SECONDS_PER_TOKEN = 0.005
 MIX_TOKENS = 16
-# Requests `send` keeps in flight: at most MIX_CONCURRENCY demand, which SCALE_MIN replicas cover.
-MIX_CONCURRENCY = 4
+# Requests `send` keeps in flight. SCALE_MIN replicas must cover the demand the HPA can read from them, which is more
+# than MIX_CONCURRENCY: Prometheus scrapes each router at its own moment, so the sum over the routers' last samples can
+# count up to MIX_CONCURRENCY per router (2 routers at 4 read as 5 or 6 on a loaded machine, and the HPA went to 3).
+MIX_CONCURRENCY = 2
 BURST_TOKENS = 600
 
 
