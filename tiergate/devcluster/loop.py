@@ -63,7 +63,8 @@ SECONDS_PER_TOKEN = 0.005
 MIX_TOKENS = 16
 # Requests `send` keeps in flight. SCALE_MIN replicas must cover the demand the HPA can read from them, which is more
 # than MIX_CONCURRENCY: Prometheus scrapes each router at its own moment, so the sum over the routers' last samples can
-# count up to MIX_CONCURRENCY per router (2 routers at 4 read as 5 or 6 on a loaded machine, and the HPA went to 3).
+# count up to MIX_CONCURRENCY per router (with 4 in flight over 2 routers, a loaded CI run had the HPA at 3 replicas
+# before the burst: a sum above 4, most likely this skew; the reading itself was not captured).
 MIX_CONCURRENCY = 2
 BURST_TOKENS = 600
 
