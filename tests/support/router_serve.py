@@ -21,6 +21,21 @@ RELOADED_ONCE = 'tiergate_router_policy_reloads_total{result="success"} 1.0'
 REFUSED_ONCE = 'tiergate_router_policy_reloads_total{result="error"} 1.0'
 
 
+def serve_refusal(*args: str, timeout: float = 60) -> str:
+    """`tiergate serve ARGS` expected to refuse its arguments: asserts a usage error (exit 2) without a traceback and
+    returns its stderr, for the caller to look for the words naming what is wrong."""
+    r = subprocess.run(
+        [sys.executable, "-m", "tiergate.cli", "serve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    return r.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

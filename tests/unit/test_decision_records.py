@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.support.procs import FakeProcess, fake_tiers, small_and_large
-from tests.support.router_serve import ROOT, Serve
+from tests.support.router_serve import Serve, serve_refusal
 from tiergate.api.policy import RoutingPolicy
 from tiergate_router.config import LocalOverrides, serve_config
 from tiergate_router.decision_records import (
@@ -228,15 +226,8 @@ def test_serve_decision_log_to_stdout(tiers: dict[str, FakeProcess]) -> None:
 
 
 def test_serve_refuses_prompts_without_a_log() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "serve", "--tier", "a=http://127.0.0.1:1/v1", "--decision-log-prompts"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert r.returncode == 2
-    assert "--decision-log-prompts" in r.stderr
+    stderr = serve_refusal("--tier", "a=http://127.0.0.1:1/v1", "--decision-log-prompts")
+    assert "--decision-log-prompts" in stderr
 
 
 def test_the_operator_hands_the_field_to_the_router_in_its_policy_document() -> None:

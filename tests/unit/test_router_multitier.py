@@ -5,8 +5,6 @@ load and on reload."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import yaml
 
 from tests.support.artifacts import constant_multi_tier_artifact
 from tests.support.procs import FakeProcess, fake_tiers
-from tests.support.router_serve import REFUSED_ONCE, RELOADED_ONCE, ROOT, Serve
+from tests.support.router_serve import REFUSED_ONCE, RELOADED_ONCE, Serve, serve_refusal
 from tests.support.waiting import wait_for, write_atomically
 from tiergate.api.policy import RoutingPolicy
 from tiergate.routing.artifact import DEFAULT_MULTI_TIER, load_artifact
@@ -410,12 +408,7 @@ def test_serve_tier_flags_with_an_n_tier_artifact_and_a_cost_weight(tmp_path: Pa
 def test_serve_refuses_two_tier_knobs_and_unknown_tiers_at_start(extra: list[str], needle: str) -> None:
     args = ["--tier", "gemma-2-9b-it=http://127.0.0.1:1/v1", "--tier", "codegemma-7b=http://127.0.0.1:2/v1"]
     args += ["--router", str(SHIPPED), *extra]
-    r = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "serve", *args], capture_output=True, text=True, timeout=120, cwd=ROOT
-    )
-    assert r.returncode == 2, r.stderr
-    assert needle in r.stderr
-    assert "Traceback" not in r.stderr
+    assert needle in serve_refusal(*args, timeout=120)
 
 
 def test_shipped_multi_tier_artifact_is_n_tier() -> None:

@@ -11,8 +11,6 @@ the adjustment of `c` is -0.72 * n * k / (n + k)^2: -0.0138 after one (still `c`
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +24,7 @@ import yaml
 from tests.support.artifacts import constant_multi_tier_artifact
 from tests.support.harness import Harness
 from tests.support.procs import FakeProcess
-from tests.support.router_serve import ROOT, Serve
+from tests.support.router_serve import ROOT, Serve, serve_refusal
 from tiergate.api import PolicyValidationError
 from tiergate.api.policy import RoutingPolicy, parse_policy
 from tiergate.routing.artifact import load_artifact
@@ -330,16 +328,8 @@ def test_the_serve_flags(artifact: Path) -> None:
 
 
 def test_serve_refuses_the_flag_where_it_cannot_act() -> None:
-    r = subprocess.run(
-        [sys.executable, "-m", "tiergate.cli", "serve", "--tier", "a=http://127.0.0.1:1/v1", "--personalization"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
-    assert r.returncode == 2
-    assert "--personalization: needs an N-tier (multi_tier) classifier artifact" in r.stderr
-    assert "Traceback" not in r.stderr
+    stderr = serve_refusal("--tier", "a=http://127.0.0.1:1/v1", "--personalization")
+    assert "--personalization: needs an N-tier (multi_tier) classifier artifact" in stderr
 
 
 @pytest.mark.slow

@@ -102,8 +102,8 @@ def scaled_object_crd(cache: Path | None = None, version: str = versions.KEDA) -
 def install_crds(cluster: DevCluster) -> None:
     """Apply all of KEDA's CRDs and wait until the API server serves them."""
     paths = keda_crds()
-    for path in paths.values():
-        cluster.kubectl("apply", "--server-side", "--field-manager=tiergate-devcluster", "-f", str(path))
+    files = [arg for path in paths.values() for arg in ("-f", str(path))]
+    cluster.kubectl("apply", "--server-side", "--field-manager=tiergate-devcluster", *files)
     cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", *(f"crd/{crd_name(n)}" for n in paths))
 
 
@@ -126,7 +126,6 @@ class KedaOperator:
         self.server: Component | None = None
         self.server_address: str | None = None
         self.probe_url = ""
-        self.metrics_url = ""
 
     def __enter__(self) -> KedaOperator:
         self.start()
@@ -147,9 +146,9 @@ class KedaOperator:
         # KEDA's metrics service (gRPC, for its metrics API server) serves mutual TLS from a cert dir: a CA and a
         # pair of its own, as cert-manager or KEDA's cert rotation would mount them.
         certs = pki.make_serving_dir(self.workdir / "certs", "keda-operator")
+        # Loopback ports of its own: the defaults (:8080, :8081, :9666) listen on every address and may be taken.
         probe, metrics, grpc = free_port(), free_port(), free_port()
         self.probe_url = f"http://127.0.0.1:{probe}"
-        self.metrics_url = f"http://127.0.0.1:{metrics}/metrics"
         self.component = spawn(
             "keda-operator",
             [

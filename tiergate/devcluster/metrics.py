@@ -370,10 +370,9 @@ class MetricsStack:
             "-",
             input="\n---\n".join(json.dumps(o) for o in objs),
         )
-        wait_ready(adapter, self._apiservices_available, _READY_TIMEOUT_S, "was not Available as an APIService")
-
-    def _apiservices_available(self) -> bool:
-        return apiservices_available(self.cluster)
+        wait_ready(
+            adapter, lambda: apiservices_available(self.cluster), _READY_TIMEOUT_S, "was not Available as an APIService"
+        )
 
     def stop(self) -> None:
         if self.adapter_address is not None and self.cluster.info is not None:
